@@ -1,0 +1,137 @@
+"""Every hook of samplerlab: signatures, semantics and who answers.
+
+Three kinds of semantics:
+
+- **exactly one** — one plugin answers (the model adapter for ``predict``, the solver for ``step``,
+  the schedule for ``schedule``); two are a configuration error at start-up, none too.
+- **all run, in config order** — every implementation runs, in the order of the composed config
+  (model, schedule, solver, conditioning, momentum, guidance, callback, metrics, logger; list groups
+  in the order the user wrote them). The engine enforces this order; pluggy's own call order
+  (last registered first) is never relied on.
+- **chain, in config order** — like "all run", and each implementation receives the previous one's
+  return value (``conditioning``, ``guidance``, ``momentum``).
+
+Hooks are always called with keyword arguments. A plugin keeps per-trajectory state in
+``state.stash.get(self, factory)``, never in globals or on ``self``, so two runs never interfere.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from framework import hookspec
+
+if TYPE_CHECKING:
+    from framework.engine import Result, Run
+    from framework.state import Batch, Conditioning, Prediction, SamplerState, Schedule
+
+
+# ---------------------------------------------------------------------------------------------
+# Lifecycle
+# ---------------------------------------------------------------------------------------------
+@hookspec
+def configure(run: Run) -> None:
+    """All run, in config order, once per run after every plugin is built and before sampling.
+
+    Check compatibility (raise :class:`framework.errors.ConfigError` with a one-line fix) and
+    declare needs: ``run.request_uncond()`` when a guidance plugin needs the unconditional
+    prediction (the model adapter then batches it), ``run.request_grad(self)`` when the plugin's
+    ``guidance`` must run with gradients enabled.
+    """
+
+
+@hookspec
+def run_start(run: Run) -> None:
+    """All run, in config order, once before the first batch (loggers open, metrics reset)."""
+
+
+@hookspec
+def batch_end(run: Run, batch: Batch, latents: torch.Tensor, images: torch.Tensor | None) -> None:
+    """All run, in config order, after each batch is sampled and decoded (images in [0, 1], or
+    None for models without a decoder). Savers and streaming metrics use it."""
+
+
+@hookspec
+def run_end(run: Run, result: Result) -> None:
+    """All run, in config order, once after the last batch. Metrics plugins add their scores to
+    ``run.metrics`` (str → float); loggers run after metrics (their group comes later)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Before sampling
+# ---------------------------------------------------------------------------------------------
+@hookspec
+def conditioning(run: Run, cond: Conditioning) -> Conditioning:
+    """Chain, in config order, once per batch before sampling: edit the text conditioning
+    (token swaps, embedding mixes, prompt weighting). Receives the model's encoding of the
+    batch's prompts and returns the conditioning to sample with."""
+
+
+@hookspec
+def schedule(model: Any, steps: int) -> Schedule:
+    """Exactly one (the schedule plugin, or a solver that owns its grid): the σ grid for ``steps``
+    steps, with the model time of each σ for discrete models and the initial noise scale."""
+
+
+@hookspec(firstresult=True)
+def init_latents(run: Run, batch: Batch, schedule: Schedule, noise: torch.Tensor) -> torch.Tensor | None:
+    """First result wins: the starting point x at ``schedule.sigmas[0]`` from unit ``noise``.
+
+    The built-in default (registered ``trylast``) returns ``noise * schedule.init_noise_scale``;
+    img2img and inpainting plugins return an encoded image plus σ₀-scaled noise instead.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# Per step
+# ---------------------------------------------------------------------------------------------
+@hookspec
+def before_step(state: SamplerState) -> None:
+    """All run, in config order, at the start of each step before any evaluation. May replace
+    ``state.x`` (churn adds noise and may change the step's starting σ through the state)."""
+
+
+@hookspec
+def predict(state: SamplerState, x: torch.Tensor, sigma: float, cond: Conditioning | None) -> Prediction:
+    """Exactly one (the model adapter): evaluate the denoiser at ``(x, sigma)``.
+
+    Returns a :class:`Prediction`; when ``cond.uncond`` is present the adapter batches the
+    unconditional pass and fills ``cond_denoised``/``uncond_denoised`` (``denoised`` is then the
+    conditional one until a guidance plugin combines them). The engine counts one NFE per call.
+    """
+
+
+@hookspec
+def guidance(state: SamplerState, pred: Prediction) -> Prediction:
+    """Chain, in config order, after every denoiser evaluation (every stage of multi-stage solvers).
+
+    Adjust ``pred.denoised`` (x0-space: CFG combiners, MPGD) or move the evaluation point with
+    ``pred.shifted(delta)`` (a latent correction; honoured at a step's first evaluation, where the
+    solver then steps from the moved point). Runs under ``torch.enable_grad`` for plugins that
+    called ``run.request_grad(self)``; otherwise gradients are off.
+    """
+
+
+@hookspec
+def momentum(state: SamplerState, pred: Prediction) -> Prediction:
+    """Chain, in config order, at each step's first evaluation only: transform the direction a
+    single-evaluation solver uses from the history (``state.history``). Each plugin states the
+    variable it works on and the solvers it composes with (checked in ``configure``)."""
+
+
+@hookspec
+def step(state: SamplerState, denoise: Callable[[torch.Tensor, float], Prediction]) -> torch.Tensor:
+    """Exactly one (the solver): return x at ``state.sigma_next``.
+
+    ``state.pred`` already holds the first evaluation at ``(state.x, state.sigma)``; calling
+    ``denoise(state.x, state.sigma)`` again returns it without a new evaluation. Further calls
+    evaluate the model (one NFE each, with guidance). Stochastic solvers draw from
+    ``state.noise()`` (per-sample generators).
+    """
+
+
+@hookspec
+def after_step(state: SamplerState, x_next: torch.Tensor) -> None:
+    """All run, in config order, after each step: history keepers, NaN guards, previews, logging.
+    Checks accumulate on the device (``state.batch.failed``) rather than syncing every step."""

@@ -1,0 +1,203 @@
+"""The data that flows through the sampling loop: Schedule, Conditioning, Prediction, SamplerState.
+
+Convention (Karras et al. 2022): the sampler state lives in σ-space, ``x = x0 + σ·ε``; a model is a
+denoiser ``D(x, σ, cond) ≈ E[x0 | x]``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
+
+import torch
+
+from framework.errors import ConfigError
+
+if TYPE_CHECKING:
+    from framework.engine import Run
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A descending σ grid with the model time of each σ and the initial noise scale.
+
+    ``sigmas`` holds N+1 Python floats (N steps); the last may be 0. ``timesteps``, when the model is
+    discrete, holds the model time of each σ (same length; ``None`` entries where a σ has no
+    timestep, e.g. a final 0); the model adapter falls back to log-σ interpolation for those.
+    ``init_noise_scale`` multiplies unit noise to give x at ``sigmas[0]`` (σ₀, or √(1+σ₀²) where a
+    diffusers scheduler starts so).
+    """
+
+    sigmas: tuple[float, ...]
+    timesteps: tuple[float | None, ...] | None = None
+    init_noise_scale: float | None = None
+    _t_of: dict[float, float] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        sig = tuple(float(s) for s in self.sigmas)
+        object.__setattr__(self, "sigmas", sig)
+        if len(sig) < 2:
+            raise ConfigError("a schedule needs at least one step (two σ values); set steps>=1")
+        if any(not math.isfinite(s) or s < 0 for s in sig):
+            raise ConfigError(f"schedule σ values must be finite and ≥ 0, got {sig}")
+        if any(b >= a for a, b in zip(sig, sig[1:])):
+            raise ConfigError(f"schedule σ values must strictly decrease, got {sig}")
+        if self.timesteps is not None and len(self.timesteps) != len(sig):
+            raise ConfigError("schedule timesteps must have one entry per σ")
+        if self.init_noise_scale is None:
+            object.__setattr__(self, "init_noise_scale", sig[0])
+        t_of = {}
+        if self.timesteps is not None:
+            t_of = {s: float(t) for s, t in zip(sig, self.timesteps) if t is not None}
+        object.__setattr__(self, "_t_of", t_of)
+
+    @property
+    def steps(self) -> int:
+        return len(self.sigmas) - 1
+
+    def timestep(self, sigma: float) -> float | None:
+        """The model time carried by the grid for this σ, or None (interpolate)."""
+        return self._t_of.get(sigma)
+
+
+@dataclass
+class Conditioning:
+    """What the model is conditioned on, for one batch.
+
+    ``tensors`` are keyword arguments of the model (``encoder_hidden_states`` for SD), one row per
+    sample; ``uncond`` the same for the unconditional/negative pass, present only when a guidance
+    plugin needs it. ``prompts``/``negative_prompts`` are the texts they came from.
+    """
+
+    prompts: list[str]
+    tensors: dict[str, torch.Tensor]
+    negative_prompts: list[str] | None = None
+    uncond: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class Prediction:
+    """One denoiser evaluation at ``(x, sigma)``.
+
+    ``denoised`` is the guided estimate of x0 the solver uses; ``cond_denoised``/``uncond_denoised``
+    are the two halves of a classifier-free-guidance batch (None when there was none). A latent
+    correction (loss guidance) moves ``x``: see :meth:`shifted`.
+    """
+
+    x: torch.Tensor
+    sigma: float
+    denoised: torch.Tensor
+    cond_denoised: torch.Tensor | None = None
+    uncond_denoised: torch.Tensor | None = None
+
+    @property
+    def derivative(self) -> torch.Tensor:
+        """The probability-flow ODE's dx/dσ = (x − D)/σ (the noise estimate ε)."""
+        return (self.x - self.denoised) / self.sigma
+
+    def with_denoised(self, denoised: torch.Tensor) -> Prediction:
+        return replace(self, denoised=denoised)
+
+    def shifted(self, delta: torch.Tensor) -> Prediction:
+        """Move the evaluation point by ``delta`` keeping the noise estimate ε = (x − D)/σ fixed.
+
+        This is the deep dive's latent correction ``x ← x − scale·σ²·∇loss`` followed by a step
+        with the noise prediction as computed: the solver then steps from the moved point.
+        """
+        return Prediction(
+            x=self.x + delta,
+            sigma=self.sigma,
+            denoised=self.denoised + delta,
+            cond_denoised=None if self.cond_denoised is None else self.cond_denoised + delta,
+            uncond_denoised=None if self.uncond_denoised is None else self.uncond_denoised + delta,
+        )
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One finished step, kept in the history that momentum/multistep plugins read.
+
+    ``denoised`` is the step's first evaluation after guidance (before momentum); ``direction`` the
+    denoised estimate the solver actually used (after momentum).
+    """
+
+    index: int
+    sigma: float
+    sigma_next: float
+    x: torch.Tensor
+    denoised: torch.Tensor
+    direction: torch.Tensor
+    x_next: torch.Tensor
+
+
+class Stash:
+    """Per-plugin private state for one sampling trajectory (one batch), keyed by plugin object."""
+
+    def __init__(self) -> None:
+        self._data: dict[int, Any] = {}
+
+    def get(self, plugin: object, factory: Callable[[], T]) -> T:
+        key = id(plugin)
+        if key not in self._data:
+            self._data[key] = factory()
+        return self._data[key]
+
+
+@dataclass
+class SamplerState:
+    """What the per-step hooks see. ``pred`` is the step's first evaluation, made by the engine
+    before ``step`` is called (guidance and momentum already applied)."""
+
+    run: Run
+    batch: Batch
+    index: int
+    x: torch.Tensor
+    sigma: float  # the grid's σ_i, unless a before_step plugin (churn) raised it
+    schedule: Schedule
+    pred: Prediction | None = None
+
+    @property
+    def sigma_next(self) -> float:
+        return self.schedule.sigmas[self.index + 1]
+
+    @property
+    def is_first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.schedule.steps - 1
+
+    @property
+    def denoised(self) -> torch.Tensor:
+        assert self.pred is not None
+        return self.pred.denoised
+
+    @property
+    def history(self) -> list[StepRecord]:
+        return self.batch.history
+
+    @property
+    def stash(self) -> Stash:
+        return self.batch.stash
+
+    def noise(self) -> torch.Tensor:
+        """Fresh unit Gaussian noise shaped like x, from each sample's own generator."""
+        return self.batch.noise.draw()
+
+
+@dataclass
+class Batch:
+    """One sampling trajectory of a group of samples (global indices ``indices``)."""
+
+    indices: list[int]
+    cond: Conditioning | None
+    noise: Any  # framework.noise.SampleNoise
+    history: list[StepRecord] = field(default_factory=list)
+    stash: Stash = field(default_factory=Stash)
+    failed: torch.Tensor | None = None  # bool per sample, accumulated on the device
+    failure: list[str] = field(default_factory=list)
+    nfe: int = 0
+    unet_calls: int = 0

@@ -1,0 +1,48 @@
+"""Heavy-ball (Polyak) momentum on the ODE direction d = (x − D)/σ (cf. Wizadwongsa et al. 2024):
+v_i = beta·v_{i−1} + (1 − beta)·d_i, v_0 = d_0; the solver then steps along v (D ← x − σ·v).
+
+``beta`` is the weight of the past: 0 is the base solver exactly. (In the GHVB paper's notation
+β_paper = 1 − beta.) Composes with single-evaluation solvers that step along D: euler, ddim.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from framework import hookimpl
+from framework.errors import ConfigError
+
+
+@dataclass
+class _Velocity:
+    v: torch.Tensor | None = None
+
+
+@dataclass
+class HeavyBall:
+    beta: float = 0.5
+    solvers: ClassVar[tuple[str, ...]] = ("euler", "ddim")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.beta < 1:
+            raise ConfigError(f"heavy_ball.beta must be in [0, 1), got {self.beta}")
+
+    @hookimpl
+    def configure(self, run):
+        solver = run.plugins.by_group("solver")[0].name
+        if solver not in self.solvers:
+            raise ConfigError(
+                f"momentum heavy_ball does not compose with solver={solver}: use one of {', '.join(self.solvers)}"
+            )
+
+    @hookimpl
+    def momentum(self, state, pred):
+        mem = state.stash.get(self, _Velocity)
+        d = pred.derivative
+        if mem.v is None or self.beta == 0:
+            mem.v = d
+            return pred
+        mem.v = self.beta * mem.v + (1 - self.beta) * d
+        return pred.with_denoised(pred.x - pred.sigma * mem.v)

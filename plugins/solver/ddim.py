@@ -1,0 +1,28 @@
+"""DDIM (Song et al. 2021) in σ-space: a deterministic step to σ_down, then fresh noise of std σ_up
+(``framework.sigmas.ancestral_split``; η = 0 is the ODE, where DDIM is the Euler step, η = 1 the
+DDPM posterior)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from framework import hookimpl
+from framework.errors import ConfigError
+from framework.sigmas import ancestral_split
+
+
+@dataclass
+class DDIM:
+    eta: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.eta < 0:
+            raise ConfigError(f"solver.eta must be ≥ 0, got {self.eta}")
+
+    @hookimpl
+    def step(self, state, denoise):
+        pred = state.pred
+        sigma_down, sigma_up = ancestral_split(state.sigma, state.sigma_next, self.eta)
+        x = pred.x + (sigma_down - state.sigma) * pred.derivative
+        if sigma_up > 0:
+            x = x + sigma_up * state.noise()
+        return x

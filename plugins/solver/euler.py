@@ -1,0 +1,15 @@
+"""Euler's method on the probability-flow ODE dx/dσ = (x − D)/σ (Karras et al. 2022, Algorithm 1
+without the correction); deterministic DDIM is this step."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from framework import hookimpl
+
+
+@dataclass
+class Euler:
+    @hookimpl
+    def step(self, state, denoise):
+        pred = state.pred
+        return pred.x + (state.sigma_next - state.sigma) * pred.derivative
