@@ -1,0 +1,146 @@
+"""Stage ``evaluate``: the model card's scores, measured on the exported files.
+
+- VAE reconstruction PSNR on fresh training-distribution scenes;
+- CLIP zero-shot colour / shape accuracy on fresh single-shape scenes (prompt ensembles);
+- judge accuracy on fresh single-shape scenes (half of them striped);
+- generation: for single-shape prompts, the rate at which the judge finds the prompted colour and
+  shape (pipeline scheduler, ``steps`` steps, CFG ``guidance_scale``), and the Fréchet distance
+  of CLIP image features, generated vs real and unconditional vs real;
+- a sample grid (prompts × seeds).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+from omegaconf import DictConfig
+from PIL import Image
+from scipy import linalg
+from transformers import CLIPModel, CLIPTokenizer
+
+from experiments.bundled_model.common import psnr
+from framework.bundled import load_clip, load_judge
+from framework.bundled.world import COLOURS, SHAPES, label_indices, sample_scenes
+
+EVAL_SEED = 31_337_000  # never used by training
+GRID_PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow diamond",
+                "a large purple circle on a white background", "a small orange square",
+                "a white triangle on a black background", "a red circle above a blue square"]
+
+
+@torch.no_grad()
+def clip_features(clip: CLIPModel, images: torch.Tensor) -> torch.Tensor:
+    """L2-normalised CLIP image embeddings of images in [-1, 1]."""
+    f = clip.get_image_features(pixel_values=images)
+    f = getattr(f, "pooler_output", f)
+    return f / f.norm(dim=-1, keepdim=True)
+
+
+@torch.no_grad()
+def text_features(clip: CLIPModel, tok: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
+    """L2-normalised CLIP text embeddings."""
+    t = tok(prompts, padding=True, return_tensors="pt")
+    f = clip.get_text_features(input_ids=t.input_ids, attention_mask=t.attention_mask)
+    f = getattr(f, "pooler_output", f)
+    return f / f.norm(dim=-1, keepdim=True)
+
+
+def zero_shot(clip: CLIPModel, tok: CLIPTokenizer, images: torch.Tensor,
+              labels: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Zero-shot colour and shape accuracy with prompt ensembles over the other attribute."""
+    img = clip_features(clip, images)
+    result = {}
+    for head, classes, others, fmt in (
+            ("colour", COLOURS, SHAPES, "a {size}{c} {o}"), ("shape", SHAPES, COLOURS,
+                                                             "a {size}{o} {c}")):
+        protos = []
+        for c in classes:
+            prompts = [fmt.format(size=s, c=c, o=o).replace("a o", "an o")
+                       for o in others for s in ("", "small ", "large ")]
+            p = text_features(clip, tok, prompts).mean(0)
+            protos.append(p / p.norm())
+        pred = (img @ torch.stack(protos).T).argmax(-1)
+        result[f"clip_zero_shot_{head}"] = float((pred == labels[head]).float().mean())
+    return result
+
+
+def frechet(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fréchet distance of two feature sets (Gaussian fits)."""
+    a, b = a.double().numpy(), b.double().numpy()
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+@torch.no_grad()
+def generate(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int], steps: int,
+             guidance: float, batch: int) -> torch.Tensor:
+    """Images in [-1, 1] for prompts, one seeded generator per image."""
+    out = []
+    for i in range(0, len(prompts), batch):
+        gens = [torch.Generator().manual_seed(s) for s in seeds[i:i + batch]]
+        res = pipe(prompts[i:i + batch], num_inference_steps=steps, guidance_scale=guidance,
+                   generator=gens, output_type="pt")
+        out.append(res.images * 2 - 1)
+    return torch.cat(out)
+
+
+def save_grid(images: torch.Tensor, rows: int, path: Path, scale: int = 2) -> None:
+    """A rows × (n/rows) PNG grid of images in [-1, 1]."""
+    n, _, h, w = images.shape
+    cols = n // rows
+    g = images.view(rows, cols, 3, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, 3)
+    arr = ((g + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+    Image.fromarray(arr).resize((cols * w * scale, rows * h * scale), Image.NEAREST).save(path)
+
+
+def evaluate(cfg: DictConfig, weights: Path, grid_path: Path) -> dict[str, float]:
+    """All scores of the exported weights under ``weights``; writes the sample grid."""
+    e = cfg.evaluate
+    pipe = StableDiffusionPipeline.from_pretrained(weights / "pipeline", local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    clip, tok = load_clip(weights / "clip")
+    clip = clip.float()
+    judge = load_judge(weights / "judge")
+    scores: dict[str, float] = {}
+
+    real = sample_scenes(e.n_real, EVAL_SEED, **cfg.world)
+    with torch.no_grad():
+        rec = pipe.vae.decode(pipe.vae.encode(real.images).latent_dist.mean).sample
+    scores["vae_psnr"] = float(psnr(rec, real.images))
+
+    single = sample_scenes(e.n_real, EVAL_SEED + 1, concept_rate=0.5)
+    truth = label_indices(single.labels)
+    scores.update(zero_shot(clip, tok, single.images, truth))
+    pred = judge.predict(single.images)
+    for k in pred:
+        scores[f"judge_{k}"] = float((pred[k] == truth[k]).float().mean())
+
+    prompts_set = sample_scenes(e.n_generate, EVAL_SEED + 2, omit_rate=cfg.world.omit_rate)
+    seeds = list(range(EVAL_SEED, EVAL_SEED + e.n_generate))
+    gen = generate(pipe, prompts_set.captions, seeds, e.steps, e.guidance_scale, e.batch_size)
+    want = label_indices(prompts_set.labels)
+    got = judge.predict(gen)
+    scores["gen_colour"] = float((got["colour"] == want["colour"]).float().mean())
+    scores["gen_shape"] = float((got["shape"] == want["shape"]).float().mean())
+    uncond = generate(pipe, [""] * e.n_generate, seeds, e.steps, 1.0, e.batch_size)
+    feats_real = clip_features(clip, single.images)
+    scores["fd_clip_generated"] = frechet(clip_features(clip, gen), feats_real)
+    scores["fd_clip_unconditional"] = frechet(clip_features(clip, uncond), feats_real)
+
+    n_seeds = 6 if not cfg.fast else 1
+    grid_prompts = [p for p in GRID_PROMPTS for _ in range(n_seeds)]
+    grid = generate(pipe, grid_prompts, list(range(n_seeds)) * len(GRID_PROMPTS), e.steps,
+                    e.guidance_scale, e.batch_size)
+    grid_path.parent.mkdir(parents=True, exist_ok=True)
+    save_grid(grid, len(GRID_PROMPTS), grid_path)
+    scores["settings"] = dict(steps=e.steps, guidance_scale=e.guidance_scale,
+                              scheduler=type(pipe.scheduler).__name__, n_generate=e.n_generate,
+                              n_real=e.n_real)
+    print(json.dumps(scores, indent=1))
+    return scores

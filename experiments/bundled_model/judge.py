@@ -1,0 +1,41 @@
+"""Stage ``judge``: the supervised label classifier, trained on single-shape scenes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from experiments.bundled_model.common import batch_of_scenes, count_parameters, train_loop
+from framework.bundled.judge import Judge, JudgeConfig
+from framework.bundled.world import label_indices
+
+
+def train_judge(cfg: DictConfig, out: Path, device: torch.device) -> Judge:
+    """Train (or resume) the judge; saves it to ``out/judge``."""
+    c = cfg.judge
+    torch.manual_seed(cfg.seed)
+    judge = Judge(JudgeConfig(channels=tuple(c.channels))).to(device).train()
+    print(f"judge: {count_parameters(judge) / 1e6:.2f} M parameters")
+    opt = torch.optim.AdamW(judge.parameters(), lr=c.lr, weight_decay=1e-4)
+
+    def step_fn(step: int) -> dict[str, float]:
+        scenes = batch_of_scenes(cfg, "judge", step, c.batch_size, concept_rate=0.5,
+                                 two_shape_rate=0.0)
+        targets = label_indices(scenes.labels)
+        images = scenes.images.to(device)
+        # the judge must survive generated images: mild noise/blur augmentation
+        images = images + torch.randn_like(images) * 0.05 * torch.rand(len(images), 1, 1, 1,
+                                                                       device=device)
+        logits = judge(images)
+        loss = sum(torch.nn.functional.cross_entropy(logits[k], targets[k].to(device))
+                   for k in logits)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return {"loss": loss.item()}
+
+    train_loop("judge", out, {"model": judge}, opt, step_fn, c.steps, c.max_minutes)
+    judge.eval().save_pretrained(out / "judge")
+    return judge

@@ -1,0 +1,90 @@
+"""Stage ``vae``: a light AutoencoderKL (4 latent channels, 8× down: 64×64 → 8×8×4).
+
+Loss: L1 + MSE on pixels plus a tiny KL term; the PSNR on a fixed set of fresh scenes is logged
+during training (the curve in the model card). ``scaling_factor`` is set at export from the
+standard deviation of the latents.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+from omegaconf import DictConfig
+
+from experiments.bundled_model.common import (batch_of_scenes, count_parameters, psnr,
+                                              train_loop)
+from framework.bundled.world import sample_scenes
+
+VALIDATION_SEED = 987_654  # fresh scenes, never drawn by a training step
+
+
+def build_vae(cfg: DictConfig) -> AutoencoderKL:
+    """A fresh AutoencoderKL of the configured (light) layout."""
+    v = cfg.vae
+    n = len(v.channels)
+    torch.manual_seed(cfg.seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(v.channels), layers_per_block=v.layers_per_block,
+        norm_num_groups=v.norm_groups, mid_block_add_attention=v.mid_attention)
+
+
+@torch.no_grad()
+def vae_psnr(vae: AutoencoderKL, images: torch.Tensor, batch: int = 128) -> float:
+    """PSNR (dB) of reconstructions through the posterior mean."""
+    was_training = vae.training
+    vae.eval()
+    dev = next(vae.parameters()).device
+    recs = [vae.decode(vae.encode(images[i:i + batch].to(dev)).latent_dist.mean).sample.cpu()
+            for i in range(0, len(images), batch)]
+    vae.train(was_training)
+    return float(psnr(torch.cat(recs), images))
+
+
+def train_vae(cfg: DictConfig, out: Path, device: torch.device) -> AutoencoderKL:
+    """Train (or resume) the VAE; saves it, with its latent scaling factor, to ``out/vae``."""
+    v = cfg.vae
+    vae = build_vae(cfg).to(device, memory_format=torch.channels_last).train()
+    print(f"vae: {count_parameters(vae) / 1e6:.2f} M parameters")
+    opt = torch.optim.AdamW(vae.parameters(), lr=v.lr, weight_decay=0.0)
+    val = sample_scenes(v.n_val, VALIDATION_SEED, **cfg.world).images
+
+    def step_fn(step: int) -> dict[str, float]:
+        x = batch_of_scenes(cfg, "vae", step, v.batch_size, **cfg.world).images.to(device)
+        x = x.contiguous(memory_format=torch.channels_last)
+        for g in opt.param_groups:
+            g["lr"] = v.lr * min(1.0, (step + 1) / v.warmup)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            post = vae.encode(x).latent_dist
+            rec = vae.decode(post.sample()).sample.float()
+        kl = post.kl().mean() / x[0].numel()
+        loss = (rec - x).abs().mean() + ((rec - x) ** 2).mean() + v.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        return {"loss": loss.item(), "kl": kl.item()}
+
+    def eval_fn(step: int) -> dict[str, float]:
+        return {"eval_psnr": vae_psnr(vae, val)}
+
+    train_loop("vae", out, {"model": vae}, opt, step_fn, v.steps, v.max_minutes,
+               eval_fn=eval_fn, eval_every=v.eval_every)
+    vae.eval()
+    vae.register_to_config(scaling_factor=latent_scaling_factor(cfg, vae))
+    print(f"vae: scaling_factor {vae.config.scaling_factor:.4f}")
+    vae.save_pretrained(out / "vae")
+    return vae
+
+
+@torch.no_grad()
+def latent_scaling_factor(cfg: DictConfig, vae: AutoencoderKL, n: int = 1024) -> float:
+    """1 / std of the posterior-mean latents of ``n`` training-distribution scenes."""
+    images = sample_scenes(n, VALIDATION_SEED + 1, **cfg.world).images
+    dev = next(vae.parameters()).device
+    lat = torch.cat([vae.encode(images[i:i + 128].to(dev)).latent_dist.mean.cpu()
+                     for i in range(0, n, 128)])
+    return float(1.0 / lat.std())
