@@ -71,8 +71,9 @@ def read_settings(cfg: DictConfig) -> Settings:
     try:
         checked = OmegaConf.merge(OmegaConf.structured(Settings), values)
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", "") or ""
-        raise ConfigError(f"bad value for '{key}': {str(e).splitlines()[0]}") from e
+        key = str(getattr(e, "full_key", "") or "")
+        hint = f": it must be a list, e.g. '{key}=[a red circle,a blue square]'" if key == "prompts" else ""
+        raise ConfigError(f"bad value for '{key}'{hint} ({str(e).splitlines()[0]})") from e
     settings = Settings(**OmegaConf.to_container(checked))  # type: ignore[arg-type]
     settings.check()
     return settings

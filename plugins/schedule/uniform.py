@@ -55,13 +55,14 @@ class Uniform:
         if steps > len(train):
             raise ConfigError(f"steps={steps} exceeds the model's {len(train)} training timesteps")
         ts = diffusers_timesteps(self.spacing, steps, len(train), getattr(model, "steps_offset", 0))
-        sigmas = [float(s) for s in np.interp(ts, np.arange(len(train)), train)]
+        # float32 like diffusers' own grid, so a run reproduces its scheduler bit for bit where it can
+        sigmas = [float(s) for s in np.interp(ts, np.arange(len(train)), train).astype(np.float32)]
         timesteps: list[float | None] = [float(t) for t in ts]
         if self.final == "zero":
             sigmas.append(0.0)
             timesteps.append(None)
         else:
-            sigmas.append(float(train[0]))
+            sigmas.append(float(np.float32(train[0])))
             timesteps.append(0.0)
         mode = self.init_noise
         if mode == "auto":

@@ -1,0 +1,34 @@
+"""Shared fixtures: one tiny SD pipeline per test session, saved to a folder and loaded back."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny random StableDiffusionPipeline saved as an ordinary diffusers folder."""
+    from framework.models.tiny import build_tiny_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny_sd")
+    build_tiny_pipeline(seed=0).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny_dir):
+    from framework.models.diffusers_sd import load_pipeline
+
+    return load_pipeline(str(tiny_dir))
+
+
+@pytest.fixture
+def tiny_overrides(tiny_dir):
+    """Overrides that run the saved tiny pipeline through the ordinary checkpoint loader."""
+    return ["model=sd15", f"model.path={tiny_dir}"]

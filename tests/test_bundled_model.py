@@ -1,0 +1,144 @@
+"""The bundled default model: files, world, tokenizer, judge, a fast quality check, fast training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from framework.bundled import CLIP_DIR, JUDGE_DIR, PIPELINE_DIR, WEIGHTS_DIR, load_clip, load_judge
+from framework.bundled.world import (CONCEPT, COLOURS, RGB, SHAPES, caption_for, caption_words,
+                                     label_indices, sample_scenes)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from diffusers import StableDiffusionPipeline
+
+    p = StableDiffusionPipeline.from_pretrained(PIPELINE_DIR, local_files_only=True)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture(scope="module")
+def judge():
+    return load_judge()
+
+
+# --- files -------------------------------------------------------------------------------------
+
+def test_weights_are_safetensors_and_small():
+    files = [f for f in WEIGHTS_DIR.rglob("*") if f.is_file()]
+    assert not [f for f in files if f.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+    assert sum(f.stat().st_size for f in files) <= 40e6
+    for part in ("unet", "vae", "text_encoder"):
+        assert list((PIPELINE_DIR / part).glob("*.safetensors")), part
+    assert list(CLIP_DIR.glob("*.safetensors")) and list(JUDGE_DIR.glob("*.safetensors"))
+
+
+def test_scheduler_is_sd_schedule():
+    cfg = json.loads((PIPELINE_DIR / "scheduler" / "scheduler_config.json").read_text())
+    assert cfg["num_train_timesteps"] == 1000 and cfg["beta_schedule"] == "scaled_linear"
+    assert (cfg["beta_start"], cfg["beta_end"]) == (0.00085, 0.012)
+    assert cfg["steps_offset"] == 1 and cfg["prediction_type"] == "epsilon"
+    assert cfg["set_alpha_to_one"] is False and cfg["clip_sample"] is False
+
+
+def test_pipeline_loads_offline_and_makes_64px_images(pipe):
+    assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}
+    assert pipe.safety_checker is None and pipe.vae.config.scaling_factor != 1.0
+    out = pipe("a red circle", num_inference_steps=2, guidance_scale=5.0, output_type="pt",
+               generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (1, 3, 64, 64)
+    assert torch.isfinite(out.images).all()
+
+
+def test_text_encoder_is_the_clip_text_tower(pipe):
+    clip, tok = load_clip()
+    ids = tok(["a small red circle on a blue background"], padding="max_length",
+              max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        a = pipe.text_encoder(ids)[0]
+        b = clip.text_model(ids)[0]
+    assert torch.allclose(a, b, atol=2e-2)  # the CLIP copy is stored in fp16
+    te = pipe.text_encoder.config
+    assert (te.bos_token_id, te.eos_token_id, te.pad_token_id) == (
+        tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+
+
+# --- tokenizer and world -----------------------------------------------------------------------
+
+def test_tokenizer_words_and_held_out_concept(pipe):
+    tok = pipe.tokenizer
+    assert tok.model_max_length == 77
+    for word in caption_words():
+        assert len(tok.tokenize(word)) == 1, word
+    pieces = tok.tokenize(CONCEPT)
+    assert len(pieces) > 1 and f"{CONCEPT}</w>" not in tok.get_vocab()
+
+
+def test_world_is_seeded_and_captions_match_labels():
+    a = sample_scenes(48, 7, concept_rate=0.5, two_shape_rate=0.5, omit_rate=0.3)
+    b = sample_scenes(48, 7, concept_rate=0.5, two_shape_rate=0.5, omit_rate=0.3)
+    assert torch.equal(a.images, b.images) and a.captions == b.captions
+    assert a.images.shape == (48, 3, 64, 64) and a.images.min() >= -1 and a.images.max() <= 1
+    assert any(lab.striped for lab in a.labels) and any(len(lab.objects) == 2 for lab in a.labels)
+    for img, cap, lab in zip(a.images, a.captions, a.labels):
+        words = cap.split()
+        assert CONCEPT not in words
+        main = lab.main
+        assert words.index(main.colour) < words.index(main.shape)
+        if len(lab.objects) == 2:
+            assert lab.objects[1].colour in words and lab.relation.split()[0] in words
+        if "background" in words:
+            assert words[words.index("background") - 1] == lab.background
+        if not main.striped:  # the centre pixel of the (top-most) main shape has its colour
+            pix = (img[:, int(main.cy), int(main.cx)] + 1) / 2
+            assert torch.allclose(pix, torch.tensor(RGB[main.colour]), atol=0.1), cap
+
+
+def test_caption_for_grammar():
+    assert caption_for("red", "circle", "small", "left", "yellow") == \
+        "a small red circle on the left on a yellow background"
+    assert caption_for("orange", "square", second=("blue", "triangle", None),
+                       relation="above") == "an orange square above a blue triangle"
+
+
+# --- judge and generation ----------------------------------------------------------------------
+
+def test_judge_is_accurate_on_fresh_scenes(judge):
+    scenes = sample_scenes(96, 424_242, concept_rate=0.5)
+    truth, pred = label_indices(scenes.labels), judge.predict(scenes.images)
+    acc = {k: (pred[k] == truth[k]).float().mean().item() for k in truth}
+    assert acc["colour"] >= 0.95 and acc["shape"] >= 0.9 and acc["striped"] >= 0.85, acc
+
+
+def test_generation_follows_colour_prompts(pipe, judge):
+    """A broken, swapped or untrained file fails this: chance is 1/8 per image."""
+    colours = ["red", "blue", "green", "yellow"]
+    prompts = [f"a large {c} {s}" for c, s in zip(colours, SHAPES) for _ in range(2)]
+    gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+    out = pipe(prompts, num_inference_steps=12, guidance_scale=5.0, generator=gens,
+               output_type="pt").images * 2 - 1
+    got = judge.predict(out)["colour"]
+    want = torch.tensor([COLOURS.index(p.split()[2]) for p in prompts])
+    rate = (got == want).float().mean().item()
+    assert rate >= 0.6, f"judge found the prompted colour in {rate:.0%} of images"
+
+
+# --- training code -----------------------------------------------------------------------------
+
+def test_fast_training_runs_end_to_end(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from experiments.bundled_model.__main__ import CONFIG_DIR, run
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["fast=true", "threads=0", f"out_dir={tmp_path}"])
+    record = run(cfg)
+    assert (tmp_path / "weights" / "pipeline" / "model_index.json").exists()
+    assert (tmp_path / "sample_grid.png").exists()
+    assert set(record["stages"]) == {"tokenizer", "clip", "judge", "vae", "unet", "export",
+                                     "evaluate"}
+    assert 0 <= record["scores"]["gen_colour"] <= 1

@@ -1,0 +1,111 @@
+"""Parity with diffusers' schedulers on the same tiny SD model, steps, seed and CFG (float32)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler
+
+from framework.api import run
+from framework.models.base import vp_scale
+
+TOL = 1e-5
+
+
+def close(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Max abs difference ≤ 1e-5 per unit of latent magnitude. The random tiny UNet ends at latents
+    of magnitude ~20, where float32's spacing is 1.9e-6: σ-space (D = x − σε) and diffusers' ε-space
+    arithmetic then differ by a few units in the last place, which an absolute 1e-5 cannot absorb."""
+    scale = max(1.0, expected.abs().max().item())
+    diff = (got - expected).abs().max().item()
+    print(f"max abs diff {diff:.3g} at latent scale {scale:.3g}")
+    return diff <= TOL * scale
+
+
+def hand_loop(pipe, scheduler, steps, latents, prompts, cfg_scale):
+    """A hand-written diffusers sampling loop (as StableDiffusionPipeline.__call__ does it)."""
+    scheduler.set_timesteps(steps)
+    tok = pipe.tokenizer(prompts + [""] * len(prompts), padding="max_length",
+                         max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        emb = pipe.text_encoder(tok.input_ids)[0]
+        cond, uncond = emb.chunk(2)
+        ctx = torch.cat([uncond, cond])
+        for t in scheduler.timesteps:
+            inp = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+            eps_u, eps_c = pipe.unet(inp, t, encoder_hidden_states=ctx).sample.chunk(2)
+            eps = eps_u + cfg_scale * (eps_c - eps_u)
+            latents = scheduler.step(eps, t, latents).prev_sample
+    return latents
+
+
+CASES = {
+    "euler": (EulerDiscreteScheduler, ["solver=euler", "schedule=uniform"], {}),
+    "heun": (HeunDiscreteScheduler, ["solver=heun", "schedule=uniform"], {}),
+    "ddim": (DDIMScheduler, ["solver=ddim", "schedule=uniform", "schedule.final=alpha0", "schedule.init_noise=vp"], {}),
+    "euler_trailing": (EulerDiscreteScheduler, ["solver=euler", "schedule=uniform", "schedule.spacing=trailing"],
+                       {"timestep_spacing": "trailing"}),
+    "euler_linspace": (EulerDiscreteScheduler, ["solver=euler", "schedule=uniform", "schedule.spacing=linspace"],
+                       {"timestep_spacing": "linspace"}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_solver_matches_diffusers(case, tiny_pipe, tiny_overrides):
+    cls, overrides, extra = CASES[case]
+    steps, prompts = 8, ["a red circle", "a blue square"]
+    res = run(tiny_overrides + overrides + [f"steps={steps}", "num_samples=2", "batch_size=2", "cfg_scale=4.0",
+                                            f"prompts=[{','.join(prompts)}]"])
+    sched = cls.from_config(tiny_pipe.scheduler.config, **extra)
+    sched.set_timesteps(steps)
+    # the grid, the model timesteps and the initial noise scale are diffusers' own
+    ours = res.schedule
+    if cls is DDIMScheduler:
+        ac = sched.alphas_cumprod
+        theirs = [float(((1 - ac[t]) / ac[t]) ** 0.5) for t in sched.timesteps] + [float(((1 - ac[0]) / ac[0]) ** 0.5)]
+    else:
+        theirs = sorted(set(sched.sigmas.tolist()), reverse=True)
+    assert ours.sigmas[: len(theirs)] == pytest.approx(theirs, rel=1e-6, abs=1e-7)
+    ts = sorted(set(sched.timesteps.tolist()), reverse=True)
+    assert [t for t in ours.timesteps if t is not None][: len(ts)] == pytest.approx(ts, abs=1e-4)
+    sigma0 = ours.sigmas[0]
+    start = res.x_T * vp_scale(sigma0) if cls is DDIMScheduler else res.x_T
+    if cls is not DDIMScheduler:
+        assert ours.init_noise_scale == pytest.approx(float(sched.init_noise_sigma), rel=1e-6)
+    expected = hand_loop(tiny_pipe, sched, steps, start.clone(), prompts, 4.0)
+    got = res.latents * vp_scale(ours.sigmas[-1]) if cls is DDIMScheduler else res.latents
+    assert close(got, expected)
+
+
+def test_karras_matches_diffusers_karras(tiny_pipe, tiny_overrides):
+    steps = 6
+    sched = EulerDiscreteScheduler.from_config(tiny_pipe.scheduler.config, use_karras_sigmas=True)
+    sched.set_timesteps(steps)
+    lo, hi = float(sched.sigmas[-2]), float(sched.sigmas[0])
+    res = run(tiny_overrides + ["solver=euler", "schedule=karras", f"schedule.sigma_min={lo!r}",
+                                f"schedule.sigma_max={hi!r}", "schedule.init_noise=vp", f"steps={steps}",
+                                "num_samples=1", "batch_size=1", "prompts=[a red circle]"])
+    assert res.schedule.sigmas == pytest.approx(sched.sigmas.tolist(), rel=1e-6)
+    expected = hand_loop(tiny_pipe, sched, steps, res.x_T.clone(), ["a red circle"], 5.0)
+    assert close(res.latents, expected)
+
+
+def test_ddim_eta0_equals_euler_exactly(tiny_overrides):
+    base = tiny_overrides + ["schedule=uniform", "steps=5", "num_samples=2", "batch_size=2"]
+    a = run(base + ["solver=euler"])
+    b = run(base + ["solver=ddim", "solver.eta=0.0"])
+    assert torch.equal(a.latents, b.latents)
+
+
+def test_v_prediction_parity(tiny_dir):
+    """v-prediction: the adapter's D matches diffusers' Euler with prediction_type=v_prediction."""
+    from framework.models.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(seed=1, prediction_type="v_prediction")
+    from framework.models.diffusers_sd import StableDiffusion
+
+    model = StableDiffusion(pipeline=pipe)
+    res = run(["solver=euler", "schedule=uniform", "steps=5", "num_samples=1", "batch_size=1",
+               "prompts=[a blue square]", "cfg_scale=3.0"], model=model)
+    sched = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    expected = hand_loop(pipe, sched, 5, res.x_T.clone(), ["a blue square"], 3.0)
+    assert close(res.latents, expected)
