@@ -99,7 +99,9 @@ class StableDiffusion(Model):
 
     def setup(self, device: torch.device, dtype: torch.dtype) -> None:
         super().setup(device, dtype)
-        self.pipe.to(device=device, dtype=dtype)
+        if self.unet.dtype != dtype:
+            self.pipe.to(dtype=dtype)
+        self.pipe.to(device)
 
     def timestep_of(self, sigma: float, timestep: float | None) -> float:
         return timestep if timestep is not None else sigma_to_t(sigma, self._train_sigmas_np)
