@@ -33,7 +33,8 @@ class Karras:
         ramp = np.linspace(0.0, 1.0, steps)
         a, b = hi ** (1 / self.rho), lo ** (1 / self.rho)
         sigmas = (a + ramp * (b - a)) ** self.rho
-        if steps == 1:
-            sigmas = np.array([hi])
+        sigmas[0] = hi  # exact end points (the power of the root is off by an ulp)
+        if steps > 1:
+            sigmas[-1] = lo
         grid = tuple(float(s) for s in sigmas) + (0.0,)
         return Schedule(grid, None, init_noise_scale(grid[0], self.init_noise))

@@ -1,0 +1,39 @@
+"""record.json: schema, run key, atomic writes."""
+from __future__ import annotations
+
+import json
+
+from framework.api import run
+from framework.records import atomic_write_json, run_key
+
+GAUSS = ["model=gaussian", "dtype=float64", "num_samples=2", "batch_size=2", "steps=3"]
+
+
+def test_record_fields(tmp_path):
+    res = run(GAUSS, output_dir=tmp_path)
+    rec = json.loads((tmp_path / "record.json").read_text())
+    assert rec == json.loads(json.dumps(res.record, default=str))
+    assert rec["schema_version"] == 1
+    assert len(rec["run_key"]) == 16
+    assert rec["config"]["steps"] == 3
+    assert rec["plugins"]["step"] == ["euler"] and rec["plugins"]["schedule"] == ["karras"]
+    assert rec["sigmas"][0] == 80.0 and rec["sigmas"][-1] == 0.0 and len(rec["sigmas"]) == 4
+    for key in ("nfe", "unet_calls", "seconds", "seconds_per_sample", "rmse_to_reference"):
+        assert key in rec["metrics"]
+    assert set(rec["versions"]) == {"python", "torch", "diffusers", "samplerlab", "git_sha"}
+    assert rec["seed"] == 0 and rec["images"] is None
+
+
+def test_run_key_depends_on_config_not_on_output_dir(tmp_path):
+    a = run(GAUSS, output_dir=tmp_path / "a").record["run_key"]
+    b = run(GAUSS, output_dir=tmp_path / "b").record["run_key"]
+    c = run(GAUSS + ["seed=1"]).record["run_key"]
+    assert a == b != c
+    assert run_key({"x": 1, "output_dir": "p"}) == run_key({"x": 1, "output_dir": "q"})
+
+
+def test_atomic_write_leaves_no_temporary_files(tmp_path):
+    atomic_write_json(tmp_path / "r.json", {"a": 1})
+    atomic_write_json(tmp_path / "r.json", {"a": 2})
+    assert json.loads((tmp_path / "r.json").read_text()) == {"a": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
