@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_libraries()
     import hydra
 
-    from framework.compose import searchpath_override
+    from framework.compose import release, searchpath_override
 
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides, runs = _split(argv)
@@ -120,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra = searchpath_override()
     except SamplerlabError as e:
         return _error(e)
+    release()
     app = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_app)
     saved = sys.argv
     sys.argv = ["samplerlab", *argv, *extra]

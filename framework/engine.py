@@ -29,7 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 from framework.errors import ConfigError, PluginError, SamplerlabError
 from framework.models.base import Model
 from framework.noise import SampleNoise
-from framework.registry import PluginSet, build_plugins
+from framework.registry import PluginSet, build_plugins, schema
 from framework.state import Batch, Conditioning, Prediction, SamplerState, Schedule, StepRecord
 
 
@@ -69,7 +69,7 @@ SETTINGS_KEYS = tuple(Settings.__dataclass_fields__)
 def read_settings(cfg: DictConfig) -> Settings:
     values = {k: cfg[k] for k in SETTINGS_KEYS if k in cfg}
     try:
-        checked = OmegaConf.merge(OmegaConf.structured(Settings), values)
+        checked = OmegaConf.merge(schema(Settings), values)
     except OmegaConfBaseException as e:
         key = str(getattr(e, "full_key", "") or "")
         hint = f": it must be a list, e.g. '{key}=[a red circle,a blue square]'" if key == "prompts" else ""

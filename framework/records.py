@@ -3,6 +3,7 @@ and the run folder's images, written atomically (temporary file, then rename).""
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -37,6 +38,7 @@ def run_key(config: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+@functools.cache
 def _git_sha() -> str | None:
     root = Path(framework.__file__).resolve().parent.parent
     try:

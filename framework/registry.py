@@ -7,6 +7,7 @@ the entry point names a Python package whose folder holds ``conf/<group>/<name>.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import os
 from dataclasses import dataclass
@@ -78,6 +79,12 @@ def available(group: str) -> dict[str, str]:
     return options
 
 
+@functools.cache
+def schema(cls: type) -> DictConfig:
+    """The structured-config schema of a dataclass (built once: OmegaConf.structured is slow)."""
+    return OmegaConf.structured(cls)
+
+
 def instantiate(node: DictConfig, where: str) -> object:
     """Build a plugin from ``_target_`` and parameters, type-checked against its dataclass schema."""
     params = OmegaConf.to_container(node, resolve=True)
@@ -98,7 +105,7 @@ def instantiate(node: DictConfig, where: str) -> object:
                 f"{where}: unknown parameter(s) {', '.join(unknown)}; {attr} accepts: {', '.join(sorted(names)) or 'none'}"
             )
         try:
-            checked = OmegaConf.merge(OmegaConf.structured(cls), params)
+            checked = OmegaConf.merge(schema(cls), params)
         except OmegaConfBaseException as e:
             msg = str(e).splitlines()[0]
             raise ConfigError(f"{where}: {msg}") from e

@@ -4,11 +4,16 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+# One intra-op thread per test process: xdist runs one process per core, and OpenMP threads that
+# outnumber free cores spin-wait (measured: a tiny UNet call takes 40 ms on one thread, 900 ms on
+# two when the other core is busy).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

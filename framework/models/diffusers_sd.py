@@ -98,10 +98,13 @@ class StableDiffusion(Model):
         self.scaling_factor = float(self.vae.config.scaling_factor)
 
     def setup(self, device: torch.device, dtype: torch.dtype) -> None:
+        if getattr(self, "_placed", None) == (device, dtype):  # pipeline.to() costs ~0.1 s even when nothing moves
+            return
         super().setup(device, dtype)
         if self.unet.dtype != dtype:
             self.pipe.to(dtype=dtype)
         self.pipe.to(device)
+        self._placed = (device, dtype)
 
     def timestep_of(self, sigma: float, timestep: float | None) -> float:
         return timestep if timestep is not None else sigma_to_t(sigma, self._train_sigmas_np)
