@@ -51,3 +51,82 @@ def init_noise_scale(sigma0: float, mode: str) -> float:
     if mode == "vp":
         return math.sqrt(1.0 + sigma0 * sigma0)
     raise ValueError(mode)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers of the solver zoo (multistep weights, λ = −log σ, geometric midpoints)
+# ---------------------------------------------------------------------------------------------
+def lam(sigma: float) -> float:
+    """λ = −log σ (half the log-SNR in σ-space); +inf at σ = 0."""
+    return math.inf if sigma == 0 else -math.log(sigma)
+
+
+def geometric_mean(a: float, b: float) -> float:
+    """√(a·b): the midpoint in log σ (DPM-Solver-2's and KDPM2's intermediate σ)."""
+    return math.sqrt(a * b)
+
+
+def lagrange_integral_weights(nodes: list[float], a: float, b: float) -> list[float]:
+    """w_j = ∫_a^b ℓ_j(s) ds for the Lagrange basis ℓ_j on ``nodes`` (exact polynomial integration).
+
+    Σ_j w_j f(nodes_j) integrates the interpolating polynomial of f over [a, b]: the variable-step
+    Adams–Bashforth (linear multistep) weights when the nodes are past σ values.
+    """
+    weights = []
+    for j, nj in enumerate(nodes):
+        poly = np.polynomial.Polynomial([1.0])
+        for m, nm in enumerate(nodes):
+            if m != j:
+                poly = poly * np.polynomial.Polynomial([-nm, 1.0]) / (nj - nm)
+        prim = poly.integ()
+        weights.append(float(prim(b) - prim(a)))
+    return weights
+
+
+_GL_X, _GL_W = np.polynomial.legendre.leggauss(24)
+
+
+def log_lagrange_integral_weights(nodes: list[float], a: float, b: float) -> list[float]:
+    """w_j = ∫_a^b ℓ_j(log s) ds, the Lagrange basis built on the log of ``nodes`` (all > 0) and
+    integrated over s ∈ [a, b], a, b > 0 (DEIS' ρAB with log-ρ interpolation, as diffusers'
+    ``solver_type="logrho"``). Gauss–Legendre in u = log s (24 nodes: exact to rounding for the
+    smooth integrand ℓ_j(u)·eᵘ over one step)."""
+    ua, ub = math.log(a), math.log(b)
+    u = 0.5 * (ub - ua) * _GL_X + 0.5 * (ub + ua)
+    jac = 0.5 * (ub - ua) * _GL_W * np.exp(u)
+    logs = [math.log(n) for n in nodes]
+    weights = []
+    for j, lj in enumerate(logs):
+        basis = np.ones_like(u)
+        for m, lm in enumerate(logs):
+            if m != j:
+                basis = basis * (u - lm) / (lj - lm)
+        weights.append(float((basis * jac).sum()))
+    return weights
+
+
+def loglinear_interp(sigmas: list[float], num: int) -> list[float]:
+    """Resample a descending σ list to ``num`` points, linear in log σ over an equally spaced
+    index (Align-Your-Steps' rule for other step counts; σ > 0)."""
+    xs = np.linspace(0.0, 1.0, len(sigmas))
+    ys = np.log(np.asarray(sigmas[::-1], dtype=np.float64))
+    new = np.exp(np.interp(np.linspace(0.0, 1.0, num), xs, ys))
+    return [float(s) for s in new[::-1]]
+
+
+def sigma_at_time(t: float, train_sigmas: np.ndarray) -> float:
+    """σ of a (fractional) model time t of a discrete model, linear in log σ between training
+    timesteps (ComfyUI's ``ModelSamplingDiscrete.sigma``; the inverse of :func:`sigma_to_t`)."""
+    log_sigmas = np.log(np.asarray(train_sigmas, dtype=np.float64))
+    return float(np.exp(np.interp(t, np.arange(len(log_sigmas)), log_sigmas)))
+
+
+def sigma_range(model: object, sigma_min: float | None, sigma_max: float | None, name: str) -> tuple[float, float]:
+    """(σ_min, σ_max) of a schedule: the configured values, else the model's; checked 0 < lo < hi."""
+    from framework.errors import ConfigError
+
+    lo = float(sigma_min) if sigma_min is not None else float(model.sigma_min)  # type: ignore[attr-defined]
+    hi = float(sigma_max) if sigma_max is not None else float(model.sigma_max)  # type: ignore[attr-defined]
+    if not 0 < lo < hi:
+        raise ConfigError(f"schedule={name} needs 0 < sigma_min < sigma_max, got {lo} and {hi}")
+    return lo, hi
