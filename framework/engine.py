@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from tqdm.auto import tqdm
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -186,8 +187,10 @@ class Denoiser:
         return pred
 
 
-def sample_batch(run: Run, batch: Batch, schedule: Schedule) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the loop for one batch; returns (x_T, x at the last σ)."""
+def sample_batch(
+    run: Run, batch: Batch, schedule: Schedule, progress: Callable[[], object] = lambda: None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the loop for one batch; returns (x_T, x at the last σ). ``progress`` is called per step."""
     init = run.plugins.pm.hook.init_latents
     x = init(run=run, batch=batch, schedule=schedule, noise=batch.noise.draw())
     x_T = x
@@ -210,6 +213,7 @@ def sample_batch(run: Run, batch: Batch, schedule: Schedule) -> tuple[torch.Tens
             StepRecord(i, state.sigma, state.sigma_next, state.x, guided, pred.denoised, x_next)
         )
         x = x_next
+        progress()
     return x_T, x
 
 
@@ -244,13 +248,15 @@ def execute(
         call(name, "run_start", fn, run=run)
 
     xs_T, xs, imgs, failed, nfes, calls = [], [], [], [], [], []
+    batches = _batches(settings.num_samples, settings.batch_size)
+    bar = tqdm(total=len(batches) * schedule.steps, desc="sampling", unit="step", disable=None, leave=False)
     t0 = time.perf_counter()
-    with torch.no_grad():
-        for indices in _batches(settings.num_samples, settings.batch_size):
+    with torch.no_grad(), bar:
+        for indices in batches:
             prompts = [settings.prompts[k % len(settings.prompts)] for k in indices]
             noise = SampleNoise(settings.seed, indices, run.model.latent_shape, device, run.dtype)
             batch = Batch(indices=indices, cond=run.encode(prompts), noise=noise)
-            x_T, x = sample_batch(run, batch, schedule)
+            x_T, x = sample_batch(run, batch, schedule, bar.update)
             latents = run.model.output_latents(x, schedule.sigmas[-1])
             images = run.model.decode(latents)
             if batch.failed is not None:

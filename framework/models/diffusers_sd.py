@@ -6,6 +6,7 @@ interpolation):  ε-prediction D = x − σ·u;  v-prediction D = x/(σ² + 1) �
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,12 @@ from framework.models.base import Model, vp_scale
 from framework.sigmas import sigma_to_t, train_sigmas_from_alphas_cumprod
 
 
+@functools.lru_cache(maxsize=2)
 def load_pipeline(path: str, allow_download: bool = False, variant: str | None = None) -> Any:
-    """A StableDiffusionPipeline from a local folder or a hub id; offline unless downloads are allowed."""
+    """A StableDiffusionPipeline from a local folder or a hub id; offline unless downloads are allowed.
+
+    The last two pipelines stay loaded, so the runs of a sweep in one process load a model once.
+    """
     from diffusers import StableDiffusionPipeline
 
     local = Path(path).expanduser()

@@ -7,6 +7,7 @@ For tests and as a stand-in for a real checkpoint.
 """
 from __future__ import annotations
 
+import functools
 import json
 import string
 import tempfile
@@ -97,8 +98,11 @@ def build_tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
     )
 
 
+_cached = functools.lru_cache(maxsize=2)(build_tiny_pipeline)
+
+
 class TinyRandom(StableDiffusion):
-    """``model=tiny_random``: the tiny pipeline, built in memory."""
+    """``model=tiny_random``: the tiny pipeline, built in memory (once per process and seed)."""
 
     def __init__(self, seed: int = 0, prediction_type: str = "epsilon", height: int | None = None, width: int | None = None):
-        super().__init__(pipeline=build_tiny_pipeline(seed, prediction_type), height=height, width=width)
+        super().__init__(pipeline=_cached(seed, prediction_type), height=height, width=width)
