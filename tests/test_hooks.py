@@ -12,7 +12,9 @@ from framework.api import run
 from framework.state import Prediction, Schedule
 from tests.plugins_for_tests import Recorder
 
-HOOKS = sorted(n for n, f in vars(hookspecs).items() if callable(f) and hasattr(f, "samplerlab_spec"))
+from framework.hookref import hook_names
+
+HOOKS = hook_names()
 REC = "+callback.rec._target_=tests.plugins_for_tests.Recorder"
 GAUSS = ["model=gaussian", "dtype=float64", "num_samples=2", "batch_size=2"]
 
@@ -113,3 +115,13 @@ def test_shifted_prediction_keeps_noise_estimate():
     p = Prediction(x=x, sigma=2.0, denoised=x * 0.5)
     q = p.shifted(torch.ones(2, 3))
     assert torch.allclose(q.derivative, p.derivative, atol=1e-6)
+
+
+def test_hook_reference_is_in_sync():
+    from pathlib import Path
+
+    from framework.hookref import FAMILIES, hook_names, render
+
+    assert set(FAMILIES) == set(hook_names())
+    doc = Path(__file__).resolve().parent.parent / "docs" / "hooks.md"
+    assert doc.read_text() == render(), "regenerate: python -m framework.hookref > docs/hooks.md"
