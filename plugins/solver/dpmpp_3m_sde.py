@@ -3,9 +3,16 @@
 ``dpmsolver++`` with ``solver_order=3``). With a = (1 + η)·h, h = λ' − λ (λ = −log σ):
 x' = (σ'/σ)e^(−ηh)·x + (1 − e^(−a))·D + φ₂·D₁ − φ₃·D₂ + σ'·√(1 − e^(−2ηh))·s_noise·z, with
 φ₂ = 1 − (1 − e^(−a))/a and φ₃ = φ₂/a − 1/2; D₁, D₂ are the first and second divided differences of the
-last three denoised estimates in λ. Warm-up: first order, then second. A step to σ = 0 returns D;
+last three denoised estimates in λ.
+
+Measured order (docs/solvers.md): the published multistep update (DPM-Solver's code, diffusers,
+k-diffusion — kept as the default for parity) is second order: D₂ ≈ h²·D''/2 while the Taylor
+term of the exponential integral is −φ₃·h²·D'', so its D'' term is half the exact one.
+``taylor_d2=true`` weights D₂ by 2·φ₃ and gives the third order (η = 0). Warm-up: first order,
+then second (``solver_type``: k-diffusion's φ₂ form ``heun`` or diffusers' ``midpoint``). A step
+to σ = 0 returns D;
 ``lower_order_final`` (diffusers) makes the second-to-last step of a < 15-step grid second order.
-NFE 1 per step; order 3 (η = 0)."""
+NFE 1 per step."""
 from __future__ import annotations
 
 import math
@@ -32,10 +39,14 @@ class DPMPP3MSDE:
     eta: float = 1.0
     s_noise: float = 1.0
     lower_order_final: bool = True
+    taylor_d2: bool = False  # true: weight D₂ by 2φ₃ (order 3); false: as published (order 2)
+    solver_type: str = "heun"  # second-order warm-up: heun (φ₂·D₁, k-diffusion) | midpoint (D₁/2, diffusers)
 
     def __post_init__(self) -> None:
         if self.eta < 0:
             raise ConfigError(f"solver.eta must be ≥ 0, got {self.eta}")
+        if self.solver_type not in ("heun", "midpoint"):
+            raise ConfigError(f"solver.solver_type must be heun or midpoint, got '{self.solver_type}'")
 
     @hookimpl
     def step(self, state: SamplerState, denoise) -> torch.Tensor:
@@ -48,13 +59,15 @@ class DPMPP3MSDE:
         d0 = pred.denoised
         x = (state.sigma_next / state.sigma) * math.exp(-self.eta * h) * pred.x - math.expm1(-a) * d0
         phi2, phi3 = _phis(a)
+        if self.taylor_d2:
+            phi3 = 2 * phi3
         hist = state.history
         if p >= 2:
             l0, l1 = lam(state.sigma), lam(hist[-1].sigma)
             r0 = (l0 - l1) / h
             d1_0 = (d0 - hist[-1].direction) / r0
             if p == 2:
-                x = x + phi2 * d1_0
+                x = x + (phi2 if self.solver_type == "heun" else -0.5 * math.expm1(-a)) * d1_0
             else:
                 r1 = (l1 - lam(hist[-2].sigma)) / h
                 d1_1 = (hist[-1].direction - hist[-2].direction) / r1

@@ -26,7 +26,7 @@ class LMS:
 
     @hookimpl
     def step(self, state: SamplerState, denoise) -> torch.Tensor:
-        past = state.history[len(state.history) - self.order + 1 :] if self.order > 1 else []
+        past = state.history[max(0, len(state.history) - self.order + 1) :]
         nodes = [state.sigma] + [r.sigma for r in reversed(past)]
         ds = [state.pred.derivative] + [(r.x - r.direction) / r.sigma for r in reversed(past)]
         weights = lagrange_integral_weights(nodes, state.sigma, state.sigma_next)
