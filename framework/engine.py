@@ -201,8 +201,7 @@ def sample_batch(
         denoiser.state = state
         for name, fn in run.before_step:
             call(name, "before_step", fn, state=state)
-        pred = denoiser.evaluate(state.x, state.sigma)
-        guided = pred.denoised
+        pred = state.guided = denoiser.evaluate(state.x, state.sigma)
         for name, fn in run.momentum:
             pred = call(name, "momentum", fn, state=state, pred=pred)
         state.pred, state.x = pred, pred.x
@@ -210,7 +209,7 @@ def sample_batch(
         for name, fn in run.after_step:
             call(name, "after_step", fn, state=state, x_next=x_next)
         batch.history.append(
-            StepRecord(i, state.sigma, state.sigma_next, state.x, guided, pred.denoised, x_next)
+            StepRecord(i, state.sigma, state.sigma_next, state.x, state.guided.denoised, pred.denoised, x_next)
         )
         x = x_next
         progress()

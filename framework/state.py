@@ -156,7 +156,8 @@ class SamplerState:
     x: torch.Tensor
     sigma: float  # the grid's σ_i, unless a before_step plugin (churn) raised it
     schedule: Schedule
-    pred: Prediction | None = None
+    pred: Prediction | None = None  # the step's first evaluation, after guidance and momentum
+    guided: Prediction | None = None  # the same evaluation before momentum (the model's, guided)
 
     @property
     def sigma_next(self) -> float:

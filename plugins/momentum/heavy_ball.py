@@ -7,12 +7,12 @@ v_i = beta·v_{i−1} + (1 − beta)·d_i, v_0 = d_0; the solver then steps alon
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
 from framework import hookimpl
 from framework.errors import ConfigError
+from framework.momentum import MomentumPlugin
 
 
 @dataclass
@@ -21,21 +21,12 @@ class _Velocity:
 
 
 @dataclass
-class HeavyBall:
+class HeavyBall(MomentumPlugin):
     beta: float = 0.5
-    solvers: ClassVar[tuple[str, ...]] = ("euler", "ddim")
 
     def __post_init__(self) -> None:
         if not 0 <= self.beta < 1:
             raise ConfigError(f"heavy_ball.beta must be in [0, 1), got {self.beta}")
-
-    @hookimpl
-    def configure(self, run):
-        solver = run.plugins.by_group("solver")[0].name
-        if solver not in self.solvers:
-            raise ConfigError(
-                f"momentum heavy_ball does not compose with solver={solver}: use one of {', '.join(self.solvers)}"
-            )
 
     @hookimpl
     def momentum(self, state, pred):

@@ -1,0 +1,23 @@
+"""Gradient estimation (Permenter & Yuan 2024, "Interpreting and Improving Diffusion Models from an
+Optimization Perspective", Algorithm 2): step along ε̄ = γ·ε_t + (1 − γ)·ε_prev, where ε = (x − D)/σ
+is this step's noise estimate and ε_prev the previous step's; the first step uses ε_t. γ = 1 is the
+base solver exactly; the paper recommends γ = 2. (In the family's convention the weight of the past
+is 1 − γ.)"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from framework import hookimpl
+from framework.momentum import MomentumPlugin, past_derivative
+
+
+@dataclass
+class GradientEstimation(MomentumPlugin):
+    gamma: float = 2.0
+
+    @hookimpl
+    def momentum(self, state, pred):
+        if not state.history or self.gamma == 1.0:
+            return pred
+        eps = self.gamma * pred.derivative + (1 - self.gamma) * past_derivative(state.history[-1])
+        return pred.with_denoised(pred.x - pred.sigma * eps)
