@@ -89,6 +89,7 @@ def test_multistep_derivative_sigma_matches_diffusers_lms(order):
         ["momentum=[ghvb]", "momentum.ghvb.beta=0.0", "momentum.ghvb.order=1"],
         ["momentum=[gradient_estimation]", "momentum.gradient_estimation.gamma=1.0"],
         ["momentum=[multistep]", "momentum.multistep.order=1"],
+        ["momentum=[adam]", "momentum.adam.beta=0.0", "momentum.adam.beta2=0.0"],
     ],
     ids=lambda o: o[0],
 )
@@ -127,3 +128,17 @@ def slope(overrides: list[str]) -> float:
 )
 def test_convergence_order(overrides, order):
     assert slope(overrides) == pytest.approx(order, abs=0.3)
+
+
+def test_optimize_sgd_is_euler_and_sgd_momentum_is_heavy_ball():
+    base = MIX + ["steps=10"]
+    assert maxdiff(run(base + ["solver=euler"]), run(base + ["solver=optimize"])) <= 1e-14
+    hb = run(base + ["solver=euler", "momentum=[heavy_ball]", "momentum.heavy_ball.beta=0.5"])
+    assert maxdiff(hb, run(base + ["solver=optimize", "solver.momentum=0.5"])) <= 1e-13
+
+
+def test_optimize_adam_takes_normalised_steps():
+    res = run(MIX + ["steps=10", "solver=optimize", "solver.optimizer=adam"])
+    assert torch.isfinite(res.latents).all()
+    assert res.record["metrics"]["nfe"] == 10
+    assert maxdiff(res, run(MIX + ["steps=10", "solver=euler"])) > 1.0  # not an ODE step any more
