@@ -50,6 +50,7 @@ ORDERS: dict[str, tuple[list[str], float, list[str]]] = {
     "unipc_bh1": (["solver=unipc", "solver.variant=bh1"], 3, KARRAS),
     "unipc_nocorrector": (["solver=unipc", "solver.corrector=false"], 2, KARRAS),
     "unipc_order3_nocorrector": (["solver=unipc", "solver.order=3", "solver.corrector=false"], 3, KARRAS),
+    "optimize_sgd": (["solver=optimize"], 1, KARRAS),  # torch.optim SGD, momentum 0: the Euler step
 }
 STOCHASTIC = {  # solver: overrides making it stochastic (its defaults)
     "euler_ancestral": [], "dpm_2_ancestral": [], "ddpm": [], "dpmpp_2s_ancestral": [], "dpmpp_sde": [],
@@ -121,9 +122,8 @@ def measured_order(case: str, model: str) -> float:
 
 # The fast set checks one case per method family on the Gaussian and three on the mixture; the rest
 # (same maths under another name or parameter, or the slower mixture runs) are marked slow.
-FAST_GAUSSIAN = {"euler", "heun", "dpm_2", "lms", "plms", "deis", "dpmpp_2m", "dpmpp_3m_sde_eta0",
-                 "dpmpp_3m_sde_eta0_taylor", "dpmpp_2s_ancestral_eta0", "unipc_bh2", "unipc_bh1",
-                 "unipc_order3_nocorrector", "dpmpp_2m_sde_eta0_heun"}
+FAST_GAUSSIAN = {"euler", "heun", "lms", "deis", "dpmpp_2m", "dpmpp_3m_sde_eta0", "dpmpp_3m_sde_eta0_taylor",
+                 "unipc_bh2"}
 FAST_MIXTURE = {"euler", "dpmpp_2m", "unipc_bh2"}
 
 
