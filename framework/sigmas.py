@@ -130,3 +130,19 @@ def sigma_range(model: object, sigma_min: float | None, sigma_max: float | None,
     if not 0 < lo < hi:
         raise ConfigError(f"schedule={name} needs 0 < sigma_min < sigma_max, got {lo} and {hi}")
     return lo, hi
+
+
+def multistep_order(order: int, available: int, index: int, steps: int, to_zero: bool, lower_order_final: bool) -> int:
+    """The order a multistep solver uses at step ``index`` of ``steps``: the warm-up
+    min(order, available + 1) with ``available`` finished steps, first order on a step to σ = 0, and
+    diffusers' ``lower_order_final`` (grids of < 15 steps: last step first order, the one before
+    at most second)."""
+    p = min(order, available + 1)
+    if to_zero:
+        return 1
+    if lower_order_final and steps < 15:
+        if index == steps - 1:
+            return 1
+        if index == steps - 2:
+            return min(p, 2)
+    return p

@@ -14,24 +14,8 @@ import torch
 
 from framework import hookimpl
 from framework.errors import ConfigError
-from framework.sigmas import log_lagrange_integral_weights
+from framework.sigmas import log_lagrange_integral_weights, multistep_order
 from framework.state import SamplerState
-
-
-def multistep_order(state: SamplerState, order: int, lower_order_final: bool) -> int:
-    """The order a multistep solver uses at this step: warm-up min(i + 1, order), diffusers'
-    ``lower_order_final`` (grids of < 15 steps: last step 1st order, the one before ≤ 2nd), and
-    first order on a step to σ = 0."""
-    p = min(order, len(state.history) + 1)
-    n, i = state.schedule.steps, state.index
-    if state.sigma_next == 0:
-        return 1
-    if lower_order_final and n < 15:
-        if i == n - 1:
-            return 1
-        if i == n - 2:
-            return min(p, 2)
-    return p
 
 
 @dataclass
@@ -46,7 +30,8 @@ class DEIS:
     @hookimpl
     def step(self, state: SamplerState, denoise) -> torch.Tensor:
         pred = state.pred
-        p = multistep_order(state, self.order, self.lower_order_final)
+        p = multistep_order(self.order, len(state.history), state.index, state.schedule.steps,
+                           state.sigma_next == 0, self.lower_order_final)
         if p == 1:
             return pred.x + (state.sigma_next - state.sigma) * pred.derivative
         past = state.history[len(state.history) - (p - 1) :]

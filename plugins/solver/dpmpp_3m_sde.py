@@ -22,9 +22,8 @@ import torch
 
 from framework import hookimpl
 from framework.errors import ConfigError
-from framework.sigmas import lam
+from framework.sigmas import lam, multistep_order
 from framework.state import SamplerState
-from plugins.solver.deis import multistep_order
 
 
 def _phis(a: float) -> tuple[float, float]:
@@ -53,7 +52,7 @@ class DPMPP3MSDE:
         pred = state.pred
         if state.sigma_next == 0:
             return pred.denoised
-        p = multistep_order(state, 3, self.lower_order_final)
+        p = multistep_order(3, len(state.history), state.index, state.schedule.steps, False, self.lower_order_final)
         h = lam(state.sigma_next) - lam(state.sigma)
         a = (1 + self.eta) * h
         d0 = pred.denoised

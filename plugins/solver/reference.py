@@ -35,16 +35,18 @@ class Reference:
         shape, dtype, device = x0.shape, x0.dtype, x0.device
         end = state.sigma_next if state.sigma_next > 0 else min(self.sigma_floor, state.sigma)
 
+        start = math.log(state.sigma)
+
         def rhs(log_sigma: float, y: np.ndarray) -> np.ndarray:
             x = torch.from_numpy(y).reshape(shape).to(device=device, dtype=dtype)
-            sigma = math.exp(log_sigma)
-            pred = state.pred if (sigma == state.sigma and torch.equal(x, x0)) else denoise(x, sigma)
+            at_start = log_sigma == start and torch.equal(x, x0)
+            pred = state.pred if at_start else denoise(x, math.exp(log_sigma))
             return (x - pred.denoised).double().cpu().reshape(-1).numpy()
 
         x = x0
         if end < state.sigma:
             y0 = x0.detach().double().cpu().reshape(-1).numpy()
-            sol = solve_ivp(rhs, (math.log(state.sigma), math.log(end)), y0, method="DOP853",
+            sol = solve_ivp(rhs, (start, math.log(end)), y0, method="DOP853",
                             rtol=self.rtol, atol=self.atol)
             if not sol.success:
                 raise RuntimeError(f"reference solver failed: {sol.message}")
