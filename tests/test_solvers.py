@@ -274,14 +274,17 @@ def _parity_cases():
                         ["solver=unipc", "solver.variant=bh1", "solver.order=3"], "custom", True),
         "unipc_nocorrector": (UniPCMultistepScheduler, dict(disable_corrector=list(range(STEPS))),
                               ["solver=unipc", "solver.corrector=false"], "custom", True),
+        "dpmpp_2m_sde": (DPMSolverMultistepScheduler, dict(algorithm_type="sde-dpmsolver++", solver_order=2),
+                         ["solver=dpmpp_2m_sde"], "custom", True),
         "ddpm": (DDPMScheduler, {}, ["solver=ddpm"], "uniform", True),
         "euler_ancestral": (EulerAncestralDiscreteScheduler, {}, ["solver=euler_ancestral"], "uniform", False),
     }
 
 
 PARITY = ["dpmpp_2m", "dpmpp_3m", "dpmpp_2m_heun", "lms", "dpm_2", "plms", "deis_3", "deis_2", "unipc_bh2",
-          "unipc_bh1_3", "unipc_nocorrector", "ddpm", "euler_ancestral"]
+          "unipc_bh1_3", "unipc_nocorrector", "dpmpp_2m_sde", "ddpm", "euler_ancestral"]
 NOISE_MODULES = {"ddpm": "diffusers.schedulers.scheduling_ddpm",
+                 "dpmpp_2m_sde": "diffusers.schedulers.scheduling_dpmsolver_multistep",
                  "euler_ancestral": "diffusers.schedulers.scheduling_euler_ancestral_discrete"}
 
 

@@ -1,18 +1,20 @@
 """DPM-Solver++(3M) SDE (Lu et al. 2022b, third-order multistep; k-diffusion
-``sample_dpmpp_3m_sde``; with η = 0 it is diffusers' DPMSolverMultistepScheduler
-``dpmsolver++`` with ``solver_order=3``). With a = (1 + η)·h, h = λ' − λ (λ = −log σ):
-x' = (σ'/σ)e^(−ηh)·x + (1 − e^(−a))·D + φ₂·D₁ − φ₃·D₂ + σ'·√(1 − e^(−2ηh))·s_noise·z, with
-φ₂ = 1 − (1 − e^(−a))/a and φ₃ = φ₂/a − 1/2; D₁, D₂ are the first and second divided differences of the
-last three denoised estimates in λ.
+``sample_dpmpp_3m_sde``; with η = 0 it is diffusers' DPMSolverMultistepScheduler ``dpmsolver++``
+with ``solver_order=3``). With h = λ' − λ (λ = −log σ) and a = (1 + η)·h:
+
+    x' = (σ'/σ)·e^(−ηh)·x + (1 − e^(−a))·D + φ₂·D₁ − φ₃·D₂ + σ'·√(1 − e^(−2ηh))·s_noise·z,
+
+φ₂ = 1 − (1 − e^(−a))/a, φ₃ = φ₂/a − 1/2; D₁, D₂ are the first and second divided differences of
+the last three denoised estimates in λ (scaled by h, h²).
 
 Measured order (docs/solvers.md): the published multistep update (DPM-Solver's code, diffusers,
-k-diffusion — kept as the default for parity) is second order: D₂ ≈ h²·D''/2 while the Taylor
-term of the exponential integral is −φ₃·h²·D'', so its D'' term is half the exact one.
-``taylor_d2=true`` weights D₂ by 2·φ₃ and gives the third order (η = 0). Warm-up: first order,
-then second (``solver_type``: k-diffusion's φ₂ form ``heun`` or diffusers' ``midpoint``). A step
-to σ = 0 returns D;
-``lower_order_final`` (diffusers) makes the second-to-last step of a < 15-step grid second order.
-NFE 1 per step."""
+k-diffusion; kept as the default for parity) is second order: D₂ ≈ h²·D''/2 while the Taylor term
+of the exponential integral is −φ₃·h²·D'', so its D'' term is half the exact one.
+``taylor_d2=true`` weights D₂ by 2·φ₃ and gives the third order (η = 0).
+
+Warm-up: first order, then second (``solver_type``: k-diffusion's φ₂ form ``heun`` or diffusers'
+``midpoint``). A step to σ = 0 returns D; ``lower_order_final`` (diffusers) makes the
+second-to-last step of a grid of < 15 steps second order. NFE 1 per step."""
 from __future__ import annotations
 
 import math
