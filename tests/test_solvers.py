@@ -207,6 +207,26 @@ def test_churn_zero_is_noop_and_churn_raises_sigma():
     assert torch.equal(churned.latents, again.latents)
 
 
+CHURN = ["callback=[churn]", "callback.churn.s_churn=2", "callback.churn.s_tmin=0.05", "callback.churn.s_tmax=10"]
+
+
+@pytest.fixture(scope="module")
+def churned_heun() -> torch.Tensor:
+    return run(["model=gaussian", "dtype=float64", "steps=16", "num_samples=2", "batch_size=2", "solver=heun"] + CHURN).latents
+
+
+@pytest.mark.parametrize("solver", ["lms", "deis", "dpmpp_2m", "unipc", "dpmpp_3m_sde"])
+def test_churn_composes_with_multistep_solvers(solver, churned_heun):
+    """Multistep history is read at the σ̂ where each evaluation was made and no solver discards the
+    churn noise: the churned run lands nearer the churned Heun run (same noise) than its own
+    unchurned run (measured 0.31–0.74 vs 1.5–2.3)."""
+    base = ["model=gaussian", "dtype=float64", "steps=16", "num_samples=2", "batch_size=2", f"solver={solver}"]
+    base += ["solver.eta=0"] if solver == "dpmpp_3m_sde" else []
+    plain, churned = run(base).latents, run(base + CHURN).latents
+    assert torch.isfinite(churned).all()
+    assert (churned - churned_heun).abs().max() < (churned - plain).abs().max()
+
+
 def test_churn_sigma_hat_is_edm_algorithm_2():
     from plugins.callback.churn import Churn
 

@@ -6,7 +6,7 @@ D₁ₖ = (D_k − D)/r_k (r_k: the λ-offsets of earlier evaluations over h), B
 expm1(−h) (``bh2``); ρᵖ solves the order conditions (ρ = 1/2 for p = 2). The corrector UniC-p
 re-does the previous step with the model output at its result (no extra evaluation) and raises
 its order by one. ``order`` is p; with the corrector on the method has order p + 1.
-Warm-up min(i + 1, p); ``lower_order_final`` (diffusers' default) caps step i at N − i.
+The corrector is skipped on steps where churn raised σ. Warm-up min(i + 1, p); ``lower_order_final`` (diffusers' default) caps step i at N − i.
 A step to σ = 0 returns D. NFE 1 per step."""
 from __future__ import annotations
 
@@ -91,7 +91,10 @@ class UniPC:
         pred = state.pred
         mem = state.stash.get(self, _Memory)
         x = pred.x
-        if self.corrector and mem.last_x is not None and state.history:
+        # the corrector re-does the previous step up to this step's σ; after churn (σ raised and noise
+        # added before this step) that would discard the churn noise, so it is skipped there
+        unchurned = bool(state.history) and state.sigma == state.history[-1].sigma_next
+        if self.corrector and mem.last_x is not None and unchurned:
             x = self._correct(state, mem)
         if state.sigma_next == 0:
             return pred.denoised
