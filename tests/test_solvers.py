@@ -147,7 +147,8 @@ def test_convergence_order_mixture(case):
 GAUSS = ["model=gaussian", "dtype=float64", "steps=6"]
 
 
-@pytest.mark.parametrize("solver", sorted(STOCHASTIC))
+@pytest.mark.parametrize(  # ddim η = 1 is also covered by tests/test_engine.py
+    "solver", [pytest.param(s, marks=pytest.mark.slow) if s == "ddim" else s for s in sorted(STOCHASTIC)])
 def test_stochastic_same_seed_same_output_and_batch_invariant(solver):
     base = GAUSS + [f"solver={solver}", "num_samples=3"] + STOCHASTIC[solver]
     a = run(base + ["batch_size=1"])
@@ -215,7 +216,8 @@ def churned_heun() -> torch.Tensor:
     return run(["model=gaussian", "dtype=float64", "steps=16", "num_samples=2", "batch_size=2", "solver=heun"] + CHURN).latents
 
 
-@pytest.mark.parametrize("solver", ["lms", "deis", "dpmpp_2m", "unipc", "dpmpp_3m_sde"])
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "unipc"] + [pytest.param(s, marks=pytest.mark.slow)
+                                                              for s in ("lms", "deis", "dpmpp_3m_sde")])
 def test_churn_composes_with_multistep_solvers(solver, churned_heun):
     """Multistep history is read at the σ̂ where each evaluation was made and no solver discards the
     churn noise: the churned run lands nearer the churned Heun run (same noise) than its own
