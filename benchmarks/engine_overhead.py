@@ -25,23 +25,12 @@ from diffusers import EulerDiscreteScheduler
 from framework.api import run
 from framework.compose import compose
 from framework.engine import execute
+from framework.testing import diffusers_loop
 
 
 def hand_loop(pipe, steps, latents, prompts, cfg_scale):
     sched = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    sched.set_timesteps(steps)
-    tok = pipe.tokenizer(prompts + [""] * len(prompts), padding="max_length",
-                         max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt")
-    with torch.no_grad():
-        emb = pipe.text_encoder(tok.input_ids)[0]
-        cond, uncond = emb.chunk(2)
-        ctx = torch.cat([uncond, cond])
-        for t in sched.timesteps:
-            inp = sched.scale_model_input(torch.cat([latents] * 2), t)
-            eps_u, eps_c = pipe.unet(inp, t, encoder_hidden_states=ctx).sample.chunk(2)
-            latents = sched.step(eps_u + cfg_scale * (eps_c - eps_u), t, latents).prev_sample
-        image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
-    return (image / 2 + 0.5).clamp(0, 1)
+    return diffusers_loop(pipe, sched, steps, latents, prompts, cfg_scale, decode=True)
 
 
 def main() -> None:

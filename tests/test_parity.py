@@ -7,6 +7,7 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler, HeunDiscreteSchedul
 
 from framework.api import run
 from framework.models.base import vp_scale
+from framework.testing import diffusers_loop
 
 TOL = 1e-5
 
@@ -22,20 +23,7 @@ def close(got: torch.Tensor, expected: torch.Tensor) -> bool:
 
 
 def hand_loop(pipe, scheduler, steps, latents, prompts, cfg_scale):
-    """A hand-written diffusers sampling loop (as StableDiffusionPipeline.__call__ does it)."""
-    scheduler.set_timesteps(steps)
-    tok = pipe.tokenizer(prompts + [""] * len(prompts), padding="max_length",
-                         max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt")
-    with torch.no_grad():
-        emb = pipe.text_encoder(tok.input_ids)[0]
-        cond, uncond = emb.chunk(2)
-        ctx = torch.cat([uncond, cond])
-        for t in scheduler.timesteps:
-            inp = scheduler.scale_model_input(torch.cat([latents] * 2), t)
-            eps_u, eps_c = pipe.unet(inp, t, encoder_hidden_states=ctx).sample.chunk(2)
-            eps = eps_u + cfg_scale * (eps_c - eps_u)
-            latents = scheduler.step(eps, t, latents).prev_sample
-    return latents
+    return diffusers_loop(pipe, scheduler, steps, latents, prompts, cfg_scale)
 
 
 CASES = {

@@ -1,5 +1,7 @@
 """Heavy-ball (Polyak) momentum on the ODE direction d = (x − D)/σ (cf. Wizadwongsa et al. 2024):
 v_i = beta·v_{i−1} + (1 − beta)·d_i, v_0 = d_0; the solver then steps along v (D ← x − σ·v).
+With ``lookahead`` (the ``nesterov`` preset, the paper's "NT" variant) it steps along
+beta·v_i + (1 − beta)·d_i instead.
 
 ``beta`` is the weight of the past: 0 is the base solver exactly. (In the GHVB paper's notation
 β_paper = 1 − beta.) Composes with single-evaluation solvers that step along D: euler, ddim.
@@ -23,10 +25,11 @@ class _Velocity:
 @dataclass
 class HeavyBall(MomentumPlugin):
     beta: float = 0.5
+    lookahead: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.beta < 1:
-            raise ConfigError(f"heavy_ball.beta must be in [0, 1), got {self.beta}")
+            raise ConfigError(f"momentum beta must be in [0, 1), got {self.beta}")
 
     @hookimpl
     def momentum(self, state, pred):
@@ -36,4 +39,5 @@ class HeavyBall(MomentumPlugin):
             mem.v = d
             return pred
         mem.v = self.beta * mem.v + (1 - self.beta) * d
-        return pred.with_denoised(pred.x - pred.sigma * mem.v)
+        step = self.beta * mem.v + (1 - self.beta) * d if self.lookahead else mem.v
+        return pred.with_denoised(pred.x - pred.sigma * step)
