@@ -182,17 +182,31 @@ class PluginSet:
 _ROLE = {"schedule": "schedule", "predict": "model", "step": "solver"}
 
 
+def _owns_schedule(node: DictConfig | None) -> bool:
+    """Whether the configured solver brings its own grid (class attribute ``owns_schedule``): the
+    ``schedule`` group is then not instantiated, and the solver answers the ``schedule`` hook."""
+    target = None if node is None else node.get("_target_")
+    if not target:
+        return False
+    module_name, _, attr = str(target).rpartition(".")
+    try:
+        return bool(getattr(getattr(importlib.import_module(module_name), attr), "owns_schedule", False))
+    except (ImportError, AttributeError):
+        return False  # instantiate() reports the bad target
+
+
 def build_plugins(cfg: DictConfig, choices: dict[str, str], model: object | None = None) -> PluginSet:
     """Instantiate every plugin of the composed config, in group order, and register them."""
     from framework.models.base import wrap_model
 
     entries: list[PluginEntry] = []
+    solver_owns_grid = _owns_schedule(cfg.get("solver"))
     for group in GROUPS:
         node = cfg.get(group)
         if group == "model" and model is not None:
             entries.append(PluginEntry("custom", "model", wrap_model(model)))
             continue
-        if node is None:
+        if node is None or (group == "schedule" and solver_owns_grid):
             continue
         if group in SINGLE_GROUPS:
             name = choices.get(group) or str(node.get("_target_", group)).rsplit(".", 2)[-2]
