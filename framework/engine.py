@@ -49,6 +49,7 @@ class Settings:
     dtype: str = "float32"
     output_dir: str | None = None
     save_images: bool = True
+    noise: str = "independent"  # independent | brownian (SDE noise coherent across step counts)
 
     def check(self) -> None:
         if self.steps < 1:
@@ -59,6 +60,8 @@ class Settings:
             raise ConfigError(f"batch_size must be ≥ 1 (got {self.batch_size})")
         if not self.prompts:
             raise ConfigError("prompts is empty: give at least one, e.g. 'prompts=[a red circle]'")
+        if self.noise not in ("independent", "brownian"):
+            raise ConfigError(f"noise must be independent or brownian, got '{self.noise}'")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype '{self.dtype}' is not one of {', '.join(DTYPES)}")
 
@@ -253,7 +256,8 @@ def execute(
     with torch.no_grad(), bar:
         for indices in batches:
             prompts = [settings.prompts[k % len(settings.prompts)] for k in indices]
-            noise = SampleNoise(settings.seed, indices, run.model.latent_shape, device, run.dtype)
+            until = 2 * schedule.sigmas[0] + 1 if settings.noise == "brownian" else None  # room for churn
+            noise = SampleNoise(settings.seed, indices, run.model.latent_shape, device, run.dtype, until)
             batch = Batch(indices=indices, cond=run.encode(prompts), noise=noise)
             x_T, x = sample_batch(run, batch, schedule, bar.update)
             latents = run.model.output_latents(x, schedule.sigmas[-1])

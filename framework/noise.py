@@ -20,7 +20,13 @@ def sample_seed(seed: int, index: int) -> int:
 
 
 class SampleNoise:
-    """Unit Gaussian noise for a batch of samples, one generator per sample."""
+    """Unit Gaussian noise for a batch of samples, one generator per sample.
+
+    With ``brownian_until`` set, :meth:`between` returns normalised increments of one Brownian
+    motion per sample over σ ∈ [0, brownian_until] (torchsde's BrownianTree seeded from (seed, k)):
+    the noise an SDE step sees over [σ_a, σ_b] is then the same path whatever the step count, so
+    SDE solutions converge as steps grow (Kidger et al. 2021; k-diffusion's BrownianTreeNoiseSampler).
+    """
 
     def __init__(
         self,
@@ -29,12 +35,33 @@ class SampleNoise:
         shape: Sequence[int],
         device: torch.device,
         dtype: torch.dtype,
+        brownian_until: float | None = None,
     ):
         self.shape = tuple(shape)
         self.device, self.dtype = device, dtype
         self.generators = [torch.Generator().manual_seed(sample_seed(seed, k)) for k in indices]
+        self._tree_seeds = [sample_seed(seed + 1, k) for k in indices] if brownian_until else []
+        self._until = brownian_until
+        self._trees: list = []
 
     def draw(self) -> torch.Tensor:
         """One draw per sample, stacked to a batch ``[B, *shape]`` on the run's device."""
         rows = [torch.randn(self.shape, generator=g, dtype=self.dtype) for g in self.generators]
         return torch.stack(rows).to(self.device, non_blocking=True)
+
+    def between(self, sigma_a: float, sigma_b: float) -> torch.Tensor:
+        """Unit noise for an SDE step over [σ_b, σ_a]: a Brownian increment / √|σ_a − σ_b| in
+        Brownian mode, a fresh draw otherwise."""
+        if self._until is None or sigma_a == sigma_b:
+            return self.draw()
+        if not self._trees:
+            import torchsde
+
+            zero = torch.zeros(self.shape, dtype=torch.float64)
+            self._trees = [torchsde.BrownianTree(t0=0.0, w0=zero, t1=self._until, entropy=e, tol=1e-6)
+                           for e in self._tree_seeds]
+        lo, hi = sorted((float(sigma_a), float(sigma_b)))
+        if hi > self._until:
+            raise ValueError(f"σ={hi} is above the Brownian tree's range [0, {self._until}]")
+        rows = [tree(lo, hi) for tree in self._trees]
+        return (torch.stack(rows) / (hi - lo) ** 0.5).to(self.device, self.dtype)

@@ -184,9 +184,12 @@ class SamplerState:
     def stash(self) -> Stash:
         return self.batch.stash
 
-    def noise(self) -> torch.Tensor:
-        """Fresh unit Gaussian noise shaped like x, from each sample's own generator."""
-        return self.batch.noise.draw()
+    def noise(self, sigma_a: float | None = None, sigma_b: float | None = None) -> torch.Tensor:
+        """Unit Gaussian noise shaped like x, from each sample's own generator. SDE solvers pass
+        the σ interval the noise stands for, so that ``noise=brownian`` gives Brownian increments."""
+        if sigma_a is None or sigma_b is None:
+            return self.batch.noise.draw()
+        return self.batch.noise.between(sigma_a, sigma_b)
 
 
 @dataclass

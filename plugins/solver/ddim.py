@@ -24,5 +24,5 @@ class DDIM:
         sigma_down, sigma_up = ancestral_split(state.sigma, state.sigma_next, self.eta)
         x = pred.x + (sigma_down - state.sigma) * pred.derivative
         if sigma_up > 0:
-            x = x + sigma_up * state.noise()
+            x = x + sigma_up * state.noise(state.sigma, state.sigma_next)
         return x

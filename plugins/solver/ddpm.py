@@ -29,5 +29,5 @@ class DDPM:
         c0 = math.sqrt(abar_prev) * beta / (1 - abar)
         ct = math.sqrt(alpha) * (1 - abar_prev) / (1 - abar)
         std = math.sqrt(max((1 - abar_prev) / (1 - abar) * beta, 1e-20))
-        prev = c0 * pred.denoised + ct * x_vp + std * state.noise()
+        prev = c0 * pred.denoised + ct * x_vp + std * state.noise(state.sigma, state.sigma_next)
         return prev / math.sqrt(abar_prev)

@@ -34,5 +34,5 @@ class DPM2Ancestral:
             x_mid = pred.x + (mid - state.sigma) * pred.derivative
             x = pred.x + (down - state.sigma) * denoise(x_mid, mid).derivative
         if up > 0:
-            x = x + state.noise() * (self.s_noise * up)
+            x = x + state.noise(state.sigma, state.sigma_next) * (self.s_noise * up)
         return x

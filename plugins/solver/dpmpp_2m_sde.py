@@ -44,5 +44,5 @@ class DPMPP2MSDE:
             c = 0.5 * one_minus if self.solver_type == "midpoint" else 1 - one_minus / (h + eh)
             x = x + c * (pred.denoised - prev.direction) / r
         if self.eta > 0:
-            x = x + state.noise() * (state.sigma_next * math.sqrt(-math.expm1(-2 * eh)) * self.s_noise)
+            x = x + state.noise(state.sigma, state.sigma_next) * (state.sigma_next * math.sqrt(-math.expm1(-2 * eh)) * self.s_noise)
         return x

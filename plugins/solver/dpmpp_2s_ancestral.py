@@ -37,5 +37,5 @@ class DPMPP2SAncestral:
             d_mid = denoise(x_mid, mid).denoised
             x = d_mid + (down / state.sigma) * (pred.x - d_mid)
         if up > 0:
-            x = x + state.noise() * (self.s_noise * up)
+            x = x + state.noise(state.sigma, state.sigma_next) * (self.s_noise * up)
         return x

@@ -76,5 +76,5 @@ class DPMPP3MSDE:
                 d2 = (d1_0 - d1_1) / (r0 + r1)
                 x = x + phi2 * d1 - phi3 * d2
         if self.eta > 0:
-            x = x + state.noise() * (state.sigma_next * math.sqrt(-math.expm1(-2 * self.eta * h)) * self.s_noise)
+            x = x + state.noise(state.sigma, state.sigma_next) * (state.sigma_next * math.sqrt(-math.expm1(-2 * self.eta * h)) * self.s_noise)
         return x

@@ -38,7 +38,7 @@ class DPMPPSDE:
             return pred.denoised
         s = sigma ** (1 - self.r) * nxt**self.r
         fac = 1 / (2 * self.r)
-        z1 = state.noise() if self.eta > 0 else None
+        z1 = state.noise(sigma, s) if self.eta > 0 else None
         # stage 1: ancestral DPM-Solver++(1) to σ_s
         down, up = ancestral_split(sigma, s, self.eta)
         x_s = pred.denoised + (down / sigma) * (pred.x - pred.denoised)
@@ -50,7 +50,7 @@ class DPMPPSDE:
         d = (1 - fac) * pred.denoised + fac * d_s
         x = d + (down / sigma) * (pred.x - d)
         if up > 0:
-            z2 = state.noise()
+            z2 = state.noise(s, nxt)
             z = (math.sqrt(sigma - s) * z1 + math.sqrt(s - nxt) * z2) / math.sqrt(sigma - nxt)
             x = x + z * (self.s_noise * up)
         return x

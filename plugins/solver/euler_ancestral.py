@@ -29,5 +29,5 @@ class EulerAncestral:
         down, up = ancestral_split(state.sigma, state.sigma_next, self.eta)
         x = pred.x + (down - state.sigma) * pred.derivative
         if up > 0:
-            x = x + state.noise() * (self.s_noise * up)
+            x = x + state.noise(state.sigma, state.sigma_next) * (self.s_noise * up)
         return x
