@@ -1,0 +1,233 @@
+"""Any diffusers scheduler, by class name, run inside the engine (``solver=diffusers``).
+
+The solver owns the schedule role (``owns_schedule = True``): the σ grid, the model timesteps and
+the initial noise scale are the scheduler's own, after ``set_timesteps(steps)``. Each engine step
+converts the σ-space state x = x0 + σ·ε into the scheduler's sample space, hands it the noise
+estimate ε = (x − D)/σ (``prediction_type`` is forced to ``epsilon``: the model adapter already
+turned the model's parametrisation into D) and calls ``scheduler.step``.
+
+Sample spaces: schedulers that scale their model input (``scale_model_input`` ≠ identity: Euler,
+Euler ancestral, Heun, LMS, KDPM2) work in σ-space (y = x); the others (DDIM, DDPM, PNDM, DPM-Solver
+multistep/singlestep, UniPC, DEIS) work in the variance-preserving frame y = x/√(1 + σ²).
+
+The grid: the scheduler's timesteps are replayed once on a dummy sample to learn, for each
+scheduler call, the σ at which it evaluates the model (σ-space schedulers: ``sigmas[step_index]``,
+KDPM2's ``sigmas_interpol`` on its second stage; VP schedulers: ``sigmas[i]`` when they keep one
+σ per timestep, else √((1 − ᾱ_t)/ᾱ_t)), and the σ its last call lands on (``sigmas[-1]``, DDIM/PNDM's
+final alpha, DDPM's ᾱ = 1). A call that starts a new grid interval is an engine step; the calls
+that do not (Heun's and KDPM2's second stage, PNDM's warm-up correction at the first step, PNDM's
+Runge–Kutta stages without ``skip_prk_steps``) are
+made inside the same engine step with one ``denoise`` each, so NFE is the number of UNet
+evaluations diffusers makes (Heun 2N − 1, PNDM N + 1) and the engine advances one interval per
+step.
+
+Models: a diffusers model (``model.pipe``) gives its own scheduler config; any other model
+(analytic ones) gets Stable Diffusion's (1000 steps, scaled-linear β 0.00085–0.012,
+``steps_offset`` 1), i.e. SD's discretisation applied to that denoiser. ``config`` overrides are
+passed to ``from_config``.
+
+Noise: stochastic schedulers (ancestral, DDPM, SDE variants using ``generator``) receive the
+engine's per-sample generators (one per sample, seeded by (seed, sample index)); diffusers then
+draws each sample's noise from its own generator, so same seed → same output and sample k's noise
+does not depend on the batch. Schedulers that draw noise otherwise (DPMSolverSDEScheduler's
+Brownian tree) are not batch-invariant.
+
+Not supported (ConfigError): schedulers without a discrete ᾱ table (flow matching, EDM,
+consistency models), LCM/TCD (distilled models), inverse schedulers, and plugins that move a
+step's σ (churn) — the scheduler's state is tied to its own grid.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from framework import hookimpl
+from framework.errors import ConfigError
+from framework.state import SamplerState, Schedule
+
+#: Stable Diffusion's scheduler config, used for models that bring none.
+SD_CONFIG: dict[str, Any] = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    steps_offset=1, clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True,
+)
+EXAMPLES = ("EulerDiscreteScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+            "HeunDiscreteScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerAncestralDiscreteScheduler")
+UNSUPPORTED = ("FlowMatch", "EDM", "LCM", "TCD", "Inverse", "CMStochastic", "Consistency")
+
+
+def _scheduler_class(name: str) -> type:
+    import diffusers
+    from diffusers import SchedulerMixin
+
+    cls = getattr(diffusers, name, None) if name.isidentifier() else None
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        names = [n for n in dir(diffusers) if n.endswith("Scheduler")]
+        close = difflib.get_close_matches(name, names, n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise ConfigError(f"solver.scheduler '{name}' is not a diffusers scheduler class: {hint}"
+                          f"e.g. {', '.join(EXAMPLES[:5])}")
+    if any(bad in name for bad in UNSUPPORTED):
+        raise ConfigError(f"solver.scheduler '{name}' is not supported by solver=diffusers (it needs a "
+                          f"non-SD parametrisation); use e.g. {', '.join(EXAMPLES[:3])}")
+    return cls
+
+
+def _vp_sigma(alpha_cumprod: float) -> float:
+    return math.sqrt(max(1.0 - alpha_cumprod, 0.0) / alpha_cumprod)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the scheduler does for a given step count: per scheduler call its timestep, the σ of its
+    model evaluation and whether it starts an engine step; the σ its last call lands on."""
+
+    timesteps: tuple[float, ...]
+    eval_sigmas: tuple[float, ...]
+    starts: tuple[int, ...]  # scheduler call index that opens each engine step
+    final_sigma: float
+    sigma_space: bool
+    init_noise_sigma: float
+
+    def schedule(self) -> Schedule:
+        sig = [self.eval_sigmas[j] for j in self.starts] + [self.final_sigma]
+        ts = [self.timesteps[j] for j in self.starts] + [None]
+        scale = self.init_noise_sigma if self.sigma_space else self.init_noise_sigma / _vp(sig[0])
+        return Schedule(tuple(sig), tuple(ts), scale)
+
+
+def _vp(sigma: float) -> float:
+    return 1.0 / math.sqrt(1.0 + sigma * sigma)
+
+
+@dataclass
+class Trajectory:
+    """One batch's scheduler and where it stands."""
+
+    scheduler: Any
+    plan: Plan
+    generators: Any
+    takes_generator: bool
+    call: int = 0  # next scheduler call
+
+
+@dataclass
+class Diffusers:
+    """Run diffusers' ``scheduler`` class (by name) with ``config`` overrides inside the engine."""
+
+    scheduler: str = "EulerDiscreteScheduler"
+    config: dict[str, Any] = field(default_factory=dict)
+
+    owns_schedule = True
+
+    def __post_init__(self) -> None:
+        self._cls = _scheduler_class(self.scheduler)
+
+    # -- building --------------------------------------------------------------------------------
+    def _make(self, model: Any, steps: int, device: torch.device | str = "cpu") -> Any:
+        pipe = getattr(model, "pipe", None)
+        base = dict(pipe.scheduler.config) if pipe is not None else dict(SD_CONFIG)
+        overrides = dict(self.config)
+        overrides["prediction_type"] = "epsilon"  # the adapter gives D; we hand the scheduler ε
+        try:
+            sch = self._cls.from_config(base, **overrides)
+        except Exception as e:  # noqa: BLE001 - diffusers raises many kinds
+            raise ConfigError(f"solver=diffusers: cannot build {self.scheduler} from config ({e})") from e
+        if getattr(sch, "alphas_cumprod", None) is None:
+            raise ConfigError(f"solver.scheduler '{self.scheduler}' has no ᾱ table: only discrete VP "
+                              f"schedulers are supported, e.g. {', '.join(EXAMPLES[:3])}")
+        sch.set_timesteps(steps, device=device)
+        return sch
+
+    def _plan(self, model: Any, steps: int) -> Plan:
+        """Replay the scheduler on a dummy sample to learn its evaluation σ's and grouping."""
+        sch = self._make(model, steps)
+        ts = [float(t) for t in sch.timesteps]
+        m = len(ts)
+        y = torch.zeros(1, 1, 1, 1)
+        probe = sch.scale_model_input(torch.ones(1, 1, 1, 1), sch.timesteps[0])
+        sigma_space = not torch.equal(probe, torch.ones_like(probe))
+        sigmas = getattr(sch, "sigmas", None)
+        per_call = sigmas is not None and len(sigmas) == m + 1
+        ac = sch.alphas_cumprod.double()
+        gen = torch.Generator().manual_seed(0)
+        takes_gen = "generator" in inspect.signature(sch.step).parameters
+        evals, second = [], []
+        for j, t in enumerate(sch.timesteps):
+            sch.scale_model_input(y, t)
+            evals.append(self._eval_sigma(sch, j, t, sigma_space, per_call, ac))
+            second.append(not getattr(sch, "state_in_first_order", True))
+            kw = {"generator": gen} if takes_gen else {}
+            y = sch.step(torch.zeros_like(y), t, y, **kw).prev_sample
+        if sigma_space or per_call:
+            final = float(sigmas[-1])
+        elif getattr(sch, "final_alpha_cumprod", None) is not None:
+            final = _vp_sigma(float(sch.final_alpha_cumprod))
+        else:  # DDPM: the last step lands on ᾱ = 1
+            final = 0.0
+        # a call opens an engine step unless it is a second stage, or it re-evaluates the σ the next
+        # call evaluates (PNDM's warm-up correction)
+        starts = [j for j in range(m) if not second[j] and not (j + 1 < m and evals[j] == evals[j + 1])]
+        base = getattr(sch, "_timesteps", None)  # PNDM's N step timesteps: its Runge–Kutta warm-up
+        if len(starts) != steps and base is not None and len(base) == steps and not sigma_space:  # has midpoints
+            grid = {_vp_sigma(float(ac[int(t)])) for t in base}
+            starts = [j for j in starts if evals[j] in grid]
+        return Plan(tuple(ts), tuple(evals), tuple(starts), final, sigma_space, float(sch.init_noise_sigma))
+
+    @staticmethod
+    def _eval_sigma(sch: Any, j: int, t: Any, sigma_space: bool, per_call: bool, ac: torch.Tensor) -> float:
+        if sigma_space:
+            k = sch.step_index if getattr(sch, "step_index", None) is not None else j
+            if not getattr(sch, "state_in_first_order", True):
+                if hasattr(sch, "sigmas_interpol"):
+                    return float(sch.sigmas_interpol[k])
+                if getattr(sch, "mid_point_sigma", None) is not None:
+                    return float(sch.mid_point_sigma)
+            return float(sch.sigmas[k])
+        if per_call:
+            return float(sch.sigmas[j])
+        return _vp_sigma(float(ac[int(t)]))
+
+    # -- hooks -----------------------------------------------------------------------------------
+    @hookimpl
+    def schedule(self, model: Any, steps: int) -> Schedule:
+        return self._plan(model, steps).schedule()
+
+    def _trajectory(self, state: SamplerState) -> Trajectory:
+        run = state.run
+        plan = self._plan(run.model, run.settings.steps)
+        if plan.schedule().sigmas != state.schedule.sigmas:
+            raise ConfigError("solver=diffusers runs on its own grid: remove plugins that change the schedule")
+        sch = self._make(run.model, run.settings.steps, run.device)
+        takes_gen = "generator" in inspect.signature(sch.step).parameters
+        return Trajectory(sch, plan, state.batch.noise.generators, takes_gen)
+
+    @hookimpl
+    def step(self, state: SamplerState, denoise) -> torch.Tensor:
+        tr = state.stash.get(self, lambda: self._trajectory(state))
+        plan, sch = tr.plan, tr.scheduler
+        j = plan.starts[state.index]
+        if tr.call != j or state.sigma != plan.eval_sigmas[j]:
+            raise ConfigError("solver=diffusers: the step's σ was moved (churn?) or a step was skipped; "
+                              "diffusers schedulers cannot follow that")
+        end = plan.starts[state.index + 1] if state.index + 1 < len(plan.starts) else len(plan.timesteps)
+        pred = state.pred
+        x, sigma, eps = pred.x, state.sigma, pred.derivative
+        kw = {"generator": tr.generators} if tr.takes_generator else {}
+        while True:
+            t = sch.timesteps[j]
+            y = x if plan.sigma_space else x * _vp(sigma)
+            sch.scale_model_input(y, t)
+            y = sch.step(eps.to(y.dtype), t, y, **kw).prev_sample.to(x.dtype)
+            j += 1
+            sigma = plan.eval_sigmas[j] if j < len(plan.timesteps) else plan.final_sigma
+            x = y if plan.sigma_space else y / _vp(sigma)
+            if j == end:
+                break
+            eps = denoise(x, sigma).derivative
+        tr.call = j
+        return x
