@@ -1,27 +1,64 @@
-"""Classifier-free guidance (Ho & Salimans 2022): D = D_uncond + scale·(D_cond − D_uncond).
+"""Classifier-free guidance (Ho & Salimans 2022): D = D_uncond + s·(D_cond − D_uncond).
 
 Linear in D, so identical to guiding the noise prediction ε as diffusers does. ``scale`` defaults
 to the top-level ``cfg_scale``; the negative prompt (top-level ``negative_prompt``) is the
-unconditional input. scale = 1, or an unconditional model, needs no second pass.
+unconditional input. An unconditional model, or scale 1 throughout, needs no second pass.
+
+Scale schedules over the run's progress p = i/(N − 1): ``shape=constant`` (s = scale),
+``linear`` (from ``scale`` to ``end_scale``), ``cosine`` (scale + (end_scale − scale)·(1 − cos πp)/2).
+Guidance interval (Kynkäänniemi et al. 2024, the ``interval`` preset): guidance only for
+σ ∈ (sigma_lo, sigma_hi]; outside it D = D_cond.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from framework import hookimpl
+from framework.errors import ConfigError
+
+SHAPES = ("constant", "linear", "cosine")
 
 
 @dataclass
 class CFG:
     scale: float = 5.0
+    end_scale: float | None = None
+    shape: str = "constant"
+    sigma_lo: float | None = None
+    sigma_hi: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.shape not in SHAPES:
+            raise ConfigError(f"cfg.shape must be one of {', '.join(SHAPES)}, got '{self.shape}'")
+        if self.sigma_lo is not None and self.sigma_hi is not None and self.sigma_lo >= self.sigma_hi:
+            raise ConfigError(f"cfg needs sigma_lo < sigma_hi, got {self.sigma_lo} and {self.sigma_hi}")
+
+    def scale_at(self, index: int, steps: int) -> float:
+        end = self.scale if self.end_scale is None else self.end_scale
+        p = index / (steps - 1) if steps > 1 else 0.0
+        if self.shape == "linear":
+            return self.scale + (end - self.scale) * p
+        if self.shape == "cosine":
+            return self.scale + (end - self.scale) * (1 - math.cos(math.pi * p)) / 2
+        return self.scale
+
+    def active(self, sigma: float) -> bool:
+        lo = -math.inf if self.sigma_lo is None else self.sigma_lo
+        hi = math.inf if self.sigma_hi is None else self.sigma_hi
+        return lo < sigma <= hi
 
     @hookimpl
     def configure(self, run):
-        if run.model.is_conditional and self.scale != 1.0:
+        ends = {self.scale, self.scale if self.end_scale is None else self.end_scale}
+        if run.model.is_conditional and ends != {1.0}:
             run.request_uncond()
 
     @hookimpl
     def guidance(self, state, pred):
         if pred.uncond_denoised is None:
             return pred
-        return pred.with_denoised(pred.uncond_denoised + self.scale * (pred.cond_denoised - pred.uncond_denoised))
+        if not self.active(pred.sigma):
+            return pred.with_denoised(pred.cond_denoised)
+        s = self.scale_at(state.index, state.schedule.steps)
+        return pred.with_denoised(pred.uncond_denoised + s * (pred.cond_denoised - pred.uncond_denoised))

@@ -1,0 +1,66 @@
+"""The CFG family: schedules, interval, rescale (parity with diffusers' guidance_rescale), APG."""
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import EulerDiscreteScheduler
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+from framework.api import run
+
+
+def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> bool:
+    return (a - b).abs().max().item() <= tol * max(1.0, b.abs().max().item())
+
+
+@pytest.fixture
+def base(tiny_overrides):
+    return tiny_overrides + ["solver=euler", "schedule=uniform", "steps=5", "num_samples=2", "batch_size=2",
+                             "cfg_scale=6.0", "prompts=[a red circle,a blue square]"]
+
+
+def test_constant_schedule_and_full_interval_are_plain_cfg(base):
+    ref = run(base).latents
+    assert torch.equal(ref, run(base + ["guidance.cfg.shape=linear", "guidance.cfg.end_scale=6.0"]).latents)
+    assert torch.equal(ref, run(base + ["guidance.cfg.sigma_lo=0.0", "guidance.cfg.sigma_hi=1000.0"]).latents)
+
+
+def test_empty_interval_is_conditional_only(base):
+    cond_only = run(base + ["cfg_scale=1.0"]).latents
+    outside = run(base + ["guidance=[interval]", "guidance.interval.sigma_lo=100.0", "guidance.interval.sigma_hi=200.0"])
+    assert close(outside.latents, cond_only)
+    assert not close(outside.latents, run(base).latents)
+
+
+def test_linear_schedule_interpolates(base):
+    lo = run(base + ["cfg_scale=2.0"]).latents
+    hi = run(base).latents
+    ramp = run(base + ["cfg_scale=2.0", "guidance.cfg.shape=linear", "guidance.cfg.end_scale=6.0"]).latents
+    assert not close(ramp, lo) and not close(ramp, hi)
+
+
+def test_cfg_rescale_phi0_is_cfg_and_matches_diffusers(base, tiny_pipe):
+    ref = run(base)
+    assert close(run(base + ["guidance=[cfg_rescale]", "guidance.cfg_rescale.phi=0.0"]).latents, ref.latents)
+    ours = run(base + ["guidance=[cfg_rescale]", "guidance.cfg_rescale.phi=0.7"])
+    sched = EulerDiscreteScheduler.from_config(tiny_pipe.scheduler.config)
+    sched.set_timesteps(5)
+    prompts = ["a red circle", "a blue square"]
+    tok = tiny_pipe.tokenizer(prompts + [""] * 2, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    latents = ours.x_T.clone()
+    with torch.no_grad():
+        cond, uncond = tiny_pipe.text_encoder(tok.input_ids)[0].chunk(2)
+        for t in sched.timesteps:
+            inp = sched.scale_model_input(torch.cat([latents] * 2), t)
+            eu, ec = tiny_pipe.unet(inp, t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
+            eps = rescale_noise_cfg(eu + 6.0 * (ec - eu), ec, guidance_rescale=0.7)
+            latents = sched.step(eps, t, latents).prev_sample
+    assert close(ours.latents, latents, 1e-4)
+    assert not close(ours.latents, ref.latents)
+
+
+def test_apg_reduces_to_cfg_and_otherwise_differs(base):
+    ref = run(base).latents
+    plain = run(base + ["guidance=[apg]", "guidance.apg.eta=1.0", "guidance.apg.momentum=0.0"]).latents
+    assert close(plain, ref)
+    assert not close(run(base + ["guidance=[apg]"]).latents, ref)
