@@ -64,3 +64,13 @@ def test_apg_reduces_to_cfg_and_otherwise_differs(base):
     plain = run(base + ["guidance=[apg]", "guidance.apg.eta=1.0", "guidance.apg.momentum=0.0"]).latents
     assert close(plain, ref)
     assert not close(run(base + ["guidance=[apg]"]).latents, ref)
+
+
+@pytest.mark.parametrize("pp,plain", [("euler_cfg_pp", "euler"), ("dpmpp_2m_cfg_pp", "dpmpp_2m")])
+def test_cfg_pp_solvers(pp, plain, base):
+    mix = ["model=mixture", "dtype=float64", "num_samples=3", "batch_size=3", "steps=10"]
+    assert (run(mix + [f"solver={pp}"]).latents - run(mix + [f"solver={plain}"]).latents).abs().max() < 1e-12
+    guided = run(base + [f"solver={pp}", "cfg_scale=0.6"])  # CFG++'s λ ∈ [0, 1]
+    assert torch.isfinite(guided.latents).all()
+    assert not close(guided.latents, run(base + [f"solver={plain}", "cfg_scale=0.6"]).latents)
+    assert guided.record["metrics"]["nfe"] == 5 and guided.record["metrics"]["unet_calls"] == 5
