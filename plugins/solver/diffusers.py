@@ -38,6 +38,7 @@ step's σ (churn) — the scheduler's state is tied to its own grid.
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import inspect
 import math
@@ -143,13 +144,15 @@ class Diffusers:
         sch.set_timesteps(steps, device=device)
         return sch
 
-    def _plan(self, model: Any, steps: int) -> Plan:
-        """Replay the scheduler on a dummy sample to learn its evaluation σ's and grouping."""
-        sch = self._make(model, steps)
+    def _plan(self, model: Any, steps: int, device: torch.device | str = "cpu") -> tuple[Plan, Any]:
+        """Replay the scheduler on a dummy sample to learn its evaluation σ's and grouping; returns
+        the plan and a fresh scheduler (a copy made before the replay: some build slowly)."""
+        sch = self._make(model, steps, device)
+        fresh = copy.deepcopy(sch)
         ts = [float(t) for t in sch.timesteps]
         m = len(ts)
-        y = torch.zeros(1, 1, 1, 1)
-        probe = sch.scale_model_input(torch.ones(1, 1, 1, 1), sch.timesteps[0])
+        y = torch.zeros(1, 1, 1, 1, device=sch.timesteps.device)
+        probe = sch.scale_model_input(torch.ones_like(y), sch.timesteps[0])
         sigma_space = not torch.equal(probe, torch.ones_like(probe))
         sigmas = getattr(sch, "sigmas", None)
         per_call = sigmas is not None and len(sigmas) == m + 1
@@ -176,7 +179,8 @@ class Diffusers:
         if len(starts) != steps and base is not None and len(base) == steps and not sigma_space:  # has midpoints
             grid = {_vp_sigma(float(ac[int(t)])) for t in base}
             starts = [j for j in starts if evals[j] in grid]
-        return Plan(tuple(ts), tuple(evals), tuple(starts), final, sigma_space, float(sch.init_noise_sigma))
+        plan = Plan(tuple(ts), tuple(evals), tuple(starts), final, sigma_space, float(sch.init_noise_sigma))
+        return plan, fresh
 
     @staticmethod
     def _eval_sigma(sch: Any, j: int, t: Any, sigma_space: bool, per_call: bool, ac: torch.Tensor) -> float:
@@ -195,14 +199,13 @@ class Diffusers:
     # -- hooks -----------------------------------------------------------------------------------
     @hookimpl
     def schedule(self, model: Any, steps: int) -> Schedule:
-        return self._plan(model, steps).schedule()
+        return self._plan(model, steps)[0].schedule()
 
     def _trajectory(self, state: SamplerState) -> Trajectory:
         run = state.run
-        plan = self._plan(run.model, run.settings.steps)
+        plan, sch = self._plan(run.model, run.settings.steps, run.device)
         if plan.schedule().sigmas != state.schedule.sigmas:
             raise ConfigError("solver=diffusers runs on its own grid: remove plugins that change the schedule")
-        sch = self._make(run.model, run.settings.steps, run.device)
         takes_gen = "generator" in inspect.signature(sch.step).parameters
         return Trajectory(sch, plan, state.batch.noise.generators, takes_gen)
 
