@@ -46,6 +46,8 @@ ORDERS: dict[str, tuple[list[str], float, list[str]]] = {
     "dpmpp_2s_ancestral_eta0": (["solver=dpmpp_2s_ancestral", "solver.eta=0"], 2, KARRAS),
     "dpm_2_ancestral_eta0": (["solver=dpm_2_ancestral", "solver.eta=0"], 2, KARRAS),
     "euler_ancestral_eta0": (["solver=euler_ancestral", "solver.eta=0"], 1, KARRAS),
+    "euler_cfg_pp": (["solver=euler_cfg_pp"], 1, KARRAS),  # no CFG on analytic models: Euler
+    "dpmpp_2m_cfg_pp": (["solver=dpmpp_2m_cfg_pp"], 2, KARRAS),  # idem: DPM-Solver++(2M)
     "unipc_bh2": (["solver=unipc"], 3, KARRAS),  # UniP-2 + UniC: order p + 1
     "unipc_bh1": (["solver=unipc", "solver.variant=bh1"], 3, KARRAS),
     "unipc_nocorrector": (["solver=unipc", "solver.corrector=false"], 2, KARRAS),
