@@ -108,3 +108,8 @@ def test_unknown_scheduler_is_a_config_error(tiny_overrides):
     assert "\n" not in msg and "EulerDiscreteScheduler" in msg and "DDIMScheduler" in msg
     with pytest.raises(ConfigError, match="not supported"):
         run(["model=gaussian", "solver=diffusers", "solver.scheduler=FlowMatchEulerDiscreteScheduler", "steps=2"])
+
+
+def test_churn_is_rejected_before_sampling():
+    with pytest.raises(ConfigError, match="before-step"):
+        run(["model=gaussian", "solver=diffusers", "callback=[churn]", "steps=2"])

@@ -58,7 +58,8 @@ STOCHASTIC = {  # solver: overrides making it stochastic (its defaults)
     "euler_ancestral": [], "dpm_2_ancestral": [], "ddpm": [], "dpmpp_2s_ancestral": [], "dpmpp_sde": [],
     "dpmpp_2m_sde": [], "dpmpp_3m_sde": [], "restart": [], "ddim": ["solver.eta=1.0"],
 }
-EXCLUDED = {"dpm_adaptive": "adaptive", "reference": "adaptive ground truth", "restart": "stochastic"}
+EXCLUDED = {"dpm_adaptive": "adaptive", "reference": "adaptive ground truth", "restart": "stochastic",
+            "diffusers": "runs a diffusers scheduler"}
 
 
 def test_every_solver_is_classified():

@@ -11,8 +11,9 @@ Euler ancestral, Heun, LMS, KDPM2) work in σ-space (y = x); the others (DDIM, D
 multistep/singlestep, UniPC, DEIS) work in the variance-preserving frame y = x/√(1 + σ²).
 
 The grid: the scheduler's timesteps are replayed once on a dummy sample to learn, for each
-scheduler call, the σ at which it evaluates the model (σ-space schedulers: ``sigmas[step_index]``,
-KDPM2's ``sigmas_interpol`` on its second stage; VP schedulers: ``sigmas[i]`` when they keep one
+scheduler call, the σ at which it evaluates the model (σ-space schedulers: the one of
+``sigmas[step_index]`` or KDPM2's midpoints ``sigmas_interpol`` whose input scale 1/√(σ² + 1)
+``scale_model_input`` applies; VP schedulers: ``sigmas[i]`` when they keep one
 σ per timestep, else √((1 − ᾱ_t)/ᾱ_t)), and the σ its last call lands on (``sigmas[-1]``, DDIM/PNDM's
 final alpha, DDPM's ᾱ = 1). A call that starts a new grid interval is an engine step; the calls
 that do not (Heun's and KDPM2's second stage, PNDM's warm-up correction at the first step, PNDM's
@@ -33,8 +34,9 @@ does not depend on the batch. Schedulers that draw noise otherwise (DPMSolverSDE
 Brownian tree) are not batch-invariant.
 
 Not supported (ConfigError): schedulers without a discrete ᾱ table (flow matching, EDM,
-consistency models), LCM/TCD (distilled models), inverse schedulers, and plugins that move a
-step's σ (churn) — the scheduler's state is tied to its own grid.
+consistency models), LCM/TCD (distilled models), inverse schedulers, and before-step plugins
+(churn moves a step's σ; the scheduler's state is tied to its own grid). Momentum plugins reject
+this solver themselves; guidance plugins apply to every evaluation as usual.
 """
 from __future__ import annotations
 
@@ -185,18 +187,29 @@ class Diffusers:
     @staticmethod
     def _eval_sigma(sch: Any, j: int, t: Any, sigma_space: bool, per_call: bool, ac: torch.Tensor) -> float:
         if sigma_space:
+            # the σ whose input scale 1/√(σ² + 1) scale_model_input applies: among the scheduler's
+            # candidates (KDPM2 and KDPM2-ancestral index their midpoints differently)
             k = sch.step_index if getattr(sch, "step_index", None) is not None else j
-            if not getattr(sch, "state_in_first_order", True):
-                if hasattr(sch, "sigmas_interpol"):
-                    return float(sch.sigmas_interpol[k])
-                if getattr(sch, "mid_point_sigma", None) is not None:
-                    return float(sch.mid_point_sigma)
-            return float(sch.sigmas[k])
+            scale = float(sch.scale_model_input(torch.ones(1, device=sch.timesteps.device), t))
+            cands = [float(sch.sigmas[k])]
+            mids = getattr(sch, "sigmas_interpol", None)
+            if mids is not None:
+                cands += [float(mids[k]), float(mids[k - 1])] if k > 0 else [float(mids[k])]
+            if getattr(sch, "mid_point_sigma", None) is not None:
+                cands.append(float(sch.mid_point_sigma))
+            return min(cands, key=lambda c: abs(1 / math.sqrt(1 + c * c) - scale))
         if per_call:
             return float(sch.sigmas[j])
         return _vp_sigma(float(ac[int(t)]))
 
     # -- hooks -----------------------------------------------------------------------------------
+    @hookimpl
+    def configure(self, run: Any) -> None:
+        movers = [name for name, _ in run.plugins.calls("before_step")]
+        if movers:
+            raise ConfigError(f"solver=diffusers cannot follow before-step plugins ({', '.join(movers)}): a diffusers "
+                              "scheduler's state is tied to its own grid; remove them (e.g. callback=[])")
+
     @hookimpl
     def schedule(self, model: Any, steps: int) -> Schedule:
         return self._plan(model, steps)[0].schedule()
