@@ -33,6 +33,9 @@ draws each sample's noise from its own generator, so same seed → same output a
 does not depend on the batch. Schedulers that draw noise otherwise (DPMSolverSDEScheduler's
 Brownian tree) are not batch-invariant.
 
+Precision: the arithmetic is diffusers' own (its σ/ᾱ tables are float32, Euler-type steps upcast
+to float32), so float64 runs are float32-accurate; the state round-trips x ↔ y with the same σ.
+
 Not supported (ConfigError): schedulers without a discrete ᾱ table (flow matching, EDM,
 consistency models), LCM/TCD (distilled models), inverse schedulers, and before-step plugins
 (churn moves a step's σ; the scheduler's state is tied to its own grid). Momentum plugins reject
@@ -147,13 +150,16 @@ class Diffusers:
         return sch
 
     def _plan(self, model: Any, steps: int, device: torch.device | str = "cpu") -> tuple[Plan, Any]:
-        """Replay the scheduler on a dummy sample to learn its evaluation σ's and grouping; returns
-        the plan and a fresh scheduler (a copy made before the replay: some build slowly)."""
-        sch = self._make(model, steps, device)
+        """Replay the scheduler (on the CPU) on a dummy sample to learn its evaluation σ's and
+        grouping; returns the plan and a fresh scheduler for ``device`` (copied before the replay:
+        some schedulers build slowly)."""
+        sch = self._make(model, steps)
         fresh = copy.deepcopy(sch)
+        if torch.device(device).type != "cpu":
+            fresh.set_timesteps(steps, device=device)
         ts = [float(t) for t in sch.timesteps]
         m = len(ts)
-        y = torch.zeros(1, 1, 1, 1, device=sch.timesteps.device)
+        y = torch.zeros(1, 1, 1, 1)
         probe = sch.scale_model_input(torch.ones_like(y), sch.timesteps[0])
         sigma_space = not torch.equal(probe, torch.ones_like(probe))
         sigmas = getattr(sch, "sigmas", None)
@@ -190,7 +196,7 @@ class Diffusers:
             # the σ whose input scale 1/√(σ² + 1) scale_model_input applies: among the scheduler's
             # candidates (KDPM2 and KDPM2-ancestral index their midpoints differently)
             k = sch.step_index if getattr(sch, "step_index", None) is not None else j
-            scale = float(sch.scale_model_input(torch.ones(1, device=sch.timesteps.device), t))
+            scale = float(sch.scale_model_input(torch.ones(1), t))
             cands = [float(sch.sigmas[k])]
             mids = getattr(sch, "sigmas_interpol", None)
             if mids is not None:
