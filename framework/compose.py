@@ -9,6 +9,7 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException, MissingConfigException
+from hydra.initialize import get_gh_backup, restore_gh_from_backup
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
@@ -47,31 +48,27 @@ def explain(exc: BaseException) -> ConfigError:
     return ConfigError(f"invalid configuration: {first}")
 
 
-_initialized_by_us = False
-
-
 def release() -> None:
-    """Give Hydra's global state back (before a Hydra app starts in this process)."""
-    global _initialized_by_us
+    """Clear Hydra's global state (before a Hydra app starts in this process)."""
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
-    _initialized_by_us = False
 
 
 def compose(overrides: list[str]) -> tuple[DictConfig, dict[str, str]]:
     """The composed config (without the ``hydra`` node) and the choices of the single groups.
 
-    Hydra is initialised once per process and reused (initialising costs ~0.2 s per call).
+    Hydra's global state is saved and restored around the composition, so this works inside a
+    Hydra app and leaves other users of ``hydra.initialize`` undisturbed.
     """
-    global _initialized_by_us
-    if not _initialized_by_us:
-        release()
-        initialize_config_dir(str(CONF_DIR), version_base="1.3", job_name="samplerlab")
-        _initialized_by_us = True
+    backup = get_gh_backup()
+    release()
     try:
-        cfg = hydra_compose("config", overrides=searchpath_override() + list(overrides), return_hydra_config=True)
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3", job_name="samplerlab"):
+            cfg = hydra_compose("config", overrides=searchpath_override() + list(overrides), return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as e:
         raise explain(e) from e
+    finally:
+        restore_gh_from_backup(backup)
     choices: dict[str, Any] = OmegaConf.to_container(cfg.hydra.runtime.choices)  # type: ignore[assignment]
     with open_dict(cfg):
         del cfg["hydra"]
