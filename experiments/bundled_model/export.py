@@ -51,6 +51,9 @@ def export(out: Path, target: Path) -> Path:
     clip.save_pretrained(target / "clip", safe_serialization=True)
     tokenizer.save_pretrained(target / "clip")
     image_processor().save_pretrained(target / "clip")
+    for folder in (target / "pipeline" / "tokenizer", target / "clip"):  # the BPE source files
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copy(out / "tokenizer" / name, folder / name)
     Judge.from_pretrained(out / "judge").save_pretrained(target / "judge")
     size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
     print(f"export: {target} ({size / 1e6:.1f} MB)")

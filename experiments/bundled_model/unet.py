@@ -9,6 +9,7 @@ loss uses min-SNR-5 weighting; an EMA copy of the weights is what gets exported.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import torch
@@ -66,8 +67,9 @@ def encode_prompts(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, prompt
 def build_cache(cfg: DictConfig, out: Path, device: torch.device) -> dict[str, torch.Tensor]:
     """Latents, caption indices and the caption embedding table of the fixed training set."""
     path = out / "unet_cache.pt"
-    stamp = [(out / "vae" / "config.json").stat().st_mtime, (out / "clip").stat().st_mtime,
-             cfg.unet.n_train]
+    vae_config = json.loads((out / "vae" / "config.json").read_text())
+    stamp = [vae_config["scaling_factor"], (out / "clip" / "model.safetensors").stat().st_mtime,
+             cfg.unet.n_train, cfg.seed]  # a decoder-only VAE phase keeps the cache valid
     if path.exists():
         cache = torch.load(path, weights_only=False)
         if cache["stamp"] == stamp:

@@ -1,6 +1,8 @@
 """Stage ``vae``: a light AutoencoderKL (4 latent channels, 8× down: 64×64 → 8×8×4).
 
-Loss: L1 + MSE on pixels plus a tiny KL term; the PSNR on a fixed set of fresh scenes is logged
+Loss: L1 + MSE on pixels plus a tiny KL term; with ``vae.decoder_only=true`` a second phase
+fine-tunes the decoder alone (encoder frozen, so latents cached by the UNet stay valid: the
+SD "ft-MSE decoder" recipe), which can run beside the UNet stage; the PSNR on a fixed set of fresh scenes is logged
 during training (the curve in the model card). ``scaling_factor`` is set at export from the
 standard deviation of the latents.
 """
@@ -47,9 +49,17 @@ def vae_psnr(vae: AutoencoderKL, images: torch.Tensor, batch: int = 128) -> floa
 def train_vae(cfg: DictConfig, out: Path, device: torch.device) -> AutoencoderKL:
     """Train (or resume) the VAE; saves it, with its latent scaling factor, to ``out/vae``."""
     v = cfg.vae
-    vae = build_vae(cfg).to(device, memory_format=torch.channels_last).train()
+    vae = build_vae(cfg)
+    name = "vae"
+    if v.decoder_only:  # phase 2: the encoder (so the UNet's latents) stays fixed
+        vae = AutoencoderKL.from_pretrained(out / "vae")
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+        name = "vae_decoder"
+    vae = vae.to(device, memory_format=torch.channels_last).train()
     print(f"vae: {count_parameters(vae) / 1e6:.2f} M parameters")
-    opt = torch.optim.AdamW(vae.parameters(), lr=v.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=v.lr,
+                            weight_decay=0.0)
     val = sample_scenes(v.n_val, VALIDATION_SEED, **cfg.world).images
 
     def step_fn(step: int) -> dict[str, float]:
@@ -71,10 +81,11 @@ def train_vae(cfg: DictConfig, out: Path, device: torch.device) -> AutoencoderKL
     def eval_fn(step: int) -> dict[str, float]:
         return {"eval_psnr": vae_psnr(vae, val)}
 
-    train_loop("vae", out, {"model": vae}, opt, step_fn, v.steps, v.max_minutes,
+    train_loop(name, out, {"model": vae}, opt, step_fn, v.steps, v.max_minutes,
                eval_fn=eval_fn, eval_every=v.eval_every)
     vae.eval()
-    vae.register_to_config(scaling_factor=latent_scaling_factor(cfg, vae))
+    if not v.decoder_only:
+        vae.register_to_config(scaling_factor=latent_scaling_factor(cfg, vae, v.n_scale))
     print(f"vae: scaling_factor {vae.config.scaling_factor:.4f}")
     vae.save_pretrained(out / "vae")
     return vae

@@ -25,22 +25,24 @@ from framework.bundled.world import COLOURS, SHAPES
 class JudgeConfig:
     """Architecture and class names of a judge."""
 
-    channels: tuple[int, ...] = (32, 64, 96, 128)
+    channels: tuple[int, ...] = (24, 48, 96, 128)
     heads: dict[str, list[str]] = field(default_factory=lambda: {
         "colour": list(COLOURS), "shape": list(SHAPES), "striped": ["no", "yes"]})
 
 
 class Judge(nn.Module):
-    """CNN: stride-2 conv blocks (64→4 px), global average pooling, one linear head per label."""
+    """CNN: a stride-2 stem (64→32 px), then conv + stride-2 conv blocks down to 4 px, global
+    average pooling, one linear head per label."""
 
     def __init__(self, config: JudgeConfig | None = None) -> None:
         super().__init__()
         self.config = config or JudgeConfig()
-        layers: list[nn.Module] = []
-        c_in = 3
-        for c in self.config.channels:
-            layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.GroupNorm(8, c), nn.SiLU(),
-                       nn.Conv2d(c, c, 3, stride=2, padding=1), nn.SiLU()]
+        ch = self.config.channels
+        layers: list[nn.Module] = [nn.Conv2d(3, ch[0], 4, stride=2, padding=1), nn.SiLU()]
+        c_in = ch[0]
+        for c in ch[1:]:
+            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GroupNorm(8, c), nn.SiLU(),
+                       nn.Conv2d(c, c, 3, padding=1), nn.SiLU()]
             c_in = c
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.heads = nn.ModuleDict(
