@@ -103,6 +103,7 @@ def _quiet_libraries() -> None:
     """Keep third-party chatter (optional-dependency notices) out of the app's output."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # loading bars; sampling keeps its own
 
 
 def main(argv: Sequence[str] | None = None) -> int:

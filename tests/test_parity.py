@@ -97,3 +97,26 @@ def test_v_prediction_parity(tiny_dir):
     sched = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     expected = hand_loop(pipe, sched, 5, res.x_T.clone(), ["a blue square"], 3.0)
     assert close(res.latents, expected)
+
+
+@pytest.mark.parametrize("solver,cls,extra", [
+    ("euler", EulerDiscreteScheduler, []),
+    ("heun", HeunDiscreteScheduler, []),
+    ("ddim", DDIMScheduler, ["schedule.final=alpha0", "schedule.init_noise=vp"]),
+])
+def test_bundled_model_parity_absolute(solver, cls, extra):
+    """On the trained bundled model latents have realistic magnitudes: the absolute bound holds."""
+    from framework.models.bundled import Bundled
+
+    model = Bundled()
+    prompts = ["a red circle", "a blue square"]
+    res = run([f"solver={solver}", "schedule=uniform", "steps=10", "num_samples=2", "batch_size=2", "cfg_scale=5.0",
+               f"prompts=[{','.join(prompts)}]"] + extra, model=model)
+    sched = cls.from_config(model.pipe.scheduler.config)
+    vp = cls is DDIMScheduler
+    start = res.x_T * vp_scale(res.schedule.sigmas[0]) if vp else res.x_T
+    expected = diffusers_loop(model.pipe, sched, 10, start.clone(), prompts, 5.0)
+    got = res.latents * vp_scale(res.schedule.sigmas[-1]) if vp else res.latents
+    diff = (got - expected).abs().max().item()
+    print(f"{solver}: max abs diff {diff:.3g}, latent scale {expected.abs().max().item():.3g}")
+    assert diff <= TOL
