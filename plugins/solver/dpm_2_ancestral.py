@@ -9,30 +9,21 @@ from dataclasses import dataclass
 import torch
 
 from framework import hookimpl
-from framework.errors import ConfigError
-from framework.sigmas import ancestral_split, geometric_mean
+from framework.ancestral import Ancestral
+from framework.sigmas import geometric_mean
 from framework.state import SamplerState
 
 
 @dataclass
-class DPM2Ancestral:
-    eta: float = 1.0
-    s_noise: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.eta < 0:
-            raise ConfigError(f"solver.eta must be ≥ 0, got {self.eta}")
-
+class DPM2Ancestral(Ancestral):
     @hookimpl
     def step(self, state: SamplerState, denoise) -> torch.Tensor:
         pred = state.pred
-        down, up = ancestral_split(state.sigma, state.sigma_next, self.eta)
+        down, up = self.split(state)
         if down == 0:
             x = pred.x - state.sigma * pred.derivative
         else:
             mid = geometric_mean(state.sigma, down)
             x_mid = pred.x + (mid - state.sigma) * pred.derivative
             x = pred.x + (down - state.sigma) * denoise(x_mid, mid).derivative
-        if up > 0:
-            x = x + state.noise(state.sigma, state.sigma_next) * (self.s_noise * up)
-        return x
+        return self.renoise(state, x, up)

@@ -11,24 +11,17 @@ from dataclasses import dataclass
 import torch
 
 from framework import hookimpl
-from framework.errors import ConfigError
-from framework.sigmas import ancestral_split, geometric_mean
+from framework.ancestral import Ancestral
+from framework.sigmas import geometric_mean
 from framework.state import SamplerState
 
 
 @dataclass
-class DPMPP2SAncestral:
-    eta: float = 1.0
-    s_noise: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.eta < 0:
-            raise ConfigError(f"solver.eta must be ≥ 0, got {self.eta}")
-
+class DPMPP2SAncestral(Ancestral):
     @hookimpl
     def step(self, state: SamplerState, denoise) -> torch.Tensor:
         pred = state.pred
-        down, up = ancestral_split(state.sigma, state.sigma_next, self.eta)
+        down, up = self.split(state)
         if down == 0:
             x = pred.denoised
         else:
@@ -36,6 +29,4 @@ class DPMPP2SAncestral:
             x_mid = pred.denoised + (mid / state.sigma) * (pred.x - pred.denoised)
             d_mid = denoise(x_mid, mid).denoised
             x = d_mid + (down / state.sigma) * (pred.x - d_mid)
-        if up > 0:
-            x = x + state.noise(state.sigma, state.sigma_next) * (self.s_noise * up)
-        return x
+        return self.renoise(state, x, up)

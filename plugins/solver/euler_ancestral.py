@@ -9,25 +9,15 @@ from dataclasses import dataclass
 import torch
 
 from framework import hookimpl
-from framework.errors import ConfigError
-from framework.sigmas import ancestral_split
+from framework.ancestral import Ancestral
 from framework.state import SamplerState
 
 
 @dataclass
-class EulerAncestral:
-    eta: float = 1.0
-    s_noise: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.eta < 0:
-            raise ConfigError(f"solver.eta must be ≥ 0, got {self.eta}")
-
+class EulerAncestral(Ancestral):
     @hookimpl
     def step(self, state: SamplerState, denoise) -> torch.Tensor:
         pred = state.pred
-        down, up = ancestral_split(state.sigma, state.sigma_next, self.eta)
+        down, up = self.split(state)
         x = pred.x + (down - state.sigma) * pred.derivative
-        if up > 0:
-            x = x + state.noise(state.sigma, state.sigma_next) * (self.s_noise * up)
-        return x
+        return self.renoise(state, x, up)

@@ -1,0 +1,32 @@
+"""What ancestral solvers share: η and s_noise, and the noise added after the deterministic part.
+
+An ancestral step σ → σ' takes a deterministic step to σ_down and adds fresh noise of std
+s_noise·σ_up (``framework.sigmas.ancestral_split``; η = 0 is the ODE, η = 1 the DDPM posterior).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from framework.errors import ConfigError
+from framework.sigmas import ancestral_split
+from framework.state import SamplerState
+
+
+@dataclass
+class Ancestral:
+    eta: float = 1.0
+    s_noise: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.eta < 0:
+            raise ConfigError(f"solver.eta must be ≥ 0, got {self.eta}")
+
+    def split(self, state: SamplerState) -> tuple[float, float]:
+        """(σ_down, σ_up) of this step."""
+        return ancestral_split(state.sigma, state.sigma_next, self.eta)
+
+    def renoise(self, state: SamplerState, x: torch.Tensor, up: float) -> torch.Tensor:
+        """x plus noise of std s_noise·σ_up for this step's interval (none when σ_up = 0)."""
+        return x + state.noise(state.sigma, state.sigma_next) * (self.s_noise * up) if up > 0 else x
