@@ -1,0 +1,64 @@
+"""Prompt accuracy under the bundled judge (framework/bundled/judge.py), the independent measure of
+prompt-following on the bundled world: for every sample whose prompt names a colour (shape) of
+the world, is the judge's colour (shape) of the main object the prompted one? Reports
+``prompt_accuracy_colour`` and ``prompt_accuracy_shape`` (fractions over the samples whose prompt
+names one; the first colour/shape word of a prompt is its main object's), and the counts.
+Images are judged as they are made (batch_end), so memory does not grow with the run."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from framework import hookimpl
+from framework.errors import ConfigError
+
+
+def first_word(prompt: str, vocabulary: tuple[str, ...]) -> str | None:
+    for word in prompt.lower().replace(",", " ").split():
+        if word in vocabulary:
+            return word
+    return None
+
+
+@dataclass
+class _Tally:
+    hits: dict[str, int] = field(default_factory=lambda: {"colour": 0, "shape": 0})
+    total: dict[str, int] = field(default_factory=lambda: {"colour": 0, "shape": 0})
+
+
+@dataclass
+class PromptAccuracy:
+    def __post_init__(self) -> None:
+        self._judge = None
+        self._tally = _Tally()
+
+    @hookimpl
+    def configure(self, run):
+        if not run.model.has_decoder:
+            raise ConfigError("prompt_accuracy judges images but this model has no decoder: use model=bundled")
+        from framework.bundled import load_judge
+
+        self._judge = load_judge()
+        self._tally = _Tally()
+
+    @hookimpl
+    def batch_end(self, run, batch, latents, images):
+        from framework.bundled.world import COLOURS, SHAPES
+
+        with torch.no_grad():
+            pred = self._judge.predict(images.float().cpu() * 2 - 1)
+        for k, prompt in enumerate(batch.cond.prompts if batch.cond is not None else []):
+            for head, vocab in (("colour", COLOURS), ("shape", SHAPES)):
+                word = first_word(prompt, vocab)
+                if word is not None:
+                    self._tally.total[head] += 1
+                    self._tally.hits[head] += int(vocab[int(pred[head][k])] == word)
+
+    @hookimpl
+    def run_end(self, run, result):
+        for head in ("colour", "shape"):
+            n = self._tally.total[head]
+            run.metrics[f"prompt_accuracy_{head}_n"] = float(n)
+            if n:
+                run.metrics[f"prompt_accuracy_{head}"] = self._tally.hits[head] / n
