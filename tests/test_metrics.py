@@ -27,3 +27,35 @@ def test_prompt_accuracy_on_bundled_model():
 def test_prompt_accuracy_needs_images():
     with pytest.raises(ConfigError, match="no decoder"):
         run(["model=gaussian", "metrics=[prompt_accuracy]"])
+
+
+def fid_between(a, b):
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from framework.metrics.clip_features import BundledCLIPFeatures
+
+    metric = FrechetInceptionDistance(feature=BundledCLIPFeatures(), normalize=True, input_img_size=(3, 64, 64))
+    metric.update(a, real=True)
+    metric.update(b, real=False)
+    return float(metric.compute())
+
+
+def test_fid_real_vs_real_is_near_zero_and_rises_with_noise():
+    import torch
+
+    from framework.bundled.world import sample_scenes
+
+    real_a = (sample_scenes(256, seed=1).images + 1) / 2
+    real_b = (sample_scenes(256, seed=2).images + 1) / 2
+    base = fid_between(real_a, real_b)
+    gen = torch.Generator().manual_seed(0)
+    noisy = [fid_between(real_a, (real_b + s * torch.randn(real_b.shape, generator=gen)).clamp(0, 1))
+             for s in (0.1, 0.2, 0.4)]
+    assert base < 0.05 and base < 0.5 * noisy[0]  # measured 0.022 vs 0.076, 0.17, 0.52 (256 per side)
+    assert noisy[0] < noisy[1] < noisy[2]
+
+
+def test_fid_and_kid_plugins_report():
+    m = run(["metrics=[fid,kid]", "num_samples=8", "batch_size=8", "steps=8", "metrics.fid.reference=64",
+             "metrics.kid.reference=64"]).record["metrics"]
+    assert m["fid"] > 0 and m["kid_std"] >= 0 and "kid" in m

@@ -1,0 +1,1 @@
+"""Shared pieces of the metrics plugins (feature extractors, real-vs-generated bookkeeping)."""
