@@ -59,3 +59,28 @@ def test_fid_and_kid_plugins_report():
     m = run(["metrics=[fid,kid]", "num_samples=8", "batch_size=8", "steps=8", "metrics.fid.reference=64",
              "metrics.kid.reference=64"]).record["metrics"]
     assert m["fid"] > 0 and m["kid_std"] >= 0 and "kid" in m
+
+
+def test_clip_score_ranks_matching_captions_above_mismatched():
+    import torch
+
+    from framework.bundled.world import sample_scenes
+    from plugins.metrics.clip_score import load_scorer
+
+    scenes = sample_scenes(16, seed=3)
+    pixels = ((scenes.images + 1) / 2 * 255).round().to(torch.uint8)
+    metric = load_scorer(None)
+    metric.update(pixels, scenes.captions)
+    matched = float(metric.compute())
+    metric.reset()
+    metric.update(pixels, scenes.captions[::-1])
+    assert matched > float(metric.compute()) + 20  # measured 82 vs 4
+
+
+def test_clip_score_plugin_and_missing_clip():
+    m = run(["metrics=[clip_score]", "num_samples=4", "batch_size=4", "steps=8"]).record["metrics"]
+    assert 0 < m["clip_score"] <= 100
+    from framework.errors import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError, match="not available offline"):
+        run(["metrics=[clip_score]", "metrics.clip_score.model=/nonexistent/clip", "num_samples=2", "steps=2"])
