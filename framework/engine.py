@@ -244,8 +244,10 @@ def execute(
     run.prepare()
     sched_name, sched_fn = plugins.one("schedule")
     schedule = call(sched_name, "schedule", sched_fn, model=run.model, steps=settings.steps)
+    for name, fn in plugins.calls("adjust_schedule"):
+        schedule = call(name, "adjust_schedule", fn, run=run, schedule=schedule)
     if not isinstance(schedule, Schedule):
-        raise ConfigError(f"schedule plugin '{sched_name}' returned {type(schedule).__name__}, not a Schedule")
+        raise ConfigError(f"the schedule plugins returned {type(schedule).__name__}, not a Schedule")
     for name, fn in plugins.calls("run_start"):
         call(name, "run_start", fn, run=run)
 

@@ -18,6 +18,7 @@ FAMILIES = {
     "run_end": "metrics, logger",
     "conditioning": "conditioning",
     "schedule": "schedule (or a solver that owns its grid)",
+    "adjust_schedule": "guidance (img2img strength)",
     "init_latents": "guidance (img2img, inpainting)",
     "before_step": "callback (churn, previews)",
     "predict": "model",

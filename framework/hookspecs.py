@@ -74,6 +74,12 @@ def schedule(model: Any, steps: int) -> Schedule:
     steps, with the model time of each σ for discrete models and the initial noise scale."""
 
 
+@hookspec
+def adjust_schedule(run: Run, schedule: Schedule) -> Schedule:
+    """Chain, in config order, once per run after ``schedule``: edit the grid the run samples on
+    (img2img cuts the first steps so sampling starts at σ = σ(strength)). Returns the Schedule."""
+
+
 @hookspec(firstresult=True)
 def init_latents(run: Run, batch: Batch, schedule: Schedule, noise: torch.Tensor) -> torch.Tensor | None:
     """First result wins: the starting point x at ``schedule.sigmas[0]`` from unit ``noise``.

@@ -74,3 +74,33 @@ def test_cfg_pp_solvers(pp, plain, base):
     assert torch.isfinite(guided.latents).all()
     assert not close(guided.latents, run(base + [f"solver={plain}", "cfg_scale=0.6"]).latents)
     assert guided.record["metrics"]["nfe"] == 5 and guided.record["metrics"]["unet_calls"] == 5
+
+
+@pytest.fixture(scope="module")
+def source_png(tmp_path_factory):
+    from framework.bundled.world import sample_scenes
+    from framework.images import to_pil
+
+    scene = sample_scenes(1, seed=5)
+    path = tmp_path_factory.mktemp("img") / "src.png"
+    to_pil((scene.images[0] + 1) / 2).save(path)
+    return path, (scene.images[0] + 1) / 2
+
+
+def test_img2img_strength_controls_closeness_and_nfe(source_png):
+    path, src = source_png
+    dist = {}
+    for s in (0.2, 1.0):
+        res = run(["guidance=[cfg,img2img]", f"guidance.img2img.image={path}", f"guidance.img2img.strength={s}",
+                   "num_samples=2", "batch_size=2", "steps=10", "prompts=[a blue square]"])
+        assert res.record["metrics"]["nfe"] == int(10 * s)
+        assert len(res.record["sigmas"]) == int(10 * s) + 1
+        dist[s] = (res.images - src).abs().mean().item()
+    assert dist[0.2] < 0.15 and dist[0.2] < 0.5 * dist[1.0]  # measured 0.08 vs 0.51 (20 steps)
+
+
+def test_img2img_missing_image_is_config_error():
+    from framework.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="not found"):
+        run(["guidance=[img2img]", "guidance.img2img.image=/nonexistent.png", "num_samples=1", "steps=2"])

@@ -125,3 +125,14 @@ def test_hook_reference_is_in_sync():
     assert set(FAMILIES) == set(hook_names())
     doc = Path(__file__).resolve().parent.parent / "docs" / "hooks.md"
     assert doc.read_text() == render(), "regenerate: python -m framework.hookref > docs/hooks.md"
+
+
+def test_hook_adjust_schedule(tmp_path):
+    from framework.bundled.world import sample_scenes
+    from framework.images import to_pil
+
+    to_pil((sample_scenes(1, seed=0).images[0] + 1) / 2).save(tmp_path / "a.png")
+    res = run(["guidance=[img2img]", f"guidance.img2img.image={tmp_path / 'a.png'}", "guidance.img2img.strength=0.5",
+               "steps=6", "num_samples=1", "batch_size=1"])
+    assert res.record["plugins"]["adjust_schedule"] == ["img2img"]
+    assert res.schedule.steps == 3 and res.record["metrics"]["nfe"] == 3
