@@ -1,10 +1,9 @@
 """Plugins used by the tests (selected from config with +group.name._target_=tests.plugins_for_tests.X)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 
 from framework import hookimpl
 

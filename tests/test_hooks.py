@@ -4,7 +4,6 @@ from __future__ import annotations
 import inspect
 import sys
 
-import pytest
 import torch
 
 from framework import hookspecs

@@ -9,7 +9,7 @@ it is DPM-Solver++(2M) exactly in exact arithmetic."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 

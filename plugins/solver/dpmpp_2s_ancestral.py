@@ -5,7 +5,6 @@ k-diffusion ``sample_dpmpp_2s_ancestral``): a DPM-Solver++ step of two stages (t
 NFE 2 per step (1 on the last)."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
