@@ -1,0 +1,87 @@
+"""Weights & Biases logger: one W&B run per samplerlab run, in ``project``/``entity``/``group``
+(default group: the Hydra sweep folder, so one sweep = one group). Logs the resolved config, the
+summary metrics, the sample grid and a ``wandb.Table`` of samples (image, prompt, seed, sample
+index). With no API key and no ``WANDB_MODE`` it runs offline and says so once (files land under
+``$WANDB_DIR/wandb/offline-run-*``, to ``wandb sync`` later); ``WANDB_MODE`` is respected. A W&B
+failure is a warning: the run and its local record always complete."""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from framework import hookimpl
+
+_said_offline = False
+
+
+def _mode() -> str | None:
+    """The W&B mode to use: the user's WANDB_MODE, else offline when no API key is configured."""
+    global _said_offline
+    if os.environ.get("WANDB_MODE"):
+        return None
+    if os.environ.get("WANDB_API_KEY") or os.path.exists(os.path.expanduser("~/.netrc")):
+        return None
+    if not _said_offline:
+        print("samplerlab: no W&B API key found: logging offline (sync later with `wandb sync`)")
+        _said_offline = True
+    return "offline"
+
+
+@dataclass
+class WandbLogger:
+    project: str = "samplerlab"
+    entity: str | None = None
+    group: str | None = None
+    log_images: bool = True
+
+    def _safe(self, what: str, fn, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Exception as e:  # W&B must never kill a run
+            warnings.warn(f"W&B {what} failed ({type(e).__name__}: {e}); the local record is still written", stacklevel=2)
+            self._run = None
+            return None
+
+    @hookimpl
+    def run_start(self, run):
+        self._run = None
+        self._rows: list[list[Any]] = []
+        self._safe("init", self._init, run)
+
+    def _init(self, run) -> None:
+        import wandb
+        from omegaconf import OmegaConf
+
+        group = self.group or (str(run.output_dir.parent) if run.output_dir is not None else None)
+        self._run = wandb.init(
+            project=self.project, entity=self.entity, group=group, mode=_mode(), reinit="create_new",
+            config=OmegaConf.to_container(run.cfg, resolve=True), dir=os.environ.get("WANDB_DIR"),
+        )
+
+    @hookimpl
+    def batch_end(self, run, batch, latents, images):
+        if self._run is None or images is None or not self.log_images:
+            return
+        prompts = batch.cond.prompts if batch.cond is not None else [""] * len(batch.indices)
+        for k, img, prompt in zip(batch.indices, images, prompts):
+            self._rows.append([k, run.settings.seed, prompt, img.detach().float().cpu()])
+
+    @hookimpl
+    def run_end(self, run, result):
+        if self._run is not None:
+            self._safe("log", self._finish, run, result)
+
+    def _finish(self, run, result) -> None:
+        import wandb
+
+        from framework.images import grid, to_pil
+
+        self._run.summary.update(dict(run.metrics))
+        if self._rows:
+            table = wandb.Table(columns=["sample", "seed", "prompt", "image"])
+            for k, seed, prompt, img in self._rows:
+                table.add_data(k, seed, prompt, wandb.Image(to_pil(img)))
+            self._run.log({"samples": table, "grid": wandb.Image(to_pil(grid(result.images)))})
+        self._run.finish()
