@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from framework import hookimpl
+from framework.guidance import UncondGuidance
 
 
 @dataclass
@@ -19,16 +20,11 @@ class _Running:
 
 
 @dataclass
-class APG:
+class APG(UncondGuidance):
     scale: float = 5.0
     eta: float = 0.0
     momentum: float = -0.75
     norm_threshold: float = 0.0
-
-    @hookimpl
-    def configure(self, run):
-        if run.model.is_conditional:
-            run.request_uncond()
 
     @hookimpl
     def guidance(self, state, pred):

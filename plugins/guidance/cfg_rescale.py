@@ -7,22 +7,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from framework import hookimpl
+from framework.guidance import UncondGuidance
 from framework.errors import ConfigError
 
 
 @dataclass
-class CFGRescale:
+class CFGRescale(UncondGuidance):
     scale: float = 5.0
     phi: float = 0.7
 
     def __post_init__(self) -> None:
         if not 0 <= self.phi <= 1:
             raise ConfigError(f"cfg_rescale.phi must be in [0, 1], got {self.phi}")
-
-    @hookimpl
-    def configure(self, run):
-        if run.model.is_conditional:
-            run.request_uncond()
 
     @hookimpl
     def guidance(self, state, pred):
