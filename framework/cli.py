@@ -2,13 +2,17 @@
 
 ``samplerlab [overrides] [-m]`` — e.g. ``samplerlab model=gaussian solver=heun steps=10`` or
 ``samplerlab -m solver=euler,heun steps=5,10,20``. Configuration errors print one line naming the
-fix and exit with code 2 (Hydra's own errors exit 1; the wrapper maps them to 2).
+fix and exit with code 2 (Hydra's own errors exit 1; the wrapper maps them to 2), leaving no run
+folder behind. Ctrl-C or SIGTERM stop a run between two writes (exit 130 / 143); rerunning the same
+command with ``name=`` (or the same ``hydra.run.dir``/``hydra.sweep.dir``) resumes it.
 """
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from framework.errors import SamplerlabError
 from framework.registry import CONF_DIR
@@ -79,6 +83,26 @@ def _error(e: BaseException) -> int:
     return 2
 
 
+#: What Hydra writes into a job folder before the job runs (removed again when the job fails to start).
+_HYDRA_FILES = (".hydra", "samplerlab.log")
+
+
+def discard_if_unused(folder: Path) -> None:
+    """Remove a run folder that holds nothing but Hydra's own files (a job that failed to start)."""
+    if not folder.is_dir() or any(p.name not in _HYDRA_FILES for p in folder.iterdir()):
+        return
+    for name in _HYDRA_FILES:
+        path = folder / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists():
+            path.unlink()
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
 def _app(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
@@ -86,17 +110,28 @@ def _app(cfg) -> None:
 
     hc = HydraConfig.get()
     choices = {k: v for k, v in hc.runtime.choices.items() if isinstance(v, str)}
+    folder = Path(hc.runtime.output_dir)
     try:
-        result = execute(cfg, choices, output_dir=hc.runtime.output_dir)
+        result = execute(cfg, choices, output_dir=folder)
     except SamplerlabError as e:
+        discard_if_unused(folder)
         raise SystemExit(_error(e)) from None
+    except KeyboardInterrupt:
+        discard_if_unused(folder)
+        raise
     m = result.record["metrics"]
+    if result.skipped:
+        print(f"samplerlab: finished run found (run key {result.record['run_key']}), nothing to do -> {folder}")
+        return
     failed = f", {len(result.failed)} failed" if result.failed else ""
     extra = f", rmse_to_reference {m['rmse_to_reference']:.3g}" if "rmse_to_reference" in m else ""
+    resumed = f", {len(result.resumed)} read back from an earlier attempt" if result.resumed else ""
     print(
-        f"samplerlab: {result.record['config'].get('num_samples')} samples, nfe {m['nfe']:g}, "
-        f"{m['seconds']:.2f} s{extra}{failed} -> {hc.runtime.output_dir}"
+        f"samplerlab: {len(result.indices)} samples, nfe {m['nfe']:g}, "
+        f"{m['seconds']:.2f} s{extra}{failed}{resumed} -> {folder}"
     )
+    for k, why in list(result.failures.items())[:3]:
+        print(f"samplerlab: warning: sample {k} failed: {why}", file=sys.stderr)
 
 
 def _quiet_libraries() -> None:
@@ -106,21 +141,33 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # loading bars; sampling keeps its own
 
 
+def list_entry_points() -> None:
+    """One line on stderr naming the entry-point plugin distributions in use (none: nothing)."""
+    from framework.registry import DISABLE_ENTRY_POINTS_ENV, entry_point_confs
+
+    externals = entry_point_confs()
+    if externals:
+        names = ", ".join(f"{x.distribution} ({x.entry_point})" for x in externals)
+        print(f"samplerlab: entry-point plugins: {names}; disable with {DISABLE_ENTRY_POINTS_ENV}=1", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the Hydra app in-process on ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
     _quiet_libraries()
     import hydra
 
-    from framework.compose import release, searchpath_override
+    from framework.compose import register_resolvers, release, searchpath_override
 
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides, runs = _split(argv)
     try:
         if runs:
+            list_entry_points()
             precheck(overrides)
         extra = searchpath_override()
     except SamplerlabError as e:
         return _error(e)
+    register_resolvers()
     release()
     app = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_app)
     saved = sys.argv
@@ -130,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         return 2 if code == 1 else code
+    except KeyboardInterrupt as e:
+        return 128 + getattr(e, "signum", 2)  # 130 for Ctrl-C, 143 for SIGTERM
     finally:
         sys.argv = saved
     return 0

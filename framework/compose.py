@@ -17,6 +17,37 @@ from framework.errors import ConfigError
 from framework.registry import CONF_DIR, GROUPS, available, entry_point_confs
 
 
+def _folder(kind: str, default: str, *, _root_: DictConfig) -> str:
+    """``samplerlab.folder``: the run (kind=run) or sweep (kind=sweep) folder below outputs/ or
+    multirun/: ``name`` when set (plus shard-<i>-of-<n> for a sharded single run), else ``default``
+    (the timestamp), so that a rerun of a named command finds the folder of the first."""
+    name = _root_.get("name")
+    if not name:
+        return str(default)
+    count = _root_.get("shard_count", 1)
+    if kind == "run" and isinstance(count, int) and count > 1:
+        return f"{name}/shard-{_root_.get('shard_index')}-of-{count}"
+    return str(name)
+
+
+def _job(default: str, *, _root_: DictConfig) -> str:
+    """``samplerlab.job``: a sweep job's sub-folder — its run key when ``name`` is set (so reordered
+    or extended sweeps still find their finished runs), else ``default`` (Hydra's job number)."""
+    if not _root_.get("name"):
+        return str(default)
+    from framework.records import resolved_config, run_key
+
+    job = OmegaConf.masked_copy(_root_, [k for k in _root_ if k != "hydra"])
+    return run_key(resolved_config(job))
+
+
+def register_resolvers() -> None:
+    """Register the resolvers that conf/config.yaml's ``hydra.run``/``hydra.sweep`` folders use."""
+    for name, fn in (("samplerlab.folder", _folder), ("samplerlab.job", _job)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
 def searchpath_override() -> list[str]:
     """``hydra.searchpath=[...]`` for the config folders of entry-point plugin distributions."""
     paths = [f"file://{ext.path}" for ext in entry_point_confs() if ext.path.is_dir()]
@@ -60,6 +91,7 @@ def compose(overrides: list[str]) -> tuple[DictConfig, dict[str, str]]:
     Hydra's global state is saved and restored around the composition, so this works inside a
     Hydra app and leaves other users of ``hydra.initialize`` undisturbed.
     """
+    register_resolvers()
     backup = get_gh_backup()
     release()
     try:

@@ -17,6 +17,9 @@ that requested them.
 from __future__ import annotations
 
 import contextlib
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +53,10 @@ class Settings:
     output_dir: str | None = None
     save_images: bool = True
     noise: str = "independent"  # independent | brownian (SDE noise coherent across step counts)
+    name: str | None = None  # a fixed run-folder name (conf/config.yaml): reruns find and resume it
+    resume: bool = True  # skip the batches (and whole runs) already saved in the run folder
+    shard_index: int = 0  # this process makes the shard_index-th of shard_count contiguous index blocks
+    shard_count: int = 1
 
     def check(self) -> None:
         if self.steps < 1:
@@ -64,6 +71,19 @@ class Settings:
             raise ConfigError(f"noise must be independent or brownian, got '{self.noise}'")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype '{self.dtype}' is not one of {', '.join(DTYPES)}")
+        if not 1 <= self.shard_count <= self.num_samples:
+            raise ConfigError(f"shard_count must be between 1 and num_samples={self.num_samples}, got {self.shard_count}")
+        if not 0 <= self.shard_index < self.shard_count:
+            raise ConfigError(
+                f"shard_index must be in 0..{self.shard_count - 1} (shard_count={self.shard_count}), got {self.shard_index}"
+            )
+        if self.name is not None and (not self.name.strip() or self.name.startswith("/") or ".." in self.name.split("/")):
+            raise ConfigError(f"name '{self.name}' must be a relative folder name, e.g. name=my_study")
+
+    def indices(self) -> range:
+        """The global sample indices this process generates: its contiguous block of the shards."""
+        n, c, i = self.num_samples, self.shard_count, self.shard_index
+        return range(n * i // c, n * (i + 1) // c)
 
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -105,16 +125,91 @@ def call(name: str, hook: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
         raise PluginError(name, hook, e) from e
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during a run (a KeyboardInterrupt): finished batches are on disk."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within the block, SIGTERM (a cluster's pre-emption) stops the run like Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Interrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class NonFinite:
+    """Where each sample of a batch first stopped being finite, accumulated on the device.
+
+    ``check`` costs a few device kernels and never synchronises: it notes the check point (step, σ,
+    hook, plugin) in a host list and keeps, per sample, the number of the first point where the
+    checked tensor held a NaN/Inf. ``read`` is the only host–device synchronisation.
+    """
+
+    def __init__(self, size: int, device: torch.device):
+        self.first = torch.full((size,), -1, dtype=torch.long, device=device)
+        self.points: list[tuple[int, float, str, str]] = []
+        self.reads = 0
+
+    @staticmethod
+    def of(batch: Batch) -> NonFinite | None:
+        """The batch's watch, when a plugin asked for finite checks (``run.request_finite_checks``)."""
+        return batch.stash.get(NonFinite, lambda: None)
+
+    def check(self, t: torch.Tensor, index: int, sigma: float, hook: str, plugin: str) -> None:
+        self.points.append((index, sigma, hook, plugin))
+        bad = ~torch.isfinite(t.detach()).flatten(1).all(1)
+        self.first = torch.where(bad & (self.first < 0), len(self.points) - 1, self.first)
+
+    def read(self) -> list[tuple[int, float, str, str] | None]:
+        """Per sample: (step, σ, hook, plugin) of its first non-finite value, or None (one sync)."""
+        self.reads += 1
+        return [None if c < 0 else self.points[c] for c in self.first.tolist()]
+
+
+#: How a hook's plugin is named in messages.
+ROLE = {"predict": "model", "guidance": "guidance", "momentum": "momentum", "step": "solver",
+        "before_step": "before_step plugin"}
+
+
+def describe(point: tuple[int, float, str, str]) -> str:
+    """'at step 2 (σ=3.1) after solver 'euler'' for a check point."""
+    step, sigma, hook, plugin = point
+    return f"at step {step} (σ={sigma:.4g}) after {ROLE.get(hook, hook)} '{plugin}'"
+
+
 @dataclass
 class Result:
-    """What a run returns: initial noisy latents, final latents, decoded images (or None), record."""
+    """What a run returns: initial noisy latents, final latents, decoded images (or None), record.
+
+    Row ``r`` of the tensors is global sample ``indices[r]`` (all samples unless sharded).
+    ``resumed`` lists the samples read back from the run folder instead of being generated;
+    ``skipped`` is true when the whole run was already finished there. ``failures`` says why each
+    failed sample failed (step, σ and plugin of its first non-finite value).
+    """
 
     x_T: torch.Tensor
     latents: torch.Tensor
     images: torch.Tensor | None
     record: dict[str, Any]
     schedule: Schedule
-    failed: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)  # global indices of failed samples (see failures)
+    indices: list[int] = field(default_factory=list)
+    resumed: list[int] = field(default_factory=list)
+    skipped: bool = False
+    failures: dict[int, str] = field(default_factory=dict)
 
 
 class Run:
@@ -130,6 +225,7 @@ class Run:
         self.metrics: dict[str, float] = {}
         self.needs_uncond = False
         self._grad_plugins: set[int] = set()
+        self.finite_checks = False
         self.output_dir: Path | None = None
 
     # declarations made in ``configure``
@@ -140,6 +236,10 @@ class Run:
     def request_grad(self, plugin: object) -> None:
         """Run ``plugin``'s guidance hook with gradients enabled."""
         self._grad_plugins.add(id(plugin))
+
+    def request_finite_checks(self) -> None:
+        """Check every hook's output for NaN/Inf on the device (``NonFinite.of(batch)`` reads it)."""
+        self.finite_checks = True
 
     def prepare(self) -> None:
         """Resolve every hook's implementations once (config order) for the hot loop."""
@@ -172,6 +272,7 @@ class Denoiser:
         self.run, self.batch = run, batch
         self.state: SamplerState | None = None
         self._predict_name, self._predict = run.predict
+        self.watch = NonFinite.of(batch)
 
     def __call__(self, x: torch.Tensor, sigma: float) -> Prediction:
         st = self.state
@@ -184,9 +285,14 @@ class Denoiser:
         st = self.state
         pred = call(self._predict_name, "predict", self._predict, state=st, x=x, sigma=sigma, cond=self.batch.cond)
         self.batch.nfe += 1
+        watch = self.watch
+        if watch is not None:
+            watch.check(pred.denoised, st.index, sigma, "predict", self._predict_name)
         for name, fn, grad in self.run.guidance:
             with torch.enable_grad() if grad else contextlib.nullcontext():
                 pred = call(name, "guidance", fn, state=st, pred=pred)
+            if watch is not None:
+                watch.check(pred.denoised, st.index, sigma, "guidance", name)
         return pred
 
 
@@ -197,6 +303,7 @@ def sample_batch(
     init = run.plugins.pm.hook.init_latents
     x = init(run=run, batch=batch, schedule=schedule, noise=batch.noise.draw())
     x_T = x
+    watch = batch.stash.get(NonFinite, lambda: NonFinite(len(batch.indices), x.device)) if run.finite_checks else None
     denoiser = Denoiser(run, batch)
     step_name, step = run.step
     for i in range(schedule.steps):
@@ -204,11 +311,17 @@ def sample_batch(
         denoiser.state = state
         for name, fn in run.before_step:
             call(name, "before_step", fn, state=state)
+            if watch is not None:
+                watch.check(state.x, i, state.sigma, "before_step", name)
         pred = state.guided = denoiser.evaluate(state.x, state.sigma)
         for name, fn in run.momentum:
             pred = call(name, "momentum", fn, state=state, pred=pred)
+            if watch is not None:
+                watch.check(pred.denoised, i, state.sigma, "momentum", name)
         state.pred, state.x = pred, pred.x
         x_next = call(step_name, "step", step, state=state, denoise=denoiser)
+        if watch is not None:
+            watch.check(x_next, i, state.sigma, "step", step_name)
         for name, fn in run.after_step:
             call(name, "after_step", fn, state=state, x_next=x_next)
         batch.history.append(
@@ -219,8 +332,25 @@ def sample_batch(
     return x_T, x
 
 
-def _batches(n: int, size: int) -> list[list[int]]:
-    return [list(range(s, min(n, s + size))) for s in range(0, n, size)]
+def _batches(indices: range, size: int) -> list[list[int]]:
+    return [list(indices[s : s + size]) for s in range(0, len(indices), size)]
+
+
+def failures(batch: Batch) -> dict[int, str]:
+    """Global index → why the sample failed, read once at the end of the batch (one sync)."""
+    out: dict[int, str] = {}
+    watch = NonFinite.of(batch)
+    if watch is not None:
+        for k, point in zip(batch.indices, watch.read()):
+            if point is not None:
+                out[k] = f"non-finite values {describe(point)}"
+        flags = watch.first >= 0
+        batch.failed = flags if batch.failed is None else batch.failed | flags
+    if batch.failed is not None:  # plugins may mark samples failed themselves
+        for k, bad in zip(batch.indices, batch.failed.tolist()):
+            if bad:
+                out.setdefault(k, "marked failed by a plugin")
+    return dict(sorted(out.items()))
 
 
 def execute(
@@ -229,15 +359,29 @@ def execute(
     model: object | None = None,
     output_dir: str | Path | None = None,
 ) -> Result:
-    """Run one composed config end to end: build plugins, sample every batch, score, record."""
+    """Run one composed config end to end: build plugins, sample every batch, score, record.
+
+    With a run folder (``output_dir``) every batch is saved as soon as it is made: its PNGs, then
+    ``batches/{first:06d}.safetensors`` (latents + run key). With ``resume`` on (the default), a
+    rerun into the same folder reads back the batches saved under the same run key instead of
+    generating them, and a finished run (record.json with the same run key) is returned from disk
+    without building anything. Ctrl-C and SIGTERM stop the run between two writes, never half-way.
+    """
     from framework import records
 
     settings = read_settings(cfg)
+    out = output_dir if output_dir is not None else settings.output_dir
+    folder = Path(out) if out else None
+    key = records.run_key(records.resolved_config(cfg))
+    if folder is not None and settings.resume:
+        done = records.load_finished(folder, key)
+        if done is not None:
+            return done
+        records.remove_temporaries(folder)
     device = resolve_device(settings.device)
     plugins = build_plugins(cfg, choices or {}, model)
     run = Run(cfg, settings, plugins, device)
-    out = output_dir if output_dir is not None else settings.output_dir
-    run.output_dir = Path(out) if out else None
+    run.output_dir = folder
     run.model.setup(device, run.dtype)
     for name, fn in plugins.calls("configure"):
         call(name, "configure", fn, run=run)
@@ -251,28 +395,49 @@ def execute(
     for name, fn in plugins.calls("run_start"):
         call(name, "run_start", fn, run=run)
 
-    xs_T, xs, imgs, failed, nfes, calls = [], [], [], [], [], []
-    batches = _batches(settings.num_samples, settings.batch_size)
+    xs_T, xs, imgs, nfes, calls = [], [], [], [], []
+    failed: dict[int, str] = {}
+    resumed: list[int] = []
+    indices = settings.indices()
+    batches = _batches(indices, settings.batch_size)
     bar = tqdm(total=len(batches) * schedule.steps, desc="sampling", unit="step", disable=None, leave=False)
     t0 = time.perf_counter()
-    with torch.no_grad(), bar:
-        for indices in batches:
-            prompts = [settings.prompts[k % len(settings.prompts)] for k in indices]
-            until = 2 * schedule.sigmas[0] + 1 if settings.noise == "brownian" else None  # room for churn
-            noise = SampleNoise(settings.seed, indices, run.model.latent_shape, device, run.dtype, until)
-            batch = Batch(indices=indices, cond=run.encode(prompts), noise=noise)
-            x_T, x = sample_batch(run, batch, schedule, bar.update)
-            latents = run.model.output_latents(x, schedule.sigmas[-1])
-            images = run.model.decode(latents)
-            if batch.failed is not None:
-                failed += [k for k, bad in zip(indices, batch.failed.tolist()) if bad]
-            for name, fn in plugins.calls("batch_end"):
-                call(name, "batch_end", fn, run=run, batch=batch, latents=latents, images=images)
-            xs_T.append(x_T)
-            xs.append(x)
-            imgs.append(images)
-            nfes.append(batch.nfe)
-            calls.append(batch.unet_calls)
+    try:
+        with torch.no_grad(), bar, sigterm_as_interrupt():
+            for ks in batches:
+                prompts = [settings.prompts[k % len(settings.prompts)] for k in ks]
+                until = 2 * schedule.sigmas[0] + 1 if settings.noise == "brownian" else None  # room for churn
+                noise = SampleNoise(settings.seed, ks, run.model.latent_shape, device, run.dtype, until)
+                batch = Batch(indices=ks, cond=run.encode(prompts), noise=noise)
+                saved = records.load_batch(folder, key, ks) if folder is not None and settings.resume else None
+                if saved is None:
+                    x_T, x = sample_batch(run, batch, schedule, bar.update)
+                    bad = failures(batch)
+                else:
+                    x_T, x = saved.x_T.to(device, run.dtype), saved.latents.to(device, run.dtype)
+                    batch.nfe, batch.unet_calls, bad = saved.nfe, saved.unet_calls, saved.failures
+                    batch.failed = torch.tensor([k in bad for k in ks], device=device)
+                    resumed += ks
+                    bar.update(schedule.steps)
+                batch.failure = list(bad.values())
+                latents = run.model.output_latents(x, schedule.sigmas[-1])
+                images = run.model.decode(latents)
+                if folder is not None and saved is None:
+                    pngs = images if settings.save_images else None
+                    records.save_batch(folder, key, ks, x_T, x, pngs, bad, batch.nfe, batch.unet_calls)
+                failed.update(bad)
+                for name, fn in plugins.calls("batch_end"):
+                    call(name, "batch_end", fn, run=run, batch=batch, latents=latents, images=images)
+                xs_T.append(x_T)
+                xs.append(x)
+                imgs.append(images)
+                nfes.append(batch.nfe)
+                calls.append(batch.unet_calls)
+    except KeyboardInterrupt:
+        done = sum(len(ks) for ks in batches[: len(xs)])
+        where = f"{done} samples saved in {folder}: rerun the same command to resume" if folder else "no run folder"
+        print(f"samplerlab: interrupted after {len(xs)} of {len(batches)} batches; {where}", file=sys.stderr)
+        raise
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
@@ -283,15 +448,16 @@ def execute(
         nfe=sum(nfes) / len(nfes),
         unet_calls=sum(calls) / len(calls),
         seconds=seconds,
-        seconds_per_sample=seconds / settings.num_samples,
+        seconds_per_sample=seconds / len(indices),
     )
     exact = run.model.exact_solution(x_T, schedule.sigmas[0], schedule.sigmas[-1])
     if exact is not None:
         run.metrics["rmse_to_reference"] = float((x - exact).double().pow(2).mean().sqrt())
-    result = Result(x_T=x_T, latents=x, images=images, record={}, schedule=schedule, failed=failed)
+    result = Result(x_T=x_T, latents=x, images=images, record={}, schedule=schedule, failed=list(failed),
+                    indices=list(indices), resumed=resumed, failures=failed)
     for name, fn in plugins.calls("run_end"):
         call(name, "run_end", fn, run=run, result=result)
     result.record = records.build(run, result)
-    if run.output_dir is not None:
-        records.save(run.output_dir, result, save_images=settings.save_images)
+    if folder is not None:
+        records.save(folder, result, save_images=settings.save_images, samples_written=True)
     return result
