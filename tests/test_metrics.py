@@ -84,3 +84,112 @@ def test_clip_score_plugin_and_missing_clip():
 
     with pytest.raises(ModelNotFoundError, match="not available offline"):
         run(["metrics=[clip_score]", "metrics.clip_score.model=/nonexistent/clip", "num_samples=2", "steps=2"])
+
+
+# --- reference features cache, feature extractors -------------------------------------------------
+class MeanColour(__import__("torch").nn.Module):
+    """A feature extractor by import path for the tests: per-channel means and stds (6-d)."""
+
+    num_features = 6
+
+    def forward(self, images):
+        x = images.float()
+        return __import__("torch").cat([x.mean((2, 3)), x.std((2, 3))], dim=1).double()
+
+
+def test_fid_reference_features_are_cached_and_reused(tiny_overrides, tmp_path, monkeypatch):
+    import framework.bundled.world as world
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SAMPLERLAB_CACHE", str(cache))
+    args = [*tiny_overrides, "num_samples=4", "steps=2", "metrics=[fid]", "metrics.fid.reference=32"]
+    first = run(args).record["metrics"]["fid"]
+    files = list((cache / "reference_features").glob("world-n32-seed1234__clip-*.safetensors"))
+    assert len(files) == 1
+
+    def no_scenes(*a, **k):
+        raise AssertionError("the reference set was recomputed instead of read from the cache")
+
+    monkeypatch.setattr(world, "sample_scenes", no_scenes)
+    assert run(args).record["metrics"]["fid"] == first  # float64 features stored: bit-identical
+    with pytest.raises(Exception, match="recomputed"):  # another reference set is another key
+        run([*args, "metrics.fid.reference_seed=7"])
+
+
+def test_fid_on_a_folder_reference_with_features_by_import_path(tiny_overrides, tmp_path):
+    import torch
+
+    from framework.images import png_bytes
+    from framework.metrics.reference import ReferenceSet
+
+    folder = tmp_path / "real"
+    folder.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    for k in range(6):
+        (folder / f"{k}.png").write_bytes(png_bytes(torch.rand(3, 16, 16, generator=gen)))
+    key = ReferenceSet(folder=str(folder)).key()
+    args = [*tiny_overrides, "num_samples=4", "steps=2", "metrics=[fid]", f"metrics.fid.reference_dir={folder}",
+            "metrics.fid.features=tests.test_metrics.MeanColour", f"metrics.fid.cache_dir={tmp_path / 'c'}"]
+    m = run(args).record["metrics"]
+    assert m["fid"] > 0
+    assert len(list((tmp_path / "c" / "reference_features").glob(f"{key}__tests.test_metrics.MeanColour-*"))) == 1
+    (folder / "0.png").write_bytes(png_bytes(torch.zeros(3, 16, 16)))  # new content, new key
+    assert ReferenceSet(folder=str(folder)).key() != key
+
+
+def test_feature_extractor_errors(tmp_path):
+    from framework.errors import ModelNotFoundError
+    from framework.metrics.features import load_features
+
+    # Inception needs torch-fidelity, a working torchvision and the weights on disk: never in CI
+    with pytest.raises((ConfigError, ModelNotFoundError), match="torch-fidelity|torchvision|Inception weights"):
+        load_features("inception", inception_weights=str(tmp_path / "missing.pth"))
+    with pytest.raises(ConfigError, match="unknown features 'vgg'"):
+        load_features("vgg")
+    with pytest.raises(ConfigError, match="cannot be imported"):
+        load_features("nowhere.Extractor")
+    with pytest.raises(ConfigError, match="reference folder .* does not exist"):
+        run(["metrics=[fid]", "num_samples=2", "steps=1", f"metrics.fid.reference_dir={tmp_path / 'none'}"])
+
+
+# --- analytic models: Fréchet distance to the true distribution --------------------------------------
+def test_frechet_distance_matches_the_isotropic_closed_form():
+    import torch
+
+    from framework.metrics.frechet import frechet_distance
+
+    d, m1, m2, a, b = 5, 0.3, -0.2, 1.5, 0.5
+    f64 = torch.float64
+    got = frechet_distance(torch.full((d,), m1, dtype=f64), a * a * torch.eye(d, dtype=f64),
+                           torch.full((d,), m2, dtype=f64), b * b * torch.eye(d, dtype=f64))
+    assert got == pytest.approx(d * (m1 - m2) ** 2 + d * (a - b) ** 2, rel=1e-12)
+
+
+def test_mixture_true_moments_match_samples():
+    import torch
+
+    from framework.metrics.frechet import moments
+    from framework.models.analytic import Mixture
+    from plugins.metrics.frechet_to_data import true_moments
+
+    mix = Mixture()
+    mean, cov = true_moments(mix, 0, 0)
+    s_mean, s_cov = moments(mix.sample_data(200_000, generator=torch.Generator().manual_seed(0)))
+    assert torch.allclose(mean, s_mean, atol=0.02) and torch.allclose(cov, s_cov, atol=0.05)  # ~5σ of the sampling error
+
+
+def test_frechet_to_data_falls_with_a_finer_solver():
+    args = ["model=gaussian", "metrics=[frechet_to_data]", "num_samples=1024", "batch_size=1024"]
+    coarse, fine = run([*args, "steps=3"]), run([*args, "steps=20", "solver=heun"])
+    # measured 6.9 (euler, 3 steps) vs 0.10 (heun, 20 steps; the finite-sample bias is of that order)
+    assert fine.record["metrics"]["frechet_to_data"] < 0.25 * coarse.record["metrics"]["frechet_to_data"]
+    with pytest.raises(ConfigError, match="analytic model"):
+        run(["metrics=[frechet_to_data]", "num_samples=2", "steps=1"])
+
+
+def test_speed_plugin_reports_throughput_and_peak_memory():
+    m = run(["model=gaussian", "metrics=[speed]", "num_samples=64", "batch_size=16", "steps=4"]).record["metrics"]
+    assert 0 < m["sampling_seconds"] <= m["seconds"]
+    assert m["samples_per_second"] == pytest.approx(64 / m["sampling_seconds"])
+    assert m["sampling_seconds_per_sample"] == pytest.approx(m["sampling_seconds"] / 64)
+    assert m["peak_rss_mb"] > 10 and "images_per_second" not in m  # no decoder: samples, not images

@@ -1,8 +1,11 @@
 """Real-vs-generated distribution metrics (FID, KID) as run plugins: generated images stream in at
-``batch_end``; the real side is fresh scenes of the bundled world (seeded, ``reference`` of them);
-the score is computed at ``run_end`` with torchmetrics on the bundled CLIP's image features."""
+``batch_end``; the real side is a reference set (fresh scenes of the bundled world, seeded, or a
+folder of images) whose features are computed once and cached on disk
+(:mod:`framework.metrics.reference`); the score is computed at ``run_end`` with torchmetrics on the
+configured features (:mod:`framework.metrics.features`: the bundled CLIP's image tower by default)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -11,29 +14,36 @@ from framework import hookimpl
 from framework.errors import ConfigError
 
 
+@dataclass
 class RealVsGenerated:
     """Base of the fid/kid plugins: subclasses give ``name`` and ``make_metric(features, n)``."""
 
-    name = ""
     reference: int = 256
     reference_seed: int = 1234
+    reference_dir: str | None = None
+    features: str = "clip"
+    inception_weights: str | None = None
+    cache_dir: str | None = None
+    use_cache: bool = True
+    name = ""
 
     def make_metric(self, features: torch.nn.Module, n_generated: int) -> Any:
         raise NotImplementedError
 
     @hookimpl
     def configure(self, run):
+        from framework.metrics.features import load_features
+        from framework.metrics.reference import ReferenceSet, add_real_features, reference_features
+
         if not run.model.has_decoder:
             raise ConfigError(f"{self.name} compares images but this model has no decoder: use an image model")
-        if run.settings.num_samples < 2 or self.reference < 2:
+        if run.settings.num_samples < 2 or (self.reference_dir is None and self.reference < 2):
             raise ConfigError(f"{self.name} needs at least 2 generated and 2 real images: raise num_samples")
-        from framework.metrics.clip_features import BundledCLIPFeatures
-        from framework.bundled.world import sample_scenes
-
-        self._metric = self.make_metric(BundledCLIPFeatures(), run.settings.num_samples)
-        real = sample_scenes(self.reference, seed=self.reference_seed).images
-        for chunk in real.split(64):
-            self._metric.update((chunk + 1) / 2, real=True)
+        extractor = load_features(self.features, self.inception_weights)
+        ref = ReferenceSet(self.reference, self.reference_seed, self.reference_dir)
+        real, self.cache_hit = reference_features(extractor, self.features, ref, self.cache_dir, self.use_cache)
+        self._metric = self.make_metric(extractor, run.settings.num_samples, real.shape[0])
+        add_real_features(self._metric, real)
 
     @hookimpl
     def batch_end(self, run, batch, latents, images):
