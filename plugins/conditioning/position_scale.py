@@ -1,0 +1,31 @@
+"""Scale the position embeddings of a range of positions (the deep dive's position-embedding edit).
+
+The text encoder's input is token embedding + position embedding; this multiplies the position
+part of positions ``start:end`` (0 = start-of-text; ``end`` null = to the end) by ``scale``:
+0 removes word order there, 1 is the identity. Applies to the prompts only by default.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from framework import hookimpl
+from framework.embeddings import TextEdit, TextEmbeddings, check_edit, reencode, scale_positions
+
+
+@dataclass
+class PositionScale(TextEdit):
+    scale: float = 0.5
+    start: int = 0
+    end: int | None = None
+    apply_to: str = "cond"  # cond | uncond | both
+
+    def edit_inputs(self, inputs, emb: TextEmbeddings):
+        return scale_positions(inputs, self.scale, self.start, self.end)
+
+    @hookimpl
+    def configure(self, run):
+        check_edit(run, self, "position_scale")
+
+    @hookimpl
+    def conditioning(self, run, cond):
+        return reencode(run, cond, self)

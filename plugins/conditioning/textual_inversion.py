@@ -1,0 +1,43 @@
+"""Textual inversion (Gal et al. 2022, "An Image is Worth One Word"): use learned token embeddings.
+
+``path`` is a diffusers ``learned_embeds.safetensors``/``.bin`` (or its folder) or an A1111
+``.pt``/``.safetensors`` file; its token (``token`` renames it) is recognised in prompts and
+negative prompts and its vectors take those positions in the input embeddings, as diffusers'
+``load_textual_inversion`` does — without adding the token to the shared tokenizer. Train one with
+``python -m experiments.textual_inversion``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from framework import hookimpl
+from framework.embeddings import TextEdit, TextEmbeddings, check_edit, load_embeddings, reencode
+from framework.errors import ConfigError
+
+
+@dataclass
+class TextualInversion(TextEdit):
+    path: str | None = None
+    token: str | None = None
+    apply_to: str = "both"  # cond | uncond | both
+
+    def new_tokens(self, emb: TextEmbeddings):
+        if not self.path:
+            raise ConfigError("conditioning.textual_inversion.path is empty: give a learned_embeds.safetensors (or A1111 .pt)")
+        found = load_embeddings(self.path, self.token)
+        for name, vecs in found.items():
+            if vecs.shape[-1] != emb.width:
+                raise ConfigError(
+                    f"embedding '{name}' in {self.path} has width {vecs.shape[-1]} but this text encoder's is {emb.width}: "
+                    "it was trained for another model"
+                )
+        return found
+
+    @hookimpl
+    def configure(self, run):
+        check_edit(run, self, "textual_inversion")
+        self.new_tokens(TextEmbeddings.of(run.model))  # fail before sampling
+
+    @hookimpl
+    def conditioning(self, run, cond):
+        return reencode(run, cond, self)

@@ -1,0 +1,38 @@
+"""Mix token embeddings: every occurrence of ``token`` gets Σ wᵢ·e(tokensᵢ).
+
+The Stable Diffusion deep dive's embedding mix at the input of the text encoder: e.g. ``red`` →
+0.5·e(red) + 0.5·e(blue) (positions unchanged). Weights are used as given, not renormalised.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from framework import hookimpl
+from framework.embeddings import TextEdit, TextEmbeddings, check_edit, mix_tokens, reencode
+from framework.errors import ConfigError
+
+
+@dataclass
+class TokenMix(TextEdit):
+    token: str = "red"
+    tokens: list[str] = field(default_factory=lambda: ["red", "blue"])
+    weights: list[float] = field(default_factory=lambda: [0.5, 0.5])
+    apply_to: str = "both"  # cond | uncond | both (negative prompts, when CFG is on)
+
+    def __post_init__(self) -> None:
+        if not self.tokens or len(self.tokens) != len(self.weights):
+            raise ConfigError(
+                f"conditioning.token_mix needs one weight per token, got {len(self.tokens)} tokens and "
+                f"{len(self.weights)} weights: e.g. tokens=[red,blue] weights=[0.5,0.5]"
+            )
+
+    def edit_inputs(self, inputs, emb: TextEmbeddings):
+        return mix_tokens(inputs, emb, self.token, list(zip(self.tokens, self.weights)))
+
+    @hookimpl
+    def configure(self, run):
+        check_edit(run, self, "token_mix")
+
+    @hookimpl
+    def conditioning(self, run, cond):
+        return reencode(run, cond, self)

@@ -1,0 +1,35 @@
+"""Replace a token's input embedding by another token's, or by a vector from a file.
+
+The Stable Diffusion deep dive's token swap: every occurrence of ``source`` in the prompt keeps its
+position embedding but gets the token embedding of ``target`` (or, with ``vector``, the first
+vector of an embedding file that :func:`framework.embeddings.load_embeddings` reads). ``red`` →
+``blue`` turns "a red circle" into a blue one without changing the prompt's text.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from framework import hookimpl
+from framework.embeddings import TextEdit, TextEmbeddings, check_edit, load_embeddings, reencode, replace_token
+
+
+@dataclass
+class TokenSwap(TextEdit):
+    source: str = "red"
+    target: str = "blue"
+    vector: str | None = None  # an embedding file; its first vector replaces ``source`` (target is then unused)
+    apply_to: str = "both"  # cond | uncond | both (negative prompts, when CFG is on)
+
+    def edit_inputs(self, inputs, emb: TextEmbeddings):
+        if self.vector:
+            target = next(iter(load_embeddings(self.vector).values()))[0]
+            return replace_token(inputs, emb, self.source, emb.vector(target))
+        return replace_token(inputs, emb, self.source, self.target)
+
+    @hookimpl
+    def configure(self, run):
+        check_edit(run, self, "token_swap")
+
+    @hookimpl
+    def conditioning(self, run, cond):
+        return reencode(run, cond, self)
