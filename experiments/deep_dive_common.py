@@ -28,7 +28,6 @@ def compose_experiment(folder: Path, argv: Sequence[str]) -> tuple[DictConfig, l
     """The experiment's config (``folder/config.yaml`` with its own overrides applied) and the
     overrides left for samplerlab runs."""
     from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from hydra.initialize import get_gh_backup, restore_gh_from_backup
     from omegaconf.errors import OmegaConfBaseException
@@ -38,32 +37,49 @@ def compose_experiment(folder: Path, argv: Sequence[str]) -> tuple[DictConfig, l
     if isinstance(argv, str):
         raise TypeError("argv must be a list of overrides, e.g. ['fast=true']")
     own_keys = set(OmegaConf.load(folder / "config.yaml").keys())
-    try:
-        parsed = OverridesParser.create().parse_overrides(list(argv))
-    except HydraException as e:
-        raise ConfigError(f"invalid override: {str(e).splitlines()[0]}") from e
-    own, passed = [], []
-    for text, ov in zip(argv, parsed):
-        head = ov.key_or_group.split(".")[0].split("/")[0]
-        (own if head in own_keys else passed).append(text)
-    backup = get_gh_backup()
-    release()
-    try:
-        with initialize_config_dir(str(folder.resolve()), version_base="1.3", job_name=folder.name):
-            cfg = compose("config", overrides=own)
-    except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(f"{folder.name}: {str(e).strip().splitlines()[0]}") from e
-    finally:
-        restore_gh_from_backup(backup)
+    own, passed = split_overrides(list(argv), own_keys)
+
+    def load(overrides: list[str]) -> DictConfig:
+        backup = get_gh_backup()
+        release()
+        try:
+            with initialize_config_dir(str(folder.resolve()), version_base="1.3", job_name=folder.name):
+                return compose("config", overrides=overrides)
+        except (HydraException, OmegaConfBaseException) as e:
+            raise ConfigError(f"{folder.name}: {str(e).strip().splitlines()[0]}") from e
+        finally:
+            restore_gh_from_backup(backup)
+
+    cfg = load(own)
+    if cfg.get("fast") and cfg.get("fast_run"):  # the fast preset may narrow the experiment's own keys too
+        fast_own, _ = split_overrides(list(cfg.fast_run), own_keys)
+        if fast_own:
+            cfg = load(fast_own + own)
     return cfg, passed
 
 
+def split_overrides(overrides: list[str], own_keys: set[str]) -> tuple[list[str], list[str]]:
+    """(overrides of the experiment's own keys, the others)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as e:
+        raise ConfigError(f"invalid override: {str(e).strip().splitlines()[0]}") from e
+    own, passed = [], []
+    for text, ov in zip(overrides, parsed):
+        head = ov.key_or_group.split(".")[0].split("/")[0]
+        (own if head in own_keys else passed).append(text)
+    return own, passed
+
+
 def run_overrides(cfg: DictConfig, passed: list[str]) -> list[str]:
-    """samplerlab overrides of one of the experiment's runs: its ``run`` list, then ``fast_run``
-    when ``fast=true``, then the user's pass-through overrides."""
+    """samplerlab overrides of one of the experiment's runs: its ``run`` list, then the samplerlab
+    part of ``fast_run`` when ``fast=true``, then the user's pass-through overrides."""
     base = list(cfg.get("run", []))
     if cfg.fast:
-        base += list(cfg.get("fast_run", []))
+        base += split_overrides(list(cfg.get("fast_run", [])), set(cfg.keys()))[1]
     return base + list(passed)
 
 

@@ -11,7 +11,8 @@ columns = recorded steps, predicted x₀), ``preview_xt.png`` (the same for x_i)
 ``preview.json`` (each column's step index, σ_i, σ_{i+1} and the NFE counted up to the end of the
 step, plus the grid layout, so the tiles can be read back with :func:`read_tiles`). With a solver
 whose last step lands on σ = 0 at the prediction (Euler, DDIM), the last column of
-``preview.png`` is the run's final image.
+``preview.png`` is the run's final image. Batches read back from a run folder (``resume``) were not
+sampled, so they have no preview; a run returned whole from its folder keeps its earlier previews.
 """
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ class Preview:
     def __post_init__(self) -> None:
         # what the run recorded (the plugin object is built per run; reset in run_start)
         self.columns: list[dict] = []
-        self.x0: list[torch.Tensor] = []
-        self.xt: list[torch.Tensor] = []
+        self.x0: dict[int, torch.Tensor] = {}  # sample index → [columns, 3, H, W]
+        self.xt: dict[int, torch.Tensor] = {}
         if self.every < 1:
             raise ConfigError(f"callback.preview.every must be ≥ 1, got {self.every}")
         if self.samples < 1:
@@ -50,7 +51,7 @@ class Preview:
 
     @hookimpl
     def run_start(self, run):
-        self.columns, self.x0, self.xt = [], [], []
+        self.columns, self.x0, self.xt = [], {}, {}
 
     def _rows(self, batch) -> list[int]:
         return [j for j, k in enumerate(batch.indices) if k < self.samples]
@@ -78,14 +79,16 @@ class Preview:
             x0 = run.model.decode(torch.cat([k[4] for k in kept])).float().cpu()
             xt = run.model.decode(torch.cat([k[5] for k in kept])).float().cpu()
         # [steps·rows, 3, H, W] → [rows, steps, 3, H, W]
-        self.x0.append(x0.unflatten(0, (steps, rows)).transpose(0, 1))
-        self.xt.append(xt.unflatten(0, (steps, rows)).transpose(0, 1))
+        x0, xt = x0.unflatten(0, (steps, rows)).transpose(0, 1), xt.unflatten(0, (steps, rows)).transpose(0, 1)
+        for j, k in enumerate(k for k in batch.indices if k < self.samples):
+            self.x0[k], self.xt[k] = x0[j], xt[j]
         if not self.columns:
             self.columns = [dict(step=i, sigma=s, sigma_next=sn, nfe=n) for i, s, sn, n, _, _ in kept]
 
     def images(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(predicted x₀, x_t), each [samples, columns, 3, H, W] in [0, 1]."""
-        return torch.cat(self.x0), torch.cat(self.xt)
+        """(predicted x₀, x_t), each [samples, columns, 3, H, W] in [0, 1], in sample order."""
+        order = sorted(self.x0)
+        return torch.stack([self.x0[k] for k in order]), torch.stack([self.xt[k] for k in order])
 
     @hookimpl
     def run_end(self, run, result):
@@ -98,7 +101,7 @@ class Preview:
         rows, cols = x0.shape[:2]
         for name, imgs in (("preview.png", x0), ("preview_xt.png", xt)):
             atomic_write_bytes(Path(run.output_dir) / name, png_bytes(grid(imgs.flatten(0, 1), nrow=cols, pad=PAD)))
-        meta = dict(rows=rows, cols=cols, height=x0.shape[-2], width=x0.shape[-1], pad=PAD, columns=self.columns,
+        meta = dict(samples=sorted(self.x0), rows=rows, cols=cols, height=x0.shape[-2], width=x0.shape[-1], pad=PAD, columns=self.columns,
                     every=self.every, steps=result.schedule.steps)
         atomic_write_json(Path(run.output_dir) / "preview.json", meta)
 
