@@ -1,0 +1,291 @@
+"""The plugin authoring kit: the template (framework/newplugin.py) makes docs/plugins.md's example
+package, which installs with pip, is found through the entry point, runs in a sweep beside the
+built-ins and passes its generated tests; broken plugins fail the conformance kit
+(framework/testing.py) with a message that says what is wrong; built-in momentum plugins,
+schedules and color_loss pass the kit of their family (solvers: tests/test_solvers.py)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from framework import hookimpl, testing
+from framework.cli import main
+from framework.newplugin import create
+from framework.newplugin import main as new_plugin
+from framework.registry import CONF_DIR, available
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "my_samplers"  # docs/plugins.md's example package
+PLUGINS = [("solver", "ralston"), ("loss", "brightness"), ("schedule", "warped"), ("momentum", "ema")]
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """The tutorial's package made by the template, installed with pip into a folder on sys.path."""
+    root = tmp_path_factory.mktemp("plugins")
+    for family, name in PLUGINS:
+        assert new_plugin([family, name, "--dest", str(root), "--package", PACKAGE]) == 0
+    project, site = root / PACKAGE, root / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                    "--disable-pip-version-check", "--target", str(site), str(project)], check=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(site))
+        yield project, site
+
+
+def run_generated(project: Path, *selection: str) -> None:
+    """Run the generated tests in this process with pytest (their own rootdir and config)."""
+    args = [str(project / "tests" / s) for s in selection]
+    code = pytest.main(["-q", "-p", "no:cacheprovider", "--import-mode=importlib", "--rootdir", str(project), *args])
+    assert code == 0, f"generated tests failed: {selection}"
+
+
+def test_template_package_is_found_through_the_entry_point(installed):
+    project, site = installed
+    assert (site / PACKAGE / "conf" / "solver" / "ralston.yaml").is_file()  # installed, not read in place
+    assert available("solver")["ralston"] == "my-samplers"
+    assert available("guidance")["brightness"] == "my-samplers"
+    assert available("schedule")["warped"] == "my-samplers"
+    assert available("momentum")["ema"] == "my-samplers"
+    assert (project / "pyproject.toml").read_text().count("[project.entry-points.samplerlab]") == 1
+
+
+def test_template_solver_runs_in_a_sweep_beside_builtins(installed, tmp_path, capsys):
+    code = main(["-m", "model=gaussian", "dtype=float64", "solver=euler,ralston", "steps=8", "num_samples=2",
+                 f"hydra.sweep.dir={tmp_path}/sweep"])
+    assert code == 0, capsys.readouterr().err
+    records = [json.loads(p.read_text()) for p in (tmp_path / "sweep").glob("*/record.json")]
+    by_solver = {r["plugins"]["step"][0]: r["metrics"] for r in records}
+    assert sorted(by_solver) == ["euler", "ralston"]
+    assert by_solver["ralston"]["nfe"] == 16  # two evaluations per step, none at σ = 0 needed
+    assert by_solver["ralston"]["rmse_to_reference"] < by_solver["euler"]["rmse_to_reference"] / 5
+
+
+def test_template_loss_runs_in_a_sweep_beside_builtins(installed, tmp_path, capsys):
+    code = main(["-m", "model=tiny_random", "guidance=[cfg],[cfg,brightness]", "steps=2", "num_samples=1",
+                 "save_images=false", f"hydra.sweep.dir={tmp_path}/sweep"])
+    assert code == 0, capsys.readouterr().err
+    records = [json.loads(p.read_text()) for p in (tmp_path / "sweep").glob("*/record.json")]
+    assert sorted(tuple(r["plugins"]["guidance"]) for r in records) == [("cfg",), ("cfg", "brightness")]
+
+
+def test_generated_solver_and_loss_tests_pass(installed):
+    """The tutorial's solver tests (order on both analytic models, NFE, determinism, batch) and the
+    loss's gradient test; the bundled-model loss tests run in the slow test below."""
+    run_generated(installed[0], "test_ralston.py", "test_brightness.py::test_gradient_moves_the_target")
+
+
+def test_generated_schedule_and_momentum_tests_pass(installed):
+    run_generated(installed[0], "test_warped.py", "test_ema.py")
+
+
+@pytest.mark.slow
+def test_generated_suite_passes_in_a_fresh_process(installed):
+    """The whole generated suite, as an author runs it (~1–3 minutes here, most of it the bundled model)."""
+    project, site = installed
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(ROOT)]), OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"], cwd=project,
+                         env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "12 passed" in out.stdout
+
+
+def test_template_refuses_bad_requests(tmp_path, capsys):
+    assert new_plugin(["solver", "heun", "--dest", str(tmp_path)]) == 2
+    assert "solver 'heun' exists already (builtin): choose another name" in capsys.readouterr().err
+    assert new_plugin(["sampler", "x", "--dest", str(tmp_path)]) == 2
+    assert "unknown family 'sampler': choose one of solver, schedule, momentum, loss" in capsys.readouterr().err
+    assert new_plugin(["solver", "My-Solver", "--dest", str(tmp_path)]) == 2
+    assert "must be a lowercase Python identifier" in capsys.readouterr().err
+    assert new_plugin(["solver", "rk3", "--dest", str(tmp_path)]) == 0
+    assert new_plugin(["solver", "rk3", "--dest", str(tmp_path)]) == 2
+    assert "exist(s) already" in capsys.readouterr().err
+
+
+def test_template_extends_an_existing_package(tmp_path):
+    first = create("solver", "rk_a", tmp_path, package="pkg")
+    second = create("guidance", "loss_b", tmp_path, package="pkg")  # "guidance" is the loss family
+    assert first.project == second.project
+    assert (tmp_path / "pkg" / "pkg" / "conf" / "guidance" / "loss_b.yaml").read_text().startswith(
+        "# @package guidance.loss_b\n")
+    assert not any(p.name == "pyproject.toml" for p in second.files)
+    compile((tmp_path / "pkg" / "pkg" / "loss_b.py").read_text(), "loss_b.py", "exec")
+
+
+# ---------------------------------------------------------------------------------------------
+# Broken plugins fail the kit, and the message says what is wrong
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ClaimsSecondOrder:
+    """Says 'Heun' but steps like Euler: first order."""
+
+    @hookimpl
+    def step(self, state, denoise):
+        return state.pred.x + (state.sigma_next - state.sigma) * state.pred.derivative
+
+
+@dataclass
+class HiddenEvaluation:
+    """Heun whose corrector calls the model directly: 2 evaluations per step, the record counts 1."""
+
+    @hookimpl
+    def step(self, state, denoise):
+        pred, h = state.pred, state.sigma_next - state.sigma
+        x_next = pred.x + h * pred.derivative
+        if state.sigma_next == 0:
+            return x_next
+        d_next = (x_next - state.run.model.denoise_batch(x_next, state.sigma_next, None, {})) / state.sigma_next
+        return pred.x + h * (pred.derivative + d_next) / 2
+
+
+@dataclass
+class GlobalNoise:
+    """Euler plus noise from the global RNG: neither reproducible nor batch-invariant."""
+
+    @hookimpl
+    def step(self, state, denoise):
+        return state.pred.x + (state.sigma_next - state.sigma) * state.pred.derivative + 0.01 * torch.randn_like(state.x)
+
+
+@dataclass
+class BatchMean:
+    """Euler on the batch's mean derivative: couples the samples of a batch."""
+
+    @hookimpl
+    def step(self, state, denoise):
+        d = state.pred.derivative
+        return state.pred.x + (state.sigma_next - state.sigma) * (d + d.mean(0, keepdim=True)) / 2
+
+
+def _target(cls: type) -> str:
+    return f"solver._target_={__name__}.{cls.__name__}"
+
+
+def test_wrong_order_fails_with_the_measured_order():
+    with pytest.raises(AssertionError, match=r"measured order 1\.0\d, expected 2 ± 0\.3 \(errors .* at 64 steps, .* at 128 steps"):
+        testing.assert_order([_target(ClaimsSecondOrder)], 2)
+
+
+def test_hidden_evaluation_fails_nfe_honesty():
+    with pytest.raises(AssertionError, match=r"evaluated 11 times in 6 steps \(1\.83 per step\) but the record says nfe 6 \(1 per step"):
+        testing.assert_nfe_honest([_target(HiddenEvaluation)])
+    testing.assert_nfe_honest(["solver=heun"])  # the honest Heun: 11 evaluations, nfe 11
+
+
+def test_global_rng_fails_determinism_and_batch_coupling_fails_invariance():
+    with pytest.raises(AssertionError, match="two runs with the same seed differ .* never from the global RNG"):
+        testing.assert_deterministic([_target(GlobalNoise)])
+    with pytest.raises(AssertionError, match=r"sample \d differs by .* between batch_size=3 and batch_size=1"):
+        testing.assert_batch_invariant([_target(BatchMean)])
+    with pytest.raises(AssertionError, match="between batch_size=3 and batch_size=1"):
+        testing.assert_solver_conforms([_target(BatchMean)])
+
+
+def test_parity_failure_names_the_difference_and_the_sample():
+    with pytest.raises(AssertionError, match=r"max abs difference .* to the reference \(solver=euler\) exceeds tol 1e-06 at sample \d"):
+        testing.assert_matches_reference(["solver=heun"], ["solver=euler"], tol=1e-6)
+    # an exact reference: Heun on model=gaussian against a hand-written Heun loop from the same x_T
+    def heun_loop(res):
+        from framework.models.analytic import Gaussian
+
+        g, x, s = Gaussian(), res.x_T, res.schedule.sigmas
+        for a, b in zip(s, s[1:]):
+            d = (x - g(x, torch.full((x.shape[0],), a, dtype=x.dtype))) / a
+            xn = x + (b - a) * d
+            if b > 0:
+                xn = x + (b - a) * (d + (xn - g(xn, torch.full((x.shape[0],), b, dtype=x.dtype))) / b) / 2
+            x = xn
+        return x
+
+    assert testing.assert_matches_reference(["solver=heun"], heun_loop, tol=1e-12) <= 1e-12
+
+
+@dataclass
+class PullTo:
+    """Loss guidance on the latents of a model without a decoder: loss = mean (x0 − value)², step
+    x ← x − scale·σ²·∇loss at each step's first evaluation (negative scale: the wrong sign)."""
+
+    value: float = 1.0
+    scale: float = 0.05
+
+    @staticmethod
+    def loss(x, value=1.0):
+        return ((x - value) ** 2).flatten(1).mean(1)
+
+    @hookimpl
+    def configure(self, run):
+        run.request_grad(self)
+
+    @hookimpl
+    def guidance(self, state, pred):
+        if state.pred is not None:
+            return pred
+        d = pred.denoised.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(self.loss(d, self.value).sum() * self.scale, d)
+        return pred.shifted(-(pred.sigma**2) * grad / (1 + pred.sigma**2))
+
+
+PULL = f"+guidance.pull._target_={__name__}.PullTo"
+
+
+def test_loss_guidance_kit_passes_and_fails():
+    testing.assert_gradient_descends(PullTo.loss, torch.zeros(2, 16))
+    testing.assert_loss_lowered([PULL], [], PullTo.loss, model="gaussian")
+    with pytest.raises(AssertionError, match=r"guidance did not lower its loss: mean .* with it \(\+guidance.pull"):
+        testing.assert_loss_lowered([PULL, "+guidance.pull.scale=-0.05"], [], PullTo.loss, model="gaussian")
+    with pytest.raises(AssertionError, match=r"gradient of the loss is zero for sample\(s\) \[0, 1\]"):
+        testing.assert_gradient_descends(lambda x: PullTo.loss(x.round()), torch.zeros(2, 16))
+    with pytest.raises(AssertionError, match="the loss has no gradient with respect to its target"):
+        testing.assert_gradient_descends(lambda x: PullTo.loss(x.detach()), torch.zeros(2, 16))
+
+
+# ---------------------------------------------------------------------------------------------
+# Built-in plugins pass the kit of their family (solvers: tests/test_solvers.py)
+# ---------------------------------------------------------------------------------------------
+MOMENTUM = sorted(p.stem for p in (CONF_DIR / "momentum").glob("*.yaml"))
+SCHEDULES = sorted(p.stem for p in (CONF_DIR / "schedule").glob("*.yaml"))
+
+
+def _momentum_solver(name: str) -> str:
+    from framework.compose import compose
+    from framework.registry import instantiate
+
+    cfg, _ = compose([f"momentum=[{name}]"])
+    return type(instantiate(cfg.momentum[name], name)).solvers[0]
+
+
+@pytest.mark.parametrize("name", MOMENTUM)
+def test_every_momentum_plugin_passes_the_kit(name):
+    """NFE honest (momentum adds no evaluation), deterministic and batch-invariant on its first solver."""
+    overrides = [f"solver={_momentum_solver(name)}", f"momentum=[{name}]"]
+    res = testing.assert_solver_conforms(overrides)
+    assert res.record["plugins"]["momentum"] == [name]
+
+
+DISCRETE_ONLY = {"ddim_uniform", "simple", "uniform"}  # need a model with training timesteps
+OWN_RANGE = {"vp"}  # k-diffusion's VP grid: its σ range comes from beta_d, beta_min, eps_s
+FIXED = {"custom": (2,)}  # a given grid of 2 steps
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_every_schedule_passes_the_kit(name):
+    model = "tiny_random" if name in DISCRETE_ONLY else "gaussian"
+    testing.assert_schedule_conforms([f"schedule={name}"], model=model, steps=FIXED.get(name, (1, 2, 7)),
+                                     within_model_range=name not in OWN_RANGE)
+
+
+@pytest.mark.slow
+def test_color_loss_lowers_its_loss_on_the_bundled_model():
+    from plugins.guidance.color_loss import ColorLoss
+
+    blue = ColorLoss()
+    loss = lambda images: (images[:, blue.channel] - blue.target).abs().flatten(1).mean(1)  # noqa: E731
+    testing.assert_loss_lowered(["guidance=[cfg,color_loss]", "guidance.color_loss.every=1"], ["guidance=[cfg]"],
+                                loss, model="bundled", steps=4)
