@@ -101,6 +101,17 @@ class TextEdit:
         return hidden
 
 
+class LearnedTokens(TextEdit):
+    """New tokens given as tensors {name: vectors [n, D]} (textual inversion in memory; the
+    tensors may require grad: training optimises them through :meth:`TextEmbeddings.encode`)."""
+
+    def __init__(self, tokens: Mapping[str, torch.Tensor], apply_to: str = "both"):
+        self.tokens, self.apply_to = dict(tokens), apply_to
+
+    def new_tokens(self, emb: TextEmbeddings) -> dict[str, torch.Tensor]:
+        return self.tokens
+
+
 class TextEmbeddings:
     """A CLIP text encoder and its tokenizer: tokens, embedding tables, encoding with edits."""
 

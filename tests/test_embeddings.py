@@ -7,6 +7,7 @@ single-token word for another equals writing the other word), diffusers' ``load_
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ import torch
 from framework.api import run
 from framework.compose import compose
 from framework.embeddings import (
-    TextEdit,
+    LearnedTokens,
     TextEmbeddings,
     apply_prompt_weights,
     load_embeddings,
@@ -208,7 +209,7 @@ def test_embedding_file_round_trip_gives_identical_conditioning(tmp_path, tiny_p
     assert list(loaded) == ["<striped>"] and torch.equal(loaded["<striped>"], vecs)
     prompts = ["a <striped> circle", "<striped>, <striped> and a square"]
     with torch.no_grad():
-        direct = emb.encode(prompts, [_Learned({"<striped>": vecs})])
+        direct = emb.encode(prompts, [LearnedTokens({"<striped>": vecs})])
         from_file = emb.encode(prompts, [TextualInversion(path=str(path), token="<striped>")])
     assert torch.equal(direct, from_file)
     if fmt == "diffusers":  # the file's own token name survives
@@ -242,14 +243,6 @@ def test_embedding_file_errors(tmp_path, tiny_pipe):
         TextualInversion(path=str(wide)).new_tokens(TextEmbeddings.of(tiny_pipe))
     with pytest.raises(ConfigError, match="one token"):
         save_embeddings(tmp_path / "two.pt", {"a": torch.zeros(1, 4), "b": torch.zeros(1, 4)}, format="a1111")
-
-
-class _Learned(TextEdit):
-    def __init__(self, tokens):
-        self.tokens = tokens
-
-    def new_tokens(self, emb):
-        return self.tokens
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,8 +309,8 @@ def test_textual_inversion_from_config(tmp_path, tiny_overrides, tiny_pipe):
     cond = encode_run(over, ["a <s> circle"])
     with torch.no_grad():
         emb = TextEmbeddings.of(tiny_pipe)
-        assert maxdiff(cond.tensors["encoder_hidden_states"], emb.encode(["a <s> circle"], [_Learned({"<s>": vecs})])) <= TOL
-        assert maxdiff(cond.uncond["encoder_hidden_states"], emb.encode(["<s>"], [_Learned({"<s>": vecs})])) <= TOL
+        assert maxdiff(cond.tensors["encoder_hidden_states"], emb.encode(["a <s> circle"], [LearnedTokens({"<s>": vecs})])) <= TOL
+        assert maxdiff(cond.uncond["encoder_hidden_states"], emb.encode(["<s>"], [LearnedTokens({"<s>": vecs})])) <= TOL
     assert path.exists()
 
 
@@ -339,3 +332,49 @@ def test_clear_errors(tiny_overrides, overrides, match):
 def test_edit_plugins_need_a_text_model():
     with pytest.raises(ConfigError, match="no CLIP text encoder"):
         run(["model=gaussian", "conditioning=[token_swap]", "steps=1", "num_samples=1", "batch_size=1"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: python -m experiments.textual_inversion
+# ---------------------------------------------------------------------------------------------
+def ti_config(**over):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(Path(__file__).parent.parent / "experiments" / "textual_inversion" / "config.yaml")
+    cfg.pop("hydra")
+    return OmegaConf.merge(cfg, over)
+
+
+def test_textual_inversion_fast_run_trains_saves_and_resumes(tmp_path):
+    from experiments.textual_inversion.__main__ import load_pipe, train
+
+    out = tmp_path / "ti"
+    summary = train(ti_config(fast=True, out=str(out)))
+    learned = load_embeddings(out / "learned_embeds.safetensors")
+    assert list(learned) == ["<striped>"] and learned["<striped>"].shape == (1, 128)
+    start = TextEmbeddings.of(load_pipe("bundled"))
+    assert not torch.equal(learned["<striped>"][0], start.vector("shape"))  # the vector moved
+    assert (out / "checkpoints" / "learned_embeds-4.safetensors").exists() and (out / "train_images.png").exists()
+    assert summary["steps"] == 4 and summary["resumed_from"] == 0
+    again = train(ti_config(fast=True, out=str(out)))
+    assert again["resumed_from"] == 4
+    assert torch.equal(load_embeddings(out / "learned_embeds.safetensors")["<striped>"], learned["<striped>"])
+
+
+def test_textual_inversion_on_an_image_folder_and_a_checkpoint_folder(tmp_path, tiny_dir):
+    from PIL import Image
+
+    from experiments.textual_inversion.__main__ import train
+
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    for i, colour in enumerate([(200, 30, 30), (30, 30, 200)]):
+        Image.new("RGB", (40, 30), colour).save(pics / f"{i}.png")
+    (pics / "1.txt").write_text("a photo of {token}")
+    summary = train(ti_config(fast=True, out=str(tmp_path / "out"), images=str(pics), model=str(tiny_dir),
+                              placeholder_token="<toy>", initializer_token="a", num_vectors=2))
+    assert summary["captions"] == ["a <toy>", "a photo of <toy>"]
+    assert load_embeddings(tmp_path / "out" / "learned_embeds.safetensors")["<toy>"].shape == (2, 32)
+    with pytest.raises(ConfigError, match="no images"):
+        train(ti_config(fast=True, out=str(tmp_path / "o2"), images=str(tmp_path / "out"), model=str(tiny_dir),
+                              initializer_token="a"))

@@ -1,0 +1,202 @@
+"""Text-embedding edits on the bundled model, measured by the bundled judge (docs/embeddings.md).
+
+    python -m experiments.embeddings_study                   # writes docs/embeddings/{results.md,results.json,*.png}
+    python -m experiments.embeddings_study fast=true out=/tmp/x
+
+Three studies, each made of ordinary samplerlab runs (framework.api.run; the default sampler:
+euler on the karras grid, CFG 5, 20 steps) scored by the judge (framework.bundled.load_judge):
+
+- **swap** — prompts "a red <shape>"; runs without and with ``conditioning=[token_swap]``
+  (red → blue), and the prompts "a blue <shape>" for comparison: the judge's colour rates.
+- **mix** — ``conditioning=[token_mix]``: red's embedding ← (1 − w)·e(red) + w·e(blue) for a
+  range of w, and ``conditioning=[prompt_mix]`` ("a red …" / "a blue …" output embeddings) at
+  0.5: judge rates and the mean red and blue channels of the object pixels (pixels farther than
+  0.25 in RGB from the image's border median, i.e. the background) and of the whole image.
+- **textual inversion** — trains ``<striped>`` with experiments.textual_inversion (or reads
+  ``ti_embedding``), then generates "a <striped> <colour> <shape>" and "a <colour> <shape>": the
+  judge's striped rate with the learned token, without it, and with the untrained initial vector.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from framework.api import run
+from framework.bundled.world import COLOURS
+
+TI_CONFIG = Path(__file__).resolve().parent.parent / "textual_inversion" / "config.yaml"
+
+
+class Study:
+    def __init__(self, cfg: DictConfig, folder: Path):
+        from framework.bundled import load_judge
+
+        self.cfg, self.folder = cfg, folder
+        self.judge = load_judge()
+        self.per_prompt = 2 if cfg.fast else int(cfg.samples_per_prompt)
+        self.steps = 4 if cfg.fast else int(cfg.steps)
+        self.shapes = list(cfg.shapes)[:2] if cfg.fast else list(cfg.shapes)
+        self.images: dict[str, torch.Tensor] = {}
+
+    def generate(self, name: str, prompts: list[str], extra: list[str] = ()) -> dict[str, Any]:
+        """One run (every prompt × samples_per_prompt seeds): images, judge rates, colour statistics."""
+        n = len(prompts) * self.per_prompt
+        quoted = ",".join(f"'{p}'" for p in prompts)
+        over = [f"prompts=[{quoted}]", f"num_samples={n}", f"batch_size={min(n, 32)}", f"steps={self.steps}",
+                f"seed={self.cfg.seed}", "save_images=false", *extra]
+        t0 = time.perf_counter()
+        res = run(over, output_dir=self.folder / "runs" / name)
+        images = res.images
+        self.images[name] = images
+        pred = self.judge.predict(images * 2 - 1)
+        colours = [COLOURS[i] for i in pred["colour"].tolist()]
+        obj_r, obj_b = object_means(images)
+        return {
+            "n": n, "seconds": time.perf_counter() - t0,
+            "rate": {c: colours.count(c) / n for c in ("red", "blue", "purple")},
+            "striped": float(pred["striped"].float().mean()),
+            "image_mean_R": float(images[:, 0].mean()), "image_mean_B": float(images[:, 2].mean()),
+            "object_mean_R": obj_r, "object_mean_B": obj_b,
+        }
+
+    def swap(self) -> dict[str, Any]:
+        red = [f"a red {s}" for s in self.shapes]
+        blue = [f"a blue {s}" for s in self.shapes]
+        swap = ["conditioning=[token_swap]", "conditioning.token_swap.source=red", "conditioning.token_swap.target=blue"]
+        return {"prompt red": self.generate("swap_plain", red), "prompt red, swap red→blue": self.generate("swap_swapped", red, swap),
+                "prompt blue": self.generate("swap_blue", blue)}
+
+    def mix(self) -> dict[str, Any]:
+        red = [f"a red {s}" for s in self.shapes]
+        out = {}
+        for w in ([0.0, 0.5, 1.0] if self.cfg.fast else list(self.cfg.mix_weights)):
+            over = ["conditioning=[token_mix]", "conditioning.token_mix.token=red", "conditioning.token_mix.tokens=[red,blue]",
+                    f"conditioning.token_mix.weights=[{1 - w},{w}]"]
+            out[f"token_mix w_blue={w}"] = self.generate(f"mix_{w}", red, over)
+        for w in [0.5]:
+            over = ["conditioning=[prompt_mix]", f"conditioning.prompt_mix.weight={w}"]
+            # one second prompt per shape: run each shape separately and pool
+            parts = [self.generate(f"prompt_mix_{s}", [f"a red {s}"], over + [f"conditioning.prompt_mix.prompt='a blue {s}'"])
+                     for s in self.shapes]
+            out[f"prompt_mix w_blue={w}"] = pool(parts)
+            self.images[f"prompt_mix_{w}"] = torch.cat([self.images.pop(f"prompt_mix_{s}") for s in self.shapes])
+        return out
+
+    def textual_inversion(self) -> dict[str, Any]:
+        from experiments.textual_inversion.__main__ import train
+        from framework.embeddings import TextEmbeddings, save_embeddings
+
+        ti_cfg = OmegaConf.merge(OmegaConf.load(TI_CONFIG), {"fast": bool(self.cfg.fast), "out": str(self.folder / "ti")},
+                                 OmegaConf.to_container(self.cfg.ti))
+        ti_cfg.pop("hydra", None)
+        if self.cfg.ti_embedding:
+            path = Path(self.cfg.ti_embedding)
+            log = path.parent / "train.json"  # written beside the file by experiments.textual_inversion
+            summary = json.loads(log.read_text()) if log.exists() else {"file": str(path)}
+        else:
+            summary = train(ti_cfg)
+            path = Path(summary["file"])
+        token = str(ti_cfg.placeholder_token)
+        from experiments.textual_inversion.__main__ import load_pipe
+
+        init = TextEmbeddings.of(load_pipe("bundled")).vector(str(ti_cfg.initializer_token)).detach()[None]
+        init_path = save_embeddings(self.folder / "ti_initial.safetensors", {token: init})
+        colours = ["red", "green", "blue", "yellow"]
+        plain = [f"a {c} {s}" for c in colours for s in self.shapes]
+        with_token = [f"a {token} {c} {s}" for c in colours for s in self.shapes]
+        ti = ["conditioning=[textual_inversion]", f"conditioning.textual_inversion.path='{path}'"]
+        ti0 = ["conditioning=[textual_inversion]", f"conditioning.textual_inversion.path='{init_path}'"]
+        results = {"without token": self.generate("ti_plain", plain),
+                   "with learned token": self.generate("ti_learned", with_token, ti),
+                   "with untrained token (initializer vector)": self.generate("ti_initial", with_token, ti0)}
+        results["training"] = {k: summary.get(k) for k in ("steps", "seconds", "num_images", "batch_size", "lr", "threads",
+                                                          "loss_first_20", "loss_last_20", "initializer_token")}
+        return results
+
+
+def object_means(images: torch.Tensor, threshold: float = 0.25) -> tuple[float, float]:
+    """Mean R and B over the object pixels of all images: pixels farther than ``threshold`` (RGB
+    distance) from the median colour of the image's 2-pixel border (the background)."""
+    border = torch.cat([images[:, :, :2].flatten(2), images[:, :, -2:].flatten(2),
+                        images[:, :, :, :2].flatten(2), images[:, :, :, -2:].flatten(2)], dim=2)
+    bg = border.median(dim=2).values[:, :, None, None]
+    mask = (images - bg).norm(dim=1) > threshold
+    if not mask.any():
+        return float("nan"), float("nan")
+    return float(images[:, 0][mask].mean()), float(images[:, 2][mask].mean())
+
+
+def pool(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sample-weighted means of several runs' statistics."""
+    n = sum(p["n"] for p in parts)
+    out: dict[str, Any] = {"n": n, "seconds": sum(p["seconds"] for p in parts)}
+    for k in ("striped", "image_mean_R", "image_mean_B", "object_mean_R", "object_mean_B"):
+        out[k] = sum(p[k] * p["n"] for p in parts) / n
+    out["rate"] = {c: sum(p["rate"][c] * p["n"] for p in parts) / n for c in parts[0]["rate"]}
+    return out
+
+
+def write(results: dict[str, Any], images: dict[str, torch.Tensor], cfg: DictConfig, out: Path) -> None:
+    from framework.images import grid, to_pil
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    cols = min(16, min(len(v) for v in images.values()))
+
+    def figure(names: list[str], file: str) -> None:
+        rows = torch.cat([images[n][:cols] for n in names if n in images])
+        img = to_pil(grid(rows, nrow=cols))
+        img.resize((img.width * 2, img.height * 2), 0).save(out / file)
+
+    figure(["swap_plain", "swap_swapped", "swap_blue"], "swap.png")
+    figure([k for k in images if k.startswith("mix_")] + ["prompt_mix_0.5"], "mix.png")
+    figure(["ti_plain", "ti_learned", "ti_initial"], "textual_inversion.png")
+
+    lines = [f"Bundled model, `solver=euler schedule=karras steps={results['settings']['steps']} cfg_scale=5`, seed "
+             f"{cfg.seed}; every prompt × {results['settings']['samples_per_prompt']} samples; n = images per row. "
+             "Rates: the judge's colour head (red / blue / purple) and striped head.", ""]
+    for study, rows in results.items():
+        if study == "settings":
+            continue
+        lines += [f"### {study}", "", "| run | n | red | blue | purple | striped | object R | object B | image R | image B |",
+                  "| --- |" + " --- |" * 9]
+        for name, r in rows.items():
+            if name == "training":
+                continue
+            lines.append(f"| {name} | {r['n']} | {r['rate']['red']:.0%} | {r['rate']['blue']:.0%} | {r['rate']['purple']:.0%} | "
+                         f"{r['striped']:.0%} | {r['object_mean_R']:.3f} | {r['object_mean_B']:.3f} | "
+                         f"{r['image_mean_R']:.3f} | {r['image_mean_B']:.3f} |")
+        if "training" in rows:
+            t = rows["training"]
+            took = f"{t['seconds']:.0f} s" if t.get("seconds") is not None else "time not measured (given file)"
+            lines += ["", f"Training: {t['steps']} steps × batch {t['batch_size']} on {t['num_images']} images, lr {t['lr']}, "
+                          f"initializer '{t['initializer_token']}', {t['threads']} CPU thread(s): {took}; "
+                          f"loss {t['loss_first_20']:.4f} (mean of the first 20 steps) → {t['loss_last_20']:.4f} (last 20)."]
+        lines.append("")
+    (out / "results.md").write_text("\n".join(lines))
+
+
+@hydra.main(config_path=".", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    torch.set_num_threads(int(cfg.threads))
+    folder = Path(HydraConfig.get().runtime.output_dir)
+    study = Study(cfg, folder)
+    results: dict[str, Any] = {"settings": {"steps": study.steps, "samples_per_prompt": study.per_prompt, "shapes": study.shapes}}
+    for name in cfg.studies:
+        t0 = time.perf_counter()
+        results[name] = getattr(study, name)()
+        print(f"{name}: {time.perf_counter() - t0:.0f} s")
+    write(results, study.images, cfg, Path(cfg.out))
+    print((Path(cfg.out) / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""Textual inversion (Gal et al. 2022): learn a new token's embedding from a few images.
+
+    python -m experiments.textual_inversion                      # the bundled model, the striped concept
+    python -m experiments.textual_inversion images=my_photos placeholder_token='<my-toy>' initializer_token=toy \\
+        model=/path/to/sd15-folder steps=3000 lr=5e-4 device=cuda
+    python -m experiments.textual_inversion fast=true out=/tmp/ti # smoke run (seconds)
+
+Only the new token's vectors are trained (the UNet, VAE, text encoder and the tokenizer are frozen
+and untouched): the denoising loss of the model's own parametrisation (ε or v) at uniformly drawn
+timesteps, on the images' VAE latents (posterior means), with captions that contain the token.
+The token is placed in the input embeddings by :mod:`framework.embeddings` (no tokenizer edit).
+Without ``images`` the bundled world draws ``num_images`` scenes whose main shape is *striped* —
+the concept the bundled model saw in training but never had a word for — captioned by the world
+with the token before the colour ("a small <striped> red circle on the left").
+
+Writes ``<out>/learned_embeds.safetensors`` (diffusers format: ``pipe.load_textual_inversion``
+reads it, and so does ``conditioning=[textual_inversion]``), checkpoints every
+``checkpoint_every`` steps in ``<out>/checkpoints`` (a rerun resumes from the last one; the
+optimiser's moments restart), ``train_images.png`` and ``train.json`` (losses, seconds).
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from framework.embeddings import LearnedTokens, TextEmbeddings, load_embeddings, save_embeddings
+from framework.errors import ConfigError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def load_pipe(model: str) -> Any:
+    from framework.models.diffusers_sd import load_pipeline
+
+    if model == "bundled":
+        from framework.bundled import PIPELINE_DIR
+
+        model = str(PIPELINE_DIR)
+    return load_pipeline(model)
+
+
+def striped_scenes(n: int, seed: int, token: str) -> tuple[torch.Tensor, list[str]]:
+    """``n`` bundled-world scenes with a striped main shape ([-1, 1]) and captions naming ``token``."""
+    from framework.bundled.world import sample_scenes
+
+    scenes = sample_scenes(n, seed, concept_rate=1.0, two_shape_rate=0.0, omit_rate=0.3)
+    captions = [re.sub(rf"\b{lab.main.colour}\b", f"{token} {lab.main.colour}", cap, count=1)
+                for cap, lab in zip(scenes.captions, scenes.labels)]
+    return scenes.images, captions
+
+
+def folder_images(folder: Path, size: tuple[int, int], token: str, templates: list[str]) -> tuple[torch.Tensor, list[str]]:
+    """Images of a folder resized to ``size`` in [-1, 1]; a ``<name>.txt`` beside an image is its
+    caption (``{token}`` is replaced by the token), else the templates take turns."""
+    from PIL import Image
+
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ConfigError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in '{folder}': set images= to a folder of pictures")
+    images, captions = [], []
+    for i, f in enumerate(files):
+        img = Image.open(f).convert("RGB").resize((size[1], size[0]), Image.Resampling.BICUBIC)
+        images.append(torch.tensor(list(img.getdata()), dtype=torch.float32).view(size[0], size[1], 3).permute(2, 0, 1))
+        txt = f.with_suffix(".txt")
+        caption = txt.read_text().strip() if txt.exists() else templates[i % len(templates)]
+        if "{token}" not in caption and token not in caption:
+            raise ConfigError(f"caption of {f.name} does not contain {{token}} or {token}: add it so the token is learned")
+        captions.append(caption.replace("{token}", token))
+    return torch.stack(images) / 127.5 - 1, captions
+
+
+def save_grid(images: torch.Tensor, path: Path, columns: int = 8) -> None:
+    """A PNG grid of images in [-1, 1]."""
+    from framework.images import grid, to_pil
+
+    to_pil(grid((images + 1) / 2, nrow=columns)).save(path)
+
+
+def latest_checkpoint(folder: Path) -> tuple[int, Path] | None:
+    found = [(int(m.group(1)), p) for p in folder.glob("learned_embeds-*.safetensors")
+             if (m := re.fullmatch(r"learned_embeds-(\d+)\.safetensors", p.name))]
+    return max(found) if found else None
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train the token; returns a summary (also written to ``<out>/train.json``)."""
+    torch.set_num_threads(int(cfg.threads))
+    out = Path(cfg.out)
+    steps = 4 if cfg.fast else int(cfg.steps)
+    n_images = 4 if cfg.fast else int(cfg.num_images)
+    batch = min(2 if cfg.fast else int(cfg.batch_size), n_images)
+    token = str(cfg.placeholder_token)
+    device = torch.device(cfg.device)
+    pipe = load_pipe(str(cfg.model))
+    pipe.to(device)
+    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+        part.requires_grad_(False)
+    emb = TextEmbeddings.of(pipe)
+    if token in pipe.tokenizer.get_vocab() or any(token in t for t in ("<|startoftext|>", "<|endoftext|>")):
+        raise ConfigError(f"placeholder_token '{token}' is already a token of this tokenizer: choose a new one, e.g. '<my-concept>'")
+
+    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    size = (pipe.unet.config.sample_size * factor,) * 2
+    if cfg.images:
+        images, captions = folder_images(Path(cfg.images), size, token, list(cfg.templates))
+    else:
+        images, captions = striped_scenes(n_images, 10_000 + int(cfg.seed), token)
+    out.mkdir(parents=True, exist_ok=True)
+    save_grid(images[:16], out / "train_images.png")
+    with torch.no_grad():
+        scale = float(pipe.vae.config.scaling_factor)
+        latents = torch.cat([pipe.vae.encode(images[i:i + 64].to(device)).latent_dist.mean * scale
+                             for i in range(0, len(images), 64)])
+
+    ckpt_dir = out / "checkpoints"
+    start = 0
+    init = emb.vector(str(cfg.initializer_token)).detach().clone().repeat(int(cfg.num_vectors), 1)
+    last = latest_checkpoint(ckpt_dir) if cfg.resume else None
+    if last is not None:
+        start, path = last
+        init = load_embeddings(path, token=token)[token].to(init)
+        print(f"resuming from {path} (step {start})")
+    vectors = torch.nn.Parameter(init)
+    opt = torch.optim.AdamW([vectors], lr=float(cfg.lr), weight_decay=0.0)
+    sched = pipe.scheduler
+    alphas = sched.alphas_cumprod.to(device)
+    prediction = sched.config.get("prediction_type", "epsilon")
+    gen = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + start)
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    bar = tqdm(range(start, steps), desc="textual inversion", unit="step", initial=start, total=steps)
+    for step in bar:
+        idx = torch.randint(len(latents), (batch,), generator=gen)
+        x0 = latents[idx]
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        t = torch.randint(0, len(alphas), (batch,), generator=gen).to(device)
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        target = noise if prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+        hidden = emb.encode([captions[i] for i in idx.tolist()], [LearnedTokens({token: vectors})])
+        pred = pipe.unet(noisy, t, encoder_hidden_states=hidden).sample
+        loss = torch.nn.functional.mse_loss(pred, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
+        done = step + 1
+        if done % int(cfg.checkpoint_every) == 0 or done == steps:
+            save_embeddings(ckpt_dir / f"learned_embeds-{done}.safetensors", {token: vectors})
+    seconds = time.perf_counter() - t0
+    final = save_embeddings(out / "learned_embeds.safetensors", {token: vectors})
+    summary = {
+        "token": token, "initializer_token": str(cfg.initializer_token), "steps": steps, "resumed_from": start,
+        "batch_size": batch, "lr": float(cfg.lr), "num_images": len(images), "seconds": seconds,
+        "threads": int(cfg.threads), "device": str(device), "file": str(final),
+        "loss_first_20": sum(losses[:20]) / max(1, len(losses[:20])), "loss_last_20": sum(losses[-20:]) / max(1, len(losses[-20:])),
+        "nearest_tokens": emb.nearest(vectors[0], 5), "captions": captions[:4],
+    }
+    (out / "train.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+@hydra.main(config_path=".", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    if cfg.fast and cfg.out == "outputs/textual_inversion":
+        cfg = OmegaConf.merge(cfg, {"out": "outputs/textual_inversion_fast"})
+    summary = train(cfg)
+    print(json.dumps({k: summary[k] for k in ("file", "steps", "seconds", "loss_first_20", "loss_last_20")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
