@@ -19,3 +19,39 @@ def test_momentum_study_fast(tmp_path):
     text = (tmp_path / "docs" / "momentum_mixture_table.md").read_text()
     assert "| euler |" in text and "heavy_ball_0.2" in text
     assert len(list((tmp_path / "run" / "runs").glob("*/record.json"))) == 6
+
+
+def test_momentum_study_bundled_fast(tmp_path):
+    """The bundled-model half (fast: 2 methods × 1 CFG × 1 step count + the baseline at the floor
+    seed, 4 samples): records, results.json, noise floor, table and plot."""
+    import json
+
+    from experiments.momentum_study import images
+
+    cfg = OmegaConf.load(Path(study_mod.__file__).with_name("bundled.yaml"))
+    cfg.fast = True
+    del cfg["hydra"]
+    results = images.study(cfg, tmp_path / "run")
+    images.write(results, cfg, tmp_path / "docs")
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["runs"] == results["runs"]
+    assert [(r["method"], r["seed"]) for r in results["runs"]] == [("euler", 0), ("heavy_ball_0.5", 0), ("euler", 1)]
+    assert all(r["nfe"] == 5 and r["fid"] > 0 and 0 <= r["clipped"] <= 1 for r in results["runs"])
+    assert len(results["real_vs_real_fid"]) == 2 and results["model"]["unet_sha256"]
+    assert len(list((tmp_path / "run" / "runs").glob("*/record.json"))) == 3
+    text = (tmp_path / "docs" / "momentum_bundled_table.md").read_text()
+    assert "| heavy_ball_0.5 |" in text and "Real vs real" in text and "seed 1 vs seed 0" in text
+    assert (tmp_path / "docs" / "momentum_bundled.png").stat().st_size > 1000
+
+
+def test_distill_stats_on_true_mixture_samples():
+    """The distillation table's mixture statistics are calibrated: true samples give spread ≈ 1, TV ≈ 0."""
+    import torch
+
+    from experiments.momentum_study.distill import mixture_stats
+    from framework.models.analytic import Mixture
+
+    model = Mixture()
+    st = mixture_stats(model, model.sample_data(4096, torch.Generator().manual_seed(0)))
+    assert abs(st["spread"] - 1) < 0.05 and st["tv"] < 0.03, st
+    shrunk = mixture_stats(model, model.means.repeat(8, 1))
+    assert shrunk["spread"] == 0 and shrunk["nll"] < st["nll"]

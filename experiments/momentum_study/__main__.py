@@ -1,7 +1,9 @@
-"""Momentum/history methods × steps on an analytic model: error to the reference ODE solution vs NFE.
+"""Momentum/history methods × steps: error to the reference ODE solution vs NFE on an analytic model
+(config.yaml), FID and CLIP score vs NFE on the bundled model (bundled.yaml, see images.py).
 
     python -m experiments.momentum_study                 # writes docs/momentum_mixture.{md,png}
     python -m experiments.momentum_study fast=true out=/tmp/x
+    python -m experiments.momentum_study --config-name bundled   # writes docs/momentum_bundled.{md,png}
 
 Each grid point is an ordinary samplerlab run (framework.api.run, float64, exact/reference error);
 the table and plot are written to ``out`` and every run's record to the Hydra run folder.
@@ -66,6 +68,13 @@ def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     folder = Path(HydraConfig.get().runtime.output_dir)
+    if "cfg_scales" in cfg:  # the bundled-model half
+        from experiments.momentum_study import images
+
+        results = images.study(cfg, folder)
+        images.write(results, cfg, Path(cfg.out))
+        print(f"results: {folder / 'results.json'}")
+        return
     table = study(cfg, folder)
     write(table, cfg, Path(cfg.out))
     atomic_write_json(folder / "record.json", {"experiment": "momentum_study", "config": OmegaConf.to_container(cfg),

@@ -1,0 +1,170 @@
+"""The image half of the momentum study: momentum × beta × steps × CFG scale on the bundled model,
+scored by FID (bundled-CLIP features, plugins/metrics/fid.py) and CLIP score vs NFE.
+
+    python -m experiments.momentum_study --config-name bundled           # writes docs/momentum_bundled*
+    python -m experiments.momentum_study --config-name bundled fast=true out=/tmp/x
+
+One process, one loop of framework.api.run calls (torch on one thread: measured 5–8× faster than
+two threads on the shared 2-core machine). Every finished configuration is appended to
+``results.json`` in the Hydra run folder at once, so an interrupted study keeps what it measured.
+The FID noise floor is measured two ways: real-vs-real (fresh real sets of the generated size
+against the same 256-scene reference) and the baseline at a second seed.
+"""
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from framework.api import run
+from framework.records import atomic_write_json
+
+
+def model_version() -> dict[str, str]:
+    """The bundled model used: MODEL_CARD title, last commit of its weights, hash of the UNet file."""
+    from framework.bundled import PIPELINE_DIR
+
+    root = Path(PIPELINE_DIR).resolve().parents[1]
+    title = (root / "MODEL_CARD.md").read_text().splitlines()[0].lstrip("# ").strip()
+    unet = Path(PIPELINE_DIR) / "unet" / "diffusion_pytorch_model.safetensors"
+    digest = hashlib.sha256(unet.read_bytes()).hexdigest()[:12]
+    try:
+        sha = subprocess.run(["git", "log", "-1", "--format=%h", "--", str(root / "weights")], cwd=root,
+                             capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", str(root / "weights")], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        sha, dirty = "unknown", ""
+    return {"title": title, "weights_commit": sha + (" (modified since)" if dirty else ""), "unet_sha256": digest}
+
+
+def clipped_fraction(images: torch.Tensor) -> float:
+    """Fraction of decoded pixel values at the clamp (0 or 1): a saturation/divergence indicator."""
+    return float(((images <= 0) | (images >= 1)).float().mean())
+
+
+def real_noise_floor(n: int, reference: int, reference_seed: int, seeds: list[int]) -> list[float]:
+    """FID between fresh real sets of ``n`` scenes and the ``reference`` set the fid plugin uses."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from framework.bundled.world import sample_scenes
+    from framework.metrics.clip_features import BundledCLIPFeatures
+
+    features = BundledCLIPFeatures()
+    ref = (sample_scenes(reference, seed=reference_seed).images + 1) / 2
+    out = []
+    for s in seeds:
+        fid = FrechetInceptionDistance(feature=features, normalize=True, input_img_size=(3, 64, 64))
+        fid.update(ref, real=True)
+        fid.update((sample_scenes(n, seed=s).images + 1) / 2, real=False)
+        out.append(float(fid.compute()))
+    return out
+
+
+def study(cfg: DictConfig, folder: Path) -> dict[str, Any]:
+    """Run every (method, CFG scale, steps) and the baseline at the floor seed; returns the results."""
+    torch.set_num_threads(int(cfg.threads))
+    methods = OmegaConf.to_container(cfg.methods)
+    steps, scales = list(cfg.steps), list(cfg.cfg_scales)
+    n, ref = int(cfg.num_samples), int(cfg.fid_reference)
+    if cfg.fast:
+        methods = {k: methods[k] for k in list(methods)[:2]}
+        steps, scales, n, ref = steps[:1], scales[:1], 4, 16
+    base = ["model=bundled", f"solver={cfg.solver}", f"num_samples={n}", f"batch_size={n}", "callback=[]",
+            "metrics=[fid,clip_score]", "save_images=false", f"metrics.fid.reference={ref}"]
+    results: dict[str, Any] = {"model": model_version(), "num_samples": n, "fid_reference": ref, "runs": []}
+    t0 = time.perf_counter()
+    first = next(iter(methods))
+    jobs = []  # fewest steps first (where momentum matters): an interrupted study keeps whole columns
+    for s in steps:
+        for c in scales:
+            jobs += [(name, extra, c, s, cfg.seed) for name, extra in methods.items()]
+            jobs.append((first, methods[first], c, s, cfg.floor_seed))  # the seed-to-seed spread
+    for name, extra, c, s, seed in tqdm(jobs, desc="momentum study (bundled)"):
+        res = run(base + list(extra) + [f"cfg_scale={c}", f"steps={s}", f"seed={seed}"],
+                  output_dir=folder / "runs" / f"{name}_cfg{c}_{s}_seed{seed}")
+        m = res.record["metrics"]
+        results["runs"].append({"method": name, "cfg_scale": c, "steps": s, "seed": seed, "nfe": m["nfe"],
+                                "fid": m["fid"], "clip_score": m["clip_score"], "seconds": m["seconds"],
+                                "clipped": clipped_fraction(res.images)})
+        atomic_write_json(folder / "results.json", results)
+    floor_seeds = [cfg.floor_seed + k for k in range(2 if cfg.fast else 5)]
+    results["real_vs_real_fid"] = real_noise_floor(n, ref, 1234, floor_seeds)
+    results["seconds"] = time.perf_counter() - t0
+    atomic_write_json(folder / "results.json", results)
+    return results
+
+
+def write(results: dict[str, Any], cfg: DictConfig, out: Path) -> None:
+    """Tables (markdown) and a plot (FID and CLIP score vs NFE, one column per CFG scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [r for r in results["runs"] if r["seed"] == cfg.seed]
+    floor_runs = [r for r in results["runs"] if r["seed"] != cfg.seed]
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    steps = sorted({r["steps"] for r in runs})
+    scales = sorted({r["cfg_scale"] for r in runs})
+    get = {(r["method"], r["cfg_scale"], r["steps"]): r for r in runs}
+    rr = results.get("real_vs_real_fid", [])
+    mv = results["model"]
+    lines = [f"Bundled model `{mv['title']}` (weights commit {mv['weights_commit']}, UNet sha256 {mv['unet_sha256']}); "
+             f"{results['num_samples']} samples per configuration (seed {cfg.seed}, the 4 default prompts in turn), "
+             f"base `solver={cfg.solver}`, karras grid; NFE = steps (a CFG pair is one NFE). FID on bundled-CLIP "
+             f"features against {results['fid_reference']} fresh real scenes (lower is better); CLIP score under "
+             f"the bundled CLIP (higher is better); clipped = fraction of decoded pixel values at 0 or 1."
+             + (f" Study time {results['seconds'] / 60:.0f} min." if "seconds" in results else ""), ""]
+    if rr:
+        mean = sum(rr) / len(rr)
+        sd = (sum((v - mean) ** 2 for v in rr) / max(1, len(rr) - 1)) ** 0.5
+        lines += [f"**Noise floor.** Real vs real ({results['num_samples']} fresh real scenes against the same "
+                  f"reference, {len(rr)} seeds): FID {mean:.3f} ± {sd:.3f} (min {min(rr):.3f}, max {max(rr):.3f})."]
+    if floor_runs:
+        diffs = [abs(r["fid"] - get[(r["method"], r["cfg_scale"], r["steps"])]["fid"]) for r in floor_runs
+                 if (r["method"], r["cfg_scale"], r["steps"]) in get]
+        if diffs:
+            lines += [f"Baseline `{floor_runs[0]['method']}` at seed {floor_runs[0]['seed']} vs seed {cfg.seed}: "
+                      f"|ΔFID| mean {sum(diffs) / len(diffs):.3f}, max {max(diffs):.3f} over {len(diffs)} "
+                      "configurations; differences below this are noise."]
+    lines.append("")
+    for key, fmt in (("fid", "{:.3f}"), ("clip_score", "{:.2f}"), ("clipped", "{:.3f}")):
+        for c in scales:
+            lines += [f"**{key}, CFG {c}** (columns: steps = NFE)", "",
+                      "| method | " + " | ".join(str(s) for s in steps) + " |", "| --- |" + " --- |" * len(steps)]
+            for name in methods:
+                cells = [fmt.format(get[(name, c, s)][key]) if (name, c, s) in get else "—" for s in steps]
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            lines.append("")
+    fig, axes = plt.subplots(2, len(scales), figsize=(5.5 * len(scales), 7), squeeze=False)
+    for j, c in enumerate(scales):
+        for i, key in enumerate(("fid", "clip_score")):
+            ax = axes[i][j]
+            for k, name in enumerate(methods):
+                pts = [(get[(name, c, s)]["nfe"], get[(name, c, s)][key]) for s in steps if (name, c, s) in get]
+                if pts:
+                    ax.plot(*zip(*pts), marker="os^vD<>"[k % 7], label=name)
+            if key == "fid" and rr:
+                ax.axhspan(min(rr), max(rr), color="grey", alpha=0.25, label="real vs real (range)")
+            floor = [(r["nfe"], r[key]) for r in floor_runs if r["cfg_scale"] == c]
+            if floor:
+                ax.plot(*zip(*sorted(floor)), color="black", linestyle=":", marker="x", label=f"{methods[0]}, seed {floor_runs[0]['seed']}")
+            ax.set_xscale("log")
+            ax.set_xticks(steps, [str(s) for s in steps])
+            ax.set_xlabel("NFE")
+            ax.set_ylabel("FID (bundled CLIP)" if key == "fid" else "CLIP score")
+            ax.set_title(f"CFG {c}: {'FID' if key == 'fid' else 'CLIP score'} vs NFE")
+            ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "momentum_bundled.png", dpi=110)
+    plt.close(fig)
+    (out / "momentum_bundled_table.md").write_text("\n".join(lines))
