@@ -398,6 +398,7 @@ def execute(
     xs_T, xs, imgs, nfes, calls = [], [], [], [], []
     failed: dict[int, str] = {}
     resumed: list[int] = []
+    finished: list[int] = []  # sizes of the batches done (saved, when there is a run folder)
     indices = settings.indices()
     batches = _batches(indices, settings.batch_size)
     bar = tqdm(total=len(batches) * schedule.steps, desc="sampling", unit="step", disable=None, leave=False)
@@ -425,6 +426,7 @@ def execute(
                 if folder is not None and saved is None:
                     pngs = images if settings.save_images else None
                     records.save_batch(folder, key, ks, x_T, x, pngs, bad, batch.nfe, batch.unet_calls)
+                finished.append(len(ks))
                 failed.update(bad)
                 for name, fn in plugins.calls("batch_end"):
                     call(name, "batch_end", fn, run=run, batch=batch, latents=latents, images=images)
@@ -434,9 +436,8 @@ def execute(
                 nfes.append(batch.nfe)
                 calls.append(batch.unet_calls)
     except KeyboardInterrupt:
-        done = sum(len(ks) for ks in batches[: len(xs)])
-        where = f"{done} samples saved in {folder}: rerun the same command to resume" if folder else "no run folder"
-        print(f"samplerlab: interrupted after {len(xs)} of {len(batches)} batches; {where}", file=sys.stderr)
+        where = f"{sum(finished)} samples saved in {folder}: rerun the same command to resume" if folder else "no run folder"
+        print(f"samplerlab: interrupted after {len(finished)} of {len(batches)} batches; {where}", file=sys.stderr)
         raise
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -1,8 +1,8 @@
 """Run records and the run folder, every file written atomically (temporary file, then rename).
 
 A run folder holds ``samples/{k:06d}.png`` (k = the global sample index), ``batches/{first:06d}.safetensors``
-(per batch: ``x_T`` and ``latents``, with the run key, indices, failures and NFE in its metadata —
-what a resumed run reads back), ``grid.png`` and, written last, ``record.json`` (schema_version,
+(per batch: ``x_T`` and ``latents``, and in the metadata key ``samplerlab`` a JSON object with the
+run key, indices, failures and NFE — what a resumed run reads back), ``grid.png`` and, written last, ``record.json`` (schema_version,
 run key, resolved config, plugins, metrics, versions). A folder with a record.json is finished.
 """
 from __future__ import annotations
@@ -173,10 +173,15 @@ def save_batch(
         for k, img in zip(indices, images):
             if k not in failures:
                 atomic_write_bytes(Path(folder) / sample_name(k), png_bytes(img))
-    meta = {"run_key": key, "indices": json.dumps(indices), "nfe": str(nfe), "unet_calls": str(unet_calls),
-            "failures": json.dumps({str(k): why for k, why in failures.items()})}
+    info = {"run_key": key, "indices": indices, "nfe": nfe, "unet_calls": unet_calls,
+            "failures": {str(k): why for k, why in failures.items()}}
+    meta = {"samplerlab": json.dumps(info, sort_keys=True)}  # one key: safetensors orders keys at random
     tensors = {"x_T": x_T.detach().cpu().contiguous(), "latents": latents.detach().cpu().contiguous()}
     atomic_write_bytes(batch_path(folder, indices), st_save(tensors, metadata=meta))
+
+
+def _batch_info(f: Any) -> dict[str, Any]:
+    return json.loads((f.metadata() or {}).get("samplerlab", "{}"))
 
 
 def load_batch(folder: Path, key: str, indices: list[int]) -> SavedBatch | None:
@@ -188,12 +193,12 @@ def load_batch(folder: Path, key: str, indices: list[int]) -> SavedBatch | None:
         return None
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("run_key") != key or json.loads(meta.get("indices", "null")) != indices:
+            info = _batch_info(f)
+            if info.get("run_key") != key or info.get("indices") != indices:
                 return None
             x_T, latents = f.get_tensor("x_T"), f.get_tensor("latents")
-        failures = {int(k): why for k, why in json.loads(meta.get("failures", "{}")).items()}
-        return SavedBatch(x_T, latents, failures, int(meta["nfe"]), int(meta["unet_calls"]))
+        failures = {int(k): why for k, why in info["failures"].items()}
+        return SavedBatch(x_T, latents, failures, int(info["nfe"]), int(info["unet_calls"]))
     except Exception as e:  # damaged: make the batch again
         warnings.warn(f"ignoring unreadable {path} ({type(e).__name__}: {e}); the batch is made again", stacklevel=2)
         return None
@@ -236,7 +241,7 @@ def load_finished(folder: Path, key: str) -> Result | None:
         from safetensors import safe_open
 
         with contextlib.suppress(Exception), safe_open(str(p), framework="pt") as f:
-            ks = json.loads((f.metadata() or {}).get("indices", "[]"))
+            ks = _batch_info(f).get("indices", [])
             b = load_batch(folder, key, ks)
             if b is not None:
                 saved.append(b)
@@ -247,7 +252,7 @@ def load_finished(folder: Path, key: str) -> Result | None:
     if rec.get("images"):
         failed = set(rec.get("failed_samples", []))
         try:
-            pics = {k: torch.from_numpy(np.asarray(Image.open(Path(folder) / sample_name(k)).convert("RGB"))).permute(2, 0, 1)
+            pics = {k: torch.from_numpy(np.array(Image.open(Path(folder) / sample_name(k)).convert("RGB"))).permute(2, 0, 1)
                     for k in indices if k not in failed}
         except OSError:  # a PNG was removed or damaged: the run is made again (its batches are read back)
             return None
