@@ -6,42 +6,30 @@ resized to the model's pixel size."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from pathlib import Path
+from typing import ClassVar
 
-import numpy as np
 import torch
 
 from framework import hookimpl
 from framework.errors import ConfigError
-
-
-def load_image(path: str, size: tuple[int, int]) -> torch.Tensor:
-    """A [1, 3, H, W] float tensor in [0, 1] from an image file, resized to ``size`` (H, W)."""
-    from PIL import Image
-
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ConfigError(f"img2img image '{path}' not found: give an existing image file in guidance.img2img.image")
-    img = Image.open(file).convert("RGB").resize((size[1], size[0]), Image.Resampling.BICUBIC)
-    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 255
+from framework.guidance import load_image, pixel_size
 
 
 @dataclass
 class Img2Img:
+    key: ClassVar[str] = "img2img"
     image: str = ""
     strength: float = 0.6
 
     def __post_init__(self) -> None:
         if not 0 < self.strength <= 1:
-            raise ConfigError(f"img2img.strength must be in (0, 1], got {self.strength}")
+            raise ConfigError(f"{self.key}.strength must be in (0, 1], got {self.strength}")
 
     @hookimpl
     def configure(self, run):
         if not hasattr(run.model, "encode_images"):
-            raise ConfigError("img2img needs a model with an image encoder (a VAE): use an image model")
-        c, h, w = run.model.latent_shape
-        factor = 2 ** (len(run.model.vae.config.block_out_channels) - 1)
-        self._pixels = load_image(self.image, (h * factor, w * factor))
+            raise ConfigError(f"{self.key} needs a model with an image encoder (a VAE): use an image model")
+        self._pixels = load_image(self.image, pixel_size(run.model), f"guidance.{self.key}.image")
 
     @hookimpl
     def adjust_schedule(self, run, schedule):

@@ -1,0 +1,81 @@
+"""CLIP text guidance (as in CLIP-guided diffusion, e.g. Nichol et al. 2022 "GLIDE" §3.2, and the
+deep dive's suggestion): raise the image–text similarity of the decoded predicted x0.
+
+loss = 1 − cos(f_img(image), f_txt(text)) under a CLIP: the bundled CLIP (default, offline,
+framework.bundled.load_clip) or any transformers CLIPModel folder in ``model`` (read offline).
+Images are resized (bilinear, antialiased) to the CLIP's input size and normalised with the
+folder's ``preprocessor_config.json`` mean/std — differentiably, so the gradient reaches the
+latents. Applied by framework.loss_guidance (latent correction x ← x − scale·σ²·∇ₓloss by default).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from framework.errors import ConfigError, ModelNotFoundError
+from framework.loss_guidance import LossGuidance
+
+OPENAI_MEAN, OPENAI_STD = (0.4815, 0.4578, 0.4082), (0.2686, 0.2613, 0.2758)
+
+
+def pooled(out) -> torch.Tensor:
+    """CLIP features as a tensor (transformers 5 returns an output object with ``pooler_output``)."""
+    return out if torch.is_tensor(out) else out.pooler_output
+
+
+def load_clip_model(model: str | None):
+    """(CLIPModel, tokenizer, mean, std) of the bundled CLIP (None) or a local transformers folder."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    if model is None:
+        from framework.bundled import CLIP_DIR, load_clip
+
+        clip, tokenizer = load_clip()
+        folder = CLIP_DIR
+    else:
+        folder = Path(model).expanduser()
+        if not (folder / "config.json").is_file():
+            raise ModelNotFoundError(f"CLIP folder '{model}' not found (no config.json): give a local transformers CLIP folder in guidance.clip_text.model, or null for the bundled CLIP")
+        clip = CLIPModel.from_pretrained(folder, local_files_only=True).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    mean, std = OPENAI_MEAN, OPENAI_STD
+    pre = folder / "preprocessor_config.json"
+    if pre.is_file():
+        cfg = json.loads(pre.read_text())
+        mean, std = tuple(cfg.get("image_mean", mean)), tuple(cfg.get("image_std", std))
+    return clip.requires_grad_(False), tokenizer, mean, std
+
+
+@dataclass
+class CLIPText(LossGuidance):
+    text: str = ""
+    model: str | None = None
+    scale: float = 50.0
+    every: int = 1
+
+    def setup(self, run) -> None:
+        if not self.text.strip() or self.text == "???":
+            raise ConfigError("guidance.clip_text.text is empty: give the text to guide towards, e.g. 'guidance.clip_text.text=a green square'")
+        clip, tokenizer, mean, std = load_clip_model(self.model)
+        self._clip = clip.to(run.device, run.dtype)
+        tok = tokenizer([self.text], padding=True, return_tensors="pt").to(run.device)
+        with torch.no_grad():
+            t = pooled(self._clip.get_text_features(**tok))
+        self._text = torch.nn.functional.normalize(t.float(), dim=-1)
+        self._mean = torch.tensor(mean, device=run.device, dtype=run.dtype).reshape(1, 3, 1, 1)
+        self._std = torch.tensor(std, device=run.device, dtype=run.dtype).reshape(1, 3, 1, 1)
+        self._size = int(self._clip.config.vision_config.image_size)
+
+    def similarity(self, images: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity [n] of images in [0, 1] with the text."""
+        if images.shape[-2:] != (self._size, self._size):
+            images = torch.nn.functional.interpolate(images, size=(self._size, self._size), mode="bilinear",
+                                                     antialias=True, align_corners=False)
+        f = pooled(self._clip.get_image_features(pixel_values=(images - self._mean) / self._std))
+        return (torch.nn.functional.normalize(f.float(), dim=-1) * self._text).sum(-1)
+
+    def loss(self, images, state):
+        return 1 - self.similarity(images)

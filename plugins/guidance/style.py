@@ -1,0 +1,37 @@
+"""Style loss guidance (Gatys et al. 2016, "Image Style Transfer Using Convolutional Neural
+Networks"): match the Gram statistics of a reference image's feature maps.
+
+loss = Σ_layers mean‖G_l(image) − G_l(reference)‖² with G_l the channel Gram matrix of layer l,
+normalised by C·H·W, under a small frozen CNN: the bundled judge's four conv blocks
+(framework.guidance.JudgeFeatures; 32, 16, 8 and 4 px). Gram statistics need convolutional feature
+maps: the judge is a CNN trained on this world's colours, shapes and stripes, so its early layers
+code colour and texture; the bundled CLIP's vision tower is a 3-layer ViT with 8-px patches (an
+8×8 token grid at 64 px) whose tokens mix globally through attention — a poorer texture code.
+Applied by framework.loss_guidance with gradient-norm scaling by default (x ← x − scale·σ·ĝ, ĝ the
+unit-RMS gradient): the raw gradient of Gram statistics varies by orders of magnitude between references.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from framework.guidance import JudgeFeatures, gram, load_image, pixel_size
+from framework.loss_guidance import LossGuidance
+
+
+@dataclass
+class Style(LossGuidance):
+    image: str = ""
+    scale: float = 0.2
+    normalize: bool = True
+    every: int = 2
+
+    def setup(self, run) -> None:
+        self._net = JudgeFeatures().to(run.device, run.dtype)
+        ref = load_image(self.image, pixel_size(run.model), "guidance.style.image").to(run.device, run.dtype)
+        with torch.no_grad():
+            self._ref_grams = [gram(f) for f in self._net(ref)]
+
+    def loss(self, images, state):
+        return sum((gram(f) - g).pow(2).flatten(1).mean(1) for f, g in zip(self._net(images), self._ref_grams))
