@@ -2,7 +2,9 @@
 Dormand–Prince method (``solve_ivp(method="DOP853")``, Hairer et al.) on the probability-flow ODE
 in log σ, dx/d log σ = x − D(x, σ), to tolerances ``rtol``/``atol`` (default 1e-10). A step to
 σ = 0 is integrated to ``sigma_floor`` and finished with D there (the ODE's limit x(0) = D(x(σ), σ)
-up to O(σ²)). Every right-hand side is one NFE. The tolerance applies to the whole batch as one
+up to O(σ²)); with ``final: denoise`` it returns D at the grid's last nonzero σ instead, the final
+step the fixed-step solvers take (for measuring their discretisation error alone). Every
+right-hand side is one NFE. The tolerance applies to the whole batch as one
 vector: samples of a batch share their steps (results are not bit-batch-invariant). Use float64."""
 from __future__ import annotations
 
@@ -22,16 +24,21 @@ class Reference:
     rtol: float = 1e-10
     atol: float = 1e-10
     sigma_floor: float = 1e-6
+    final: str = "integrate"  # integrate | denoise
 
     def __post_init__(self) -> None:
         if self.rtol <= 0 or self.atol <= 0 or self.sigma_floor <= 0:
             raise ConfigError("reference needs rtol, atol, sigma_floor > 0")
+        if self.final not in ("integrate", "denoise"):
+            raise ConfigError(f"solver.final must be integrate or denoise, got '{self.final}'")
 
     @hookimpl
     def step(self, state: SamplerState, denoise) -> torch.Tensor:
         from scipy.integrate import solve_ivp
 
         x0 = state.pred.x
+        if state.sigma_next == 0 and self.final == "denoise":
+            return state.pred.denoised
         shape, dtype, device = x0.shape, x0.dtype, x0.device
         end = state.sigma_next if state.sigma_next > 0 else min(self.sigma_floor, state.sigma)
 

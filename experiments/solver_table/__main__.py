@@ -1,0 +1,154 @@
+"""Error to the reference solution vs NFE for every solver × schedule (issue 4's table).
+
+    python -m experiments.solver_table                   # writes docs/solver_table.md + plots
+    python -m experiments.solver_table fast=true out=/tmp/x
+
+For each model, schedule and NFE budget, every solver runs as an ordinary samplerlab run
+(framework.api.run) with the largest step count whose measured NFE fits the budget (NFE(steps) is
+probed first: it is affine in steps for every solver here). Its final latents are compared with
+the reference: ``solver=reference`` (scipy DOP853, tolerances from the config) started from the same
+x_T (checked bit for bit) on the grid's first σ, integrated to the grid's last nonzero σ and
+finished with D there — the final step the fixed-step solvers take. The error is the RMSE over all
+elements of all samples. Stochastic solvers do not converge to the ODE solution: their rows say
+how far their samples land from it, not a discretisation error. Seconds per sample are wall time
+of the sampling loop on this machine (shared CPU; compare within one table only).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from framework.api import run
+from framework.errors import ConfigError
+from framework.records import atomic_write_bytes, atomic_write_json
+
+
+class Table:
+    """One model's runs; references are cached per (first σ, last nonzero σ, init noise scale)."""
+
+    def __init__(self, cfg: DictConfig, model: str, folder: Path):
+        self.cfg, self.model, self.folder = cfg, model, folder
+        n = 2 if cfg.fast else cfg.num_samples[model]
+        self.base = [f"model={model}", f"dtype={cfg.dtype[model]}", f"num_samples={n}", f"batch_size={n}",
+                     "callback=[]", "save_images=false"]
+        if model in ("mixture", "gaussian"):
+            self.base.append("guidance=[]")
+        self.refs: dict[tuple, torch.Tensor] = {}
+        self.ref_nfe: dict[tuple, float] = {}
+
+    def run(self, extra: list[str], name: str):
+        return run(self.base + extra, output_dir=self.folder / self.model / name)
+
+    def nfe_of_steps(self, solver: str, schedule: str) -> tuple[float, float]:
+        """(a, b) with NFE = a·steps + b, from two short runs."""
+        n = [self.run([f"solver={solver}", f"schedule={schedule}", f"steps={s}", "num_samples=1", "batch_size=1"],
+                      f"probe_{solver}_{schedule}_{s}").record["metrics"]["nfe"] for s in (4, 8)]
+        a = (n[1] - n[0]) / 4
+        return a, n[0] - 4 * a
+
+    def reference(self, result) -> tuple[torch.Tensor, float]:
+        sig = result.schedule.sigmas
+        last = [s for s in sig if s > 0][-1]
+        key = (round(sig[0], 9), round(last, 9), round(result.schedule.init_noise_scale, 9))
+        if key not in self.refs:
+            r = self.cfg.reference[self.model]
+            grid = [sig[0], last, 0.0] if last < sig[0] else [sig[0], 0.0]
+            ref = self.run(["solver=reference", f"solver.rtol={r.rtol}", f"solver.atol={r.atol}",
+                            "solver.final=denoise", "schedule=custom", f"schedule.sigmas=[{','.join(map(repr, grid))}]",
+                            f"schedule.init_noise={result.schedule.init_noise_scale!r}", f"steps={len(grid) - 1}"],
+                           f"reference_{len(self.refs)}")
+            if not torch.equal(ref.x_T, result.x_T):
+                raise RuntimeError("the reference run did not start from the solver run's x_T")
+            self.refs[key], self.ref_nfe[key] = ref.latents, ref.record["metrics"]["nfe"]
+        return self.refs[key], self.ref_nfe[key]
+
+    def cell(self, solver: str, schedule: str, steps: int) -> dict[str, float]:
+        res = self.run([f"solver={solver}", f"schedule={schedule}", f"steps={steps}"], f"{solver}_{schedule}_{steps}")
+        ref, ref_nfe = self.reference(res)
+        err = float((res.latents.double() - ref.double()).pow(2).mean().sqrt())
+        m = res.record["metrics"]
+        return {"steps": steps, "nfe": m["nfe"], "error": err, "seconds_per_sample": m["seconds_per_sample"],
+                "reference_nfe": ref_nfe}
+
+
+def study(cfg: DictConfig, folder: Path) -> dict:
+    """{model: {schedule: {solver: [cells] | {"skipped": reason}}}}"""
+    models, schedules, solvers, budgets = list(cfg.models), list(cfg.schedules), list(cfg.solvers), list(cfg.nfe)
+    if cfg.fast:
+        schedules, solvers, budgets = schedules[:1], ["euler", "heun"], budgets[:2]
+    out: dict = {}
+    for model in models:
+        t = Table(cfg, model, folder)
+        for schedule in schedules:
+            for solver in tqdm(solvers, desc=f"{model} {schedule}"):
+                try:
+                    a, b = t.nfe_of_steps(solver, schedule)
+                    steps = sorted({max(1, math.floor((n - b) / a + 1e-9)) for n in budgets})
+                    cells = [t.cell(solver, schedule, s) for s in steps]
+                except ConfigError as e:
+                    cells = {"skipped": str(e)}
+                out.setdefault(model, {}).setdefault(schedule, {})[solver] = cells
+    return out
+
+
+def write(results: dict, cfg: DictConfig, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stochastic = set(cfg.stochastic)
+    lines = ["<!-- made by: python -m experiments.solver_table (do not edit by hand) -->", ""]
+    for model, by_schedule in results.items():
+        n = 2 if cfg.fast else cfg.num_samples[model]
+        lines += [f"### `model={model}` ({cfg.dtype[model]}, {n} samples{', CFG 5' if model == 'bundled' else ''})", ""]
+        fig, axes = plt.subplots(1, len(by_schedule), figsize=(5.2 * len(by_schedule), 4.4), squeeze=False)
+        for ax, (schedule, rows) in zip(axes[0], by_schedule.items()):
+            budgets = sorted({c["nfe"] for cells in rows.values() if isinstance(cells, list) for c in cells})
+            lines += [f"**schedule={schedule}** — RMSE to the reference (measured NFE in the header; a cell is the "
+                      "run with the largest step count whose NFE fits; `·` none fits)", "",
+                      "| solver | " + " | ".join(f"{b:g}" for b in budgets) + " | s/sample @max |",
+                      "| --- |" + " --- |" * (len(budgets) + 1)]
+            for i, (solver, cells) in enumerate(rows.items()):
+                label = solver + (" *(stoch.)*" if solver in stochastic else "")
+                if isinstance(cells, dict):
+                    lines.append(f"| {label} | skipped: {cells['skipped']} |")
+                    continue
+                by_nfe = {c["nfe"]: c for c in cells}
+                row = [f"{by_nfe[b]['error']:.2e}" if b in by_nfe else "·" for b in budgets]
+                lines.append(f"| {label} | " + " | ".join(row) + f" | {cells[-1]['seconds_per_sample']:.3g} |")
+                ax.loglog([c["nfe"] for c in cells], [max(c["error"], 1e-16) for c in cells],
+                          marker="os^D"[i % 4], linestyle=":" if solver in stochastic else "-", label=solver)
+            refs = sorted({c["reference_nfe"] for cells in rows.values() if isinstance(cells, list) for c in cells})
+            lines += ["", f"Reference solutions: {len(refs)} distinct, {min(refs):g}–{max(refs):g} NFE each.", ""]
+            ax.set(xlabel="NFE", ylabel="RMSE to reference", title=f"{model}, {schedule}")
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0][-1].legend(fontsize=6, ncol=2, loc="lower left")
+        fig.tight_layout()
+        out.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out / f"solver_table_{model}.png", dpi=100)
+        plt.close(fig)
+        lines += [f"![error vs NFE on {model}](solver_table_{model}.png)", ""]
+    atomic_write_bytes(out / "solver_table.md", ("\n".join(lines) + "\n").encode())
+
+
+@hydra.main(config_path=".", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    folder = Path(HydraConfig.get().runtime.output_dir)
+    results = study(cfg, folder)
+    write(results, cfg, Path(cfg.out))
+    atomic_write_json(folder / "record.json", {"experiment": "solver_table", "config": OmegaConf.to_container(cfg),
+                                               "results": results})
+    print(json.dumps({m: {s: len(r) for s, r in v.items()} for m, v in results.items()}))
+
+
+if __name__ == "__main__":
+    main()
