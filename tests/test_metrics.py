@@ -193,3 +193,37 @@ def test_speed_plugin_reports_throughput_and_peak_memory():
     assert m["samples_per_second"] == pytest.approx(64 / m["sampling_seconds"])
     assert m["sampling_seconds_per_sample"] == pytest.approx(m["sampling_seconds"] / 64)
     assert m["peak_rss_mb"] > 10 and "images_per_second" not in m  # no decoder: samples, not images
+
+
+# --- samplerlab-score: scoring saved samples, merging shards ----------------------------------------
+def test_score_merges_two_shards_like_one_run(tiny_overrides, tmp_path, capsys):
+    import json
+
+    from framework.score import main as score_main
+
+    base = [*tiny_overrides, "num_samples=4", "batch_size=2", "steps=2"]
+    fid = [f"metrics.fid.cache_dir={tmp_path / 'c'}", "metrics.fid.reference=16"]
+    whole = run([*base, "metrics=[fid,clip_score]", *fid]).record["metrics"]  # scored live, float images
+    for k in (0, 1):
+        run([*base, f"shard_index={k}", "shard_count=2", f"output_dir={tmp_path / f'shard{k}'}"])
+    a, b = tmp_path / "shard0", tmp_path / "shard1"
+    assert sorted(p.name for p in b.glob("samples/*.png")) == ["000002.png", "000003.png"]
+    assert score_main([str(a), str(b), str(a), "metrics=[fid,clip_score]", *fid, "--out", str(tmp_path / "merged")]) == 0
+    merged = json.loads((tmp_path / "merged" / "record.json").read_text())
+    assert merged["num_samples"] == 4 and merged["missing_samples"] == [] and merged["kind"] == "merged"
+    assert [s["samples"] for s in merged["sources"]] == [2, 2, 0]  # the repeated folder adds nothing
+    # the same four samples, read back from 8-bit PNGs: equal scores up to the quantisation
+    assert merged["metrics"]["fid"] == pytest.approx(whole["fid"], rel=0.05, abs=1e-3)
+    assert merged["metrics"]["clip_score"] == pytest.approx(whole["clip_score"], rel=0.01)
+    assert merged["metrics"]["nfe"] == 2
+    # one shard alone: its two samples, the other two reported missing
+    assert score_main([str(a), "metrics=[clip_score]", "--out", str(tmp_path / "half")]) == 0
+    half = json.loads((tmp_path / "half" / "record.json").read_text())
+    assert half["num_samples"] == 2 and half["missing_samples"] == [2, 3]
+
+
+def test_score_errors(tmp_path, capsys):
+    from framework.score import main as score_main
+
+    assert score_main([str(tmp_path)]) == 2
+    assert "no record.json" in capsys.readouterr().err
