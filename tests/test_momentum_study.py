@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from omegaconf import OmegaConf
 
 import experiments.momentum_study.__main__ as study_mod
@@ -21,6 +22,7 @@ def test_momentum_study_fast(tmp_path):
     assert len(list((tmp_path / "run" / "runs").glob("*/record.json"))) == 6
 
 
+@pytest.mark.slow  # ~20 s of CPU (three bundled runs with FID and CLIP score); test_bundled_tables_from_results is fast
 def test_momentum_study_bundled_fast(tmp_path):
     """The bundled-model half (fast: 2 methods × 1 CFG × 1 step count + the baseline at the floor
     seed, 4 samples): records, results.json, noise floor, table and plot."""
@@ -55,3 +57,22 @@ def test_distill_stats_on_true_mixture_samples():
     assert abs(st["spread"] - 1) < 0.05 and st["tv"] < 0.03, st
     shrunk = mixture_stats(model, model.means.repeat(8, 1))
     assert shrunk["spread"] == 0 and shrunk["nll"] < st["nll"]
+
+
+def test_bundled_tables_from_results(tmp_path):
+    """The writer: one table per metric and CFG scale, missing cells as —, both noise floors stated."""
+    from experiments.momentum_study import images
+
+    cfg = OmegaConf.load(Path(study_mod.__file__).with_name("bundled.yaml"))
+    row = dict(nfe=5.0, clip_score=40.0, seconds=6.0, clipped=0.01)
+    runs = [dict(row, method="euler", cfg_scale=5, steps=5, seed=0, fid=0.40),
+            dict(row, method="ghvb2_0.5", cfg_scale=5, steps=5, seed=0, fid=0.30),
+            dict(row, method="euler", cfg_scale=5, steps=8, seed=0, fid=0.35, nfe=8.0),
+            dict(row, method="euler", cfg_scale=5, steps=5, seed=1, fid=0.46)]
+    results = {"model": {"title": "v", "weights_commit": "abc", "unet_sha256": "0"}, "num_samples": 64,
+               "fid_reference": 256, "runs": runs, "real_vs_real_fid": [0.2, 0.3]}
+    images.write(results, cfg, tmp_path)
+    text = (tmp_path / "momentum_bundled_table.md").read_text()
+    assert "| ghvb2_0.5 | 0.300 | — |" in text and "| euler | 0.400 | 0.350 |" in text
+    assert "FID 0.250 ± 0.071" in text and "|ΔFID| mean 0.060, max 0.060 over 1 configurations" in text
+    assert (tmp_path / "momentum_bundled.png").stat().st_size > 1000

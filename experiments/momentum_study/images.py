@@ -122,7 +122,8 @@ def write(results: dict[str, Any], cfg: DictConfig, out: Path) -> None:
              f"base `solver={cfg.solver}`, karras grid; NFE = steps (a CFG pair is one NFE). FID on bundled-CLIP "
              f"features against {results['fid_reference']} fresh real scenes (lower is better); CLIP score under "
              f"the bundled CLIP (higher is better); clipped = fraction of decoded pixel values at 0 or 1."
-             + (f" Study time {results['seconds'] / 60:.0f} min." if "seconds" in results else ""), ""]
+             + f" Sampling and scoring time {sum(r['seconds'] for r in results['runs']) / 60:.0f} min in all "
+             f"({len(results['runs'])} runs, one thread of a shared 2-core CPU).", ""]
     if rr:
         mean = sum(rr) / len(rr)
         sd = (sum((v - mean) ** 2 for v in rr) / max(1, len(rr) - 1)) ** 0.5
