@@ -435,7 +435,8 @@ def assert_schedule_conforms(
         hi, lo = float(getattr(m, "sigma_max", math.inf)), float(getattr(m, "sigma_min", 0.0))
         inner = [s for s in sig if s > 0]
         if within_model_range and inner and (max(inner) > hi * (1 + 1e-6) or min(inner) < lo * (1 - 1e-6)):
-            raise AssertionError(f"steps={n}: σ grid {sig} leaves the model's range [{lo:g}, {hi:g}] (0 may end it)")
+            grid = ", ".join(f"{v:.4g}" for v in sig)
+            raise AssertionError(f"steps={n}: σ grid [{grid}] leaves the model's range [{lo:g}, {hi:g}] (0 may end it)")
         if not torch.isfinite(a.latents).all():
             raise AssertionError(f"steps={n}: a run on this grid is not finite")
 
