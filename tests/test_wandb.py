@@ -39,3 +39,11 @@ def test_wandb_failure_is_a_warning(wandb_env, monkeypatch):
     with pytest.warns(UserWarning, match="W&B init failed"):
         res = run(["logger=[wandb]", "model=gaussian", "steps=2"])
     assert res.record["metrics"]["nfe"] == 2
+
+
+def test_wandb_logs_the_per_step_previews(wandb_env):
+    run(["logger=[wandb]", "callback=[nan_guard,preview]", "num_samples=2", "batch_size=2", "steps=3",
+         f"output_dir={wandb_env / 'run'}"])
+    assert (wandb_env / "run" / "preview.png").is_file()
+    media = [p.name for p in (wandb_env / "wandb_dir" / "wandb").glob("offline-run-*/files/media/images/*.png")]
+    assert any(n.startswith("preview") for n in media) and any(n.startswith("grid") for n in media)

@@ -1,6 +1,7 @@
 """Weights & Biases logger: one W&B run per samplerlab run, in ``project``/``entity``/``group``
 (default group: the Hydra sweep folder, so one sweep = one group). Logs the resolved config, the
-summary metrics, the sample grid and a ``wandb.Table`` of samples (image, prompt, seed, sample
+summary metrics, the sample grid, the per-step previews (``preview.png`` of the ``preview`` callback,
+when the run has an output folder) and a ``wandb.Table`` of samples (image, prompt, seed, sample
 index). With no API key and no ``WANDB_MODE`` it runs offline and says so once (files land under
 ``$WANDB_DIR/wandb/offline-run-*``, to ``wandb sync`` later); ``WANDB_MODE`` is respected. A W&B
 failure is a warning: the run and its local record always complete."""
@@ -79,6 +80,9 @@ class WandbLogger:
         from framework.images import grid, to_pil
 
         self._run.summary.update(dict(run.metrics))
+        preview = run.output_dir / "preview.png" if run.output_dir is not None else None
+        if preview is not None and preview.is_file():  # written by the preview callback's run_end (earlier group)
+            self._run.log({"preview": wandb.Image(str(preview), caption="predicted x0 per step (columns) per sample (rows)")})
         if self._rows:
             table = wandb.Table(columns=["sample", "seed", "prompt", "image"])
             for k, seed, prompt, img in self._rows:
