@@ -74,5 +74,5 @@ def test_bundled_tables_from_results(tmp_path):
     images.write(results, cfg, tmp_path)
     text = (tmp_path / "momentum_bundled_table.md").read_text()
     assert "| ghvb2_0.5 | 0.300 | — |" in text and "| euler | 0.400 | 0.350 |" in text
-    assert "FID 0.250 ± 0.071" in text and "|ΔFID| mean 0.060, max 0.060 over 1 configurations" in text
+    assert "FID 0.250 ± 0.071" in text and "|ΔFID| mean 0.060, max 0.060; |ΔCLIP score| mean 0.00" in text
     assert (tmp_path / "momentum_bundled.png").stat().st_size > 1000

@@ -130,12 +130,15 @@ def write(results: dict[str, Any], cfg: DictConfig, out: Path) -> None:
         lines += [f"**Noise floor.** Real vs real ({results['num_samples']} fresh real scenes against the same "
                   f"reference, {len(rr)} seeds): FID {mean:.3f} ± {sd:.3f} (min {min(rr):.3f}, max {max(rr):.3f})."]
     if floor_runs:
-        diffs = [abs(r["fid"] - get[(r["method"], r["cfg_scale"], r["steps"])]["fid"]) for r in floor_runs
+        pairs = [(r, get[(r["method"], r["cfg_scale"], r["steps"])]) for r in floor_runs
                  if (r["method"], r["cfg_scale"], r["steps"]) in get]
-        if diffs:
+        if pairs:
+            fid = [abs(a["fid"] - b["fid"]) for a, b in pairs]
+            clip = [abs(a["clip_score"] - b["clip_score"]) for a, b in pairs]
             lines += [f"Baseline `{floor_runs[0]['method']}` at seed {floor_runs[0]['seed']} vs seed {cfg.seed}: "
-                      f"|ΔFID| mean {sum(diffs) / len(diffs):.3f}, max {max(diffs):.3f} over {len(diffs)} "
-                      "configurations; differences below this are noise."]
+                      f"|ΔFID| mean {sum(fid) / len(fid):.3f}, max {max(fid):.3f}; |ΔCLIP score| mean "
+                      f"{sum(clip) / len(clip):.2f}, max {max(clip):.2f} over {len(pairs)} configurations; "
+                      "differences below these are noise."]
     lines.append("")
     for key, fmt in (("fid", "{:.3f}"), ("clip_score", "{:.2f}"), ("clipped", "{:.3f}")):
         for c in scales:
