@@ -88,36 +88,87 @@ class Study:
             self.images[f"prompt_mix_{w}"] = torch.cat([self.images.pop(f"prompt_mix_{s}") for s in self.shapes])
         return out
 
-    def textual_inversion(self) -> dict[str, Any]:
+    def _train(self, name: str, **over: Any) -> tuple[Path, dict[str, Any]]:
+        """Train a token with experiments.textual_inversion (config + ``ti`` overrides + ``over``)."""
         from experiments.textual_inversion.__main__ import train
-        from framework.embeddings import TextEmbeddings, save_embeddings
 
-        ti_cfg = OmegaConf.merge(OmegaConf.load(TI_CONFIG), {"fast": bool(self.cfg.fast), "out": str(self.folder / "ti")},
-                                 OmegaConf.to_container(self.cfg.ti))
+        ti_cfg = OmegaConf.merge(OmegaConf.load(TI_CONFIG), OmegaConf.to_container(self.cfg.ti),
+                                 {"fast": bool(self.cfg.fast), "out": str(self.folder / name), **over})
         ti_cfg.pop("hydra", None)
+        summary = train(ti_cfg)
+        return Path(summary["file"]), summary
+
+    def textual_inversion(self) -> dict[str, Any]:
+        """The striped concept: judge rates, the VAE's ceiling, held-out denoising loss."""
+        from experiments.textual_inversion.__main__ import denoising_loss, load_pipe, striped_scenes
+        from framework.embeddings import LearnedTokens, TextEmbeddings, load_embeddings, save_embeddings
+
+        ti = OmegaConf.merge(OmegaConf.load(TI_CONFIG), OmegaConf.to_container(self.cfg.ti))
+        token = str(ti.placeholder_token)
         if self.cfg.ti_embedding:
             path = Path(self.cfg.ti_embedding)
             log = path.parent / "train.json"  # written beside the file by experiments.textual_inversion
             summary = json.loads(log.read_text()) if log.exists() else {"file": str(path)}
         else:
-            summary = train(ti_cfg)
-            path = Path(summary["file"])
-        token = str(ti_cfg.placeholder_token)
-        from experiments.textual_inversion.__main__ import load_pipe
-
-        init = TextEmbeddings.of(load_pipe("bundled")).vector(str(ti_cfg.initializer_token)).detach()[None]
+            path, summary = self._train("ti_striped")
+        pipe = load_pipe("bundled")
+        emb = TextEmbeddings.of(pipe)
+        init = emb.vector(str(ti.initializer_token)).detach()[None]
         init_path = save_embeddings(self.folder / "ti_initial.safetensors", {token: init})
         colours = ["red", "green", "blue", "yellow"]
         plain = [f"a {c} {s}" for c in colours for s in self.shapes]
         with_token = [f"a {token} {c} {s}" for c in colours for s in self.shapes]
-        ti = ["conditioning=[textual_inversion]", f"conditioning.textual_inversion.path='{path}'"]
-        ti0 = ["conditioning=[textual_inversion]", f"conditioning.textual_inversion.path='{init_path}'"]
-        results = {"without token": self.generate("ti_plain", plain),
-                   "with learned token": self.generate("ti_learned", with_token, ti),
-                   "with untrained token (initializer vector)": self.generate("ti_initial", with_token, ti0)}
-        results["training"] = {k: summary.get(k) for k in ("steps", "seconds", "num_images", "batch_size", "lr", "threads",
-                                                          "loss_first_20", "loss_last_20", "initializer_token")}
+        use = ["conditioning=[textual_inversion]", f"conditioning.textual_inversion.path='{path}'"]
+        use0 = ["conditioning=[textual_inversion]", f"conditioning.textual_inversion.path='{init_path}'"]
+        results: dict[str, Any] = {
+            "without token": self.generate("ti_plain", plain),
+            "with learned token": self.generate("ti_learned", with_token, use),
+            "with untrained token (initializer vector)": self.generate("ti_initial", with_token, use0),
+        }
+        # what the model can show at all: the judge on real striped scenes and on their VAE round trip
+        n = 8 if self.cfg.fast else 64
+        images, captions = striped_scenes(n, 20_000 + int(self.cfg.seed), token)
+        with torch.no_grad():
+            rec = pipe.vae.decode(pipe.vae.encode(images).latent_dist.mean).sample.clamp(-1, 1)
+        learned = load_embeddings(path, token=token)
+        no_token = [c.replace(f"{token} ", "") for c in captions]
+        results["ceiling"] = {
+            "n": n,
+            "judge striped, real scenes": float(self.judge.predict(images)["striped"].float().mean()),
+            "judge striped, VAE reconstructions": float(self.judge.predict(rec)["striped"].float().mean()),
+            "held-out loss, captions without token": denoising_loss(pipe, no_token, images),
+            "held-out loss, learned token": denoising_loss(pipe, captions, images, [LearnedTokens(learned)]),
+            "held-out loss, untrained token": denoising_loss(pipe, captions, images, [LearnedTokens({token: init})]),
+        }
+        results["training"] = {k: summary.get(k) for k in TRAINING_KEYS}
         return results
+
+    def ti_colour(self) -> dict[str, Any]:
+        """A concept the model can render: a colour learned from an image folder with its word removed."""
+        from framework.bundled.world import sample_scenes
+        from framework.images import to_pil
+
+        colour, token = str(self.cfg.colour_concept), "<my-colour>"
+        pool_ = sample_scenes(400, 30_000 + int(self.cfg.seed), two_shape_rate=0.0, omit_rate=0.3)
+        keep = [i for i, lab in enumerate(pool_.labels) if lab.main.colour == colour][: (4 if self.cfg.fast else 16)]
+        folder = self.folder / "colour_images"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in keep:
+            to_pil((pool_.images[i] + 1) / 2).save(folder / f"{i}.png")
+            (folder / f"{i}.txt").write_text(pool_.captions[i].replace(colour, "{token}", 1))
+        path, summary = self._train("ti_colour", images=str(folder), placeholder_token=token)
+        use = ["conditioning=[textual_inversion]", f"conditioning.textual_inversion.path='{path}'"]
+        results = {
+            "prompt 'a <shape>'": self.generate("colour_plain", [f"a {s}" for s in self.shapes]),
+            f"prompt 'a {token} <shape>'": self.generate("colour_learned", [f"a {token} {s}" for s in self.shapes], use),
+            f"prompt 'a {colour} <shape>'": self.generate("colour_word", [f"a {colour} {s}" for s in self.shapes]),
+        }
+        results["training"] = {k: summary.get(k) for k in TRAINING_KEYS}
+        return results
+
+
+TRAINING_KEYS = ("steps", "seconds", "num_images", "batch_size", "lr", "threads", "loss_first_20", "loss_last_20",
+                 "initializer_token")
 
 
 def object_means(images: torch.Tensor, threshold: float = 0.25) -> tuple[float, float]:
@@ -146,17 +197,24 @@ def write(results: dict[str, Any], images: dict[str, torch.Tensor], cfg: DictCon
     from framework.images import grid, to_pil
 
     out.mkdir(parents=True, exist_ok=True)
+    previous = out / "results.json"  # studies run separately add to it
+    if previous.exists():
+        results = {**json.loads(previous.read_text()), **results}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     cols = min(16, min(len(v) for v in images.values()))
 
     def figure(names: list[str], file: str) -> None:
-        rows = torch.cat([images[n][:cols] for n in names if n in images])
+        present = [images[n][:cols] for n in names if n in images]
+        if not present:
+            return
+        rows = torch.cat(present)
         img = to_pil(grid(rows, nrow=cols))
         img.resize((img.width * 2, img.height * 2), 0).save(out / file)
 
     figure(["swap_plain", "swap_swapped", "swap_blue"], "swap.png")
     figure([k for k in images if k.startswith("mix_")] + ["prompt_mix_0.5"], "mix.png")
     figure(["ti_plain", "ti_learned", "ti_initial"], "textual_inversion.png")
+    figure(["colour_plain", "colour_learned", "colour_word"], "ti_colour.png")
 
     lines = [f"Bundled model, `solver=euler schedule=karras steps={results['settings']['steps']} cfg_scale=5`, seed "
              f"{cfg.seed}; every prompt × {results['settings']['samples_per_prompt']} samples; n = images per row. "
@@ -167,11 +225,19 @@ def write(results: dict[str, Any], images: dict[str, torch.Tensor], cfg: DictCon
         lines += [f"### {study}", "", "| run | n | red | blue | purple | striped | object R | object B | image R | image B |",
                   "| --- |" + " --- |" * 9]
         for name, r in rows.items():
-            if name == "training":
+            if name in ("training", "ceiling"):
                 continue
             lines.append(f"| {name} | {r['n']} | {r['rate']['red']:.0%} | {r['rate']['blue']:.0%} | {r['rate']['purple']:.0%} | "
                          f"{r['striped']:.0%} | {r['object_mean_R']:.3f} | {r['object_mean_B']:.3f} | "
                          f"{r['image_mean_R']:.3f} | {r['image_mean_B']:.3f} |")
+        if "ceiling" in rows:
+            c = rows["ceiling"]
+            lines += ["", f"On {c['n']} fresh striped scenes: the judge finds stripes in "
+                          f"{c['judge striped, real scenes']:.0%} of the scenes and in {c['judge striped, VAE reconstructions']:.0%} "
+                          f"of their VAE reconstructions (decode(encode(x))). Held-out denoising loss (4 noise draws per "
+                          f"image): captions without the token {c['held-out loss, captions without token']:.5f}, with the "
+                          f"learned token {c['held-out loss, learned token']:.5f}, with the untrained token "
+                          f"{c['held-out loss, untrained token']:.5f}."]
         if "training" in rows:
             t = rows["training"]
             took = f"{t['seconds']:.0f} s" if t.get("seconds") is not None else "time not measured (given file)"
