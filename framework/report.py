@@ -167,7 +167,8 @@ def metric_curves(runs: Sequence[RunRecord], want_png: bool = False) -> list[tup
                 mfc="none", ms=9, label="Pareto front")
         ax.set_xlabel("NFE (denoiser evaluations)")
         ax.set_ylabel(f"{name} ({'higher' if higher else 'lower'} is better)")
-        if not higher and all(p[1] > 0 for pts in by_label.values() for p in pts):
+        ys = [p[1] for pts in by_label.values() for p in pts]
+        if ys and min(ys) > 0 and max(ys) > 10 * min(ys):  # log only across decades
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -65,7 +65,7 @@ def test_optuna_preset_tunes_karras_rho_and_churn(tmp_path, monkeypatch):
     _app_returning_objective(monkeypatch)
     sweep = tmp_path / "tune"
     assert main(["-m", "hydra/sweeper=tune_karras_churn", "hydra.sweeper.n_trials=3", "model=gaussian",
-                 "callback=[nan_guard,churn]", "+objective=rmse_to_reference", "steps=4", "num_samples=8",
+                 "callback=[nan_guard,churn]", "++objective=rmse_to_reference", "steps=4", "num_samples=8",
                  f"hydra.sweep.dir={sweep}"]) == 0
     results = (sweep / "optimization_results.yaml").read_text()
     assert "schedule.rho" in results and "callback.churn.s_churn" in results and "best_value" in results
