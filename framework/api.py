@@ -18,7 +18,9 @@ def run(overrides: list[str] | None = None, model: object | None = None, output_
 
     ``model`` may be any object implementing the denoiser protocol (``__call__(x, sigma, **cond)``,
     ``sigma_min``, ``sigma_max``, ``shape``) or a model adapter; it replaces the ``model`` group.
-    ``output_dir`` (or the ``output_dir`` key) makes the run write its folder there.
+    ``output_dir`` (or the ``output_dir`` key) makes the run write its folder there, batch by batch;
+    a rerun into the same folder reads back what is already there (a finished run is returned from
+    disk), unless ``resume=false`` (docs/reliability.md).
     """
     if isinstance(overrides, str):
         raise TypeError("overrides must be a list of strings, e.g. ['solver=heun']")

@@ -372,7 +372,7 @@ def execute(
     settings = read_settings(cfg)
     out = output_dir if output_dir is not None else settings.output_dir
     folder = Path(out) if out else None
-    key = records.run_key(records.resolved_config(cfg))
+    key = records.run_key(records.resolved_config(cfg)) if folder is not None else ""
     if folder is not None and settings.resume:
         done = records.load_finished(folder, key)
         if done is not None:
@@ -423,9 +423,11 @@ def execute(
                 batch.failure = list(bad.values())
                 latents = run.model.output_latents(x, schedule.sigmas[-1])
                 images = run.model.decode(latents)
+                pngs = images if settings.save_images else None
                 if folder is not None and saved is None:
-                    pngs = images if settings.save_images else None
                     records.save_batch(folder, key, ks, x_T, x, pngs, bad, batch.nfe, batch.unet_calls)
+                elif folder is not None and pngs is not None:  # resumed: restore PNGs removed since
+                    records.save_samples(folder, ks, pngs, bad, only_missing=True)
                 finished.append(len(ks))
                 failed.update(bad)
                 for name, fn in plugins.calls("batch_end"):

@@ -159,6 +159,17 @@ def batch_path(folder: Path, indices: list[int]) -> Path:
     return Path(folder) / BATCH_DIR / f"{indices[0]:06d}.safetensors"
 
 
+def save_samples(folder: Path, indices: list[int], images: torch.Tensor, failures: dict[int, str],
+                 only_missing: bool = False) -> None:
+    """Write samples/{k:06d}.png for the finite samples of a batch (``only_missing``: keep existing files)."""
+    from framework.images import png_bytes
+
+    for k, img in zip(indices, images):
+        path = Path(folder) / sample_name(k)
+        if k not in failures and not (only_missing and path.exists()):
+            atomic_write_bytes(path, png_bytes(img))
+
+
 def save_batch(
     folder: Path, key: str, indices: list[int], x_T: torch.Tensor, latents: torch.Tensor,
     images: torch.Tensor | None, failures: dict[int, str], nfe: int, unet_calls: int,
@@ -167,12 +178,8 @@ def save_batch(
     'done' mark, so a batch interrupted half-way is redone whole)."""
     from safetensors.torch import save as st_save
 
-    from framework.images import png_bytes
-
     if images is not None:
-        for k, img in zip(indices, images):
-            if k not in failures:
-                atomic_write_bytes(Path(folder) / sample_name(k), png_bytes(img))
+        save_samples(folder, indices, images, failures)
     info = {"run_key": key, "indices": indices, "nfe": nfe, "unet_calls": unet_calls,
             "failures": {str(k): why for k, why in failures.items()}}
     meta = {"samplerlab": json.dumps(info, sort_keys=True)}  # one key: safetensors orders keys at random

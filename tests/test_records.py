@@ -22,6 +22,21 @@ def test_record_fields(tmp_path):
         assert key in rec["metrics"]
     assert set(rec["versions"]) == {"python", "torch", "diffusers", "samplerlab", "git_sha"}
     assert rec["seed"] == 0 and rec["images"] is None
+    assert rec["shard"] == {"index": 0, "count": 1, "start": 0, "stop": 2}
+    assert len(rec["merge_key"]) == 16 and rec["failed_samples"] == [] and rec["failures"] == {}
+    assert rec["resumed_samples"] == [] and rec["init_noise_scale"] == 80.0
+
+
+def test_batch_file_format(tmp_path):
+    """The documented on-disk format (docs/reliability.md) that resume and shard merging read."""
+    from safetensors import safe_open
+
+    res = run(GAUSS + ["num_samples=3"], output_dir=tmp_path)
+    assert sorted(p.name for p in (tmp_path / "batches").iterdir()) == ["000000.safetensors", "000002.safetensors"]
+    with safe_open(str(tmp_path / "batches" / "000002.safetensors"), framework="pt") as f:
+        info = json.loads(f.metadata()["samplerlab"])
+        assert info == {"run_key": res.record["run_key"], "indices": [2], "nfe": 3, "unet_calls": 3, "failures": {}}
+        assert f.get_tensor("latents").equal(res.latents[2:]) and f.get_tensor("x_T").equal(res.x_T[2:])
 
 
 def test_run_key_depends_on_config_not_on_output_dir(tmp_path):

@@ -221,6 +221,12 @@ def test_interrupted_run_resumes_to_identical_outputs(tiny_overrides, tmp_path, 
     assert torch.equal(third.latents, whole.latents)
     assert (third.images - whole.images).abs().max() <= 0.5 / 255 + 1e-6  # read back from 8-bit PNGs
 
+    png = tmp_path / "cut" / "samples" / "000001.png"
+    png.unlink()  # a removed image is made again from its saved latents, without sampling
+    fourth = run(over, output_dir=tmp_path / "cut")
+    assert not fourth.skipped and fourth.resumed == [0, 1, 2] and calls == []
+    assert png.read_bytes() == a["samples/000001.png"]
+
 
 def test_sigterm_stops_like_ctrl_c_and_the_same_command_resumes(capsys, tmp_path):
     argv = ["model=gaussian", "steps=3", "num_samples=3", "batch_size=1", f"hydra.run.dir={tmp_path}/run",
