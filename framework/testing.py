@@ -133,6 +133,8 @@ def sample(
     """
     from framework.engine import execute
 
+    if any(o.split("=", 1)[0].lstrip("+~") == "model" for o in overrides):
+        raise ValueError("choose the model with the kit's model= argument (e.g. model=\"mixture\"), not an override")
     obj, _ = _model(model)
     dtype = dtype or ("float64" if _is_analytic(model) else "float32")
     cfg, choices = _composed([f"dtype={dtype}", "callback=[]"] + list(overrides))
