@@ -78,7 +78,7 @@ def load_runs(folder: str | Path) -> list[RunRecord]:
     """Every run record under ``folder`` (sorted by path; unreadable records are skipped with a warning)."""
     root = Path(folder)
     runs = []
-    for path in sorted(root.rglob("record.json"), key=lambda p: [int(s) if s.isdigit() else s for s in p.parts]):
+    for path in sorted(root.rglob("record.json"), key=lambda p: [(0, int(s), "") if s.isdigit() else (1, 0, s) for s in p.parts]):
         try:
             record = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
@@ -307,8 +307,8 @@ def log_to_wandb(root: Path, page: str, curves: list[tuple[str, str, bytes | Non
                          reinit="create_new")
         data: dict[str, Any] = {f"report/{name}_vs_nfe": wandb.Image(Image.open(io.BytesIO(png)))
                                 for name, _, png in curves if png}
-        data["report/runs"] = wandb.Table(columns=columns, data=[[_fmt(v) if not isinstance(v, (int, float)) else v
-                                                                   for v in row] for row in rows])
+        cells = [[v if isinstance(v, (int, float)) else (None if v == "" else str(v)) for v in row] for row in rows]
+        data["report/runs"] = wandb.Table(columns=columns, data=cells, allow_mixed_types=True)
         data["report/page"] = wandb.Html(page)
         run.log(data)
         run.finish()

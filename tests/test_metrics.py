@@ -10,6 +10,12 @@ from plugins.metrics.prompt_accuracy import first_word
 PROMPTS = "prompts=[a red circle,a blue square,a green triangle,a yellow diamond]"
 
 
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    """Reference features go to a cache of this test session, not the user's ~/.cache/samplerlab."""
+    monkeypatch.setenv("SAMPLERLAB_CACHE", str(tmp_path_factory.getbasetemp() / "samplerlab-cache"))
+
+
 def test_first_word():
     assert first_word("a small Red circle above a blue square", ("red", "blue")) == "red"
     assert first_word("a circle", ("red",)) is None

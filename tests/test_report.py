@@ -81,7 +81,11 @@ def test_report_logs_to_wandb_when_online(tmp_path, monkeypatch):
 
     monkeypatch.setattr(report, "wandb_online", lambda: True)
     monkeypatch.setattr(wandb, "init", lambda **kw: logged.update(init=kw) or FakeRun())
-    report.build_report(fake_sweep(tmp_path / "sw"))
+    root = fake_sweep(tmp_path / "sw")
+    rec = json.loads((root / "0" / "record.json").read_text())
+    del rec["metrics"]["fid"]  # a run without the metric: an empty cell, not a type clash
+    (root / "0" / "record.json").write_text(json.dumps(rec))
+    report.build_report(root)
     assert logged["init"]["group"] == "sw" and logged["init"]["job_type"] == "report" and logged["finished"]
     assert isinstance(logged["report/fid_vs_nfe"], wandb.Image) and isinstance(logged["report/runs"], wandb.Table)
     assert isinstance(logged["report/page"], wandb.Html)
