@@ -365,7 +365,8 @@ def execute(
     ``batches/{first:06d}.safetensors`` (latents + run key). With ``resume`` on (the default), a
     rerun into the same folder reads back the batches saved under the same run key instead of
     generating them, and a finished run (record.json with the same run key) is returned from disk
-    without building anything. Ctrl-C and SIGTERM stop the run between two writes, never half-way.
+    without building anything. A ``model`` object passed in (which the run key cannot see) turns
+    resuming off. Ctrl-C and SIGTERM stop the run between two writes, never half-way.
     """
     from framework import records
 
@@ -373,7 +374,8 @@ def execute(
     out = output_dir if output_dir is not None else settings.output_dir
     folder = Path(out) if out else None
     key = records.run_key(records.resolved_config(cfg)) if folder is not None else ""
-    if folder is not None and settings.resume:
+    resume = settings.resume and model is None  # the run key cannot see a model object passed in
+    if folder is not None and resume:
         done = records.load_finished(folder, key)
         if done is not None:
             return done
@@ -410,7 +412,7 @@ def execute(
                 until = 2 * schedule.sigmas[0] + 1 if settings.noise == "brownian" else None  # room for churn
                 noise = SampleNoise(settings.seed, ks, run.model.latent_shape, device, run.dtype, until)
                 batch = Batch(indices=ks, cond=run.encode(prompts), noise=noise)
-                saved = records.load_batch(folder, key, ks) if folder is not None and settings.resume else None
+                saved = records.load_batch(folder, key, ks) if folder is not None and resume else None
                 if saved is None:
                     x_T, x = sample_batch(run, batch, schedule, bar.update)
                     bad = failures(batch)

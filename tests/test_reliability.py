@@ -283,6 +283,16 @@ def test_killed_process_leftovers_are_cleaned_and_damaged_batches_redone(tmp_pat
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+def test_model_object_passed_in_is_never_resumed(tmp_path):
+    """The run key sees the config, not a model object handed to run(): such runs are always made."""
+    from framework.models.analytic import Gaussian
+
+    first = run(["steps=2", "dtype=float64"], model=Gaussian(shape=(3,)), output_dir=tmp_path)
+    second = run(["steps=2", "dtype=float64"], model=Gaussian(shape=(3,), std=0.5), output_dir=tmp_path)
+    assert not second.skipped and second.resumed == []
+    assert not torch.equal(first.latents, second.latents)
+
+
 # --- shards -------------------------------------------------------------------------------------
 def test_shards_split_the_samples_and_concatenate_to_the_whole(tmp_path):
     over = GAUSS + ["num_samples=5", "batch_size=2", "solver=euler_ancestral"]
