@@ -1,0 +1,179 @@
+"""Guidance on the bundled model at equal seeds: what each loss guidance does to its loss, to the
+judge's prompt accuracy and to the cost (NFE); img2img closeness; inpainting's known region.
+
+    python -m experiments.guidance_study                 # writes docs/guidance/ (table, grids)
+    python -m experiments.guidance_study fast=true out=/tmp/x
+
+Every configuration is an ordinary samplerlab run (framework.api.run) with the same prompts and
+seeds. Each loss is also evaluated on the baseline's images (the plugin's own ``loss``, as the record's
+``guidance_loss_<name>`` is on guided ones); the CLIP score of clip_text's text is 100·(1 − loss).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from framework.api import run
+from framework.records import atomic_write_json
+
+
+def configs(files: Path, text: str) -> dict[str, list[str]]:
+    ref, style, src, mask = (files / n for n in ("reference.png", "style.png", "source.png", "mask.png"))
+    return {
+        "cfg (baseline)": ["guidance=[cfg]"],
+        "color_loss blue, scale 20": ["guidance=[cfg,color_loss]", "guidance.color_loss.scale=20"],
+        "color_loss blue, scale 50": ["guidance=[cfg,color_loss]", "guidance.color_loss.scale=50"],
+        "color_loss blue, 50, gradient=unet": ["guidance=[cfg,color_loss]", "guidance.color_loss.scale=50",
+                                               "guidance.color_loss.gradient=unet"],
+        "color_loss blue, 50, recurrence=1": ["guidance=[cfg,color_loss]", "guidance.color_loss.scale=50",
+                                              "guidance.color_loss.recurrence=1"],
+        "color_loss blue, x0-space, 2000": ["guidance=[cfg,color_loss]", "guidance.color_loss.space=x0",
+                                            "guidance.color_loss.scale=2000"],
+        "clip_text, scale 1": ["guidance=[cfg,clip_text]", f"guidance.clip_text.text={text}", "guidance.clip_text.scale=1"],
+        "image_match mse, scale 100": ["guidance=[cfg,image_match]", f"guidance.image_match.image={ref}", "guidance.image_match.scale=100"],
+        "style, scale 0.2": ["guidance=[cfg,style]", f"guidance.style.image={style}"],
+        "palette [blue,white], scale 100": ["guidance=[cfg,palette]"],
+        "img2img strength 0.3": ["guidance=[cfg,img2img]", f"guidance.img2img.image={src}", "guidance.img2img.strength=0.3"],
+        "img2img strength 0.6": ["guidance=[cfg,img2img]", f"guidance.img2img.image={src}", "guidance.img2img.strength=0.6"],
+        "inpaint (right half new)": ["guidance=[cfg,inpaint]", f"guidance.inpaint.image={src}", f"guidance.inpaint.mask={mask}"],
+    }
+
+
+def make_files(folder: Path) -> dict[str, torch.Tensor]:
+    """Reference, style and source pictures (world scenes) and the inpainting mask."""
+    from framework.bundled.world import sample_scenes
+    from framework.images import to_pil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    scenes = sample_scenes(40, seed=7, concept_rate=0.5)
+    pick = {"reference.png": 0, "source.png": 1}
+    pick["style.png"] = next(i for i, lab in enumerate(scenes.labels) if lab.main.striped)
+    out = {}
+    for name, i in pick.items():
+        img = (scenes.images[i] + 1) / 2
+        to_pil(img).save(folder / name)
+        out[name] = img
+    mask = torch.zeros(1, 64, 64)
+    mask[:, :, 32:] = 1
+    to_pil(mask).save(folder / "mask.png")
+    out["mask.png"] = mask
+    (folder / "captions.json").write_text(json.dumps({n: scenes.captions[i] for n, i in pick.items()}, indent=1))
+    return out
+
+
+def baseline_losses(images: torch.Tensor, files: Path, text: str) -> dict[str, float]:
+    """Every loss plugin's mean loss on (unguided) images, as the record reports it for guided runs."""
+    from types import SimpleNamespace
+
+    from framework.models.bundled import Bundled
+    from plugins.guidance.clip_text import CLIPText
+    from plugins.guidance.color_loss import ColorLoss
+    from plugins.guidance.image_match import ImageMatch
+    from plugins.guidance.palette import Palette
+    from plugins.guidance.style import Style
+
+    model = Bundled()
+    fake = SimpleNamespace(model=model, device=torch.device("cpu"), dtype=torch.float32)
+    plugins = {"color_loss": ColorLoss(), "clip_text": CLIPText(text=text), "palette": Palette(),
+               "image_match": ImageMatch(image=str(files / "reference.png")), "style": Style(image=str(files / "style.png"))}
+    out = {}
+    with torch.no_grad():
+        for name, p in plugins.items():
+            p.setup(fake)
+            out[f"guidance_loss_{name}"] = float(p.loss(images.float(), None).mean())
+    return out
+
+
+def judge_colour_rate(images: torch.Tensor, colour: str) -> float:
+    """Fraction of images whose main object the bundled judge calls ``colour``."""
+    from framework.bundled import load_judge
+    from framework.bundled.world import COLOURS
+
+    pred = load_judge().predict(images.float().cpu() * 2 - 1)["colour"]
+    return float((pred == COLOURS.index(colour)).float().mean())
+
+
+def study(cfg: DictConfig, folder: Path, out: Path) -> tuple[dict, dict]:
+    torch.set_num_threads(1)  # the build machine's cores are shared
+    n = 4 if cfg.fast else cfg.num_samples
+    steps = 4 if cfg.fast else cfg.steps
+    pics = make_files(out / "guidance")
+    base = ["model=bundled", f"steps={steps}", f"num_samples={n}", f"batch_size={n}", "seed=0",
+            f"prompts=[{','.join(cfg.prompts)}]", "metrics=[prompt_accuracy]", "save_images=false"]
+    todo = configs(out / "guidance", cfg.clip_text)
+    if cfg.fast:
+        todo = {k: todo[k] for k in list(todo)[:2] + ["img2img strength 0.3", "inpaint (right half new)"]}
+    text_colour = next((w for w in cfg.clip_text.split() if w in ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")), None)
+    table, images = {}, {}
+    for name, extra in tqdm(list(todo.items()), desc="configurations"):
+        res = run(base + extra, output_dir=folder / "runs" / name.replace(" ", "_").replace(",", ""))
+        m = res.record["metrics"]
+        img = res.images
+        row = {k: m[k] for k in ("nfe", "unet_calls", "seconds") if k in m}
+        row["accuracy_colour"] = m.get("prompt_accuracy_colour")
+        row["accuracy_shape"] = m.get("prompt_accuracy_shape")
+        row["mean_blue"] = float(img[:, 2].mean())
+        row.update({k: v for k, v in m.items() if k.startswith("guidance_loss_")})
+        if "clip_text" in name and text_colour:
+            row[f"judge_says_{text_colour}"] = judge_colour_rate(img, text_colour)
+        if name.startswith("img2img"):
+            row["mean_abs_to_source"] = float((img - pics["source.png"]).abs().mean())
+        if name.startswith("inpaint"):
+            keep = pics["mask.png"][0] < 0.5
+            row["known_region_mean_abs"] = float((img - pics["source.png"]).abs()[..., keep].mean())
+            row["new_region_mean_abs"] = float((img - pics["source.png"]).abs()[..., ~keep].mean())
+        if name == "cfg (baseline)":
+            row.update(baseline_losses(img, out / "guidance", cfg.clip_text))
+        table[name] = row
+        images[name] = img[:8]
+    return table, images
+
+
+def write(table: dict, images: dict, cfg: DictConfig, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from framework.images import grid
+
+    folder = out / "guidance"
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(images)
+    fig, axes = plt.subplots(len(names), 1, figsize=(8, 1.15 * len(names)))
+    for ax, name in zip(axes if len(names) > 1 else [axes], names):
+        ax.imshow(grid(images[name], nrow=len(images[name])).permute(1, 2, 0).numpy())
+        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=7)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(folder / "grid.png", dpi=110)
+    cols = sorted({k for row in table.values() for k in row if k != "seconds"}, key=lambda k: (k not in ("nfe", "unet_calls"), k))
+    lines = ["| configuration | " + " | ".join(cols) + " |", "| --- |" + " --- |" * len(cols)]
+    for name, row in table.items():
+        cells = [("" if row.get(c) is None else f"{row[c]:.4g}") for c in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    (folder / "table.md").write_text("\n".join(lines) + "\n")
+
+
+@hydra.main(config_path=".", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    folder = Path(HydraConfig.get().runtime.output_dir)
+    out = Path(cfg.out)
+    table, images = study(cfg, folder, out)
+    write(table, images, cfg, out)
+    atomic_write_json(folder / "record.json", {"experiment": "guidance_study", "config": OmegaConf.to_container(cfg),
+                                               "results": table})
+    (out / "guidance" / "results.json").write_text(json.dumps(table, indent=1))
+    print(json.dumps(table, indent=1))
+
+
+if __name__ == "__main__":
+    main()
