@@ -345,7 +345,8 @@ def ti_config(**over):
     return OmegaConf.merge(cfg, over)
 
 
-def test_textual_inversion_fast_run_trains_saves_and_resumes(tmp_path):
+@pytest.mark.slow  # loads the bundled model and draws scenes (~15 s of CPU); the tiny-folder test below covers training
+def test_textual_inversion_fast_run_on_striped_scenes(tmp_path):
     from experiments.textual_inversion.__main__ import load_pipe, train
 
     out = tmp_path / "ti"
@@ -361,7 +362,7 @@ def test_textual_inversion_fast_run_trains_saves_and_resumes(tmp_path):
     assert torch.equal(load_embeddings(out / "learned_embeds.safetensors")["<striped>"], learned["<striped>"])
 
 
-def test_textual_inversion_on_an_image_folder_and_a_checkpoint_folder(tmp_path, tiny_dir):
+def test_textual_inversion_trains_on_an_image_folder_saves_and_resumes(tmp_path, tiny_dir):
     from PIL import Image
 
     from experiments.textual_inversion.__main__ import train
@@ -373,8 +374,32 @@ def test_textual_inversion_on_an_image_folder_and_a_checkpoint_folder(tmp_path, 
     (pics / "1.txt").write_text("a photo of {token}")
     summary = train(ti_config(fast=True, out=str(tmp_path / "out"), images=str(pics), model=str(tiny_dir),
                               placeholder_token="<toy>", initializer_token="a", num_vectors=2))
-    assert summary["captions"] == ["a <toy>", "a photo of <toy>"]
-    assert load_embeddings(tmp_path / "out" / "learned_embeds.safetensors")["<toy>"].shape == (2, 32)
+    assert summary["captions"] == ["a <toy>", "a photo of <toy>"] and summary["steps"] == 4
+    learned = load_embeddings(tmp_path / "out" / "learned_embeds.safetensors")["<toy>"]
+    assert learned.shape == (2, 32) and not torch.equal(learned[0], learned[1])  # both vectors moved from 'a'
+    assert (tmp_path / "out" / "checkpoints" / "learned_embeds-4.safetensors").exists()
+    again = train(ti_config(fast=True, out=str(tmp_path / "out"), images=str(pics), model=str(tiny_dir),
+                            placeholder_token="<toy>", initializer_token="a", num_vectors=2))
+    assert again["resumed_from"] == 4
+    assert torch.equal(load_embeddings(tmp_path / "out" / "learned_embeds.safetensors")["<toy>"], learned)
     with pytest.raises(ConfigError, match="no images"):
-        train(ti_config(fast=True, out=str(tmp_path / "o2"), images=str(tmp_path / "out"), model=str(tiny_dir),
+        (tmp_path / "empty").mkdir()
+        train(ti_config(fast=True, out=str(tmp_path / "o2"), images=str(tmp_path / "empty"), model=str(tiny_dir),
                               initializer_token="a"))
+
+
+@pytest.mark.slow  # ~25 s of CPU: bundled-model runs scored by the judge
+def test_embeddings_study_fast_run(tmp_path):
+    from omegaconf import OmegaConf
+
+    from experiments.embeddings_study.__main__ import Study, write
+
+    cfg = OmegaConf.load(Path(__file__).parent.parent / "experiments" / "embeddings_study" / "config.yaml")
+    cfg.pop("hydra")
+    cfg = OmegaConf.merge(cfg, {"fast": True, "out": str(tmp_path / "docs")})
+    study = Study(cfg, tmp_path / "runs")
+    results = {"settings": {"steps": study.steps, "samples_per_prompt": study.per_prompt}, "swap": study.swap()}
+    write(results, study.images, cfg, tmp_path / "docs")
+    swapped, blue = results["swap"]["prompt red, swap red→blue"], results["swap"]["prompt blue"]
+    assert swapped["rate"] == blue["rate"] and swapped["image_mean_B"] == pytest.approx(blue["image_mean_B"], abs=1e-5)
+    assert (tmp_path / "docs" / "swap.png").exists() and "swap red→blue" in (tmp_path / "docs" / "results.md").read_text()
