@@ -13,9 +13,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 
-from experiments.deep_dive_common import compose_experiment, entry, pyplot, run_overrides, save_figure, show, write_record
+from experiments.deep_dive_common import (compose_experiment, entry, load_model, pyplot, run_overrides, save_figure, show,
+                                          write_record)
 from framework.api import run as sample
 from framework.errors import ConfigError
 
@@ -29,7 +31,8 @@ def section_figure(name: str, rows: list[dict], path: Path, files: list[str]) ->
     for i, row in enumerate(rows):
         for j in range(n):
             if j < row["images"].shape[0]:
-                show(axes[i, j], row["images"][j], f"“{row['prompts'][j % len(row['prompts'])]}”" if i == 0 or row["own_prompts"] else None)
+                top = i == 0 and not row["own_prompts"]  # rows that set their own prompts name them in their label
+                show(axes[i, j], row["images"][j], f"“{row['prompts'][j % len(row['prompts'])]}”" if top else None)
             else:
                 axes[i, j].axis("off")
         label = "\n".join(row["overrides"]) or "(defaults)"
@@ -39,6 +42,43 @@ def section_figure(name: str, rows: list[dict], path: Path, files: list[str]) ->
     fig.suptitle(f"{name} (same seeds in every row)", fontsize=8)
     fig.tight_layout()
     save_figure(fig, path, files)
+
+
+def embeddings_figure(model, prompts: list[str], path: Path, files: list[str]) -> dict:
+    """What the UNet attends to: the text encoder's output [77, D] for the first prompt (its tokens
+    and two paddings), and the cosine similarity of the whole [77, D] outputs of the prompts and of
+    the first prompt with ``red`` swapped for ``blue`` at the encoder's input (token_swap)."""
+    from framework.embeddings import TextEmbeddings
+    from plugins.conditioning.token_swap import TokenSwap
+
+    plt = pyplot()
+    emb = TextEmbeddings.of(model)
+    with torch.no_grad():
+        hidden = emb.encode(prompts).float().cpu()
+        labels = list(prompts)
+        if "red" in prompts[0].split():
+            hidden = torch.cat([hidden, emb.encode(prompts[:1], [TokenSwap(source="red", target="blue")]).float().cpu()])
+            labels.append(f"{prompts[0]} [token_swap red→blue]")
+    tokens = [t for _, t in emb.tokens(prompts[0])]
+    n = len(tokens) + 2
+    flat = torch.nn.functional.normalize(hidden.flatten(1), dim=1)
+    sim = flat @ flat.T
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [1.6, 1]})
+    lim = float(hidden[0, :n].abs().max())
+    axes[0].imshow(hidden[0, :n].numpy(), aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+    axes[0].set_yticks(range(n), tokens + ["(pad)", "(pad)"], fontsize=7)
+    axes[0].set_xlabel(f"channel (of {hidden.shape[-1]})", fontsize=8)
+    axes[0].set_title(f"encoder output for “{prompts[0]}”: {tuple(hidden.shape[1:])}, one row per position", fontsize=8)
+    axes[1].imshow(sim.numpy(), cmap="viridis", vmin=float(sim.min()), vmax=1.0)
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            axes[1].text(j, i, f"{sim[i, j]:.3f}", ha="center", va="center", fontsize=6, color="white" if sim[i, j] < 0.99 else "black")
+    axes[1].set_yticks(range(len(labels)), labels, fontsize=6)
+    axes[1].set_xticks(range(len(labels)), [str(i) for i in range(len(labels))], fontsize=6)
+    axes[1].set_title("cosine similarity of the whole outputs", fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path, files)
+    return {"tokens": tokens, "labels": labels, "cosine_similarity": sim.tolist()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -69,6 +109,11 @@ def main(argv: list[str] | None = None) -> dict:
                          "seconds": time.perf_counter() - t, "run_key": rec["run_key"]})
         section_figure(name, done, out / f"gallery_{name}.png", files)
         results[name] = [{k: v for k, v in row.items() if k != "images"} for row in done]
+    if cfg.embedding_prompts:
+        model = load_model(base)
+        if not hasattr(model, "text_encoder"):
+            raise ConfigError("gallery's embedding figure needs a text-conditioned model; set embedding_prompts=[] to skip it")
+        results["text_embeddings"] = embeddings_figure(model, list(cfg.embedding_prompts), out / "gallery_text_embeddings.png", files)
     return write_record(out, "gallery", cfg, passed, results, files, time.perf_counter() - t0)
 
 

@@ -2,8 +2,8 @@
 
 After every ``every``-th step (and always the last) the plugin keeps, for the first ``samples``
 samples of the run, the step's predicted x₀ — the denoiser's first evaluation D(x_i, σ_i) after
-guidance — and the step's input x_i. Both are decoded once per batch (in ``batch_end``, one VAE
-call, no denoiser evaluation: the plugin adds no NFE). x_i is decoded as a pipeline would decode
+guidance — and the step's input x_i. Both are decoded after each batch (in ``batch_end``, VAE
+calls only, no denoiser evaluation: the plugin adds no NFE). x_i is decoded as a pipeline would decode
 latents at σ_i (``model.output_latents``: x/√(1+σ²) for Stable Diffusion).
 
 At ``run_end``, when the run has an output folder, it writes ``preview.png`` (rows = samples,
@@ -73,13 +73,9 @@ class Preview:
         kept = batch.stash.get(self, list)
         if not kept:
             return
-        steps = len(kept)
-        rows = len(kept[0][4])
-        with torch.no_grad():
-            x0 = run.model.decode(torch.cat([k[4] for k in kept])).float().cpu()
-            xt = run.model.decode(torch.cat([k[5] for k in kept])).float().cpu()
-        # [steps·rows, 3, H, W] → [rows, steps, 3, H, W]
-        x0, xt = x0.unflatten(0, (steps, rows)).transpose(0, 1), xt.unflatten(0, (steps, rows)).transpose(0, 1)
+        with torch.no_grad():  # one decode per recorded step (a 512² VAE batch of every step would not fit)
+            x0 = torch.stack([run.model.decode(k[4]).float().cpu() for k in kept], dim=1)  # [rows, steps, 3, H, W]
+            xt = torch.stack([run.model.decode(k[5]).float().cpu() for k in kept], dim=1)
         for j, k in enumerate(k for k in batch.indices if k < self.samples):
             self.x0[k], self.xt[k] = x0[j], xt[j]
         if not self.columns:
