@@ -4,7 +4,7 @@
     python -m experiments.momentum_study                 # writes docs/momentum_mixture.{md,png}
     python -m experiments.momentum_study fast=true out=/tmp/x
     python -m experiments.momentum_study --config-name bundled   # writes docs/momentum_bundled.{md,png}
-    python -m experiments.momentum_study --config-name bundled from_results=<run folder>/results.json
+    python -m experiments.momentum_study --config-name bundled from_results=<run folder>/results.json  # or [a,b]
 
 Each grid point is an ordinary samplerlab run (framework.api.run, float64, exact/reference error);
 the table and plot are written to ``out`` and every run's record to the Hydra run folder.
@@ -72,13 +72,14 @@ def main(cfg: DictConfig) -> None:
     if "cfg_scales" in cfg:  # the bundled-model half
         from experiments.momentum_study import images
 
-        if cfg.get("from_results"):  # tables and plot from a finished or interrupted study's results.json
-            results = json.loads(Path(cfg.from_results).read_text())
+        if cfg.get("from_results"):  # tables and plot from finished or interrupted studies' results.json
+            results = images.merge([json.loads(Path(p).read_text()) for p in images.as_list(cfg.from_results)])
             results.setdefault("real_vs_real_fid", images.real_noise_floor(
                 results["num_samples"], results["fid_reference"], 1234, [cfg.floor_seed + k for k in range(5)]))
         else:
             results = images.study(cfg, folder)
         images.write(results, cfg, Path(cfg.out))
+        images.sample_grid(cfg, Path(cfg.out))
         print(f"results: {folder / 'results.json'}")
         return
     table = study(cfg, folder)

@@ -85,7 +85,8 @@ def study(cfg: DictConfig, folder: Path) -> dict[str, Any]:
     for s in steps:
         for c in scales:
             jobs += [(name, extra, c, s, cfg.seed) for name, extra in methods.items()]
-            jobs.append((first, methods[first], c, s, cfg.floor_seed))  # the seed-to-seed spread
+            if cfg.floor_seed is not None:
+                jobs.append((first, methods[first], c, s, cfg.floor_seed))  # the seed-to-seed spread
     for name, extra, c, s, seed in tqdm(jobs, desc="momentum study (bundled)"):
         res = run(base + list(extra) + [f"cfg_scale={c}", f"steps={s}", f"seed={seed}"],
                   output_dir=folder / "runs" / f"{name}_cfg{c}_{s}_seed{seed}")
@@ -94,11 +95,30 @@ def study(cfg: DictConfig, folder: Path) -> dict[str, Any]:
                                 "fid": m["fid"], "clip_score": m["clip_score"], "seconds": m["seconds"],
                                 "clipped": clipped_fraction(res.images)})
         atomic_write_json(folder / "results.json", results)
-    floor_seeds = [cfg.floor_seed + k for k in range(2 if cfg.fast else 5)]
-    results["real_vs_real_fid"] = real_noise_floor(n, ref, 1234, floor_seeds)
+    if cfg.floor_seed is not None:
+        floor_seeds = [cfg.floor_seed + k for k in range(2 if cfg.fast else 5)]
+        results["real_vs_real_fid"] = real_noise_floor(n, ref, 1234, floor_seeds)
     results["seconds"] = time.perf_counter() - t0
     atomic_write_json(folder / "results.json", results)
     return results
+
+
+def as_list(value: Any) -> list[str]:
+    """One path or a list of paths (Hydra gives a ListConfig for ``[a,b]``)."""
+    return [str(value)] if isinstance(value, str) else [str(v) for v in value]
+
+
+def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Results of several invocations with the same settings (e.g. extra methods run later) as one."""
+    first = parts[0]
+    for p in parts[1:]:
+        if (p["model"], p["num_samples"], p["fid_reference"]) != (first["model"], first["num_samples"], first["fid_reference"]):
+            raise ValueError("these results.json files differ in model, num_samples or fid_reference: not mergeable")
+    merged = dict(first, runs=[r for p in parts for r in p["runs"]])
+    floors = [p["real_vs_real_fid"] for p in parts if "real_vs_real_fid" in p]
+    if floors:
+        merged["real_vs_real_fid"] = floors[0]
+    return merged
 
 
 def write(results: dict[str, Any], cfg: DictConfig, out: Path) -> None:
@@ -111,7 +131,8 @@ def write(results: dict[str, Any], cfg: DictConfig, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     runs = [r for r in results["runs"] if r["seed"] == cfg.seed]
     floor_runs = [r for r in results["runs"] if r["seed"] != cfg.seed]
-    methods = list(dict.fromkeys(r["method"] for r in runs))
+    present = list(dict.fromkeys(r["method"] for r in runs))
+    methods = [m for m in cfg.methods if m in present] + [m for m in present if m not in cfg.methods]
     steps = sorted({r["steps"] for r in runs})
     scales = sorted({r["cfg_scale"] for r in runs})
     get = {(r["method"], r["cfg_scale"], r["steps"]): r for r in runs}
@@ -172,3 +193,29 @@ def write(results: dict[str, Any], cfg: DictConfig, out: Path) -> None:
     fig.savefig(out / "momentum_bundled.png", dpi=110)
     plt.close(fig)
     (out / "momentum_bundled_table.md").write_text("\n".join(lines))
+
+
+def sample_grid(cfg: DictConfig, out: Path) -> None:
+    """A picture of what the tables measure: one row of ``grid.num_samples`` images per entry of
+    ``grid.rows`` (label: overrides), same seed and noise in every row."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    torch.set_num_threads(int(cfg.threads))
+    g = cfg.grid
+    rows, labels = [], []
+    for label, extra in g.rows.items():
+        res = run(["model=bundled", f"solver={cfg.solver}", f"steps={g.steps}", f"num_samples={g.num_samples}",
+                   f"batch_size={g.num_samples}", "callback=[]", "save_images=false", f"seed={cfg.seed}"] + list(extra))
+        rows.append(torch.cat(list(res.images.float().cpu()), 2))
+        labels.append(str(label))
+    pixels = (torch.cat(rows, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    h = pixels.shape[0] // len(rows)
+    img = Image.fromarray(pixels).resize((pixels.shape[1] * 2, pixels.shape[0] * 2), Image.Resampling.NEAREST)
+    canvas = Image.new("RGB", (img.width + 220, img.height), "white")
+    canvas.paste(img, (220, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, label in enumerate(labels):
+        draw.text((6, i * 2 * h + h - 6), label, fill="black")
+    out.mkdir(parents=True, exist_ok=True)
+    canvas.save(out / "momentum_bundled_samples.png")
