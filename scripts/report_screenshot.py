@@ -2,7 +2,7 @@
 real headless Chromium and check that its plots and images show; keep the screenshot.
 
     python scripts/report_screenshot.py                         # basic launcher → docs/report_screenshot.png
-    python scripts/report_screenshot.py --launcher local_joblib --screenshot /tmp/joblib.png
+    python scripts/report_screenshot.py --launcher local_joblib --steps 2,3,4 --samples 4 --screenshot /tmp/joblib.png
     python scripts/report_screenshot.py --report some/sweep     # only check an existing sweep's report
 
 Needs Debian's ``chromium`` (``apt-get install -y chromium``); not part of CI. Checks, each a
@@ -50,11 +50,11 @@ def chromium() -> str:
     raise SystemExit("no Chromium found: apt-get install -y chromium")
 
 
-def sweep(folder: Path, launcher: str) -> None:
+def sweep(folder: Path, launcher: str, steps: str = "3,6,12", samples: int = 16) -> None:
     from framework.cli import main
 
-    overrides = ["-m", f"hydra/launcher={launcher}", "solver=euler,heun,dpmpp_2m", "steps=3,6,12", "num_samples=16",
-                 "batch_size=16", "metrics=[fid,clip_score,prompt_accuracy]", "callback=[nan_guard,preview]",
+    overrides = ["-m", f"hydra/launcher={launcher}", "solver=euler,heun,dpmpp_2m", f"steps={steps}",
+                 f"num_samples={samples}", f"batch_size={samples}", "metrics=[fid,clip_score,prompt_accuracy]", "callback=[nan_guard,preview]",
                  "callback.preview.samples=4", f"hydra.sweep.dir={folder}"]
     if launcher == "local_joblib":
         overrides.append("hydra.launcher.n_jobs=2")
@@ -75,7 +75,7 @@ def dom_check(page: Path) -> dict:
     return json.loads(m.group(1).replace("&quot;", '"'))
 
 
-def screenshot(page: Path, out: Path, width: int = 1280, height: int = 2200) -> dict:
+def screenshot(page: Path, out: Path, width: int = 1280, height: int = 2600) -> dict:
     """Render the page to ``out`` and measure how much of it is drawn."""
     import numpy as np
     from PIL import Image
@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--launcher", default="basic", help="basic or a preset of conf/hydra/launcher (local_joblib)")
     parser.add_argument("--sweep-dir", default=None, help="where the sweep goes (default: a temporary folder)")
     parser.add_argument("--report", default=None, help="skip the sweep: check the report of this sweep folder")
+    parser.add_argument("--steps", default="3,6,12", help="the step counts of the sweep (default 3,6,12)")
+    parser.add_argument("--samples", type=int, default=16, help="samples per run (default 16)")
     parser.add_argument("--screenshot", default=str(ROOT / "docs" / "report_screenshot.png"))
     args = parser.parse_args(argv)
 
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(args.report)
     else:
         folder = Path(args.sweep_dir or tempfile.mkdtemp(prefix="samplerlab-sweep-"))
-        sweep(folder, args.launcher)
+        sweep(folder, args.launcher, args.steps, args.samples)
     page = build_report(folder, wandb=False)
     verdict = dom_check(page)
     shot = screenshot(page, Path(args.screenshot))
