@@ -26,14 +26,18 @@ def configs(files: Path, text: str) -> dict[str, list[str]]:
     ref, style, src, mask = (files / n for n in ("reference.png", "style.png", "source.png", "mask.png"))
     return {
         "cfg (baseline)": ["guidance=[cfg]"],
+        "color_loss blue, scale 2": ["guidance=[cfg,color_loss]", "guidance.color_loss.scale=2"],
+        "color_loss blue, scale 5": ["guidance=[cfg,color_loss]", "guidance.color_loss.scale=5"],
         "color_loss blue, scale 20": ["guidance=[cfg,color_loss]", "guidance.color_loss.scale=20"],
-        "color_loss blue, scale 50": ["guidance=[cfg,color_loss]", "guidance.color_loss.scale=50"],
-        "color_loss blue, 50, gradient=unet": ["guidance=[cfg,color_loss]", "guidance.color_loss.scale=50",
-                                               "guidance.color_loss.gradient=unet"],
-        "color_loss blue, 50, recurrence=1": ["guidance=[cfg,color_loss]", "guidance.color_loss.scale=50",
-                                              "guidance.color_loss.recurrence=1"],
-        "color_loss blue, x0-space, 2000": ["guidance=[cfg,color_loss]", "guidance.color_loss.space=x0",
-                                            "guidance.color_loss.scale=2000"],
+        "color_loss blue, scale 200 (deep dive)": ["guidance=[cfg,color_loss]"],
+        "color_loss blue, scale 50, σ ≤ 2 only": ["guidance=[cfg,color_loss]", "guidance.color_loss.scale=50",
+                                                 "guidance.color_loss.every=1", "guidance.color_loss.sigma_hi=2.0"],
+        "color_loss blue, scale 5, gradient=unet": ["guidance=[cfg,color_loss]", "guidance.color_loss.scale=5",
+                                                    "guidance.color_loss.gradient=unet"],
+        "color_loss blue, scale 5, recurrence=1": ["guidance=[cfg,color_loss]", "guidance.color_loss.scale=5",
+                                                   "guidance.color_loss.recurrence=1"],
+        "color_loss blue, x0-space, scale 500": ["guidance=[cfg,color_loss]", "guidance.color_loss.space=x0",
+                                                 "guidance.color_loss.scale=500"],
         "clip_text, scale 1": ["guidance=[cfg,clip_text]", f"guidance.clip_text.text={text}", "guidance.clip_text.scale=1"],
         "image_match mse, scale 100": ["guidance=[cfg,image_match]", f"guidance.image_match.image={ref}", "guidance.image_match.scale=100"],
         "style, scale 0.2": ["guidance=[cfg,style]", f"guidance.style.image={style}"],
@@ -51,7 +55,8 @@ def make_files(folder: Path) -> dict[str, torch.Tensor]:
 
     folder.mkdir(parents=True, exist_ok=True)
     scenes = sample_scenes(40, seed=7, concept_rate=0.5)
-    pick = {"reference.png": 0, "source.png": 1}
+    plain = [i for i, lab in enumerate(scenes.labels) if not lab.main.striped]
+    pick = {"reference.png": plain[0], "source.png": plain[1]}
     pick["style.png"] = next(i for i, lab in enumerate(scenes.labels) if lab.main.striped)
     out = {}
     for name, i in pick.items():
@@ -89,6 +94,16 @@ def baseline_losses(images: torch.Tensor, files: Path, text: str) -> dict[str, f
     return out
 
 
+def vae_roundtrip_error(image: torch.Tensor, region: torch.Tensor) -> float:
+    """Mean |decode(encode(image)) − image| over ``region``: the floor of any latent-space method."""
+    from framework.models.bundled import Bundled
+
+    model = Bundled()
+    with torch.no_grad():
+        back = model.decode(model.encode_images(image[None]))[0]
+    return float((back - image).abs()[..., region].mean())
+
+
 def judge_colour_rate(images: torch.Tensor, colour: str) -> float:
     """Fraction of images whose main object the bundled judge calls ``colour``."""
     from framework.bundled import load_judge
@@ -121,12 +136,13 @@ def study(cfg: DictConfig, folder: Path, out: Path) -> tuple[dict, dict]:
         row.update({k: v for k, v in m.items() if k.startswith("guidance_loss_")})
         if "clip_text" in name and text_colour:
             row[f"judge_says_{text_colour}"] = judge_colour_rate(img, text_colour)
-        if name.startswith("img2img"):
+        if name.startswith("img2img") or name == "cfg (baseline)":
             row["mean_abs_to_source"] = float((img - pics["source.png"]).abs().mean())
         if name.startswith("inpaint"):
             keep = pics["mask.png"][0] < 0.5
             row["known_region_mean_abs"] = float((img - pics["source.png"]).abs()[..., keep].mean())
             row["new_region_mean_abs"] = float((img - pics["source.png"]).abs()[..., ~keep].mean())
+            row["vae_floor_known_mean_abs"] = vae_roundtrip_error(pics["source.png"], keep)
         if name == "cfg (baseline)":
             row.update(baseline_losses(img, out / "guidance", cfg.clip_text))
         table[name] = row
