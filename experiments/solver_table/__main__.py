@@ -2,6 +2,7 @@
 
     python -m experiments.solver_table                   # writes docs/solver_table.md + plots
     python -m experiments.solver_table fast=true out=/tmp/x
+    python -m experiments.solver_table hydra.run.dir=<earlier run folder>   # resumes: finished runs are read back
 
 For each model, schedule and NFE budget, every solver runs as an ordinary samplerlab run
 (framework.api.run) with the largest step count whose measured NFE fits the budget (NFE(steps) is
@@ -63,9 +64,12 @@ class Table:
     def run(self, extra: list[str], name: str):
         return run(self.base + extra, model=self.model_object, output_dir=self.folder / self.model / name)
 
+    def schedule(self, name: str) -> list[str]:
+        return [f"schedule={name}", *self.cfg.schedule_overrides.get(name, [])]
+
     def nfe_of_steps(self, solver: str, schedule: str) -> tuple[float, float]:
         """(a, b) with NFE = a·steps + b, from two short runs."""
-        n = [self.run([f"solver={solver}", f"schedule={schedule}", f"steps={s}", "num_samples=1", "batch_size=1"],
+        n = [self.run([f"solver={solver}", *self.schedule(schedule), f"steps={s}", "num_samples=1", "batch_size=1"],
                       f"probe_{solver}_{schedule}_{s}").record["metrics"]["nfe"] for s in (4, 8)]
         a = (n[1] - n[0]) / 4
         return a, n[0] - 4 * a
@@ -87,7 +91,7 @@ class Table:
         return self.refs[key], self.ref_nfe[key]
 
     def cell(self, solver: str, schedule: str, steps: int) -> dict[str, float]:
-        res = self.run([f"solver={solver}", f"schedule={schedule}", f"steps={steps}"], f"{solver}_{schedule}_{steps}")
+        res = self.run([f"solver={solver}", *self.schedule(schedule), f"steps={steps}"], f"{solver}_{schedule}_{steps}")
         ref, ref_nfe = self.reference(res)
         err = float((res.latents.double() - ref.double()).pow(2).mean().sqrt())
         m = res.record["metrics"]
@@ -144,7 +148,9 @@ def write(results: dict, cfg: DictConfig, out: Path) -> None:
                 ax.loglog([c["nfe"] for c in cells], [max(c["error"], 1e-16) for c in cells],
                           marker="os^D"[i % 4], linestyle=":" if solver in stochastic else "-", label=solver)
             refs = sorted({c["reference_nfe"] for cells in rows.values() if isinstance(cells, list) for c in cells})
-            lines += ["", f"Reference solutions: {len(refs)} distinct, {min(refs):g}–{max(refs):g} NFE each.", ""]
+            if refs:
+                lines += ["", f"Reference solutions: {len(refs)} distinct, {min(refs):g}–{max(refs):g} NFE each."]
+            lines.append("")
             ax.set(xlabel="NFE", ylabel="RMSE to reference", title=f"{model}, {schedule}")
             ax.grid(True, which="both", alpha=0.3)
         axes[0][-1].legend(fontsize=6, ncol=2, loc="lower left")
@@ -162,9 +168,9 @@ def main(cfg: DictConfig) -> None:
 
     folder = Path(HydraConfig.get().runtime.output_dir)
     results = study(cfg, folder)
-    write(results, cfg, Path(cfg.out))
     atomic_write_json(folder / "record.json", {"experiment": "solver_table", "config": OmegaConf.to_container(cfg),
                                                "results": results})
+    write(results, cfg, Path(cfg.out))
     print(json.dumps({m: {s: len(r) for s, r in v.items()} for m, v in results.items()}))
 
 
