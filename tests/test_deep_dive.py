@@ -87,15 +87,18 @@ def test_img2img_fast(tmp_path):
     assert (tmp_path / "img2img_strengths.png").exists() and (tmp_path / "runs" / "source.png").exists()
 
 
-def test_gallery_fast_and_a_section_added_in_one_line(tmp_path):
-    rec = gallery.main(["fast=true", f"out={tmp_path}", f"runs={tmp_path / 'runs'}"])
-    assert set(rec["results"]) == {"samplers", "guidance", "embeddings"}
-    assert all(len(rows) == 1 for rows in rec["results"].values())
-    assert {f"gallery_{s}.png" for s in rec["results"]} <= set(rec["files"])
-    rec = gallery.main(["fast=true", f"out={tmp_path}", f"runs={tmp_path / 'runs'}", "fast_rows=2",
-                        "+sections.mine=[['solver=heun','steps=2'],['solver=euler']]", "only=[mine]"])
-    assert [r["nfe"] for r in rec["results"]["mine"]] == [3, 3]  # heun: 2·2 − 1; euler: 3 steps
-    assert (tmp_path / "gallery_mine.png").exists()
+def test_gallery_fast_with_a_section_added_in_one_line(tmp_path):
+    rec = gallery.main(["fast=true", f"out={tmp_path}", f"runs={tmp_path / 'runs'}",
+                        "+sections.mine=[['solver=heun','steps=2'],['solver=euler']]"])
+    sections = {"samplers", "guidance", "embeddings", "mine"}
+    assert set(rec["results"]) == sections | {"text_embeddings"}
+    assert all(len(rec["results"][s]) == 1 for s in sections)  # fast: the first row of each section
+    assert {f"gallery_{s}.png" for s in sections | {"text_embeddings"}} <= set(rec["files"])
+    assert rec["results"]["mine"][0]["nfe"] == 3  # heun on 2 steps ending at σ = 0: 2·2 − 1
+    emb = rec["results"]["text_embeddings"]
+    swapped, blue = emb["labels"].index("a red circle [token_swap red→blue]"), emb["labels"].index("a blue circle")
+    assert emb["cosine_similarity"][swapped][blue] > 1 - 1e-5  # red→blue at the input = "a blue circle"
+    assert emb["cosine_similarity"][swapped][0] < 0.99
 
 
 def test_experiment_errors_are_one_line():

@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 def section_figure(name: str, rows: list[dict], path: Path, files: list[str]) -> None:
     plt = pyplot()
     n = max(r["images"].shape[0] for r in rows)
-    fig, axes = plt.subplots(len(rows), n, figsize=(1.3 * n + 2.6, 1.35 * len(rows) + 0.5), squeeze=False)
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.3 * n + 3.4, 1.35 * len(rows) + 0.5), squeeze=False)
     for i, row in enumerate(rows):
         for j in range(n):
             if j < row["images"].shape[0]:
