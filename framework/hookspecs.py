@@ -140,4 +140,5 @@ def step(state: SamplerState, denoise: Callable[[torch.Tensor, float], Predictio
 @hookspec
 def after_step(state: SamplerState, x_next: torch.Tensor) -> None:
     """All run, in config order, after each step: history keepers, NaN guards, previews, logging.
-    Checks accumulate on the device (``state.batch.failed``) rather than syncing every step."""
+    NaN guards call ``run.request_finite_checks()`` in ``configure``; the engine then checks every
+    hook's output on the device (``framework.engine.NonFinite``) and reads the flags only every k steps."""
