@@ -78,6 +78,7 @@ def main(cfg: DictConfig) -> None:
                 results["num_samples"], results["fid_reference"], 1234, [cfg.floor_seed + k for k in range(5)]))
         else:
             results = images.study(cfg, folder)
+        atomic_write_json(folder / "results.json", results)
         images.write(results, cfg, Path(cfg.out))
         images.sample_grid(cfg, Path(cfg.out))
         print(f"results: {folder / 'results.json'}")

@@ -183,6 +183,7 @@ def write(results: dict[str, Any], cfg: DictConfig, out: Path) -> None:
             if floor:
                 ax.plot(*zip(*sorted(floor)), color="black", linestyle=":", marker="x", label=f"{methods[0]}, seed {floor_runs[0]['seed']}")
             ax.set_xscale("log")
+            ax.minorticks_off()
             ax.set_xticks(steps, [str(s) for s in steps])
             ax.set_xlabel("NFE")
             ax.set_ylabel("FID (bundled CLIP)" if key == "fid" else "CLIP score")
