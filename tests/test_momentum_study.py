@@ -43,6 +43,8 @@ def test_momentum_study_bundled_fast(tmp_path):
     text = (tmp_path / "docs" / "momentum_bundled_table.md").read_text()
     assert "| heavy_ball_0.2 |" in text and "Real vs real" in text and "seed 1 vs seed 0" in text
     assert (tmp_path / "docs" / "momentum_bundled.png").stat().st_size > 1000
+    images.sample_grid(cfg, tmp_path / "docs")
+    assert (tmp_path / "docs" / "momentum_bundled_samples.png").stat().st_size > 1000
 
 
 def test_distill_stats_on_true_mixture_samples():
