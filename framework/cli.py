@@ -103,7 +103,21 @@ def discard_if_unused(folder: Path) -> None:
         pass
 
 
-def _app(cfg) -> None:
+def _objective(cfg, metrics: dict) -> float | None:
+    """The metric a sweeper (optuna) minimises, named by the ``objective`` key."""
+    from framework.errors import ConfigError
+
+    name = cfg.get("objective")
+    if not name:
+        return None
+    if name not in metrics:
+        raise SystemExit(_error(ConfigError(
+            f"objective '{name}' is not among this run's metrics ({', '.join(sorted(metrics))}): "
+            f"add its metrics plugin, e.g. metrics=[{name}]")))
+    return float(metrics[name])
+
+
+def _app(cfg) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
     from framework.engine import execute
@@ -122,7 +136,7 @@ def _app(cfg) -> None:
     m = result.record["metrics"]
     if result.skipped:
         print(f"samplerlab: finished run found (run key {result.record['run_key']}), nothing to do -> {folder}")
-        return
+        return _objective(cfg, m)
     failed = f", {len(result.failed)} failed" if result.failed else ""
     extra = f", rmse_to_reference {m['rmse_to_reference']:.3g}" if "rmse_to_reference" in m else ""
     resumed = f", {len(result.resumed)} read back from an earlier attempt" if result.resumed else ""
@@ -132,6 +146,7 @@ def _app(cfg) -> None:
     )
     for k, why in list(result.failures.items())[:3]:
         print(f"samplerlab: warning: sample {k} failed: {why}", file=sys.stderr)
+    return _objective(cfg, m)
 
 
 def _quiet_libraries() -> None:

@@ -20,7 +20,7 @@ FAMILIES = {
     "schedule": "schedule (or a solver that owns its grid)",
     "adjust_schedule": "guidance (img2img strength)",
     "init_latents": "guidance (img2img, inpainting)",
-    "before_step": "callback (churn, previews)",
+    "before_step": "callback (churn, previews), solver (optimize distill: re-noising)",
     "predict": "model",
     "guidance": "guidance (CFG variants, loss guidance)",
     "momentum": "momentum",

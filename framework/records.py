@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 SCHEMA_VERSION = 1
 #: Keys that say where or how results are stored, not what is computed: left out of the run key.
-NON_SEMANTIC_KEYS = ("output_dir", "save_images", "hydra", "name", "resume")
+NON_SEMANTIC_KEYS = ("output_dir", "save_images", "hydra", "name", "resume", "objective")
 #: Keys that split one evaluation over processes: left out of the merge key (shards share it).
 SHARD_KEYS = ("shard_index", "shard_count")
 BATCH_DIR = "batches"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("SAMPLERLAB_CACHE", tempfile.mkdtemp(prefix="samplerlab-cache-"))  # FID reference stats
 # One intra-op thread per test process: xdist runs one process per core, and OpenMP threads that
 # outnumber free cores spin-wait (measured: a tiny UNet call takes 40 ms on one thread, 900 ms on
 # two when the other core is busy).

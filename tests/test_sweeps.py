@@ -43,29 +43,29 @@ def test_optuna_sweeper_presets_compose(preset):
     assert sweeper.params and all(str(v).startswith("interval(") for v in sweeper.params.values())
 
 
-def _app_returning_objective(monkeypatch):
-    """The app returning ``cfg.objective``'s metric (the change proposed for framework/cli.py's _app)."""
+def test_objective_names_a_metric_of_the_run(tmp_path, capsys):
+    """``objective=<metric>`` makes the app return that metric (what sweepers minimise); a metric
+    the run does not compute is one clear error."""
     import framework.cli as cli
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
-    original = cli._app
+    from framework.registry import CONF_DIR
 
-    def app(cfg):
-        from hydra.core.hydra_config import HydraConfig
-
-        original(cfg)
-        with open(f"{HydraConfig.get().runtime.output_dir}/record.json") as f:
-            record = json.load(f)
-        return record["metrics"][cfg.objective]
-
-    monkeypatch.setattr(cli, "_app", app)
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=["model=gaussian", "objective=nfe"])
+    assert cli._objective(cfg, {"nfe": 4.0, "seconds": 0.1}) == 4.0
+    cfg.objective = "fid"
+    with pytest.raises(SystemExit) as e:
+        cli._objective(cfg, {"nfe": 4.0})
+    assert e.value.code == 2 and "metrics=[fid]" in capsys.readouterr().err
 
 
-def test_optuna_preset_tunes_karras_rho_and_churn(tmp_path, monkeypatch):
+def test_optuna_preset_tunes_karras_rho_and_churn(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    _app_returning_objective(monkeypatch)
     sweep = tmp_path / "tune"
     assert main(["-m", "hydra/sweeper=tune_karras_churn", "hydra.sweeper.n_trials=3", "model=gaussian",
-                 "callback=[nan_guard,churn]", "++objective=rmse_to_reference", "steps=4", "num_samples=8",
+                 "callback=[nan_guard,churn]", "objective=rmse_to_reference", "steps=4", "num_samples=8",
                  f"hydra.sweep.dir={sweep}"]) == 0
     results = (sweep / "optimization_results.yaml").read_text()
     assert "schedule.rho" in results and "callback.churn.s_churn" in results and "best_value" in results
