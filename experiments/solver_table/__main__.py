@@ -3,6 +3,7 @@
     python -m experiments.solver_table                   # writes docs/solver_table.md + plots
     python -m experiments.solver_table fast=true out=/tmp/x
     python -m experiments.solver_table hydra.run.dir=<earlier run folder>   # resumes: finished runs are read back
+    python -m experiments.solver_table from_results=[a/record.json,b/record.json]   # tables from earlier runs
 
 For each model, schedule and NFE budget, every solver runs as an ordinary samplerlab run
 (framework.api.run) with the largest step count whose measured NFE fits the budget (NFE(steps) is
@@ -100,7 +101,8 @@ class Table:
 
 
 def study(cfg: DictConfig, folder: Path) -> dict:
-    """{model: {schedule: {solver: [cells] | {"skipped": reason}}}}"""
+    """{model: {schedule: {solver: [cells] | {"skipped": reason}}}}; one cell per distinct step
+    count (≥ 2) that the NFE budgets call for."""
     models, schedules, solvers, budgets = list(cfg.models), list(cfg.schedules), list(cfg.solvers), list(cfg.nfe)
     if cfg.fast:
         schedules, solvers, budgets = schedules[:1], ["euler", "heun"], budgets[:2]
@@ -111,12 +113,18 @@ def study(cfg: DictConfig, folder: Path) -> dict:
             for solver in tqdm(solvers, desc=f"{model} {schedule}"):
                 try:
                     a, b = t.nfe_of_steps(solver, schedule)
-                    steps = sorted({max(1, math.floor((n - b) / a + 1e-9)) for n in budgets})
+                    steps = sorted({s for n in budgets if (s := math.floor((n - b) / a + 1e-9)) >= 2})
                     cells = [t.cell(solver, schedule, s) for s in steps]
                 except ConfigError as e:
                     cells = {"skipped": str(e)}
                 out.setdefault(model, {}).setdefault(schedule, {})[solver] = cells
     return out
+
+
+def at_budget(cells: list[dict], budget: float) -> dict | None:
+    """The cell with the most NFE within ``budget`` (None when even the cheapest exceeds it)."""
+    fits = [c for c in cells if c["nfe"] <= budget and c["steps"] >= 2]
+    return max(fits, key=lambda c: c["nfe"]) if fits else None
 
 
 def write(results: dict, cfg: DictConfig, out: Path) -> None:
@@ -126,25 +134,33 @@ def write(results: dict, cfg: DictConfig, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     stochastic = set(cfg.stochastic)
+    budgets = list(cfg.nfe)[:2] if cfg.fast else list(cfg.nfe)
     lines = ["<!-- made by: python -m experiments.solver_table (do not edit by hand) -->", ""]
     for model, by_schedule in results.items():
         n = 2 if cfg.fast else cfg.num_samples[model]
         lines += [f"### `model={model}` ({cfg.dtype[model]}, {n} samples{', CFG 5' if model == 'bundled' else ''})", ""]
         fig, axes = plt.subplots(1, len(by_schedule), figsize=(5.2 * len(by_schedule), 4.4), squeeze=False)
         for ax, (schedule, rows) in zip(axes[0], by_schedule.items()):
-            budgets = sorted({c["nfe"] for cells in rows.values() if isinstance(cells, list) for c in cells})
-            lines += [f"**schedule={schedule}** — RMSE to the reference (measured NFE in the header; a cell is the "
-                      "run with the largest step count whose NFE fits; `·` none fits)", "",
-                      "| solver | " + " | ".join(f"{b:g}" for b in budgets) + " | s/sample @max |",
+            reasons = {cells["skipped"] for cells in rows.values() if isinstance(cells, dict)}
+            if len(reasons) == 1 and all(isinstance(c, dict) for c in rows.values()):
+                lines += [f"**schedule={schedule}**: skipped for every solver: {reasons.pop()}", ""]
+                ax.set_visible(False)
+                continue
+            lines += [f"**schedule={schedule}** — RMSE to the reference at each NFE budget: the run with the most "
+                      "steps that fit (its NFE in brackets when below the budget; `·`: no run of ≥ 2 steps fits)", "",
+                      "| solver | " + " | ".join(f"{b:g}" for b in budgets) + " | s/sample (largest run) |",
                       "| --- |" + " --- |" * (len(budgets) + 1)]
             for i, (solver, cells) in enumerate(rows.items()):
                 label = solver + (" *(stoch.)*" if solver in stochastic else "")
                 if isinstance(cells, dict):
                     lines.append(f"| {label} | skipped: {cells['skipped']} |")
                     continue
-                by_nfe = {c["nfe"]: c for c in cells}
-                row = [f"{by_nfe[b]['error']:.2e}" if b in by_nfe else "·" for b in budgets]
-                lines.append(f"| {label} | " + " | ".join(row) + f" | {cells[-1]['seconds_per_sample']:.3g} |")
+                row = []
+                for b in budgets:
+                    c = at_budget(cells, b)
+                    row.append("·" if c is None else f"{c['error']:.2e}" + ("" if c["nfe"] == b else f" ({c['nfe']:g})"))
+                lines.append(f"| {label} | " + " | ".join(row) + f" | {cells[-1]['seconds_per_sample']:.3g} |" if cells
+                             else f"| {label} | " + " | ".join(row) + " | |")
                 ax.loglog([c["nfe"] for c in cells], [max(c["error"], 1e-16) for c in cells],
                           marker="os^D"[i % 4], linestyle=":" if solver in stochastic else "-", label=solver)
             refs = sorted({c["reference_nfe"] for cells in rows.values() if isinstance(cells, list) for c in cells})
@@ -167,6 +183,12 @@ def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     folder = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.from_results:  # rewrite the tables and plots from earlier records, without sampling
+        results = {}
+        for path in cfg.from_results:
+            results.update(json.loads(Path(path).read_text())["results"])
+        write(results, cfg, Path(cfg.out))
+        return
     results = study(cfg, folder)
     atomic_write_json(folder / "record.json", {"experiment": "solver_table", "config": OmegaConf.to_container(cfg),
                                                "results": results})
