@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
+from framework import hookimpl
 from framework.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -528,3 +529,22 @@ def check_edit(run: Run, plugin: TextEdit, name: str) -> None:
     if plugin.apply_to not in APPLY_TO:
         raise ConfigError(f"conditioning.{name}.apply_to must be one of {', '.join(APPLY_TO)}, got '{plugin.apply_to}'")
     TextEmbeddings.of(run.model)
+
+
+
+class EditPlugin(TextEdit):
+    """Base of the ``conditioning`` plugins that edit the text encoding: ``configure`` checks the
+    edit (``check``, then the shared checks), ``conditioning`` re-encodes with every edit plugin of
+    the list (:func:`reencode`). A plugin overrides only the :class:`TextEdit` methods it needs."""
+
+    def check(self, run: Run) -> None:
+        """Plugin-specific checks made in ``configure`` (before sampling)."""
+
+    @hookimpl
+    def configure(self, run):
+        self.check(run)
+        check_edit(run, self, type(self).__module__.rsplit(".", 1)[-1])
+
+    @hookimpl
+    def conditioning(self, run, cond):
+        return reencode(run, cond, self)

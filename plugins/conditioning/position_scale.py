@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from framework import hookimpl
-from framework.embeddings import TextEdit, TextEmbeddings, check_edit, reencode, scale_positions
+from framework.embeddings import EditPlugin, TextEmbeddings, scale_positions
 
 
 @dataclass
-class PositionScale(TextEdit):
+class PositionScale(EditPlugin):
     scale: float = 0.5
     start: int = 0
     end: int | None = None
@@ -21,11 +20,3 @@ class PositionScale(TextEdit):
 
     def edit_inputs(self, inputs, emb: TextEmbeddings):
         return scale_positions(inputs, self.scale, self.start, self.end)
-
-    @hookimpl
-    def configure(self, run):
-        check_edit(run, self, "position_scale")
-
-    @hookimpl
-    def conditioning(self, run, cond):
-        return reencode(run, cond, self)

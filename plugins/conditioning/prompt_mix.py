@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from framework import hookimpl
-from framework.embeddings import TextEdit, TextEmbeddings, check_edit, mix_outputs, reencode
+from framework.embeddings import EditPlugin, TextEmbeddings, mix_outputs
 from framework.errors import ConfigError
 
 
 @dataclass
-class PromptMix(TextEdit):
+class PromptMix(EditPlugin):
     prompt: str = ""
     weight: float = 0.5
 
@@ -26,12 +25,6 @@ class PromptMix(TextEdit):
         second = emb.encode([self.prompt] * hidden.shape[0], others)
         return mix_outputs(hidden, second, self.weight)
 
-    @hookimpl
-    def configure(self, run):
+    def check(self, run):
         if not self.prompt:
             raise ConfigError("conditioning.prompt_mix.prompt is empty: e.g. conditioning.prompt_mix.prompt='a blue circle'")
-        check_edit(run, self, "prompt_mix")
-
-    @hookimpl
-    def conditioning(self, run, cond):
-        return reencode(run, cond, self)

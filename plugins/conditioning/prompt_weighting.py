@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from framework import hookimpl
-from framework.embeddings import TextEdit, TextEmbeddings, apply_prompt_weights, check_edit, reencode
+from framework.embeddings import EditPlugin, TextEmbeddings, apply_prompt_weights
 
 
 @dataclass
-class PromptWeighting(TextEdit):
+class PromptWeighting(EditPlugin):
     normalize: bool = True
     apply_to: str = "both"  # the negative prompt's weights are read too
 
@@ -23,11 +22,3 @@ class PromptWeighting(TextEdit):
 
     def edit_outputs(self, hidden, inputs, emb: TextEmbeddings, edits):
         return apply_prompt_weights(hidden, inputs.weights, self.normalize)
-
-    @hookimpl
-    def configure(self, run):
-        check_edit(run, self, "prompt_weighting")
-
-    @hookimpl
-    def conditioning(self, run, cond):
-        return reencode(run, cond, self)

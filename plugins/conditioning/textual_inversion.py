@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from framework import hookimpl
-from framework.embeddings import TextEdit, TextEmbeddings, check_edit, load_embeddings, reencode
+from framework.embeddings import EditPlugin, TextEmbeddings, load_embeddings
 from framework.errors import ConfigError
 
 
 @dataclass
-class TextualInversion(TextEdit):
+class TextualInversion(EditPlugin):
     path: str | None = None
     token: str | None = None
     apply_to: str = "both"  # cond | uncond | both
@@ -33,11 +32,5 @@ class TextualInversion(TextEdit):
                 )
         return found
 
-    @hookimpl
-    def configure(self, run):
-        check_edit(run, self, "textual_inversion")
+    def check(self, run):
         self.new_tokens(TextEmbeddings.of(run.model))  # fail before sampling
-
-    @hookimpl
-    def conditioning(self, run, cond):
-        return reencode(run, cond, self)

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from framework import hookimpl
-from framework.embeddings import TextEdit, TextEmbeddings, check_edit, mix_tokens, reencode
+from framework.embeddings import EditPlugin, TextEmbeddings, mix_tokens
 from framework.errors import ConfigError
 
 
 @dataclass
-class TokenMix(TextEdit):
+class TokenMix(EditPlugin):
     token: str = "red"
     tokens: list[str] = field(default_factory=lambda: ["red", "blue"])
     weights: list[float] = field(default_factory=lambda: [0.5, 0.5])
@@ -28,11 +27,3 @@ class TokenMix(TextEdit):
 
     def edit_inputs(self, inputs, emb: TextEmbeddings):
         return mix_tokens(inputs, emb, self.token, list(zip(self.tokens, self.weights)))
-
-    @hookimpl
-    def configure(self, run):
-        check_edit(run, self, "token_mix")
-
-    @hookimpl
-    def conditioning(self, run, cond):
-        return reencode(run, cond, self)

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from framework import hookimpl
-from framework.embeddings import TextEdit, TextEmbeddings, check_edit, load_embeddings, reencode, replace_token
+from framework.embeddings import EditPlugin, TextEmbeddings, load_embeddings, replace_token
 
 
 @dataclass
-class TokenSwap(TextEdit):
+class TokenSwap(EditPlugin):
     source: str = "red"
     target: str = "blue"
     vector: str | None = None  # an embedding file; its first vector replaces ``source`` (target is then unused)
@@ -25,11 +24,3 @@ class TokenSwap(TextEdit):
             target = next(iter(load_embeddings(self.vector).values()))[0]
             return replace_token(inputs, emb, self.source, emb.vector(target))
         return replace_token(inputs, emb, self.source, self.target)
-
-    @hookimpl
-    def configure(self, run):
-        check_edit(run, self, "token_swap")
-
-    @hookimpl
-    def conditioning(self, run, cond):
-        return reencode(run, cond, self)
