@@ -106,3 +106,17 @@ def test_experiment_errors_are_one_line():
         gallery.main(["fast=true", "only=[nope]"])
     with pytest.raises(ConfigError, match="strengths must be in"):
         img2img.main(["fast=true", "strengths=[0]"])
+
+
+def test_modules_run_on_a_checkpoint_folder(tmp_path, tiny_overrides):
+    """model=sd15 model.path=<folder>: the tiny random pipeline through the ordinary loader."""
+    rec = loop.main(["fast=true", f"out={tmp_path}", f"runs={tmp_path / 'loop'}"] + tiny_overrides)
+    assert rec["results"]["label"].startswith(f"model {tiny_overrides[1].split('=', 1)[1]}")
+    assert (tmp_path / "loop.gif").exists()
+    # the tiny tokenizer spells 'red' in 3 tokens: the token-swap row cannot run, and says so
+    with pytest.warns(UserWarning, match="cannot run"):
+        rec = gallery.main(["fast=true", "fast_rows=3", "only=[embeddings]", "embedding_prompts=[]", f"out={tmp_path}",
+                            f"runs={tmp_path / 'gallery'}"] + tiny_overrides)
+    rows = rec["results"]["embeddings"]
+    assert [("error" in r) for r in rows] == [False, False, True] and "single-token" in rows[2]["error"]
+    assert (tmp_path / "gallery_embeddings.png").exists()

@@ -6,11 +6,14 @@
 
 ``sections`` (config.yaml) maps a section name to its rows; a row is a list of samplerlab overrides,
 one ordinary run whose samples (same seeds, same prompts in every row unless the row changes them)
-fill one row of the section's figure, labelled with its overrides, NFE and seconds.
+fill one row of the section's figure, labelled with its overrides and NFE. A row the model cannot
+run (a configuration error, e.g. a token edit of a word that is several tokens for its tokenizer)
+is shown as its error message, recorded, and warned about; the other rows still run.
 """
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,9 +29,14 @@ HERE = Path(__file__).resolve().parent
 
 def section_figure(name: str, rows: list[dict], path: Path, files: list[str]) -> None:
     plt = pyplot()
-    n = max(r["images"].shape[0] for r in rows)
+    n = max([r["images"].shape[0] for r in rows if "images" in r] or [1])
     fig, axes = plt.subplots(len(rows), n, figsize=(1.3 * n + 3.4, 1.35 * len(rows) + 0.5), squeeze=False)
     for i, row in enumerate(rows):
+        if "error" in row:  # a row this model cannot run: say why in its place
+            for ax in axes[i]:
+                ax.axis("off")
+            axes[i, 0].text(0, 0.5, f"{' '.join(row['overrides'])}:\n{row['error']}", fontsize=6, va="center", wrap=True)
+            continue
         for j in range(n):
             if j < row["images"].shape[0]:
                 top = i == 0 and not row["own_prompts"]  # rows that set their own prompts name them in their label
@@ -57,8 +65,13 @@ def embeddings_figure(model, prompts: list[str], path: Path, files: list[str]) -
         hidden = emb.encode(prompts).float().cpu()
         labels = list(prompts)
         if "red" in prompts[0].split():
-            hidden = torch.cat([hidden, emb.encode(prompts[:1], [TokenSwap(source="red", target="blue")]).float().cpu()])
-            labels.append(f"{prompts[0]} [token_swap red→blue]")
+            try:
+                swapped = emb.encode(prompts[:1], [TokenSwap(source="red", target="blue")]).float().cpu()
+            except ConfigError as e:  # 'red' is not one token for this tokenizer
+                warnings.warn(f"gallery: no token-swap row in the embedding figure: {e}", stacklevel=1)
+            else:
+                hidden = torch.cat([hidden, swapped])
+                labels.append(f"{prompts[0]} [token_swap red→blue]")
     tokens = [t for _, t in emb.tokens(prompts[0])]
     n = len(tokens) + 2
     flat = torch.nn.functional.normalize(hidden.flatten(1), dim=1)
@@ -102,7 +115,12 @@ def main(argv: list[str] | None = None) -> dict:
         for i, overrides in enumerate(rows[: cfg.fast_rows] if cfg.fast else rows):
             overrides = [str(o) for o in overrides]
             t = time.perf_counter()
-            res = sample(base + overrides, output_dir=folder / name / f"{i:02d}")
+            try:
+                res = sample(base + overrides, output_dir=folder / name / f"{i:02d}")
+            except ConfigError as e:  # e.g. a token edit whose word is several tokens for this model
+                warnings.warn(f"gallery {name} row {i} ({' '.join(overrides)}) cannot run: {e}", stacklevel=1)
+                done.append({"overrides": overrides, "error": str(e)})
+                continue
             rec = res.record
             done.append({"overrides": overrides, "images": res.images.cpu(), "prompts": rec["config"]["prompts"],
                          "own_prompts": any(o.startswith("prompts=") for o in overrides), "nfe": rec["metrics"]["nfe"],
