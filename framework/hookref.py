@@ -13,9 +13,9 @@ from framework import hookspecs
 #: Which plugin families implement each hook (for the reader; the specs define the contract).
 FAMILIES = {
     "configure": "any (compatibility checks, declaring needs)",
-    "run_start": "metrics, logger",
+    "run_start": "metrics, logger, callback (previews)",
     "batch_end": "metrics, logger, callback (savers)",
-    "run_end": "metrics, logger",
+    "run_end": "metrics, logger, callback (previews)",
     "conditioning": "conditioning",
     "schedule": "schedule (or a solver that owns its grid)",
     "adjust_schedule": "guidance (img2img strength)",
