@@ -41,9 +41,42 @@ def resolved_config(cfg: Any) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k not in ("hydra",)}
 
 
+@functools.lru_cache(maxsize=32)
+def _folder_hash(folder: str, listing: tuple) -> str:
+    h = hashlib.sha256()
+    for rel, size, mtime in listing:
+        h.update(f"{rel}:{size}:".encode())
+        path = Path(folder) / rel
+        if size <= 64 * 2**20:
+            h.update(hashlib.sha256(path.read_bytes()).digest())
+        else:  # multi-GB checkpoints: size and modification time stand in for the bytes
+            h.update(str(mtime).encode())
+    return h.hexdigest()[:16]
+
+
+def weights_fingerprint(config: dict[str, Any]) -> dict[str, str]:
+    """Hashes of the weights a run reads: the bundled model (its CLIP and judge also score other
+    models) and a local ``model.path`` folder. Part of the run key, so that a rerun after the
+    weights change is not answered from an old run folder (files ≤ 64 MB by content, larger by
+    size and mtime; a hub id that is not a local folder is not fingerprinted)."""
+    from framework.bundled import WEIGHTS_DIR
+
+    out = {}
+    model = config.get("model") if isinstance(config.get("model"), dict) else {}
+    for label, folder in (("bundled", WEIGHTS_DIR), ("model.path", model.get("path"))):
+        if folder and Path(folder).is_dir():
+            root = Path(folder).resolve()
+            listing = tuple((str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns)
+                            for f in sorted(root.rglob("*")) if f.is_file())
+            out[label] = _folder_hash(str(root), listing)
+    return out
+
+
 def run_key(config: dict[str, Any]) -> str:
-    """A short hash of the resolved config (without where-to-store keys): same config, same key."""
+    """A short hash of the resolved config (without where-to-store keys) and of the weights it
+    reads (:func:`weights_fingerprint`): same config and weights, same key."""
     semantic = {k: v for k, v in config.items() if k not in NON_SEMANTIC_KEYS}
+    semantic["weights"] = weights_fingerprint(config)
     blob = json.dumps(semantic, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -52,3 +52,21 @@ def test_atomic_write_leaves_no_temporary_files(tmp_path):
     atomic_write_json(tmp_path / "r.json", {"a": 2})
     assert json.loads((tmp_path / "r.json").read_text()) == {"a": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_run_key_changes_when_the_weights_change(tiny_dir, tmp_path):
+    """A rerun after the checkpoint's weights change must not be answered from the old run folder."""
+    import shutil
+
+    from framework.records import run_key
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir, folder)
+    config = {"model": {"_target_": "framework.models.diffusers_sd.StableDiffusion", "path": str(folder)}, "steps": 4}
+    before = run_key(config)
+    assert run_key(config) == before
+    weights = next(folder.rglob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert run_key(config) != before
