@@ -16,11 +16,11 @@ With no edit, :meth:`TextEmbeddings.encode` equals diffusers' ``pipe.encode_prom
 ≤ 1e-6). Edits are :class:`TextEdit` objects applied in order: the conditioning plugins
 (``plugins/conditioning``) are such objects, so they work inside a run and in your own code::
 
-    from framework.embeddings import TextEmbeddings
-    from plugins.conditioning.token_swap import TokenSwap
-    emb = TextEmbeddings.of(pipe)                  # a StableDiffusionPipeline or a samplerlab model
-    print(emb.show("a red circle"))                # positions, ids and tokens
-    hidden = emb.encode(["a red circle"], [TokenSwap(source="red", target="blue")])
+    >>> from framework.embeddings import TextEmbeddings
+    >>> from plugins.conditioning.token_swap import TokenSwap
+    >>> emb = TextEmbeddings.of(pipe)              # a StableDiffusionPipeline or a samplerlab model
+    >>> print(emb.show("a red circle"))            # positions, ids and tokens
+    >>> hidden = emb.encode(["a red circle"], [TokenSwap(source="red", target="blue")])
 
 Textual inversion files (diffusers ``learned_embeds.safetensors``/``.bin``, A1111 ``.pt`` and
 ``.safetensors``) are read by :func:`load_embeddings` and written by :func:`save_embeddings`. A
