@@ -186,7 +186,8 @@ def main(cfg: DictConfig) -> None:
     if cfg.from_results:  # rewrite the tables and plots from earlier records, without sampling
         results = {}
         for path in cfg.from_results:
-            results.update(json.loads(Path(path).read_text())["results"])
+            for model, by_schedule in json.loads(Path(path).read_text())["results"].items():
+                results.setdefault(model, {}).update(by_schedule)
         write(results, cfg, Path(cfg.out))
         return
     results = study(cfg, folder)
