@@ -138,7 +138,7 @@ def test_fast_training_runs_end_to_end(tmp_path):
         cfg = compose("config", overrides=["fast=true", "threads=0", f"out_dir={tmp_path}"])
     record = run(cfg)
     assert (tmp_path / "weights" / "pipeline" / "model_index.json").exists()
-    assert (tmp_path / "sample_grid.png").exists()
+    assert (tmp_path / "weights" / "sample_grid.png").exists()
     assert set(record["stages"]) == {"tokenizer", "clip", "judge", "vae", "unet", "export",
                                      "evaluate"}
     assert 0 <= record["scores"]["gen_colour"] <= 1

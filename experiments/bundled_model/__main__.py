@@ -10,6 +10,7 @@ seconds-long smoke run with tiny models; ``install=true`` exports into the shipp
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from experiments.bundled_model.common import resolve_device
 
-STAGES = ("tokenizer", "clip", "judge", "vae", "unet", "export", "evaluate")
+STAGES = ("tokenizer", "clip", "judge", "vae", "unet_cache", "unet", "export", "evaluate")
 CONFIG_DIR = Path(__file__).resolve().parent
 
 
@@ -43,7 +44,7 @@ def run(cfg: DictConfig) -> dict:
     from experiments.bundled_model.export import export, export_target
     from experiments.bundled_model.judge import train_judge
     from experiments.bundled_model.tokenizer import build_tokenizer
-    from experiments.bundled_model.unet import train_unet
+    from experiments.bundled_model.unet import build_cache, train_unet
     from experiments.bundled_model.vae import train_vae
 
     cfg = resolve(cfg)
@@ -52,32 +53,39 @@ def run(cfg: DictConfig) -> dict:
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
-    target = export_target(cfg.install, out)
-    grid = (target.parent / "sample_grid.png") if cfg.install else out / "sample_grid.png"
+    target = export_target(cfg.install, out, cfg.unet.name)
+    grid = (target.parent if cfg.install else target) / "sample_grid.png"
     record_path = out / "record.json"
-    record = json.loads(record_path.read_text()) if record_path.exists() else {"stages": {}}
-    record.update(schema_version=1, config=OmegaConf.to_container(cfg, resolve=True),
-                  device=str(device), torch=torch.__version__, machine=platform.machine())
+    run_info = dict(schema_version=1, config=OmegaConf.to_container(cfg, resolve=True),
+                    device=str(device), torch=torch.__version__, machine=platform.machine())
     actions = {
         "tokenizer": lambda: build_tokenizer(out / "tokenizer"),
         "clip": lambda: train_clip(cfg, out, device),
         "judge": lambda: train_judge(cfg, out, device),
         "vae": lambda: train_vae(cfg, out, device),
+        "unet_cache": lambda: build_cache(cfg, out, device),
         "unet": lambda: train_unet(cfg, out, device),
-        "export": lambda: export(out, target),
+        "export": lambda: export(out, target, cfg.unet.name),
         "evaluate": lambda: evaluate(cfg, target, grid),
     }
     for stage in cfg.stages:
         t0 = time.time()
         print(f"== stage {stage}")
         result = actions[stage]()
-        entry = record["stages"].setdefault(stage, {"seconds": 0.0, "runs": 0})
+        # re-read: stages may run in parallel processes sharing out_dir
+        record = json.loads(record_path.read_text()) if record_path.exists() else {"stages": {}}
+        record.update(run_info)
+        key = cfg.unet.name if stage == "unet" else stage
+        entry = record["stages"].setdefault(key, {"seconds": 0.0, "runs": 0})
         entry["seconds"] += time.time() - t0
         entry["runs"] += 1
+        entry["device"] = str(device)
         if stage == "evaluate":
-            record["scores"] = result
-        record_path.write_text(json.dumps(record, indent=1))
-    return record
+            record["scores"], record["scores_of"] = result, str(target)
+        tmp = record_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, record_path)
+    return json.loads(record_path.read_text())
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")

@@ -13,7 +13,8 @@ import torch
 from omegaconf import DictConfig
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
-from experiments.bundled_model.common import batch_of_scenes, count_parameters, train_loop
+from experiments.bundled_model.common import (batch_of_scenes, count_parameters, data_workers,
+                                              train_loop)
 
 
 def build_clip(cfg: DictConfig, tokenizer: CLIPTokenizer) -> CLIPModel:
@@ -65,12 +66,15 @@ def train_clip(cfg: DictConfig, out: Path, device: torch.device) -> CLIPModel:
     c = cfg.clip
     opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.05)
 
-    def step_fn(step: int) -> dict[str, float]:
+    def make_batch(step: int) -> tuple:
         scenes = batch_of_scenes(cfg, "clip", step, c.batch_size, **cfg.world)
-        tok = tokenizer(scenes.captions, padding=True, return_tensors="pt")
+        return scenes, tokenizer(scenes.captions, padding=True, return_tensors="pt")
+
+    def step_fn(step: int, batch: tuple) -> dict[str, float]:
+        scenes, tok = batch
         for g in opt.param_groups:
             g["lr"] = c.lr * min(1.0, (step + 1) / c.warmup)
-        loss = clip_loss(model, scenes.images.to(device), tok.input_ids.to(device),
+        loss = clip_loss(model, scenes.draw(device).images, tok.input_ids.to(device),
                          tok.attention_mask.to(device), scenes.captions)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -78,7 +82,8 @@ def train_clip(cfg: DictConfig, out: Path, device: torch.device) -> CLIPModel:
         opt.step()
         return {"loss": loss.item()}
 
-    train_loop("clip", out, {"model": model}, opt, step_fn, c.steps, c.max_minutes)
+    train_loop("clip", out, {"model": model}, opt, step_fn, c.steps, c.max_minutes,
+               make_batch=make_batch, workers=data_workers(cfg, device))
     model.eval()
     model.save_pretrained(out / "clip")
     tokenizer.save_pretrained(out / "clip")

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from torch import nn
 from tqdm import tqdm
 
-from framework.bundled.world import Scenes, sample_scenes
+from framework.bundled.world import ScenePlan, plan_scenes
 
 
 def resolve_device(name: str) -> torch.device:
@@ -29,9 +29,60 @@ def stage_seed(seed: int, stage: str, step: int) -> int:
     return (seed * 1_000_003 + code * 10_007 + step) % (2**62)
 
 
-def batch_of_scenes(cfg: DictConfig, stage: str, step: int, n: int, **world: float) -> Scenes:
-    """The training batch of a stage at a step (fresh scenes, seeded by run seed/stage/step)."""
-    return sample_scenes(n, stage_seed(cfg.seed, stage, step), **world)
+def batch_of_scenes(cfg: DictConfig, stage: str, step: int, n: int, **world: float) -> ScenePlan:
+    """The training batch of a stage at a step (fresh scenes, seeded by run seed/stage/step), as a
+    plan: drawn by the step on its device (``.draw(device)``)."""
+    return plan_scenes(n, stage_seed(cfg.seed, stage, step), **world)
+
+
+class _StepBatches(torch.utils.data.Dataset):
+    """Map-style dataset whose item ``step`` is the training batch of that step."""
+
+    def __init__(self, make: Callable[[int], object], steps: range):
+        self.make, self.steps = make, steps
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __getitem__(self, i: int) -> object:
+        return self.make(self.steps[i])
+
+
+def step_batches(make: Callable[[int], object], start: int, steps: int, workers: int):
+    """Yield ``make(step)`` for ``step`` in ``[start, steps)``; with ``workers`` > 0 they are drawn
+    by that many worker processes ahead of the training step (the batch of a step is the same
+    either way: it depends only on the step). On a GPU the scenes, not the model, set the pace."""
+    if workers <= 0:
+        return (make(s) for s in range(start, steps))
+    data = _StepBatches(make, range(start, steps))
+    return iter(torch.utils.data.DataLoader(data, batch_size=None, shuffle=False,
+                                            num_workers=workers, prefetch_factor=4))
+
+
+def _plan_chunk(args: tuple) -> ScenePlan:
+    n, seed, world = args
+    return plan_scenes(n, seed, **world)
+
+
+def plan_scenes_parallel(n: int, seed: int, workers: int, chunk: int = 4096,
+                         **world: float) -> list[ScenePlan]:
+    """Plans of ``n`` scenes in chunks of ``chunk`` (chunk k seeded by ``seed + k``), made on
+    ``workers`` processes; the scenes depend on (n, seed, chunk), not on the number of workers."""
+    jobs = [(min(chunk, n - i), seed + k, world) for k, i in enumerate(range(0, n, chunk))]
+    if workers > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("fork").Pool(workers) as pool:
+            return pool.map(_plan_chunk, jobs)
+    return [_plan_chunk(j) for j in jobs]
+
+
+def data_workers(cfg: DictConfig, device: torch.device) -> int:
+    """Worker processes drawing scenes: ``cfg.workers``, or with ``auto`` none on a CPU (the cores
+    train) and up to 6 beside a GPU."""
+    if cfg.workers != "auto":
+        return int(cfg.workers)
+    return min(6, max(0, (os.cpu_count() or 1) - 2)) if device.type == "cuda" else 0
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -52,17 +103,20 @@ def train_loop(
     out_dir: Path,
     modules: dict[str, nn.Module],
     optimizer: torch.optim.Optimizer,
-    step_fn: Callable[[int], dict[str, float]],
+    step_fn: Callable[..., dict[str, float]],
     steps: int,
     max_minutes: float,
     ckpt_every: int = 200,
     eval_fn: Callable[[int], dict[str, float]] | None = None,
     eval_every: int = 0,
+    make_batch: Callable[[int], object] | None = None,
+    workers: int = 0,
 ) -> int:
-    """Run ``step_fn(step)`` from the last checkpoint up to ``steps`` or ``max_minutes`` of wall
-    time, whichever comes first; checkpoints (modules, optimizer, step) go to
-    ``out_dir/<name>.ckpt`` and per-step logs to ``out_dir/<name>_log.jsonl``. Returns the step
-    reached; rerunning the stage resumes from it."""
+    """Run ``step_fn(step)`` (``step_fn(step, make_batch(step))`` when ``make_batch`` is given,
+    the batches drawn by ``workers`` processes) from the last checkpoint up to ``steps`` or
+    ``max_minutes`` of wall time, whichever comes first; checkpoints (modules, optimizer, step)
+    go to ``out_dir/<name>.ckpt`` and per-step logs to ``out_dir/<name>_log.jsonl``. Returns the
+    step reached; rerunning the stage resumes from it."""
     ckpt = out_dir / f"{name}.ckpt"
     start = 0
     if ckpt.exists():
@@ -79,8 +133,9 @@ def train_loop(
     log = (out_dir / f"{name}_log.jsonl").open("a")
     t0, step = time.time(), start
     bar = tqdm(total=steps, initial=start, desc=name, mininterval=5, dynamic_ncols=True)
+    batches = step_batches(make_batch, start, steps, workers) if make_batch else None
     while step < steps:
-        logs = step_fn(step)
+        logs = step_fn(step, next(batches)) if batches is not None else step_fn(step)
         step += 1
         bar.update(1)
         if eval_fn is not None and eval_every and (step % eval_every == 0 or step == steps):

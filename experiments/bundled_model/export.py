@@ -28,19 +28,23 @@ def scheduler() -> DDIMScheduler:
                          set_alpha_to_one=False, clip_sample=False, timestep_spacing="leading")
 
 
-def export_target(install: bool, out: Path) -> Path:
-    """Where weights go: the shipped folder only when asked to install."""
-    return WEIGHTS_DIR if install else out / "weights"
+def export_target(install: bool, out: Path, unet: str = "unet") -> Path:
+    """Where weights go: the shipped folder only when asked to install, else
+    ``out/weights`` (``out/weights_<name>`` for a UNet trained under another name)."""
+    if install:
+        return WEIGHTS_DIR
+    return out / ("weights" if unet == "unet" else f"weights_{unet}")
 
 
-def export(out: Path, target: Path) -> Path:
-    """Write pipeline/, clip/ and judge/ under ``target`` (replacing them) from ``out``."""
+def export(out: Path, target: Path, unet: str = "unet") -> Path:
+    """Write pipeline/, clip/ and judge/ under ``target`` (replacing them) from ``out``, with the
+    UNet saved under ``out/<unet>``."""
     tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL.from_pretrained(out / "vae").to(torch.float16),
         text_encoder=text_encoder_from_clip(out / "clip"),
         tokenizer=tokenizer,
-        unet=UNet2DConditionModel.from_pretrained(out / "unet").to(torch.float16),
+        unet=UNet2DConditionModel.from_pretrained(out / unet).to(torch.float16),
         scheduler=scheduler(), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
     target.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from experiments.bundled_model.common import batch_of_scenes, count_parameters, train_loop
+from experiments.bundled_model.common import (batch_of_scenes, count_parameters, data_workers,
+                                              train_loop)
 from framework.bundled.judge import Judge, JudgeConfig
 from framework.bundled.world import label_indices
 
@@ -20,11 +21,14 @@ def train_judge(cfg: DictConfig, out: Path, device: torch.device) -> Judge:
     print(f"judge: {count_parameters(judge) / 1e6:.2f} M parameters")
     opt = torch.optim.AdamW(judge.parameters(), lr=c.lr, weight_decay=1e-4)
 
-    def step_fn(step: int) -> dict[str, float]:
+    def make_batch(step: int) -> tuple:
         scenes = batch_of_scenes(cfg, "judge", step, c.batch_size, concept_rate=0.5,
                                  two_shape_rate=0.0)
-        targets = label_indices(scenes.labels)
-        images = scenes.images.to(device)
+        return scenes, label_indices(scenes.labels)
+
+    def step_fn(step: int, batch: tuple) -> dict[str, float]:
+        scenes, targets = batch
+        images = scenes.draw(device).images
         # the judge must survive generated images: mild noise/blur augmentation
         images = images + torch.randn_like(images) * 0.05 * torch.rand(len(images), 1, 1, 1,
                                                                        device=device)
@@ -36,6 +40,7 @@ def train_judge(cfg: DictConfig, out: Path, device: torch.device) -> Judge:
         opt.step()
         return {"loss": loss.item()}
 
-    train_loop("judge", out, {"model": judge}, opt, step_fn, c.steps, c.max_minutes)
+    train_loop("judge", out, {"model": judge}, opt, step_fn, c.steps, c.max_minutes,
+               make_batch=make_batch, workers=data_workers(cfg, device))
     judge.eval().save_pretrained(out / "judge")
     return judge

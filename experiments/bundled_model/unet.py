@@ -18,8 +18,8 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from experiments.bundled_model.common import count_parameters, stage_seed, train_loop
-from framework.bundled.world import sample_scenes
+from experiments.bundled_model.common import (count_parameters, data_workers,
+                                              plan_scenes_parallel, stage_seed, train_loop)
 
 SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                 beta_end=0.012)
@@ -74,30 +74,37 @@ def build_cache(cfg: DictConfig, out: Path, device: torch.device) -> dict[str, t
         cache = torch.load(path, weights_only=False)
         if cache["stamp"] == stamp:
             return cache
+    plans = plan_scenes_parallel(cfg.unet.n_train, stage_seed(cfg.seed, "unet_set", 0),
+                                 max(1, data_workers(cfg, device)), **cfg.world)
     vae = AutoencoderKL.from_pretrained(out / "vae").to(device).eval()
     text = text_encoder_from_clip(out / "clip").to(device)
     tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
-    scenes = sample_scenes(cfg.unet.n_train, stage_seed(cfg.seed, "unet_set", 0), **cfg.world)
-    latents = torch.cat([
-        vae.encode(scenes.images[i:i + 256].to(device)).latent_dist.mean.cpu()
-        for i in tqdm(range(0, len(scenes), 256), desc="encode latents")])
-    unique = ["", *dict.fromkeys(scenes.captions)]
+    captions, latents = [], []
+    for plan in tqdm(plans, desc="encode latents"):  # drawn on the device, chunk by chunk
+        images = plan.draw(device).images
+        captions += plan.captions
+        latents += [vae.encode(images[i:i + 512]).latent_dist.mean.cpu()
+                    for i in range(0, len(images), 512)]
+    latents = torch.cat(latents)
+    unique = ["", *dict.fromkeys(captions)]
     index = {c: i for i, c in enumerate(unique)}
     emb = encode_prompts(text, tokenizer, unique).half()
     cache = {"latents": latents * vae.config.scaling_factor,
-             "caption_ids": torch.tensor([index[c] for c in scenes.captions]),
+             "caption_ids": torch.tensor([index[c] for c in captions]),
              "embeddings": emb, "stamp": stamp}
     torch.save(cache, path)
-    print(f"unet cache: {len(scenes)} latents (std {cache['latents'].std():.3f}), "
+    print(f"unet cache: {len(captions)} latents (std {cache['latents'].std():.3f}), "
           f"{len(unique)} distinct captions")
     return cache
 
 
 def train_unet(cfg: DictConfig, out: Path, device: torch.device) -> UNet2DConditionModel:
-    """Train (or resume) the UNet; saves the EMA weights to ``out/unet``."""
+    """Train (or resume) the UNet; saves the EMA weights to ``out/<unet.name>``. Several UNets
+    (different ``unet.name`` and sizes) may train at once from one cache (stage ``unet_cache``)."""
     u = cfg.unet
     cache = build_cache(cfg, out, device)
-    latents, cap_ids, table = cache["latents"], cache["caption_ids"], cache["embeddings"]
+    latents, cap_ids = cache["latents"].to(device), cache["caption_ids"]
+    table = cache["embeddings"].to(device)
     unet = build_unet(cfg, table.shape[-1]).to(device).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     print(f"unet: {count_parameters(unet) / 1e6:.2f} M parameters")
@@ -107,10 +114,10 @@ def train_unet(cfg: DictConfig, out: Path, device: torch.device) -> UNet2DCondit
     def step_fn(step: int) -> dict[str, float]:
         gen = torch.Generator().manual_seed(stage_seed(cfg.seed, "unet", step))
         idx = torch.randint(len(latents), (u.batch_size,), generator=gen)
-        x0 = latents[idx].to(device)
+        x0 = latents[idx.to(device)]
         caps = cap_ids[idx].clone()
         caps[torch.rand(u.batch_size, generator=gen) < u.caption_dropout] = 0  # "" prompt
-        cond = table[caps].float().to(device)
+        cond = table[caps.to(device)].float()
         t = torch.randint(0, 1000, (u.batch_size,), generator=gen).to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
         a = abar[t].view(-1, 1, 1, 1)
@@ -132,7 +139,7 @@ def train_unet(cfg: DictConfig, out: Path, device: torch.device) -> UNet2DCondit
                 pe.lerp_(p, 1 - decay)
         return {"loss": loss.item()}
 
-    train_loop("unet", out, {"model": unet, "ema": ema}, opt, step_fn, u.steps, u.max_minutes,
+    train_loop(u.name, out, {"model": unet, "ema": ema}, opt, step_fn, u.steps, u.max_minutes,
                ckpt_every=500)
-    ema.save_pretrained(out / "unet")
+    ema.save_pretrained(out / u.name)
     return ema

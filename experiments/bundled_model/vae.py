@@ -15,9 +15,9 @@ import torch
 from diffusers import AutoencoderKL
 from omegaconf import DictConfig
 
-from experiments.bundled_model.common import (batch_of_scenes, count_parameters, psnr,
-                                              train_loop)
-from framework.bundled.world import sample_scenes
+from experiments.bundled_model.common import (batch_of_scenes, count_parameters, data_workers,
+                                              psnr, train_loop)
+from framework.bundled.world import ScenePlan, sample_scenes
 
 VALIDATION_SEED = 987_654  # fresh scenes, never drawn by a training step
 
@@ -62,9 +62,11 @@ def train_vae(cfg: DictConfig, out: Path, device: torch.device) -> AutoencoderKL
                             weight_decay=0.0)
     val = sample_scenes(v.n_val, VALIDATION_SEED, **cfg.world).images
 
-    def step_fn(step: int) -> dict[str, float]:
-        x = batch_of_scenes(cfg, "vae", step, v.batch_size, **cfg.world).images.to(device)
-        x = x.contiguous(memory_format=torch.channels_last)
+    def make_batch(step: int) -> ScenePlan:
+        return batch_of_scenes(cfg, "vae", step, v.batch_size, **cfg.world)
+
+    def step_fn(step: int, plan: ScenePlan) -> dict[str, float]:
+        x = plan.draw(device).images.contiguous(memory_format=torch.channels_last)
         for g in opt.param_groups:
             g["lr"] = v.lr * min(1.0, (step + 1) / v.warmup)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -82,7 +84,8 @@ def train_vae(cfg: DictConfig, out: Path, device: torch.device) -> AutoencoderKL
         return {"eval_psnr": vae_psnr(vae, val)}
 
     train_loop(name, out, {"model": vae}, opt, step_fn, v.steps, v.max_minutes,
-               eval_fn=eval_fn, eval_every=v.eval_every)
+               eval_fn=eval_fn, eval_every=v.eval_every, make_batch=make_batch,
+               workers=data_workers(cfg, device))
     vae.eval()
     if not v.decoder_only:
         vae.register_to_config(scaling_factor=latent_scaling_factor(cfg, vae, v.n_scale))

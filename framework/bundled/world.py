@@ -150,7 +150,7 @@ def _shape_alpha(kind: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, half: t
                  grid: torch.Tensor) -> torch.Tensor:
     """Anti-aliased coverage [n, S, S] in [0, 1] of shapes, from signed distances (pixels)."""
     xs, ys = grid
-    dist = torch.empty(len(kind), *xs.shape)
+    dist = torch.empty(len(kind), *xs.shape, device=xs.device)
     for k in range(len(SHAPES)):
         sel = (kind == k).nonzero()[:, 0]
         if len(sel) == 0:
@@ -178,40 +178,51 @@ def _stripes(grid: torch.Tensor, phase: torch.Tensor, period: float = 5.0) -> to
     return torch.remainder(t, period) < period / 2
 
 
-def _draw(labels: list[SceneLabel], gen: torch.Generator) -> torch.Tensor:
-    """Render labels into images [n, 3, 64, 64] in [-1, 1]."""
+def _jittered(names: list[str], gen: torch.Generator) -> torch.Tensor:
+    """RGB [n, 3] of named colours with the per-scene jitter."""
+    base = torch.tensor([RGB[c] for c in names])
+    noise = (torch.rand(base.shape, generator=gen) * 2 - 1) * _JITTER
+    return (base + noise).clamp(0, 1)
+
+
+def _plan_chunk(labels: list[SceneLabel], gen: torch.Generator) -> tuple:
+    """The random draws of one chunk of scenes (background and shape colours, stripe phase), in
+    the order the drawing has always consumed them."""
+    bg = _jittered([lab.background for lab in labels], gen)
+    phase = torch.rand(len(labels), generator=gen) * 5.0
+    colours = {}
+    for slot in (1, 0):
+        names = [lab.objects[slot].colour for lab in labels if len(lab.objects) > slot]
+        if names:
+            colours[slot] = _jittered(names, gen)
+    return bg, phase, colours
+
+
+def _draw(labels: list[SceneLabel], plan: tuple, device: torch.device | None = None) -> torch.Tensor:
+    """Render labels with their planned draws into images [n, 3, 64, 64] in [-1, 1] (on
+    ``device``: a GPU draws a training batch in about a millisecond)."""
     n, size = len(labels), IMAGE_SIZE
-    coords = torch.arange(size, dtype=torch.float32) + 0.5
+    bg, phase, colours = plan[0].to(device), plan[1].to(device), plan[2]
+    coords = torch.arange(size, dtype=torch.float32, device=device) + 0.5
     grid = torch.stack(torch.meshgrid(coords, coords, indexing="xy"))  # [2, S, S]: x, y
-    rgb = {k: torch.tensor(v) for k, v in RGB.items()}
-
-    def jittered(names: list[str]) -> torch.Tensor:
-        base = torch.stack([rgb[c] for c in names])
-        noise = (torch.rand(base.shape, generator=gen) * 2 - 1) * _JITTER
-        return (base + noise).clamp(0, 1)
-
-    bg = jittered([lab.background for lab in labels])
     img = bg[:, :, None, None].expand(n, 3, size, size).clone()
-    phase = torch.rand(n, generator=gen) * 5.0
     for slot in (1, 0):  # draw the second shape first so the main one is on top
         idx = [i for i, lab in enumerate(labels) if len(lab.objects) > slot]
         if not idx:
             continue
         objs = [labels[i].objects[slot] for i in idx]
-        kind = torch.tensor([SHAPES.index(o.shape) for o in objs])
-        cx = torch.tensor([o.cx for o in objs])
-        cy = torch.tensor([o.cy for o in objs])
-        half = torch.tensor([o.half for o in objs])
-        alpha = _shape_alpha(kind, cx, cy, half, grid)[:, None]
-        col = jittered([o.colour for o in objs])[:, :, None, None].expand(-1, 3, size, size)
-        striped = torch.tensor([o.striped for o in objs])
+        geometry = torch.tensor([[SHAPES.index(o.shape), o.cx, o.cy, o.half] for o in objs],
+                                device=device)
+        kind, cx, cy, half = geometry.T
+        alpha = _shape_alpha(kind.long(), cx, cy, half, grid)[:, None]
+        col = colours[slot].to(device)[:, :, None, None].expand(-1, 3, size, size)
+        striped = torch.tensor([o.striped for o in objs], device=device)
         if striped.any():
-            dark = torch.where(
-                torch.tensor([o.colour == "black" for o in objs])[:, None, None, None],
-                torch.full_like(col, 0.85), col * 0.3)
+            black = torch.tensor([o.colour == "black" for o in objs], device=device)
+            dark = torch.where(black[:, None, None, None], torch.full_like(col, 0.85), col * 0.3)
             band = _stripes(grid, phase[idx]) & striped[:, None, None]
             col = torch.where(band[:, None], dark, col)
-        sel = torch.tensor(idx)
+        sel = torch.tensor(idx, device=device)
         img[sel] = alpha * col + (1 - alpha) * img[sel]
     return img * 2 - 1
 
@@ -279,6 +290,38 @@ def _caption(label: SceneLabel, rng: random.Random, omit_rate: float) -> str:
     return caption_for(o[0].colour, o[0].shape, size0, None, bg, second, label.relation)
 
 
+@dataclass
+class ScenePlan:
+    """Scenes not yet drawn: captions, exact labels and every random draw, so that the cheap,
+    sequential part can run in worker processes and the pixels on a GPU (:meth:`draw`)."""
+
+    captions: list[str]
+    labels: list[SceneLabel]
+    chunks: list[tuple]  # the planned draws of each chunk of ``_CHUNK`` scenes
+
+    def draw(self, device: torch.device | str | None = None) -> Scenes:
+        """The scenes, with images drawn on ``device`` (default CPU)."""
+        if not self.labels:
+            return Scenes(torch.zeros(0, 3, IMAGE_SIZE, IMAGE_SIZE, device=device), [], [])
+        images = torch.cat([_draw(self.labels[k * _CHUNK:(k + 1) * _CHUNK], plan, device)
+                            for k, plan in enumerate(self.chunks)])
+        return Scenes(images, self.captions, self.labels)
+
+
+_CHUNK = 512
+
+
+def plan_scenes(n: int, seed: int, *, concept_rate: float = 0.0, two_shape_rate: float = 0.0,
+                omit_rate: float = 0.0) -> ScenePlan:
+    """The :class:`ScenePlan` of ``sample_scenes(n, seed, ...)`` (same arguments)."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    labels = [_sample_label(rng, concept_rate, two_shape_rate) for _ in range(n)]
+    captions = [_caption(lab, rng, omit_rate) for lab in labels]
+    chunks = [_plan_chunk(labels[i:i + _CHUNK], gen) for i in range(0, n, _CHUNK)]
+    return ScenePlan(captions, labels, chunks)
+
+
 def sample_scenes(
     n: int,
     seed: int,
@@ -286,6 +329,7 @@ def sample_scenes(
     concept_rate: float = 0.0,
     two_shape_rate: float = 0.0,
     omit_rate: float = 0.0,
+    device: torch.device | str | None = None,
 ) -> Scenes:
     """Draw ``n`` scenes, deterministically from ``seed``.
 
@@ -296,14 +340,10 @@ def sample_scenes(
         two_shape_rate: fraction of scenes with two shapes (and a relation) instead of one.
         omit_rate: probability of leaving each optional caption part (size, position, background)
             out of the caption; the labels stay exact.
+        device: where the images are drawn (a GPU is ~100× faster than a CPU core).
     """
-    rng = random.Random(seed)
-    gen = torch.Generator().manual_seed(seed)
-    labels = [_sample_label(rng, concept_rate, two_shape_rate) for _ in range(n)]
-    captions = [_caption(lab, rng, omit_rate) for lab in labels]
-    images = torch.cat([_draw(labels[i:i + 512], gen) for i in range(0, n, 512)]) if n else \
-        torch.zeros(0, 3, IMAGE_SIZE, IMAGE_SIZE)
-    return Scenes(images, captions, labels)
+    return plan_scenes(n, seed, concept_rate=concept_rate, two_shape_rate=two_shape_rate,
+                       omit_rate=omit_rate).draw(device)
 
 
 def label_indices(labels: list[SceneLabel]) -> dict[str, torch.Tensor]:
