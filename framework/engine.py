@@ -17,6 +17,7 @@ that requested them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import signal
 import sys
 import threading
@@ -57,6 +58,9 @@ class Settings:
     resume: bool = True  # skip the batches (and whole runs) already saved in the run folder
     shard_index: int = 0  # this process makes the shard_index-th of shard_count contiguous index blocks
     shard_count: int = 1
+    compile: bool = False  # torch.compile the model's network (framework/models/compiled.py)
+    compile_mode: str | None = None  # null: reduce-overhead (CUDA graphs) on CUDA, default on the CPU
+    channels_last: bool = False  # the network's weights (and so its activations) in NHWC layout
 
     def check(self) -> None:
         if self.steps < 1:
@@ -77,6 +81,11 @@ class Settings:
             raise ConfigError(
                 f"shard_index must be in 0..{self.shard_count - 1} (shard_count={self.shard_count}), got {self.shard_index}"
             )
+        if self.compile_mode is not None:
+            from framework.models.compiled import MODES
+
+            if self.compile_mode not in MODES:
+                raise ConfigError(f"compile_mode '{self.compile_mode}' is not one of {', '.join(MODES)} (or null)")
         if self.name is not None and (not self.name.strip() or self.name.startswith("/") or ".." in self.name.split("/")):
             raise ConfigError(f"name '{self.name}' must be a relative folder name, e.g. name=my_study")
 
@@ -90,8 +99,25 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.f
 SETTINGS_KEYS = tuple(Settings.__dataclass_fields__)
 
 
+_SETTINGS: dict[str, Settings] = {}
+
+
 def read_settings(cfg: DictConfig) -> Settings:
+    """The checked top-level keys. Checking through the structured schema costs ~10 ms, so the
+    result is memoised per distinct set of values (the runs of a sweep or a benchmark repeat them)."""
     values = {k: cfg[k] for k in SETTINGS_KEYS if k in cfg}
+    plain = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in values.items()}
+    memo = repr(sorted(plain.items()))
+    if memo in _SETTINGS:
+        return dataclasses.replace(_SETTINGS[memo], prompts=list(_SETTINGS[memo].prompts))
+    settings = _check_settings(values)
+    if len(_SETTINGS) > 256:
+        _SETTINGS.clear()
+    _SETTINGS[memo] = dataclasses.replace(settings, prompts=list(settings.prompts))
+    return settings
+
+
+def _check_settings(values: dict[str, Any]) -> Settings:
     try:
         checked = OmegaConf.merge(schema(Settings), values)
     except OmegaConfBaseException as e:
@@ -256,10 +282,14 @@ class Run:
     def encode(self, prompts: list[str]) -> Conditioning | None:
         if not self.model.is_conditional:
             return None
-        cond = Conditioning(prompts=prompts, tensors=self.model.encode_prompts(prompts))
-        if self.needs_uncond:
-            cond.negative_prompts = [self.settings.negative_prompt] * len(prompts)
-            cond.uncond = self.model.encode_prompts(cond.negative_prompts)
+        if not self.needs_uncond:
+            cond = Conditioning(prompts=prompts, tensors=self.model.encode_prompts(prompts))
+        else:  # one text-encoder call for both, as diffusers' pipeline does
+            negative = [self.settings.negative_prompt] * len(prompts)
+            both = self.model.encode_prompts(prompts + negative)
+            n = len(prompts)
+            cond = Conditioning(prompts=prompts, tensors={k: v[:n] for k, v in both.items()},
+                                negative_prompts=negative, uncond={k: v[n:] for k, v in both.items()})
         for name, fn in self.plugins.calls("conditioning"):
             cond = call(name, "conditioning", fn, run=self, cond=cond)
         return cond
@@ -385,6 +415,7 @@ def execute(
     run = Run(cfg, settings, plugins, device)
     run.output_dir = folder
     run.model.setup(device, run.dtype)
+    run.model.prepare_network(compile=settings.compile, mode=settings.compile_mode, channels_last=settings.channels_last)
     for name, fn in plugins.calls("configure"):
         call(name, "configure", fn, run=run)
     run.prepare()
@@ -394,6 +425,7 @@ def execute(
         schedule = call(name, "adjust_schedule", fn, run=run, schedule=schedule)
     if not isinstance(schedule, Schedule):
         raise ConfigError(f"the schedule plugins returned {type(schedule).__name__}, not a Schedule")
+    run.model.prepare_schedule(schedule)
     for name, fn in plugins.calls("run_start"):
         call(name, "run_start", fn, run=run)
 

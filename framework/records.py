@@ -29,8 +29,10 @@ if TYPE_CHECKING:
     from framework.engine import Result, Run
 
 SCHEMA_VERSION = 1
-#: Keys that say where or how results are stored, not what is computed: left out of the run key.
-NON_SEMANTIC_KEYS = ("output_dir", "save_images", "hydra", "name", "resume", "objective")
+#: Keys that say where or how results are stored, or how fast they are computed (compile, memory
+#: layout: the same samples within float rounding), not what is computed: left out of the run key.
+NON_SEMANTIC_KEYS = ("output_dir", "save_images", "hydra", "name", "resume", "objective", "compile", "compile_mode",
+                     "channels_last")
 #: Keys that split one evaluation over processes: left out of the merge key (shards share it).
 SHARD_KEYS = ("shard_index", "shard_count")
 BATCH_DIR = "batches"
@@ -72,18 +74,19 @@ def weights_fingerprint(config: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-def run_key(config: dict[str, Any]) -> str:
+def run_key(config: dict[str, Any], weights: dict[str, str] | None = None) -> str:
     """A short hash of the resolved config (without where-to-store keys) and of the weights it
-    reads (:func:`weights_fingerprint`): same config and weights, same key."""
+    reads (:func:`weights_fingerprint`, or ``weights`` when the caller has it): same config and
+    weights, same key."""
     semantic = {k: v for k, v in config.items() if k not in NON_SEMANTIC_KEYS}
-    semantic["weights"] = weights_fingerprint(config)
+    semantic["weights"] = weights_fingerprint(config) if weights is None else weights
     blob = json.dumps(semantic, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def merge_key(config: dict[str, Any]) -> str:
+def merge_key(config: dict[str, Any], weights: dict[str, str] | None = None) -> str:
     """The run key without the shard settings: every shard of one evaluation has the same."""
-    return run_key({k: v for k, v in config.items() if k not in SHARD_KEYS})
+    return run_key({k: v for k, v in config.items() if k not in SHARD_KEYS}, weights)
 
 
 def sample_name(k: int) -> str:
@@ -117,10 +120,11 @@ def build(run: Run, result: Result) -> dict[str, Any]:
     config = resolved_config(run.cfg)
     s = run.settings
     indices = s.indices()
+    weights = weights_fingerprint(config)  # once: it lists the weight folders
     return {
         "schema_version": SCHEMA_VERSION,
-        "run_key": run_key(config),
-        "merge_key": merge_key(config),
+        "run_key": run_key(config, weights),
+        "merge_key": merge_key(config, weights),
         "config": config,
         "plugins": run.plugins.hook_map(),
         "sigmas": list(result.schedule.sigmas),

@@ -6,6 +6,7 @@ the entry point names a Python package whose folder holds ``conf/<group>/<name>.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import importlib
@@ -85,6 +86,26 @@ def schema(cls: type) -> DictConfig:
     return OmegaConf.structured(cls)
 
 
+_CHECKED: dict[tuple[type, str], dict[str, Any]] = {}
+
+
+def _checked_params(cls: type, params: dict[str, Any], where: str) -> dict[str, Any]:
+    """``params`` type-checked (and converted) through ``cls``'s schema; memoised, since the merge
+    costs milliseconds and the runs of a sweep build the same plugins again and again."""
+    memo = (cls, repr(sorted(params.items())))
+    if memo not in _CHECKED:
+        try:
+            checked = OmegaConf.merge(schema(cls), params)
+        except OmegaConfBaseException as e:
+            msg = str(e).splitlines()[0]
+            raise ConfigError(f"{where}: {msg}") from e
+        out = {k: getattr(checked, k) for k in params}
+        if len(_CHECKED) > 1024:
+            _CHECKED.clear()
+        _CHECKED[memo] = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in out.items()}
+    return _CHECKED[memo]
+
+
 def instantiate(node: DictConfig, where: str) -> object:
     """Build a plugin from ``_target_`` and parameters, type-checked against its dataclass schema."""
     params = OmegaConf.to_container(node, resolve=True)
@@ -104,13 +125,7 @@ def instantiate(node: DictConfig, where: str) -> object:
             raise ConfigError(
                 f"{where}: unknown parameter(s) {', '.join(unknown)}; {attr} accepts: {', '.join(sorted(names)) or 'none'}"
             )
-        try:
-            checked = OmegaConf.merge(schema(cls), params)
-        except OmegaConfBaseException as e:
-            msg = str(e).splitlines()[0]
-            raise ConfigError(f"{where}: {msg}") from e
-        params = {k: getattr(checked, k) for k in params}
-        params = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in params.items()}
+        params = copy.deepcopy(_checked_params(cls, params, where))
     try:
         return cls(**params)
     except TypeError as e:

@@ -451,7 +451,7 @@ def diffusers_loop(
     decode: bool = False,
 ) -> torch.Tensor:
     """Final latents (or images in [0, 1] with ``decode``) of a hand-written diffusers loop."""
-    scheduler.set_timesteps(steps)
+    scheduler.set_timesteps(steps, device=latents.device)  # as the pipeline does: no per-step transfer
     tok = pipe.tokenizer(prompts + [""] * len(prompts), padding="max_length",
                          max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt")
     with torch.no_grad():

@@ -40,6 +40,19 @@ class Model:
         """Load weights (lazily) and move to the run's device and dtype."""
         self.device, self.dtype = device, dtype
 
+    def prepare_network(self, compile: bool = False, mode: str | None = None, channels_last: bool = False) -> None:
+        """Called once per run after :meth:`setup`: compile the network (``compile=true``, see
+        :mod:`framework.models.compiled`) and choose its memory layout, or undo both (a model object
+        may serve several runs). Models without a neural network refuse both options."""
+        if compile or channels_last:
+            option = "compile=true" if compile else "channels_last=true"
+            raise ConfigError(f"{option}: model {type(self).__name__} has no neural network to compile or re-lay out; "
+                              f"remove {option} (it applies to diffusers models and torch.nn.Module denoisers)")
+
+    def prepare_schedule(self, schedule: Any) -> None:
+        """Called once per run with the final grid (a :class:`Schedule`): place per-step constants
+        (e.g. the timestep of every σ) on the device, so the steps create no tensors."""
+
     def denoise_batch(
         self, x: torch.Tensor, sigma: float, timestep: float | None, tensors: dict[str, torch.Tensor]
     ) -> torch.Tensor:
@@ -73,10 +86,23 @@ class Model:
             state.batch.unet_calls += 1
             d = self.denoise_batch(x, sigma, t, tensors)
             return Prediction(x=x, sigma=sigma, denoised=d)
-        both = {k: torch.cat([cond.uncond[k], v]) for k, v in tensors.items()}
+        both = self._cfg_tensors(cond.uncond, tensors)
         state.batch.unet_calls += 1
         d_uncond, d_cond = self.denoise_batch(torch.cat([x, x]), sigma, t, both).chunk(2)
         return Prediction(x=x, sigma=sigma, denoised=d_cond, cond_denoised=d_cond, uncond_denoised=d_uncond)
+
+    def _cfg_tensors(self, uncond: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The [uncond; cond] batch of the conditioning tensors, concatenated once per batch (not per
+        step): reused while the same tensor objects come in."""
+        parts = [(uncond[k], v) for k, v in tensors.items()]
+        cached = getattr(self, "_cfg_cache", None)
+        if cached is not None and len(cached[0]) == len(parts) and all(
+            a is c and b is d for (a, b), (c, d) in zip(parts, cached[0])
+        ):
+            return cached[1]
+        both = {k: torch.cat([u, v]) for k, (u, v) in zip(tensors, parts)}
+        self._cfg_cache = (parts, both)
+        return both
 
 
 class DenoiserAdapter(Model):
@@ -100,9 +126,24 @@ class DenoiserAdapter(Model):
         if hasattr(self.denoiser, "to"):
             self.denoiser.to(device=device, dtype=dtype)
 
+    def prepare_network(self, compile: bool = False, mode: str | None = None, channels_last: bool = False) -> None:
+        from framework.models import compiled
+
+        module = self.denoiser
+        if not isinstance(module, torch.nn.Module):
+            return super().prepare_network(compile, mode, channels_last)
+        compiled.set_channels_last(module, channels_last)
+        self._network = (
+            compiled.compile_network(module, compiled.resolve_mode(mode, self.device), self.device, self.dtype)
+            if compile else None
+        )
+
     def denoise_batch(self, x, sigma, timestep, tensors):
         s = torch.full((x.shape[0],), sigma, device=x.device, dtype=x.dtype)
-        return self.denoiser(x, s, **tensors)
+        net = getattr(self, "_network", None)
+        if net is None or torch.is_grad_enabled():  # gradients (loss guidance) go through the eager module
+            net = self.denoiser
+        return net(x, s, **tensors)
 
     def exact_solution(self, x_start, sigma_start, sigma_end):
         fn = getattr(self.denoiser, "exact_solution", None)

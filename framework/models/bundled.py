@@ -7,7 +7,8 @@ from framework.models.diffusers_sd import StableDiffusion
 
 
 class Bundled(StableDiffusion):
-    def __init__(self, height: int | None = None, width: int | None = None):
+    def __init__(self, height: int | None = None, width: int | None = None, vae_slice: int | None = None,
+                 vae_tiling: bool = False):
         from framework.bundled import PIPELINE_DIR
 
         if not (PIPELINE_DIR / "model_index.json").exists():
@@ -15,4 +16,4 @@ class Bundled(StableDiffusion):
                 f"the bundled model's weights are missing from {PIPELINE_DIR}: reinstall samplerlab, or rebuild "
                 "them with `python -m experiments.bundled_model` (see framework/bundled/MODEL_CARD.md)"
             )
-        super().__init__(path=str(PIPELINE_DIR), height=height, width=width)
+        super().__init__(path=str(PIPELINE_DIR), height=height, width=width, vae_slice=vae_slice, vae_tiling=vae_tiling)

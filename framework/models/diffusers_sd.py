@@ -69,9 +69,16 @@ class StableDiffusion(Model):
         width: int | None = None,
         prediction_type: str | None = None,
         pipeline: Any = None,
+        vae_slice: int | None = None,
+        vae_tiling: bool = False,
     ):
         if pipeline is None and not path:
             raise ConfigError("model.path is empty: give a hub id or a local diffusers folder")
+        if vae_slice is not None and vae_slice < 1:
+            raise ConfigError(f"model.vae_slice must be ≥ 1 images per VAE call (or null: the whole batch), got {vae_slice}")
+        self.vae_slice, self.vae_tiling = vae_slice, vae_tiling
+        self.network: Any = None  # what denoise_batch calls: the UNet, or its compiled version
+        self._t_table: dict[float, torch.Tensor] = {}
         self.path, self.allow_download, self.variant = path, allow_download, variant
         self._height, self._width = height, width
         self._prediction_type = prediction_type
@@ -101,6 +108,7 @@ class StableDiffusion(Model):
             raise ConfigError(f"height and width must be multiples of {factor}, got {h}×{w}")
         self.latent_shape = (self.unet.config.in_channels, h // factor, w // factor)
         self.scaling_factor = float(self.vae.config.scaling_factor)
+        self.network = self.unet
 
     def setup(self, device: torch.device, dtype: torch.dtype) -> None:
         if getattr(self, "_placed", None) == (device, dtype):  # pipeline.to() costs ~0.1 s even when nothing moves
@@ -111,12 +119,44 @@ class StableDiffusion(Model):
         self.pipe.to(device)
         self._placed = (device, dtype)
 
+    def prepare_network(self, compile: bool = False, mode: str | None = None, channels_last: bool = False) -> None:
+        """``compile=true``: the UNet compiled (:mod:`framework.models.compiled`); ``channels_last``:
+        its weights in NHWC layout. Both are undone by a later run that does not ask for them."""
+        from framework.models import compiled
+
+        compiled.set_channels_last(self.unet, channels_last)
+        self.network = self.unet
+        if compile:
+            self.network = compiled.compile_network(
+                self.unet, compiled.resolve_mode(mode, self.device), self.device, self.unet.dtype
+            )
+
+    def prepare_schedule(self, schedule: Any) -> None:
+        """The timestep of every σ of the grid as 0-d device tensors, made with one transfer; the
+        steps look them up instead of creating a tensor from a Python float each time. (Each its
+        own tensor, not a view: a compiled network sees the same input layout every step.)"""
+        ts = [self.timestep_of(s, schedule.timestep(s)) for s in schedule.sigmas]
+        table = torch.tensor(ts, dtype=torch.float32, device=self.device)
+        self._t_table = {t: row.clone() for t, row in zip(ts, table.unbind())}
+
     def timestep_of(self, sigma: float, timestep: float | None) -> float:
         return timestep if timestep is not None else sigma_to_t(sigma, self._train_sigmas_np)
 
+    def timestep_tensor(self, sigma: float, timestep: float | None, device: torch.device) -> torch.Tensor:
+        """The UNet's timestep input for σ: from the run's table (grid σ), else made here (a σ off
+        the grid: churn, midpoint solvers)."""
+        t = self.timestep_of(sigma, timestep)
+        found = self._t_table.get(t)
+        if found is not None and found.device == device:
+            return found
+        return torch.tensor(t, dtype=torch.float32, device=device)
+
     def denoise_batch(self, x, sigma, timestep, tensors):
-        t = torch.tensor(self.timestep_of(sigma, timestep), dtype=torch.float32, device=x.device)
-        u = self.unet(x * vp_scale(sigma), t, **tensors, return_dict=False)[0]
+        t = self.timestep_tensor(sigma, timestep, x.device)
+        net = self.network
+        if net is None or torch.is_grad_enabled():  # gradients (loss guidance) go through the eager UNet
+            net = self.unet
+        u = net(x * vp_scale(sigma), t, **tensors, return_dict=False)[0]
         if self.prediction_type == "epsilon":
             return x - sigma * u
         return x * vp_scale(sigma) ** 2 - sigma * vp_scale(sigma) * u
@@ -136,11 +176,25 @@ class StableDiffusion(Model):
 
     has_decoder = True
 
+    def _vae_slices(self, batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The batch cut into ``vae_slice``-sized pieces (one piece without slicing), with the VAE's
+        tiling switched to ``vae_tiling`` (diffusers' enable_tiling: tiles with blended seams, for
+        images larger than the VAE's sample_size; the VAE is shared, so each call sets it)."""
+        if self.vae_tiling:
+            self.vae.enable_tiling()
+        else:
+            self.vae.disable_tiling()
+        return (batch,) if self.vae_slice is None else batch.split(self.vae_slice)
+
     def decode(self, latents: torch.Tensor, clamp: bool = True) -> torch.Tensor:
-        img = self.vae.decode(latents / self.scaling_factor, return_dict=False)[0] / 2 + 0.5
+        """Images in [0, 1]; ``model.vae_slice=N`` decodes N images per VAE call (peak memory of
+        N images, same result), ``model.vae_tiling=true`` decodes in tiles."""
+        parts = [self.vae.decode(z / self.scaling_factor, return_dict=False)[0] for z in self._vae_slices(latents)]
+        img = (parts[0] if len(parts) == 1 else torch.cat(parts)) / 2 + 0.5
         return img.clamp(0, 1) if clamp else img
 
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Latents (mean of the posterior, scaled) of images in [0, 1]."""
-        dist = self.vae.encode(images.to(self.device, self.dtype) * 2 - 1).latent_dist
-        return dist.mean * self.scaling_factor
+        """Latents (mean of the posterior, scaled) of images in [0, 1] (sliced/tiled as decode)."""
+        pixels = images.to(self.device, self.dtype) * 2 - 1
+        means = [self.vae.encode(p).latent_dist.mean for p in self._vae_slices(pixels)]
+        return (means[0] if len(means) == 1 else torch.cat(means)) * self.scaling_factor

@@ -104,5 +104,7 @@ _cached = functools.lru_cache(maxsize=2)(build_tiny_pipeline)
 class TinyRandom(StableDiffusion):
     """``model=tiny_random``: the tiny pipeline, built in memory (once per process and seed)."""
 
-    def __init__(self, seed: int = 0, prediction_type: str = "epsilon", height: int | None = None, width: int | None = None):
-        super().__init__(pipeline=_cached(seed, prediction_type), height=height, width=width)
+    def __init__(self, seed: int = 0, prediction_type: str = "epsilon", height: int | None = None, width: int | None = None,
+                 vae_slice: int | None = None, vae_tiling: bool = False):
+        super().__init__(pipeline=_cached(seed, prediction_type), height=height, width=width, vae_slice=vae_slice,
+                         vae_tiling=vae_tiling)
