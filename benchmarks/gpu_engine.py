@@ -50,7 +50,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-REQUIRED = ("torch", "numpy", "diffusers", "transformers", "hydra", "omegaconf", "pluggy", "tqdm", "safetensors")
+REQUIRED = ("torch", "numpy", "diffusers", "transformers", "hydra", "omegaconf", "antlr4", "yaml", "pluggy", "tqdm",
+            "safetensors", "tokenizers", "huggingface_hub", "regex", "PIL", "filelock", "packaging")
 
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -510,10 +511,19 @@ def summary(b: Bench) -> None:
         if r:
             rows.append((f"(a) eager engine / hand loop, batch {batch}", f"{r['ratio']:.3f}", "≤ 1.02",
                          f"{r['engine_ms']:.1f} / {r['hand_ms']:.1f} ms, {r['overhead_us_per_step']:.0f} µs/step"))
+    syncs = s.get("a", {}).get("cuda_syncs")
+    if syncs:
+        rows.append(("(a) CUDA syncs per step, engine / hand", f"{syncs['engine_per_step']:.2f}", "0",
+                     f"hand {syncs['hand_per_step']:.2f}; per 20-step run {syncs['engine_per_run_20']} / {syncs['hand_per_run_20']}"))
     m = s.get("b", {}).get("main")
     if m:
         rows.append(("(b) compiled engine / hand eager, batch 1", f"{m['ratio_compiled_vs_hand_eager']:.3f}", "≤ 0.40",
-                     f"{m['engine_compiled_ms']:.1f} / {m['hand_eager_ms']:.1f} ms"))
+                     f"{m['engine_compiled_ms']:.1f} / {m['hand_eager_ms']:.1f} ms, rel. diff {m['rel_diff_vs_eager']:.2g}"))
+    for solver in b.args.compile_solvers:
+        r = s.get("b", {}).get(solver)
+        if isinstance(r, dict) and "rel_diff_vs_eager" in r:
+            rows.append((f"(b) {solver} compiled vs eager, rel. diff", f"{r['rel_diff_vs_eager']:.2g}", f"≤ {FP16_RTOL:g}",
+                         f"{r['compiled_ms']:.1f} / {r['eager_ms']:.1f} ms"))
     for k, v in s.get("c", {}).items():
         if isinstance(v, dict) and "images_per_s" in v:
             rows.append((f"(c) {k}", f"{v['images_per_s']:.1f}/s", "", f"{v['seconds']:.2f} s"))
