@@ -59,15 +59,29 @@ def clip_loss(model: CLIPModel, images: torch.Tensor, input_ids: torch.Tensor,
 
 
 def train_clip(cfg: DictConfig, out: Path, device: torch.device) -> CLIPModel:
-    """Train (or resume) the CLIP; saves the final model + tokenizer to ``out/clip``."""
-    tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
-    model = build_clip(cfg, tokenizer).to(device).train()
-    print(f"clip: {count_parameters(model) / 1e6:.2f} M parameters")
+    """Train (or resume) the CLIP; saves the final model + tokenizer to ``out/clip``.
+
+    With ``clip.vision_only=true`` (phase 2) the saved CLIP is fine-tuned with its text tower and
+    text projection frozen: the text tower is the pipeline's text encoder, on which the UNet was
+    trained, so only the image side may move."""
     c = cfg.clip
-    opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.05)
+    tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
+    name = "clip"
+    if c.vision_only:
+        model = CLIPModel.from_pretrained(out / "clip", dtype=torch.float32)
+        model.text_model.requires_grad_(False)
+        model.text_projection.requires_grad_(False)
+        name = "clip_vision"
+    else:
+        model = build_clip(cfg, tokenizer)
+    model = model.to(device).train()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    print(f"clip: {count_parameters(model) / 1e6:.2f} M parameters, "
+          f"{sum(p.numel() for p in trained) / 1e6:.2f} M trained")
+    opt = torch.optim.AdamW(trained, lr=c.lr, weight_decay=0.05)
 
     def make_batch(step: int) -> tuple:
-        scenes = batch_of_scenes(cfg, "clip", step, c.batch_size, **cfg.world)
+        scenes = batch_of_scenes(cfg, name, step, c.batch_size, **cfg.world)
         return scenes, tokenizer(scenes.captions, padding=True, return_tensors="pt")
 
     def step_fn(step: int, batch: tuple) -> dict[str, float]:
@@ -78,11 +92,11 @@ def train_clip(cfg: DictConfig, out: Path, device: torch.device) -> CLIPModel:
                          tok.attention_mask.to(device), scenes.captions)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         return {"loss": loss.item()}
 
-    train_loop("clip", out, {"model": model}, opt, step_fn, c.steps, c.max_minutes,
+    train_loop(name, out, {"model": model}, opt, step_fn, c.steps, c.max_minutes,
                make_batch=make_batch, workers=data_workers(cfg, device))
     model.eval()
     model.save_pretrained(out / "clip")

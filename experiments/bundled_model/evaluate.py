@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 from omegaconf import DictConfig
 from PIL import Image
 from scipy import linalg
@@ -104,6 +104,10 @@ def evaluate(cfg: DictConfig, weights: Path, grid_path: Path) -> dict[str, float
     e = cfg.evaluate
     pipe = StableDiffusionPipeline.from_pretrained(weights / "pipeline", local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
+    if e.scheduler == "euler":  # the setting (the shipped scheduler config stays DDIM's)
+        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    elif e.scheduler != "pipeline":
+        raise ValueError(f"evaluate.scheduler={e.scheduler!r}: choose euler or pipeline")
     clip, tok = load_clip(weights / "clip")
     clip = clip.float()
     judge = load_judge(weights / "judge")
