@@ -49,6 +49,12 @@ class Model:
             raise ConfigError(f"{option}: model {type(self).__name__} has no neural network to compile or re-lay out; "
                               f"remove {option} (it applies to diffusers models and torch.nn.Module denoisers)")
 
+    def network_for_call(self, eager: Any) -> Any:
+        """The compiled network set by :meth:`prepare_network` (``self._compiled``) when there is one
+        and no gradient is needed; else ``eager`` (loss guidance differentiates the eager module)."""
+        compiled = getattr(self, "_compiled", None)
+        return eager if compiled is None or torch.is_grad_enabled() else compiled
+
     def prepare_schedule(self, schedule: Any) -> None:
         """Called once per run with the final grid (a :class:`Schedule`): place per-step constants
         (e.g. the timestep of every σ) on the device, so the steps create no tensors."""
@@ -133,17 +139,14 @@ class DenoiserAdapter(Model):
         if not isinstance(module, torch.nn.Module):
             return super().prepare_network(compile, mode, channels_last)
         compiled.set_channels_last(module, channels_last)
-        self._network = (
+        self._compiled = (
             compiled.compile_network(module, compiled.resolve_mode(mode, self.device), self.device, self.dtype)
             if compile else None
         )
 
     def denoise_batch(self, x, sigma, timestep, tensors):
         s = torch.full((x.shape[0],), sigma, device=x.device, dtype=x.dtype)
-        net = getattr(self, "_network", None)
-        if net is None or torch.is_grad_enabled():  # gradients (loss guidance) go through the eager module
-            net = self.denoiser
-        return net(x, s, **tensors)
+        return self.network_for_call(self.denoiser)(x, s, **tensors)
 
     def exact_solution(self, x_start, sigma_start, sigma_end):
         fn = getattr(self.denoiser, "exact_solution", None)

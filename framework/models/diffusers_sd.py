@@ -77,7 +77,7 @@ class StableDiffusion(Model):
         if vae_slice is not None and vae_slice < 1:
             raise ConfigError(f"model.vae_slice must be ≥ 1 images per VAE call (or null: the whole batch), got {vae_slice}")
         self.vae_slice, self.vae_tiling = vae_slice, vae_tiling
-        self.network: Any = None  # what denoise_batch calls: the UNet, or its compiled version
+        self._compiled: Any = None  # the compiled UNet (compile=true), see network_for_call
         self._t_table: dict[float, torch.Tensor] = {}
         self.path, self.allow_download, self.variant = path, allow_download, variant
         self._height, self._width = height, width
@@ -108,7 +108,6 @@ class StableDiffusion(Model):
             raise ConfigError(f"height and width must be multiples of {factor}, got {h}×{w}")
         self.latent_shape = (self.unet.config.in_channels, h // factor, w // factor)
         self.scaling_factor = float(self.vae.config.scaling_factor)
-        self.network = self.unet
 
     def setup(self, device: torch.device, dtype: torch.dtype) -> None:
         if getattr(self, "_placed", None) == (device, dtype):  # pipeline.to() costs ~0.1 s even when nothing moves
@@ -125,11 +124,10 @@ class StableDiffusion(Model):
         from framework.models import compiled
 
         compiled.set_channels_last(self.unet, channels_last)
-        self.network = self.unet
-        if compile:
-            self.network = compiled.compile_network(
-                self.unet, compiled.resolve_mode(mode, self.device), self.device, self.unet.dtype
-            )
+        self._compiled = (
+            compiled.compile_network(self.unet, compiled.resolve_mode(mode, self.device), self.device, self.unet.dtype)
+            if compile else None
+        )
 
     def prepare_schedule(self, schedule: Any) -> None:
         """The timestep of every σ of the grid as 0-d device tensors, made with one transfer; the
@@ -153,10 +151,7 @@ class StableDiffusion(Model):
 
     def denoise_batch(self, x, sigma, timestep, tensors):
         t = self.timestep_tensor(sigma, timestep, x.device)
-        net = self.network
-        if net is None or torch.is_grad_enabled():  # gradients (loss guidance) go through the eager UNet
-            net = self.unet
-        u = net(x * vp_scale(sigma), t, **tensors, return_dict=False)[0]
+        u = self.network_for_call(self.unet)(x * vp_scale(sigma), t, **tensors, return_dict=False)[0]
         if self.prediction_type == "epsilon":
             return x - sigma * u
         return x * vp_scale(sigma) ** 2 - sigma * vp_scale(sigma) * u
