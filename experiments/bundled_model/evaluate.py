@@ -2,10 +2,12 @@
 
 - VAE reconstruction PSNR on fresh training-distribution scenes;
 - CLIP zero-shot colour / shape accuracy on fresh single-shape scenes (prompt ensembles);
-- judge accuracy on fresh single-shape scenes (half of them striped);
+- judge accuracy on fresh single-shape scenes (half of them striped), and on their VAE
+  reconstructions (what the latents keep; ``vae_striped_recall``: striped scenes still judged striped);
 - generation: for single-shape prompts, the rate at which the judge finds the prompted colour and
   shape (pipeline scheduler, ``steps`` steps, CFG ``guidance_scale``), and the Fréchet distance
-  of CLIP image features, generated vs real and unconditional vs real;
+  of CLIP image features, generated vs real and unconditional vs real; the rate of generated
+  (prompted and unconditional) images the judge calls striped (never prompted; 20 % of the world);
 - a sample grid (prompts × seeds).
 """
 
@@ -122,8 +124,14 @@ def evaluate(cfg: DictConfig, weights: Path, grid_path: Path) -> dict[str, float
     truth = label_indices(single.labels)
     scores.update(zero_shot(clip, tok, single.images, truth))
     pred = judge.predict(single.images)
+    with torch.no_grad():  # what survives the VAE: the judge on the same scenes' reconstructions
+        rec = pipe.vae.decode(pipe.vae.encode(single.images).latent_dist.mean).sample.clamp(-1, 1)
+    pred_rec = judge.predict(rec)
     for k in pred:
         scores[f"judge_{k}"] = float((pred[k] == truth[k]).float().mean())
+        scores[f"vae_judge_{k}"] = float((pred_rec[k] == truth[k]).float().mean())
+    striped = truth["striped"] == 1
+    scores["vae_striped_recall"] = float(pred_rec["striped"][striped].float().mean())
 
     prompts_set = sample_scenes(e.n_generate, EVAL_SEED + 2, omit_rate=cfg.world.omit_rate)
     seeds = list(range(EVAL_SEED, EVAL_SEED + e.n_generate))
@@ -132,7 +140,9 @@ def evaluate(cfg: DictConfig, weights: Path, grid_path: Path) -> dict[str, float
     got = judge.predict(gen)
     scores["gen_colour"] = float((got["colour"] == want["colour"]).float().mean())
     scores["gen_shape"] = float((got["shape"] == want["shape"]).float().mean())
+    scores["gen_striped"] = float(got["striped"].float().mean())  # the world draws 20 % striped
     uncond = generate(pipe, [""] * e.n_generate, seeds, e.steps, 1.0, e.batch_size)
+    scores["uncond_striped"] = float(judge.predict(uncond)["striped"].float().mean())
     feats_real = clip_features(clip, single.images)
     scores["fd_clip_generated"] = frechet(clip_features(clip, gen), feats_real)
     scores["fd_clip_unconditional"] = frechet(clip_features(clip, uncond), feats_real)

@@ -105,7 +105,8 @@ def train_unet(cfg: DictConfig, out: Path, device: torch.device) -> UNet2DCondit
     cache = build_cache(cfg, out, device)
     latents, cap_ids = cache["latents"].to(device), cache["caption_ids"]
     table = cache["embeddings"].to(device)
-    unet = build_unet(cfg, table.shape[-1]).to(device).train()
+    unet = (UNet2DConditionModel.from_pretrained(u.init) if u.init  # fine-tune a saved UNet
+            else build_unet(cfg, table.shape[-1])).to(device).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     print(f"unet: {count_parameters(unet) / 1e6:.2f} M parameters")
     opt = torch.optim.AdamW(unet.parameters(), lr=u.lr, weight_decay=0.01)

@@ -9,6 +9,7 @@ standard deviation of the latents.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -34,6 +35,31 @@ def build_vae(cfg: DictConfig) -> AutoencoderKL:
         norm_num_groups=v.norm_groups, mid_block_add_attention=v.mid_attention)
 
 
+def edge_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Mean L1 distance of horizontal and vertical finite differences: a plain pixel loss lets
+    a small VAE blur fine texture (the world's 5-pixel stripes) away at little cost; this term
+    charges for every missing edge."""
+    d = rec - x
+    return ((d[..., :, 1:] - d[..., :, :-1]).abs().mean()
+            + (d[..., 1:, :] - d[..., :-1, :]).abs().mean())
+
+
+def spectrum_loss(rec: torch.Tensor, x: torch.Tensor, patch: int = 16) -> torch.Tensor:
+    """Mean L1 distance of the Fourier magnitudes of Hann-windowed ``patch``-pixel tiles (half
+    overlapping). Pixel losses punish a texture drawn with the wrong phase twice as much as no
+    texture at all, so a VAE that cannot place the stripes exactly learns to paint them flat;
+    magnitudes ignore the phase, so this term rewards stripes of the right period and angle."""
+    win = torch.hann_window(patch, periodic=False, device=x.device, dtype=x.dtype)
+    win = win[:, None] * win[None, :]
+
+    def mags(img: torch.Tensor) -> torch.Tensor:
+        tiles = img.unfold(2, patch, patch // 2).unfold(3, patch, patch // 2)  # n, c, ty, tx, p, p
+        tiles = tiles - tiles.mean(dim=(-2, -1), keepdim=True)  # texture, not colour
+        return torch.fft.rfft2(tiles * win).abs()
+
+    return (mags(rec) - mags(x)).abs().mean()
+
+
 @torch.no_grad()
 def vae_psnr(vae: AutoencoderKL, images: torch.Tensor, batch: int = 128) -> float:
     """PSNR (dB) of reconstructions through the posterior mean."""
@@ -51,11 +77,18 @@ def train_vae(cfg: DictConfig, out: Path, device: torch.device) -> AutoencoderKL
     v = cfg.vae
     vae = build_vae(cfg)
     name = "vae"
+    anchor = None
     if v.decoder_only:  # phase 2: the encoder (so the UNet's latents) stays fixed
         vae = AutoencoderKL.from_pretrained(out / "vae")
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
         name = "vae_decoder"
+    elif v.finetune:  # fine-tune the saved VAE whole; the encoder it started from anchors the latents
+        if not (out / "vae_anchor").exists():
+            shutil.copytree(out / "vae", out / "vae_anchor")
+        vae = AutoencoderKL.from_pretrained(out / "vae_anchor")
+        anchor = AutoencoderKL.from_pretrained(out / "vae_anchor").to(device).eval().requires_grad_(False)
+        name = "vae_finetune"
     vae = vae.to(device, memory_format=torch.channels_last).train()
     print(f"vae: {count_parameters(vae) / 1e6:.2f} M parameters")
     opt = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=v.lr,
@@ -74,6 +107,15 @@ def train_vae(cfg: DictConfig, out: Path, device: torch.device) -> AutoencoderKL
             rec = vae.decode(post.sample()).sample.float()
         kl = post.kl().mean() / x[0].numel()
         loss = (rec - x).abs().mean() + ((rec - x) ** 2).mean() + v.kl_weight * kl
+        if anchor is not None:  # latents (in the UNet's units) stay near the first encoder's
+            with torch.no_grad():
+                ref = anchor.encode(x).latent_dist.mean.float()
+            sf = vae.config.scaling_factor
+            loss = loss + v.anchor_weight * ((post.mean.float() - ref) * sf).pow(2).mean()
+        if v.edge_weight:  # outlines: L1 of the image gradients
+            loss = loss + v.edge_weight * edge_loss(rec, x)
+        if v.spectrum_weight:  # textures (the stripes) whatever their phase
+            loss = loss + v.spectrum_weight * spectrum_loss(rec, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -87,7 +129,7 @@ def train_vae(cfg: DictConfig, out: Path, device: torch.device) -> AutoencoderKL
                eval_fn=eval_fn, eval_every=v.eval_every, make_batch=make_batch,
                workers=data_workers(cfg, device))
     vae.eval()
-    if not v.decoder_only:
+    if not (v.decoder_only or v.finetune):
         vae.register_to_config(scaling_factor=latent_scaling_factor(cfg, vae, v.n_scale))
     print(f"vae: scaling_factor {vae.config.scaling_factor:.4f}")
     vae.save_pretrained(out / "vae")
