@@ -147,7 +147,7 @@ def test_fast_training_runs_end_to_end(tmp_path):
 
 
 def test_fine_tune_stages_run(tmp_path):
-    """vae.finetune (latents anchored to the VAE it starts from, spectrum and edge terms) and
+    """vae.finetune (latents anchored to the VAE it starts from, spectrum term) and
     unet.init (a UNet fine-tuned from a saved one), as used for v2, on the fast profile."""
     from hydra import compose, initialize_config_dir
 
@@ -157,7 +157,7 @@ def test_fine_tune_stages_run(tmp_path):
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         first = compose("config", overrides=common + ["stages=[tokenizer,clip,vae,unet]"])
         again = compose("config", overrides=common + [
-            "stages=[vae,unet]", "vae.finetune=true", "vae.spectrum_weight=1", "vae.edge_weight=1",
+            "stages=[vae,unet]", "vae.finetune=true", "vae.spectrum_weight=1",
             f"unet.init={tmp_path / 'unet'}", "unet.name=unet_ft"])
     run(first)
     run(again)

@@ -9,6 +9,7 @@ standard deviation of the latents.
 
 from __future__ import annotations
 
+import copy
 import shutil
 from pathlib import Path
 
@@ -33,15 +34,6 @@ def build_vae(cfg: DictConfig) -> AutoencoderKL:
         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
         block_out_channels=tuple(v.channels), layers_per_block=v.layers_per_block,
         norm_num_groups=v.norm_groups, mid_block_add_attention=v.mid_attention)
-
-
-def edge_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Mean L1 distance of horizontal and vertical finite differences: a plain pixel loss lets
-    a small VAE blur fine texture (the world's 5-pixel stripes) away at little cost; this term
-    charges for every missing edge."""
-    d = rec - x
-    return ((d[..., :, 1:] - d[..., :, :-1]).abs().mean()
-            + (d[..., 1:, :] - d[..., :-1, :]).abs().mean())
 
 
 def spectrum_loss(rec: torch.Tensor, x: torch.Tensor, patch: int = 16) -> torch.Tensor:
@@ -87,7 +79,7 @@ def train_vae(cfg: DictConfig, out: Path, device: torch.device) -> AutoencoderKL
         if not (out / "vae_anchor").exists():
             shutil.copytree(out / "vae", out / "vae_anchor")
         vae = AutoencoderKL.from_pretrained(out / "vae_anchor")
-        anchor = AutoencoderKL.from_pretrained(out / "vae_anchor").to(device).eval().requires_grad_(False)
+        anchor = copy.deepcopy(vae).to(device).eval().requires_grad_(False)
         name = "vae_finetune"
     vae = vae.to(device, memory_format=torch.channels_last).train()
     print(f"vae: {count_parameters(vae) / 1e6:.2f} M parameters")
@@ -112,8 +104,6 @@ def train_vae(cfg: DictConfig, out: Path, device: torch.device) -> AutoencoderKL
                 ref = anchor.encode(x).latent_dist.mean.float()
             sf = vae.config.scaling_factor
             loss = loss + v.anchor_weight * ((post.mean.float() - ref) * sf).pow(2).mean()
-        if v.edge_weight:  # outlines: L1 of the image gradients
-            loss = loss + v.edge_weight * edge_loss(rec, x)
         if v.spectrum_weight:  # textures (the stripes) whatever their phase
             loss = loss + v.spectrum_weight * spectrum_loss(rec, x)
         opt.zero_grad(set_to_none=True)
