@@ -113,7 +113,7 @@ class Study:
             path, summary = self._train("ti_striped")
         pipe = load_pipe("bundled")
         emb = TextEmbeddings.of(pipe)
-        init = emb.vector(str(ti.initializer_token)).detach()[None]
+        init = emb.vector(str(ti.initializer_token)).detach()[None].repeat(int(ti.num_vectors), 1)
         init_path = save_embeddings(self.folder / "ti_initial.safetensors", {token: init})
         colours = ["red", "green", "blue", "yellow"]
         plain = [f"a {c} {s}" for c in colours for s in self.shapes]
@@ -168,7 +168,7 @@ class Study:
 
 
 TRAINING_KEYS = ("steps", "seconds", "num_images", "batch_size", "lr", "threads", "loss_first_20", "loss_last_20",
-                 "initializer_token")
+                 "initializer_token", "num_vectors")
 
 
 def object_means(images: torch.Tensor, threshold: float = 0.25) -> tuple[float, float]:
@@ -242,7 +242,7 @@ def write(results: dict[str, Any], images: dict[str, torch.Tensor], cfg: DictCon
             t = rows["training"]
             took = f"{t['seconds']:.0f} s" if t.get("seconds") is not None else "time not measured (given file)"
             lines += ["", f"Training: {t['steps']} steps × batch {t['batch_size']} on {t['num_images']} images, lr {t['lr']}, "
-                          f"initializer '{t['initializer_token']}', {t['threads']} CPU thread(s): {took}; "
+                          f"initializer '{t['initializer_token']}', {t.get('num_vectors') or 1} vector(s), {t['threads']} CPU thread(s): {took}; "
                           f"loss {t['loss_first_20']:.4f} (mean of the first 20 steps) → {t['loss_last_20']:.4f} (last 20)."]
         lines.append("")
     (out / "results.md").write_text("\n".join(lines))

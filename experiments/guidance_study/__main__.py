@@ -22,26 +22,30 @@ from framework.api import run
 from framework.records import atomic_write_json
 
 
+def raw(name: str, scale: float) -> list[str]:
+    """Overrides for the deep dive's unnormalised update x ← x − scale·σ²·∇ₓloss."""
+    return [f"guidance.{name}.normalize=false", f"guidance.{name}.scale={scale}"]
+
+
 def configs(files: Path, text: str) -> dict[str, list[str]]:
     ref, style, src, mask = (files / n for n in ("reference.png", "style.png", "source.png", "mask.png"))
     return {
         "cfg (baseline)": ["guidance=[cfg]"],
-        "color_loss blue, scale 2": ["guidance=[cfg,color_loss]", "guidance.color_loss.scale=2"],
-        "color_loss blue, scale 5": ["guidance=[cfg,color_loss]", "guidance.color_loss.scale=5"],
-        "color_loss blue, scale 20": ["guidance=[cfg,color_loss]", "guidance.color_loss.scale=20"],
-        "color_loss blue, scale 200 (deep dive)": ["guidance=[cfg,color_loss]"],
-        "color_loss blue, scale 50, σ ≤ 2 only": ["guidance=[cfg,color_loss]", "guidance.color_loss.scale=50",
-                                                 "guidance.color_loss.every=1", "guidance.color_loss.sigma_hi=2.0"],
-        "color_loss blue, scale 5, gradient=unet": ["guidance=[cfg,color_loss]", "guidance.color_loss.scale=5",
-                                                    "guidance.color_loss.gradient=unet"],
-        "color_loss blue, scale 5, recurrence=1": ["guidance=[cfg,color_loss]", "guidance.color_loss.scale=5",
-                                                   "guidance.color_loss.recurrence=1"],
-        "color_loss blue, x0-space, scale 500": ["guidance=[cfg,color_loss]", "guidance.color_loss.space=x0",
-                                                 "guidance.color_loss.scale=500"],
-        "clip_text, scale 1": ["guidance=[cfg,clip_text]", f"guidance.clip_text.text={text}", "guidance.clip_text.scale=1"],
-        "image_match mse, scale 100": ["guidance=[cfg,image_match]", f"guidance.image_match.image={ref}", "guidance.image_match.scale=100"],
+        # raw: the deep dive's x ← x − scale·σ²·∇ (normalize=false); the plugins' defaults are normalised (scale 0.2)
+        "color_loss blue, default (normalised, 0.2)": ["guidance=[cfg,color_loss]"],
+        "color_loss blue, raw scale 2": ["guidance=[cfg,color_loss]", *raw("color_loss", 2)],
+        "color_loss blue, raw scale 20": ["guidance=[cfg,color_loss]", *raw("color_loss", 20)],
+        "color_loss blue, raw scale 200 (deep dive)": ["guidance=[cfg,color_loss]", *raw("color_loss", 200)],
+        "color_loss blue, scale 0.5, σ ≤ 2 only": ["guidance=[cfg,color_loss]", "guidance.color_loss.scale=0.5",
+                                                  "guidance.color_loss.every=1", "guidance.color_loss.sigma_hi=2.0"],
+        "color_loss blue, gradient=unet": ["guidance=[cfg,color_loss]", "guidance.color_loss.gradient=unet"],
+        "color_loss blue, recurrence=1": ["guidance=[cfg,color_loss]", "guidance.color_loss.recurrence=1"],
+        "color_loss blue, x0-space, raw scale 500": ["guidance=[cfg,color_loss]", "guidance.color_loss.space=x0",
+                                                     *raw("color_loss", 500)],
+        "clip_text, default (normalised, 0.2)": ["guidance=[cfg,clip_text]", f"guidance.clip_text.text={text}"],
+        "image_match mse, default (normalised, 0.2)": ["guidance=[cfg,image_match]", f"guidance.image_match.image={ref}"],
         "style, scale 0.2": ["guidance=[cfg,style]", f"guidance.style.image={style}"],
-        "palette [blue,white], scale 100": ["guidance=[cfg,palette]"],
+        "palette [blue,white], default (normalised, 0.2)": ["guidance=[cfg,palette]"],
         "img2img strength 0.3": ["guidance=[cfg,img2img]", f"guidance.img2img.image={src}", "guidance.img2img.strength=0.3"],
         "img2img strength 0.6": ["guidance=[cfg,img2img]", f"guidance.img2img.image={src}", "guidance.img2img.strength=0.6"],
         "inpaint (right half new)": ["guidance=[cfg,inpaint]", f"guidance.inpaint.image={src}", f"guidance.inpaint.mask={mask}"],

@@ -5,7 +5,8 @@ loss = 1 − cos(f_img(image), f_txt(text)) under a CLIP: the bundled CLIP (defa
 framework.bundled.load_clip) or any transformers CLIPModel folder in ``model`` (read offline).
 Images are resized (bilinear, antialiased) to the CLIP's input size and normalised with the
 folder's ``preprocessor_config.json`` mean/std — differentiably, so the gradient reaches the
-latents. Applied by framework.loss_guidance (latent correction x ← x − scale·σ²·∇ₓloss by default).
+latents. Applied by framework.loss_guidance (by default the normalised latent correction
+x ← x − scale·σ·ĝ, ĝ the gradient at unit RMS per sample; ``normalize=false``: x ← x − scale·σ²·∇ₓloss).
 """
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ def load_clip_model(model: str | None):
 class CLIPText(LossGuidance):
     text: str = ""
     model: str | None = None
-    scale: float = 50.0
+    scale: float = 0.2
+    normalize: bool = True
     every: int = 1
 
     def setup(self, run) -> None:

@@ -1,10 +1,12 @@
 """Colour loss guidance from the Stable Diffusion deep dive (fast.ai, "Stable Diffusion Deep Dive").
 
 loss = mean|image[channel] − target| per sample on the decoded predicted x0; every ``every`` steps
-the latents move by the deep dive's correction x ← x − scale·σ²·∇ₓloss (the mechanism and its
-options — σ window, gradient through the UNet, x0-space, normalisation, recurrence, decoder
-checkpointing — are framework.loss_guidance's). Default: the deep dive's blue loss (channel 2 → 0.9,
-scale 200, every 5 steps), gradient through the VAE decoder only.
+the latents move by a normalised correction x ← x − scale·σ·ĝ (ĝ: the gradient rescaled to unit RMS
+per sample; the mechanism and its options — σ window, gradient through the UNet, x0-space,
+recurrence, decoder checkpointing — are framework.loss_guidance's). Default: the deep dive's blue
+loss (channel 2 → 0.9, every 5 steps), scale 0.2, gradient through the VAE decoder only. The deep
+dive's own update x ← x − 200·σ²·∇ₓloss is ``normalize=false scale=200``: its strength depends on
+the model's gradients (on bundled v2 it dissolves the images into colour noise: docs/guidance.md).
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from framework.loss_guidance import LossGuidance
 class ColorLoss(LossGuidance):
     channel: int = 2
     target: float = 0.9
-    scale: float = 200.0
+    scale: float = 0.2
+    normalize: bool = True
     every: int = 5
 
     def __post_init__(self) -> None:

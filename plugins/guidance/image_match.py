@@ -3,7 +3,8 @@
 ``metric=mse``: mean squared pixel difference; ``metric=perceptual``: an LPIPS-style distance
 (channel-normalised feature differences, no learned weights) under the bundled judge's conv layers
 (framework.guidance.JudgeFeatures). The reference is resized to the model's pixel size. Applied by
-framework.loss_guidance (latent correction x ← x − scale·σ²·∇ₓloss by default).
+framework.loss_guidance (by default the normalised latent correction
+x ← x − scale·σ·ĝ, ĝ the gradient at unit RMS per sample; ``normalize=false``: x ← x − scale·σ²·∇ₓloss).
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ METRICS = ("mse", "perceptual")
 class ImageMatch(LossGuidance):
     image: str = ""
     metric: str = "mse"
-    scale: float = 200.0
+    scale: float = 0.2
+    normalize: bool = True
     every: int = 2
 
     def __post_init__(self) -> None:

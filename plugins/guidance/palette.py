@@ -1,7 +1,8 @@
 """Palette loss guidance: pull every pixel towards the nearest of a set of colours.
 
 loss = mean over pixels of min_k ‖pixel − c_k‖² (per sample), on the decoded predicted x0, applied
-by framework.loss_guidance (latent correction x ← x − scale·σ²·∇ₓloss by default). ``colours`` are
+by framework.loss_guidance (by default the normalised latent correction x ← x − scale·σ·ĝ, ĝ the
+gradient at unit RMS per sample; ``normalize=false``: x ← x − scale·σ²·∇ₓloss). ``colours`` are
 names of the bundled world's colours (red, green, blue, yellow, purple, orange, white, black, gray)
 or hex codes ('#1f77b4'). The gradient of each pixel points to its nearest palette colour.
 """
@@ -34,7 +35,8 @@ def parse_colour(text: str) -> tuple[float, float, float]:
 @dataclass
 class Palette(LossGuidance):
     colours: list[str] = field(default_factory=lambda: ["blue", "white"])
-    scale: float = 100.0
+    scale: float = 0.2
+    normalize: bool = True
     every: int = 2
 
     def __post_init__(self) -> None:
