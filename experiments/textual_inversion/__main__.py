@@ -7,7 +7,9 @@
 
 Only the new token's vectors are trained (the UNet, VAE, text encoder and the tokenizer are frozen
 and untouched): the denoising loss of the model's own parametrisation (ε or v) at uniformly drawn
-timesteps, on the images' VAE latents (posterior means), with captions that contain the token.
+timesteps (``timesteps=[lo, hi]`` limits them: [300, 800] by default, where a texture such as the
+stripes is decided; null draws all, as the paper does), on the images' VAE latents (posterior
+means), with captions that contain the token.
 The token is placed in the input embeddings by :mod:`framework.embeddings` (no tokenizer edit).
 Without ``images`` the bundled world draws ``num_images`` scenes whose main shape is *striped* —
 the concept the bundled model saw in training but never had a word for — captioned by the world
@@ -157,6 +159,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     sched = pipe.scheduler
     alphas = sched.alphas_cumprod.to(device)
     prediction = sched.config.get("prediction_type", "epsilon")
+    t_lo, t_hi = (int(v) for v in cfg.timesteps) if cfg.get("timesteps") else (0, len(alphas) - 1)
+    if not 0 <= t_lo <= t_hi < len(alphas):
+        raise ConfigError(f"timesteps={list(cfg.timesteps)}: give [lo, hi] with 0 ≤ lo ≤ hi ≤ {len(alphas) - 1}, or null for all")
     gen = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + start)
     losses: list[float] = []
     t0 = time.perf_counter()
@@ -165,7 +170,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         idx = torch.randint(len(latents), (batch,), generator=gen)
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=gen).to(device)
-        t = torch.randint(0, len(alphas), (batch,), generator=gen).to(device)
+        t = torch.randint(t_lo, t_hi + 1, (batch,), generator=gen).to(device)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
         target = noise if prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
