@@ -24,7 +24,7 @@ from PIL import Image
 from scipy import linalg
 from transformers import CLIPModel, CLIPTokenizer
 
-from experiments.bundled_model.common import psnr
+from experiments.bundled_model.vae import reconstruct, vae_psnr
 from framework.bundled import load_clip, load_judge
 from framework.bundled.world import COLOURS, SHAPES, label_indices, sample_scenes
 
@@ -116,17 +116,13 @@ def evaluate(cfg: DictConfig, weights: Path, grid_path: Path) -> dict[str, float
     scores: dict[str, float] = {}
 
     real = sample_scenes(e.n_real, EVAL_SEED, **cfg.world)
-    with torch.no_grad():
-        rec = pipe.vae.decode(pipe.vae.encode(real.images).latent_dist.mean).sample
-    scores["vae_psnr"] = float(psnr(rec, real.images))
+    scores["vae_psnr"] = vae_psnr(pipe.vae, real.images)
 
     single = sample_scenes(e.n_real, EVAL_SEED + 1, concept_rate=0.5)
     truth = label_indices(single.labels)
     scores.update(zero_shot(clip, tok, single.images, truth))
     pred = judge.predict(single.images)
-    with torch.no_grad():  # what survives the VAE: the judge on the same scenes' reconstructions
-        rec = pipe.vae.decode(pipe.vae.encode(single.images).latent_dist.mean).sample.clamp(-1, 1)
-    pred_rec = judge.predict(rec)
+    pred_rec = judge.predict(reconstruct(pipe.vae, single.images).clamp(-1, 1))  # what survives the VAE
     for k in pred:
         scores[f"judge_{k}"] = float((pred[k] == truth[k]).float().mean())
         scores[f"vae_judge_{k}"] = float((pred_rec[k] == truth[k]).float().mean())

@@ -53,15 +53,20 @@ def spectrum_loss(rec: torch.Tensor, x: torch.Tensor, patch: int = 16) -> torch.
 
 
 @torch.no_grad()
-def vae_psnr(vae: AutoencoderKL, images: torch.Tensor, batch: int = 128) -> float:
-    """PSNR (dB) of reconstructions through the posterior mean."""
+def reconstruct(vae: AutoencoderKL, images: torch.Tensor, batch: int = 128) -> torch.Tensor:
+    """decode(encode(images)) through the posterior mean, in batches, on the CPU (not clamped)."""
     was_training = vae.training
     vae.eval()
     dev = next(vae.parameters()).device
     recs = [vae.decode(vae.encode(images[i:i + batch].to(dev)).latent_dist.mean).sample.cpu()
             for i in range(0, len(images), batch)]
     vae.train(was_training)
-    return float(psnr(torch.cat(recs), images))
+    return torch.cat(recs)
+
+
+def vae_psnr(vae: AutoencoderKL, images: torch.Tensor, batch: int = 128) -> float:
+    """PSNR (dB) of reconstructions through the posterior mean."""
+    return float(psnr(reconstruct(vae, images, batch), images))
 
 
 def train_vae(cfg: DictConfig, out: Path, device: torch.device) -> AutoencoderKL:

@@ -100,6 +100,7 @@ class Study:
 
     def textual_inversion(self) -> dict[str, Any]:
         """The striped concept: judge rates, the VAE's ceiling, held-out denoising loss."""
+        from experiments.bundled_model.vae import reconstruct
         from experiments.textual_inversion.__main__ import denoising_loss, load_pipe, striped_scenes
         from framework.embeddings import LearnedTokens, TextEmbeddings, load_embeddings, save_embeddings
 
@@ -128,8 +129,7 @@ class Study:
         # what the model can show at all: the judge on real striped scenes and on their VAE round trip
         n = 8 if self.cfg.fast else 64
         images, captions = striped_scenes(n, 20_000 + int(self.cfg.seed), token)
-        with torch.no_grad():
-            rec = pipe.vae.decode(pipe.vae.encode(images).latent_dist.mean).sample.clamp(-1, 1)
+        rec = reconstruct(pipe.vae, images).clamp(-1, 1)
         learned = load_embeddings(path, token=token)
         no_token = [c.replace(f"{token} ", "") for c in captions]
         results["ceiling"] = {

@@ -188,7 +188,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     final = save_embeddings(out / "learned_embeds.safetensors", {token: vectors})
     summary = {
-        "token": token, "initializer_token": str(cfg.initializer_token), "num_vectors": int(cfg.num_vectors), "steps": steps, "resumed_from": start,
+        "token": token, "initializer_token": str(cfg.initializer_token), "num_vectors": int(cfg.num_vectors),
+        "steps": steps, "resumed_from": start,
         "batch_size": batch, "lr": float(cfg.lr), "num_images": len(images), "seconds": seconds,
         "threads": int(cfg.threads), "device": str(device), "file": str(final),
         "loss_first_20": sum(losses[:20]) / max(1, len(losses[:20])), "loss_last_20": sum(losses[-20:]) / max(1, len(losses[-20:])),
