@@ -22,9 +22,9 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 import torch
 from diffusers import EulerDiscreteScheduler
 
-from framework.api import run
-from framework.compose import compose
-from framework.engine import execute
+from framework.entry.api import run
+from framework.entry.compose import compose
+from framework.core.engine import execute
 from framework.testing import diffusers_loop
 
 
@@ -48,7 +48,7 @@ def main() -> None:
                  "prompts=[a red circle]", "device=cpu"]
     cfg, choices = compose(overrides)
     first = execute(cfg, choices)  # warm-up; then the same pipeline object serves both sides
-    from framework.registry import build_plugins
+    from framework.core.registry import build_plugins
 
     adapter = build_plugins(cfg, choices).by_group("model")[0].obj
     pipe = adapter.pipe

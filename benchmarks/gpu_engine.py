@@ -206,8 +206,8 @@ class Engine:
         self._cfgs: dict[tuple, Any] = {}
 
     def __call__(self, ov: list[str]) -> Any:
-        from framework.compose import compose
-        from framework.engine import execute
+        from framework.entry.compose import compose
+        from framework.core.engine import execute
 
         key = tuple(ov)
         if key not in self._cfgs:

@@ -21,7 +21,7 @@ from pathlib import Path
 CHILD = r"""
 import json, resource, sys, torch
 torch.set_num_threads(1)
-from framework.api import run
+from framework.entry.api import run
 overrides = json.loads(sys.argv[1])
 if torch.cuda.is_available():
     torch.cuda.reset_peak_memory_stats()

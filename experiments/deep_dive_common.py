@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from framework.errors import ConfigError, SamplerlabError
+from framework.core.errors import ConfigError, SamplerlabError
 
 #: Where the committed deep-dive figures live.
 DOCS_DIR = Path("docs/deep_dive")
@@ -33,7 +33,7 @@ def compose_experiment(folder: Path, argv: Sequence[str]) -> tuple[DictConfig, l
     from hydra.initialize import get_gh_backup, restore_gh_from_backup
     from omegaconf.errors import OmegaConfBaseException
 
-    from framework.compose import release
+    from framework.entry.compose import release
 
     if isinstance(argv, str):
         raise TypeError("argv must be a list of overrides, e.g. ['fast=true']")
@@ -86,10 +86,10 @@ def run_overrides(cfg: DictConfig, passed: list[str]) -> list[str]:
 
 def load_model(overrides: list[str]) -> Any:
     """The model adapter of the composed samplerlab config, set up on the run's device/dtype."""
-    from framework.compose import compose
-    from framework.engine import DTYPES, read_settings, resolve_device
+    from framework.entry.compose import compose
+    from framework.core.engine import DTYPES, read_settings, resolve_device
     from framework.models.base import wrap_model
-    from framework.registry import instantiate
+    from framework.core.registry import instantiate
 
     cfg, choices = compose(overrides)
     settings = read_settings(cfg)
@@ -165,7 +165,7 @@ def show(ax, img: torch.Tensor, title: str | None = None, **kw) -> None:
 
 def save_figure(fig, path: Path, files: list[str]) -> None:
     """Write a matplotlib figure as PNG atomically and close it; record its name in ``files``."""
-    from framework.records import atomic_write_bytes
+    from framework.runs.records import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -175,8 +175,8 @@ def save_figure(fig, path: Path, files: list[str]) -> None:
 
 
 def save_png(img: torch.Tensor, path: Path, files: list[str]) -> None:
-    from framework.images import png_bytes
-    from framework.records import atomic_write_bytes
+    from framework.runs.images import png_bytes
+    from framework.runs.records import atomic_write_bytes
 
     atomic_write_bytes(path, png_bytes(img))
     files.append(path.name)
@@ -186,7 +186,7 @@ def write_record(out: Path, name: str, cfg: DictConfig, passed: list[str], resul
                  files: list[str], seconds: float) -> dict[str, Any]:
     """``<out>/<name>.json``: the experiment's config, pass-through overrides, measured results,
     the files it wrote, its wall time and the versions (with the git commit)."""
-    from framework.records import SCHEMA_VERSION, atomic_write_json, versions
+    from framework.runs.records import SCHEMA_VERSION, atomic_write_json, versions
 
     record = {
         "schema_version": SCHEMA_VERSION,

@@ -1,13 +1,6 @@
-"""samplerlab's engine: hook specifications, state, the sampling loop and what plugins build on.
+"""samplerlab: a plugin-based research framework for the samplers of latent diffusion models.
 
-The framework never imports ``plugins``; plugins import the framework.
+Plugin authors import everything they need from :mod:`framework.plugin`; the layers of the package
+are described in docs/architecture.md.
 """
-import pluggy
-
-PROJECT = "samplerlab"
-hookspec = pluggy.HookspecMarker(PROJECT)
-hookimpl = pluggy.HookimplMarker(PROJECT)
-
 __version__ = "0.1.0"
-
-__all__ = ["hookimpl", "hookspec", "PROJECT", "__version__"]

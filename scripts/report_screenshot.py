@@ -51,7 +51,7 @@ def chromium() -> str:
 
 
 def sweep(folder: Path, launcher: str, steps: str = "3,6,12", samples: int = 16) -> None:
-    from framework.cli import main
+    from framework.entry.cli import main
 
     overrides = ["-m", f"hydra/launcher={launcher}", "solver=euler,heun,dpmpp_2m", f"steps={steps}",
                  f"num_samples={samples}", f"batch_size={samples}", "metrics=[fid,clip_score,prompt_accuracy]", "callback=[nan_guard,preview]",
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--screenshot", default=str(ROOT / "docs" / "report_screenshot.png"))
     args = parser.parse_args(argv)
 
-    from framework.report import build_report
+    from framework.tools.report import build_report
 
     if args.report:
         folder = Path(args.report)

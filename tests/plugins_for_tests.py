@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 
-from framework import hookimpl
+from framework.core.markers import hookimpl
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from framework.api import run
+from framework.entry.api import run
 
 BASE = ["model=gaussian", "model.shape=[4]", "dtype=float64", "num_samples=4", "noise=brownian"]
 

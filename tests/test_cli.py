@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from framework.cli import main, plugins_main
+from framework.entry.cli import main, plugins_main
 
 
 def cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -90,7 +90,7 @@ def test_plugins_listing(capsys):
 def test_subprocess_smoke(tmp_path):
     """The installed console script runs end to end (the one subprocess test)."""
     exe = Path(sys.executable).with_name("samplerlab")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "from framework.cli import run; run()"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "from framework.entry.cli import run; run()"]
     out = subprocess.run(cmd + ["model=gaussian", "steps=3", f"hydra.run.dir={tmp_path}"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from framework.compose import compose
-from framework.errors import ModelNotFoundError
-from framework.registry import CONF_DIR, GROUPS, LIST_GROUPS, instantiate
+from framework.entry.compose import compose
+from framework.core.errors import ModelNotFoundError
+from framework.core.registry import CONF_DIR, GROUPS, LIST_GROUPS, instantiate
 
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
 

@@ -12,8 +12,8 @@ import experiments.gallery.__main__ as gallery
 import experiments.img2img.__main__ as img2img
 import experiments.loop.__main__ as loop
 import experiments.schedule.__main__ as schedule
-from framework.api import run
-from framework.errors import ConfigError
+from framework.entry.api import run
+from framework.core.errors import ConfigError
 from plugins.callback.preview import read_tiles
 
 PNG_TOL = 2 / 255  # PNGs hold 8-bit values; the last column and the final image agree to rounding

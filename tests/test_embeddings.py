@@ -1,4 +1,4 @@
-"""Text embeddings (framework/embeddings.py) and the conditioning plugins: exact references.
+"""Text embeddings (framework/bases/embeddings.py) and the conditioning plugins: exact references.
 
 References: diffusers' ``pipe.encode_prompt`` (no edit, ≤ 1e-6), re-prompting (a swap of one
 single-token word for another equals writing the other word), diffusers' ``load_textual_inversion``
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from framework.api import run
-from framework.compose import compose
-from framework.embeddings import (
+from framework.entry.api import run
+from framework.entry.compose import compose
+from framework.bases.embeddings import (
     LearnedTokens,
     TextEmbeddings,
     apply_prompt_weights,
@@ -26,9 +26,9 @@ from framework.embeddings import (
     save_embeddings,
     scale_positions,
 )
-from framework.engine import Run, read_settings
-from framework.errors import ConfigError
-from framework.registry import build_plugins
+from framework.core.engine import Run, read_settings
+from framework.core.errors import ConfigError
+from framework.core.registry import build_plugins
 from plugins.conditioning.position_scale import PositionScale
 from plugins.conditioning.prompt_mix import PromptMix
 from plugins.conditioning.prompt_weighting import PromptWeighting

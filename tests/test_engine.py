@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from framework.api import run
-from framework.errors import ConfigError, NumericalError, PluginError
+from framework.entry.api import run
+from framework.core.errors import ConfigError, NumericalError, PluginError
 
 GAUSS = ["model=gaussian", "dtype=float64", "num_samples=8", "batch_size=8"]
 

@@ -7,8 +7,8 @@ import textwrap
 
 import pytest
 
-from framework.cli import main, plugins_main
-from framework.registry import DISABLE_ENTRY_POINTS_ENV
+from framework.entry.cli import main, plugins_main
+from framework.core.registry import DISABLE_ENTRY_POINTS_ENV
 
 
 @pytest.fixture
@@ -20,7 +20,7 @@ def installed_plugin(tmp_path, monkeypatch):
     (pkg / "midpoint.py").write_text(textwrap.dedent('''
         """The explicit midpoint method (a second-order Runge–Kutta method)."""
         from dataclasses import dataclass
-        from framework import hookimpl
+        from framework.core.markers import hookimpl
 
         @dataclass
         class Midpoint:

@@ -6,7 +6,7 @@ import torch
 from diffusers import EulerDiscreteScheduler
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
-from framework.api import run
+from framework.entry.api import run
 
 
 def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> bool:
@@ -79,7 +79,7 @@ def test_cfg_pp_solvers(pp, plain, base):
 @pytest.fixture(scope="module")
 def source_png(tmp_path_factory):
     from framework.bundled.world import sample_scenes
-    from framework.images import to_pil
+    from framework.runs.images import to_pil
 
     scene = sample_scenes(1, seed=5)
     path = tmp_path_factory.mktemp("img") / "src.png"
@@ -100,7 +100,7 @@ def test_img2img_strength_controls_closeness_and_nfe(source_png):
 
 
 def test_img2img_missing_image_is_config_error():
-    from framework.errors import ConfigError
+    from framework.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="not found"):
         run(["guidance=[img2img]", "guidance.img2img.image=/nonexistent.png", "num_samples=1", "steps=2"])

@@ -6,12 +6,12 @@ import sys
 
 import torch
 
-from framework import hookspecs
-from framework.api import run
-from framework.state import Prediction, Schedule
+from framework.core import hookspecs
+from framework.entry.api import run
+from framework.core.state import Prediction, Schedule
 from tests.plugins_for_tests import Recorder
 
-from framework.hookref import hook_names
+from framework.tools.hookref import hook_names
 
 HOOKS = hook_names()
 REC = "+callback.rec._target_=tests.plugins_for_tests.Recorder"
@@ -69,7 +69,7 @@ def test_hook_schedule():
 
 def test_hook_init_latents():
     res = run(GAUSS + ["steps=2"])
-    from framework.noise import SampleNoise
+    from framework.core.noise import SampleNoise
 
     noise = SampleNoise(0, [0, 1], (16,), torch.device("cpu"), torch.float64).draw()
     assert torch.equal(res.x_T, noise * 80.0)
@@ -119,16 +119,16 @@ def test_shifted_prediction_keeps_noise_estimate():
 def test_hook_reference_is_in_sync():
     from pathlib import Path
 
-    from framework.hookref import FAMILIES, hook_names, render
+    from framework.tools.hookref import FAMILIES, hook_names, render
 
     assert set(FAMILIES) == set(hook_names())
     doc = Path(__file__).resolve().parent.parent / "docs" / "hooks.md"
-    assert doc.read_text() == render(), "regenerate: python -m framework.hookref > docs/hooks.md"
+    assert doc.read_text() == render(), "regenerate: python -m framework.tools.hookref > docs/hooks.md"
 
 
 def test_hook_adjust_schedule(tmp_path):
     from framework.bundled.world import sample_scenes
-    from framework.images import to_pil
+    from framework.runs.images import to_pil
 
     to_pil((sample_scenes(1, seed=0).images[0] + 1) / 2).save(tmp_path / "a.png")
     res = run(["guidance=[img2img]", f"guidance.img2img.image={tmp_path / 'a.png'}", "guidance.img2img.strength=0.5",

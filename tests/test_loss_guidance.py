@@ -1,4 +1,4 @@
-"""Loss guidance (framework/loss_guidance.py) and its loss plugins, inpainting: the loss goes down,
+"""Loss guidance (framework/bases/loss_guidance.py) and its loss plugins, inpainting: the loss goes down,
 the gradient takes the path asked for, every/window are respected, NFE and UNet calls are honest."""
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from framework.api import run
-from framework.errors import ConfigError
-from framework.loss_guidance import LossGuidance, decoder_checkpointing
-from framework.state import Batch, Schedule
+from framework.entry.api import run
+from framework.core.errors import ConfigError
+from framework.bases.loss_guidance import LossGuidance, decoder_checkpointing
+from framework.core.state import Batch, Schedule
 
 CALLS: list[bool] = []  # one entry per call of guided_mean_loss during sampling (images need grad)
 
@@ -36,7 +36,7 @@ def base(tiny_overrides):
 def files(tmp_path_factory):
     """A reference picture (a world scene) and an inpainting mask (right half white = generate)."""
     from framework.bundled.world import sample_scenes
-    from framework.images import to_pil
+    from framework.runs.images import to_pil
 
     folder = tmp_path_factory.mktemp("refs")
     to_pil((sample_scenes(1, seed=3).images[0] + 1) / 2).save(folder / "ref.png")
@@ -75,9 +75,9 @@ def test_loss_decreases(name, extra, bound, unguided, files):
     bundled v2: 0.434, 0.642, 0.544, 0.813, 0.654, 0.854, 0.286. The deep dive's raw update at the
     former defaults (x ← x − scale·σ²·∇, scale 100–200) made palette and clip_text worse on v2 (1.34,
     1.56; v1: 0.74, 0.91), hence the normalised defaults."""
-    from framework.compose import compose
+    from framework.entry.compose import compose
     from framework.models.bundled import Bundled
-    from framework.registry import instantiate
+    from framework.core.registry import instantiate
 
     args = BUNDLED + [f"guidance=[cfg,{name}]", f"guidance.{name}.every=1"] + [e.format(ref=files / "ref.png") for e in extra]
     guided = final_loss(run(args), name)
@@ -240,7 +240,7 @@ def test_loss_guidance_needs_a_decoder():
 # --- inpainting -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("solver", ["euler", "euler_ancestral"])
 def test_inpaint_keeps_the_known_region(solver, base, files, tiny_pipe):
-    from framework.guidance import load_image
+    from framework.bases.guidance import load_image
 
     res = run(base + [f"solver={solver}", "guidance=[cfg,inpaint]", f"guidance.inpaint.image={files / 'ref.png'}",
                       f"guidance.inpaint.mask={files / 'mask.png'}"])

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from framework.api import run
-from framework.errors import ConfigError
+from framework.entry.api import run
+from framework.core.errors import ConfigError
 from plugins.metrics.prompt_accuracy import first_word
 
 PROMPTS = "prompts=[a red circle,a blue square,a green triangle,a yellow diamond]"
@@ -87,7 +87,7 @@ def test_clip_score_ranks_matching_captions_above_mismatched():
 def test_clip_score_plugin_and_missing_clip():
     m = run(["metrics=[clip_score]", "num_samples=4", "batch_size=4", "steps=8"]).record["metrics"]
     assert 0 < m["clip_score"] <= 100
-    from framework.errors import ModelNotFoundError
+    from framework.core.errors import ModelNotFoundError
 
     with pytest.raises(ModelNotFoundError, match="not available offline"):
         run(["metrics=[clip_score]", "metrics.clip_score.model=/nonexistent/clip", "num_samples=2", "steps=2"])
@@ -126,7 +126,7 @@ def test_fid_reference_features_are_cached_and_reused(tiny_overrides, tmp_path, 
 def test_fid_on_a_folder_reference_with_features_by_import_path(tiny_overrides, tmp_path):
     import torch
 
-    from framework.images import png_bytes
+    from framework.runs.images import png_bytes
     from framework.metrics.reference import ReferenceSet
 
     folder = tmp_path / "real"
@@ -145,7 +145,7 @@ def test_fid_on_a_folder_reference_with_features_by_import_path(tiny_overrides, 
 
 
 def test_feature_extractor_errors(tmp_path):
-    from framework.errors import ModelNotFoundError
+    from framework.core.errors import ModelNotFoundError
     from framework.metrics.features import load_features
 
     # Inception needs torch-fidelity, a working torchvision and the weights on disk: never in CI
@@ -206,7 +206,7 @@ def test_speed_plugin_reports_throughput_and_peak_memory():
 def test_score_merges_two_shards_like_one_run(tiny_overrides, tmp_path, capsys):
     import json
 
-    from framework.score import main as score_main
+    from framework.tools.score import main as score_main
 
     base = [*tiny_overrides, "num_samples=4", "batch_size=2", "steps=2"]
     fid = [f"metrics.fid.cache_dir={tmp_path / 'c'}", "metrics.fid.reference=16"]
@@ -230,7 +230,7 @@ def test_score_merges_two_shards_like_one_run(tiny_overrides, tmp_path, capsys):
 
 
 def test_score_errors(tmp_path, capsys):
-    from framework.score import main as score_main
+    from framework.tools.score import main as score_main
 
     assert score_main([str(tmp_path)]) == 2
     assert "no record.json" in capsys.readouterr().err

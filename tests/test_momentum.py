@@ -8,10 +8,10 @@ import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, LMSDiscreteScheduler
 
-from framework.api import run
-from framework.errors import ConfigError
+from framework.entry.api import run
+from framework.core.errors import ConfigError
 from framework.models.analytic import Mixture
-from framework.registry import CONF_DIR
+from framework.core.registry import CONF_DIR
 
 MIX = ["model=mixture", "dtype=float64", "num_samples=4", "batch_size=4"]
 GAUSS = ["model=gaussian", "dtype=float64", "num_samples=4", "batch_size=4"]
@@ -151,7 +151,7 @@ DISTILL = ["solver=optimize", "solver.mode=distill"]
 def test_distill_sgd_lr1_is_the_renoise_denoise_recursion_on_the_gaussian():
     """Exact reference: with SGD at lr 1 and w = 1, z_{i+1} = D(z_i + σ_i·ε_i, σ_i) with the run's
     own per-sample noise (z_0 = the unit start noise); on N(0, 1) D(x, σ) = x/(1 + σ²)."""
-    from framework.noise import SampleNoise
+    from framework.core.noise import SampleNoise
 
     res = run(GAUSS + DISTILL + ["steps=8"])
     assert res.record["metrics"]["nfe"] == 8  # one guided evaluation per iteration, counted by the engine

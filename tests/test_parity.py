@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler
 
-from framework.api import run
+from framework.entry.api import run
 from framework.models.base import vp_scale
 from framework.testing import diffusers_loop
 

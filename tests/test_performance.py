@@ -17,9 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from framework import engine, testing
-from framework.api import run
-from framework.errors import ConfigError
+from framework import testing
+
+from framework.core import engine
+from framework.entry.api import run
+from framework.core.errors import ConfigError
 from framework.models import compiled
 from framework.models.tiny import TinyRandom
 
@@ -103,7 +105,7 @@ def test_compile_needs_a_network_and_a_known_mode():
 
 
 def test_speed_settings_leave_the_run_key_alone():
-    from framework.records import run_key
+    from framework.runs.records import run_key
 
     base = {"steps": 4, "seed": 0, "compile": False, "compile_mode": None, "channels_last": False}
     fast = dict(base, compile=True, compile_mode="max-autotune", channels_last=True)
@@ -192,7 +194,7 @@ def test_the_step_never_reads_the_device(monkeypatch, solver):
 
 
 def test_cfg_conditioning_is_concatenated_once_per_batch():
-    from framework.state import Conditioning
+    from framework.core.state import Conditioning
 
     model = TinyRandom()
     cond = Conditioning(prompts=["a"], tensors={"h": torch.ones(1, 2)}, uncond={"h": torch.zeros(1, 2)})

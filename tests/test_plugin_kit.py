@@ -1,4 +1,4 @@
-"""The plugin authoring kit: the template (framework/newplugin.py) makes docs/plugins.md's example
+"""The plugin authoring kit: the template (framework/tools/newplugin.py) makes docs/plugins.md's example
 package, which installs with pip, is found through the entry point, runs in a sweep beside the
 built-ins and passes its generated tests; broken plugins fail the conformance kit
 (framework/testing.py) with a message that says what is wrong; built-in momentum plugins,
@@ -15,11 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from framework import hookimpl, testing
-from framework.cli import main
-from framework.newplugin import create
-from framework.newplugin import main as new_plugin
-from framework.registry import CONF_DIR, available
+from framework import testing
+
+from framework.core.markers import hookimpl
+from framework.entry.cli import main
+from framework.tools.newplugin import create
+from framework.tools.newplugin import main as new_plugin
+from framework.core.registry import CONF_DIR, available
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "my_samplers"  # docs/plugins.md's example package
@@ -249,8 +251,8 @@ SCHEDULES = sorted(p.stem for p in (CONF_DIR / "schedule").glob("*.yaml"))
 
 
 def _momentum_solver(name: str) -> str:
-    from framework.compose import compose
-    from framework.registry import instantiate
+    from framework.entry.compose import compose
+    from framework.core.registry import instantiate
 
     cfg, _ = compose([f"momentum=[{name}]"])
     return type(instantiate(cfg.momentum[name], name)).solvers[0]

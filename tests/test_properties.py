@@ -9,10 +9,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from framework.api import run
-from framework.errors import ConfigError
+from framework.entry.api import run
+from framework.core.errors import ConfigError
 from framework.models.analytic import Gaussian, Mixture
-from framework.registry import CONF_DIR
+from framework.core.registry import CONF_DIR
 
 
 def options(group: str) -> list[str]:

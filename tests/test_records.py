@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 
-from framework.api import run
-from framework.records import atomic_write_json, run_key
+from framework.entry.api import run
+from framework.runs.records import atomic_write_json, run_key
 
 GAUSS = ["model=gaussian", "dtype=float64", "num_samples=2", "batch_size=2", "steps=3"]
 
@@ -58,7 +58,7 @@ def test_run_key_changes_when_the_weights_change(tiny_dir, tmp_path):
     """A rerun after the checkpoint's weights change must not be answered from the old run folder."""
     import shutil
 
-    from framework.records import run_key
+    from framework.runs.records import run_key
 
     folder = tmp_path / "ckpt"
     shutil.copytree(tiny_dir, folder)

@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from framework import engine, hookimpl
-from framework.api import run
-from framework.cli import main
-from framework.errors import ModelNotFoundError, NumericalError
+from framework.core import engine
+
+from framework.core.markers import hookimpl
+from framework.entry.api import run
+from framework.entry.cli import main
+from framework.core.errors import ModelNotFoundError, NumericalError
 from framework.models.diffusers_sd import load_pipeline
 from tests import test_entry_points
 
@@ -413,7 +415,7 @@ def test_sigterm_to_a_real_process_then_resume(tmp_path):
     """A real `samplerlab` process gets SIGTERM mid-run; the same command then finishes the work."""
     argv = ["model=gaussian", "steps=2", "num_samples=6", "batch_size=1", f"hydra.run.dir={tmp_path}/run",
             "+callback.slow._target_=tests.test_reliability.Slow", "+callback.slow.seconds=0.3"]
-    code = f"import sys; from framework.cli import main; sys.exit(main({argv!r}))"
+    code = f"import sys; from framework.entry.cli import main; sys.exit(main({argv!r}))"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     first = tmp_path / "run" / "batches" / "000000.safetensors"

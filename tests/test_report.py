@@ -7,8 +7,8 @@ import re
 
 import torch
 
-from framework import report
-from framework.images import png_bytes
+from framework.tools import report
+from framework.runs.images import png_bytes
 
 
 def fake_sweep(root, solvers=("euler", "heun"), steps=(2, 4), preview=None):
@@ -109,7 +109,7 @@ def test_report_errors(tmp_path, capsys):
 
 
 def test_three_by_three_sweep_under_the_basic_launcher_yields_a_report(tiny_overrides, tmp_path, capsys):
-    from framework.cli import main
+    from framework.entry.cli import main
 
     sweep = tmp_path / "sweep"
     code = main(["-m", *tiny_overrides, "solver=euler,heun,dpmpp_2m", "steps=1,2,3", "num_samples=2", "batch_size=2",

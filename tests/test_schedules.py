@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from framework.errors import ConfigError
-from framework.registry import instantiate
-from framework.sigmas import train_sigmas_from_alphas_cumprod
-from framework.state import Schedule
+from framework.core.errors import ConfigError
+from framework.core.registry import instantiate
+from framework.maths.sigmas import train_sigmas_from_alphas_cumprod
+from framework.core.state import Schedule
 
 CONF = Path(__file__).parents[1] / "conf" / "schedule"
 SCHEDULES = sorted(p.stem for p in CONF.glob("*.yaml"))

@@ -9,10 +9,10 @@ import diffusers
 import pytest
 import torch
 
-from framework.api import run
-from framework.errors import ConfigError
+from framework.entry.api import run
+from framework.core.errors import ConfigError
 from framework.models.base import vp_scale
-from framework.noise import SampleNoise
+from framework.core.noise import SampleNoise
 from framework.testing import diffusers_loop
 from plugins.solver.diffusers import SD_CONFIG
 

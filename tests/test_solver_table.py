@@ -32,7 +32,7 @@ def test_reference_final_denoise_matches_fixed_step_convention(tmp_path):
     exact solution to σ_min followed by the exact D there (float64, 1e-8)."""
     import torch
 
-    from framework.api import run
+    from framework.entry.api import run
     from framework.models.analytic import Gaussian
 
     base = ["model=gaussian", "dtype=float64", "num_samples=2", "batch_size=2", "guidance=[]", "callback=[]",

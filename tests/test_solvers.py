@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from framework import testing
-from framework.api import run
-from framework.errors import ConfigError
+from framework.entry.api import run
+from framework.core.errors import ConfigError
 
 SOLVERS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "solver").glob("*.yaml"))
 
@@ -293,7 +293,7 @@ def test_parity_with_diffusers(case, tiny_pipe, tiny_model, monkeypatch):
     import importlib
 
     from framework.models.base import vp_scale
-    from framework.noise import SampleNoise
+    from framework.core.noise import SampleNoise
     from tests.test_parity import hand_loop
 
     cls, changes, solver, grid, vp_frame = _parity_cases()[case]

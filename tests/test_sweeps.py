@@ -6,15 +6,15 @@ import json
 
 import pytest
 
-from framework import report
-from framework.cli import main
-from framework.registry import CONF_DIR
+from framework.tools import report
+from framework.entry.cli import main
+from framework.core.registry import CONF_DIR
 
 
 def hydra_node(overrides):
     from hydra import compose, initialize_config_dir
 
-    from framework.compose import release
+    from framework.entry.compose import release
 
     release()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
@@ -46,11 +46,11 @@ def test_optuna_sweeper_presets_compose(preset):
 def test_objective_names_a_metric_of_the_run(tmp_path, capsys):
     """``objective=<metric>`` makes the app return that metric (what sweepers minimise); a metric
     the run does not compute is one clear error."""
-    import framework.cli as cli
+    import framework.entry.cli as cli
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from framework.registry import CONF_DIR
+    from framework.core.registry import CONF_DIR
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = hydra_compose("config", overrides=["model=gaussian", "objective=nfe"])

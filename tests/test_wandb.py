@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from framework.api import run
+from framework.entry.api import run
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import torch
 
 from experiments.deep_dive_common import (compose_experiment, entry, load_model, pixel_size, psnr, pyplot, require_vae,
                                           run_overrides, sample_photo, save_figure, show, world_scenes, write_record)
-from framework.errors import ConfigError
+from framework.core.errors import ConfigError
 
 HERE = Path(__file__).resolve().parent
 

@@ -3,7 +3,7 @@
     python -m experiments.embeddings_study                   # writes docs/embeddings/{results.md,results.json,*.png}
     python -m experiments.embeddings_study fast=true out=/tmp/x
 
-Three studies, each made of ordinary samplerlab runs (framework.api.run; the default sampler:
+Three studies, each made of ordinary samplerlab runs (framework.entry.api.run; the default sampler:
 euler on the karras grid, CFG 5, 20 steps) scored by the judge (framework.bundled.load_judge):
 
 - **swap** — prompts "a red <shape>"; runs without and with ``conditioning=[token_swap]``
@@ -27,7 +27,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from framework.api import run
+from framework.entry.api import run
 from framework.bundled.world import COLOURS
 
 TI_CONFIG = Path(__file__).resolve().parent.parent / "textual_inversion" / "config.yaml"
@@ -102,7 +102,7 @@ class Study:
         """The striped concept: judge rates, the VAE's ceiling, held-out denoising loss."""
         from experiments.bundled_model.vae import reconstruct
         from experiments.textual_inversion.__main__ import denoising_loss, load_pipe, striped_scenes
-        from framework.embeddings import LearnedTokens, TextEmbeddings, load_embeddings, save_embeddings
+        from framework.bases.embeddings import LearnedTokens, TextEmbeddings, load_embeddings, save_embeddings
 
         ti = OmegaConf.merge(OmegaConf.load(TI_CONFIG), OmegaConf.to_container(self.cfg.ti))
         token = str(ti.placeholder_token)
@@ -146,7 +146,7 @@ class Study:
     def ti_colour(self) -> dict[str, Any]:
         """A concept the model can render: a colour learned from an image folder with its word removed."""
         from framework.bundled.world import sample_scenes
-        from framework.images import to_pil
+        from framework.runs.images import to_pil
 
         colour, token = str(self.cfg.colour_concept), "<my-colour>"
         pool_ = sample_scenes(400, 30_000 + int(self.cfg.seed), two_shape_rate=0.0, omit_rate=0.3)
@@ -194,7 +194,7 @@ def pool(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def write(results: dict[str, Any], images: dict[str, torch.Tensor], cfg: DictConfig, out: Path) -> None:
-    from framework.images import grid, to_pil
+    from framework.runs.images import grid, to_pil
 
     out.mkdir(parents=True, exist_ok=True)
     previous = out / "results.json"  # studies run separately add to it

@@ -21,8 +21,8 @@ from omegaconf import OmegaConf
 
 from experiments.deep_dive_common import (compose_experiment, entry, load_model, pyplot, run_overrides, save_figure, show,
                                           write_record)
-from framework.api import run as sample
-from framework.errors import ConfigError
+from framework.entry.api import run as sample
+from framework.core.errors import ConfigError
 
 HERE = Path(__file__).resolve().parent
 
@@ -56,7 +56,7 @@ def embeddings_figure(model, prompts: list[str], path: Path, files: list[str]) -
     """What the UNet attends to: the text encoder's output [77, D] for the first prompt (its tokens
     and two paddings), and the cosine similarity of the whole [77, D] outputs of the prompts and of
     the first prompt with ``red`` swapped for ``blue`` at the encoder's input (token_swap)."""
-    from framework.embeddings import TextEmbeddings
+    from framework.bases.embeddings import TextEmbeddings
     from plugins.conditioning.token_swap import TokenSwap
 
     plt = pyplot()

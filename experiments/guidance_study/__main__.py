@@ -4,7 +4,7 @@ judge's prompt accuracy and to the cost (NFE); img2img closeness; inpainting's k
     python -m experiments.guidance_study                 # writes docs/guidance/ (table, grids)
     python -m experiments.guidance_study fast=true out=/tmp/x
 
-Every configuration is an ordinary samplerlab run (framework.api.run) with the same prompts and
+Every configuration is an ordinary samplerlab run (framework.entry.api.run) with the same prompts and
 seeds. Each loss is also evaluated on the baseline's images (the plugin's own ``loss``, as the record's
 ``guidance_loss_<name>`` is on guided ones); the CLIP score of clip_text's text is 100·(1 − loss).
 """
@@ -18,8 +18,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from framework.api import run
-from framework.records import atomic_write_json
+from framework.entry.api import run
+from framework.runs.records import atomic_write_json
 
 
 def raw(name: str, scale: float) -> list[str]:
@@ -55,7 +55,7 @@ def configs(files: Path, text: str) -> dict[str, list[str]]:
 def make_files(folder: Path) -> dict[str, torch.Tensor]:
     """Reference, style and source pictures (world scenes) and the inpainting mask."""
     from framework.bundled.world import sample_scenes
-    from framework.images import to_pil
+    from framework.runs.images import to_pil
 
     folder.mkdir(parents=True, exist_ok=True)
     scenes = sample_scenes(40, seed=7, concept_rate=0.5)
@@ -160,7 +160,7 @@ def write(table: dict, images: dict, cfg: DictConfig, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from framework.images import grid
+    from framework.runs.images import grid
 
     folder = out / "guidance"
     folder.mkdir(parents=True, exist_ok=True)

@@ -18,8 +18,8 @@ import torch
 from experiments.deep_dive_common import (compose_experiment, entry, load_model, pixel_size, psnr, pyplot, require_vae,
                                           run_overrides, sample_photo, save_figure, save_png, show, world_scenes,
                                           write_record)
-from framework.api import run as sample
-from framework.errors import ConfigError
+from framework.entry.api import run as sample
+from framework.core.errors import ConfigError
 
 HERE = Path(__file__).resolve().parent
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from experiments.deep_dive_common import compose_experiment, entry, pyplot, run_overrides, save_figure, show, write_record
-from framework.api import run as sample
-from framework.errors import ConfigError
+from framework.entry.api import run as sample
+from framework.core.errors import ConfigError
 from plugins.callback.preview import read_tiles
 
 HERE = Path(__file__).resolve().parent
@@ -71,8 +71,8 @@ def gif(x0: torch.Tensor, xt: torch.Tensor, meta: dict, record: dict, scale: int
     """One frame per recorded step: a row per sample, [x_t | predicted x₀], with σ, NFE, guidance."""
     from PIL import Image, ImageDraw
 
-    from framework.images import to_pil
-    from framework.records import atomic_write_bytes
+    from framework.runs.images import to_pil
+    from framework.runs.records import atomic_write_bytes
 
     rows, cols, _, h, w = x0.shape
     th, tw, gap, head = h * scale, w * scale, 6, 44

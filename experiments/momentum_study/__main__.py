@@ -6,7 +6,7 @@
     python -m experiments.momentum_study --config-name bundled   # writes docs/momentum_bundled.{md,png}
     python -m experiments.momentum_study --config-name bundled from_results=<run folder>/results.json  # or [a,b]
 
-Each grid point is an ordinary samplerlab run (framework.api.run, float64, exact/reference error);
+Each grid point is an ordinary samplerlab run (framework.entry.api.run, float64, exact/reference error);
 the table and plot are written to ``out`` and every run's record to the Hydra run folder.
 """
 from __future__ import annotations
@@ -18,8 +18,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from framework.api import run
-from framework.records import atomic_write_json
+from framework.entry.api import run
+from framework.runs.records import atomic_write_json
 
 
 def study(cfg: DictConfig, folder: Path) -> dict[str, dict[int, dict[str, float]]]:

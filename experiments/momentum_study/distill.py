@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from framework.api import run
+from framework.entry.api import run
 from framework.models.analytic import Mixture
 
 DEFAULTS = {"fast": False, "out": "docs", "steps": 20, "mixture_samples": 1024, "bundled_samples": 64, "cfg_scale": 5.0,

@@ -4,7 +4,7 @@ scored by FID (bundled-CLIP features, plugins/metrics/fid.py) and CLIP score vs 
     python -m experiments.momentum_study --config-name bundled           # writes docs/momentum_bundled*
     python -m experiments.momentum_study --config-name bundled fast=true out=/tmp/x
 
-One process, one loop of framework.api.run calls (torch on one thread: measured 5–8× faster than
+One process, one loop of framework.entry.api.run calls (torch on one thread: measured 5–8× faster than
 two threads on the shared 2-core machine). Every finished configuration is appended to
 ``results.json`` in the Hydra run folder at once, so an interrupted study keeps what it measured.
 The FID noise floor is measured two ways: real-vs-real (fresh real sets of the generated size
@@ -22,8 +22,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from framework.api import run
-from framework.records import atomic_write_json
+from framework.entry.api import run
+from framework.runs.records import atomic_write_json
 
 
 def model_version() -> dict[str, str]:

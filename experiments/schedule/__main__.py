@@ -19,8 +19,8 @@ from omegaconf import OmegaConf
 
 from experiments.deep_dive_common import (compose_experiment, entry, pixel_size, pyplot, require_vae, run_overrides,
                                           save_figure, show, world_scenes, write_record)
-from framework.errors import ConfigError
-from framework.registry import CONF_DIR, available, entry_point_confs, instantiate
+from framework.core.errors import ConfigError
+from framework.core.registry import CONF_DIR, available, entry_point_confs, instantiate
 
 HERE = Path(__file__).resolve().parent
 
@@ -114,8 +114,8 @@ def noising_figure(model, schedule, steps: list[int], seed: int, path: Path, fil
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the experiment with Hydra-style overrides; returns its record (also written to ``out``)."""
-    from framework.compose import compose
-    from framework.engine import DTYPES, read_settings, resolve_device
+    from framework.entry.compose import compose
+    from framework.core.engine import DTYPES, read_settings, resolve_device
     from framework.models.base import wrap_model
 
     t0 = time.perf_counter()

@@ -6,7 +6,7 @@
     python -m experiments.solver_table from_results=[a/record.json,b/record.json]   # tables from earlier runs
 
 For each model, schedule and NFE budget, every solver runs as an ordinary samplerlab run
-(framework.api.run) with the largest step count whose measured NFE fits the budget (NFE(steps) is
+(framework.entry.api.run) with the largest step count whose measured NFE fits the budget (NFE(steps) is
 probed first: it is affine in steps for every solver here). Its final latents are compared with
 the reference: ``solver=reference`` (scipy DOP853, tolerances from the config) started from the same
 x_T (checked bit for bit) on the grid's first σ, integrated to the grid's last nonzero σ and
@@ -26,10 +26,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from framework.api import run
-from framework.errors import ConfigError
-from framework.records import atomic_write_bytes, atomic_write_json
-from framework.registry import CONF_DIR
+from framework.entry.api import run
+from framework.core.errors import ConfigError
+from framework.runs.records import atomic_write_bytes, atomic_write_json
+from framework.core.registry import CONF_DIR
 
 
 class WithoutExactSolution:

@@ -10,7 +10,7 @@ and untouched): the denoising loss of the model's own parametrisation (ε or v) 
 timesteps (``timesteps=[lo, hi]`` limits them: [300, 800] by default, where a texture such as the
 stripes is decided; null draws all, as the paper does), on the images' VAE latents (posterior
 means), with captions that contain the token.
-The token is placed in the input embeddings by :mod:`framework.embeddings` (no tokenizer edit).
+The token is placed in the input embeddings by :mod:`framework.bases.embeddings` (no tokenizer edit).
 Without ``images`` the bundled world draws ``num_images`` scenes whose main shape is *striped* —
 the concept the bundled model saw in training but never had a word for — captioned by the world
 with the token before the colour ("a small <striped> red circle on the left").
@@ -33,8 +33,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from framework.embeddings import LearnedTokens, TextEmbeddings, load_embeddings, save_embeddings
-from framework.errors import ConfigError
+from framework.bases.embeddings import LearnedTokens, TextEmbeddings, load_embeddings, save_embeddings
+from framework.core.errors import ConfigError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -81,7 +81,7 @@ def folder_images(folder: Path, size: tuple[int, int], token: str, templates: li
 
 def save_grid(images: torch.Tensor, path: Path, columns: int = 8) -> None:
     """A PNG grid of images in [-1, 1]."""
-    from framework.images import grid, to_pil
+    from framework.runs.images import grid, to_pil
 
     to_pil(grid((images + 1) / 2, nrow=columns)).save(path)
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from framework import hookimpl
-from framework.errors import ConfigError
+from framework.core.markers import hookimpl
+from framework.core.errors import ConfigError
 
 
 @dataclass

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from framework.errors import ConfigError, ModelNotFoundError
+from framework.core.errors import ConfigError, ModelNotFoundError
 
 #: torch-fidelity's InceptionV3 weights (the TF FID graph ported to PyTorch), where torch hub keeps them.
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"

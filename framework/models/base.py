@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from framework import hookimpl
-from framework.errors import ConfigError
-from framework.state import Conditioning, Prediction, SamplerState
+from framework.core.markers import hookimpl
+from framework.core.errors import ConfigError
+from framework.core.state import Conditioning, Prediction, SamplerState
 
 
 class Model:

@@ -2,7 +2,7 @@
 loaded through the same diffusers ``from_pretrained`` path as any checkpoint."""
 from __future__ import annotations
 
-from framework.errors import ModelNotFoundError
+from framework.core.errors import ModelNotFoundError
 from framework.models.diffusers_sd import StableDiffusion
 
 

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from framework.errors import ConfigError
+from framework.core.errors import ConfigError
 
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 #: torch.compile backend. ``inductor`` is the real thing; tests of the plumbing (tracing, guards,

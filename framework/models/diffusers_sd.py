@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from framework.errors import ConfigError, ModelNotFoundError
+from framework.core.errors import ConfigError, ModelNotFoundError
 from framework.models.base import Model, vp_scale
-from framework.sigmas import sigma_to_t, train_sigmas_from_alphas_cumprod
+from framework.maths.sigmas import sigma_to_t, train_sigmas_from_alphas_cumprod
 
 
 @functools.lru_cache(maxsize=2)

@@ -8,9 +8,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from framework import hookimpl
-from framework.errors import ConfigError
-from framework.state import SamplerState
+from framework.core.markers import hookimpl
+from framework.core.errors import ConfigError
+from framework.core.state import SamplerState
 
 
 @dataclass

@@ -3,7 +3,7 @@ they first did.
 
 With this plugin on, the engine checks the output of every hook of the loop (model, each guidance,
 momentum and before-step plugin, the solver) on the device — a few kernels per check and no
-host–device synchronisation (``framework.engine.NonFinite``). The flags are read every
+host–device synchronisation (``framework.core.engine.NonFinite``). The flags are read every
 ``check_every`` steps and at the end of each batch, the only synchronisations. Policy ``mark``: the
 failed samples are recorded (``record.json``: ``failed_samples``, ``failures``), get no PNG, and the
 rest of the batch is kept; ``stop``: the run stops with an error naming the sample, step, σ and
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from framework import hookimpl
-from framework.engine import NonFinite, describe
-from framework.errors import ConfigError, NumericalError
+from framework.core.markers import hookimpl
+from framework.core.engine import NonFinite, describe
+from framework.core.errors import ConfigError, NumericalError
 
 
 @dataclass

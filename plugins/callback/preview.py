@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from framework import hookimpl
-from framework.errors import ConfigError
+from framework.core.markers import hookimpl
+from framework.core.errors import ConfigError
 
 PAD = 2
 
@@ -90,8 +90,8 @@ class Preview:
     def run_end(self, run, result):
         if run.output_dir is None or not self.x0:
             return
-        from framework.images import grid, png_bytes
-        from framework.records import atomic_write_bytes, atomic_write_json
+        from framework.runs.images import grid, png_bytes
+        from framework.runs.records import atomic_write_bytes, atomic_write_json
 
         x0, xt = self.images()
         rows, cols = x0.shape[:2]

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from framework.embeddings import EditPlugin, TextEmbeddings, mix_outputs
-from framework.errors import ConfigError
+from framework.bases.embeddings import EditPlugin, TextEmbeddings, mix_outputs
+from framework.core.errors import ConfigError
 
 
 @dataclass

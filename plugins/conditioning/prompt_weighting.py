@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from framework.embeddings import EditPlugin, TextEmbeddings, apply_prompt_weights
+from framework.bases.embeddings import EditPlugin, TextEmbeddings, apply_prompt_weights
 
 
 @dataclass

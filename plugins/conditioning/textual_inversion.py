@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from framework.embeddings import EditPlugin, TextEmbeddings, load_embeddings
-from framework.errors import ConfigError
+from framework.bases.embeddings import EditPlugin, TextEmbeddings, load_embeddings
+from framework.core.errors import ConfigError
 
 
 @dataclass

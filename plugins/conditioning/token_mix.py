@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from framework.embeddings import EditPlugin, TextEmbeddings, mix_tokens
-from framework.errors import ConfigError
+from framework.bases.embeddings import EditPlugin, TextEmbeddings, mix_tokens
+from framework.core.errors import ConfigError
 
 
 @dataclass

@@ -2,14 +2,14 @@
 
 The Stable Diffusion deep dive's token swap: every occurrence of ``source`` in the prompt keeps its
 position embedding but gets the token embedding of ``target`` (or, with ``vector``, the first
-vector of an embedding file that :func:`framework.embeddings.load_embeddings` reads). ``red`` →
+vector of an embedding file that :func:`framework.bases.embeddings.load_embeddings` reads). ``red`` →
 ``blue`` turns "a red circle" into a blue one without changing the prompt's text.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from framework.embeddings import EditPlugin, TextEmbeddings, load_embeddings, replace_token
+from framework.bases.embeddings import EditPlugin, TextEmbeddings, load_embeddings, replace_token
 
 
 @dataclass

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from framework import hookimpl
-from framework.guidance import UncondGuidance
+from framework.core.markers import hookimpl
+from framework.bases.guidance import UncondGuidance
 
 
 @dataclass

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from framework import hookimpl
-from framework.guidance import UncondGuidance
-from framework.errors import ConfigError
+from framework.core.markers import hookimpl
+from framework.bases.guidance import UncondGuidance
+from framework.core.errors import ConfigError
 
 
 @dataclass

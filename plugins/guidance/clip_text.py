@@ -5,7 +5,7 @@ loss = 1 − cos(f_img(image), f_txt(text)) under a CLIP: the bundled CLIP (defa
 framework.bundled.load_clip) or any transformers CLIPModel folder in ``model`` (read offline).
 Images are resized (bilinear, antialiased) to the CLIP's input size and normalised with the
 folder's ``preprocessor_config.json`` mean/std — differentiably, so the gradient reaches the
-latents. Applied by framework.loss_guidance (by default the normalised latent correction
+latents. Applied by framework.bases.loss_guidance (by default the normalised latent correction
 x ← x − scale·σ·ĝ, ĝ the gradient at unit RMS per sample; ``normalize=false``: x ← x − scale·σ²·∇ₓloss).
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from framework.errors import ConfigError, ModelNotFoundError
-from framework.loss_guidance import LossGuidance
+from framework.core.errors import ConfigError, ModelNotFoundError
+from framework.bases.loss_guidance import LossGuidance
 
 OPENAI_MEAN, OPENAI_STD = (0.4815, 0.4578, 0.4082), (0.2686, 0.2613, 0.2758)
 

@@ -3,7 +3,7 @@
 loss = mean|image[channel] − target| per sample on the decoded predicted x0; every ``every`` steps
 the latents move by a normalised correction x ← x − scale·σ·ĝ (ĝ: the gradient rescaled to unit RMS
 per sample; the mechanism and its options — σ window, gradient through the UNet, x0-space,
-recurrence, decoder checkpointing — are framework.loss_guidance's). Default: the deep dive's blue
+recurrence, decoder checkpointing — are framework.bases.loss_guidance's). Default: the deep dive's blue
 loss (channel 2 → 0.9, every 5 steps), scale 0.2, gradient through the VAE decoder only. The deep
 dive's own update x ← x − 200·σ²·∇ₓloss is ``normalize=false scale=200``: its strength depends on
 the model's gradients (on bundled v2 it dissolves the images into colour noise: docs/guidance.md).
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from framework.errors import ConfigError
-from framework.loss_guidance import LossGuidance
+from framework.core.errors import ConfigError
+from framework.bases.loss_guidance import LossGuidance
 
 
 @dataclass

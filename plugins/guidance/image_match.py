@@ -2,8 +2,8 @@
 
 ``metric=mse``: mean squared pixel difference; ``metric=perceptual``: an LPIPS-style distance
 (channel-normalised feature differences, no learned weights) under the bundled judge's conv layers
-(framework.guidance.JudgeFeatures). The reference is resized to the model's pixel size. Applied by
-framework.loss_guidance (by default the normalised latent correction
+(framework.bases.guidance.JudgeFeatures). The reference is resized to the model's pixel size. Applied by
+framework.bases.loss_guidance (by default the normalised latent correction
 x ← x − scale·σ·ĝ, ĝ the gradient at unit RMS per sample; ``normalize=false``: x ← x − scale·σ²·∇ₓloss).
 """
 from __future__ import annotations
@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from framework.errors import ConfigError
-from framework.guidance import JudgeFeatures, load_image, perceptual_distance, pixel_size
-from framework.loss_guidance import LossGuidance
+from framework.core.errors import ConfigError
+from framework.bases.guidance import JudgeFeatures, load_image, perceptual_distance, pixel_size
+from framework.bases.loss_guidance import LossGuidance
 
 METRICS = ("mse", "perceptual")
 

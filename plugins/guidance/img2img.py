@@ -10,9 +10,9 @@ from typing import ClassVar
 
 import torch
 
-from framework import hookimpl
-from framework.errors import ConfigError
-from framework.guidance import load_image, pixel_size
+from framework.core.markers import hookimpl
+from framework.core.errors import ConfigError
+from framework.bases.guidance import load_image, pixel_size
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Palette loss guidance: pull every pixel towards the nearest of a set of colours.
 
 loss = mean over pixels of min_k ‖pixel − c_k‖² (per sample), on the decoded predicted x0, applied
-by framework.loss_guidance (by default the normalised latent correction x ← x − scale·σ·ĝ, ĝ the
+by framework.bases.loss_guidance (by default the normalised latent correction x ← x − scale·σ·ĝ, ĝ the
 gradient at unit RMS per sample; ``normalize=false``: x ← x − scale·σ²·∇ₓloss). ``colours`` are
 names of the bundled world's colours (red, green, blue, yellow, purple, orange, white, black, gray)
 or hex codes ('#1f77b4'). The gradient of each pixel points to its nearest palette colour.
@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from framework.errors import ConfigError
-from framework.loss_guidance import LossGuidance
+from framework.core.errors import ConfigError
+from framework.bases.loss_guidance import LossGuidance
 
 
 def parse_colour(text: str) -> tuple[float, float, float]:

@@ -3,11 +3,11 @@ Networks"): match the Gram statistics of a reference image's feature maps.
 
 loss = Σ_layers mean‖G_l(image) − G_l(reference)‖² with G_l the channel Gram matrix of layer l,
 normalised by C·H·W, under a small frozen CNN: the bundled judge's four conv blocks
-(framework.guidance.JudgeFeatures; 32, 16, 8 and 4 px). Gram statistics need convolutional feature
+(framework.bases.guidance.JudgeFeatures; 32, 16, 8 and 4 px). Gram statistics need convolutional feature
 maps: the judge is a CNN trained on this world's colours, shapes and stripes, so its early layers
 code colour and texture; the bundled CLIP's vision tower is a 3-layer ViT with 8-px patches (an
 8×8 token grid at 64 px) whose tokens mix globally through attention — a poorer texture code.
-Applied by framework.loss_guidance with gradient-norm scaling by default (x ← x − scale·σ·ĝ, ĝ the
+Applied by framework.bases.loss_guidance with gradient-norm scaling by default (x ← x − scale·σ·ĝ, ĝ the
 unit-RMS gradient): the raw gradient of Gram statistics varies by orders of magnitude between references.
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from framework.guidance import JudgeFeatures, gram, load_image, pixel_size
-from framework.loss_guidance import LossGuidance
+from framework.bases.guidance import JudgeFeatures, gram, load_image, pixel_size
+from framework.bases.loss_guidance import LossGuidance
 
 
 @dataclass

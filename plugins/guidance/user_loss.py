@@ -1,7 +1,7 @@
 """A user's loss as a guidance plugin: ``fn`` names a plain Python function 'package.module:name'
 with the signature ``fn(images, **kwargs) -> per-sample loss`` (images [n, 3, H, W] in [0, 1],
 differentiable; the result has shape [n]); ``kwargs`` are passed on. Applied by
-framework.loss_guidance with all its options::
+framework.bases.loss_guidance with all its options::
 
     samplerlab 'guidance=[cfg,user_loss]' guidance.user_loss.fn=mypkg.losses:warm \\
         +guidance.user_loss.kwargs.strength=2
@@ -12,8 +12,8 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from framework.errors import ConfigError
-from framework.loss_guidance import LossGuidance
+from framework.core.errors import ConfigError
+from framework.bases.loss_guidance import LossGuidance
 
 
 def resolve(spec: str):

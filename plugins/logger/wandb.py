@@ -12,7 +12,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from framework import hookimpl
+from framework.core.markers import hookimpl
 
 _said_offline = False
 
@@ -77,7 +77,7 @@ class WandbLogger:
     def _finish(self, run, result) -> None:
         import wandb
 
-        from framework.images import grid, to_pil
+        from framework.runs.images import grid, to_pil
 
         self._run.summary.update(dict(run.metrics))
         preview = run.output_dir / "preview.png" if run.output_dir is not None else None

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torchmetrics.multimodal.clip_score import CLIPScore as TMCLIPScore
 
-from framework import hookimpl
-from framework.errors import ConfigError, ModelNotFoundError
+from framework.core.markers import hookimpl
+from framework.core.errors import ConfigError, ModelNotFoundError
 
 
 def _pooled(cls: type) -> type:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from framework import hookimpl
-from framework.errors import ConfigError
+from framework.core.markers import hookimpl
+from framework.core.errors import ConfigError
 from framework.metrics.frechet import frechet_distance, moments
 
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from framework import hookimpl
-from framework.errors import ConfigError
+from framework.core.markers import hookimpl
+from framework.core.errors import ConfigError
 
 
 def first_word(prompt: str, vocabulary: tuple[str, ...]) -> str | None:

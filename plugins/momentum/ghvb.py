@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from framework import hookimpl
-from framework.errors import ConfigError
-from framework.momentum import MomentumPlugin
+from framework.core.markers import hookimpl
+from framework.core.errors import ConfigError
+from framework.bases.momentum import MomentumPlugin
 
 #: c_j(b) for orders 1–4, newest first, before division by the common denominator.
 _COEFFS = {

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from framework import hookimpl
-from framework.momentum import MomentumPlugin, past_derivative
+from framework.core.markers import hookimpl
+from framework.bases.momentum import MomentumPlugin, past_derivative
 
 
 @dataclass

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from framework import hookimpl
-from framework.errors import ConfigError
-from framework.momentum import MomentumPlugin
+from framework.core.markers import hookimpl
+from framework.core.errors import ConfigError
+from framework.bases.momentum import MomentumPlugin
 
 
 @dataclass

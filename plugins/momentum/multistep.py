@@ -18,10 +18,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from framework import hookimpl
-from framework.errors import ConfigError
-from framework.momentum import MomentumPlugin, past_derivative
-from framework.sigmas import lagrange_integral_weights, lam
+from framework.core.markers import hookimpl
+from framework.core.errors import ConfigError
+from framework.bases.momentum import MomentumPlugin, past_derivative
+from framework.maths.sigmas import lagrange_integral_weights, lam
 
 MAX_ORDER = {"denoised_lambda": 3, "derivative_sigma": 4}
 

@@ -12,10 +12,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from framework import hookimpl
-from framework.errors import ConfigError
-from framework.momentum import MomentumPlugin
-from framework.sigmas import lam
+from framework.core.markers import hookimpl
+from framework.core.errors import ConfigError
+from framework.bases.momentum import MomentumPlugin
+from framework.maths.sigmas import lam
 
 
 @dataclass

@@ -1,14 +1,14 @@
 """Align Your Steps (Sabour et al. 2024): the published optimised 10-step σ grid for Stable
 Diffusion 1.5 (NVIDIA's project page; ComfyUI's ``AlignYourStepsScheduler`` "SD1"), resampled
-log-linearly to other step counts (``framework.sigmas.loglinear_interp`` over N + 1 points); the
+log-linearly to other step counts (``framework.maths.sigmas.loglinear_interp`` over N + 1 points); the
 last σ is then replaced by 0, as ComfyUI does. Meant for SD 1.x (σ from 14.6 to 0.029); model
 time of each σ by log-σ interpolation."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from framework import hookimpl
-from framework.sigmas import loglinear_interp
+from framework.core.markers import hookimpl
+from framework.maths.sigmas import loglinear_interp
 from plugins.schedule.exponential import check_init_noise, finish
 
 SD15 = (14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520, 1.8841921177, 1.3943805092,

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from framework import hookimpl
-from framework.errors import ConfigError
-from framework.sigmas import sigma_range
+from framework.core.markers import hookimpl
+from framework.core.errors import ConfigError
+from framework.maths.sigmas import sigma_range
 from plugins.schedule.exponential import check_init_noise, finish
 
 

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from framework import hookimpl
-from framework.errors import ConfigError
-from framework.sigmas import INIT_NOISE_MODES, init_noise_scale, sigma_range
-from framework.state import Schedule
+from framework.core.markers import hookimpl
+from framework.core.errors import ConfigError
+from framework.maths.sigmas import INIT_NOISE_MODES, init_noise_scale, sigma_range
+from framework.core.state import Schedule
 
 
 def finish(body: np.ndarray | list[float], final_zero: bool, init_noise: str) -> Schedule:

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from framework import hookimpl
-from framework.sigmas import sigma_range
+from framework.core.markers import hookimpl
+from framework.maths.sigmas import sigma_range
 from plugins.schedule.exponential import check_init_noise, finish
 
 

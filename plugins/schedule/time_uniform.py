@@ -3,7 +3,7 @@
 highest to the lowest, τ_i = (t_max^(1/ρ) + w_i·(t_min^(1/ρ) − t_max^(1/ρ)))^ρ, then σ = 0.
 
 Discrete models: t is the training timestep (0 … T−1), σ(τ) by log-σ interpolation between training
-steps (``framework.sigmas.sigma_at_time``) and the grid carries τ as the model time. Continuous
+steps (``framework.maths.sigmas.sigma_at_time``) and the grid carries τ as the model time. Continuous
 models use EDM's time t = σ, where this is the Karras schedule with the same ρ. ``endpoint=false``
 spaces N + 1 points and drops the last (SGM's "uniform" grid, ComfyUI ``sgm_uniform``)."""
 from __future__ import annotations
@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from framework import hookimpl
-from framework.errors import ConfigError
-from framework.sigmas import init_noise_scale, sigma_at_time
-from framework.state import Schedule
+from framework.core.markers import hookimpl
+from framework.core.errors import ConfigError
+from framework.maths.sigmas import init_noise_scale, sigma_at_time
+from framework.core.state import Schedule
 from plugins.schedule.exponential import check_init_noise
 
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from framework import hookimpl
-from framework.errors import ConfigError
-from framework.sigmas import INIT_NOISE_MODES, init_noise_scale
-from framework.state import Schedule
+from framework.core.markers import hookimpl
+from framework.core.errors import ConfigError
+from framework.maths.sigmas import INIT_NOISE_MODES, init_noise_scale
+from framework.core.state import Schedule
 
 SPACINGS = ("linspace", "leading", "trailing")
 

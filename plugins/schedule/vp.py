@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from framework import hookimpl
-from framework.errors import ConfigError
+from framework.core.markers import hookimpl
+from framework.core.errors import ConfigError
 from plugins.schedule.exponential import check_init_noise, finish
 
 

@@ -1,13 +1,13 @@
 """DDIM (Song et al. 2021) in σ-space: a deterministic step to σ_down, then fresh noise of std σ_up
-(``framework.sigmas.ancestral_split``; η = 0 is the ODE, where DDIM is the Euler step, η = 1 the
+(``framework.maths.sigmas.ancestral_split``; η = 0 is the ODE, where DDIM is the Euler step, η = 1 the
 DDPM posterior)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from framework import hookimpl
-from framework.errors import ConfigError
-from framework.sigmas import ancestral_split
+from framework.core.markers import hookimpl
+from framework.core.errors import ConfigError
+from framework.maths.sigmas import ancestral_split
 
 
 @dataclass

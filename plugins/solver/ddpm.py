@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from framework import hookimpl
-from framework.state import SamplerState
+from framework.core.markers import hookimpl
+from framework.core.state import SamplerState
 
 
 @dataclass

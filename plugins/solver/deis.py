@@ -2,7 +2,7 @@
 log-ρ interpolation (diffusers' DEISMultistepScheduler, ``solver_type="logrho"``). In σ-space
 (ρ = σ) the ODE dx/dρ = ε(x, ρ) has no linear part; the last ``order`` noise estimates
 ε = (x − D)/σ are interpolated by a polynomial in log σ and integrated over σ ∈ [σ, σ_next]
-(``framework.sigmas.log_lagrange_integral_weights``). Warm-up: step i uses min(i + 1, order)
+(``framework.maths.sigmas.log_lagrange_integral_weights``). Warm-up: step i uses min(i + 1, order)
 points. ``lower_order_final`` follows diffusers: with fewer than 15 steps the last step is first
 order and the one before at most second. A step to σ = 0 is first order (Euler: lands on D).
 NFE 1 per step; order ``order``."""
@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from framework import hookimpl
-from framework.errors import ConfigError
-from framework.sigmas import log_lagrange_integral_weights, multistep_order
-from framework.state import SamplerState
+from framework.core.markers import hookimpl
+from framework.core.errors import ConfigError
+from framework.maths.sigmas import log_lagrange_integral_weights, multistep_order
+from framework.core.state import SamplerState
 
 
 @dataclass

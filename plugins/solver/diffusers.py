@@ -52,9 +52,9 @@ from typing import Any
 
 import torch
 
-from framework import hookimpl
-from framework.errors import ConfigError
-from framework.state import SamplerState, Schedule
+from framework.core.markers import hookimpl
+from framework.core.errors import ConfigError
+from framework.core.state import SamplerState, Schedule
 
 #: Stable Diffusion's scheduler config, used for models that bring none.
 SD_CONFIG: dict[str, Any] = dict(

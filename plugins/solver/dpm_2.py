@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from framework import hookimpl
-from framework.sigmas import geometric_mean
-from framework.state import SamplerState
+from framework.core.markers import hookimpl
+from framework.maths.sigmas import geometric_mean
+from framework.core.state import SamplerState
 
 
 @dataclass

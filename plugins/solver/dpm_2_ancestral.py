@@ -1,6 +1,6 @@
 """DPM-Solver-2 ancestral (k-diffusion ``sample_dpm_2_ancestral``; diffusers'
 KDPM2AncestralDiscreteScheduler): the DPM-Solver-2 step (Lu et al. 2022, r = 1/2) to σ_down, then
-noise of std σ_up (``framework.sigmas.ancestral_split``, σ_down² + σ_up² = σ_next²). When
+noise of std σ_up (``framework.maths.sigmas.ancestral_split``, σ_down² + σ_up² = σ_next²). When
 σ_down = 0 (the last step) the step is Euler onto D. NFE 2 per step (1 on the last)."""
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import torch
 
-from framework import hookimpl
-from framework.ancestral import Ancestral
-from framework.sigmas import geometric_mean
-from framework.state import SamplerState
+from framework.core.markers import hookimpl
+from framework.bases.ancestral import Ancestral
+from framework.maths.sigmas import geometric_mean
+from framework.core.state import SamplerState
 
 
 @dataclass

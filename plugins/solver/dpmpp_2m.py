@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from framework import hookimpl
-from framework.sigmas import lam
-from framework.state import SamplerState
+from framework.core.markers import hookimpl
+from framework.maths.sigmas import lam
+from framework.core.state import SamplerState
 
 
 @dataclass

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from framework import hookimpl
-from framework.sigmas import lam
+from framework.core.markers import hookimpl
+from framework.maths.sigmas import lam
 
 
 @dataclass

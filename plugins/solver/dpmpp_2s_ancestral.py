@@ -1,6 +1,6 @@
 """DPM-Solver++(2S) ancestral (Lu et al. 2022b, Algorithm 1, singlestep second order with r = 1/2;
 k-diffusion ``sample_dpmpp_2s_ancestral``): a DPM-Solver++ step of two stages (the second at the
-λ-midpoint) to σ_down, then noise of std σ_up (``framework.sigmas.ancestral_split``). When
+λ-midpoint) to σ_down, then noise of std σ_up (``framework.maths.sigmas.ancestral_split``). When
 σ_down = 0 (the last step) it is Euler onto D. η = 0 gives the deterministic DPM-Solver++(2S).
 NFE 2 per step (1 on the last)."""
 from __future__ import annotations
@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
-from framework import hookimpl
-from framework.ancestral import Ancestral
-from framework.sigmas import geometric_mean
-from framework.state import SamplerState
+from framework.core.markers import hookimpl
+from framework.bases.ancestral import Ancestral
+from framework.maths.sigmas import geometric_mean
+from framework.core.state import SamplerState
 
 
 @dataclass

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from framework import hookimpl
-from framework.errors import ConfigError
-from framework.sigmas import ancestral_split
-from framework.state import SamplerState
+from framework.core.markers import hookimpl
+from framework.core.errors import ConfigError
+from framework.maths.sigmas import ancestral_split
+from framework.core.state import SamplerState
 
 
 @dataclass

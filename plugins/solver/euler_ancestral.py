@@ -1,6 +1,6 @@
 """Euler ancestral (k-diffusion ``sample_euler_ancestral``; Song et al. 2021, DDPM/DDIM-η in σ-space):
 an Euler step of the probability-flow ODE to σ_down, then fresh noise of std σ_up with
-σ_down² + σ_up² = σ_next² (``framework.sigmas.ancestral_split``). The step to σ = 0 adds no
+σ_down² + σ_up² = σ_next² (``framework.maths.sigmas.ancestral_split``). The step to σ = 0 adds no
 noise (it lands on D). η = 0 is Euler; NFE 1 per step; weak order 1, strong order 1/2."""
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from framework import hookimpl
-from framework.ancestral import Ancestral
-from framework.state import SamplerState
+from framework.core.markers import hookimpl
+from framework.bases.ancestral import Ancestral
+from framework.core.state import SamplerState
 
 
 @dataclass

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from framework import hookimpl
-from framework.errors import ConfigError
-from framework.state import SamplerState
+from framework.core.markers import hookimpl
+from framework.core.errors import ConfigError
+from framework.core.state import SamplerState
 from plugins.solver.plms import fixed_adams_bashforth
 
 

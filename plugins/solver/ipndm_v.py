@@ -2,12 +2,12 @@
 Adams–Bashforth coefficients, i.e. the derivative (x − D)/σ of the last k steps interpolated by a
 polynomial in σ and integrated over the step (k = min(i + 1, ``max_order``) ≤ 4). In σ-space this
 is the same method as ``lms`` with ``order = max_order`` (one maths, two names;
-``framework.sigmas.lagrange_integral_weights``). NFE 1 per step; order ``max_order``."""
+``framework.maths.sigmas.lagrange_integral_weights``). NFE 1 per step; order ``max_order``."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from framework.errors import ConfigError
+from framework.core.errors import ConfigError
 from plugins.solver.lms import LMS
 
 

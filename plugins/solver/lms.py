@@ -1,7 +1,7 @@
 """Linear multistep (Adams–Bashforth) in σ (Karras et al. 2022's k-diffusion ``sample_lms``;
 diffusers' LMSDiscreteScheduler): the derivative (x − D)/σ of the last ``order`` steps is
 interpolated by a polynomial in σ and integrated exactly over [σ, σ_next]
-(``framework.sigmas.lagrange_integral_weights``). Warm-up: step i uses min(i + 1, order) points.
+(``framework.maths.sigmas.lagrange_integral_weights``). Warm-up: step i uses min(i + 1, order) points.
 Order ``order``, NFE 1 per step; the last step to σ = 0 needs no evaluation there and keeps the
 full order (as diffusers and k-diffusion do)."""
 from __future__ import annotations
@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from framework import hookimpl
-from framework.errors import ConfigError
-from framework.sigmas import lagrange_integral_weights
-from framework.state import SamplerState
+from framework.core.markers import hookimpl
+from framework.core.errors import ConfigError
+from framework.maths.sigmas import lagrange_integral_weights
+from framework.core.state import SamplerState
 
 
 @dataclass

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from framework import hookimpl
-from framework.errors import ConfigError
+from framework.core.markers import hookimpl
+from framework.core.errors import ConfigError
 
 
 @dataclass

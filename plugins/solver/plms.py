@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from framework import hookimpl
-from framework.state import SamplerState
+from framework.core.markers import hookimpl
+from framework.core.state import SamplerState
 
 AB = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
 

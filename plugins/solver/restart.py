@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from framework import hookimpl
-from framework.errors import ConfigError
-from framework.state import SamplerState
+from framework.core.markers import hookimpl
+from framework.core.errors import ConfigError
+from framework.core.state import SamplerState
 
 
 def heun(x: torch.Tensor, d: torch.Tensor, sigma: float, sigma_next: float, denoise) -> torch.Tensor:

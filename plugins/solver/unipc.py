@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from framework import hookimpl
-from framework.errors import ConfigError
-from framework.sigmas import lam
-from framework.state import SamplerState, StepRecord
+from framework.core.markers import hookimpl
+from framework.core.errors import ConfigError
+from framework.maths.sigmas import lam
+from framework.core.state import SamplerState, StepRecord
 
 
 @dataclass

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import torch
 
-from framework.errors import ConfigError
+from framework.core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from framework.engine import Run
+    from framework.core.engine import Run
 
 T = TypeVar("T")
 
@@ -198,7 +198,7 @@ class Batch:
 
     indices: list[int]
     cond: Conditioning | None
-    noise: Any  # framework.noise.SampleNoise
+    noise: Any  # framework.core.noise.SampleNoise
     history: list[StepRecord] = field(default_factory=list)
     stash: Stash = field(default_factory=Stash)
     failed: torch.Tensor | None = None  # bool per sample, accumulated on the device

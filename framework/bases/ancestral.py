@@ -1,7 +1,7 @@
 """What ancestral solvers share: η and s_noise, and the noise added after the deterministic part.
 
 An ancestral step σ → σ' takes a deterministic step to σ_down and adds fresh noise of std
-s_noise·σ_up (``framework.sigmas.ancestral_split``; η = 0 is the ODE, η = 1 the DDPM posterior).
+s_noise·σ_up (``framework.maths.sigmas.ancestral_split``; η = 0 is the ODE, η = 1 the DDPM posterior).
 """
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-from framework.errors import ConfigError
-from framework.sigmas import ancestral_split
-from framework.state import SamplerState
+from framework.core.errors import ConfigError
+from framework.maths.sigmas import ancestral_split
+from framework.core.state import SamplerState
 
 
 @dataclass

@@ -44,9 +44,9 @@ from typing import Iterator
 
 import torch
 
-from framework import hookimpl
-from framework.errors import ConfigError
-from framework.state import Prediction, SamplerState
+from framework.core.markers import hookimpl
+from framework.core.errors import ConfigError
+from framework.core.state import Prediction, SamplerState
 
 GRADIENTS = ("decoder", "unet")
 SPACES = ("latent", "x0")
@@ -209,7 +209,7 @@ class LossGuidance:
     def evaluate(self, state: SamplerState, x: torch.Tensor, sigma: float) -> Prediction:
         """A model evaluation made by this plugin: the adapter (counts ``unet_calls``), one NFE, and
         the guidance plugins configured before this one except loss guidances."""
-        from framework.engine import call
+        from framework.core.engine import call
 
         run, batch = state.run, state.batch
         name, fn = run.predict

@@ -1,6 +1,6 @@
-"""Generate the hook reference (docs/hooks.md) from framework/hookspecs.py.
+"""Generate the hook reference (docs/hooks.md) from framework/core/hookspecs.py.
 
-    python -m framework.hookref > docs/hooks.md
+    python -m framework.tools.hookref > docs/hooks.md
 
 A test keeps the committed file in sync with the specs.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 
-from framework import hookspecs
+from framework.core import hookspecs
 
 #: Which plugin families implement each hook (for the reader; the specs define the contract).
 FAMILIES = {
@@ -38,7 +38,7 @@ def render() -> str:
     lines = [
         "# Hook reference",
         "",
-        "Generated from `framework/hookspecs.py` by `python -m framework.hookref > docs/hooks.md`;",
+        "Generated from `framework/core/hookspecs.py` by `python -m framework.tools.hookref > docs/hooks.md`;",
         "a test fails when this file and the specs disagree.",
         "",
         inspect.getdoc(hookspecs) or "",

@@ -14,8 +14,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from framework.errors import SamplerlabError
-from framework.registry import CONF_DIR
+from framework.core.errors import SamplerlabError
+from framework.core.registry import CONF_DIR
 
 #: Hydra flags that take a value.
 _VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-path", "-cp",
@@ -66,8 +66,8 @@ def precheck(overrides: list[str]) -> None:
     """Compose every sweep value and type-check the top-level keys before Hydra starts any job."""
     from hydra.errors import HydraException
 
-    from framework.compose import compose, explain
-    from framework.engine import read_settings
+    from framework.entry.compose import compose, explain
+    from framework.core.engine import read_settings
 
     try:
         variants = _variants(overrides)
@@ -105,7 +105,7 @@ def discard_if_unused(folder: Path) -> None:
 
 def _objective(cfg, metrics: dict) -> float | None:
     """The metric a sweeper (optuna) minimises, named by the ``objective`` key."""
-    from framework.errors import ConfigError
+    from framework.core.errors import ConfigError
 
     name = cfg.get("objective")
     if not name:
@@ -120,7 +120,7 @@ def _objective(cfg, metrics: dict) -> float | None:
 def _app(cfg) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
-    from framework.engine import execute
+    from framework.core.engine import execute
 
     hc = HydraConfig.get()
     choices = {k: v for k, v in hc.runtime.choices.items() if isinstance(v, str)}
@@ -158,7 +158,7 @@ def _quiet_libraries() -> None:
 
 def list_entry_points() -> None:
     """One line on stderr naming the entry-point plugin distributions in use (none: nothing)."""
-    from framework.registry import DISABLE_ENTRY_POINTS_ENV, entry_point_confs
+    from framework.core.registry import DISABLE_ENTRY_POINTS_ENV, entry_point_confs
 
     externals = entry_point_confs()
     if externals:
@@ -171,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_libraries()
     import hydra
 
-    from framework.compose import register_resolvers, release, searchpath_override
+    from framework.entry.compose import register_resolvers, release, searchpath_override
 
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides, runs = _split(argv)
@@ -201,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def plugins_main(argv: Sequence[str] | None = None) -> int:
     """``samplerlab-plugins``: every plugin per family, with where it comes from."""
-    from framework.registry import GROUPS, available, entry_point_confs
+    from framework.core.registry import GROUPS, available, entry_point_confs
 
     try:
         externals = entry_point_confs()

@@ -20,8 +20,10 @@ import pluggy
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from framework import PROJECT, hookimpl, hookspecs
-from framework.errors import ConfigError
+from framework.core import hookspecs
+
+from framework.core.markers import PROJECT, hookimpl
+from framework.core.errors import ConfigError
 
 #: Config groups in the order their plugins are registered and their hooks called.
 SINGLE_GROUPS = ("model", "schedule", "solver")
@@ -31,7 +33,7 @@ GROUPS = SINGLE_GROUPS + LIST_GROUPS
 EXCLUSIVE_HOOKS = ("schedule", "predict", "step")
 ENTRY_POINT_GROUP = "samplerlab"
 DISABLE_ENTRY_POINTS_ENV = "SAMPLERLAB_DISABLE_ENTRY_POINTS"
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 @dataclass(frozen=True)

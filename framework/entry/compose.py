@@ -13,8 +13,8 @@ from hydra.initialize import get_gh_backup, restore_gh_from_backup
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from framework.errors import ConfigError
-from framework.registry import CONF_DIR, GROUPS, available, entry_point_confs
+from framework.core.errors import ConfigError
+from framework.core.registry import CONF_DIR, GROUPS, available, entry_point_confs
 
 
 def _folder(kind: str, default: str, *, _root_: DictConfig) -> str:
@@ -35,7 +35,7 @@ def _job(default: str, *, _root_: DictConfig) -> str:
     or extended sweeps still find their finished runs), else ``default`` (Hydra's job number)."""
     if not _root_.get("name"):
         return str(default)
-    from framework.records import resolved_config, run_key
+    from framework.runs.records import resolved_config, run_key
 
     job = OmegaConf.masked_copy(_root_, [k for k in _root_ if k != "hydra"])
     return run_key(resolved_config(job))

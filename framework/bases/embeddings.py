@@ -16,7 +16,7 @@ With no edit, :meth:`TextEmbeddings.encode` equals diffusers' ``pipe.encode_prom
 ≤ 1e-6). Edits are :class:`TextEdit` objects applied in order: the conditioning plugins
 (``plugins/conditioning``) are such objects, so they work inside a run and in your own code::
 
-    >>> from framework.embeddings import TextEmbeddings
+    >>> from framework.bases.embeddings import TextEmbeddings
     >>> from plugins.conditioning.token_swap import TokenSwap
     >>> emb = TextEmbeddings.of(pipe)              # a StableDiffusionPipeline or a samplerlab model
     >>> print(emb.show("a red circle"))            # positions, ids and tokens
@@ -39,12 +39,12 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from framework import hookimpl
-from framework.errors import ConfigError
+from framework.core.markers import hookimpl
+from framework.core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from framework.engine import Run
-    from framework.state import Conditioning
+    from framework.core.engine import Run
+    from framework.core.state import Conditioning
 
 #: A1111's multiplier of one pair of round brackets (square brackets divide by it).
 BRACKET_WEIGHT = 1.1

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from framework import hookimpl
-from framework.errors import ConfigError
+from framework.core.markers import hookimpl
+from framework.core.errors import ConfigError
 
 
 class UncondGuidance:

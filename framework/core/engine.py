@@ -31,11 +31,11 @@ from tqdm.auto import tqdm
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from framework.errors import ConfigError, PluginError, SamplerlabError
+from framework.core.errors import ConfigError, PluginError, SamplerlabError
 from framework.models.base import Model
-from framework.noise import SampleNoise
-from framework.registry import PluginSet, build_plugins, schema
-from framework.state import Batch, Conditioning, Prediction, SamplerState, Schedule, StepRecord
+from framework.core.noise import SampleNoise
+from framework.core.registry import PluginSet, build_plugins, schema
+from framework.core.state import Batch, Conditioning, Prediction, SamplerState, Schedule, StepRecord
 
 
 @dataclass
@@ -398,7 +398,7 @@ def execute(
     without building anything. A ``model`` object passed in (which the run key cannot see) turns
     resuming off. Ctrl-C and SIGTERM stop the run between two writes, never half-way.
     """
-    from framework import records
+    from framework.runs import records
 
     settings = read_settings(cfg)
     out = output_dir if output_dir is not None else settings.output_dir

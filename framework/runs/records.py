@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 import framework
 
 if TYPE_CHECKING:
-    from framework.engine import Result, Run
+    from framework.core.engine import Result, Run
 
 SCHEMA_VERSION = 1
 #: Keys that say where or how results are stored, or how fast they are computed (compile, memory
@@ -170,7 +170,7 @@ def atomic_write_json(path: Path, data: Any) -> None:
 def save(folder: Path, result: Result, save_images: bool = True, samples_written: bool = False) -> None:
     """Write the run folder: samples/{k:06d}.png (k global; failed samples have none) and grid.png
     for image models, then record.json last. ``samples_written``: the PNGs were saved per batch."""
-    from framework.images import grid, png_bytes
+    from framework.runs.images import grid, png_bytes
 
     folder = Path(folder)
     if save_images and result.images is not None:
@@ -204,7 +204,7 @@ def batch_path(folder: Path, indices: list[int]) -> Path:
 def save_samples(folder: Path, indices: list[int], images: torch.Tensor, failures: dict[int, str],
                  only_missing: bool = False) -> None:
     """Write samples/{k:06d}.png for the finite samples of a batch (``only_missing``: keep existing files)."""
-    from framework.images import png_bytes
+    from framework.runs.images import png_bytes
 
     for k, img in zip(indices, images):
         path = Path(folder) / sample_name(k)
@@ -269,8 +269,8 @@ def load_finished(folder: Path, key: str) -> Result | None:
     import numpy as np
     from PIL import Image
 
-    from framework.engine import Result
-    from framework.state import Schedule
+    from framework.core.engine import Result
+    from framework.core.state import Schedule
 
     path = Path(folder) / "record.json"
     if not path.exists():

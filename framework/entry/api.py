@@ -1,6 +1,6 @@
 """The Python entry point: ``run(overrides)`` composes the same config as the CLI and runs it.
 
->>> from framework.api import run
+>>> from framework.entry.api import run
 >>> result = run(["model=gaussian", "solver=heun", "steps=10"])
 >>> result.record["metrics"]["nfe"]
 19.0
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from framework.compose import compose
-from framework.engine import Result, execute
+from framework.entry.compose import compose
+from framework.core.engine import Result, execute
 
 
 def run(overrides: list[str] | None = None, model: object | None = None, output_dir: str | Path | None = None) -> Result:

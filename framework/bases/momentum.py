@@ -10,9 +10,9 @@ from typing import ClassVar
 
 import torch
 
-from framework import hookimpl
-from framework.errors import ConfigError
-from framework.state import StepRecord
+from framework.core.markers import hookimpl
+from framework.core.errors import ConfigError
+from framework.core.state import StepRecord
 
 #: Single-evaluation solvers that step along D: x' = x + (σ' − σ)·(x − D)/σ (plus noise for ddim η > 0).
 DIRECTION_SOLVERS = ("euler", "ddim")

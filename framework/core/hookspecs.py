@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from framework import hookspec
+from framework.core.markers import hookspec
 
 if TYPE_CHECKING:
-    from framework.engine import Result, Run
-    from framework.state import Batch, Conditioning, Prediction, SamplerState, Schedule
+    from framework.core.engine import Result, Run
+    from framework.core.state import Batch, Conditioning, Prediction, SamplerState, Schedule
 
 
 # ---------------------------------------------------------------------------------------------
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 def configure(run: Run) -> None:
     """All run, in config order, once per run after every plugin is built and before sampling.
 
-    Check compatibility (raise :class:`framework.errors.ConfigError` with a one-line fix) and
+    Check compatibility (raise :class:`framework.core.errors.ConfigError` with a one-line fix) and
     declare needs: ``run.request_uncond()`` when a guidance plugin needs the unconditional
     prediction (the model adapter then batches it), ``run.request_grad(self)`` when the plugin's
     ``guidance`` must run with gradients enabled.
@@ -141,4 +141,4 @@ def step(state: SamplerState, denoise: Callable[[torch.Tensor, float], Predictio
 def after_step(state: SamplerState, x_next: torch.Tensor) -> None:
     """All run, in config order, after each step: history keepers, NaN guards, previews, logging.
     NaN guards call ``run.request_finite_checks()`` in ``configure``; the engine then checks every
-    hook's output on the device (``framework.engine.NonFinite``) and reads the flags only every k steps."""
+    hook's output on the device (``framework.core.engine.NonFinite``) and reads the flags only every k steps."""

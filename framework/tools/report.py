@@ -324,8 +324,8 @@ def log_to_wandb(root: Path, page: str, curves: list[tuple[str, str, bytes | Non
 def build_report(folder: str | Path, out: str | Path | None = None, title: str | None = None, wandb: bool = True,
                  project: str = "samplerlab", entity: str | None = None) -> Path:
     """Write the dashboard of the runs under ``folder``; returns the HTML file's path."""
-    from framework.errors import ConfigError
-    from framework.records import atomic_write_bytes
+    from framework.core.errors import ConfigError
+    from framework.runs.records import atomic_write_bytes
 
     root = Path(folder)
     if not root.is_dir():
@@ -349,7 +349,7 @@ def build_report(folder: str | Path, out: str | Path | None = None, title: str |
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``samplerlab-report <sweep folder> [--out FILE] [--title T] [--no-wandb]``; returns the exit code."""
-    from framework.errors import SamplerlabError
+    from framework.core.errors import SamplerlabError
 
     parser = argparse.ArgumentParser(prog="samplerlab-report", description="Build an HTML dashboard from run records.")
     parser.add_argument("folder", help="a sweep folder (or any folder holding run folders with record.json)")

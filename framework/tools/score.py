@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from framework.errors import ConfigError, SamplerlabError
+from framework.core.errors import ConfigError, SamplerlabError
 
 #: Config keys that differ between the shards of one evaluation (or say where results go).
 SHARD_KEYS = ("shard_index", "shard_count", "output_dir", "save_images", "name", "resume")
@@ -99,8 +99,8 @@ def metric_plugins(overrides: list[str], config: dict[str, Any]) -> list[tuple[s
     """(name, plugin) in config order: from the overrides when given, else the runs' own metrics."""
     from omegaconf import OmegaConf
 
-    from framework.compose import compose
-    from framework.registry import instantiate
+    from framework.entry.compose import compose
+    from framework.core.registry import instantiate
 
     node = compose(overrides)[0].metrics if overrides else OmegaConf.create(config.get("metrics") or {})
     plugins = [(str(name), instantiate(node[name], f"metrics.{name}")) for name in node]
@@ -120,10 +120,10 @@ def _load_png(path: Path) -> torch.Tensor:
 def score(folders: Sequence[str | Path], overrides: Sequence[str] = (), out: str | Path | None = None,
           batch_size: int = 64) -> dict[str, Any]:
     """Merge the samples of ``folders`` by index, score them, write and return the merged record."""
-    from framework.engine import call
-    from framework.images import grid, png_bytes
-    from framework.records import SCHEMA_VERSION, atomic_write_bytes, atomic_write_json, versions
-    from framework.state import Batch, Conditioning
+    from framework.core.engine import call
+    from framework.runs.images import grid, png_bytes
+    from framework.runs.records import SCHEMA_VERSION, atomic_write_bytes, atomic_write_json, versions
+    from framework.core.state import Batch, Conditioning
 
     if not folders:
         raise ConfigError("give at least one run folder: samplerlab-score <folder> [<folder> ...] [metrics=[fid]]")
