@@ -165,7 +165,7 @@ def show(ax, img: torch.Tensor, title: str | None = None, **kw) -> None:
 
 def save_figure(fig, path: Path, files: list[str]) -> None:
     """Write a matplotlib figure as PNG atomically and close it; record its name in ``files``."""
-    from framework.runs.records import atomic_write_bytes
+    from framework.core.files import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -176,7 +176,7 @@ def save_figure(fig, path: Path, files: list[str]) -> None:
 
 def save_png(img: torch.Tensor, path: Path, files: list[str]) -> None:
     from framework.runs.images import png_bytes
-    from framework.runs.records import atomic_write_bytes
+    from framework.core.files import atomic_write_bytes
 
     atomic_write_bytes(path, png_bytes(img))
     files.append(path.name)

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from framework.entry.api import run
-from framework.runs.records import atomic_write_json
+from framework.core.files import atomic_write_json
 
 
 def raw(name: str, scale: float) -> list[str]:

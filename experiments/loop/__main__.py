@@ -72,7 +72,7 @@ def gif(x0: torch.Tensor, xt: torch.Tensor, meta: dict, record: dict, scale: int
     from PIL import Image, ImageDraw
 
     from framework.runs.images import to_pil
-    from framework.runs.records import atomic_write_bytes
+    from framework.core.files import atomic_write_bytes
 
     rows, cols, _, h, w = x0.shape
     th, tw, gap, head = h * scale, w * scale, 6, 44

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from framework.entry.api import run
 from framework.core.errors import ConfigError
-from framework.runs.records import atomic_write_bytes, atomic_write_json
+from framework.core.files import atomic_write_bytes, atomic_write_json
 from framework.core.registry import CONF_DIR
 
 

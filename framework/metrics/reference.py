@@ -95,7 +95,7 @@ def reference_features(
     from safetensors.torch import load_file, save
 
     from framework.metrics.features import weights_hash
-    from framework.runs.records import atomic_write_bytes
+    from framework.core.files import atomic_write_bytes
 
     path = cache_path(reference, features_name, weights_hash(extractor), cache_dir(cache))
     if use_cache and path.is_file():

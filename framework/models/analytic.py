@@ -40,6 +40,11 @@ class Gaussian:
     def sample_data(self, n: int, generator: torch.Generator | None = None, dtype=torch.float64) -> torch.Tensor:
         return self.mean + self.std * torch.randn((n, *self.shape), generator=generator, dtype=dtype)
 
+    def data_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exact (mean, covariance) of the data, flattened (float64): N(m, s²I)."""
+        dim = math.prod(self.shape)
+        return torch.full((dim,), self.mean, dtype=torch.float64), self.std**2 * torch.eye(dim, dtype=torch.float64)
+
 
 class Mixture:
     """An isotropic Gaussian mixture: weights w_k, means μ_k, stds s_k (drawn from ``seed``).
@@ -106,3 +111,12 @@ class Mixture:
         eps = torch.randn((n, self.means.shape[1]), generator=generator, dtype=torch.float64)
         x = self.means[k] + self.stds[k, None] * eps
         return x.reshape(n, *self.shape).to(dtype)
+
+    def data_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exact (mean, covariance) of the data, flattened (float64): mean Σwₖμₖ and covariance
+        Σwₖ(sₖ²I + μₖμₖᵀ) − μμᵀ."""
+        w, mu, s2 = self.log_weights.exp(), self.means.double(), self.stds.double() ** 2
+        mean = (w[:, None] * mu).sum(0)
+        second = (w[:, None, None] * (mu[:, :, None] * mu[:, None, :])).sum(0) + (w * s2).sum() * torch.eye(
+            mu.shape[1], dtype=torch.float64)
+        return mean, second - mean[:, None] * mean[None, :]

@@ -24,6 +24,7 @@ import torch
 from omegaconf import OmegaConf
 
 import framework
+from framework.core.files import atomic_write_bytes, atomic_write_json
 
 if TYPE_CHECKING:
     from framework.core.engine import Result, Run
@@ -140,31 +141,6 @@ def build(run: Run, result: Result) -> dict[str, Any]:
         "images": None,
         "versions": versions(),
     }
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
 
 
 def save(folder: Path, result: Result, save_images: bool = True, samples_written: bool = False) -> None:

@@ -325,7 +325,7 @@ def build_report(folder: str | Path, out: str | Path | None = None, title: str |
                  project: str = "samplerlab", entity: str | None = None) -> Path:
     """Write the dashboard of the runs under ``folder``; returns the HTML file's path."""
     from framework.core.errors import ConfigError
-    from framework.runs.records import atomic_write_bytes
+    from framework.core.files import atomic_write_bytes
 
     root = Path(folder)
     if not root.is_dir():

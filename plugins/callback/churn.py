@@ -8,9 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from framework.core.markers import hookimpl
-from framework.core.errors import ConfigError
-from framework.core.state import SamplerState
+from framework.plugin import ConfigError, SamplerState, hookimpl
 
 
 @dataclass

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from framework.core.markers import hookimpl
-from framework.core.engine import NonFinite, describe
-from framework.core.errors import ConfigError, NumericalError
+from framework.plugin import ConfigError, NonFinite, NumericalError, describe, hookimpl
 
 
 @dataclass

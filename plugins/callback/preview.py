@@ -23,8 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from framework.core.markers import hookimpl
-from framework.core.errors import ConfigError
+from framework.plugin import ConfigError, atomic_write_bytes, atomic_write_json, grid, hookimpl, png_bytes
 
 PAD = 2
 
@@ -90,9 +89,6 @@ class Preview:
     def run_end(self, run, result):
         if run.output_dir is None or not self.x0:
             return
-        from framework.runs.images import grid, png_bytes
-        from framework.runs.records import atomic_write_bytes, atomic_write_json
-
         x0, xt = self.images()
         rows, cols = x0.shape[:2]
         for name, imgs in (("preview.png", x0), ("preview_xt.png", xt)):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from framework.bases.embeddings import EditPlugin, TextEmbeddings, scale_positions
+from framework.plugin import EditPlugin, TextEmbeddings, scale_positions
 
 
 @dataclass

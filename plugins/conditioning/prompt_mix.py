@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from framework.bases.embeddings import EditPlugin, TextEmbeddings, mix_outputs
-from framework.core.errors import ConfigError
+from framework.plugin import ConfigError, EditPlugin, TextEmbeddings, mix_outputs
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from framework.bases.embeddings import EditPlugin, TextEmbeddings, apply_prompt_weights
+from framework.plugin import EditPlugin, TextEmbeddings, apply_prompt_weights
 
 
 @dataclass

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from framework.bases.embeddings import EditPlugin, TextEmbeddings, load_embeddings
-from framework.core.errors import ConfigError
+from framework.plugin import ConfigError, EditPlugin, TextEmbeddings, load_embeddings
 
 
 @dataclass

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from framework.bases.embeddings import EditPlugin, TextEmbeddings, mix_tokens
-from framework.core.errors import ConfigError
+from framework.plugin import ConfigError, EditPlugin, TextEmbeddings, mix_tokens
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from framework.bases.embeddings import EditPlugin, TextEmbeddings, load_embeddings, replace_token
+from framework.plugin import EditPlugin, TextEmbeddings, load_embeddings, replace_token
 
 
 @dataclass

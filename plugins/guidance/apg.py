@@ -10,8 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from framework.core.markers import hookimpl
-from framework.bases.guidance import UncondGuidance
+from framework.plugin import UncondGuidance, hookimpl
 
 
 @dataclass

@@ -14,8 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from framework.core.markers import hookimpl
-from framework.core.errors import ConfigError
+from framework.plugin import ConfigError, hookimpl
 
 SHAPES = ("constant", "linear", "cosine")
 

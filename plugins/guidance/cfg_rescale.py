@@ -6,9 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from framework.core.markers import hookimpl
-from framework.bases.guidance import UncondGuidance
-from framework.core.errors import ConfigError
+from framework.plugin import ConfigError, UncondGuidance, hookimpl
 
 
 @dataclass

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import torch
 
-from framework.core.errors import ConfigError, ModelNotFoundError
-from framework.bases.loss_guidance import LossGuidance
+from framework.plugin import ConfigError, LossGuidance, ModelNotFoundError, bundled
 
 OPENAI_MEAN, OPENAI_STD = (0.4815, 0.4578, 0.4082), (0.2686, 0.2613, 0.2758)
 
@@ -32,10 +31,8 @@ def load_clip_model(model: str | None):
     from transformers import AutoTokenizer, CLIPModel
 
     if model is None:
-        from framework.bundled import CLIP_DIR, load_clip
-
-        clip, tokenizer = load_clip()
-        folder = CLIP_DIR
+        clip, tokenizer = bundled.load_clip()
+        folder = bundled.CLIP_DIR
     else:
         folder = Path(model).expanduser()
         if not (folder / "config.json").is_file():

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from framework.core.errors import ConfigError
-from framework.bases.loss_guidance import LossGuidance
+from framework.plugin import ConfigError, LossGuidance
 
 
 @dataclass

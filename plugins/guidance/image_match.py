@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from framework.core.errors import ConfigError
-from framework.bases.guidance import JudgeFeatures, load_image, perceptual_distance, pixel_size
-from framework.bases.loss_guidance import LossGuidance
+from framework.plugin import (
+    ConfigError, JudgeFeatures, LossGuidance, load_image, perceptual_distance, pixel_size,
+)
 
 METRICS = ("mse", "perceptual")
 

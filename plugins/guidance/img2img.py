@@ -10,9 +10,7 @@ from typing import ClassVar
 
 import torch
 
-from framework.core.markers import hookimpl
-from framework.core.errors import ConfigError
-from framework.bases.guidance import load_image, pixel_size
+from framework.plugin import ConfigError, hookimpl, load_image, pixel_size
 
 
 @dataclass

@@ -16,9 +16,7 @@ from typing import ClassVar
 
 import torch
 
-from framework.core.markers import hookimpl
-from framework.core.errors import ConfigError
-from framework.bases.guidance import load_image
+from framework.plugin import ConfigError, hookimpl, load_image
 from plugins.guidance.img2img import Img2Img
 
 

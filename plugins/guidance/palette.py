@@ -12,24 +12,21 @@ from dataclasses import dataclass, field
 
 import torch
 
-from framework.core.errors import ConfigError
-from framework.bases.loss_guidance import LossGuidance
+from framework.plugin import ConfigError, LossGuidance, world
 
 
 def parse_colour(text: str) -> tuple[float, float, float]:
     """An RGB triple in [0, 1] from a world colour name or a '#rrggbb' hex code."""
-    from framework.bundled.world import RGB
-
     name = str(text).strip().lower()
-    if name in RGB:
-        return tuple(RGB[name])  # type: ignore[return-value]
+    if name in world.RGB:
+        return tuple(world.RGB[name])  # type: ignore[return-value]
     hexa = name.lstrip("#")
     if len(hexa) == 6:
         try:
             return tuple(int(hexa[i:i + 2], 16) / 255 for i in (0, 2, 4))  # type: ignore[return-value]
         except ValueError:
             pass
-    raise ConfigError(f"palette colour '{text}' is neither a colour name ({', '.join(RGB)}) nor a hex code like '#1f77b4'")
+    raise ConfigError(f"palette colour '{text}' is neither a colour name ({', '.join(world.RGB)}) nor a hex code like '#1f77b4'")
 
 
 @dataclass

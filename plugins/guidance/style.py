@@ -16,8 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from framework.bases.guidance import JudgeFeatures, gram, load_image, pixel_size
-from framework.bases.loss_guidance import LossGuidance
+from framework.plugin import JudgeFeatures, LossGuidance, gram, load_image, pixel_size
 
 
 @dataclass

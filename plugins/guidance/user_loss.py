@@ -12,8 +12,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from framework.core.errors import ConfigError
-from framework.bases.loss_guidance import LossGuidance
+from framework.plugin import ConfigError, LossGuidance
 
 
 def resolve(spec: str):

@@ -12,7 +12,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from framework.core.markers import hookimpl
+from framework.plugin import grid, hookimpl, to_pil
 
 _said_offline = False
 
@@ -77,7 +77,6 @@ class WandbLogger:
     def _finish(self, run, result) -> None:
         import wandb
 
-        from framework.runs.images import grid, to_pil
 
         self._run.summary.update(dict(run.metrics))
         preview = run.output_dir / "preview.png" if run.output_dir is not None else None

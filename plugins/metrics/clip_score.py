@@ -9,8 +9,7 @@ from typing import Any
 import torch
 from torchmetrics.multimodal.clip_score import CLIPScore as TMCLIPScore
 
-from framework.core.markers import hookimpl
-from framework.core.errors import ConfigError, ModelNotFoundError
+from framework.plugin import ConfigError, ModelNotFoundError, bundled, hookimpl
 
 
 def _pooled(cls: type) -> type:
@@ -32,9 +31,7 @@ def load_scorer(model: str | None, allow_download: bool = False) -> TMCLIPScore:
     from transformers import CLIPModel, CLIPProcessor
 
     if model is None:
-        from framework.bundled import CLIP_DIR
-
-        model = str(CLIP_DIR)
+        model = str(bundled.CLIP_DIR)
     try:
         clip = _pooled(CLIPModel).from_pretrained(model, local_files_only=not allow_download).eval()
         processor = CLIPProcessor.from_pretrained(model, local_files_only=not allow_download)

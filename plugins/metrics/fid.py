@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from framework.metrics.distribution import RealVsGenerated
+from framework.plugin import RealVsGenerated
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Fréchet distance of the generated samples to the true data distribution, for analytic models
-(``model=gaussian``, ``model=mixture``, or any denoiser with ``sample_data(n, generator)``): the
+(``model=gaussian``, ``model=mixture``, or any denoiser with ``data_moments()`` or
+``sample_data(n, generator)``): the
 squared 2-Wasserstein distance between Gaussian fits (Heusel et al. 2017's FID formula, here in the
 data space itself). The true side uses the exact moments where they are known in closed form —
 Gaussian N(m, s²I); mixture mean Σwₖμₖ and covariance Σwₖ(sₖ²I + μₖμₖᵀ) − μμᵀ — and ``reference``
@@ -13,28 +14,19 @@ from dataclasses import dataclass
 
 import torch
 
-from framework.core.markers import hookimpl
-from framework.core.errors import ConfigError
-from framework.metrics.frechet import frechet_distance, moments
+from framework.plugin import ConfigError, frechet_distance, hookimpl, moments
 
 
 def true_moments(denoiser: object, reference: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, covariance) of the data distribution of an analytic denoiser, flattened."""
-    from framework.models.analytic import Gaussian, Mixture
-
-    if isinstance(denoiser, Gaussian):
-        dim = 1
-        for s in denoiser.shape:
-            dim *= s
-        return torch.full((dim,), denoiser.mean, dtype=torch.float64), denoiser.std**2 * torch.eye(dim, dtype=torch.float64)
-    if isinstance(denoiser, Mixture):
-        w, mu, s2 = denoiser.log_weights.exp(), denoiser.means.double(), denoiser.stds.double() ** 2
-        mean = (w[:, None] * mu).sum(0)
-        second = (w[:, None, None] * (mu[:, :, None] * mu[:, None, :])).sum(0) + (w * s2).sum() * torch.eye(mu.shape[1], dtype=torch.float64)
-        return mean, second - mean[:, None] * mean[None, :]
+    """(mean, covariance) of an analytic denoiser's data distribution, flattened: exact when the
+    denoiser knows them (``data_moments()``), else estimated from ``reference`` samples."""
+    exact = getattr(denoiser, "data_moments", None)
+    if exact is not None:
+        return exact()
     sample = getattr(denoiser, "sample_data", None)
     if sample is None:
-        raise ConfigError("frechet_to_data needs an analytic model (model=gaussian or model=mixture) or a denoiser with sample_data(n, generator)")
+        raise ConfigError("frechet_to_data needs an analytic model (model=gaussian or model=mixture) or a denoiser with "
+                          "data_moments() or sample_data(n, generator)")
     return moments(sample(reference, generator=torch.Generator().manual_seed(seed)))
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from framework.metrics.distribution import RealVsGenerated
+from framework.plugin import RealVsGenerated
 
 
 @dataclass

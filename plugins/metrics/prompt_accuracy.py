@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from framework.core.markers import hookimpl
-from framework.core.errors import ConfigError
+from framework.plugin import ConfigError, bundled, hookimpl, world
 
 
 def first_word(prompt: str, vocabulary: tuple[str, ...]) -> str | None:
@@ -37,19 +36,15 @@ class PromptAccuracy:
     def configure(self, run):
         if not run.model.has_decoder:
             raise ConfigError("prompt_accuracy judges images but this model has no decoder: use model=bundled")
-        from framework.bundled import load_judge
-
-        self._judge = load_judge()
+        self._judge = bundled.load_judge()
         self._tally = _Tally()
 
     @hookimpl
     def batch_end(self, run, batch, latents, images):
-        from framework.bundled.world import COLOURS, SHAPES
-
         with torch.no_grad():
             pred = self._judge.predict(images.float().cpu() * 2 - 1)
         for k, prompt in enumerate(batch.cond.prompts if batch.cond is not None else []):
-            for head, vocab in (("colour", COLOURS), ("shape", SHAPES)):
+            for head, vocab in (("colour", world.COLOURS), ("shape", world.SHAPES)):
                 word = first_word(prompt, vocab)
                 if word is not None:
                     self._tally.total[head] += 1

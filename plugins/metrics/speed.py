@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from framework.core.markers import hookimpl
+from framework.plugin import hookimpl
 
 
 def _reset_rss_peak() -> bool:

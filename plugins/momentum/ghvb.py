@@ -15,9 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from framework.core.markers import hookimpl
-from framework.core.errors import ConfigError
-from framework.bases.momentum import MomentumPlugin
+from framework.plugin import ConfigError, MomentumPlugin, hookimpl
 
 #: c_j(b) for orders 1–4, newest first, before division by the common denominator.
 _COEFFS = {

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from framework.core.markers import hookimpl
-from framework.bases.momentum import MomentumPlugin, past_derivative
+from framework.plugin import MomentumPlugin, hookimpl, past_derivative
 
 
 @dataclass

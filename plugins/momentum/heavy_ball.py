@@ -12,9 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from framework.core.markers import hookimpl
-from framework.core.errors import ConfigError
-from framework.bases.momentum import MomentumPlugin
+from framework.plugin import ConfigError, MomentumPlugin, hookimpl
 
 
 @dataclass

@@ -18,10 +18,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from framework.core.markers import hookimpl
-from framework.core.errors import ConfigError
-from framework.bases.momentum import MomentumPlugin, past_derivative
-from framework.maths.sigmas import lagrange_integral_weights, lam
+from framework.plugin import (
+    ConfigError, MomentumPlugin, hookimpl, lagrange_integral_weights, lam, past_derivative,
+)
 
 MAX_ORDER = {"denoised_lambda": 3, "derivative_sigma": 4}
 

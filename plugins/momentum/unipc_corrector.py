@@ -12,10 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from framework.core.markers import hookimpl
-from framework.core.errors import ConfigError
-from framework.bases.momentum import MomentumPlugin
-from framework.maths.sigmas import lam
+from framework.plugin import ConfigError, MomentumPlugin, hookimpl, lam
 
 
 @dataclass

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from framework.core.markers import hookimpl
-from framework.maths.sigmas import loglinear_interp
-from plugins.schedule.exponential import check_init_noise, finish
+from framework.plugin import check_init_noise, finish, hookimpl, loglinear_interp
 
 SD15 = (14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520, 1.8841921177, 1.3943805092,
         0.9642583904, 0.6523686016, 0.3977456272, 0.1515232662, 0.0291671582)

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from framework.core.markers import hookimpl
-from framework.core.errors import ConfigError
-from framework.maths.sigmas import INIT_NOISE_MODES, init_noise_scale
-from framework.core.state import Schedule
+from framework.plugin import ConfigError, INIT_NOISE_MODES, Schedule, hookimpl, init_noise_scale
 
 
 @dataclass

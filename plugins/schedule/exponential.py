@@ -7,21 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from framework.core.markers import hookimpl
-from framework.core.errors import ConfigError
-from framework.maths.sigmas import INIT_NOISE_MODES, init_noise_scale, sigma_range
-from framework.core.state import Schedule
-
-
-def finish(body: np.ndarray | list[float], final_zero: bool, init_noise: str) -> Schedule:
-    """A Schedule from the positive part of a grid: optional final 0, initial noise scale."""
-    grid = tuple(float(s) for s in body) + ((0.0,) if final_zero else ())
-    return Schedule(grid, None, init_noise_scale(grid[0], init_noise))
-
-
-def check_init_noise(init_noise: str) -> None:
-    if init_noise not in INIT_NOISE_MODES:
-        raise ConfigError(f"schedule.init_noise must be one of {', '.join(INIT_NOISE_MODES)}, got '{init_noise}'")
+from framework.plugin import (
+    ConfigError, INIT_NOISE_MODES, check_init_noise, finish, hookimpl, init_noise_scale, sigma_range,
+)
 
 
 @dataclass

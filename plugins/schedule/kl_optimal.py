@@ -7,9 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from framework.core.markers import hookimpl
-from framework.maths.sigmas import sigma_range
-from plugins.schedule.exponential import check_init_noise, finish
+from framework.plugin import check_init_noise, finish, hookimpl, sigma_range
 
 
 @dataclass

@@ -7,10 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from framework.core.markers import hookimpl
-from framework.core.errors import ConfigError
-from framework.maths.sigmas import sigma_range
-from plugins.schedule.exponential import check_init_noise, finish
+from framework.plugin import ConfigError, check_init_noise, finish, hookimpl, sigma_range
 
 
 @dataclass

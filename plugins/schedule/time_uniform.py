@@ -12,11 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from framework.core.markers import hookimpl
-from framework.core.errors import ConfigError
-from framework.maths.sigmas import init_noise_scale, sigma_at_time
-from framework.core.state import Schedule
-from plugins.schedule.exponential import check_init_noise
+from framework.plugin import (
+    ConfigError, Schedule, check_init_noise, hookimpl, init_noise_scale, sigma_at_time,
+)
 
 
 @dataclass

@@ -13,10 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from framework.core.markers import hookimpl
-from framework.core.errors import ConfigError
-from framework.maths.sigmas import INIT_NOISE_MODES, init_noise_scale
-from framework.core.state import Schedule
+from framework.plugin import ConfigError, INIT_NOISE_MODES, Schedule, hookimpl, init_noise_scale
 
 SPACINGS = ("linspace", "leading", "trailing")
 

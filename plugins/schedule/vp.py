@@ -6,9 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from framework.core.markers import hookimpl
-from framework.core.errors import ConfigError
-from plugins.schedule.exponential import check_init_noise, finish
+from framework.plugin import ConfigError, check_init_noise, finish, hookimpl
 
 
 @dataclass

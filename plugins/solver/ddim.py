@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from framework.core.markers import hookimpl
-from framework.core.errors import ConfigError
-from framework.maths.sigmas import ancestral_split
+from framework.plugin import ConfigError, ancestral_split, hookimpl
 
 
 @dataclass

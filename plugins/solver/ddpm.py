@@ -11,8 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from framework.core.markers import hookimpl
-from framework.core.state import SamplerState
+from framework.plugin import SamplerState, hookimpl
 
 
 @dataclass

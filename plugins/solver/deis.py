@@ -12,10 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from framework.core.markers import hookimpl
-from framework.core.errors import ConfigError
-from framework.maths.sigmas import log_lagrange_integral_weights, multistep_order
-from framework.core.state import SamplerState
+from framework.plugin import (
+    ConfigError, SamplerState, hookimpl, log_lagrange_integral_weights, multistep_order,
+)
 
 
 @dataclass

@@ -52,9 +52,7 @@ from typing import Any
 
 import torch
 
-from framework.core.markers import hookimpl
-from framework.core.errors import ConfigError
-from framework.core.state import SamplerState, Schedule
+from framework.plugin import ConfigError, SamplerState, Schedule, hookimpl
 
 #: Stable Diffusion's scheduler config, used for models that bring none.
 SD_CONFIG: dict[str, Any] = dict(

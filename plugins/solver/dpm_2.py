@@ -8,9 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from framework.core.markers import hookimpl
-from framework.maths.sigmas import geometric_mean
-from framework.core.state import SamplerState
+from framework.plugin import SamplerState, geometric_mean, hookimpl
 
 
 @dataclass

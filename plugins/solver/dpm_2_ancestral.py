@@ -8,10 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from framework.core.markers import hookimpl
-from framework.bases.ancestral import Ancestral
-from framework.maths.sigmas import geometric_mean
-from framework.core.state import SamplerState
+from framework.plugin import Ancestral, SamplerState, geometric_mean, hookimpl
 
 
 @dataclass

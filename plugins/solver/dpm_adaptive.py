@@ -15,10 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from framework.core.markers import hookimpl
-from framework.core.errors import ConfigError
-from framework.maths.sigmas import lam
-from framework.core.state import SamplerState
+from framework.plugin import ConfigError, SamplerState, hookimpl, lam
 
 
 @dataclass

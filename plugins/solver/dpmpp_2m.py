@@ -11,9 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from framework.core.markers import hookimpl
-from framework.maths.sigmas import lam
-from framework.core.state import SamplerState
+from framework.plugin import SamplerState, hookimpl, lam
 
 
 @dataclass

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from framework.core.markers import hookimpl
-from framework.maths.sigmas import lam
+from framework.plugin import hookimpl, lam
 
 
 @dataclass

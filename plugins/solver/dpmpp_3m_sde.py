@@ -22,10 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from framework.core.markers import hookimpl
-from framework.core.errors import ConfigError
-from framework.maths.sigmas import lam, multistep_order
-from framework.core.state import SamplerState
+from framework.plugin import ConfigError, SamplerState, hookimpl, lam, multistep_order
 
 
 def _phis(a: float) -> tuple[float, float]:

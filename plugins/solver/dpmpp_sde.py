@@ -12,10 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from framework.core.markers import hookimpl
-from framework.core.errors import ConfigError
-from framework.maths.sigmas import ancestral_split
-from framework.core.state import SamplerState
+from framework.plugin import ConfigError, SamplerState, ancestral_split, hookimpl
 
 
 @dataclass

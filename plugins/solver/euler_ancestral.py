@@ -8,9 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from framework.core.markers import hookimpl
-from framework.bases.ancestral import Ancestral
-from framework.core.state import SamplerState
+from framework.plugin import Ancestral, SamplerState, hookimpl
 
 
 @dataclass

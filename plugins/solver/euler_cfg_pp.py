@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from framework.core.markers import hookimpl
+from framework.plugin import hookimpl
 
 
 @dataclass

@@ -10,10 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from framework.core.markers import hookimpl
-from framework.core.errors import ConfigError
-from framework.core.state import SamplerState
-from plugins.solver.plms import fixed_adams_bashforth
+from framework.plugin import ConfigError, SamplerState, fixed_adams_bashforth, hookimpl
 
 
 @dataclass

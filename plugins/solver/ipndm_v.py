@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from framework.core.errors import ConfigError
+from framework.plugin import ConfigError
 from plugins.solver.lms import LMS
 
 

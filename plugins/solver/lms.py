@@ -10,10 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from framework.core.markers import hookimpl
-from framework.core.errors import ConfigError
-from framework.maths.sigmas import lagrange_integral_weights
-from framework.core.state import SamplerState
+from framework.plugin import ConfigError, SamplerState, hookimpl, lagrange_integral_weights
 
 
 @dataclass

@@ -24,8 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from framework.core.markers import hookimpl
-from framework.core.errors import ConfigError
+from framework.plugin import ConfigError, hookimpl
 
 
 @dataclass

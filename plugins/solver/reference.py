@@ -14,9 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from framework.core.markers import hookimpl
-from framework.core.errors import ConfigError
-from framework.core.state import SamplerState
+from framework.plugin import ConfigError, SamplerState, hookimpl
 
 
 @dataclass

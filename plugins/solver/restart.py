@@ -13,9 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from framework.core.markers import hookimpl
-from framework.core.errors import ConfigError
-from framework.core.state import SamplerState
+from framework.plugin import ConfigError, SamplerState, hookimpl
 
 
 def heun(x: torch.Tensor, d: torch.Tensor, sigma: float, sigma_next: float, denoise) -> torch.Tensor:

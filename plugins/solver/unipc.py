@@ -16,10 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from framework.core.markers import hookimpl
-from framework.core.errors import ConfigError
-from framework.maths.sigmas import lam
-from framework.core.state import SamplerState, StepRecord
+from framework.plugin import ConfigError, SamplerState, StepRecord, hookimpl, lam
 
 
 @dataclass

@@ -1,0 +1,55 @@
+"""The public plugin API: everything a plugin needs, from one import.
+
+```python
+from framework.plugin import ConfigError, SamplerState, hookimpl
+```
+
+- the hook marker ``hookimpl`` (the hooks and their semantics: :mod:`framework.core.hookspecs`,
+  docs/hooks.md);
+- the state types the hooks receive and return (``Schedule``, ``Conditioning``, ``Prediction``,
+  ``SamplerState``, ``Batch``, ``StepRecord``, ``Run``, ``Result``);
+- errors (``ConfigError`` for a configuration that cannot run, with a one-line fix);
+- σ-space maths (λ = −log σ, ancestral split, multistep weights, schedule helpers);
+- base classes of the plugin families (momentum, CFG combiners, loss guidance, text edits,
+  ancestral solvers) and what metric and callback plugins share (distribution metrics, images,
+  atomic files, the bundled world).
+
+Built-in plugins import nothing else of the framework (import-linter checks it in CI).
+"""
+from framework import bundled
+from framework.bundled import world
+from framework.bases.ancestral import Ancestral
+from framework.bases.embeddings import (
+    EditPlugin, TextEmbeddings, apply_prompt_weights, load_embeddings, mix_outputs, mix_tokens, replace_token,
+    scale_positions,
+)
+from framework.bases.guidance import JudgeFeatures, UncondGuidance, gram, load_image, perceptual_distance, pixel_size
+from framework.bases.loss_guidance import LossGuidance
+from framework.bases.momentum import MomentumPlugin, past_derivative
+from framework.core.engine import NonFinite, Result, Run, describe
+from framework.core.errors import ConfigError, ModelNotFoundError, NumericalError, PluginError, SamplerlabError
+from framework.core.files import atomic_write_bytes, atomic_write_json
+from framework.core.markers import hookimpl
+from framework.core.state import Batch, Conditioning, Prediction, SamplerState, Schedule, StepRecord
+from framework.maths.multistep import fixed_adams_bashforth
+from framework.maths.schedules import check_init_noise, finish
+from framework.maths.sigmas import (
+    INIT_NOISE_MODES, ancestral_split, geometric_mean, init_noise_scale, lagrange_integral_weights, lam,
+    log_lagrange_integral_weights, loglinear_interp, multistep_order, sigma_at_time, sigma_range,
+)
+from framework.metrics.distribution import RealVsGenerated
+from framework.metrics.frechet import frechet_distance, moments
+from framework.runs.images import grid, png_bytes, to_pil
+
+__all__ = [
+    "Ancestral", "Batch", "ConfigError", "Conditioning", "EditPlugin", "INIT_NOISE_MODES", "JudgeFeatures",
+    "LossGuidance", "ModelNotFoundError", "MomentumPlugin", "NonFinite", "NumericalError", "PluginError",
+    "Prediction", "RealVsGenerated", "Result", "Run", "SamplerState", "SamplerlabError", "Schedule", "StepRecord",
+    "TextEmbeddings", "UncondGuidance", "ancestral_split", "apply_prompt_weights", "atomic_write_bytes",
+    "atomic_write_json", "bundled", "check_init_noise", "describe", "finish", "fixed_adams_bashforth",
+    "frechet_distance", "geometric_mean", "gram", "grid", "hookimpl", "init_noise_scale",
+    "lagrange_integral_weights", "lam", "load_embeddings", "load_image", "log_lagrange_integral_weights",
+    "loglinear_interp", "mix_outputs", "mix_tokens", "moments", "multistep_order", "past_derivative",
+    "perceptual_distance", "pixel_size", "png_bytes", "replace_token", "scale_positions", "sigma_at_time",
+    "sigma_range", "to_pil", "world",
+]
