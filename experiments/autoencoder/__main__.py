@@ -10,14 +10,13 @@ Latents are the model's scaled latents z = scaling_factor·mean(q(z|x)) — what
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
 
-from experiments.deep_dive_common import (compose_experiment, entry, load_model, pixel_size, psnr, pyplot, require_vae,
-                                          run_overrides, sample_photo, save_figure, show, world_scenes, write_record)
-from framework.core.errors import ConfigError
+from experiments.harness import (Study, entry, load_model, psnr, pyplot, require_vae, sample_photo, save_figure, show,
+                                 world_scenes)
+from framework.plugin import ConfigError, pixel_size
 
 HERE = Path(__file__).resolve().parent
 
@@ -26,7 +25,7 @@ def latents_figure(images, latents, recon, names, path, files) -> None:
     plt = pyplot()
     n, c = latents.shape[:2]
     fig, axes = plt.subplots(n, c + 2, figsize=(1.45 * (c + 2), 1.6 * n + 0.5), squeeze=False)
-    quality = psnr(recon, images)
+    quality = psnr(recon, images).tolist()
     lim = float(latents.abs().max())
     for r in range(n):
         show(axes[r, 0], images[r], f"input {tuple(images.shape[1:])}" if r == 0 else None)
@@ -92,18 +91,18 @@ def edits_figure(model, images, latents, interpolation, factor, path, files) -> 
     shifted = model.decode(torch.roll(z, 1, dims=2)[None]).cpu()[0]
     base = model.decode(z[None]).cpu()[0]
     inner = slice(factor * 2, -factor * 2)
-    return {"shift_psnr_vs_shifted_image": psnr(shifted[None, :, inner, inner], torch.roll(base, factor, dims=2)[None, :, inner, inner])[0],
-            "shift_psnr_vs_unshifted_image": psnr(shifted[None, :, inner, inner], base[None, :, inner, inner])[0]}
+    return {"shift_psnr_vs_shifted_image": float(psnr(shifted[None, :, inner, inner], torch.roll(base, factor, dims=2)[None, :, inner, inner])),
+            "shift_psnr_vs_unshifted_image": float(psnr(shifted[None, :, inner, inner], base[None, :, inner, inner]))}
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the experiment with Hydra-style overrides; returns its record (also written to ``out``)."""
-    t0 = time.perf_counter()
-    cfg, passed = compose_experiment(HERE, argv or [])
+    study = Study.compose(HERE, argv, passthrough=True)
+    cfg = study.cfg
     n_scenes = 2 if cfg.fast else cfg.scenes
     if n_scenes < 2 or cfg.interpolation < 2 or not cfg.noise_sigmas:
         raise ConfigError("autoencoder needs scenes ≥ 2, interpolation ≥ 2 and at least one noise σ")
-    model = load_model(run_overrides(cfg, passed))
+    model = load_model(study.run_overrides())
     require_vae(model, "experiments.autoencoder")
     size = pixel_size(model)
     factor = size[0] // model.latent_shape[1]
@@ -126,13 +125,13 @@ def main(argv: list[str] | None = None) -> dict:
         "downsampling_factor": factor,
         "compression_factor": pixels / values,
         "scaling_factor": getattr(model, "scaling_factor", None),
-        "psnr_db": dict(zip(names, psnr(recon, images))),
+        "psnr_db": dict(zip(names, psnr(recon, images).tolist())),
         "latent_mean_per_channel": lat.mean((0, 2, 3)).tolist(),
         "latent_std_per_channel": lat.std((0, 2, 3)).tolist(),
         "captions": captions,
         **shift,
     }
-    return write_record(out, "autoencoder", cfg, passed, results, files, time.perf_counter() - t0)
+    return study.record(out / "autoencoder.json", results, files)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from experiments.deep_dive_common import (compose_experiment, entry, load_model, pyplot, run_overrides, save_figure, show,
-                                          write_record)
+from experiments.harness import Study, entry, load_model, pyplot, save_figure, show
 from framework.entry.api import run as sample
-from framework.core.errors import ConfigError
+from framework.plugin import ConfigError
 
 HERE = Path(__file__).resolve().parent
 
@@ -96,8 +95,8 @@ def embeddings_figure(model, prompts: list[str], path: Path, files: list[str]) -
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the experiment with Hydra-style overrides; returns its record (also written to ``out``)."""
-    t0 = time.perf_counter()
-    cfg, passed = compose_experiment(HERE, argv or [])
+    study = Study.compose(HERE, argv, passthrough=True)
+    cfg = study.cfg
     sections = OmegaConf.to_container(cfg.sections)
     if not isinstance(sections, dict) or not all(isinstance(v, list) and all(isinstance(r, list) for r in v) for v in sections.values()):
         raise ConfigError("gallery.sections must map a name to a list of override lists, e.g. 'sections.x=[[solver=heun],[solver=euler]]'")
@@ -106,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
         if unknown:
             raise ConfigError(f"unknown gallery section(s) {', '.join(unknown)}: choose from {', '.join(sections)}")
         sections = {k: v for k, v in sections.items() if k in cfg.only}
-    base = run_overrides(cfg, passed)
+    base = study.run_overrides()
     out, folder = Path(cfg.out), Path(cfg.runs)
     files: list[str] = []
     results: dict[str, list[dict]] = {}
@@ -132,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not hasattr(model, "text_encoder"):
             raise ConfigError("gallery's embedding figure needs a text-conditioned model; set embedding_prompts=[] to skip it")
         results["text_embeddings"] = embeddings_figure(model, list(cfg.embedding_prompts), out / "gallery_text_embeddings.png", files)
-    return write_record(out, "gallery", cfg, passed, results, files, time.perf_counter() - t0)
+    return study.record(out / "gallery.json", results, files)
 
 
 if __name__ == "__main__":

@@ -10,16 +10,14 @@ Each strength is an ordinary samplerlab run with the img2img plugin (plugins/gui
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
 
-from experiments.deep_dive_common import (compose_experiment, entry, load_model, pixel_size, psnr, pyplot, require_vae,
-                                          run_overrides, sample_photo, save_figure, save_png, show, world_scenes,
-                                          write_record)
+from experiments.harness import (Study, entry, load_model, psnr, pyplot, require_vae, sample_photo, save_figure, save_png,
+                                 show, world_scenes)
 from framework.entry.api import run as sample
-from framework.core.errors import ConfigError
+from framework.plugin import ConfigError, load_image, pixel_size
 
 HERE = Path(__file__).resolve().parent
 
@@ -31,25 +29,22 @@ def source_image(cfg, size: tuple[int, int]) -> tuple[torch.Tensor, str]:
         return img, captions[0]
     if cfg.source == "photo":
         return sample_photo(size), "china.jpg"
-    from plugins.guidance.img2img import load_image
-
-    return load_image(str(cfg.source), size), Path(cfg.source).name
+    return load_image(str(cfg.source), size, "source"), Path(cfg.source).name
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the experiment with Hydra-style overrides; returns its record (also written to ``out``)."""
-    t0 = time.perf_counter()
-    cfg, passed = compose_experiment(HERE, argv or [])
+    study = Study.compose(HERE, argv, passthrough=True)
+    cfg = study.cfg
     strengths = [float(s) for s in cfg.strengths]
     if not strengths or any(not 0 < s <= 1 for s in strengths):
         raise ConfigError(f"img2img strengths must be in (0, 1], got {strengths}")
-    base = run_overrides(cfg, passed)
+    base = study.run_overrides()
     model = load_model(base)
     require_vae(model, "experiments.img2img")
     source, label = source_image(cfg, pixel_size(model))
     folder, out = Path(cfg.runs), Path(cfg.out)
-    runs_files: list[str] = []
-    save_png(source[0], folder / "source.png", runs_files)
+    save_png(source[0], folder / "source.png")
     results, images = [], []
     for s in strengths:
         res = sample(base + [f"guidance.img2img.image={(folder / 'source.png').resolve()}", f"guidance.img2img.strength={s}"],
@@ -58,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
         images.append(imgs)
         results.append({"strength": s, "nfe": res.record["metrics"]["nfe"], "steps_sampled": res.schedule.steps,
                         "sigma_start": res.schedule.sigmas[0], "run_key": res.record["run_key"],
-                        "psnr_to_source_db": psnr(imgs, source.expand_as(imgs))})
+                        "psnr_to_source_db": psnr(imgs, source.expand_as(imgs)).tolist()})
     prompt = res.record["config"]["prompts"][0]
     plt = pyplot()
     n = images[0].shape[0]
@@ -73,8 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     fig.tight_layout()
     files: list[str] = []
     save_figure(fig, out / "img2img_strengths.png", files)
-    return write_record(out, "img2img", cfg, passed, {"source": label, "prompt": prompt, "runs": results}, files,
-                        time.perf_counter() - t0)
+    return study.record(out / "img2img.json", {"source": label, "prompt": prompt, "runs": results}, files)
 
 
 if __name__ == "__main__":

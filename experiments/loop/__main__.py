@@ -10,14 +10,15 @@ decodes each step's input x_t and predicted x₀ and writes ``preview.png``/``pr
 """
 from __future__ import annotations
 
-import time
+import io
 from pathlib import Path
 
 import torch
 
-from experiments.deep_dive_common import compose_experiment, entry, pyplot, run_overrides, save_figure, show, write_record
+from experiments.harness import Study, entry, pyplot, save_figure, show
+from framework.core.files import atomic_write_bytes
 from framework.entry.api import run as sample
-from framework.core.errors import ConfigError
+from framework.plugin import ConfigError, to_pil
 from plugins.callback.preview import read_tiles
 
 HERE = Path(__file__).resolve().parent
@@ -71,9 +72,6 @@ def gif(x0: torch.Tensor, xt: torch.Tensor, meta: dict, record: dict, scale: int
     """One frame per recorded step: a row per sample, [x_t | predicted x₀], with σ, NFE, guidance."""
     from PIL import Image, ImageDraw
 
-    from framework.runs.images import to_pil
-    from framework.core.files import atomic_write_bytes
-
     rows, cols, _, h, w = x0.shape
     th, tw, gap, head = h * scale, w * scale, 6, 44
     width = max(2 * tw + 3 * gap, 330)
@@ -93,8 +91,6 @@ def gif(x0: torch.Tensor, xt: torch.Tensor, meta: dict, record: dict, scale: int
             frame.paste(to_pil(x0[r, c]).resize((tw, th), Image.Resampling.NEAREST), (2 * gap + tw, y))
         frames.append(frame)
     durations = [frame_ms] * (cols - 1) + [frame_ms * 6]
-    import io
-
     buf = io.BytesIO()
     frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0)
     atomic_write_bytes(path, buf.getvalue())
@@ -103,12 +99,12 @@ def gif(x0: torch.Tensor, xt: torch.Tensor, meta: dict, record: dict, scale: int
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the experiment with Hydra-style overrides; returns its record (also written to ``out``)."""
-    t0 = time.perf_counter()
-    cfg, passed = compose_experiment(HERE, argv or [])
+    study = Study.compose(HERE, argv, passthrough=True)
+    cfg = study.cfg
     if cfg.samples < 1 or cfg.strip_columns < 2 or cfg.gif_scale < 1:
         raise ConfigError("loop needs samples ≥ 1, strip_columns ≥ 2 and gif_scale ≥ 1")
     out, folder = Path(cfg.out), Path(cfg.runs)
-    result = sample(run_overrides(cfg, passed), output_dir=folder)
+    result = sample(study.run_overrides(), output_dir=folder)
     x0, meta = read_tiles(folder, "preview.png")
     xt, _ = read_tiles(folder, "preview_xt.png")
     files: list[str] = []
@@ -124,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
         "columns": meta["columns"],
         "last_column_vs_final_max_abs": float((x0[:, -1] - result.images[: x0.shape[0]].cpu()).abs().max()),
     }
-    return write_record(out, "loop", cfg, passed, results, files, time.perf_counter() - t0)
+    return study.record(out / "loop.json", results, files)
 
 
 if __name__ == "__main__":

@@ -11,27 +11,21 @@ run (``schedule=…``, default karras) takes the user's parameter overrides.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
-from experiments.deep_dive_common import (compose_experiment, entry, pixel_size, pyplot, require_vae, run_overrides,
-                                          save_figure, show, world_scenes, write_record)
-from framework.core.errors import ConfigError
-from framework.core.registry import CONF_DIR, available, entry_point_confs, instantiate
+from experiments.harness import (Study, entry, instantiate, load_run, pyplot, require_vae, save_figure, schedule_plugins,
+                                 show, world_scenes)
+from framework.entry.compose import compose
+from framework.plugin import ConfigError, pixel_size
 
 HERE = Path(__file__).resolve().parent
 
 
 def schedule_node(name: str):
-    """The YAML of schedule plugin ``name`` (built-in or from an entry-point distribution)."""
-    for folder in [CONF_DIR] + [ext.path for ext in entry_point_confs()]:
-        path = folder / "schedule" / f"{name}.yaml"
-        if path.is_file():
-            return OmegaConf.load(path)
-    raise ConfigError(f"unknown schedule '{name}': choose from {', '.join(available('schedule'))}")
+    """The config node of schedule plugin ``name`` with its defaults (built in or installed)."""
+    return compose([f"schedule={name}"])[0].schedule
 
 
 def grids(model, plugins: dict[str, object], step_counts: list[int]) -> tuple[dict, dict]:
@@ -114,21 +108,15 @@ def noising_figure(model, schedule, steps: list[int], seed: int, path: Path, fil
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the experiment with Hydra-style overrides; returns its record (also written to ``out``)."""
-    from framework.entry.compose import compose
-    from framework.core.engine import DTYPES, read_settings, resolve_device
-    from framework.models.base import wrap_model
-
-    t0 = time.perf_counter()
-    cfg, passed = compose_experiment(HERE, argv or [])
-    run_cfg, choices = compose(run_overrides(cfg, passed))
-    settings = read_settings(run_cfg)
-    model = wrap_model(instantiate(run_cfg.model, f"model={choices.get('model', 'custom')}"))
-    model.setup(resolve_device(settings.device), DTYPES[settings.dtype])
+    study = Study.compose(HERE, argv, passthrough=True)
+    cfg = study.cfg
+    loaded = load_run(study.run_overrides())
+    run_cfg, choices, model = loaded.cfg, loaded.choices, loaded.model
     require_vae(model, "experiments.schedule")
     if run_cfg.get("schedule") is None:
         raise ConfigError("experiments.schedule needs a schedule plugin (a solver that owns its grid has none to show)")
     chosen = choices.get("schedule", "")
-    names = list(available("schedule")) if cfg.schedules == "all" else list(cfg.schedules)
+    names = schedule_plugins() if cfg.schedules == "all" else list(cfg.schedules)
     plugins = {name: instantiate(run_cfg.schedule if name == chosen else schedule_node(name), f"schedule={name}")
                for name in names}
     step_counts = [int(n) for n in cfg.step_counts]
@@ -138,11 +126,11 @@ def main(argv: list[str] | None = None) -> dict:
         table, skipped = grids(model, plugins, step_counts)
         model_name = choices.get("model", "model")
         grid_figure(table, step_counts, model_name, out / "schedule_sigmas.png", files)
-        run_schedule = instantiate(run_cfg.schedule, f"schedule={chosen}").schedule(model=model, steps=settings.steps)
+        run_schedule = instantiate(run_cfg.schedule, f"schedule={chosen}").schedule(model=model, steps=loaded.steps)
         noised = noising_figure(model, run_schedule, [int(i) for i in cfg.noised_steps], cfg.seed,
                                 out / "schedule_noising.png", files)
-    results = {"schedules": table, "skipped": skipped, "run_schedule": chosen, "run_steps": settings.steps, "noised": noised}
-    return write_record(out, "schedule", cfg, passed, results, files, time.perf_counter() - t0)
+    results = {"schedules": table, "skipped": skipped, "run_schedule": chosen, "run_steps": loaded.steps, "noised": noised}
+    return study.record(out / "schedule.json", results, files)
 
 
 if __name__ == "__main__":
