@@ -54,12 +54,14 @@ class Study:
     started: float = field(default_factory=time.perf_counter)
 
     @classmethod
-    def compose(cls, folder: Path, argv: Sequence[str] | None, passthrough: bool = False) -> Study:
-        """``folder/<config>.yaml`` with the overrides of ``argv`` applied (``--config-name X``
-        picks ``X.yaml``); with ``fast=true`` the study's ``fast_run`` list narrows its own keys too."""
+    def compose(cls, folder: Path, argv: Sequence[str] | None, passthrough: bool = False,
+                config_name: str = "config") -> Study:
+        """``folder/<config_name>.yaml`` with the overrides of ``argv`` applied (``--config-name X``
+        in ``argv`` picks ``X.yaml``); with ``fast=true`` the study's ``fast_run`` list narrows its
+        own keys too."""
         if isinstance(argv, str):
             raise TypeError("argv must be a list of overrides, e.g. ['fast=true']")
-        config_name, overrides = _config_name(list(argv or []))
+        config_name, overrides = _config_name(list(argv or []), config_name)
         hydra_keys = [o for o in overrides if o.lstrip("+~").startswith("hydra.")]
         if hydra_keys:
             raise ConfigError(f"{hydra_keys[0]}: studies take no hydra.* keys; the run folder is runs=<folder>")
@@ -120,9 +122,9 @@ def entry(main: Callable[[list[str]], Any]) -> None:
     print(f"done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
 
-def _config_name(argv: list[str]) -> tuple[str, list[str]]:
-    """(the config picked by ``--config-name X`` / ``-cn X``, default ``config``; the overrides)."""
-    name, rest, args = "config", [], iter(argv)
+def _config_name(argv: list[str], name: str) -> tuple[str, list[str]]:
+    """(the config picked by ``--config-name X`` / ``-cn X``, else ``name``; the overrides)."""
+    rest, args = [], iter(argv)
     for arg in args:
         if arg in ("--config-name", "-cn"):
             name = next(args, "")
@@ -287,6 +289,11 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int, scale: int = 1, pad: 
     img = to_pil(grid(images, nrow=nrow, pad=pad))
     if scale != 1:
         img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
+    save_pil(img, path, files)
+
+
+def save_pil(img, path: Path, files: list[str] | None = None) -> None:
+    """A PIL image as PNG, written atomically; its name goes to ``files``."""
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())

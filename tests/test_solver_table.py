@@ -2,29 +2,31 @@
 that starts from the same x_T, errors that fall with NFE for a convergent solver."""
 from __future__ import annotations
 
-from pathlib import Path
-
-from omegaconf import OmegaConf
+import json
 
 import experiments.solver_table.__main__ as table_mod
 
 
 def test_solver_table_fast(tmp_path):
-    cfg = OmegaConf.load(Path(table_mod.__file__).with_name("config.yaml"))
-    cfg.fast, cfg.out, cfg.models = True, str(tmp_path / "docs"), ["mixture"]
-    cfg.nfe = [10, 20]
-    del cfg["hydra"]
-    results = table_mod.study(cfg, tmp_path / "run")
+    docs, runs = tmp_path / "docs", tmp_path / "run"
+    argv = ["fast=true", f"out={docs}", "models=[mixture]", "nfe=[10,20]", f"runs={runs}"]
+    record = table_mod.main(argv)
+    results = record["results"]
     rows = results["mixture"]["karras"]
     euler, heun = rows["euler"], rows["heun"]
     assert [c["nfe"] for c in euler] == [10, 20]
     assert all(c["nfe"] <= 20 for c in heun) and heun[-1]["nfe"] >= 19  # largest step count that fits
     assert euler[1]["error"] < euler[0]["error"] / 1.5  # first order: ~2× smaller at twice the NFE
     assert heun[-1]["error"] < heun[0]["error"] / 2  # second order: ~4× smaller at twice the NFE
-    table_mod.write(results, cfg, Path(cfg.out))
-    text = (tmp_path / "docs" / "solver_table.md").read_text()
+    text = (docs / "solver_table.md").read_text()
     assert "| euler |" in text and "schedule=karras" in text
-    assert (tmp_path / "docs" / "solver_table_mixture.png").stat().st_size > 1000
+    assert (docs / "solver_table_mixture.png").stat().st_size > 1000
+    assert set(record["files"]) == {"solver_table.md", "solver_table_mixture.png"}
+    # the docs again from the record, without sampling: the same table
+    (docs / "solver_table.md").unlink()
+    table_mod.main(argv[:-1] + [f"from_results=[{runs / 'record.json'}]", f"runs={tmp_path / 'again'}"])
+    assert (docs / "solver_table.md").read_text() == text
+    assert json.loads((tmp_path / "again" / "record.json").read_text())["results"] == json.loads(json.dumps(results))
 
 
 def test_reference_final_denoise_matches_fixed_step_convention(tmp_path):

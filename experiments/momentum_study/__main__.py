@@ -7,19 +7,21 @@
     python -m experiments.momentum_study --config-name bundled from_results=<run folder>/results.json  # or [a,b]
 
 Each grid point is an ordinary samplerlab run (framework.entry.api.run, float64, exact/reference error);
-the table and plot are written to ``out`` and every run's record to the Hydra run folder.
+the table and plot are written to ``out``, every run's folder and the study's record to ``runs``.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from framework.entry.api import run
+from experiments.harness import Study, entry, pyplot, save_figure, save_text
 from framework.core.files import atomic_write_json
+from framework.entry.api import run
+
+HERE = Path(__file__).resolve().parent
 
 
 def study(cfg: DictConfig, folder: Path) -> dict[str, dict[int, dict[str, float]]]:
@@ -39,13 +41,10 @@ def study(cfg: DictConfig, folder: Path) -> dict[str, dict[int, dict[str, float]
     return table
 
 
-def write(table, cfg: DictConfig, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
+def write(table, cfg: DictConfig, out: Path) -> list[str]:
+    """The table (markdown) and the plot; returns the names of the files written."""
+    plt = pyplot()
+    files: list[str] = []
     steps = sorted({s for row in table.values() for s in row})
     lines = [f"Error to the reference solution (RMSE) on `model={cfg.model}` (float64), base `solver={cfg.solver}`, "
              f"karras grid; columns are steps (NFE = steps for every method here).", "",
@@ -60,16 +59,17 @@ def write(table, cfg: DictConfig, out: Path) -> None:
     ax.legend(fontsize=7, ncol=2)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / f"momentum_{cfg.model}.png", dpi=120)
-    (out / f"momentum_{cfg.model}_table.md").write_text("\n".join(lines) + "\n")
+    save_figure(fig, out / f"momentum_{cfg.model}.png", files, dpi=120)
+    save_text("\n".join(lines) + "\n", out / f"momentum_{cfg.model}_table.md", files)
+    return files
 
 
-@hydra.main(config_path=".", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-
-    folder = Path(HydraConfig.get().runtime.output_dir)
-    if "cfg_scales" in cfg:  # the bundled-model half
+def main(argv: list[str] | None = None) -> dict:
+    """Run the study (config.yaml: the mixture half; ``--config-name bundled``: the image half);
+    returns its record, also written to ``<runs>/record.json``."""
+    st = Study.compose(HERE, argv)
+    cfg, folder, out = st.cfg, Path(st.cfg.runs), Path(st.cfg.out)
+    if "cfg_scales" in cfg:  # the bundled-model half (bundled.yaml)
         from experiments.momentum_study import images
 
         if cfg.get("from_results"):  # tables and plot from finished or interrupted studies' results.json
@@ -79,16 +79,14 @@ def main(cfg: DictConfig) -> None:
         else:
             results = images.study(cfg, folder)
         atomic_write_json(folder / "results.json", results)
-        images.write(results, cfg, Path(cfg.out))
-        images.sample_grid(cfg, Path(cfg.out))
+        files = images.write(results, cfg, out) + images.sample_grid(cfg, out)
         print(f"results: {folder / 'results.json'}")
-        return
+        return st.record(folder / "record.json", results, files)
     table = study(cfg, folder)
-    write(table, cfg, Path(cfg.out))
-    atomic_write_json(folder / "record.json", {"experiment": "momentum_study", "config": OmegaConf.to_container(cfg),
-                                               "results": table})
+    files = write(table, cfg, out)
     print(json.dumps({k: {s: v["rmse_to_reference"] for s, v in row.items()} for k, row in table.items()}, indent=1))
+    return st.record(folder / "record.json", table, files)
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

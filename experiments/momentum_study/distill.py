@@ -15,25 +15,16 @@ among all samples (real scenes: all pairs only; their captions are random).
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
+from experiments.harness import Study, entry, save_text
 from framework.entry.api import run
 from framework.models.analytic import Mixture
 
-DEFAULTS = {"fast": False, "out": "docs", "steps": 20, "mixture_samples": 1024, "bundled_samples": 64, "cfg_scale": 5.0,
-            "threads": 1}
-#: name: overrides (after solver choice); the ODE baseline first
-METHODS = {
-    "euler (ODE)": ["solver=euler"],
-    "distill sgd lr 1": ["solver=optimize", "solver.mode=distill"],
-    "distill sgd lr 0.5": ["solver=optimize", "solver.mode=distill", "solver.lr=0.5"],
-    "distill adam lr 0.1, w=1/σ": ["solver=optimize", "solver.mode=distill", "solver.optimizer=adam", "solver.lr=0.1",
-                                   "solver.weight_power=-1"],
-}
+HERE = Path(__file__).resolve().parent
 
 
 def mixture_stats(model: Mixture, x: torch.Tensor) -> dict[str, float]:
@@ -62,21 +53,24 @@ def diversity(images: torch.Tensor, prompts: list[str], features: torch.nn.Modul
     return float(torch.stack(dists).mean())
 
 
-def main(argv: list[str]) -> str:
-    cfg = OmegaConf.merge(OmegaConf.create(DEFAULTS), OmegaConf.from_dotlist(argv))
+def main(argv: list[str] | None = None) -> dict:
+    """Write the table (``<out>/momentum_distill_table.md``); returns the record (``<runs>/record.json``)."""
+    st = Study.compose(HERE, argv, config_name="distill")
+    cfg = st.cfg
+    methods = OmegaConf.to_container(cfg.methods)
     torch.set_num_threads(int(cfg.threads))
     n_mix, n_img, steps = (64, 4, 5) if cfg.fast else (cfg.mixture_samples, cfg.bundled_samples, cfg.steps)
     model = Mixture()
     lines = [f"**Mixture** (`model=mixture`, float64, {n_mix} samples, {steps} iterations/steps, karras grid; "
              "NFE = steps for every row)", "", "| method | NFE | NLL | spread | TV |", "| --- | --- | --- | --- | --- |"]
     data = model.sample_data(n_mix, torch.Generator().manual_seed(0))
-    st = mixture_stats(model, data)
-    lines.append(f"| true samples | — | {st['nll']:.2f} | {st['spread']:.2f} | {st['tv']:.3f} |")
-    base = ["model=mixture", "dtype=float64", f"num_samples={n_mix}", f"batch_size={n_mix}", f"steps={steps}"]
-    for name, extra in METHODS.items():
-        res = run(base + extra)
-        st = mixture_stats(model, res.latents)
-        lines.append(f"| {name} | {res.record['metrics']['nfe']:.0f} | {st['nll']:.2f} | {st['spread']:.2f} | {st['tv']:.3f} |")
+    results: dict[str, dict] = {"mixture": {"true samples": mixture_stats(model, data)}, "bundled": {}}
+    for name, extra in methods.items():
+        res = run(["model=mixture", "dtype=float64", f"num_samples={n_mix}", f"batch_size={n_mix}", f"steps={steps}"] + extra)
+        results["mixture"][name] = {"nfe": res.record["metrics"]["nfe"], **mixture_stats(model, res.latents)}
+    for name, s in results["mixture"].items():
+        nfe = f"{s['nfe']:.0f}" if "nfe" in s else "—"
+        lines.append(f"| {name} | {nfe} | {s['nll']:.2f} | {s['spread']:.2f} | {s['tv']:.3f} |")
 
     from framework.bundled.world import sample_scenes
     from framework.metrics.clip_features import BundledCLIPFeatures
@@ -93,19 +87,22 @@ def main(argv: list[str]) -> str:
                  f"{diversity(real, ['all'] * n_img, features):.3f} |")
     base = ["model=bundled", f"num_samples={n_img}", f"batch_size={n_img}", f"steps={steps}", f"cfg_scale={cfg.cfg_scale}",
             "callback=[]", "metrics=[fid,clip_score]", "save_images=false"]
-    for name, extra in METHODS.items():
+    for name, extra in methods.items():
         res = run(base + extra)
         m = res.record["metrics"]
         prompts = [str(k % 4) for k in range(n_img)]  # the engine gives sample k the default prompt k mod 4
-        lines.append(f"| {name} | {m['nfe']:.0f} | {m['fid']:.3f} | {m['clip_score']:.2f} | "
-                     f"{clipped_fraction(res.images):.3f} | {diversity(res.images, prompts, features):.3f} | "
-                     f"{diversity(res.images, ['all'] * n_img, features):.3f} |")
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+        row = results["bundled"][name] = {
+            "nfe": m["nfe"], "fid": m["fid"], "clip_score": m["clip_score"], "clipped": clipped_fraction(res.images),
+            "diversity_same_prompt": diversity(res.images, prompts, features),
+            "diversity_all_pairs": diversity(res.images, ["all"] * n_img, features)}
+        lines.append(f"| {name} | {row['nfe']:.0f} | {row['fid']:.3f} | {row['clip_score']:.2f} | {row['clipped']:.3f} | "
+                     f"{row['diversity_same_prompt']:.3f} | {row['diversity_all_pairs']:.3f} |")
     text = "\n".join(lines) + "\n"
-    (out / "momentum_distill_table.md").write_text(text)
-    return text
+    files: list[str] = []
+    save_text(text, Path(cfg.out) / "momentum_distill_table.md", files)
+    print(text)
+    return st.record(Path(cfg.runs) / "record.json", results, files)
 
 
 if __name__ == "__main__":
-    print(main(sys.argv[1:]))
+    entry(main)

@@ -22,8 +22,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from framework.entry.api import run
+from experiments.harness import pyplot, save_figure, save_pil, save_text
 from framework.core.files import atomic_write_json
+from framework.entry.api import run
+from framework.plugin import grid, to_pil
 
 
 def model_version() -> dict[str, str]:
@@ -121,14 +123,11 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
-def write(results: dict[str, Any], cfg: DictConfig, out: Path) -> None:
-    """Tables (markdown) and a plot (FID and CLIP score vs NFE, one column per CFG scale)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
+def write(results: dict[str, Any], cfg: DictConfig, out: Path) -> list[str]:
+    """Tables (markdown) and a plot (FID and CLIP score vs NFE, one column per CFG scale); returns
+    the names of the files written."""
+    plt = pyplot()
+    files: list[str] = []
     runs = [r for r in results["runs"] if r["seed"] == cfg.seed]
     floor_runs = [r for r in results["runs"] if r["seed"] != cfg.seed]
     present = list(dict.fromkeys(r["method"] for r in runs))
@@ -191,15 +190,14 @@ def write(results: dict[str, Any], cfg: DictConfig, out: Path) -> None:
             ax.grid(True, alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "momentum_bundled.png", dpi=110)
-    plt.close(fig)
-    (out / "momentum_bundled_table.md").write_text("\n".join(lines))
+    save_figure(fig, out / "momentum_bundled.png", files)
+    save_text("\n".join(lines), out / "momentum_bundled_table.md", files)
+    return files
 
 
-def sample_grid(cfg: DictConfig, out: Path) -> None:
+def sample_grid(cfg: DictConfig, out: Path) -> list[str]:
     """A picture of what the tables measure: one row of ``grid.num_samples`` images per entry of
     ``grid.rows`` (label: overrides), same seed and noise in every row."""
-    import numpy as np
     from PIL import Image, ImageDraw
 
     torch.set_num_threads(int(cfg.threads))
@@ -210,15 +208,16 @@ def sample_grid(cfg: DictConfig, out: Path) -> None:
     rows, labels = [], []
     for label, extra in entries:
         res = run(["model=bundled", f"solver={cfg.solver}", f"steps={g.steps}", f"num_samples={n}", f"batch_size={n}", "callback=[]", "save_images=false", f"seed={cfg.seed}"] + list(extra))
-        rows.append(torch.cat(list(res.images.float().cpu()), 2))
+        rows.append(res.images.float().cpu())
         labels.append(str(label))
-    pixels = (torch.cat(rows, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    h = pixels.shape[0] // len(rows)
-    img = Image.fromarray(pixels).resize((pixels.shape[1] * 2, pixels.shape[0] * 2), Image.Resampling.NEAREST)
+    h = rows[0].shape[-2]
+    img = to_pil(grid(torch.cat(rows), nrow=n, pad=0))
+    img = img.resize((img.width * 2, img.height * 2), Image.Resampling.NEAREST)
     canvas = Image.new("RGB", (img.width + 220, img.height), "white")
     canvas.paste(img, (220, 0))
     draw = ImageDraw.Draw(canvas)
     for i, label in enumerate(labels):
         draw.text((6, i * 2 * h + h - 6), label, fill="black")
-    out.mkdir(parents=True, exist_ok=True)
-    canvas.save(out / "momentum_bundled_samples.png")
+    files: list[str] = []
+    save_pil(canvas, out / "momentum_bundled_samples.png", files)
+    return files

@@ -2,7 +2,7 @@
 
     python -m experiments.solver_table                   # writes docs/solver_table.md + plots
     python -m experiments.solver_table fast=true out=/tmp/x
-    python -m experiments.solver_table hydra.run.dir=<earlier run folder>   # resumes: finished runs are read back
+    python -m experiments.solver_table runs=<earlier run folder>   # resumes: finished runs are read back
     python -m experiments.solver_table from_results=[a/record.json,b/record.json]   # tables from earlier runs
 
 For each model, schedule and NFE budget, every solver runs as an ordinary samplerlab run
@@ -21,15 +21,16 @@ import json
 import math
 from pathlib import Path
 
-import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
+from experiments.harness import Study, entry, instantiate, pyplot, save_figure, save_text
 from framework.entry.api import run
-from framework.core.errors import ConfigError
-from framework.core.files import atomic_write_bytes, atomic_write_json
-from framework.core.registry import CONF_DIR
+from framework.entry.compose import compose
+from framework.plugin import ConfigError
+
+HERE = Path(__file__).resolve().parent
 
 
 class WithoutExactSolution:
@@ -54,11 +55,8 @@ class Table:
                      "callback=[]", "save_images=false"]
         self.model_object = None
         if model in ("mixture", "gaussian"):
-            from hydra.utils import instantiate
-
             self.base.append("guidance=[]")
-            conf = OmegaConf.load(CONF_DIR / "model" / f"{model}.yaml")
-            self.model_object = WithoutExactSolution(instantiate(conf))
+            self.model_object = WithoutExactSolution(instantiate(compose([f"model={model}"])[0].model, f"model={model}"))
         self.refs: dict[tuple, torch.Tensor] = {}
         self.ref_nfe: dict[tuple, float] = {}
 
@@ -127,12 +125,10 @@ def at_budget(cells: list[dict], budget: float) -> dict | None:
     return max(fits, key=lambda c: c["nfe"]) if fits else None
 
 
-def write(results: dict, cfg: DictConfig, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def write(results: dict, cfg: DictConfig, out: Path) -> list[str]:
+    """docs/solver_table.md and a plot per model; returns the names of the files written."""
+    plt = pyplot()
+    files: list[str] = []
     stochastic = set(cfg.stochastic)
     budgets = list(cfg.nfe)[:2] if cfg.fast else list(cfg.nfe)
     lines = ["<!-- made by: python -m experiments.solver_table (do not edit by hand) -->", ""]
@@ -171,31 +167,28 @@ def write(results: dict, cfg: DictConfig, out: Path) -> None:
             ax.grid(True, which="both", alpha=0.3)
         axes[0][-1].legend(fontsize=6, ncol=2, loc="lower left")
         fig.tight_layout()
-        out.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out / f"solver_table_{model}.png", dpi=100)
-        plt.close(fig)
+        save_figure(fig, out / f"solver_table_{model}.png", files, dpi=100)
         lines += [f"![error vs NFE on {model}](solver_table_{model}.png)", ""]
-    atomic_write_bytes(out / "solver_table.md", ("\n".join(lines) + "\n").encode())
+    save_text("\n".join(lines) + "\n", out / "solver_table.md", files)
+    return files
 
 
-@hydra.main(config_path=".", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-
-    folder = Path(HydraConfig.get().runtime.output_dir)
+def main(argv: list[str] | None = None) -> dict:
+    """Run the study (or, with ``from_results``, rewrite the docs from earlier records); returns its
+    record, also written to ``<runs>/record.json``."""
+    st = Study.compose(HERE, argv)
+    cfg = st.cfg
     if cfg.from_results:  # rewrite the tables and plots from earlier records, without sampling
-        results = {}
+        results: dict = {}
         for path in cfg.from_results:
             for model, by_schedule in json.loads(Path(path).read_text())["results"].items():
                 results.setdefault(model, {}).update(by_schedule)
-        write(results, cfg, Path(cfg.out))
-        return
-    results = study(cfg, folder)
-    atomic_write_json(folder / "record.json", {"experiment": "solver_table", "config": OmegaConf.to_container(cfg),
-                                               "results": results})
-    write(results, cfg, Path(cfg.out))
-    print(json.dumps({m: {s: len(r) for s, r in v.items()} for m, v in results.items()}))
+    else:
+        results = study(cfg, Path(cfg.runs))
+        print(json.dumps({m: {s: len(r) for s, r in v.items()} for m, v in results.items()}))
+    files = write(results, cfg, Path(cfg.out))
+    return st.record(Path(cfg.runs) / "record.json", results, files)
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)
