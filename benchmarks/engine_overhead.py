@@ -24,7 +24,7 @@ from diffusers import EulerDiscreteScheduler
 
 from framework.entry.api import run
 from framework.entry.compose import compose
-from framework.core.engine import execute
+from framework.runs.execute import execute
 from framework.testing import diffusers_loop
 
 
@@ -48,9 +48,10 @@ def main() -> None:
                  "prompts=[a red circle]", "device=cpu"]
     cfg, choices = compose(overrides)
     first = execute(cfg, choices)  # warm-up; then the same pipeline object serves both sides
-    from framework.core.registry import build_plugins
+    from framework.core.registry import instantiate
+    from framework.models.base import wrap_model
 
-    adapter = build_plugins(cfg, choices).by_group("model")[0].obj
+    adapter = wrap_model(instantiate(cfg.model, "model"))
     pipe = adapter.pipe
     x_T = first.x_T
     prompts = ["a red circle"] * args.batch

@@ -207,7 +207,7 @@ class Engine:
 
     def __call__(self, ov: list[str]) -> Any:
         from framework.entry.compose import compose
-        from framework.core.engine import execute
+        from framework.runs.execute import execute
 
         key = tuple(ov)
         if key not in self._cfgs:

@@ -26,11 +26,15 @@ from framework.bases.embeddings import (
 from framework.bases.guidance import JudgeFeatures, UncondGuidance, gram, load_image, perceptual_distance, pixel_size
 from framework.bases.loss_guidance import LossGuidance
 from framework.bases.momentum import MomentumPlugin, past_derivative
-from framework.core.engine import NonFinite, Result, Run, describe
+from framework.bases.options import BH, ApplyTo, InitNoise, SolverType
+from framework.core.finite import NonFinite, describe
+from framework.core.run import Result, Run
 from framework.core.errors import ConfigError, ModelNotFoundError, NumericalError, PluginError, SamplerlabError
 from framework.core.files import atomic_write_bytes, atomic_write_json
 from framework.core.markers import hookimpl
-from framework.core.state import Batch, Conditioning, Prediction, SamplerState, Schedule, StepRecord
+from framework.core.settings import Choice
+from framework.core.state import Batch, Conditioning, Prediction, Schedule, StepRecord
+from framework.core.step import SamplerState
 from framework.maths.multistep import fixed_adams_bashforth
 from framework.maths.schedules import check_init_noise, finish
 from framework.maths.sigmas import (
@@ -42,14 +46,14 @@ from framework.metrics.frechet import frechet_distance, moments
 from framework.runs.images import grid, png_bytes, to_pil
 
 __all__ = [
-    "Ancestral", "Batch", "ConfigError", "Conditioning", "EditPlugin", "INIT_NOISE_MODES", "JudgeFeatures",
-    "LossGuidance", "ModelNotFoundError", "MomentumPlugin", "NonFinite", "NumericalError", "PluginError",
-    "Prediction", "RealVsGenerated", "Result", "Run", "SamplerState", "SamplerlabError", "Schedule", "StepRecord",
-    "TextEmbeddings", "UncondGuidance", "ancestral_split", "apply_prompt_weights", "atomic_write_bytes",
-    "atomic_write_json", "bundled", "check_init_noise", "describe", "finish", "fixed_adams_bashforth",
-    "frechet_distance", "geometric_mean", "gram", "grid", "hookimpl", "init_noise_scale",
-    "lagrange_integral_weights", "lam", "load_embeddings", "load_image", "log_lagrange_integral_weights",
-    "loglinear_interp", "mix_outputs", "mix_tokens", "moments", "multistep_order", "past_derivative",
-    "perceptual_distance", "pixel_size", "png_bytes", "replace_token", "scale_positions", "sigma_at_time",
-    "sigma_range", "to_pil", "world",
+    "Ancestral", "ApplyTo", "BH", "Batch", "Choice", "Conditioning", "ConfigError", "EditPlugin", "INIT_NOISE_MODES",
+    "InitNoise", "JudgeFeatures", "LossGuidance", "ModelNotFoundError", "MomentumPlugin", "NonFinite",
+    "NumericalError", "PluginError", "Prediction", "RealVsGenerated", "Result", "Run", "SamplerState",
+    "SamplerlabError", "Schedule", "SolverType", "StepRecord", "TextEmbeddings", "UncondGuidance",
+    "ancestral_split", "apply_prompt_weights", "atomic_write_bytes", "atomic_write_json", "bundled",
+    "check_init_noise", "describe", "finish", "fixed_adams_bashforth", "frechet_distance", "geometric_mean",
+    "gram", "grid", "hookimpl", "init_noise_scale", "lagrange_integral_weights", "lam", "load_embeddings",
+    "load_image", "log_lagrange_integral_weights", "loglinear_interp", "mix_outputs", "mix_tokens", "moments",
+    "multistep_order", "past_derivative", "perceptual_distance", "pixel_size", "png_bytes", "replace_token",
+    "scale_positions", "sigma_at_time", "sigma_range", "to_pil", "world",
 ]

@@ -121,7 +121,7 @@ def sample(
     seed: int = 0,
     dtype: str | None = None,
 ) -> Any:
-    """One run of ``overrides`` on ``model`` (a :class:`framework.core.engine.Result`).
+    """One run of ``overrides`` on ``model`` (a :class:`framework.core.run.Result`).
 
     A model named by its config choice is built once per process (see :func:`load_model`) and
     passed to the engine as an object, so the record names it ``custom``.
@@ -131,7 +131,7 @@ def sample(
     are applied after these defaults, so they may change any of them (but steps, seed,
     num_samples and batch_size are the arguments').
     """
-    from framework.core.engine import execute
+    from framework.runs.execute import execute
 
     if any(o.split("=", 1)[0].lstrip("+~") == "model" for o in overrides):
         raise ValueError("choose the model with the kit's model= argument (e.g. model=\"mixture\"), not an override")
@@ -327,7 +327,7 @@ def assert_matches_reference(
     """Assert max |output − reference| ≤ ``tol`` on the final latents; returns the difference.
 
     ``reference`` is a tensor, the overrides of a reference run (same model, seed and steps, e.g.
-    ``["solver=euler"]``), or a function of the run's :class:`~framework.core.engine.Result` (e.g. a
+    ``["solver=euler"]``), or a function of the run's :class:`~framework.core.run.Result` (e.g. a
     hand-written loop started from ``result.x_T`` on ``result.schedule``).
     """
     res = sample(overrides, model=model, steps=steps, num_samples=num_samples)

@@ -7,7 +7,7 @@ single-token word for another equals writing the other word), diffusers' ``load_
 from __future__ import annotations
 
 import copy
-from pathlib import Path
+import json
 
 import pytest
 import torch
@@ -26,9 +26,9 @@ from framework.bases.embeddings import (
     save_embeddings,
     scale_positions,
 )
-from framework.core.engine import Run, read_settings
+from framework.core import engine
+from framework.models.base import wrap_model
 from framework.core.errors import ConfigError
-from framework.core.registry import build_plugins
 from plugins.conditioning.position_scale import PositionScale
 from plugins.conditioning.prompt_mix import PromptMix
 from plugins.conditioning.prompt_weighting import PromptWeighting
@@ -249,15 +249,11 @@ def test_embedding_file_errors(tmp_path, tiny_pipe):
 # Plugins inside runs: config, CFG's negative prompts, chains, errors
 # ---------------------------------------------------------------------------------------------
 def encode_run(overrides: list[str], prompts: list[str]):
-    """The conditioning a run samples with (the engine's own Run.encode)."""
+    """The conditioning a run samples with (the engine's own ``condition``)."""
     cfg, choices = compose(overrides)
-    plugins = build_plugins(cfg, choices)
-    r = Run(cfg, read_settings(cfg), plugins, torch.device("cpu"))
-    r.model.setup(torch.device("cpu"), torch.float32)
-    for _, fn in plugins.calls("configure"):
-        fn(run=r)
+    r = engine.open_run(cfg, choices, wrap_model)
     with torch.no_grad():
-        return r.encode(prompts)
+        return engine.condition(r, prompts)
 
 
 def test_token_swap_from_config_edits_prompts_and_negative_prompts(tiny_overrides, tiny_pipe):
@@ -340,9 +336,10 @@ def test_edit_plugins_need_a_text_model():
 def ti_config(**over):
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(Path(__file__).parent.parent / "experiments" / "textual_inversion" / "config.yaml")
-    cfg.pop("hydra")
-    return OmegaConf.merge(cfg, over)
+    from experiments.embeddings_study.__main__ import TI_DIR
+    from experiments.harness import Experiment
+
+    return OmegaConf.merge(Experiment.compose(TI_DIR, []).cfg, over)
 
 
 @pytest.mark.slow  # loads the bundled model and draws scenes (~15 s of CPU); the tiny-folder test below covers training
@@ -367,15 +364,13 @@ def test_textual_inversion_learns_the_striped_concept(tmp_path):
     """Issue 7's acceptance on the shipped model, with the experiment's defaults (training seed 0):
     the judge finds stripes far more often with the learned token than without it. Measured on
     bundled v2: 37/128 vs 1/128 (docs/embeddings.md; training seeds 0–7 give 16–34 %)."""
-    from omegaconf import OmegaConf
-
-    from experiments.embeddings_study.__main__ import Study
+    import experiments.embeddings_study.__main__ as study_mod
+    from experiments.harness import Experiment
     from experiments.textual_inversion.__main__ import train
 
     summary = train(ti_config(out=str(tmp_path / "ti"), threads=2))
-    cfg = OmegaConf.load(Path(__file__).parent.parent / "experiments" / "embeddings_study" / "config.yaml")
-    cfg.pop("hydra")
-    study = Study(cfg, tmp_path / "runs")  # 8 samples per prompt, 20 steps, seed 0: the docs' setting
+    cfg = Experiment.compose(study_mod.HERE, []).cfg
+    study = study_mod.Study(cfg, tmp_path / "runs")  # 8 samples per prompt, 20 steps, seed 0: the docs' setting
     plain = [f"a {c} {s}" for c in ("red", "green", "blue", "yellow") for s in study.shapes]
     use = ["conditioning=[textual_inversion]", f"conditioning.textual_inversion.path='{summary['file']}'"]
     with_token = study.generate("learned", [p.replace("a ", "a <striped> ", 1) for p in plain], use)
@@ -400,9 +395,13 @@ def test_textual_inversion_trains_on_an_image_folder_saves_and_resumes(tmp_path,
     learned = load_embeddings(tmp_path / "out" / "learned_embeds.safetensors")["<toy>"]
     assert learned.shape == (2, 32) and not torch.equal(learned[0], learned[1])  # both vectors moved from 'a'
     assert (tmp_path / "out" / "checkpoints" / "learned_embeds-4.safetensors").exists()
-    again = train(ti_config(fast=True, out=str(tmp_path / "out"), images=str(pics), model=str(tiny_dir),
-                            placeholder_token="<toy>", initializer_token="a", num_vectors=2))
-    assert again["resumed_from"] == 4
+    from experiments.textual_inversion.__main__ import main  # the command line, in process: resumes
+
+    record = main(["fast=true", f"out={tmp_path / 'out'}", f"images={pics}", f"model={tiny_dir}", "placeholder_token=<toy>",
+                   "initializer_token=a", "num_vectors=2"])
+    again = record["results"]
+    assert again["resumed_from"] == 4 and record["experiment"] == "textual_inversion"
+    assert json.loads((tmp_path / "out" / "train.json").read_text())["results"]["steps"] == 4
     assert torch.equal(load_embeddings(tmp_path / "out" / "learned_embeds.safetensors")["<toy>"], learned)
     with pytest.raises(ConfigError, match="no images"):
         (tmp_path / "empty").mkdir()
@@ -412,16 +411,10 @@ def test_textual_inversion_trains_on_an_image_folder_saves_and_resumes(tmp_path,
 
 @pytest.mark.slow  # ~25 s of CPU: bundled-model runs scored by the judge
 def test_embeddings_study_fast_run(tmp_path):
-    from omegaconf import OmegaConf
+    import experiments.embeddings_study.__main__ as study_mod
 
-    from experiments.embeddings_study.__main__ import Study, write
-
-    cfg = OmegaConf.load(Path(__file__).parent.parent / "experiments" / "embeddings_study" / "config.yaml")
-    cfg.pop("hydra")
-    cfg = OmegaConf.merge(cfg, {"fast": True, "out": str(tmp_path / "docs")})
-    study = Study(cfg, tmp_path / "runs")
-    results = {"settings": {"steps": study.steps, "samples_per_prompt": study.per_prompt}, "swap": study.swap()}
-    write(results, study.images, cfg, tmp_path / "docs")
+    record = study_mod.main(["fast=true", "studies=[swap]", f"out={tmp_path / 'docs'}", f"runs={tmp_path / 'runs'}"])
+    results = record["results"]
     swapped, blue = results["swap"]["prompt red, swap red→blue"], results["swap"]["prompt blue"]
     assert swapped["rate"] == blue["rate"] and swapped["image_mean_B"] == pytest.approx(blue["image_mean_B"], abs=1e-5)
     assert (tmp_path / "docs" / "swap.png").exists() and "swap red→blue" in (tmp_path / "docs" / "results.md").read_text()

@@ -10,7 +10,9 @@ import torch
 from framework.entry.api import run
 from framework.core.errors import ConfigError
 from framework.bases.loss_guidance import LossGuidance, decoder_checkpointing
+from framework.core.run import Hooks
 from framework.core.state import Batch, Schedule
+from framework.core.step import Denoiser
 
 CALLS: list[bool] = []  # one entry per call of guided_mean_loss during sampling (images need grad)
 
@@ -109,9 +111,13 @@ def harness(tiny_pipe):
     model.setup(torch.device("cpu"), torch.float32)
     tensors = model.encode_prompts(["a red circle", "a blue square"])
     schedule = Schedule((2.0, 1.0, 0.0))
-    the_run = SimpleNamespace(model=model, predict=("model", model.predict), guidance=[])
+    hooks = Hooks(before_step=[], after_step=[], momentum=[], guidance=[], predict=("model", model.predict), step=("", None))
+    the_run = SimpleNamespace(model=model, hooks=hooks)
     batch = Batch(indices=[0, 1], cond=SimpleNamespace(tensors=tensors, uncond=None), noise=None)
-    state = SimpleNamespace(run=the_run, batch=batch, index=0, sigma=2.0, sigma_next=1.0, schedule=schedule, pred=None)
+    denoise = Denoiser(the_run, batch)
+    state = SimpleNamespace(run=the_run, batch=batch, index=0, sigma=2.0, sigma_next=1.0, schedule=schedule, pred=None,
+                            denoise=denoise)
+    denoise.state = state
     x = torch.randn(2, *model.latent_shape, generator=torch.Generator().manual_seed(0)) * 2
     with torch.no_grad():
         pred = model.predict(state=state, x=x, sigma=2.0, cond=batch.cond)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 
 from framework.entry.api import run
-from framework.runs.records import atomic_write_json, run_key
+from framework.core.files import atomic_write_json
+from framework.runs.records import run_key
 
 GAUSS = ["model=gaussian", "dtype=float64", "num_samples=2", "batch_size=2", "steps=3"]
 

@@ -102,7 +102,7 @@ def tree(folder: Path) -> dict[str, bytes]:
         (["model=gaussian", "momentum=[heavy_ball]", "solver=heun"], "does not compose with solver=heun"),
         (["model=gaussian", "guidance=[color_loss]"], "has no decoder"),
         (["model=gaussian", "shard_count=2", "shard_index=2"], "shard_index must be in 0..1"),
-        (["model=gaussian", "callback.nan_guard.policy=ignore"], "policy must be mark or stop"),
+        (["model=gaussian", "callback.nan_guard.policy=ignore"], "callback.nan_guard.policy: Invalid value 'ignore', expected one of [mark, stop]"),
     ],
 )
 def test_config_error_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, argv, expected):

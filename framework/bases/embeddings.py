@@ -35,16 +35,14 @@ import contextlib
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from framework.core.markers import hookimpl
 from framework.core.errors import ConfigError
-
-if TYPE_CHECKING:
-    from framework.core.engine import Run
-    from framework.core.state import Conditioning
+from framework.core.markers import hookimpl
+from framework.core.run import Run
+from framework.core.state import Conditioning
 
 #: A1111's multiplier of one pair of round brackets (square brackets divide by it).
 BRACKET_WEIGHT = 1.1

@@ -44,9 +44,10 @@ from typing import Iterator
 
 import torch
 
-from framework.core.markers import hookimpl
 from framework.core.errors import ConfigError
-from framework.core.state import Prediction, SamplerState
+from framework.core.markers import hookimpl
+from framework.core.state import Prediction
+from framework.core.step import SamplerState
 
 GRADIENTS = ("decoder", "unet")
 SPACES = ("latent", "x0")
@@ -132,19 +133,23 @@ class LossGuidance:
         if not run.model.has_decoder:
             raise ConfigError(f"{type(self).__name__} guides decoded images but this model has no decoder: use an image model (e.g. model=bundled)")
         run.request_grad(self)
-        self._final = [0.0, 0]
         self.setup(run)
+
+    def final_loss(self, run) -> list[float]:
+        """[sum, count] of the final images' losses so far in this run."""
+        return run.stash.get(self, lambda: [0.0, 0], "final_loss")
 
     @hookimpl
     def batch_end(self, run, batch, latents, images):
         with torch.no_grad():
             values = self.loss(images.to(run.dtype), None).float()
-        self._final[0] += float(values.sum())
-        self._final[1] += values.numel()
+        tally = self.final_loss(run)
+        tally[0] += float(values.sum())
+        tally[1] += values.numel()
 
     @hookimpl
     def run_end(self, run, result):
-        total, n = self._final
+        total, n = self.final_loss(run)
         if n:
             run.metrics[f"guidance_loss_{run.plugins.name_of(self)}"] = total / n
 
@@ -207,21 +212,14 @@ class LossGuidance:
         return grad.detach()
 
     def evaluate(self, state: SamplerState, x: torch.Tensor, sigma: float) -> Prediction:
-        """A model evaluation made by this plugin: the adapter (counts ``unet_calls``), one NFE, and
-        the guidance plugins configured before this one except loss guidances."""
-        from framework.core.engine import call
-
-        run, batch = state.run, state.batch
-        name, fn = run.predict
-        pred = call(name, "predict", fn, state=state, x=x, sigma=sigma, cond=batch.cond)
-        batch.nfe += 1
-        for gname, gfn, _ in run.guidance:
-            owner = getattr(gfn, "__self__", None)
-            if owner is self:
+        """A model evaluation made by this plugin, through the engine's (one NFE, NaN checks): the
+        guidance plugins configured before this one apply, except loss guidances."""
+        before = []
+        for _, fn, _ in state.run.hooks.guidance:
+            if fn.__self__ is self:
                 break
-            if not isinstance(owner, LossGuidance):
-                pred = call(gname, "guidance", gfn, state=state, pred=pred)
-        return pred
+            before.append(fn.__self__)
+        return state.denoise.evaluate(x, sigma, guidance=lambda p: p in before and not isinstance(p, LossGuidance))
 
     def renoised(self, state: SamplerState, pred: Prediction) -> torch.Tensor:
         """Universal guidance's recurrence: the DDIM step to σ_next with ``pred``, then fresh noise

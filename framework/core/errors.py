@@ -23,3 +23,14 @@ class PluginError(SamplerlabError):
     def __init__(self, plugin: str, hook: str, error: BaseException):
         self.plugin, self.hook, self.error = plugin, hook, error
         super().__init__(f"plugin '{plugin}' failed in hook '{hook}': {type(error).__name__}: {error}")
+
+
+def call(plugin: str, hook: str, fn, **kwargs):
+    """Call one plugin's hook with keywords, reporting a failure with the plugin's name (a
+    :class:`PluginError`); samplerlab's own errors and interrupts pass through unchanged."""
+    try:
+        return fn(**kwargs)
+    except (SamplerlabError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        raise PluginError(plugin, hook, e) from e

@@ -1,30 +1,34 @@
 """Every hook of samplerlab: signatures, semantics and who answers.
 
-Three kinds of semantics:
+Four kinds of semantics:
 
 - **exactly one** — one plugin answers (the model adapter for ``predict``, the solver for ``step``,
   the schedule for ``schedule``); two are a configuration error at start-up, none too.
+- **at most one** — ``init_latents``: without a plugin the engine's default applies; two are a
+  configuration error at start-up.
 - **all run, in config order** — every implementation runs, in the order of the composed config
-  (model, schedule, solver, conditioning, momentum, guidance, callback, metrics, logger; list groups
-  in the order the user wrote them). The engine enforces this order; pluggy's own call order
+  (the built-in plugins first — progress, exact error —, then model, schedule, solver,
+  conditioning, momentum, guidance, callback, metrics, logger; list groups in the order the user
+  wrote them). The engine enforces this order; pluggy's own call order
   (last registered first) is never relied on.
 - **chain, in config order** — like "all run", and each implementation receives the previous one's
   return value (``conditioning``, ``guidance``, ``momentum``).
 
 Hooks are always called with keyword arguments. A plugin keeps per-trajectory state in
-``state.stash.get(self, factory)``, never in globals or on ``self``, so two runs never interfere.
+``state.stash.get(self, factory)`` and per-run state in ``run.stash.get(self, factory)``, never in
+globals or on ``self``, so two runs (or one plugin object serving two runs) never interfere.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Callable
 
 import torch
 
 from framework.core.markers import hookspec
-
-if TYPE_CHECKING:
-    from framework.core.engine import Result, Run
-    from framework.core.state import Batch, Conditioning, Prediction, SamplerState, Schedule
+from framework.core.model import Model
+from framework.core.run import Result, Run
+from framework.core.state import Batch, Conditioning, Prediction, Schedule
+from framework.core.step import SamplerState
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,6 +48,12 @@ def configure(run: Run) -> None:
 @hookspec
 def run_start(run: Run) -> None:
     """All run, in config order, once before the first batch (loggers open, metrics reset)."""
+
+
+@hookspec
+def batch_start(run: Run, batch: Batch) -> None:
+    """All run, in config order, when a batch starts sampling (after its conditioning, before
+    ``init_latents``; batches read back from a run folder have none). Timers use it."""
 
 
 @hookspec
@@ -69,7 +79,7 @@ def conditioning(run: Run, cond: Conditioning) -> Conditioning:
 
 
 @hookspec
-def schedule(model: Any, steps: int) -> Schedule:
+def schedule(model: Model, steps: int) -> Schedule:
     """Exactly one (the schedule plugin, or a solver that owns its grid): the σ grid for ``steps``
     steps, with the model time of each σ for discrete models and the initial noise scale."""
 
@@ -81,11 +91,12 @@ def adjust_schedule(run: Run, schedule: Schedule) -> Schedule:
 
 
 @hookspec(firstresult=True)
-def init_latents(run: Run, batch: Batch, schedule: Schedule, noise: torch.Tensor) -> torch.Tensor | None:
-    """First result wins: the starting point x at ``schedule.sigmas[0]`` from unit ``noise``.
+def init_latents(run: Run, batch: Batch, schedule: Schedule, noise: torch.Tensor) -> torch.Tensor:
+    """At most one plugin (two are a configuration error at start-up): the starting point x at
+    ``schedule.sigmas[0]`` from unit ``noise``.
 
-    The built-in default (registered ``trylast``) returns ``noise * schedule.init_noise_scale``;
-    img2img and inpainting plugins return an encoded image plus σ₀-scaled noise instead.
+    Without a plugin the engine starts from ``noise * schedule.init_noise_scale``; img2img and
+    inpainting plugins return an encoded image plus σ₀-scaled noise instead.
     """
 
 
@@ -141,4 +152,4 @@ def step(state: SamplerState, denoise: Callable[[torch.Tensor, float], Predictio
 def after_step(state: SamplerState, x_next: torch.Tensor) -> None:
     """All run, in config order, after each step: history keepers, NaN guards, previews, logging.
     NaN guards call ``run.request_finite_checks()`` in ``configure``; the engine then checks every
-    hook's output on the device (``framework.core.engine.NonFinite``) and reads the flags only every k steps."""
+    hook's output on the device (``framework.core.finite.NonFinite``) and reads the flags only every k steps."""

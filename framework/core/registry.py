@@ -8,22 +8,22 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import importlib
 import os
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable
 
 import pluggy
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from framework.core import hookspecs
-
-from framework.core.markers import PROJECT, hookimpl
 from framework.core.errors import ConfigError
+from framework.core.markers import PROJECT
+from framework.core.memo import Memo
+from framework.core.settings import schema
 
 #: Config groups in the order their plugins are registered and their hooks called.
 SINGLE_GROUPS = ("model", "schedule", "solver")
@@ -31,6 +31,11 @@ LIST_GROUPS = ("conditioning", "momentum", "guidance", "callback", "metrics", "l
 GROUPS = SINGLE_GROUPS + LIST_GROUPS
 #: Hooks answered by exactly one plugin.
 EXCLUSIVE_HOOKS = ("schedule", "predict", "step")
+#: Hooks answered by at most one plugin (the engine has a default).
+OPTIONAL_EXCLUSIVE_HOOKS = ("init_latents",)
+#: The group of the built-in plugins the entry points register (progress, exact error): they run
+#: before the configured plugins and are not listed in the record's ``plugins``.
+BUILTIN = "builtin"
 ENTRY_POINT_GROUP = "samplerlab"
 DISABLE_ENTRY_POINTS_ENV = "SAMPLERLAB_DISABLE_ENTRY_POINTS"
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -82,30 +87,22 @@ def available(group: str) -> dict[str, str]:
     return options
 
 
-@functools.cache
-def schema(cls: type) -> DictConfig:
-    """The structured-config schema of a dataclass (built once: OmegaConf.structured is slow)."""
-    return OmegaConf.structured(cls)
-
-
-_CHECKED: dict[tuple[type, str], dict[str, Any]] = {}
+CHECKED: Memo[dict[str, Any]] = Memo("checked plugin parameters", 1024)
 
 
 def _checked_params(cls: type, params: dict[str, Any], where: str) -> dict[str, Any]:
-    """``params`` type-checked (and converted) through ``cls``'s schema; memoised, since the merge
+    """``params`` type-checked (and converted) through ``cls``'s schema; remembered, since the merge
     costs milliseconds and the runs of a sweep build the same plugins again and again."""
-    memo = (cls, repr(sorted(params.items())))
-    if memo not in _CHECKED:
+    def check() -> dict[str, Any]:
         try:
             checked = OmegaConf.merge(schema(cls), params)
         except OmegaConfBaseException as e:
-            msg = str(e).splitlines()[0]
-            raise ConfigError(f"{where}: {msg}") from e
+            key = getattr(e, "full_key", None)
+            raise ConfigError(f"{where}{'.' + str(key) if key else ''}: {str(e).splitlines()[0]}") from e
         out = {k: getattr(checked, k) for k in params}
-        if len(_CHECKED) > 1024:
-            _CHECKED.clear()
-        _CHECKED[memo] = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in out.items()}
-    return _CHECKED[memo]
+        return {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in out.items()}
+
+    return CHECKED.get((cls, repr(sorted(params.items()))), check)
 
 
 def instantiate(node: DictConfig, where: str) -> object:
@@ -134,23 +131,14 @@ def instantiate(node: DictConfig, where: str) -> object:
         raise ConfigError(f"{where}: {e}") from e
 
 
-class Defaults:
-    """Built-in implementations that any plugin may override (pytest-style built-in plugin)."""
-
-    @hookimpl(trylast=True)
-    def init_latents(self, schedule, noise):
-        return noise * schedule.init_noise_scale
-
-
 class PluginSet:
     """The configured plugins, registered with pluggy, and each hook's implementations in config order."""
 
-    def __init__(self, entries: list[PluginEntry]):
+    def __init__(self, entries: list[PluginEntry], specs: ModuleType):
         self.entries = entries
         self.pm = pluggy.PluginManager(PROJECT)
-        self.pm.add_hookspecs(hookspecs)
+        self.pm.add_hookspecs(specs)
         self._names: dict[int, str] = {}
-        self.pm.register(Defaults(), name="builtin:defaults")
         for i, e in enumerate(entries):
             if self.pm.is_registered(e.obj):
                 raise ConfigError(f"plugin object {e.group}.{e.name} is configured twice")
@@ -165,6 +153,11 @@ class PluginSet:
                     f"exactly one plugin must answer '{hook}', found {listed}: "
                     + ("choose one" if owners else f"add a {_ROLE[hook]} plugin")
                 )
+        for hook in OPTIONAL_EXCLUSIVE_HOOKS:
+            owners = self.implementers(hook)
+            if len(owners) > 1:
+                listed = " and ".join(f"{e.group}.{e.name}" for e in owners)
+                raise ConfigError(f"{listed} both answer '{hook}' (each sets the starting latents): keep one of them")
 
     def implementers(self, hook: str) -> list[PluginEntry]:
         plugins = {id(impl.plugin) for impl in getattr(self.pm.hook, hook).get_hookimpls()}
@@ -178,6 +171,11 @@ class PluginSet:
         (entry,) = self.implementers(hook)
         return entry.name, getattr(entry.obj, hook)
 
+    def optional(self, hook: str) -> tuple[str, Callable[..., Any]] | None:
+        """The one implementation of an at-most-one hook, or None."""
+        found = self.calls(hook)
+        return found[0] if found else None
+
     def name_of(self, obj: object) -> str:
         return self._names.get(id(obj), type(obj).__name__)
 
@@ -190,7 +188,7 @@ class PluginSet:
         for name in sorted(self.pm.hook.__dict__):
             if name.startswith("_"):
                 continue
-            names = [e.name for e in self.implementers(name)]
+            names = [e.name for e in self.implementers(name) if e.group != BUILTIN]
             if names:
                 out[name] = names
         return out
@@ -212,16 +210,23 @@ def _owns_schedule(node: DictConfig | None) -> bool:
         return False  # instantiate() reports the bad target
 
 
-def build_plugins(cfg: DictConfig, choices: dict[str, str], model: object | None = None) -> PluginSet:
-    """Instantiate every plugin of the composed config, in group order, and register them."""
-    from framework.models.base import wrap_model
-
-    entries: list[PluginEntry] = []
+def build_plugins(
+    cfg: DictConfig,
+    choices: dict[str, str],
+    specs: ModuleType,
+    wrap_model: Callable[[object], object],
+    model: object | None = None,
+    builtins: tuple[tuple[str, object], ...] = (),
+) -> PluginSet:
+    """Instantiate every plugin of the composed config, in group order, and register them with the
+    hook ``specs``, after the ``builtins`` ((name, plugin) pairs). ``model``, when given, replaces the
+    ``model`` group; ``wrap_model`` turns a configured model object into a model adapter."""
+    entries = [PluginEntry(name, BUILTIN, obj) for name, obj in builtins]
     solver_owns_grid = _owns_schedule(cfg.get("solver"))
     for group in GROUPS:
         node = cfg.get(group)
         if group == "model" and model is not None:
-            entries.append(PluginEntry("custom", "model", wrap_model(model)))
+            entries.append(PluginEntry("custom", "model", model))
             continue
         if node is None or (group == "schedule" and solver_owns_grid):
             continue
@@ -236,4 +241,4 @@ def build_plugins(cfg: DictConfig, choices: dict[str, str], model: object | None
                 if not isinstance(sub, DictConfig):
                     raise ConfigError(f"{group}.{name} is not a plugin config; pick plugins with {group}=[{name}]")
                 entries.append(PluginEntry(str(name), group, instantiate(sub, f"{group}.{name}")))
-    return PluginSet(entries)
+    return PluginSet(entries, specs)

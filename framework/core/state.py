@@ -1,4 +1,6 @@
-"""The data that flows through the sampling loop: Schedule, Conditioning, Prediction, SamplerState.
+"""The data that flows through the sampling loop: Schedule, Conditioning, Prediction, the history
+of finished steps and the batch (one trajectory). The step and the run as plugins see them
+(:class:`~framework.core.step.SamplerState`, :class:`~framework.core.run.Run`) build on these.
 
 Convention (Karras et al. 2022): the sampler state lives in σ-space, ``x = x0 + σ·ε``; a model is a
 denoiser ``D(x, σ, cond) ≈ E[x0 | x]``.
@@ -7,14 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import Callable, Protocol, TypeVar
 
 import torch
 
 from framework.core.errors import ConfigError
-
-if TYPE_CHECKING:
-    from framework.core.engine import Run
+from framework.core.noise import SampleNoise
 
 T = TypeVar("T")
 
@@ -133,63 +133,18 @@ class StepRecord:
 
 
 class Stash:
-    """Per-plugin private state for one sampling trajectory (one batch), keyed by plugin object."""
+    """Per-plugin private state, keyed by plugin object: ``stash.get(self, factory)`` (``name``
+    tells apart several entries of one plugin, e.g. a base class's and its subclass's). A batch
+    has one (state for one trajectory), a run has one (state for the whole run)."""
 
     def __init__(self) -> None:
-        self._data: dict[int, Any] = {}
+        self._data: dict[tuple[int, str], object] = {}
 
-    def get(self, plugin: object, factory: Callable[[], T]) -> T:
-        key = id(plugin)
+    def get(self, plugin: object, factory: Callable[[], T], name: str = "") -> T:
+        key = (id(plugin), name)
         if key not in self._data:
             self._data[key] = factory()
-        return self._data[key]
-
-
-@dataclass
-class SamplerState:
-    """What the per-step hooks see. ``pred`` is the step's first evaluation, made by the engine
-    before ``step`` is called (guidance and momentum already applied)."""
-
-    run: Run
-    batch: Batch
-    index: int
-    x: torch.Tensor
-    sigma: float  # the grid's σ_i, unless a before_step plugin (churn) raised it
-    schedule: Schedule
-    pred: Prediction | None = None  # the step's first evaluation, after guidance and momentum
-    guided: Prediction | None = None  # the same evaluation before momentum (the model's, guided)
-
-    @property
-    def sigma_next(self) -> float:
-        return self.schedule.sigmas[self.index + 1]
-
-    @property
-    def is_first(self) -> bool:
-        return self.index == 0
-
-    @property
-    def is_last(self) -> bool:
-        return self.index == self.schedule.steps - 1
-
-    @property
-    def denoised(self) -> torch.Tensor:
-        assert self.pred is not None
-        return self.pred.denoised
-
-    @property
-    def history(self) -> list[StepRecord]:
-        return self.batch.history
-
-    @property
-    def stash(self) -> Stash:
-        return self.batch.stash
-
-    def noise(self, sigma_a: float | None = None, sigma_b: float | None = None) -> torch.Tensor:
-        """Unit Gaussian noise shaped like x, from each sample's own generator. SDE solvers pass
-        the σ interval the noise stands for, so that ``noise=brownian`` gives Brownian increments."""
-        if sigma_a is None or sigma_b is None:
-            return self.batch.noise.draw()
-        return self.batch.noise.between(sigma_a, sigma_b)
+        return self._data[key]  # type: ignore[return-value]
 
 
 @dataclass
@@ -198,10 +153,22 @@ class Batch:
 
     indices: list[int]
     cond: Conditioning | None
-    noise: Any  # framework.core.noise.SampleNoise
+    noise: SampleNoise | None  # None when the batch is not sampled (read back, or scored from images)
     history: list[StepRecord] = field(default_factory=list)
     stash: Stash = field(default_factory=Stash)
     failed: torch.Tensor | None = None  # bool per sample, accumulated on the device
     failure: list[str] = field(default_factory=list)
     nfe: int = 0
     unet_calls: int = 0
+    resumed: bool = False  # read back from the run folder instead of sampled
+
+
+class StepView(Protocol):
+    """What a model adapter reads of the step it evaluates for (a ``SamplerState``): the grid (the
+    timestep of each σ) and the batch (its model-call counter)."""
+
+    @property
+    def schedule(self) -> Schedule: ...
+
+    @property
+    def batch(self) -> Batch: ...

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from framework.core.run import Result
 from framework.entry.compose import compose
-from framework.core.engine import Result, execute
+from framework.entry.signals import sigterm_as_interrupt
+from framework.runs.execute import execute
 
 
 def run(overrides: list[str] | None = None, model: object | None = None, output_dir: str | Path | None = None) -> Result:
@@ -25,4 +27,5 @@ def run(overrides: list[str] | None = None, model: object | None = None, output_
     if isinstance(overrides, str):
         raise TypeError("overrides must be a list of strings, e.g. ['solver=heun']")
     cfg, choices = compose(list(overrides or []))
-    return execute(cfg, choices, model=model, output_dir=output_dir)
+    with sigterm_as_interrupt():
+        return execute(cfg, choices, model=model, output_dir=output_dir)

@@ -67,7 +67,7 @@ def precheck(overrides: list[str]) -> None:
     from hydra.errors import HydraException
 
     from framework.entry.compose import compose, explain
-    from framework.core.engine import read_settings
+    from framework.core.settings import read_settings
 
     try:
         variants = _variants(overrides)
@@ -120,13 +120,15 @@ def _objective(cfg, metrics: dict) -> float | None:
 def _app(cfg) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
-    from framework.core.engine import execute
+    from framework.entry.signals import sigterm_as_interrupt
+    from framework.runs.execute import execute
 
     hc = HydraConfig.get()
     choices = {k: v for k, v in hc.runtime.choices.items() if isinstance(v, str)}
     folder = Path(hc.runtime.output_dir)
     try:
-        result = execute(cfg, choices, output_dir=folder)
+        with sigterm_as_interrupt():
+            result = execute(cfg, choices, output_dir=folder)
     except SamplerlabError as e:
         discard_if_unused(folder)
         raise SystemExit(_error(e)) from None

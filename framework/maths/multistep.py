@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from framework.core.state import SamplerState
+from framework.core.step import SamplerState
 
 AB = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
 

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from framework.core.errors import ConfigError, ModelNotFoundError
-from framework.models.base import Model, vp_scale
+from framework.core.model import Model
+from framework.models.base import vp_scale
 from framework.maths.sigmas import sigma_to_t, train_sigmas_from_alphas_cumprod
 
 

@@ -14,8 +14,9 @@ from framework.core import hookspecs
 FAMILIES = {
     "configure": "any (compatibility checks, declaring needs)",
     "run_start": "metrics, logger, callback (previews)",
-    "batch_end": "metrics, logger, callback (savers)",
-    "run_end": "metrics, logger, callback (previews)",
+    "batch_start": "metrics (timers)",
+    "batch_end": "metrics, logger, callback (savers), the built-in progress bar",
+    "run_end": "metrics (and the built-in exact error), logger, callback (previews)",
     "conditioning": "conditioning",
     "schedule": "schedule (or a solver that owns its grid)",
     "adjust_schedule": "guidance (img2img strength)",
@@ -25,7 +26,7 @@ FAMILIES = {
     "guidance": "guidance (CFG variants, loss guidance)",
     "momentum": "momentum",
     "step": "solver",
-    "after_step": "callback (NaN guard, previews), momentum (history)",
+    "after_step": "callback (NaN guard, previews), momentum (history), the built-in progress bar",
 }
 
 

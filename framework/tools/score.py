@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from framework.core.errors import ConfigError, SamplerlabError
+from framework.core.state import Stash
 
 #: Config keys that differ between the shards of one evaluation (or say where results go).
 SHARD_KEYS = ("shard_index", "shard_count", "output_dir", "save_images", "name", "resume")
@@ -93,6 +94,7 @@ class ScoringRun:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     metrics: dict[str, float] = field(default_factory=dict)
     output_dir: Path | None = None
+    stash: Stash = field(default_factory=Stash)
 
 
 def metric_plugins(overrides: list[str], config: dict[str, Any]) -> list[tuple[str, object]]:
@@ -120,9 +122,10 @@ def _load_png(path: Path) -> torch.Tensor:
 def score(folders: Sequence[str | Path], overrides: Sequence[str] = (), out: str | Path | None = None,
           batch_size: int = 64) -> dict[str, Any]:
     """Merge the samples of ``folders`` by index, score them, write and return the merged record."""
-    from framework.core.engine import call
+    from framework.core.errors import call
     from framework.runs.images import grid, png_bytes
-    from framework.runs.records import SCHEMA_VERSION, atomic_write_bytes, atomic_write_json, versions
+    from framework.core.files import atomic_write_bytes, atomic_write_json
+    from framework.runs.records import SCHEMA_VERSION, versions
     from framework.core.state import Batch, Conditioning
 
     if not folders:

@@ -13,7 +13,7 @@ import re
 import resource
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -42,50 +42,63 @@ def _rss_peak_mb() -> float:
 
 
 @dataclass
+class _Clock:
+    """A run's sampling time so far (in the run's stash)."""
+
+    seconds: float = 0.0
+    samples: int = 0
+    images: bool = False
+    t0: float | None = None  # the current batch's start (its init_latents call)
+    last: float = field(default_factory=time.perf_counter)  # the previous batch's end
+    rss_reset: bool = False
+
+
+@dataclass
 class Speed:
     def _sync(self, run) -> None:
         if run.device.type == "cuda":
             torch.cuda.synchronize(run.device)
 
+    def clock(self, run) -> _Clock:
+        return run.stash.get(self, _Clock)
+
     @hookimpl
     def run_start(self, run):
-        self._seconds, self._samples, self._images, self._t0 = 0.0, 0, False, None
-        self._last = time.perf_counter()
+        clock = self.clock(run)
         if run.device.type == "cuda":
             torch.cuda.synchronize(run.device)
             torch.cuda.reset_peak_memory_stats(run.device)
         else:
-            self._rss_reset = _reset_rss_peak()
+            clock.rss_reset = _reset_rss_peak()
+        clock.last = time.perf_counter()
 
     @hookimpl
-    def init_latents(self, run, batch, schedule, noise):
-        """Marks the start of a batch's sampling; returns None so the real initialiser answers."""
+    def batch_start(self, run, batch):
         self._sync(run)
-        self._t0 = time.perf_counter()
-        return None
+        self.clock(run).t0 = time.perf_counter()
 
     @hookimpl
     def batch_end(self, run, batch, latents, images):
         self._sync(run)
-        now = time.perf_counter()
-        self._seconds += now - (self._t0 if self._t0 is not None else self._last)
-        self._t0, self._last = None, now
-        self._samples += len(batch.indices)
-        self._images = images is not None
+        clock, now = self.clock(run), time.perf_counter()
+        clock.seconds += now - (clock.t0 if clock.t0 is not None else clock.last)
+        clock.t0, clock.last = None, now
+        clock.samples += len(batch.indices)
+        clock.images = images is not None
 
     @hookimpl
     def run_end(self, run, result):
-        m = run.metrics
-        m["sampling_seconds"] = self._seconds
-        if self._samples:
-            m["sampling_seconds_per_sample"] = self._seconds / self._samples
-        if self._seconds > 0:
-            m["samples_per_second"] = self._samples / self._seconds
-            if self._images:
+        m, clock = run.metrics, self.clock(run)
+        m["sampling_seconds"] = clock.seconds
+        if clock.samples:
+            m["sampling_seconds_per_sample"] = clock.seconds / clock.samples
+        if clock.seconds > 0:
+            m["samples_per_second"] = clock.samples / clock.seconds
+            if clock.images:
                 m["images_per_second"] = m["samples_per_second"]
         if run.device.type == "cuda":
             m["peak_cuda_memory_mb"] = torch.cuda.max_memory_allocated(run.device) / 2**20
         else:
             m["peak_rss_mb"] = _rss_peak_mb()
-            if not self._rss_reset:
+            if not clock.rss_reset:
                 m["peak_rss_is_lifetime"] = 1.0

@@ -1,0 +1,92 @@
+"""The run as plugins see it (:class:`Run`), the hooks it calls (:class:`Hooks`) and what it returns
+(:class:`Result`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from omegaconf import DictConfig
+
+from framework.core.model import Model
+from framework.core.registry import PluginSet
+from framework.core.settings import Settings
+from framework.core.state import Schedule, Stash
+
+#: (plugin name, bound hook function)
+Call = tuple[str, Callable[..., Any]]
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """Every per-step hook's implementations, resolved once per run in config order."""
+
+    before_step: list[Call]
+    after_step: list[Call]
+    momentum: list[Call]
+    guidance: list[tuple[str, Callable[..., Any], bool]]  # (name, hook, runs with gradients)
+    predict: Call
+    step: Call
+
+
+class Run:
+    """One run: its config and settings, the plugins, the model, the device and dtype, the metrics
+    plugins report, and what plugins declare in ``configure``.
+
+    ``stash`` holds per-run private state of plugins (``run.stash.get(self, factory)``); state of
+    one trajectory lives in the batch's stash (``state.stash``)."""
+
+    def __init__(self, cfg: DictConfig, settings: Settings, plugins: PluginSet, device: torch.device):
+        self.cfg = cfg
+        self.settings = settings
+        self.plugins = plugins
+        self.model: Model = plugins.by_group("model")[0].obj  # type: ignore[assignment]
+        self.device = device
+        self.dtype: torch.dtype = getattr(torch, str(settings.dtype))
+        self.metrics: dict[str, float] = {}
+        self.output_dir: Path | None = None
+        self.schedule: Schedule | None = None  # the grid every batch samples on, once it is made
+        self.hooks: Hooks | None = None  # resolved by the engine after ``configure``
+        self.stash = Stash()
+        self.needs_uncond = False
+        self.finite_checks = False
+        self._grad_plugins: set[int] = set()
+
+    # declarations made in ``configure``
+    def request_uncond(self) -> None:
+        """Ask the model adapter to batch the unconditional (negative-prompt) pass."""
+        self.needs_uncond = True
+
+    def request_grad(self, plugin: object) -> None:
+        """Run ``plugin``'s guidance hook with gradients enabled."""
+        self._grad_plugins.add(id(plugin))
+
+    def wants_grad(self, plugin: object) -> bool:
+        return id(plugin) in self._grad_plugins
+
+    def request_finite_checks(self) -> None:
+        """Check every hook's output for NaN/Inf on the device (``NonFinite.of(batch)`` reads it)."""
+        self.finite_checks = True
+
+
+@dataclass
+class Result:
+    """What a run returns: initial noisy latents, final latents, decoded images (or None), record.
+
+    Row ``r`` of the tensors is global sample ``indices[r]`` (all samples unless sharded).
+    ``resumed`` lists the samples read back from the run folder instead of being generated;
+    ``skipped`` is true when the whole run was already finished there. ``failures`` says why each
+    failed sample failed (step, σ and plugin of its first non-finite value).
+    """
+
+    x_T: torch.Tensor
+    latents: torch.Tensor
+    images: torch.Tensor | None
+    record: dict[str, Any]
+    schedule: Schedule
+    failed: list[int] = field(default_factory=list)  # global indices of failed samples (see failures)
+    indices: list[int] = field(default_factory=list)
+    resumed: list[int] = field(default_factory=list)
+    skipped: bool = False
+    failures: dict[int, str] = field(default_factory=dict)

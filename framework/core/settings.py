@@ -1,0 +1,123 @@
+"""The run's top-level settings: a typed schema checked before anything heavy is imported.
+
+The values come from ``conf/config.yaml`` (the only place that states their defaults) and the
+user's overrides; this module only states their types and allowed values. It imports neither torch
+nor any plugin, so the CLI rejects a bad value in milliseconds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from enum import Enum
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from framework.core.errors import ConfigError
+from framework.core.memo import Memo
+
+
+class Choice(str, Enum):
+    """A typed option of a fixed set of strings: compares equal to its string and prints as it.
+    OmegaConf checks a value against the member *names* (so names equal the spellings)."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class Noise(Choice):
+    independent = "independent"  # a fresh draw per stochastic step, from each sample's generator
+    brownian = "brownian"  # Brownian-tree increments: SDE noise coherent across step counts
+
+
+class DType(Choice):
+    float32 = "float32"
+    float64 = "float64"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+#: torch.compile modes (``compile_mode``); null picks reduce-overhead on CUDA, default elsewhere.
+CompileMode = Choice("CompileMode", [(m, m) for m in (
+    "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")])
+
+
+@dataclass
+class Settings:
+    """The top-level keys of the config, typed (their defaults and comments: conf/config.yaml)."""
+
+    steps: int = MISSING
+    seed: int = MISSING
+    num_samples: int = MISSING
+    batch_size: int = MISSING
+    prompts: list[str] = MISSING
+    negative_prompt: str = MISSING
+    cfg_scale: float = MISSING
+    device: str = MISSING
+    dtype: DType = MISSING
+    output_dir: Optional[str] = MISSING
+    save_images: bool = MISSING
+    objective: Optional[str] = MISSING
+    noise: Noise = MISSING
+    name: Optional[str] = MISSING
+    resume: bool = MISSING
+    shard_index: int = MISSING
+    shard_count: int = MISSING
+    compile: bool = MISSING
+    compile_mode: Optional[CompileMode] = MISSING  # type: ignore[valid-type]
+    channels_last: bool = MISSING
+
+    def check(self) -> None:
+        """The checks a type cannot state (ranges, relations between keys)."""
+        for key in ("steps", "num_samples", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be ≥ 1 (got {getattr(self, key)}): e.g. {key}=4")
+        if not self.prompts:
+            raise ConfigError("prompts is empty: give at least one, e.g. 'prompts=[a red circle]'")
+        if not 1 <= self.shard_count <= self.num_samples:
+            raise ConfigError(f"shard_count must be between 1 and num_samples={self.num_samples}, got {self.shard_count}")
+        if not 0 <= self.shard_index < self.shard_count:
+            raise ConfigError(
+                f"shard_index must be in 0..{self.shard_count - 1} (shard_count={self.shard_count}), got {self.shard_index}"
+            )
+        if self.name is not None and (not self.name.strip() or self.name.startswith("/") or ".." in self.name.split("/")):
+            raise ConfigError(f"name '{self.name}' must be a relative folder name, e.g. name=my_study")
+
+    def indices(self) -> range:
+        """The global sample indices this process generates: its contiguous block of the shards."""
+        n, c, i = self.num_samples, self.shard_count, self.shard_index
+        return range(n * i // c, n * (i + 1) // c)
+
+
+KEYS = tuple(f.name for f in fields(Settings))
+SCHEMAS: Memo[DictConfig] = Memo("structured-config schemas", 256)
+SETTINGS: Memo[Settings] = Memo("checked settings", 256)
+
+
+def schema(cls: type) -> DictConfig:
+    """The structured-config schema of a dataclass (built once per class: OmegaConf.structured is slow)."""
+    return SCHEMAS.get(cls, lambda: OmegaConf.structured(cls))
+
+
+def read_settings(cfg: Any) -> Settings:
+    """The checked top-level keys of a composed config. A missing key, a wrong type or a value
+    outside its choices is a :class:`ConfigError` naming the key."""
+    values = {k: cfg[k] for k in KEYS if k in cfg}
+    plain = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in values.items()}
+    settings = SETTINGS.get(repr(sorted(plain.items())), lambda: _check(plain))
+    return Settings(**{f: (list(v) if isinstance(v, list) else v) for f, v in vars(settings).items()})
+
+
+def _check(values: dict[str, Any]) -> Settings:
+    missing = [k for k in KEYS if k not in values]
+    if missing:
+        raise ConfigError(f"the config lacks the top-level key(s) {', '.join(missing)}: compose it from conf/config.yaml")
+    try:
+        checked = OmegaConf.merge(schema(Settings), values)
+    except OmegaConfBaseException as e:
+        key = str(getattr(e, "full_key", "") or "")
+        hint = f": it must be a list, e.g. '{key}=[a red circle,a blue square]'" if key == "prompts" else ""
+        raise ConfigError(f"bad value for '{key}'{hint} ({str(e).splitlines()[0]})") from e
+    settings = Settings(**OmegaConf.to_container(checked))  # type: ignore[arg-type]
+    settings.check()
+    return settings

@@ -1,0 +1,124 @@
+"""One composed config, end to end: a run folder, the engine over every batch, the record.
+
+A reader's path: settings (:mod:`framework.core.settings`) → the run folder, finished or resumed
+(:mod:`framework.runs.folder`) → the engine opens the run and samples each batch
+(:mod:`framework.core.engine`) → the model decodes → the folder saves the batch → metrics and
+``run_end`` → the record (:mod:`framework.runs.records`).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from framework.core import engine
+from framework.core.finite import failures
+from framework.core.run import Result, Run
+from framework.core.state import Batch
+from framework.core.settings import read_settings
+from framework.metrics.exact_error import ExactError
+from framework.models.base import wrap_model
+from framework.runs import records
+from framework.runs.folder import RunFolder
+from framework.runs.progress import Progress
+
+
+def execute(
+    cfg: DictConfig,
+    choices: dict[str, str] | None = None,
+    model: object | None = None,
+    output_dir: str | Path | None = None,
+) -> Result:
+    """Run one composed config: build plugins, sample every batch, score, record.
+
+    With a run folder (``output_dir``, or the ``output_dir`` key) every batch is saved as soon as it
+    is made. With ``resume`` on (the default), a rerun into the same folder reads back the batches
+    saved under the same run key instead of generating them, and a finished run is returned from
+    disk without building anything. A ``model`` object passed in (which the run key cannot see)
+    turns resuming off.
+    """
+    settings = read_settings(cfg)
+    out = output_dir if output_dir is not None else settings.output_dir
+    folder = RunFolder(Path(out), records.run_key(records.resolved_config(cfg))) if out else None
+    resume = settings.resume and model is None
+    if folder is not None and resume:
+        done = folder.finished()
+        if done is not None:
+            return done
+        folder.clean()
+    progress = Progress()
+    run = engine.open_run(cfg, choices or {}, wrap_model, None if model is None else wrap_model(model),
+                          builtins=(("progress", progress), ("exact_error", ExactError())))
+    run.output_dir = folder.path if folder is not None else None
+    indices = settings.indices()
+    batches = [list(indices[s : s + settings.batch_size]) for s in range(0, len(indices), settings.batch_size)]
+    made: list[Made] = []
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad():  # gradients only inside the guidance calls that asked (core.step.Denoiser)
+            for ks in batches:
+                made.append(_batch(run, ks, folder, resume))
+                b = made[-1]
+                engine.end_batch(run, b.batch, b.latents, b.images)
+    except KeyboardInterrupt:
+        where = (f"{sum(len(b.batch.indices) for b in made)} samples saved in {folder.path}: rerun the same command "
+                 "to resume" if folder is not None else "no run folder")
+        print(f"samplerlab: interrupted after {len(made)} of {len(batches)} batches; {where}", file=sys.stderr)
+        raise
+    finally:
+        progress.close(run)
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    seconds = time.perf_counter() - t0
+
+    failed = {k: why for b in made for k, why in b.failures.items()}
+    run.metrics.update(nfe=sum(b.batch.nfe for b in made) / len(made),
+                       unet_calls=sum(b.batch.unet_calls for b in made) / len(made),
+                       seconds=seconds, seconds_per_sample=seconds / len(indices))
+    result = Result(x_T=torch.cat([b.x_T for b in made]), latents=torch.cat([b.x for b in made]),
+                    images=None if made[0].images is None else torch.cat([b.images for b in made]),
+                    record={}, schedule=run.schedule, failed=list(failed), indices=list(indices),
+                    resumed=[k for b in made if b.batch.resumed for k in b.batch.indices], failures=failed)
+    engine.close_run(run, result)
+    result.record = records.build(run, result)
+    if folder is not None:
+        folder.save(result, save_images=settings.save_images)
+    return result
+
+
+@dataclass
+class Made:
+    """One batch, sampled (or read back), decoded and saved."""
+
+    batch: Batch
+    x_T: torch.Tensor
+    x: torch.Tensor  # at the grid's last σ
+    latents: torch.Tensor  # what the model decodes
+    images: torch.Tensor | None
+    failures: dict[int, str]
+
+
+def _batch(run: Run, ks: list[int], folder: RunFolder | None, resume: bool) -> Made:
+    """Sample (or read back) one batch, decode it and save it."""
+    batch = engine.new_batch(run, ks)
+    saved = folder.load_batch(ks) if folder is not None and resume else None
+    if saved is None:
+        x_T, x = engine.sample_batch(run, batch)
+        bad = failures(batch)
+    else:
+        x_T, x = saved.x_T.to(run.device, run.dtype), saved.latents.to(run.device, run.dtype)
+        batch.nfe, batch.unet_calls, bad, batch.resumed = saved.nfe, saved.unet_calls, saved.failures, True
+        batch.failed = torch.tensor([k in bad for k in ks], device=run.device)
+    batch.failure = list(bad.values())
+    latents = run.model.output_latents(x, run.schedule.sigmas[-1])
+    images = run.model.decode(latents)
+    pngs = images if run.settings.save_images else None
+    if folder is not None and saved is None:
+        folder.save_batch(ks, x_T, x, pngs, bad, batch.nfe, batch.unet_calls)
+    elif folder is not None and pngs is not None:  # resumed: restore PNGs removed since
+        folder.save_samples(ks, pngs, bad, only_missing=True)
+    return Made(batch, x_T, x, latents, images, bad)
