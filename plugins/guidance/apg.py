@@ -3,7 +3,7 @@ of High Guidance Scales in Diffusion Models"), in x0-space: Δ = D_c − D_u, wi
 Δ ← Δ + momentum·Δ_prev (the paper uses a negative value, e.g. −0.75), norm clipping
 Δ ← Δ·min(1, norm_threshold/‖Δ‖) (per sample; 0 disables), then the split of Δ into its parts
 parallel and orthogonal to D_c: D = D_c + (s − 1)·(Δ_⊥ + eta·Δ_∥). With eta = 1, no momentum and
-no threshold this is plain CFG. Use instead of ``cfg``."""
+no threshold this is plain CFG. s is the top-level ``cfg_scale``. Use instead of ``cfg``."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,7 +20,6 @@ class _Running:
 
 @dataclass
 class APG(UncondGuidance):
-    scale: float = 5.0
     eta: float = 0.0
     momentum: float = -0.75
     norm_threshold: float = 0.0
@@ -43,4 +42,4 @@ class APG(UncondGuidance):
         unit = cond / cond.flatten(1).norm(dim=1).clamp_min(1e-12).reshape(-1, *[1] * (cond.ndim - 1))
         parallel = (delta * unit).sum(dim=dims, keepdim=True) * unit
         orthogonal = delta - parallel
-        return pred.with_denoised(cond + (self.scale - 1) * (orthogonal + self.eta * parallel))
+        return pred.with_denoised(cond + (state.run.settings.cfg_scale - 1) * (orthogonal + self.eta * parallel))

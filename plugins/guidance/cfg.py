@@ -1,11 +1,11 @@
 """Classifier-free guidance (Ho & Salimans 2022): D = D_uncond + s·(D_cond − D_uncond).
 
-Linear in D, so identical to guiding the noise prediction ε as diffusers does. ``scale`` defaults
-to the top-level ``cfg_scale``; the negative prompt (top-level ``negative_prompt``) is the
+Linear in D, so identical to guiding the noise prediction ε as diffusers does. The scale s is the
+top-level ``cfg_scale`` (its only name); the negative prompt (top-level ``negative_prompt``) is the
 unconditional input. An unconditional model, or scale 1 throughout, needs no second pass.
 
-Scale schedules over the run's progress p = i/(N − 1): ``shape=constant`` (s = scale),
-``linear`` (from ``scale`` to ``end_scale``), ``cosine`` (scale + (end_scale − scale)·(1 − cos πp)/2).
+Scale schedules over the run's progress p = i/(N − 1): ``shape=constant`` (s = cfg_scale),
+``linear`` (from ``cfg_scale`` to ``end_scale``), ``cosine`` (cfg_scale + (end_scale − cfg_scale)·(1 − cos πp)/2).
 Guidance interval (Kynkäänniemi et al. 2024, the ``interval`` preset): guidance only for
 σ ∈ (sigma_lo, sigma_hi]; outside it D = D_cond.
 """
@@ -14,33 +14,35 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from framework.plugin import ConfigError, hookimpl
+from framework.plugin import Choice, ConfigError, UncondGuidance, hookimpl
 
-SHAPES = ("constant", "linear", "cosine")
+
+class Shape(Choice):
+    constant = "constant"
+    linear = "linear"
+    cosine = "cosine"
 
 
 @dataclass
-class CFG:
-    scale: float = 5.0
+class CFG(UncondGuidance):
     end_scale: float | None = None
-    shape: str = "constant"
+    shape: Shape = Shape.constant
     sigma_lo: float | None = None
     sigma_hi: float | None = None
 
     def __post_init__(self) -> None:
-        if self.shape not in SHAPES:
-            raise ConfigError(f"cfg.shape must be one of {', '.join(SHAPES)}, got '{self.shape}'")
         if self.sigma_lo is not None and self.sigma_hi is not None and self.sigma_lo >= self.sigma_hi:
             raise ConfigError(f"cfg needs sigma_lo < sigma_hi, got {self.sigma_lo} and {self.sigma_hi}")
 
-    def scale_at(self, index: int, steps: int) -> float:
-        end = self.scale if self.end_scale is None else self.end_scale
+    def scale_at(self, scale: float, index: int, steps: int) -> float:
+        """The guidance scale at step ``index`` of ``steps``, starting from ``scale`` (cfg_scale)."""
+        end = scale if self.end_scale is None else self.end_scale
         p = index / (steps - 1) if steps > 1 else 0.0
         if self.shape == "linear":
-            return self.scale + (end - self.scale) * p
+            return scale + (end - scale) * p
         if self.shape == "cosine":
-            return self.scale + (end - self.scale) * (1 - math.cos(math.pi * p)) / 2
-        return self.scale
+            return scale + (end - scale) * (1 - math.cos(math.pi * p)) / 2
+        return scale
 
     def active(self, sigma: float) -> bool:
         lo = -math.inf if self.sigma_lo is None else self.sigma_lo
@@ -48,8 +50,9 @@ class CFG:
         return lo < sigma <= hi
 
     @hookimpl
-    def configure(self, run):
-        ends = {self.scale, self.scale if self.end_scale is None else self.end_scale}
+    def configure(self, run):  # scale 1 throughout needs no unconditional pass
+        scale = run.settings.cfg_scale
+        ends = {scale, scale if self.end_scale is None else self.end_scale}
         if run.model.is_conditional and ends != {1.0}:
             run.request_uncond()
 
@@ -59,5 +62,5 @@ class CFG:
             return pred
         if not self.active(pred.sigma):
             return pred.with_denoised(pred.cond_denoised)
-        s = self.scale_at(state.index, state.schedule.steps)
+        s = self.scale_at(state.run.settings.cfg_scale, state.index, state.schedule.steps)
         return pred.with_denoised(pred.uncond_denoised + s * (pred.cond_denoised - pred.uncond_denoised))

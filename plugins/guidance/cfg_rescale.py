@@ -1,7 +1,8 @@
 """CFG with rescaling (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are
 Flawed", §3.4, as diffusers' ``guidance_rescale``): on the noise estimate ε = (x − D)/σ,
 ε_cfg = ε_u + s·(ε_c − ε_u); ε_resc = ε_cfg·std(ε_c)/std(ε_cfg) (std per sample over all other
-dimensions); ε = φ·ε_resc + (1 − φ)·ε_cfg. φ = 0 is plain CFG. Use instead of ``cfg``."""
+dimensions); ε = φ·ε_resc + (1 − φ)·ε_cfg, s the top-level ``cfg_scale``. φ = 0 is plain CFG. Use
+instead of ``cfg``."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,7 +12,6 @@ from framework.plugin import ConfigError, UncondGuidance, hookimpl
 
 @dataclass
 class CFGRescale(UncondGuidance):
-    scale: float = 5.0
     phi: float = 0.7
 
     def __post_init__(self) -> None:
@@ -25,7 +25,7 @@ class CFGRescale(UncondGuidance):
         x, sigma = pred.x, pred.sigma
         eps_c = (x - pred.cond_denoised) / sigma
         eps_u = (x - pred.uncond_denoised) / sigma
-        eps = eps_u + self.scale * (eps_c - eps_u)
+        eps = eps_u + state.run.settings.cfg_scale * (eps_c - eps_u)
         dims = tuple(range(1, x.ndim))
         rescaled = eps * (eps_c.std(dim=dims, keepdim=True) / eps.std(dim=dims, keepdim=True))
         eps = self.phi * rescaled + (1 - self.phi) * eps
