@@ -264,6 +264,19 @@ def test_inpaint_missing_mask_is_config_error(base, files):
         run(base + ["guidance=[inpaint]", f"guidance.inpaint.image={files / 'ref.png'}", "guidance.inpaint.mask=/no/such.png"])
 
 
+@pytest.mark.parametrize("order", ["img2img,inpaint", "inpaint,img2img"])
+def test_two_starting_points_are_refused_at_start_up(base, files, order, monkeypatch):
+    """img2img and inpaint both set the starting latents: one line before anything is sampled,
+    whatever their order (before: the first registered silently won, or the run failed mid-way)."""
+    from framework.core import engine
+
+    monkeypatch.setattr(engine, "sample_batch", lambda *a: pytest.fail("sampled before the conflict was found"))
+    args = [f"guidance.img2img.image={files / 'ref.png'}", f"guidance.inpaint.image={files / 'ref.png'}",
+            f"guidance.inpaint.mask={files / 'mask.png'}"]
+    with pytest.raises(ConfigError, match="both answer 'init_latents'.*keep one"):
+        run(base + [f"guidance=[{order}]"] + args)
+
+
 @pytest.mark.slow  # ~15 s: four bundled runs and the judge/CLIP loads; the plugins' behaviour is tested above
 def test_guidance_study_fast(tmp_path):
     from pathlib import Path

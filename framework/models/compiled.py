@@ -10,10 +10,10 @@ CPU. Under CUDA graphs the outputs of a call live in memory that the next replay
 every call starts a new graph generation and its output is cloned before it is handed back: the
 solvers may keep what they get (history, multi-stage evaluations) for as long as they like.
 
-The compiled module is cached per process under (module object, dtype, mode, device, memory
-format, backend): the runs of a sweep in one process (Hydra's basic launcher, ``testing.sample``)
-share it, and torch.compile's own guards decide whether a new shape needs another graph.
-:func:`stats` counts builds and reuses.
+The compiled module is cached per process in :data:`NETWORKS` (an explicit :class:`Memo`) under
+(module object, dtype, mode, device, memory format, backend): the runs of a sweep in one process
+(Hydra's basic launcher, ``testing.sample``) share it, and torch.compile's own guards decide whether
+a new shape needs another graph. :func:`stats` counts builds and reuses.
 """
 from __future__ import annotations
 
@@ -23,8 +23,10 @@ from typing import Any, Callable
 import torch
 
 from framework.core.errors import ConfigError
+from framework.core.memo import Memo
+from framework.core.settings import CompileMode
 
-MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+MODES = tuple(m.value for m in CompileMode)
 #: torch.compile backend. ``inductor`` is the real thing; tests of the plumbing (tracing, guards,
 #: caching) set ``aot_eager``, which traces the same graphs without generating code (seconds
 #: instead of minutes on a CPU).
@@ -37,7 +39,7 @@ def resolve_mode(mode: str | None, device: torch.device) -> str:
         return "reduce-overhead" if device.type == "cuda" else "default"
     if mode not in MODES:
         raise ConfigError(f"compile_mode '{mode}' is not one of {', '.join(MODES)} (or null for the device's default)")
-    return mode
+    return str(mode)
 
 
 def uses_cuda_graphs(mode: str, device: torch.device) -> bool:
@@ -72,7 +74,10 @@ def _clone(out: Any) -> Any:
     return out
 
 
-_CACHE: dict[tuple, CompiledNetwork] = {}
+#: The compiled networks of this process, by (module, dtype, mode, device, memory format, backend):
+#: the runs of a sweep in one process share them. ``NETWORKS.clear()`` (or ``core.memo.clear()``)
+#: forgets them.
+NETWORKS: Memo[CompiledNetwork] = Memo("compiled networks", 64)
 _STATS = {"built": 0, "reused": 0}
 
 
@@ -83,20 +88,21 @@ def stats() -> dict[str, int]:
 
 def compile_network(module: torch.nn.Module, mode: str, device: torch.device, dtype: torch.dtype) -> CompiledNetwork:
     """The process-wide compiled version of ``module`` (built on first use, then reused)."""
-    channels_last = _is_channels_last(module)
-    key = (id(module), dtype, mode, device, channels_last, BACKEND)
-    hit = _CACHE.get(key)
+    key = (id(module), dtype, mode, device, _is_channels_last(module), BACKEND)
+    hit = NETWORKS.data.get(key)
     if hit is not None and hit.module is module:
         _STATS["reused"] += 1
         return hit
+    NETWORKS.data.pop(key, None)  # a dead module's id was reused
+    return NETWORKS.get(key, lambda: _compile(module, mode, device))
+
+
+def _compile(module: torch.nn.Module, mode: str, device: torch.device) -> CompiledNetwork:
     kwargs: dict[str, Any] = {"dynamic": False, "backend": BACKEND}
     if BACKEND == "inductor":
         kwargs["mode"] = mode
-    compiled = torch.compile(module, **kwargs)
-    net = CompiledNetwork(module, compiled, mode, uses_cuda_graphs(mode, device) and BACKEND == "inductor")
-    _CACHE[key] = net
     _STATS["built"] += 1
-    return net
+    return CompiledNetwork(module, torch.compile(module, **kwargs), mode, uses_cuda_graphs(mode, device) and BACKEND == "inductor")
 
 
 def set_channels_last(module: torch.nn.Module, on: bool) -> None:
