@@ -8,11 +8,13 @@ import textwrap
 import pytest
 
 from framework.entry.cli import main, plugins_main
-from framework.core.registry import DISABLE_ENTRY_POINTS_ENV
+from tests.distributions import on_path, write_dist_info
+
+DISABLE_ENTRY_POINTS_ENV = "SAMPLERLAB_DISABLE_ENTRY_POINTS"  # README: turns entry-point plugins off
 
 
 @pytest.fixture
-def installed_plugin(tmp_path, monkeypatch):
+def installed_plugin(tmp_path):
     site = tmp_path / "site"
     pkg = site / "midpoint_plugin"
     (pkg / "conf" / "solver").mkdir(parents=True)
@@ -20,7 +22,7 @@ def installed_plugin(tmp_path, monkeypatch):
     (pkg / "midpoint.py").write_text(textwrap.dedent('''
         """The explicit midpoint method (a second-order Runge–Kutta method)."""
         from dataclasses import dataclass
-        from framework.core.markers import hookimpl
+        from framework.plugin import hookimpl
 
         @dataclass
         class Midpoint:
@@ -34,12 +36,9 @@ def installed_plugin(tmp_path, monkeypatch):
                 return state.x + (s_next - s) * denoise(x_mid, s_mid).derivative
     '''))
     (pkg / "conf" / "solver" / "midpoint.yaml").write_text("_target_: midpoint_plugin.midpoint.Midpoint\n")
-    dist = site / "midpoint_plugin-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: midpoint-plugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[samplerlab]\nmidpoint = midpoint_plugin\n")
-    monkeypatch.syspath_prepend(str(site))
-    return site
+    write_dist_info(site, "midpoint-plugin", "0.1", {"samplerlab": {"midpoint": "midpoint_plugin"}})
+    with on_path(site, packages=("midpoint_plugin",)):
+        yield site
 
 
 def test_entry_point_plugin_runs_from_cli(installed_plugin, tmp_path, capsys):

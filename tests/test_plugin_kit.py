@@ -1,10 +1,12 @@
 """The plugin authoring kit: the template (framework/tools/newplugin.py) makes docs/plugins.md's example
-package, which installs with pip, is found through the entry point, runs in a sweep beside the
-built-ins and passes its generated tests; broken plugins fail the conformance kit
-(framework/testing.py) with a message that says what is wrong; built-in momentum plugins,
-schedules and color_loss pass the kit of their family (solvers: tests/test_solvers.py)."""
+package, which is found through its entry point (a temporary dist-info on sys.path; one slow test
+installs it with pip), runs in a sweep beside the built-ins and passes its generated tests; broken
+plugins fail the conformance kit (framework/testing.py) with a message that says what is wrong;
+built-in momentum plugins, schedules and color_loss pass the kit of their family (solvers:
+tests/test_solvers.py). docs/plugins.md itself is checked by tests/test_plugins_tutorial.py."""
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -15,31 +17,53 @@ from pathlib import Path
 import pytest
 import torch
 
+import conf
 from framework import testing
-
-from framework.core.markers import hookimpl
 from framework.entry.cli import main
+from framework.plugin import ConfigError, hookimpl
 from framework.tools.newplugin import create
 from framework.tools.newplugin import main as new_plugin
-from framework.core.registry import CONF_DIR, available
+from tests.distributions import installed_in_place, plugin_sources
 
 ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = Path(conf.__file__).parent
 PACKAGE = "my_samplers"  # docs/plugins.md's example package
 PLUGINS = [("solver", "ralston"), ("loss", "brightness"), ("schedule", "warped"), ("momentum", "ema")]
 
 
-@pytest.fixture(scope="module")
-def installed(tmp_path_factory):
-    """The tutorial's package made by the template, installed with pip into a folder on sys.path."""
-    root = tmp_path_factory.mktemp("plugins")
+def make_package(root: Path) -> Path:
+    """The tutorial's package, with one plugin of each family, made by the template in ``root``."""
     for family, name in PLUGINS:
         assert new_plugin([family, name, "--dest", str(root), "--package", PACKAGE]) == 0
-    project, site = root / PACKAGE, root / "site"
+    return root / PACKAGE
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """The package, installed for discovery as ``pip install -e`` would leave it: a temporary
+    ``my_samplers-0.1.0.dist-info`` (name, version, entry points from its pyproject.toml) and the
+    project folder on sys.path (tests/distributions.py)."""
+    root = tmp_path_factory.mktemp("plugins")
+    project = make_package(root)
+    with installed_in_place(project, root / "site"):
+        yield project
+
+
+@pytest.fixture(scope="module")
+def pip_installed(tmp_path_factory):
+    """The package (a copy of its own) installed with pip into a folder; used by the slow tests in
+    fresh processes only, so that this process never sees two installations."""
+    root = tmp_path_factory.mktemp("pip_plugins")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAMPLERLAB_DISABLE_ENTRY_POINTS", "1")  # the template must not see the other installation
+        project, site = make_package(root), root / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
                     "--disable-pip-version-check", "--target", str(site), str(project)], check=True)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(site))
-        yield project, site
+    return project, site
+
+
+def fresh_env(site: Path) -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(ROOT)]), OMP_NUM_THREADS="1")
 
 
 def run_generated(project: Path, *selection: str) -> None:
@@ -50,12 +74,11 @@ def run_generated(project: Path, *selection: str) -> None:
 
 
 def test_template_package_is_found_through_the_entry_point(installed):
-    project, site = installed
-    assert (site / PACKAGE / "conf" / "solver" / "ralston.yaml").is_file()  # installed, not read in place
-    assert available("solver")["ralston"] == "my-samplers"
-    assert available("guidance")["brightness"] == "my-samplers"
-    assert available("schedule")["warped"] == "my-samplers"
-    assert available("momentum")["ema"] == "my-samplers"
+    project = installed
+    assert plugin_sources("solver")["ralston"] == "my-samplers"
+    assert plugin_sources("guidance")["brightness"] == "my-samplers"
+    assert plugin_sources("schedule")["warped"] == "my-samplers"
+    assert plugin_sources("momentum")["ema"] == "my-samplers"
     assert (project / "pyproject.toml").read_text().count("[project.entry-points.samplerlab]") == 1
 
 
@@ -75,23 +98,51 @@ def test_template_plugins_run_in_a_sweep_beside_builtins(installed, tmp_path, ca
 def test_generated_solver_and_loss_tests_pass(installed):
     """The tutorial's solver tests (order on both analytic models, NFE, determinism, batch) and the
     loss's gradient test; the bundled-model loss tests run in the slow test below."""
-    run_generated(installed[0], "test_ralston.py", "test_brightness.py::test_gradient_moves_the_target")
+    run_generated(installed, "test_ralston.py", "test_brightness.py::test_gradient_moves_the_target")
 
 
 @pytest.mark.slow  # the schedule and momentum templates (also run by the fresh-process test)
 def test_generated_schedule_and_momentum_tests_pass(installed):
-    run_generated(installed[0], "test_warped.py", "test_ema.py")
+    run_generated(installed, "test_warped.py", "test_ema.py")
 
 
 @pytest.mark.slow
-def test_generated_suite_passes_in_a_fresh_process(installed):
+def test_pip_install_is_found_through_the_entry_point(pip_installed):
+    """The real thing once: pip installs the package (its YAMLs as package data) and a fresh
+    process finds every plugin of it through the entry point."""
+    project, site = pip_installed
+    assert (site / PACKAGE / "conf" / "solver" / "ralston.yaml").is_file()  # installed, not read in place
+    code = ("from tests.distributions import plugin_sources as s; "
+            "print(*(s(g)[n] for g, n in [('solver', 'ralston'), ('guidance', 'brightness'), "
+            "('schedule', 'warped'), ('momentum', 'ema')]))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=site, env=fresh_env(site), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["my-samplers"] * 4
+
+
+@pytest.mark.slow
+def test_generated_suite_passes_in_a_fresh_process(pip_installed):
     """The whole generated suite, as an author runs it (~1–3 minutes here, most of it the bundled model)."""
-    project, site = installed
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(ROOT)]), OMP_NUM_THREADS="1")
+    project, site = pip_installed
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"], cwd=project,
-                         env=env, capture_output=True, text=True)
+                         env=fresh_env(site), capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert "12 passed" in out.stdout
+
+
+def test_generated_code_imports_only_the_public_api(installed):
+    """A plugin author needs one import: every template imports framework.plugin, and the generated
+    tests framework.testing, and nothing else of samplerlab."""
+    public = {"framework.plugin", "framework.testing"}
+    files = sorted(installed.rglob("*.py"))
+    assert len(files) == 9  # __init__, 4 plugins, 4 test files
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "framework":
+                names = {node.module} if node.module != "framework" else {f"framework.{a.name}" for a in node.names}
+                assert names <= public, f"{path.name} imports {sorted(names - public)}: use framework.plugin"
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.split(".")[0] == "framework" for a in node.names), path.name
 
 
 def test_template_refuses_bad_requests(tmp_path, capsys):
@@ -251,11 +302,14 @@ SCHEDULES = sorted(p.stem for p in (CONF_DIR / "schedule").glob("*.yaml"))
 
 
 def _momentum_solver(name: str) -> str:
-    from framework.entry.compose import compose
-    from framework.core.registry import instantiate
-
-    cfg, _ = compose([f"momentum=[{name}]"])
-    return type(instantiate(cfg.momentum[name], name)).solvers[0]
+    """The first single-evaluation solver the plugin composes with (the others are a ConfigError)."""
+    for solver in ("euler", "ddim"):
+        try:
+            testing.sample([f"solver={solver}", f"momentum=[{name}]"], steps=1, num_samples=1, batch_size=1)
+        except ConfigError:
+            continue
+        return solver
+    raise AssertionError(f"momentum {name} composes with neither euler nor ddim")
 
 
 @pytest.mark.parametrize("name", MOMENTUM)
