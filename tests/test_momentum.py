@@ -10,6 +10,7 @@ from diffusers import DPMSolverMultistepScheduler, LMSDiscreteScheduler
 
 from framework.entry.api import run
 from framework.core.errors import ConfigError
+from framework.plugin import hookimpl
 from framework.models.analytic import Mixture
 from framework.core.registry import CONF_DIR
 
@@ -29,11 +30,10 @@ def test_ddim_plus_multistep2_is_dpmpp_2m(model):
 
 
 @pytest.mark.parametrize("order", [2, 3, 4])
-def test_euler_plus_multistep_derivative_sigma_is_lms(order):
+def test_euler_plus_multistep_sigma_is_lms(order):
     base = MIX + ["steps=10"]
     lms = run(base + ["solver=lms", f"solver.order={order}"])
-    ours = run(base + ["solver=euler", "momentum=[multistep]", "momentum.multistep.variable=derivative_sigma",
-                       f"momentum.multistep.order={order}"])
+    ours = run(base + ["solver=euler", "momentum=[multistep_sigma]", f"momentum.multistep_sigma.order={order}"])
     assert maxdiff(lms, ours) <= 1e-12
 
 
@@ -54,7 +54,7 @@ SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_sch
 
 
 @pytest.mark.parametrize("order,steps", [(2, 10), (3, 10), (3, 20)])
-def test_multistep_denoised_lambda_matches_diffusers_dpmsolver_pp(order, steps):
+def test_multistep_matches_diffusers_dpmsolver_pp(order, steps):
     sched = DPMSolverMultistepScheduler(**SD, solver_order=order, algorithm_type="dpmsolver++", solver_type="midpoint")
     sched.set_timesteps(steps)
     grid = [float(s) for s in sched.sigmas]
@@ -65,13 +65,12 @@ def test_multistep_denoised_lambda_matches_diffusers_dpmsolver_pp(order, steps):
 
 
 @pytest.mark.parametrize("order", [2, 3, 4])
-def test_multistep_derivative_sigma_matches_diffusers_lms(order):
+def test_multistep_sigma_matches_diffusers_lms(order):
     sched = LMSDiscreteScheduler(**SD)
     sched.set_timesteps(10)
     grid = [float(s) for s in sched.sigmas]
-    ours = run(MIX + ["solver=euler", "momentum=[multistep]", "momentum.multistep.variable=derivative_sigma",
-                      f"momentum.multistep.order={order}", "schedule=custom",
-                      f"schedule.sigmas=[{','.join(repr(s) for s in grid)}]", "steps=10"])
+    ours = run(MIX + ["solver=euler", "momentum=[multistep_sigma]", f"momentum.multistep_sigma.order={order}",
+                      "schedule=custom", f"schedule.sigmas=[{','.join(repr(s) for s in grid)}]", "steps=10"])
     x = ours.x_T.clone()
     model = Mixture()
     for i, t in enumerate(sched.timesteps):
@@ -89,6 +88,7 @@ def test_multistep_derivative_sigma_matches_diffusers_lms(order):
         ["momentum=[ghvb]", "momentum.ghvb.beta=0.0", "momentum.ghvb.order=1"],
         ["momentum=[gradient_estimation]", "momentum.gradient_estimation.gamma=1.0"],
         ["momentum=[multistep]", "momentum.multistep.order=1"],
+        ["momentum=[multistep_sigma]", "momentum.multistep_sigma.order=1"],
         ["momentum=[adam]", "momentum.adam.beta=0.0", "momentum.adam.beta2=0.0"],
     ],
     ids=lambda o: o[0],
@@ -144,8 +144,8 @@ def test_optimize_adam_takes_normalised_steps():
     assert maxdiff(res, run(MIX + ["steps=10", "solver=euler"])) > 1.0  # not an ODE step any more
 
 
-# --- solver=optimize solver.mode=distill (score-distillation style) -----------------------------
-DISTILL = ["solver=optimize", "solver.mode=distill"]
+# --- solver=distill (score-distillation style) --------------------------------------------------
+DISTILL = ["solver=distill"]
 
 
 def test_distill_sgd_lr1_is_the_renoise_denoise_recursion_on_the_gaussian():
@@ -208,13 +208,43 @@ def test_distill_composes_with_loss_guidance(tiny_overrides):
 @pytest.mark.parametrize(
     "overrides,match",
     [
-        (["solver.mode=sds"], "solver.mode must be trajectory or distill"),
-        (["solver.weight_power=1"], "set solver.mode=distill"),
-        (["solver.lr=0"], "solver.lr must be > 0"),
-        (DISTILL + ["callback=[churn]", "callback.churn.s_churn=1"], "remove the before-step plugins \\(churn\\)"),
-        (DISTILL + ["momentum=[heavy_ball]"], "does not compose with solver=optimize"),
+        (["solver=optimize", "+solver.mode=distill"], "unknown parameter\\(s\\) mode"),  # one algorithm per class
+        (["solver=optimize", "+solver.weight_power=1"], "unknown parameter\\(s\\) weight_power"),
+        (["solver=optimize", "solver.optimizer=lbfgs"], "expected one of \\[sgd, adam\\]"),
+        (["solver=optimize", "solver.lr=0"], "solver.lr must be > 0"),
+        (DISTILL + ["solver.lr=0"], "solver.lr must be > 0"),
+        (DISTILL + ["callback=[churn]", "callback.churn.s_churn=1"], "solver=distill re-noises .* \\(churn\\)"),
+        (DISTILL + ["momentum=[heavy_ball]"], "does not compose with solver=distill"),
+        (["solver=optimize", "momentum=[heavy_ball]"], "does not compose with solver=optimize"),
     ],
 )
-def test_optimize_config_errors(overrides, match):
+def test_optimize_and_distill_config_errors(overrides, match):
     with pytest.raises(ConfigError, match=match):
-        run(MIX + ["solver=optimize", "steps=4"] + overrides)
+        run(MIX + ["steps=4"] + overrides)
+
+
+# --- compatibility is a trait of the solver class, not of its config name ------------------------
+class RenamedEuler:
+    """A third-party single-evaluation solver: the Euler step under another class, with the trait."""
+
+    steps_along_denoised = True
+
+    @hookimpl
+    def step(self, state, denoise):
+        return state.pred.x + (state.sigma_next - state.sigma) * state.pred.derivative
+
+
+class UntraitedEuler:
+    """The same step without the trait: momentum cannot know it steps along D."""
+
+    @hookimpl
+    def step(self, state, denoise):
+        return state.pred.x + (state.sigma_next - state.sigma) * state.pred.derivative
+
+
+def test_momentum_compatibility_is_the_solver_class_trait():
+    hb = MIX + ["steps=8", "momentum=[heavy_ball]"]
+    ours = run(hb + ["solver=heun", f"solver._target_={__name__}.RenamedEuler"])  # any config name
+    assert torch.equal(ours.latents, run(hb + ["solver=euler"]).latents)
+    with pytest.raises(ConfigError, match="momentum heavy_ball does not compose with solver=euler: .*steps along D"):
+        run(hb + ["solver=euler", f"solver._target_={__name__}.UntraitedEuler"])

@@ -57,6 +57,7 @@ ORDERS: dict[str, tuple[list[str], float, list[str]]] = {
 STOCHASTIC = {  # solver: overrides making it stochastic (its defaults)
     "euler_ancestral": [], "dpm_2_ancestral": [], "ddpm": [], "dpmpp_2s_ancestral": [], "dpmpp_sde": [],
     "dpmpp_2m_sde": [], "dpmpp_3m_sde": [], "restart": [], "ddim": ["solver.eta=1.0"],
+    "distill": [],  # score distillation: fresh noise at every iteration, no ODE
 }
 EXCLUDED = {"dpm_adaptive": "adaptive", "reference": "adaptive ground truth", "restart": "stochastic",
             "diffusers": "runs a diffusers scheduler"}
@@ -212,7 +213,7 @@ def test_churn_sigma_hat_is_edm_algorithm_2():
 
 
 def test_bad_solver_parameters_are_config_errors():
-    with pytest.raises(ConfigError, match="solver.variant"):
+    with pytest.raises(ConfigError, match=r"^solver=unipc\.variant: Invalid value 'bh3', expected one of \[bh1, bh2\]$"):
         run(GAUSS + ["solver=unipc", "solver.variant=bh3"])
     with pytest.raises(ConfigError, match="solver.order"):
         run(GAUSS + ["solver=lms", "solver.order=0"])

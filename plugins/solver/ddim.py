@@ -4,12 +4,15 @@ DDPM posterior)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from framework.plugin import ConfigError, ancestral_split, hookimpl
 
 
 @dataclass
 class DDIM:
+    steps_along_denoised: ClassVar[bool] = True  # momentum plugins compose (framework.bases.momentum)
+
     eta: float = 0.0
 
     def __post_init__(self) -> None:

@@ -3,12 +3,15 @@ without the correction); deterministic DDIM is this step."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from framework.plugin import hookimpl
 
 
 @dataclass
 class Euler:
+    steps_along_denoised: ClassVar[bool] = True  # momentum plugins compose (framework.bases.momentum)
+
     @hookimpl
     def step(self, state, denoise):
         pred = state.pred
