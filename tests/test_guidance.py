@@ -6,6 +6,7 @@ import torch
 from diffusers import EulerDiscreteScheduler
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
+from framework.core.errors import ConfigError
 from framework.entry.api import run
 
 
@@ -76,6 +77,21 @@ def test_cfg_pp_solvers(pp, plain, base):
     assert guided.record["metrics"]["nfe"] == 5 and guided.record["metrics"]["unet_calls"] == 5
 
 
+@pytest.mark.parametrize("pp", ["euler_cfg_pp", "dpmpp_2m_cfg_pp"])
+def test_cfg_pp_solvers_request_the_unconditional_pass_and_need_a_combiner(pp, base):
+    """On a conditional model CFG++ asks for the unconditional pass itself: with cfg at λ = 1 (which
+    alone would not request it) the step still uses D_uncond. Without a CFG combiner there is no
+    guided estimate to step to: refused at start-up, in one line."""
+    lam1 = run(base + [f"solver={pp}", "cfg_scale=1.0"])
+    assert lam1.record["metrics"]["unet_calls"] == 5  # one batched cond+uncond call per step
+    assert not close(lam1.latents, run(base + ["cfg_scale=1.0"]).latents)  # not the plain step
+    for combiner in ("cfg_rescale", "apg", "interval"):
+        assert torch.isfinite(run(base + [f"solver={pp}", f"guidance=[{combiner}]", "cfg_scale=0.6"]).latents).all()
+    with pytest.raises(ConfigError, match=rf"^solver={pp} steps to the CFG-guided estimate: add a CFG combiner") as e:
+        run(base + [f"solver={pp}", "guidance=[]"])
+    assert "\n" not in str(e.value)
+
+
 @pytest.fixture(scope="module")
 def source_png(tmp_path_factory):
     from framework.bundled.world import sample_scenes
@@ -100,7 +116,5 @@ def test_img2img_strength_controls_closeness_and_nfe(source_png):
 
 
 def test_img2img_missing_image_is_config_error():
-    from framework.core.errors import ConfigError
-
     with pytest.raises(ConfigError, match="not found"):
         run(["guidance=[img2img]", "guidance.img2img.image=/nonexistent.png", "num_samples=1", "steps=2"])

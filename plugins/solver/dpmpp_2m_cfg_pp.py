@@ -4,8 +4,9 @@ re-noising part uses the unconditional estimate,
 
     x' = D + e^(−h)·(x − D_u) − expm1(−h)·(D − D_u,prev)/(2r)      (h = λ' − λ, r = h_prev/h),
 
-first order on the first step and on the step to σ = 0. Without an unconditional pass (D_u = D)
-it is DPM-Solver++(2M) exactly in exact arithmetic."""
+first order on the first step and on the step to σ = 0. Like ``euler_cfg_pp``, on a text-conditioned
+model it requests the unconditional pass itself and needs a CFG combiner in the guidance list; on an
+unconditional model (D_u = D) it is DPM-Solver++(2M) exactly in exact arithmetic."""
 from __future__ import annotations
 
 import math
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from framework.plugin import hookimpl, lam
+from plugins.solver.euler_cfg_pp import CFGPP
 
 
 @dataclass
@@ -23,7 +25,7 @@ class _Prev:
 
 
 @dataclass
-class DPMPP2MCFGPP:
+class DPMPP2MCFGPP(CFGPP):
     @hookimpl
     def step(self, state, denoise):
         pred = state.pred
