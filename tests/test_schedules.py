@@ -163,3 +163,21 @@ def test_bad_schedule_parameters_are_config_errors():
         build("exponential", sigma_min=5.0, sigma_max=1.0).schedule(model=CONTINUOUS, steps=4)
     with pytest.raises(ConfigError, match="rho"):
         build("time_uniform", rho=0.0)
+
+
+@pytest.mark.parametrize("name,key,bad,allowed", [
+    ("karras", "init_noise", "loud", "sigma, vp"),
+    ("exponential", "init_noise", "loud", "sigma, vp"),
+    ("uniform", "spacing", "middle", "linspace, leading, trailing"),
+    ("uniform", "final", "one", "zero, alpha0"),
+    ("uniform", "init_noise", "loud", "auto, sigma, vp"),
+])
+def test_fixed_choice_options_are_typed(name, key, bad, allowed):
+    """A string option from a fixed set is an enum field: the schema rejects other values in one line
+    naming the allowed ones, and the value still compares equal to (and prints as) its string."""
+    one_line = rf"^schedule={name}\.{key}: Invalid value '{bad}', expected one of \[{allowed}\]$"
+    with pytest.raises(ConfigError, match=one_line):
+        build(name, **{key: bad})
+    good = allowed.split(", ")[-1]
+    value = getattr(build(name, **{key: good}), key)
+    assert value == good and f"{value}" == good

@@ -13,17 +13,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from framework.plugin import ConfigError, NonFinite, NumericalError, describe, hookimpl
+from framework.plugin import Choice, ConfigError, NonFinite, NumericalError, describe, hookimpl
+
+
+class Policy(Choice):
+    mark = "mark"
+    stop = "stop"
 
 
 @dataclass
 class NanGuard:
-    policy: str = "mark"
+    policy: Policy = Policy.mark
     check_every: int = 10
 
     def __post_init__(self) -> None:
-        if self.policy not in ("mark", "stop"):
-            raise ConfigError(f"callback.nan_guard.policy must be mark or stop, got '{self.policy}'")
         if self.check_every < 1:
             raise ConfigError(f"callback.nan_guard.check_every must be ≥ 1, got {self.check_every}")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from framework.plugin import EditPlugin, TextEmbeddings, scale_positions
+from framework.plugin import ApplyTo, EditPlugin, TextEmbeddings, scale_positions
 
 
 @dataclass
@@ -16,7 +16,7 @@ class PositionScale(EditPlugin):
     scale: float = 0.5
     start: int = 0
     end: int | None = None
-    apply_to: str = "cond"  # cond | uncond | both
+    apply_to: ApplyTo = ApplyTo.cond
 
     def edit_inputs(self, inputs, emb: TextEmbeddings):
         return scale_positions(inputs, self.scale, self.start, self.end)

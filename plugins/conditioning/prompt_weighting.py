@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from framework.plugin import EditPlugin, TextEmbeddings, apply_prompt_weights
+from framework.plugin import ApplyTo, EditPlugin, TextEmbeddings, apply_prompt_weights
 
 
 @dataclass
 class PromptWeighting(EditPlugin):
     normalize: bool = True
-    apply_to: str = "both"  # the negative prompt's weights are read too
+    apply_to: ApplyTo = ApplyTo.both  # the negative prompt's weights are read too
 
     parses_weights = True
 

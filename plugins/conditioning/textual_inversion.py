@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from framework.plugin import ConfigError, EditPlugin, TextEmbeddings, load_embeddings
+from framework.plugin import ApplyTo, ConfigError, EditPlugin, TextEmbeddings, load_embeddings
 
 
 @dataclass
 class TextualInversion(EditPlugin):
     path: str | None = None
     token: str | None = None
-    apply_to: str = "both"  # cond | uncond | both
+    apply_to: ApplyTo = ApplyTo.both
 
     def new_tokens(self, emb: TextEmbeddings):
         if not self.path:

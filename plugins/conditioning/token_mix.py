@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from framework.plugin import ConfigError, EditPlugin, TextEmbeddings, mix_tokens
+from framework.plugin import ApplyTo, ConfigError, EditPlugin, TextEmbeddings, mix_tokens
 
 
 @dataclass
@@ -15,7 +15,7 @@ class TokenMix(EditPlugin):
     token: str = "red"
     tokens: list[str] = field(default_factory=lambda: ["red", "blue"])
     weights: list[float] = field(default_factory=lambda: [0.5, 0.5])
-    apply_to: str = "both"  # cond | uncond | both (negative prompts, when CFG is on)
+    apply_to: ApplyTo = ApplyTo.both
 
     def __post_init__(self) -> None:
         if not self.tokens or len(self.tokens) != len(self.weights):

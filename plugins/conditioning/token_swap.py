@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from framework.plugin import EditPlugin, TextEmbeddings, load_embeddings, replace_token
+from framework.plugin import ApplyTo, EditPlugin, TextEmbeddings, load_embeddings, replace_token
 
 
 @dataclass
@@ -17,7 +17,7 @@ class TokenSwap(EditPlugin):
     source: str = "red"
     target: str = "blue"
     vector: str | None = None  # an embedding file; its first vector replaces ``source`` (target is then unused)
-    apply_to: str = "both"  # cond | uncond | both (negative prompts, when CFG is on)
+    apply_to: ApplyTo = ApplyTo.both
 
     def edit_inputs(self, inputs, emb: TextEmbeddings):
         if self.vector:

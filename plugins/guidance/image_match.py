@@ -12,25 +12,21 @@ from dataclasses import dataclass
 
 import torch
 
-from framework.plugin import (
-    ConfigError, JudgeFeatures, LossGuidance, load_image, perceptual_distance, pixel_size,
-)
+from framework.plugin import Choice, JudgeFeatures, LossGuidance, load_image, perceptual_distance, pixel_size
 
-METRICS = ("mse", "perceptual")
+
+class Metric(Choice):
+    mse = "mse"
+    perceptual = "perceptual"
 
 
 @dataclass
 class ImageMatch(LossGuidance):
     image: str = ""
-    metric: str = "mse"
+    metric: Metric = Metric.mse
     scale: float = 0.2
     normalize: bool = True
     every: int = 2
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.metric not in METRICS:
-            raise ConfigError(f"image_match.metric must be one of {', '.join(METRICS)}, got '{self.metric}'")
 
     def setup(self, run) -> None:
         ref = load_image(self.image, pixel_size(run.model), "guidance.image_match.image").to(run.device, run.dtype)

@@ -12,17 +12,15 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from framework.plugin import ConfigError, MomentumPlugin, hookimpl, lam
+from framework.plugin import BH, ConfigError, MomentumPlugin, hookimpl, lam
 
 
 @dataclass
 class UniPCCorrector(MomentumPlugin):
     order: int = 2
-    variant: str = "bh2"
+    variant: BH = BH.bh2
 
     def __post_init__(self) -> None:
-        if self.variant not in ("bh1", "bh2"):
-            raise ConfigError(f"unipc_corrector.variant must be bh1 or bh2, got '{self.variant}'")
         if not 1 <= self.order <= 3:
             raise ConfigError(f"unipc_corrector.order must be in 1..3, got {self.order}")
 

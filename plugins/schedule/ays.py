@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from framework.plugin import check_init_noise, finish, hookimpl, loglinear_interp
+from framework.plugin import InitNoise, finish, hookimpl, loglinear_interp
 
 SD15 = (14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520, 1.8841921177, 1.3943805092,
         0.9642583904, 0.6523686016, 0.3977456272, 0.1515232662, 0.0291671582)
@@ -15,10 +15,7 @@ SD15 = (14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520, 1.8841921177, 1
 
 @dataclass
 class AYS:
-    init_noise: str = "sigma"
-
-    def __post_init__(self) -> None:
-        check_init_noise(self.init_noise)
+    init_noise: InitNoise = InitNoise.sigma
 
     @hookimpl
     def schedule(self, model, steps):

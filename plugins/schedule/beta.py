@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from framework.plugin import ConfigError, check_init_noise, finish, hookimpl, sigma_range
+from framework.plugin import ConfigError, InitNoise, finish, hookimpl, sigma_range
 
 
 @dataclass
@@ -16,10 +16,9 @@ class Beta:
     beta: float = 0.6
     sigma_min: float | None = None
     sigma_max: float | None = None
-    init_noise: str = "sigma"
+    init_noise: InitNoise = InitNoise.sigma
 
     def __post_init__(self) -> None:
-        check_init_noise(self.init_noise)
         if self.alpha <= 0 or self.beta <= 0:
             raise ConfigError(f"schedule=beta needs alpha, beta > 0, got {self.alpha}, {self.beta}")
 

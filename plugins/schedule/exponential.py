@@ -7,9 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from framework.plugin import (
-    ConfigError, INIT_NOISE_MODES, check_init_noise, finish, hookimpl, init_noise_scale, sigma_range,
-)
+from framework.plugin import InitNoise, finish, hookimpl, sigma_range
 
 
 @dataclass
@@ -17,10 +15,7 @@ class Exponential:
     sigma_min: float | None = None  # default: the model's
     sigma_max: float | None = None  # default: the model's
     final_zero: bool = True
-    init_noise: str = "sigma"
-
-    def __post_init__(self) -> None:
-        check_init_noise(self.init_noise)
+    init_noise: InitNoise = InitNoise.sigma
 
     @hookimpl
     def schedule(self, model, steps):

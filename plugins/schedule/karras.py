@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from framework.plugin import ConfigError, INIT_NOISE_MODES, Schedule, hookimpl, init_noise_scale
+from framework.plugin import ConfigError, InitNoise, Schedule, hookimpl, init_noise_scale
 
 
 @dataclass
@@ -13,11 +13,9 @@ class Karras:
     rho: float = 7.0
     sigma_min: float | None = None  # default: the model's
     sigma_max: float | None = None  # default: the model's
-    init_noise: str = "sigma"  # sigma (σ_max, as EDM) or vp (√(1+σ_max²), as diffusers' 'leading' spacing)
+    init_noise: InitNoise = InitNoise.sigma  # sigma (σ_max, as EDM) or vp (√(1+σ_max²), diffusers' 'leading')
 
     def __post_init__(self) -> None:
-        if self.init_noise not in INIT_NOISE_MODES:
-            raise ConfigError(f"schedule.init_noise must be one of {', '.join(INIT_NOISE_MODES)}, got '{self.init_noise}'")
         if self.rho <= 0:
             raise ConfigError(f"schedule.rho must be > 0, got {self.rho}")
 

@@ -7,17 +7,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from framework.plugin import check_init_noise, finish, hookimpl, sigma_range
+from framework.plugin import InitNoise, finish, hookimpl, sigma_range
 
 
 @dataclass
 class KLOptimal:
     sigma_min: float | None = None
     sigma_max: float | None = None
-    init_noise: str = "sigma"
-
-    def __post_init__(self) -> None:
-        check_init_noise(self.init_noise)
+    init_noise: InitNoise = InitNoise.sigma
 
     @hookimpl
     def schedule(self, model, steps):

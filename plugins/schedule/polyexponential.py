@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from framework.plugin import ConfigError, check_init_noise, finish, hookimpl, sigma_range
+from framework.plugin import ConfigError, InitNoise, finish, hookimpl, sigma_range
 
 
 @dataclass
@@ -15,10 +15,9 @@ class PolyExponential:
     rho: float = 1.0
     sigma_min: float | None = None
     sigma_max: float | None = None
-    init_noise: str = "sigma"
+    init_noise: InitNoise = InitNoise.sigma
 
     def __post_init__(self) -> None:
-        check_init_noise(self.init_noise)
         if self.rho <= 0:
             raise ConfigError(f"schedule.rho must be > 0, got {self.rho}")
 

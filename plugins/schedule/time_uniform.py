@@ -12,19 +12,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from framework.plugin import (
-    ConfigError, Schedule, check_init_noise, hookimpl, init_noise_scale, sigma_at_time,
-)
+from framework.plugin import ConfigError, InitNoise, Schedule, hookimpl, init_noise_scale, sigma_at_time
 
 
 @dataclass
 class TimeUniform:
     rho: float = 1.0
     endpoint: bool = True
-    init_noise: str = "sigma"
+    init_noise: InitNoise = InitNoise.sigma
 
     def __post_init__(self) -> None:
-        check_init_noise(self.init_noise)
         if self.rho <= 0:
             raise ConfigError(f"schedule.rho must be > 0, got {self.rho}")
 

@@ -13,9 +13,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from framework.plugin import ConfigError, INIT_NOISE_MODES, Schedule, hookimpl, init_noise_scale
+from framework.plugin import Choice, ConfigError, Schedule, hookimpl, init_noise_scale
 
-SPACINGS = ("linspace", "leading", "trailing")
+
+class Spacing(Choice):
+    linspace = "linspace"
+    leading = "leading"
+    trailing = "trailing"
+
+
+class Final(Choice):
+    zero = "zero"
+    alpha0 = "alpha0"
+
+
+class StartNoise(Choice):
+    auto = "auto"
+    sigma = "sigma"
+    vp = "vp"
 
 
 def diffusers_timesteps(spacing: str, steps: int, train_steps: int, steps_offset: int) -> np.ndarray:
@@ -31,17 +46,9 @@ def diffusers_timesteps(spacing: str, steps: int, train_steps: int, steps_offset
 
 @dataclass
 class Uniform:
-    spacing: str = "leading"
-    final: str = "zero"  # zero | alpha0
-    init_noise: str = "auto"  # auto | sigma | vp
-
-    def __post_init__(self) -> None:
-        if self.spacing not in SPACINGS:
-            raise ConfigError(f"schedule.spacing must be one of {', '.join(SPACINGS)}, got '{self.spacing}'")
-        if self.final not in ("zero", "alpha0"):
-            raise ConfigError(f"schedule.final must be zero or alpha0, got '{self.final}'")
-        if self.init_noise not in ("auto", *INIT_NOISE_MODES):
-            raise ConfigError(f"schedule.init_noise must be auto, sigma or vp, got '{self.init_noise}'")
+    spacing: Spacing = Spacing.leading
+    final: Final = Final.zero
+    init_noise: StartNoise = StartNoise.auto
 
     @hookimpl
     def schedule(self, model, steps):

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from framework.plugin import ConfigError, check_init_noise, finish, hookimpl
+from framework.plugin import ConfigError, InitNoise, finish, hookimpl
 
 
 @dataclass
@@ -14,10 +14,9 @@ class VP:
     beta_d: float = 19.9
     beta_min: float = 0.1
     eps_s: float = 1e-3
-    init_noise: str = "sigma"
+    init_noise: InitNoise = InitNoise.sigma
 
     def __post_init__(self) -> None:
-        check_init_noise(self.init_noise)
         if not 0 < self.eps_s < 1 or self.beta_d <= 0 or self.beta_min < 0:
             raise ConfigError("schedule=vp needs 0 < eps_s < 1, beta_d > 0, beta_min ≥ 0")
 

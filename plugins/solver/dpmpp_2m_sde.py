@@ -11,20 +11,18 @@ from dataclasses import dataclass
 
 import torch
 
-from framework.plugin import ConfigError, SamplerState, hookimpl, lam
+from framework.plugin import ConfigError, SamplerState, SolverType, hookimpl, lam
 
 
 @dataclass
 class DPMPP2MSDE:
     eta: float = 1.0
     s_noise: float = 1.0
-    solver_type: str = "midpoint"  # midpoint | heun
+    solver_type: SolverType = SolverType.midpoint
 
     def __post_init__(self) -> None:
         if self.eta < 0:
             raise ConfigError(f"solver.eta must be ≥ 0, got {self.eta}")
-        if self.solver_type not in ("midpoint", "heun"):
-            raise ConfigError(f"solver.solver_type must be midpoint or heun, got '{self.solver_type}'")
 
     @hookimpl
     def step(self, state: SamplerState, denoise) -> torch.Tensor:

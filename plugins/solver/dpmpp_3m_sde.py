@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from framework.plugin import ConfigError, SamplerState, hookimpl, lam, multistep_order
+from framework.plugin import ConfigError, SamplerState, SolverType, hookimpl, lam, multistep_order
 
 
 def _phis(a: float) -> tuple[float, float]:
@@ -38,13 +38,11 @@ class DPMPP3MSDE:
     s_noise: float = 1.0
     lower_order_final: bool = True
     taylor_d2: bool = False  # true: weight D₂ by 2φ₃ (order 3); false: as published (order 2)
-    solver_type: str = "heun"  # second-order warm-up: heun (φ₂·D₁, k-diffusion) | midpoint (D₁/2, diffusers)
+    solver_type: SolverType = SolverType.heun  # second-order warm-up: heun (φ₂·D₁, k-diffusion), midpoint (D₁/2)
 
     def __post_init__(self) -> None:
         if self.eta < 0:
             raise ConfigError(f"solver.eta must be ≥ 0, got {self.eta}")
-        if self.solver_type not in ("heun", "midpoint"):
-            raise ConfigError(f"solver.solver_type must be heun or midpoint, got '{self.solver_type}'")
 
     @hookimpl
     def step(self, state: SamplerState, denoise) -> torch.Tensor:

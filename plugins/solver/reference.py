@@ -14,7 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from framework.plugin import ConfigError, SamplerState, hookimpl
+from framework.plugin import Choice, ConfigError, SamplerState, hookimpl
+
+
+class Final(Choice):
+    integrate = "integrate"
+    denoise = "denoise"
 
 
 @dataclass
@@ -22,13 +27,11 @@ class Reference:
     rtol: float = 1e-10
     atol: float = 1e-10
     sigma_floor: float = 1e-6
-    final: str = "integrate"  # integrate | denoise
+    final: Final = Final.integrate
 
     def __post_init__(self) -> None:
         if self.rtol <= 0 or self.atol <= 0 or self.sigma_floor <= 0:
             raise ConfigError("reference needs rtol, atol, sigma_floor > 0")
-        if self.final not in ("integrate", "denoise"):
-            raise ConfigError(f"solver.final must be integrate or denoise, got '{self.final}'")
 
     @hookimpl
     def step(self, state: SamplerState, denoise) -> torch.Tensor:

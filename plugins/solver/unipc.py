@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from framework.plugin import ConfigError, SamplerState, StepRecord, hookimpl, lam
+from framework.plugin import BH, ConfigError, SamplerState, StepRecord, hookimpl, lam
 
 
 @dataclass
@@ -53,15 +53,13 @@ def _differences(d0: torch.Tensor, l0: float, h: float, older: list[StepRecord])
 @dataclass
 class UniPC:
     order: int = 2
-    variant: str = "bh2"
+    variant: BH = BH.bh2
     corrector: bool = True
     lower_order_final: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.order <= 4:
             raise ConfigError(f"solver.order must be in 1..4, got {self.order}")
-        if self.variant not in ("bh1", "bh2"):
-            raise ConfigError(f"solver.variant must be bh1 or bh2, got '{self.variant}'")
 
     def _correct(self, state: SamplerState, mem: _Memory) -> torch.Tensor:
         """UniC: the previous step again, now using the model output at its (predicted) end."""
