@@ -6,12 +6,15 @@ s_noise·σ_up (``framework.maths.sigmas.ancestral_split``; η = 0 is the ODE, �
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from framework.core.errors import ConfigError
 from framework.maths.sigmas import ancestral_split
-from framework.core.state import SamplerState
+
+if TYPE_CHECKING:
+    from framework.core.step import SamplerState
 
 
 @dataclass

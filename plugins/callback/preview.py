@@ -17,7 +17,7 @@ sampled, so they have no preview; a run returned whole from its folder keeps its
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,15 +29,25 @@ PAD = 2
 
 
 @dataclass
+class _Recorded:
+    """What a run recorded (in the run's stash): the columns and each kept sample's tiles."""
+
+    columns: list[dict] = field(default_factory=list)
+    x0: dict[int, torch.Tensor] = field(default_factory=dict)  # sample index → [columns, 3, H, W]
+    xt: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def images(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(predicted x₀, x_t), each [samples, columns, 3, H, W] in [0, 1], in sample order."""
+        order = sorted(self.x0)
+        return torch.stack([self.x0[k] for k in order]), torch.stack([self.xt[k] for k in order])
+
+
+@dataclass
 class Preview:
     every: int = 1
     samples: int = 4
 
     def __post_init__(self) -> None:
-        # what the run recorded (the plugin object is built per run; reset in run_start)
-        self.columns: list[dict] = []
-        self.x0: dict[int, torch.Tensor] = {}  # sample index → [columns, 3, H, W]
-        self.xt: dict[int, torch.Tensor] = {}
         if self.every < 1:
             raise ConfigError(f"callback.preview.every must be ≥ 1, got {self.every}")
         if self.samples < 1:
@@ -47,10 +57,6 @@ class Preview:
     def configure(self, run):
         if not run.model.has_decoder:
             raise ConfigError("callback.preview decodes latents but this model has no decoder: use an image model (e.g. model=bundled)")
-
-    @hookimpl
-    def run_start(self, run):
-        self.columns, self.x0, self.xt = [], {}, {}
 
     def _rows(self, batch) -> list[int]:
         return [j for j, k in enumerate(batch.indices) if k < self.samples]
@@ -75,25 +81,22 @@ class Preview:
         with torch.no_grad():  # one decode per recorded step (a 512² VAE batch of every step would not fit)
             x0 = torch.stack([run.model.decode(k[4]).float().cpu() for k in kept], dim=1)  # [rows, steps, 3, H, W]
             xt = torch.stack([run.model.decode(k[5]).float().cpu() for k in kept], dim=1)
+        rec = run.stash.get(self, _Recorded)
         for j, k in enumerate(k for k in batch.indices if k < self.samples):
-            self.x0[k], self.xt[k] = x0[j], xt[j]
-        if not self.columns:
-            self.columns = [dict(step=i, sigma=s, sigma_next=sn, nfe=n) for i, s, sn, n, _, _ in kept]
-
-    def images(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(predicted x₀, x_t), each [samples, columns, 3, H, W] in [0, 1], in sample order."""
-        order = sorted(self.x0)
-        return torch.stack([self.x0[k] for k in order]), torch.stack([self.xt[k] for k in order])
+            rec.x0[k], rec.xt[k] = x0[j], xt[j]
+        if not rec.columns:
+            rec.columns = [dict(step=i, sigma=s, sigma_next=sn, nfe=n) for i, s, sn, n, _, _ in kept]
 
     @hookimpl
     def run_end(self, run, result):
-        if run.output_dir is None or not self.x0:
+        rec = run.stash.get(self, _Recorded)
+        if run.output_dir is None or not rec.x0:
             return
-        x0, xt = self.images()
+        x0, xt = rec.images()
         rows, cols = x0.shape[:2]
         for name, imgs in (("preview.png", x0), ("preview_xt.png", xt)):
             atomic_write_bytes(Path(run.output_dir) / name, png_bytes(grid(imgs.flatten(0, 1), nrow=cols, pad=PAD)))
-        meta = dict(samples=sorted(self.x0), rows=rows, cols=cols, height=x0.shape[-2], width=x0.shape[-1], pad=PAD, columns=self.columns,
+        meta = dict(samples=sorted(rec.x0), rows=rows, cols=cols, height=x0.shape[-2], width=x0.shape[-1], pad=PAD, columns=rec.columns,
                     every=self.every, steps=result.schedule.steps)
         atomic_write_json(Path(run.output_dir) / "preview.json", meta)
 

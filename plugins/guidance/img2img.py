@@ -14,6 +14,14 @@ from framework.plugin import ConfigError, hookimpl, load_image, pixel_size
 
 
 @dataclass
+class _Source:
+    """A run's source image (and, for inpainting, the kept region), in the run's stash."""
+
+    pixels: torch.Tensor
+    keep: torch.Tensor | None = None
+
+
+@dataclass
 class Img2Img:
     key: ClassVar[str] = "img2img"
     image: str = ""
@@ -23,11 +31,17 @@ class Img2Img:
         if not 0 < self.strength <= 1:
             raise ConfigError(f"{self.key}.strength must be in (0, 1], got {self.strength}")
 
+    def source(self, run) -> _Source:
+        def load() -> _Source:
+            return _Source(load_image(self.image, pixel_size(run.model), f"guidance.{self.key}.image"))
+
+        return run.stash.get(self, load)
+
     @hookimpl
     def configure(self, run):
         if not hasattr(run.model, "encode_images"):
             raise ConfigError(f"{self.key} needs a model with an image encoder (a VAE): use an image model")
-        self._pixels = load_image(self.image, pixel_size(run.model), f"guidance.{self.key}.image")
+        self.source(run)
 
     @hookimpl
     def adjust_schedule(self, run, schedule):
@@ -39,5 +53,5 @@ class Img2Img:
     @hookimpl
     def init_latents(self, run, batch, schedule, noise):
         with torch.no_grad():
-            latents = run.model.encode_images(self._pixels).to(noise.device, noise.dtype)
+            latents = run.model.encode_images(self.source(run).pixels).to(noise.device, noise.dtype)
         return latents.expand_as(noise) + schedule.sigmas[0] * noise

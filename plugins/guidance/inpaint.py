@@ -36,12 +36,12 @@ class Inpaint(Img2Img):
     def configure(self, run):
         super().configure(run)
         c, h, w = run.model.latent_shape
-        self._keep = (load_image(self.mask, (h, w), f"guidance.{self.key}.mask", mode="L") <= 0.5).float()
+        self.source(run).keep = (load_image(self.mask, (h, w), f"guidance.{self.key}.mask", mode="L") <= 0.5).float()
 
     @hookimpl
     def init_latents(self, run, batch, schedule, noise):
         with torch.no_grad():
-            z0 = run.model.encode_images(self._pixels).to(noise.device, noise.dtype).expand_as(noise)
+            z0 = run.model.encode_images(self.source(run).pixels).to(noise.device, noise.dtype).expand_as(noise)
         batch.stash.get(self, lambda: _Known(z0, noise))
         return z0 + schedule.sigmas[0] * noise
 
@@ -49,7 +49,7 @@ class Inpaint(Img2Img):
         k = state.stash.get(self, lambda: None)
         if k is None:
             raise ConfigError("inpaint starts the run itself (init_latents): do not combine it with img2img")
-        keep = self._keep.to(k.latents.device, k.latents.dtype)
+        keep = self.source(state.run).keep.to(k.latents.device, k.latents.dtype)
         return keep, 1 - keep, k
 
     @hookimpl

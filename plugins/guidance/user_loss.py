@@ -35,7 +35,7 @@ class UserLoss(LossGuidance):
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     def setup(self, run) -> None:
-        self._fn = resolve(self.fn)
+        resolve(self.fn)  # fail before sampling
 
     def loss(self, images, state):
-        return self._fn(images, **self.kwargs)
+        return resolve(self.fn)(images, **self.kwargs)  # an import-cache lookup

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from framework.plugin import grid, hookimpl, to_pil
@@ -31,60 +31,67 @@ def _mode() -> str | None:
 
 
 @dataclass
+class _Log:
+    """A run's W&B run (None when off or failed) and its sample rows (in the run's stash)."""
+
+    wandb_run: Any = None
+    rows: list[list[Any]] = field(default_factory=list)
+
+
+@dataclass
 class WandbLogger:
     project: str = "samplerlab"
     entity: str | None = None
     group: str | None = None
     log_images: bool = True
 
-    def _safe(self, what: str, fn, *args: Any) -> Any:
+    def _safe(self, log: _Log, what: str, fn, *args: Any) -> None:
         try:
-            return fn(*args)
+            fn(log, *args)
         except Exception as e:  # W&B must never kill a run
             warnings.warn(f"W&B {what} failed ({type(e).__name__}: {e}); the local record is still written", stacklevel=2)
-            self._run = None
-            return None
+            log.wandb_run = None
 
     @hookimpl
     def run_start(self, run):
-        self._run = None
-        self._rows: list[list[Any]] = []
-        self._safe("init", self._init, run)
+        self._safe(run.stash.get(self, _Log), "init", self._init, run)
 
-    def _init(self, run) -> None:
+    def _init(self, log: _Log, run) -> None:
         import wandb
         from omegaconf import OmegaConf
 
         group = self.group or (str(run.output_dir.parent) if run.output_dir is not None else None)
-        self._run = wandb.init(
+        log.wandb_run = wandb.init(
             project=self.project, entity=self.entity, group=group, mode=_mode(), reinit="create_new",
             config=OmegaConf.to_container(run.cfg, resolve=True), dir=os.environ.get("WANDB_DIR"),
         )
 
     @hookimpl
     def batch_end(self, run, batch, latents, images):
-        if self._run is None or images is None or not self.log_images:
+        log = run.stash.get(self, _Log)
+        if log.wandb_run is None or images is None or not self.log_images:
             return
         prompts = batch.cond.prompts if batch.cond is not None else [""] * len(batch.indices)
         for k, img, prompt in zip(batch.indices, images, prompts):
-            self._rows.append([k, run.settings.seed, prompt, img.detach().float().cpu()])
+            log.rows.append([k, run.settings.seed, prompt, img.detach().float().cpu()])
 
     @hookimpl
     def run_end(self, run, result):
-        if self._run is not None:
-            self._safe("log", self._finish, run, result)
+        log = run.stash.get(self, _Log)
+        if log.wandb_run is not None:
+            self._safe(log, "log", self._finish, run, result)
 
-    def _finish(self, run, result) -> None:
+    def _finish(self, log: _Log, run, result) -> None:
         import wandb
 
-
-        self._run.summary.update(dict(run.metrics))
+        w = log.wandb_run
+        w.summary.update(dict(run.metrics))
         preview = run.output_dir / "preview.png" if run.output_dir is not None else None
         if preview is not None and preview.is_file():  # written by the preview callback's run_end (earlier group)
-            self._run.log({"preview": wandb.Image(str(preview), caption="predicted x0 per step (columns) per sample (rows)")})
-        if self._rows:
+            w.log({"preview": wandb.Image(str(preview), caption="predicted x0 per step (columns) per sample (rows)")})
+        if log.rows:
             table = wandb.Table(columns=["sample", "seed", "prompt", "image"])
-            for k, seed, prompt, img in self._rows:
+            for k, seed, prompt, img in log.rows:
                 table.add_data(k, seed, prompt, wandb.Image(to_pil(img)))
-            self._run.log({"samples": table, "grid": wandb.Image(to_pil(grid(result.images)))})
-        self._run.finish()
+            w.log({"samples": table, "grid": wandb.Image(to_pil(grid(result.images)))})
+        w.finish()

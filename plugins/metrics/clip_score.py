@@ -48,17 +48,21 @@ class CLIPScore:
     model: str | None = None
     allow_download: bool = False
 
+    def scorer(self, run) -> TMCLIPScore:
+        """This run's streaming metric (in the run's stash)."""
+        return run.stash.get(self, lambda: load_scorer(self.model, self.allow_download))
+
     @hookimpl
     def configure(self, run):
         if not (run.model.has_decoder and run.model.is_conditional):
             raise ConfigError("clip_score compares images with their prompts: use a text-to-image model")
-        self._metric = load_scorer(self.model, self.allow_download)
+        self.scorer(run)
 
     @hookimpl
     def batch_end(self, run, batch, latents, images):
         pixels = (images.float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
-        self._metric.update(pixels, list(batch.cond.prompts))
+        self.scorer(run).update(pixels, list(batch.cond.prompts))
 
     @hookimpl
     def run_end(self, run, result):
-        run.metrics["clip_score"] = float(self._metric.compute())
+        run.metrics["clip_score"] = float(self.scorer(run).compute())

@@ -35,6 +35,10 @@ class FrechetToData:
     reference: int = 10000  # true samples drawn when the moments are not known in closed form
     reference_seed: int = 1234
 
+    def true(self, run) -> tuple[torch.Tensor, torch.Tensor]:
+        """The data distribution's (mean, covariance), made once per run (in the run's stash)."""
+        return run.stash.get(self, lambda: true_moments(run.model.denoiser, self.reference, self.reference_seed))
+
     @hookimpl
     def configure(self, run):
         denoiser = getattr(run.model, "denoiser", None)
@@ -43,9 +47,9 @@ class FrechetToData:
                               "use model=gaussian or model=mixture (image models: metrics=[fid])")
         if run.settings.num_samples < 2:
             raise ConfigError("frechet_to_data needs at least 2 samples: raise num_samples")
-        self._true = true_moments(denoiser, self.reference, self.reference_seed)
+        self.true(run)
 
     @hookimpl
     def run_end(self, run, result):
         mean, cov = moments(result.latents.detach().cpu())
-        run.metrics["frechet_to_data"] = frechet_distance(mean, cov, *self._true)
+        run.metrics["frechet_to_data"] = frechet_distance(mean, cov, *self.true(run))

@@ -7,6 +7,7 @@ Images are judged as they are made (batch_end), so memory does not grow with the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -22,38 +23,41 @@ def first_word(prompt: str, vocabulary: tuple[str, ...]) -> str | None:
 
 @dataclass
 class _Tally:
+    """A run's judge and its counts (in the run's stash)."""
+
+    judge: Any
     hits: dict[str, int] = field(default_factory=lambda: {"colour": 0, "shape": 0})
     total: dict[str, int] = field(default_factory=lambda: {"colour": 0, "shape": 0})
 
 
 @dataclass
 class PromptAccuracy:
-    def __post_init__(self) -> None:
-        self._judge = None
-        self._tally = _Tally()
+    def tally(self, run) -> _Tally:
+        return run.stash.get(self, lambda: _Tally(bundled.load_judge()))
 
     @hookimpl
     def configure(self, run):
         if not run.model.has_decoder:
             raise ConfigError("prompt_accuracy judges images but this model has no decoder: use model=bundled")
-        self._judge = bundled.load_judge()
-        self._tally = _Tally()
+        self.tally(run)
 
     @hookimpl
     def batch_end(self, run, batch, latents, images):
+        tally = self.tally(run)
         with torch.no_grad():
-            pred = self._judge.predict(images.float().cpu() * 2 - 1)
+            pred = tally.judge.predict(images.float().cpu() * 2 - 1)
         for k, prompt in enumerate(batch.cond.prompts if batch.cond is not None else []):
             for head, vocab in (("colour", world.COLOURS), ("shape", world.SHAPES)):
                 word = first_word(prompt, vocab)
                 if word is not None:
-                    self._tally.total[head] += 1
-                    self._tally.hits[head] += int(vocab[int(pred[head][k])] == word)
+                    tally.total[head] += 1
+                    tally.hits[head] += int(vocab[int(pred[head][k])] == word)
 
     @hookimpl
     def run_end(self, run, result):
+        tally = self.tally(run)
         for head in ("colour", "shape"):
-            n = self._tally.total[head]
+            n = tally.total[head]
             run.metrics[f"prompt_accuracy_{head}_n"] = float(n)
             if n:
-                run.metrics[f"prompt_accuracy_{head}"] = self._tally.hits[head] / n
+                run.metrics[f"prompt_accuracy_{head}"] = tally.hits[head] / n
