@@ -1,6 +1,6 @@
 """GPU benchmark of the engine (issue 10): one prepared script, every figure measured side by side.
 
-    PYTHONPATH=/tmp/site:. python benchmarks/gpu_engine.py --out $OUT        # a GPU, ≈ 2.5 min
+    PYTHONPATH=<wheels>:. python benchmarks/gpu_engine.py --out $OUT        # a GPU, ≈ 2.5 min
     python benchmarks/gpu_engine.py --smoke --out /tmp/gpu_engine_smoke        # CPU, tiny sizes, seconds
 
 Sections (each in its own try/except: a failure prints its traceback and the rest still runs):
@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     missing = [m for m in REQUIRED if importlib.util.find_spec(m) is None]
     if missing:
-        msg = f"missing packages: {', '.join(missing)} (carry their wheels into PYTHONPATH, e.g. /tmp/site)"
+        msg = f"missing packages: {', '.join(missing)} (unpack their wheels into a folder on PYTHONPATH; docs/environment.md)"
         print(msg, flush=True)
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "gpu_engine.json").write_text(json.dumps({"errors": {"preflight": msg}}))

@@ -86,3 +86,24 @@ def test_settings_and_the_cli_module_import_without_torch():
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, "importing the settings schema or the CLI module imported torch"
+
+
+def test_docs_link_only_to_files_in_the_repository():
+    """Every relative link of the README, docs/ and the model card names a file that exists here,
+    and nothing points outside the repository."""
+    import re
+
+    pages = [ROOT / "README.md", ROOT / "framework" / "bundled" / "MODEL_CARD.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        text = page.read_text()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue
+            path = (page.parent / target.split("#")[0]).resolve()
+            if not path.exists() or ROOT not in path.parents:
+                broken.append(f"{page.relative_to(ROOT)} → {target}")
+        for outside in ("../shared", "ENVIRONMENT.md", "DESIGN.md"):
+            if outside in text:
+                broken.append(f"{page.relative_to(ROOT)} mentions {outside}")
+    assert broken == []
