@@ -1,8 +1,7 @@
 """Speed and memory of a run: ``sampling_seconds`` (sampling and decoding only — from each batch's
-``init_latents`` call, which this plugin observes and answers with None, to its ``batch_end``, so
-the work of metrics listed after ``speed`` is left out: list it first; where another plugin's
-``init_latents`` answers first, from the previous batch's end), ``sampling_seconds_per_sample``, ``samples_per_second`` (images per second for image
-models, also as ``images_per_second``), and the run's peak memory: ``peak_cuda_memory_mb``
+``batch_start`` to its ``batch_end``, so the work of metrics listed after ``speed`` is left out:
+list it first), ``sampling_seconds_per_sample``, ``samples_per_second`` (images per second for
+image models, also as ``images_per_second``), and the run's peak memory: ``peak_cuda_memory_mb``
 (torch.cuda.max_memory_allocated, reset at run start) on a GPU, ``peak_rss_mb`` on the CPU (the
 process's resident-set high-water mark VmHWM, reset at run start through /proc/self/clear_refs on
 Linux; where that reset is not possible it is the process's lifetime peak, flagged by
@@ -48,8 +47,8 @@ class _Clock:
     seconds: float = 0.0
     samples: int = 0
     images: bool = False
-    t0: float | None = None  # the current batch's start (its init_latents call)
-    last: float = field(default_factory=time.perf_counter)  # the previous batch's end
+    t0: float | None = None  # the current batch's start (batch_start)
+    last: float = field(default_factory=time.perf_counter)  # the previous batch's end (read-back batches have no start)
     rss_reset: bool = False
 
 
