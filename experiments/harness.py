@@ -8,9 +8,9 @@ reads::
     HERE = Path(__file__).resolve().parent
 
     def main(argv: list[str] | None = None) -> dict:
-        study = Study.compose(HERE, argv)
+        ex = Experiment.compose(HERE, argv)
         ...                                     # samplerlab runs, figures, tables
-        return study.record(path, results, files)
+        return ex.record(path, results, files)
 
     if __name__ == "__main__":
         entry(main)
@@ -44,7 +44,7 @@ from framework.plugin import ConfigError, SamplerlabError, grid, png_bytes, to_p
 # --- entry and configuration --------------------------------------------------------------------
 
 @dataclass
-class Study:
+class Experiment:
     """One invocation of a study: its composed config and what it passes on to samplerlab runs."""
 
     name: str  # the package: experiments.<name>
@@ -55,7 +55,7 @@ class Study:
 
     @classmethod
     def compose(cls, folder: Path, argv: Sequence[str] | None, passthrough: bool = False,
-                config_name: str = "config") -> Study:
+                config_name: str = "config") -> Experiment:
         """``folder/<config_name>.yaml`` with the overrides of ``argv`` applied (``--config-name X``
         in ``argv`` picks ``X.yaml``); with ``fast=true`` the study's ``fast_run`` list narrows its
         own keys too."""
@@ -216,14 +216,14 @@ class LoadedRun:
 
 def load_run(overrides: list[str]) -> LoadedRun:
     """The samplerlab config of ``overrides`` and its model adapter on the run's device/dtype."""
-    from framework.core.engine import DTYPES, read_settings
+    from framework.core.settings import read_settings
     from framework.entry.compose import compose
     from framework.models.base import wrap_model
 
     cfg, choices = compose(overrides)
     settings = read_settings(cfg)
     model = wrap_model(instantiate(cfg.model, f"model={choices.get('model', 'custom')}"))
-    model.setup(resolve_device(settings.device), DTYPES[settings.dtype])
+    model.setup(resolve_device(settings.device), getattr(torch, str(settings.dtype)))
     return LoadedRun(cfg, choices, settings.steps, model)
 
 

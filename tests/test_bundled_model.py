@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -132,38 +133,80 @@ def test_generation_follows_colour_and_shape_prompts(pipe, judge):
 # --- training code -----------------------------------------------------------------------------
 
 def test_fast_training_runs_end_to_end(tmp_path):
-    from hydra import compose, initialize_config_dir
+    from experiments.bundled_model.__main__ import main
 
-    from experiments.bundled_model.__main__ import CONFIG_DIR, run
-
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["fast=true", "threads=0", f"out_dir={tmp_path}"])
-    record = run(cfg)
+    record = main(["fast=true", "threads=0", f"out_dir={tmp_path}"])
     assert (tmp_path / "weights" / "pipeline" / "model_index.json").exists()
     assert (tmp_path / "weights" / "sample_grid.png").exists()
-    assert set(record["stages"]) == {"tokenizer", "clip", "judge", "vae", "unet", "export",
-                                     "evaluate"}
-    assert 0 <= record["scores"]["gen_colour"] <= 1
+    results = record["results"]
+    assert set(results["stages"]) == {"tokenizer", "clip", "judge", "vae", "unet", "export",
+                                      "evaluate"}
+    assert 0 <= results["scores"]["gen_colour"] <= 1
+    assert json.loads((tmp_path / "record.json").read_text())["results"] == results
+    # checkpoints and caches are safetensors + JSON: no pickle anywhere
+    assert not [f for f in tmp_path.rglob("*") if f.suffix in (".pt", ".pth", ".ckpt", ".bin", ".pkl")]
+    assert json.loads((tmp_path / "unet.checkpoint.json").read_text())["step"] == 2
+    assert (tmp_path / "unet.checkpoint-0000002.safetensors").exists()
+    assert (tmp_path / "unet_cache.json").exists()
 
 
 def test_fine_tune_stages_run(tmp_path):
     """vae.finetune (latents anchored to the VAE it starts from, spectrum term) and
-    unet.init (a UNet fine-tuned from a saved one), as used for v2, on the fast profile."""
-    from hydra import compose, initialize_config_dir
-
-    from experiments.bundled_model.__main__ import CONFIG_DIR, run
+    unet.init (a UNet fine-tuned from a saved one), as used for v2, on the fast profile; then a
+    stage resumed from its checkpoint (clip: 2 steps, then on to 3)."""
+    from experiments.bundled_model.__main__ import main
 
     common = ["fast=true", "threads=0", f"out_dir={tmp_path}"]
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        first = compose("config", overrides=common + ["stages=[tokenizer,clip,vae,unet]"])
-        again = compose("config", overrides=common + [
-            "stages=[vae,unet]", "vae.finetune=true", "vae.spectrum_weight=1",
-            f"unet.init={tmp_path / 'unet'}", "unet.name=unet_ft"])
-    run(first)
-    run(again)
+    main(common + ["stages=[tokenizer,clip,vae,unet]"])
+    main(common + ["stages=[vae,unet]", "vae.finetune=true", "vae.spectrum_weight=1",
+                   f"unet.init={tmp_path / 'unet'}", "unet.name=unet_ft"])
     assert (tmp_path / "vae_anchor" / "config.json").exists()  # the encoder the latents are anchored to
-    assert (tmp_path / "vae_finetune.ckpt").exists()
+    assert json.loads((tmp_path / "vae_finetune.checkpoint.json").read_text())["step"] == 2
     assert (tmp_path / "unet_ft" / "config.json").exists()
+    record = main(common + ["stages=[clip]", "fast_profile.clip.steps=3"])  # fast=true: steps live in fast_profile
+    logged = [json.loads(line)["step"] for line in (tmp_path / "clip_log.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3]  # resumed at step 2: only step 3 ran
+    assert record["results"]["stages"]["clip"]["runs"] == 2
+
+
+def test_training_resumes_from_a_checkpoint_exactly(tmp_path):
+    """train_loop interrupted after 3 steps and resumed to 6 ends where 6 steps in one go end:
+    model, EMA and AdamW moments all come back from the safetensors + JSON checkpoint."""
+    from experiments.bundled_model.common import initialised_with, train_loop
+
+    data = torch.randn(6, 16, 4, generator=torch.Generator().manual_seed(1))
+
+    def train(folder, stops):
+        for steps in stops:  # fresh modules and optimizer each time, as a new process has
+            with initialised_with(0):
+                model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+            ema = copy.deepcopy(model).requires_grad_(False)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+            def step_fn(step, model=model, ema=ema, opt=opt):
+                loss = model(data[step]).pow(2).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    for pe, p in zip(ema.parameters(), model.parameters()):
+                        pe.lerp_(p, 0.1)
+                return {"loss": loss.item()}
+
+            train_loop("toy", folder, {"model": model, "ema": ema}, opt, step_fn, steps, 60)
+        return model, ema, opt
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    whole = train(tmp_path / "a", [6])
+    resumed = train(tmp_path / "b", [3, 6])
+    for a, b in zip(whole[:2], resumed[:2]):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    sa, sb = whole[2].state_dict(), resumed[2].state_dict()
+    assert json.dumps(sa["param_groups"]) == json.dumps(sb["param_groups"])  # (betas come back a list)
+    assert all(torch.equal(sa["state"][i][k], sb["state"][i][k]) for i in sa["state"] for k in sa["state"][i])
+    assert sorted(p.name for p in (tmp_path / "b").glob("toy.checkpoint*")) == [
+        "toy.checkpoint-0000006.safetensors", "toy.checkpoint.json"]
 
 
 def test_spectrum_loss_ignores_the_phase_of_a_texture():

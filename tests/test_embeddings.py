@@ -397,7 +397,7 @@ def test_textual_inversion_trains_on_an_image_folder_saves_and_resumes(tmp_path,
     assert (tmp_path / "out" / "checkpoints" / "learned_embeds-4.safetensors").exists()
     from experiments.textual_inversion.__main__ import main  # the command line, in process: resumes
 
-    record = main(["fast=true", f"out={tmp_path / 'out'}", f"images={pics}", f"model={tiny_dir}", "placeholder_token=<toy>",
+    record = main(["fast=true", f"out={tmp_path / 'out'}", f"images={pics}", f"model={tiny_dir}", "placeholder_token='<toy>'",
                    "initializer_token=a", "num_vectors=2"])
     again = record["results"]
     assert again["resumed_from"] == 4 and record["experiment"] == "textual_inversion"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.harness import (Study, entry, load_model, psnr, pyplot, require_vae, sample_photo, save_figure, show,
+from experiments.harness import (Experiment, entry, load_model, psnr, pyplot, require_vae, sample_photo, save_figure, show,
                                  world_scenes)
 from framework.plugin import ConfigError, pixel_size
 
@@ -97,12 +97,12 @@ def edits_figure(model, images, latents, interpolation, factor, path, files) -> 
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the experiment with Hydra-style overrides; returns its record (also written to ``out``)."""
-    study = Study.compose(HERE, argv, passthrough=True)
-    cfg = study.cfg
+    ex = Experiment.compose(HERE, argv, passthrough=True)
+    cfg = ex.cfg
     n_scenes = 2 if cfg.fast else cfg.scenes
     if n_scenes < 2 or cfg.interpolation < 2 or not cfg.noise_sigmas:
         raise ConfigError("autoencoder needs scenes ≥ 2, interpolation ≥ 2 and at least one noise σ")
-    model = load_model(study.run_overrides())
+    model = load_model(ex.run_overrides())
     require_vae(model, "experiments.autoencoder")
     size = pixel_size(model)
     factor = size[0] // model.latent_shape[1]
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
         "captions": captions,
         **shift,
     }
-    return study.record(out / "autoencoder.json", results, files)
+    return ex.record(out / "autoencoder.json", results, files)
 
 
 if __name__ == "__main__":

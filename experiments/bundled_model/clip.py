@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
 from experiments.bundled_model.common import (batch_of_scenes, count_parameters, data_workers,
-                                              train_loop)
+                                              initialised_with, train_loop)
 
 
 def build_clip(cfg: DictConfig, tokenizer: CLIPTokenizer) -> CLIPModel:
@@ -30,8 +30,8 @@ def build_clip(cfg: DictConfig, tokenizer: CLIPTokenizer) -> CLIPModel:
                            num_hidden_layers=c.vision_layers, num_attention_heads=c.heads,
                            image_size=64, patch_size=c.patch_size),
         projection_dim=c.projection_dim, **ids)
-    torch.manual_seed(cfg.seed)
-    return CLIPModel(config)
+    with initialised_with(cfg.seed):
+        return CLIPModel(config)
 
 
 def image_processor() -> CLIPImageProcessor:

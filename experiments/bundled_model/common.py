@@ -1,12 +1,20 @@
-"""Shared helpers of the training stages: device, seeding, data, resumable time-budgeted loops."""
+"""Shared helpers of the training stages: seeding, data, checkpoints, resumable time-budgeted loops.
+
+No global seeding: a model is initialised under :func:`initialised_with` (the global generator
+seeded inside ``torch.random.fork_rng``, restored after), and every random draw of a training
+step comes from a generator seeded by (run seed, stage, step) — so a resumed run redraws the same.
+Checkpoints and caches are safetensors (every tensor) plus JSON (everything else): no pickles.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -14,19 +22,27 @@ from torch import nn
 from tqdm import tqdm
 
 from framework.bundled.world import ScenePlan, plan_scenes
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → cuda when available, else cpu; any other value is passed to torch.device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+from framework.core.files import atomic_write_bytes, atomic_write_json
 
 
 def stage_seed(seed: int, stage: str, step: int) -> int:
     """A deterministic seed for (run seed, stage, step): resumed runs redraw the same batches."""
     code = sum((i + 1) * ord(c) for i, c in enumerate(stage))
     return (seed * 1_000_003 + code * 10_007 + step) % (2**62)
+
+
+def step_generator(cfg: DictConfig, stage: str, step: int, device: torch.device) -> torch.Generator:
+    """The generator of a stage's random draws at a step, on ``device``, seeded by (run seed, stage, step)."""
+    return torch.Generator(device).manual_seed(stage_seed(cfg.seed, stage, step))
+
+
+@contextlib.contextmanager
+def initialised_with(seed: int) -> Iterator[None]:
+    """Build a model (on the CPU) inside this block: its initial weights depend on ``seed`` alone,
+    and the global generator is left as it was (``fork_rng`` restores it)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
 
 
 def batch_of_scenes(cfg: DictConfig, stage: str, step: int, n: int, **world: float) -> ScenePlan:
@@ -85,17 +101,58 @@ def data_workers(cfg: DictConfig, device: torch.device) -> int:
     return min(6, max(0, (os.cpu_count() or 1) - 2)) if device.type == "cuda" else 0
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Mean PSNR (dB) of images in [-1, 1] (peak-to-peak 2), per image then averaged."""
-    mse = ((a.clamp(-1, 1) - b.clamp(-1, 1)) ** 2).flatten(1).mean(1)
-    return (10 * torch.log10(4.0 / mse.clamp_min(1e-10))).mean()
+def save_state(path: Path, tensors: dict[str, torch.Tensor], info: dict[str, Any], tag: str) -> None:
+    """``path`` (JSON: ``info`` and the name of the tensors file) and ``<stem>-<tag>.safetensors``
+    beside it (the tensors, copied to the CPU). The tensors go first and the JSON last, each
+    atomically, so a run killed in between leaves the previous pair whole; the tensor files of
+    earlier pairs are removed after."""
+    from safetensors.torch import save
+
+    file = path.with_name(f"{path.stem}-{tag}.safetensors")
+    atomic_write_bytes(file, save({k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}))
+    atomic_write_json(path, {**info, "tensors": file.name})
+    for old in path.parent.glob(f"{path.stem}-*.safetensors"):
+        if old != file:
+            old.unlink(missing_ok=True)
 
 
-def atomic_save(obj: object, path: Path) -> None:
-    """torch.save into a temporary file, then rename (a killed run never leaves half a file)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """(tensors, info) saved by :func:`save_state`, or None when there is none."""
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        return None
+    info = json.loads(path.read_text())
+    return load_file(path.with_name(info.pop("tensors"))), info
+
+
+def save_checkpoint(path: Path, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer, step: int) -> None:
+    """Modules' state dicts and the optimizer's per-parameter state (tensors) to safetensors; the
+    step, the optimizer's parameter groups and any non-tensor state to JSON (:func:`save_state`)."""
+    opt = optimizer.state_dict()
+    tensors = {f"modules/{name}/{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
+    tensors.update({f"optimizer/{i}/{k}": v for i, s in opt["state"].items() for k, v in s.items() if torch.is_tensor(v)})
+    other = {str(i): {k: v for k, v in s.items() if not torch.is_tensor(v)} for i, s in opt["state"].items()}
+    save_state(path, tensors, {"step": step, "param_groups": opt["param_groups"], "optimizer_state": other}, f"{step:07d}")
+
+
+def load_checkpoint(path: Path, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer) -> int:
+    """Restore what :func:`save_checkpoint` wrote into ``modules`` and ``optimizer``; returns its
+    step (0 and nothing restored when there is no checkpoint)."""
+    loaded = load_state(path)
+    if loaded is None:
+        return 0
+    tensors, info = loaded
+    for name, module in modules.items():
+        prefix = f"modules/{name}/"
+        module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    state: dict[int, dict[str, Any]] = {int(i): dict(s) for i, s in info["optimizer_state"].items()}
+    for key, v in tensors.items():
+        if key.startswith("optimizer/"):
+            _, i, k = key.split("/", 2)
+            state.setdefault(int(i), {})[k] = v
+    optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+    return int(info["step"])
 
 
 def train_loop(
@@ -115,20 +172,13 @@ def train_loop(
     """Run ``step_fn(step)`` (``step_fn(step, make_batch(step))`` when ``make_batch`` is given,
     the batches drawn by ``workers`` processes) from the last checkpoint up to ``steps`` or
     ``max_minutes`` of wall time, whichever comes first; checkpoints (modules, optimizer, step)
-    go to ``out_dir/<name>.ckpt`` and per-step logs to ``out_dir/<name>_log.jsonl``. Returns the
-    step reached; rerunning the stage resumes from it."""
-    ckpt = out_dir / f"{name}.ckpt"
-    start = 0
-    if ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        for key, module in modules.items():
-            module.load_state_dict(state["modules"][key])
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
+    go to ``out_dir/<name>.checkpoint.json`` and the safetensors file it names, per-step logs to
+    ``out_dir/<name>_log.jsonl``. Returns the step reached; rerunning the stage resumes from it."""
+    ckpt = out_dir / f"{name}.checkpoint.json"
+    start = load_checkpoint(ckpt, modules, optimizer)
 
     def save(step: int) -> None:
-        atomic_save({"modules": {k: m.state_dict() for k, m in modules.items()},
-                     "optimizer": optimizer.state_dict(), "step": step}, ckpt)
+        save_checkpoint(ckpt, modules, optimizer, step)
 
     log = (out_dir / f"{name}_log.jsonl").open("a")
     t0, step = time.time(), start

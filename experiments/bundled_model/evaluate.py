@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 from omegaconf import DictConfig
-from PIL import Image
 from scipy import linalg
 from transformers import CLIPModel, CLIPTokenizer
 
 from experiments.bundled_model.vae import reconstruct, vae_psnr
+from experiments.harness import save_grid
 from framework.bundled import load_clip, load_judge
 from framework.bundled.world import COLOURS, SHAPES, label_indices, sample_scenes
 
@@ -92,15 +92,6 @@ def generate(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int]
     return torch.cat(out)
 
 
-def save_grid(images: torch.Tensor, rows: int, path: Path, scale: int = 2) -> None:
-    """A rows × (n/rows) PNG grid of images in [-1, 1]."""
-    n, _, h, w = images.shape
-    cols = n // rows
-    g = images.view(rows, cols, 3, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, 3)
-    arr = ((g + 1) * 127.5).round().clamp(0, 255).byte().numpy()
-    Image.fromarray(arr).resize((cols * w * scale, rows * h * scale), Image.NEAREST).save(path)
-
-
 def evaluate(cfg: DictConfig, weights: Path, grid_path: Path) -> dict[str, float]:
     """All scores of the exported weights under ``weights``; writes the sample grid."""
     e = cfg.evaluate
@@ -147,8 +138,7 @@ def evaluate(cfg: DictConfig, weights: Path, grid_path: Path) -> dict[str, float
     grid_prompts = [p for p in GRID_PROMPTS for _ in range(n_seeds)]
     grid = generate(pipe, grid_prompts, list(range(n_seeds)) * len(GRID_PROMPTS), e.steps,
                     e.guidance_scale, e.batch_size)
-    grid_path.parent.mkdir(parents=True, exist_ok=True)
-    save_grid(grid, len(GRID_PROMPTS), grid_path)
+    save_grid((grid + 1) / 2, grid_path, nrow=n_seeds, scale=2, pad=0)  # a row per prompt
     scores["settings"] = dict(steps=e.steps, guidance_scale=e.guidance_scale,
                               scheduler=type(pipe.scheduler).__name__, n_generate=e.n_generate,
                               n_real=e.n_real)

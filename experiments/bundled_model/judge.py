@@ -8,7 +8,7 @@ import torch
 from omegaconf import DictConfig
 
 from experiments.bundled_model.common import (batch_of_scenes, count_parameters, data_workers,
-                                              train_loop)
+                                              initialised_with, step_generator, train_loop)
 from framework.bundled.judge import Judge, JudgeConfig
 from framework.bundled.world import label_indices
 
@@ -16,8 +16,9 @@ from framework.bundled.world import label_indices
 def train_judge(cfg: DictConfig, out: Path, device: torch.device) -> Judge:
     """Train (or resume) the judge; saves it to ``out/judge``."""
     c = cfg.judge
-    torch.manual_seed(cfg.seed)
-    judge = Judge(JudgeConfig(channels=tuple(c.channels))).to(device).train()
+    with initialised_with(cfg.seed):
+        judge = Judge(JudgeConfig(channels=tuple(c.channels)))
+    judge = judge.to(device).train()
     print(f"judge: {count_parameters(judge) / 1e6:.2f} M parameters")
     opt = torch.optim.AdamW(judge.parameters(), lr=c.lr, weight_decay=1e-4)
 
@@ -30,8 +31,9 @@ def train_judge(cfg: DictConfig, out: Path, device: torch.device) -> Judge:
         scenes, targets = batch
         images = scenes.draw(device).images
         # the judge must survive generated images: mild noise/blur augmentation
-        images = images + torch.randn_like(images) * 0.05 * torch.rand(len(images), 1, 1, 1,
-                                                                       device=device)
+        gen = step_generator(cfg, "judge_noise", step, device)
+        noise = torch.randn(images.shape, generator=gen, device=device)
+        images = images + noise * 0.05 * torch.rand(len(images), 1, 1, 1, generator=gen, device=device)
         logits = judge(images)
         loss = sum(torch.nn.functional.cross_entropy(logits[k], targets[k].to(device))
                    for k in logits)

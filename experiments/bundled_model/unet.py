@@ -9,6 +9,7 @@ loss uses min-SNR-5 weighting; an EMA copy of the weights is what gets exported.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from pathlib import Path
 
@@ -18,8 +19,8 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from experiments.bundled_model.common import (count_parameters, data_workers,
-                                              plan_scenes_parallel, stage_seed, train_loop)
+from experiments.bundled_model.common import (count_parameters, data_workers, initialised_with, load_state,
+                                              plan_scenes_parallel, save_state, stage_seed, train_loop)
 
 SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                 beta_end=0.012)
@@ -29,13 +30,13 @@ def build_unet(cfg: DictConfig, cross_attention_dim: int) -> UNet2DConditionMode
     """A fresh UNet of the configured size (cross-attention on every level, as in SD)."""
     u = cfg.unet
     n = len(u.channels)
-    torch.manual_seed(cfg.seed)
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D",) * n, up_block_types=("CrossAttnUpBlock2D",) * n,
-        block_out_channels=tuple(u.channels), layers_per_block=u.layers_per_block,
-        cross_attention_dim=cross_attention_dim, attention_head_dim=u.heads,
-        norm_num_groups=u.norm_groups)
+    with initialised_with(cfg.seed):
+        return UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D",) * n, up_block_types=("CrossAttnUpBlock2D",) * n,
+            block_out_channels=tuple(u.channels), layers_per_block=u.layers_per_block,
+            cross_attention_dim=cross_attention_dim, attention_head_dim=u.heads,
+            norm_num_groups=u.norm_groups)
 
 
 def text_encoder_from_clip(clip_dir: Path) -> CLIPTextModel:
@@ -65,15 +66,15 @@ def encode_prompts(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, prompt
 
 @torch.no_grad()
 def build_cache(cfg: DictConfig, out: Path, device: torch.device) -> dict[str, torch.Tensor]:
-    """Latents, caption indices and the caption embedding table of the fixed training set."""
-    path = out / "unet_cache.pt"
+    """Latents, caption indices and the caption embedding table of the fixed training set, cached
+    in ``out/unet_cache.json`` (its stamp) and the safetensors file it names."""
+    path = out / "unet_cache.json"
     vae_config = json.loads((out / "vae" / "config.json").read_text())
     stamp = [vae_config["scaling_factor"], (out / "clip" / "model.safetensors").stat().st_mtime,
              cfg.unet.n_train, cfg.seed]  # a decoder-only VAE phase keeps the cache valid
-    if path.exists():
-        cache = torch.load(path, weights_only=False)
-        if cache["stamp"] == stamp:
-            return cache
+    loaded = load_state(path)
+    if loaded is not None and loaded[1]["stamp"] == stamp:
+        return loaded[0]
     plans = plan_scenes_parallel(cfg.unet.n_train, stage_seed(cfg.seed, "unet_set", 0),
                                  max(1, data_workers(cfg, device)), **cfg.world)
     vae = AutoencoderKL.from_pretrained(out / "vae").to(device).eval()
@@ -91,8 +92,8 @@ def build_cache(cfg: DictConfig, out: Path, device: torch.device) -> dict[str, t
     emb = encode_prompts(text, tokenizer, unique).half()
     cache = {"latents": latents * vae.config.scaling_factor,
              "caption_ids": torch.tensor([index[c] for c in captions]),
-             "embeddings": emb, "stamp": stamp}
-    torch.save(cache, path)
+             "embeddings": emb}
+    save_state(path, cache, {"stamp": stamp}, hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:12])
     print(f"unet cache: {len(captions)} latents (std {cache['latents'].std():.3f}), "
           f"{len(unique)} distinct captions")
     return cache

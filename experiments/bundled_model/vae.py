@@ -18,7 +18,8 @@ from diffusers import AutoencoderKL
 from omegaconf import DictConfig
 
 from experiments.bundled_model.common import (batch_of_scenes, count_parameters, data_workers,
-                                              psnr, train_loop)
+                                              initialised_with, step_generator, train_loop)
+from experiments.harness import psnr
 from framework.bundled.world import ScenePlan, sample_scenes
 
 VALIDATION_SEED = 987_654  # fresh scenes, never drawn by a training step
@@ -28,12 +29,12 @@ def build_vae(cfg: DictConfig) -> AutoencoderKL:
     """A fresh AutoencoderKL of the configured (light) layout."""
     v = cfg.vae
     n = len(v.channels)
-    torch.manual_seed(cfg.seed)
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
-        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=tuple(v.channels), layers_per_block=v.layers_per_block,
-        norm_num_groups=v.norm_groups, mid_block_add_attention=v.mid_attention)
+    with initialised_with(cfg.seed):
+        return AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+            down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+            block_out_channels=tuple(v.channels), layers_per_block=v.layers_per_block,
+            norm_num_groups=v.norm_groups, mid_block_add_attention=v.mid_attention)
 
 
 def spectrum_loss(rec: torch.Tensor, x: torch.Tensor, patch: int = 16) -> torch.Tensor:
@@ -65,8 +66,9 @@ def reconstruct(vae: AutoencoderKL, images: torch.Tensor, batch: int = 128) -> t
 
 
 def vae_psnr(vae: AutoencoderKL, images: torch.Tensor, batch: int = 128) -> float:
-    """PSNR (dB) of reconstructions through the posterior mean."""
-    return float(psnr(reconstruct(vae, images, batch), images))
+    """Mean PSNR (dB, per image then averaged) of reconstructions through the posterior mean, of
+    images in [-1, 1] (mapped to [0, 1] for :func:`experiments.harness.psnr`: the peak-to-peak-2 figure)."""
+    return float(psnr((reconstruct(vae, images, batch) + 1) / 2, (images + 1) / 2).mean())
 
 
 def train_vae(cfg: DictConfig, out: Path, device: torch.device) -> AutoencoderKL:
@@ -101,7 +103,7 @@ def train_vae(cfg: DictConfig, out: Path, device: torch.device) -> AutoencoderKL
             g["lr"] = v.lr * min(1.0, (step + 1) / v.warmup)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             post = vae.encode(x).latent_dist
-            rec = vae.decode(post.sample()).sample.float()
+            rec = vae.decode(post.sample(step_generator(cfg, name, step, device))).sample.float()
         kl = post.kl().mean() / x[0].numel()
         loss = (rec - x).abs().mean() + ((rec - x) ** 2).mean() + v.kl_weight * kl
         if anchor is not None:  # latents (in the UNet's units) stay near the first encoder's

@@ -23,14 +23,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from framework.entry.api import run
+from experiments.harness import Experiment, entry, save_grid, save_png, save_text
 from framework.bundled.world import COLOURS
+from framework.entry.api import run
 
-TI_CONFIG = Path(__file__).resolve().parent.parent / "textual_inversion" / "config.yaml"
+HERE = Path(__file__).resolve().parent
+TI_DIR = HERE.parent / "textual_inversion"
+
+
+def ti_config(study: DictConfig, **over: Any) -> DictConfig:
+    """experiments/textual_inversion's config with the study's ``ti`` overrides and ``over`` applied."""
+    return OmegaConf.merge(Experiment.compose(TI_DIR, []).cfg, OmegaConf.to_container(study.ti), over)
 
 
 class Study:
@@ -89,13 +95,12 @@ class Study:
         return out
 
     def _train(self, name: str, **over: Any) -> tuple[Path, dict[str, Any]]:
-        """Train a token with experiments.textual_inversion (config + ``ti`` overrides + ``over``)."""
-        from experiments.textual_inversion.__main__ import train
+        """Train a token with experiments.textual_inversion (config + ``ti`` overrides + ``over``);
+        its record goes to ``<runs>/<name>/train.json``."""
+        from experiments.textual_inversion.__main__ import run as train
 
-        ti_cfg = OmegaConf.merge(OmegaConf.load(TI_CONFIG), OmegaConf.to_container(self.cfg.ti),
-                                 {"fast": bool(self.cfg.fast), "out": str(self.folder / name), **over})
-        ti_cfg.pop("hydra", None)
-        summary = train(ti_cfg)
+        cfg = ti_config(self.cfg, fast=bool(self.cfg.fast), out=str(self.folder / name), **over)
+        summary = train(Experiment("textual_inversion", cfg))["results"]
         return Path(summary["file"]), summary
 
     def textual_inversion(self) -> dict[str, Any]:
@@ -104,12 +109,12 @@ class Study:
         from experiments.textual_inversion.__main__ import denoising_loss, load_pipe, striped_scenes
         from framework.bases.embeddings import LearnedTokens, TextEmbeddings, load_embeddings, save_embeddings
 
-        ti = OmegaConf.merge(OmegaConf.load(TI_CONFIG), OmegaConf.to_container(self.cfg.ti))
+        ti = ti_config(self.cfg)
         token = str(ti.placeholder_token)
         if self.cfg.ti_embedding:
             path = Path(self.cfg.ti_embedding)
-            log = path.parent / "train.json"  # written beside the file by experiments.textual_inversion
-            summary = json.loads(log.read_text()) if log.exists() else {"file": str(path)}
+            log = path.parent / "train.json"  # the record experiments.textual_inversion writes beside the file
+            summary = json.loads(log.read_text())["results"] if log.exists() else {"file": str(path)}
         else:
             path, summary = self._train("ti_striped")
         pipe = load_pipe("bundled")
@@ -146,16 +151,14 @@ class Study:
     def ti_colour(self) -> dict[str, Any]:
         """A concept the model can render: a colour learned from an image folder with its word removed."""
         from framework.bundled.world import sample_scenes
-        from framework.runs.images import to_pil
 
         colour, token = str(self.cfg.colour_concept), "<my-colour>"
         pool_ = sample_scenes(400, 30_000 + int(self.cfg.seed), two_shape_rate=0.0, omit_rate=0.3)
         keep = [i for i, lab in enumerate(pool_.labels) if lab.main.colour == colour][: (4 if self.cfg.fast else 16)]
         folder = self.folder / "colour_images"
-        folder.mkdir(parents=True, exist_ok=True)
         for i in keep:
-            to_pil((pool_.images[i] + 1) / 2).save(folder / f"{i}.png")
-            (folder / f"{i}.txt").write_text(pool_.captions[i].replace(colour, "{token}", 1))
+            save_png((pool_.images[i] + 1) / 2, folder / f"{i}.png")
+            save_text(pool_.captions[i].replace(colour, "{token}", 1), folder / f"{i}.txt")
         path, summary = self._train("ti_colour", images=str(folder), placeholder_token=token)
         use = ["conditioning=[textual_inversion]", f"conditioning.textual_inversion.path='{path}'"]
         results = {
@@ -193,23 +196,20 @@ def pool(parts: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def write(results: dict[str, Any], images: dict[str, torch.Tensor], cfg: DictConfig, out: Path) -> None:
-    from framework.runs.images import grid, to_pil
-
-    out.mkdir(parents=True, exist_ok=True)
-    previous = out / "results.json"  # studies run separately add to it
+def write(results: dict[str, Any], images: dict[str, torch.Tensor], cfg: DictConfig, out: Path) -> list[str]:
+    """``results.json`` (merged into the one there: studies run separately add to it), the figures
+    and ``results.md``; returns the names of the files written."""
+    files: list[str] = []
+    previous = out / "results.json"
     if previous.exists():
         results = {**json.loads(previous.read_text()), **results}
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    save_text(json.dumps(results, indent=1), out / "results.json", files)
     cols = min(16, min(len(v) for v in images.values()))
 
     def figure(names: list[str], file: str) -> None:
         present = [images[n][:cols] for n in names if n in images]
-        if not present:
-            return
-        rows = torch.cat(present)
-        img = to_pil(grid(rows, nrow=cols))
-        img.resize((img.width * 2, img.height * 2), 0).save(out / file)
+        if present:
+            save_grid(torch.cat(present), out / file, nrow=cols, scale=2, files=files)
 
     figure(["swap_plain", "swap_swapped", "swap_blue"], "swap.png")
     figure([k for k in images if k.startswith("mix_")] + ["prompt_mix_0.5"], "mix.png")
@@ -245,24 +245,25 @@ def write(results: dict[str, Any], images: dict[str, torch.Tensor], cfg: DictCon
                           f"initializer '{t['initializer_token']}', {t.get('num_vectors') or 1} vector(s), {t['threads']} CPU thread(s): {took}; "
                           f"loss {t['loss_first_20']:.4f} (mean of the first 20 steps) → {t['loss_last_20']:.4f} (last 20)."]
         lines.append("")
-    (out / "results.md").write_text("\n".join(lines))
+    save_text("\n".join(lines), out / "results.md", files)
+    return files
 
 
-@hydra.main(config_path=".", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the studies of ``studies``; returns the record, also written to ``<runs>/record.json``."""
+    ex = Experiment.compose(HERE, argv)
+    cfg, folder = ex.cfg, Path(ex.cfg.runs)
     torch.set_num_threads(int(cfg.threads))
-    folder = Path(HydraConfig.get().runtime.output_dir)
     study = Study(cfg, folder)
     results: dict[str, Any] = {"settings": {"steps": study.steps, "samples_per_prompt": study.per_prompt, "shapes": study.shapes}}
     for name in cfg.studies:
         t0 = time.perf_counter()
         results[name] = getattr(study, name)()
         print(f"{name}: {time.perf_counter() - t0:.0f} s")
-    write(results, study.images, cfg, Path(cfg.out))
+    files = write(results, study.images, cfg, Path(cfg.out))
     print((Path(cfg.out) / "results.md").read_text())
+    return ex.record(folder / "record.json", results, files)
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from experiments.harness import Study, entry, load_model, pyplot, save_figure, show
+from experiments.harness import Experiment, entry, load_model, pyplot, save_figure, show
 from framework.entry.api import run as sample
 from framework.plugin import ConfigError
 
@@ -95,8 +95,8 @@ def embeddings_figure(model, prompts: list[str], path: Path, files: list[str]) -
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the experiment with Hydra-style overrides; returns its record (also written to ``out``)."""
-    study = Study.compose(HERE, argv, passthrough=True)
-    cfg = study.cfg
+    ex = Experiment.compose(HERE, argv, passthrough=True)
+    cfg = ex.cfg
     sections = OmegaConf.to_container(cfg.sections)
     if not isinstance(sections, dict) or not all(isinstance(v, list) and all(isinstance(r, list) for r in v) for v in sections.values()):
         raise ConfigError("gallery.sections must map a name to a list of override lists, e.g. 'sections.x=[[solver=heun],[solver=euler]]'")
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
         if unknown:
             raise ConfigError(f"unknown gallery section(s) {', '.join(unknown)}: choose from {', '.join(sections)}")
         sections = {k: v for k, v in sections.items() if k in cfg.only}
-    base = study.run_overrides()
+    base = ex.run_overrides()
     out, folder = Path(cfg.out), Path(cfg.runs)
     files: list[str] = []
     results: dict[str, list[dict]] = {}
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not hasattr(model, "text_encoder"):
             raise ConfigError("gallery's embedding figure needs a text-conditioned model; set embedding_prompts=[] to skip it")
         results["text_embeddings"] = embeddings_figure(model, list(cfg.embedding_prompts), out / "gallery_text_embeddings.png", files)
-    return study.record(out / "gallery.json", results, files)
+    return ex.record(out / "gallery.json", results, files)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
+from experiments.harness import Experiment, entry, pyplot, save_figure, save_png, save_text
 from framework.entry.api import run
-from framework.core.files import atomic_write_json
+
+HERE = Path(__file__).resolve().parent
 
 
 def raw(name: str, scale: float) -> list[str]:
@@ -55,9 +56,7 @@ def configs(files: Path, text: str) -> dict[str, list[str]]:
 def make_files(folder: Path) -> dict[str, torch.Tensor]:
     """Reference, style and source pictures (world scenes) and the inpainting mask."""
     from framework.bundled.world import sample_scenes
-    from framework.runs.images import to_pil
 
-    folder.mkdir(parents=True, exist_ok=True)
     scenes = sample_scenes(40, seed=7, concept_rate=0.5)
     plain = [i for i, lab in enumerate(scenes.labels) if not lab.main.striped]
     pick = {"reference.png": plain[0], "source.png": plain[1]}
@@ -65,13 +64,13 @@ def make_files(folder: Path) -> dict[str, torch.Tensor]:
     out = {}
     for name, i in pick.items():
         img = (scenes.images[i] + 1) / 2
-        to_pil(img).save(folder / name)
+        save_png(img, folder / name)
         out[name] = img
     mask = torch.zeros(1, 64, 64)
     mask[:, :, 32:] = 1
-    to_pil(mask).save(folder / "mask.png")
+    save_png(mask, folder / "mask.png")
     out["mask.png"] = mask
-    (folder / "captions.json").write_text(json.dumps({n: scenes.captions[i] for n, i in pick.items()}, indent=1))
+    save_text(json.dumps({n: scenes.captions[i] for n, i in pick.items()}, indent=1), folder / "captions.json")
     return out
 
 
@@ -154,16 +153,13 @@ def study(cfg: DictConfig, folder: Path, out: Path) -> tuple[dict, dict]:
     return table, images
 
 
-def write(table: dict, images: dict, cfg: DictConfig, out: Path) -> None:
-    import matplotlib
+def write(table: dict, images: dict, cfg: DictConfig, out: Path) -> list[str]:
+    """``<out>/guidance/``: the grid of images, the table (markdown) and the results (JSON);
+    returns the names of the files written."""
+    from framework.plugin import grid
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from framework.runs.images import grid
-
-    folder = out / "guidance"
-    folder.mkdir(parents=True, exist_ok=True)
+    plt = pyplot()
+    folder, files = out / "guidance", []
     names = list(images)
     fig, axes = plt.subplots(len(names), 1, figsize=(8, 1.15 * len(names)))
     for ax, name in zip(axes if len(names) > 1 else [axes], names):
@@ -172,28 +168,26 @@ def write(table: dict, images: dict, cfg: DictConfig, out: Path) -> None:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    fig.savefig(folder / "grid.png", dpi=110)
+    save_figure(fig, folder / "grid.png", files)
     cols = sorted({k for row in table.values() for k in row if k != "seconds"}, key=lambda k: (k not in ("nfe", "unet_calls"), k))
     lines = ["| configuration | " + " | ".join(cols) + " |", "| --- |" + " --- |" * len(cols)]
     for name, row in table.items():
         cells = [("" if row.get(c) is None else f"{row[c]:.4g}") for c in cols]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    (folder / "table.md").write_text("\n".join(lines) + "\n")
+    save_text("\n".join(lines) + "\n", folder / "table.md", files)
+    save_text(json.dumps(table, indent=1), folder / "results.json", files)
+    return files
 
 
-@hydra.main(config_path=".", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-
-    folder = Path(HydraConfig.get().runtime.output_dir)
-    out = Path(cfg.out)
+def main(argv: list[str] | None = None) -> dict:
+    """Run the study; returns its record, also written to ``<runs>/record.json``."""
+    ex = Experiment.compose(HERE, argv)
+    cfg, folder, out = ex.cfg, Path(ex.cfg.runs), Path(ex.cfg.out)
     table, images = study(cfg, folder, out)
-    write(table, images, cfg, out)
-    atomic_write_json(folder / "record.json", {"experiment": "guidance_study", "config": OmegaConf.to_container(cfg),
-                                               "results": table})
-    (out / "guidance" / "results.json").write_text(json.dumps(table, indent=1))
+    files = write(table, images, cfg, out)
     print(json.dumps(table, indent=1))
+    return ex.record(folder / "record.json", table, files)
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.harness import (Study, entry, load_model, psnr, pyplot, require_vae, sample_photo, save_figure, save_png,
+from experiments.harness import (Experiment, entry, load_model, psnr, pyplot, require_vae, sample_photo, save_figure, save_png,
                                  show, world_scenes)
 from framework.entry.api import run as sample
 from framework.plugin import ConfigError, load_image, pixel_size
@@ -34,12 +34,12 @@ def source_image(cfg, size: tuple[int, int]) -> tuple[torch.Tensor, str]:
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the experiment with Hydra-style overrides; returns its record (also written to ``out``)."""
-    study = Study.compose(HERE, argv, passthrough=True)
-    cfg = study.cfg
+    ex = Experiment.compose(HERE, argv, passthrough=True)
+    cfg = ex.cfg
     strengths = [float(s) for s in cfg.strengths]
     if not strengths or any(not 0 < s <= 1 for s in strengths):
         raise ConfigError(f"img2img strengths must be in (0, 1], got {strengths}")
-    base = study.run_overrides()
+    base = ex.run_overrides()
     model = load_model(base)
     require_vae(model, "experiments.img2img")
     source, label = source_image(cfg, pixel_size(model))
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     fig.tight_layout()
     files: list[str] = []
     save_figure(fig, out / "img2img_strengths.png", files)
-    return study.record(out / "img2img.json", {"source": label, "prompt": prompt, "runs": results}, files)
+    return ex.record(out / "img2img.json", {"source": label, "prompt": prompt, "runs": results}, files)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.harness import Study, entry, pyplot, save_figure, show
+from experiments.harness import Experiment, entry, pyplot, save_figure, show
 from framework.core.files import atomic_write_bytes
 from framework.entry.api import run as sample
 from framework.plugin import ConfigError, to_pil
@@ -99,12 +99,12 @@ def gif(x0: torch.Tensor, xt: torch.Tensor, meta: dict, record: dict, scale: int
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the experiment with Hydra-style overrides; returns its record (also written to ``out``)."""
-    study = Study.compose(HERE, argv, passthrough=True)
-    cfg = study.cfg
+    ex = Experiment.compose(HERE, argv, passthrough=True)
+    cfg = ex.cfg
     if cfg.samples < 1 or cfg.strip_columns < 2 or cfg.gif_scale < 1:
         raise ConfigError("loop needs samples ≥ 1, strip_columns ≥ 2 and gif_scale ≥ 1")
     out, folder = Path(cfg.out), Path(cfg.runs)
-    result = sample(study.run_overrides(), output_dir=folder)
+    result = sample(ex.run_overrides(), output_dir=folder)
     x0, meta = read_tiles(folder, "preview.png")
     xt, _ = read_tiles(folder, "preview_xt.png")
     files: list[str] = []
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
         "columns": meta["columns"],
         "last_column_vs_final_max_abs": float((x0[:, -1] - result.images[: x0.shape[0]].cpu()).abs().max()),
     }
-    return study.record(out / "loop.json", results, files)
+    return ex.record(out / "loop.json", results, files)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from experiments.harness import Study, entry, pyplot, save_figure, save_text
+from experiments.harness import Experiment, entry, pyplot, save_figure, save_text
 from framework.core.files import atomic_write_json
 from framework.entry.api import run
 
@@ -67,8 +67,8 @@ def write(table, cfg: DictConfig, out: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> dict:
     """Run the study (config.yaml: the mixture half; ``--config-name bundled``: the image half);
     returns its record, also written to ``<runs>/record.json``."""
-    st = Study.compose(HERE, argv)
-    cfg, folder, out = st.cfg, Path(st.cfg.runs), Path(st.cfg.out)
+    ex = Experiment.compose(HERE, argv)
+    cfg, folder, out = ex.cfg, Path(ex.cfg.runs), Path(ex.cfg.out)
     if "cfg_scales" in cfg:  # the bundled-model half (bundled.yaml)
         from experiments.momentum_study import images
 
@@ -81,11 +81,11 @@ def main(argv: list[str] | None = None) -> dict:
         atomic_write_json(folder / "results.json", results)
         files = images.write(results, cfg, out) + images.sample_grid(cfg, out)
         print(f"results: {folder / 'results.json'}")
-        return st.record(folder / "record.json", results, files)
+        return ex.record(folder / "record.json", results, files)
     table = study(cfg, folder)
     files = write(table, cfg, out)
     print(json.dumps({k: {s: v["rmse_to_reference"] for s, v in row.items()} for k, row in table.items()}, indent=1))
-    return st.record(folder / "record.json", table, files)
+    return ex.record(folder / "record.json", table, files)
 
 
 if __name__ == "__main__":

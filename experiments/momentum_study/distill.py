@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from experiments.harness import Study, entry, save_text
+from experiments.harness import Experiment, entry, save_text
 from framework.entry.api import run
 from framework.models.analytic import Mixture
 
@@ -55,8 +55,8 @@ def diversity(images: torch.Tensor, prompts: list[str], features: torch.nn.Modul
 
 def main(argv: list[str] | None = None) -> dict:
     """Write the table (``<out>/momentum_distill_table.md``); returns the record (``<runs>/record.json``)."""
-    st = Study.compose(HERE, argv, config_name="distill")
-    cfg = st.cfg
+    ex = Experiment.compose(HERE, argv, config_name="distill")
+    cfg = ex.cfg
     methods = OmegaConf.to_container(cfg.methods)
     torch.set_num_threads(int(cfg.threads))
     n_mix, n_img, steps = (64, 4, 5) if cfg.fast else (cfg.mixture_samples, cfg.bundled_samples, cfg.steps)
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     files: list[str] = []
     save_text(text, Path(cfg.out) / "momentum_distill_table.md", files)
     print(text)
-    return st.record(Path(cfg.runs) / "record.json", results, files)
+    return ex.record(Path(cfg.runs) / "record.json", results, files)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.harness import (Study, entry, instantiate, load_run, pyplot, require_vae, save_figure, schedule_plugins,
+from experiments.harness import (Experiment, entry, instantiate, load_run, pyplot, require_vae, save_figure, schedule_plugins,
                                  show, world_scenes)
 from framework.entry.compose import compose
 from framework.plugin import ConfigError, pixel_size
@@ -108,9 +108,9 @@ def noising_figure(model, schedule, steps: list[int], seed: int, path: Path, fil
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the experiment with Hydra-style overrides; returns its record (also written to ``out``)."""
-    study = Study.compose(HERE, argv, passthrough=True)
-    cfg = study.cfg
-    loaded = load_run(study.run_overrides())
+    ex = Experiment.compose(HERE, argv, passthrough=True)
+    cfg = ex.cfg
+    loaded = load_run(ex.run_overrides())
     run_cfg, choices, model = loaded.cfg, loaded.choices, loaded.model
     require_vae(model, "experiments.schedule")
     if run_cfg.get("schedule") is None:
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
         noised = noising_figure(model, run_schedule, [int(i) for i in cfg.noised_steps], cfg.seed,
                                 out / "schedule_noising.png", files)
     results = {"schedules": table, "skipped": skipped, "run_schedule": chosen, "run_steps": loaded.steps, "noised": noised}
-    return study.record(out / "schedule.json", results, files)
+    return ex.record(out / "schedule.json", results, files)
 
 
 if __name__ == "__main__":

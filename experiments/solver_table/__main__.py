@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from experiments.harness import Study, entry, instantiate, pyplot, save_figure, save_text
+from experiments.harness import Experiment, entry, instantiate, pyplot, save_figure, save_text
 from framework.entry.api import run
 from framework.entry.compose import compose
 from framework.plugin import ConfigError
@@ -176,8 +176,8 @@ def write(results: dict, cfg: DictConfig, out: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> dict:
     """Run the study (or, with ``from_results``, rewrite the docs from earlier records); returns its
     record, also written to ``<runs>/record.json``."""
-    st = Study.compose(HERE, argv)
-    cfg = st.cfg
+    ex = Experiment.compose(HERE, argv)
+    cfg = ex.cfg
     if cfg.from_results:  # rewrite the tables and plots from earlier records, without sampling
         results: dict = {}
         for path in cfg.from_results:
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
         results = study(cfg, Path(cfg.runs))
         print(json.dumps({m: {s: len(r) for s, r in v.items()} for m, v in results.items()}))
     files = write(results, cfg, Path(cfg.out))
-    return st.record(Path(cfg.runs) / "record.json", results, files)
+    return ex.record(Path(cfg.runs) / "record.json", results, files)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Textual inversion (Gal et al. 2022): learn a new token's embedding from a few images.
 
     python -m experiments.textual_inversion                      # the bundled model, the striped concept
-    python -m experiments.textual_inversion images=my_photos placeholder_token='<my-toy>' initializer_token=toy \\
+    python -m experiments.textual_inversion images=my_photos "placeholder_token='<my-toy>'" initializer_token=toy \\
         model=/path/to/sd15-folder steps=3000 lr=5e-4 device=cuda
     python -m experiments.textual_inversion fast=true out=/tmp/ti # smoke run (seconds)
 
@@ -28,14 +28,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from experiments.harness import Experiment, entry, resolve_device, save_grid
 from framework.bases.embeddings import LearnedTokens, TextEmbeddings, load_embeddings, save_embeddings
-from framework.core.errors import ConfigError
+from framework.plugin import ConfigError, pixel_size
 
+HERE = Path(__file__).resolve().parent
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -79,13 +80,6 @@ def folder_images(folder: Path, size: tuple[int, int], token: str, templates: li
     return torch.stack(images) / 127.5 - 1, captions
 
 
-def save_grid(images: torch.Tensor, path: Path, columns: int = 8) -> None:
-    """A PNG grid of images in [-1, 1]."""
-    from framework.runs.images import grid, to_pil
-
-    to_pil(grid((images + 1) / 2, nrow=columns)).save(path)
-
-
 @torch.no_grad()
 def denoising_loss(pipe: Any, captions: list[str], images: torch.Tensor, edits: list = (), seed: int = 0,
                    repeats: int = 4) -> float:
@@ -117,14 +111,14 @@ def latest_checkpoint(folder: Path) -> tuple[int, Path] | None:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train the token; returns a summary (also written to ``<out>/train.json``)."""
+    """Train the token; returns a summary (:func:`run` writes it to ``<out>/train.json``)."""
     torch.set_num_threads(int(cfg.threads))
     out = Path(cfg.out)
     steps = 4 if cfg.fast else int(cfg.steps)
     n_images = 4 if cfg.fast else int(cfg.num_images)
     batch = min(2 if cfg.fast else int(cfg.batch_size), n_images)
     token = str(cfg.placeholder_token)
-    device = torch.device(cfg.device)
+    device = resolve_device(cfg.device)
     pipe = load_pipe(str(cfg.model))
     pipe.to(device)
     for part in (pipe.unet, pipe.vae, pipe.text_encoder):
@@ -133,14 +127,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if token in pipe.tokenizer.get_vocab() or any(token in t for t in ("<|startoftext|>", "<|endoftext|>")):
         raise ConfigError(f"placeholder_token '{token}' is already a token of this tokenizer: choose a new one, e.g. '<my-concept>'")
 
-    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    size = (pipe.unet.config.sample_size * factor,) * 2
+    from framework.models.diffusers_sd import StableDiffusion
+
+    size = pixel_size(StableDiffusion(pipeline=pipe))
     if cfg.images:
         images, captions = folder_images(Path(cfg.images), size, token, list(cfg.templates))
     else:
         images, captions = striped_scenes(n_images, 10_000 + int(cfg.seed), token)
-    out.mkdir(parents=True, exist_ok=True)
-    save_grid(images[:16], out / "train_images.png")
+    save_grid((images[:16] + 1) / 2, out / "train_images.png", nrow=8)
     with torch.no_grad():
         scale = float(pipe.vae.config.scaling_factor)
         latents = torch.cat([pipe.vae.encode(images[i:i + 64].to(device)).latent_dist.mean * scale
@@ -195,17 +189,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "loss_first_20": sum(losses[:20]) / max(1, len(losses[:20])), "loss_last_20": sum(losses[-20:]) / max(1, len(losses[-20:])),
         "nearest_tokens": emb.nearest(vectors[0], 5), "captions": captions[:4],
     }
-    (out / "train.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
-@hydra.main(config_path=".", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    if cfg.fast and cfg.out == "outputs/textual_inversion":
-        cfg = OmegaConf.merge(cfg, {"out": "outputs/textual_inversion_fast"})
-    summary = train(cfg)
+def run(ex: Experiment) -> dict[str, Any]:
+    """Train as ``ex.cfg`` says; returns the record, also written to ``<out>/train.json`` (its
+    ``results`` are :func:`train`'s summary)."""
+    summary = train(ex.cfg)
     print(json.dumps({k: summary[k] for k in ("file", "steps", "seconds", "loss_first_20", "loss_last_20")}, indent=1))
+    return ex.record(Path(ex.cfg.out) / "train.json", summary, ["learned_embeds.safetensors", "train_images.png"])
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ex = Experiment.compose(HERE, argv)
+    if ex.cfg.fast and ex.cfg.out == "outputs/textual_inversion":
+        ex.cfg.out = "outputs/textual_inversion_fast"
+    return run(ex)
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)
