@@ -44,7 +44,8 @@ def _note(tag: str, hook: str, state: Any = None, **kw: Any) -> None:
 
 @dataclass
 class Tracer:
-    """Implements every non-exclusive hook (all but schedule, predict, step, init_latents) and notes
+    """Implements every hook that many plugins may answer (all but schedule, predict, step and
+    init_latents) and notes
     each call in ``TRACE``. Its chain hooks pass on something changed, so that the next plugin of
     the chain can be seen to receive it: ``add`` is added to ``denoised`` (guidance, momentum) and
     to every conditioning tensor, with ``+tag`` appended to each prompt; ``drop`` removes the first
@@ -69,6 +70,11 @@ class Tracer:
     def run_start(self, run):
         if self._on("run_start"):
             _note(self.tag, "run_start")
+
+    @hookimpl
+    def batch_start(self, run, batch):
+        if self._on("batch_start"):
+            _note(self.tag, "batch_start", seen=list(batch.indices))
 
     @hookimpl
     def conditioning(self, run, cond):
@@ -165,16 +171,15 @@ class TracedSchedule:
 
 @dataclass
 class TracedStart:
-    """``init_latents``: notes each call; returns None (the default start applies) or, with
-    ``value`` set, a start of that constant value."""
+    """``init_latents``: notes each call with the unit noise it received; starts from ``value``."""
 
     tag: str = "start"
-    value: float | None = None
+    value: float = 3.0
 
     @hookimpl
     def init_latents(self, run, batch, schedule, noise):
         _note(self.tag, "init_latents", seen=(noise.clone(), schedule.sigmas))
-        return None if self.value is None else torch.full_like(noise, self.value)
+        return torch.full_like(noise, self.value)
 
 
 @dataclass

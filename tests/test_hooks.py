@@ -61,7 +61,7 @@ def test_every_hook_is_documented_and_tested():
     for name in HOOKS:
         doc = inspect.getdoc(getattr(hookspecs, name)) or ""
         assert len(doc) > 60, f"hook {name} needs a docstring stating its semantics"
-        assert any(w in doc.lower() for w in ("exactly one", "all run", "chain", "first result")), name
+        assert any(w in doc.lower() for w in ("exactly one", "at most one", "all run", "chain")), name
         assert hasattr(here, f"test_hook_{name}"), f"hook {name} has no test_hook_{name}"
 
 
@@ -102,6 +102,23 @@ def test_hook_run_start():
         assert not {"before_step", "after_step", "batch_end", "run_end"} & set(hooks[:start])
 
 
+def test_hook_batch_start():
+    """All run, in config order, once per batch when it starts sampling: after its conditioning,
+    before init_latents and its first step."""
+    model = ShiftedGaussian()
+    over = ["dtype=float64", "callback=[]", "guidance=[]", "steps=2", *TWO_BATCHES]
+    for tags in (("a", "b"), ("b", "a")):
+        _, events = traced(over + tracers("conditioning", *tags) + plugin("guidance", "start", "TracedStart"),
+                           model=model)
+        assert order(events, "batch_start") == [*tags, *tags]
+        assert [e.seen for e in of(events, "batch_start", "a")] == [[0, 1], [2]]
+        hooks = [(e.tag, e.hook) for e in events]
+        for batch in range(2):
+            at = [i for i, h in enumerate(hooks) if h == (tags[0], "batch_start")][batch]
+            assert hooks[at - 1] == (tags[1], "conditioning")  # after the batch's conditioning chain
+            assert hooks[at + 1 : at + 3] == [(tags[1], "batch_start"), ("start", "init_latents")]
+
+
 def test_hook_batch_end():
     """All run, in config order, once per batch after the batch is sampled (its last after_step),
     with the batch, its final latents and images=None for a model without a decoder."""
@@ -109,7 +126,7 @@ def test_hook_batch_end():
     assert order(events, "batch_end") == ["a", "b", "a", "b"]
     hooks = [e.hook for e in events if e.tag == "a"]
     first_end = hooks.index("batch_end")
-    assert hooks[first_end - 1] == "after_step" and hooks[first_end + 1] == "before_step"
+    assert hooks[first_end - 1] == "after_step" and hooks[first_end + 1] == "batch_start"  # before the next batch
     assert hooks.count("after_step") == 4  # 2 steps × 2 batches
     rows = 0
     for e in of(events, "batch_end", "a"):
@@ -198,21 +215,28 @@ def test_hook_adjust_schedule():
 
 
 def test_hook_init_latents():
-    """First result wins, once per batch with unit noise; the built-in default (noise ×
-    init_noise_scale) applies when no plugin answers; the batch starts from the answer."""
-    over = GAUSS + TWO_BATCHES + ["steps=3"] + tracers("callback", "a")
-    res, events = traced(over + plugin("guidance", "start", "TracedStart"))
+    """At most one plugin answers, once per batch with the batch's unit noise, and the batch starts
+    from its answer; without one the engine starts from noise × init_noise_scale; two are a
+    configuration error at start-up, before any evaluation."""
+    over = GAUSS + TWO_BATCHES + ["steps=3"] + tracers("callback", "a", only=("before_step",))
+    res, events = traced(over + plugin("guidance", "start", "TracedStart", value=3.0))
     starts = of(events, "init_latents")
     assert len(starts) == 2  # once per batch
-    noise = torch.cat([e.seen[0] for e in starts])
-    assert noise.shape == res.x_T.shape
-    torch.testing.assert_close(res.x_T, noise * res.schedule.init_noise_scale, rtol=1e-12, atol=0)
+    assert torch.equal(res.x_T, torch.full_like(res.x_T, 3.0))
+    firsts = [e for e in of(events, "before_step") if e.step == 0]
+    assert [e.seen.shape[0] for e in firsts] == [2, 1] and all(torch.equal(e.seen, e.seen.new_full(e.seen.shape, 3.0))
+                                                               for e in firsts)  # each batch starts there
     hooks = [e.hook for e in events]
     assert hooks.index("init_latents") < hooks.index("before_step")
+    noise = torch.cat([e.seen[0] for e in starts])  # the same seeds, so the same noise, without the plugin:
+    default = run(over)
+    torch.testing.assert_close(default.x_T, noise * default.schedule.init_noise_scale, rtol=1e-12, atol=0)
 
-    res, events = traced(over + plugin("guidance", "start", "TracedStart", value=3.0))
-    assert torch.equal(res.x_T, torch.full_like(res.x_T, 3.0))
-    assert torch.equal(of(events, "before_step", "a")[0].seen, res.x_T[:2])  # batch 0 starts there
+    model = CountingDenoiser(Gaussian(shape=(4,)))
+    with pytest.raises(ConfigError, match="init_latents"):
+        run(GAUSS + ["steps=2", *plugin("guidance", "s1", "TracedStart"), *plugin("callback", "s2", "TracedStart")],
+            model=model)
+    assert model.calls == 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -226,7 +226,8 @@ def test_nfe_honest_deterministic_batch_invariant():
 
 
 def test_zero_momentum_is_the_base_solver():
-    testing.assert_matches_reference(MOMENTUM + ["momentum.$name.beta=0"], ["solver=euler"], tol=0.0)
+    # beta = 0 passes the prediction on unchanged; float64 on the analytic model: round-off at most
+    testing.assert_matches_reference(MOMENTUM + ["momentum.$name.beta=0"], ["solver=euler"], tol=1e-12)
 
 
 def test_changes_the_trajectory():
