@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, open_dict
 
+from framework.core.memo import Memo
+
 ANALYTIC = ("gaussian", "mixture")
 
 __all__ = [
@@ -46,9 +48,11 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 # Running
 # ---------------------------------------------------------------------------------------------
-_COMPOSED: dict[tuple, tuple[DictConfig, dict[str, str]]] = {}
-_MODELS: dict[str, Any] = {}
-_EXACT: dict[tuple, torch.Tensor] = {}
+#: What the kit keeps across the runs of a test session (explicit caches, ``framework.core.memo``):
+#: composed configs, model adapters by config choice, the mixture's reference solutions.
+COMPOSED: Memo[tuple[DictConfig, dict[str, str]]] = Memo("testing: composed configs", 64)
+MODELS: Memo[Any] = Memo("testing: model adapters", 16)
+EXACT: Memo[torch.Tensor] = Memo("testing: mixture reference solutions", 256)
 
 
 def _mixture() -> Any:
@@ -59,11 +63,8 @@ def _mixture() -> Any:
     class CachedMixture(Mixture):
         def exact_solution(self, x_start, sigma_start, sigma_end):
             key = (x_start.double().cpu().numpy().tobytes(), tuple(x_start.shape), sigma_start, sigma_end)
-            if key not in _EXACT:
-                if len(_EXACT) > 256:
-                    _EXACT.clear()
-                _EXACT[key] = Mixture.exact_solution(self, x_start, sigma_start, sigma_end)
-            return _EXACT[key].to(device=x_start.device, dtype=x_start.dtype)
+            exact = EXACT.get(key, lambda: Mixture.exact_solution(self, x_start, sigma_start, sigma_end))
+            return exact.to(device=x_start.device, dtype=x_start.dtype)
 
     return CachedMixture()
 
@@ -75,13 +76,12 @@ def load_model(name: str) -> Any:
     from framework.models.base import wrap_model
     from framework.core.registry import instantiate
 
-    if name not in _MODELS:
+    def build() -> Any:
         if name == "mixture":
-            _MODELS[name] = wrap_model(_mixture())
-        else:
-            cfg, _ = compose([f"model={name}"])
-            _MODELS[name] = wrap_model(instantiate(cfg.model, f"model={name}"))
-    return _MODELS[name]
+            return wrap_model(_mixture())
+        return wrap_model(instantiate(compose([f"model={name}"])[0].model, f"model={name}"))
+
+    return MODELS.get(name, build)
 
 
 def _model(model: Any) -> tuple[Any, str]:
@@ -103,12 +103,7 @@ def _is_analytic(model: Any) -> bool:
 def _composed(overrides: Sequence[str]) -> tuple[DictConfig, dict[str, str]]:
     from framework.entry.compose import compose
 
-    key = (tuple(overrides), tuple(sys.path))
-    if key not in _COMPOSED:
-        if len(_COMPOSED) > 64:
-            _COMPOSED.clear()
-        _COMPOSED[key] = compose(list(overrides))
-    cfg, choices = _COMPOSED[key]
+    cfg, choices = COMPOSED.get((tuple(overrides), tuple(sys.path)), lambda: compose(list(overrides)))
     return cfg, dict(choices)  # callers set only the top-level keys they vary, before every run
 
 

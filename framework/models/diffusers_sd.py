@@ -6,7 +6,6 @@ interpolation):  ε-prediction D = x − σ·u;  v-prediction D = x/(σ² + 1) �
 """
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -14,17 +13,23 @@ from typing import Any
 import torch
 
 from framework.core.errors import ConfigError, ModelNotFoundError
+from framework.core.memo import Memo
 from framework.core.model import Model
 from framework.models.base import vp_scale
 from framework.maths.sigmas import sigma_to_t, train_sigmas_from_alphas_cumprod
 
 
-@functools.lru_cache(maxsize=2)
-def load_pipeline(path: str, allow_download: bool = False, variant: str | None = None) -> Any:
-    """A StableDiffusionPipeline from a local folder or a hub id; offline unless downloads are allowed.
+#: The pipelines loaded in this process (the last two stay loaded, so the runs of a sweep in one
+#: process load a model once).
+PIPELINES: Memo[Any] = Memo("loaded pipelines", 2)
 
-    The last two pipelines stay loaded, so the runs of a sweep in one process load a model once.
-    """
+
+def load_pipeline(path: str, allow_download: bool = False, variant: str | None = None) -> Any:
+    """A StableDiffusionPipeline from a local folder or a hub id; offline unless downloads are allowed."""
+    return PIPELINES.get((path, allow_download, variant), lambda: _load_pipeline(path, allow_download, variant))
+
+
+def _load_pipeline(path: str, allow_download: bool, variant: str | None) -> Any:
     from diffusers import StableDiffusionPipeline
 
     local = Path(path).expanduser()

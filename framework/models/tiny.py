@@ -7,14 +7,15 @@ For tests and as a stand-in for a real checkpoint.
 """
 from __future__ import annotations
 
-import functools
 import json
 import string
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from framework.core.memo import Memo
 from framework.models.diffusers_sd import StableDiffusion
 
 SD_SCHEDULER = dict(
@@ -98,7 +99,8 @@ def build_tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
     )
 
 
-_cached = functools.lru_cache(maxsize=2)(build_tiny_pipeline)
+#: The tiny pipelines built in this process, by (seed, prediction type).
+PIPELINES: Memo[Any] = Memo("tiny pipelines", 2)
 
 
 class TinyRandom(StableDiffusion):
@@ -106,5 +108,5 @@ class TinyRandom(StableDiffusion):
 
     def __init__(self, seed: int = 0, prediction_type: str = "epsilon", height: int | None = None, width: int | None = None,
                  vae_slice: int | None = None, vae_tiling: bool = False):
-        super().__init__(pipeline=_cached(seed, prediction_type), height=height, width=width, vae_slice=vae_slice,
+        super().__init__(pipeline=PIPELINES.get((seed, prediction_type), lambda: build_tiny_pipeline(seed, prediction_type)), height=height, width=width, vae_slice=vae_slice,
                          vae_tiling=vae_tiling)
