@@ -71,3 +71,33 @@ def test_run_key_changes_when_the_weights_change(tiny_dir, tmp_path):
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
     assert run_key(config) != before
+
+
+def test_records_written_before_the_restructure_are_read_beside_new_ones(tmp_path, capsys):
+    """A run folder of commit 08d86dc (tests/data) and one written now: same samples, and the
+    report and the scorer read both (schema_version 1 throughout)."""
+    import shutil
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from framework.entry.api import run
+    from framework.tools.report import build_report, load_runs
+    from framework.tools.score import score
+
+    old = Path(__file__).parent / "data" / "run_before_restructure"
+    root = tmp_path / "sweep"
+    shutil.copytree(old, root / "before")
+    new = run(["steps=3", "num_samples=4", "batch_size=4", "metrics=[prompt_accuracy]", "seed=7"], output_dir=root / "now")
+    old_record = json.loads((old / "record.json").read_text())
+    assert new.record["schema_version"] == old_record["schema_version"] == 1
+    assert set(new.record) == set(old_record) and new.record["plugins"] == old_record["plugins"]
+    for k in range(4):  # 8-bit PNGs: float rounding (thread count, kernels) may move a pixel by one level
+        a, b = (np.asarray(Image.open(f / "samples" / f"{k:06d}.png")).astype(int) for f in (old, root / "now"))
+        assert np.abs(a - b).max() <= 1, f"sample {k} differs from the one written before the restructure"
+    assert len(load_runs(root)) == 2
+    assert build_report(root, wandb=False).is_file()
+    for folder in ("before", "now"):
+        merged = score([root / folder], ["metrics=[prompt_accuracy]"], out=tmp_path / f"scored_{folder}")
+        assert merged["metrics"]["prompt_accuracy_colour"] == old_record["metrics"]["prompt_accuracy_colour"]
