@@ -65,6 +65,9 @@ class Experiment:
         hydra_keys = [o for o in overrides if o.lstrip("+~").startswith("hydra.")]
         if hydra_keys:
             raise ConfigError(f"{hydra_keys[0]}: studies take no hydra.* keys; the run folder is runs=<folder>")
+        if not (folder / f"{config_name}.yaml").is_file():
+            options = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+            raise ConfigError(f"{folder.name}: no config '{config_name}': choose from {options}")
         own_keys = set(OmegaConf.load(folder / f"{config_name}.yaml").keys()) - {"defaults"}
         own, passed = _split_overrides(overrides, own_keys) if passthrough else (overrides, [])
         cfg = _compose(folder, config_name, own)
@@ -87,7 +90,7 @@ class Experiment:
         """Write the study's record to ``path`` (JSON, atomically) and return it: the study, its
         config and pass-through overrides, the measured results, the files it wrote, its wall time
         and the versions (with the git commit)."""
-        schema_version, versions = _record_versions()
+        schema_version, versions = _schema_and_versions()
         record = {
             "schema_version": schema_version,
             "experiment": self.name,
@@ -97,7 +100,7 @@ class Experiment:
             "results": results,
             "files": sorted(set(files)),
             "seconds": round(time.perf_counter() - self.started, 2),
-            "versions": versions(),
+            "versions": versions,
         }
         atomic_write_json(Path(path), record)
         return record
@@ -145,9 +148,6 @@ def _compose(folder: Path, config_name: str, overrides: list[str]) -> DictConfig
     from hydra.initialize import get_gh_backup, restore_gh_from_backup
     from omegaconf.errors import OmegaConfBaseException
 
-    if not (folder / f"{config_name}.yaml").is_file():
-        options = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
-        raise ConfigError(f"{folder.name}: no config '{config_name}': choose from {options}")
     backup = get_gh_backup()
     GlobalHydra.instance().clear()
     try:
@@ -177,10 +177,11 @@ def _split_overrides(overrides: list[str], own_keys: set[str]) -> tuple[list[str
 
 # --- framework internals the studies use (kept here, in one place, to follow the framework) -----
 
-def _record_versions() -> tuple[int, Callable[[], dict[str, Any]]]:
+def _schema_and_versions() -> tuple[int, dict[str, Any]]:
+    """The record schema version of samplerlab's runs, and the versions (with the git commit)."""
     from framework.runs.records import SCHEMA_VERSION, versions
 
-    return SCHEMA_VERSION, versions
+    return SCHEMA_VERSION, versions()
 
 
 def resolve_device(name: str) -> torch.device:

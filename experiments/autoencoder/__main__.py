@@ -90,9 +90,9 @@ def edits_figure(model, images, latents, interpolation, factor, path, files) -> 
     # a measurable fact for the record: does shifting the latent shift the image by `factor` pixels?
     shifted = model.decode(torch.roll(z, 1, dims=2)[None]).cpu()[0]
     base = model.decode(z[None]).cpu()[0]
-    inner = slice(factor * 2, -factor * 2)
-    return {"shift_psnr_vs_shifted_image": float(psnr(shifted[None, :, inner, inner], torch.roll(base, factor, dims=2)[None, :, inner, inner])),
-            "shift_psnr_vs_unshifted_image": float(psnr(shifted[None, :, inner, inner], base[None, :, inner, inner]))}
+    crop = (slice(None), slice(factor * 2, -factor * 2), slice(factor * 2, -factor * 2))
+    return {"shift_psnr_vs_shifted_image": float(psnr(shifted[crop][None], torch.roll(base, factor, dims=2)[crop][None])),
+            "shift_psnr_vs_unshifted_image": float(psnr(shifted[crop][None], base[crop][None]))}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,4 +1,4 @@
-"""What ``solver=optimize solver.mode=distill`` (score distillation) gives, measured against the ODE
+"""What ``solver=distill`` (score distillation) gives, measured against the ODE
 sampler and real data: on ``model=mixture`` (exact density) and on the bundled model (FID, CLIP
 score, saturation, diversity).
 
