@@ -432,3 +432,17 @@ def test_sigterm_to_a_real_process_then_resume(tmp_path):
     assert out.returncode == 0, out.stderr
     rec = json.loads((tmp_path / "run" / "record.json").read_text())
     assert len(rec["resumed_samples"]) == done
+
+
+@pytest.mark.parametrize("argv", [
+    ["solver._target_=os.system", "+solver.command=touch {marker}"],
+    ["solver._target_=subprocess.Popen", "+solver.args=[touch,{marker}]"],
+    ["model._target_=subprocess.Popen", "+model.args=[touch,{marker}]"],
+    ["+callback.x._target_=shutil.rmtree", "+callback.x.path={marker}"],
+])
+def test_config_targets_are_limited_to_plugin_classes(capsys, tmp_path, argv):
+    """A config cannot run an arbitrary callable: the target must be a plugin (or model) class."""
+    marker = tmp_path / "PWNED"
+    code, out, err = cli(capsys, "model=gaussian", *[a.format(marker=marker) for a in argv], f"hydra.run.dir={tmp_path}/run")
+    assert code == 2 and "is not a" in err and "only such classes are built from a config" in err
+    assert err.count("\n") == 1 and not marker.exists() and not (tmp_path / "run").exists()

@@ -5,6 +5,9 @@ framework.bases.loss_guidance with all its options::
 
     samplerlab 'guidance=[cfg,user_loss]' guidance.user_loss.fn=mypkg.losses:warm \\
         +guidance.user_loss.kwargs.strength=2
+
+``fn`` runs the user's code, as any plugin does: name only functions you trust (a config's
+``_target_`` is limited to plugin classes; ``fn`` is the one key that names arbitrary code).
 """
 from __future__ import annotations
 
