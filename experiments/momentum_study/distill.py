@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = ex.cfg
     methods = OmegaConf.to_container(cfg.methods)
     torch.set_num_threads(int(cfg.threads))
-    n_mix, n_img, steps = (64, 4, 5) if cfg.fast else (cfg.mixture_samples, cfg.bundled_samples, cfg.steps)
+    # fast: 8 images, two per default prompt (diversity among samples of one prompt needs a pair)
+    n_mix, n_img, steps = (64, 8, 5) if cfg.fast else (cfg.mixture_samples, cfg.bundled_samples, cfg.steps)
     model = Mixture()
     lines = [f"**Mixture** (`model=mixture`, float64, {n_mix} samples, {steps} iterations/steps, karras grid; "
              "NFE = steps for every row)", "", "| method | NFE | NLL | spread | TV |", "| --- | --- | --- | --- | --- |"]
