@@ -55,10 +55,10 @@ def test_distill_stats_on_true_mixture_samples():
 
 def test_bundled_tables_from_results(tmp_path):
     """The writer: one table per metric and CFG scale, missing cells as —, both noise floors stated."""
-    from experiments.harness import Study
+    from experiments.harness import Experiment
     from experiments.momentum_study import images
 
-    cfg = Study.compose(Path(study_mod.__file__).parent, ["--config-name", "bundled"]).cfg
+    cfg = Experiment.compose(Path(study_mod.__file__).parent, ["--config-name", "bundled"]).cfg
     row = dict(nfe=5.0, clip_score=40.0, seconds=6.0, clipped=0.01)
     runs = [dict(row, method="euler", cfg_scale=5, steps=5, seed=0, fid=0.40),
             dict(row, method="ghvb2_0.5", cfg_scale=5, steps=5, seed=0, fid=0.30),
