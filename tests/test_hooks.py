@@ -76,7 +76,7 @@ def test_hook_reference_is_in_sync():
 
 
 # ---------------------------------------------------------------------------------------------
-# Lifecycle: configure, run_start, batch_end, run_end
+# Lifecycle: configure, run_start, batch_start, batch_end, run_end
 # ---------------------------------------------------------------------------------------------
 def test_hook_configure():
     """All run, in config order (group order, then the order written), once per run, before any
