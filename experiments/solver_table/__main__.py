@@ -56,7 +56,8 @@ class Table:
         self.model_object = None
         if model in ("mixture", "gaussian"):
             self.base.append("guidance=[]")
-            self.model_object = WithoutExactSolution(instantiate(compose([f"model={model}"])[0].model, f"model={model}"))
+            node = compose([f"model={model}"])[0].model
+            self.model_object = WithoutExactSolution(instantiate(node, f"model={model}", model=True))
         self.refs: dict[tuple, torch.Tensor] = {}
         self.ref_nfe: dict[tuple, float] = {}
 
