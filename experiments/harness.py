@@ -198,11 +198,11 @@ def schedule_plugins() -> list[str]:
     return list(available("schedule"))
 
 
-def instantiate(node: DictConfig, label: str, model: bool = False) -> Any:
-    """The plugin (or, with ``model``, the model) a config node describes (``label`` names it in errors)."""
+def instantiate(node: DictConfig, label: str) -> Any:
+    """The plugin (or model) a config node describes (``label`` names it in errors)."""
     from framework.core.registry import instantiate as make
 
-    return make(node, label, model)
+    return make(node, label)
 
 
 @dataclass
@@ -223,7 +223,7 @@ def load_run(overrides: list[str]) -> LoadedRun:
 
     cfg, choices = compose(overrides)
     settings = read_settings(cfg)
-    model = wrap_model(instantiate(cfg.model, f"model={choices.get('model', 'custom')}", model=True))
+    model = wrap_model(instantiate(cfg.model, f"model={choices.get('model', 'custom')}"))
     model.setup(resolve_device(settings.device), getattr(torch, str(settings.dtype)))
     return LoadedRun(cfg, choices, settings.steps, model)
 

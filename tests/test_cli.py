@@ -65,7 +65,7 @@ def test_multirun_sweep(capsys, tmp_path):
         (["model=gaussian", "momentum=[heavy_ball]", "solver=heun"], "does not compose with solver=heun"),
         (["model=gaussian", "+guidance.second._target_=plugins.solver.heun.Heun"], "exactly one plugin must answer 'step'"),
         (["-m", "model=gaussian", "solver=euler,nope"], "unknown solver 'nope'"),
-        (["model=gaussian", "schedule.rho=abc"], "schedule=karras: Value 'abc' of type 'str' could not be converted to Float"),
+        (["model=gaussian", "schedule.rho=abc"], "schedule=karras.rho: Value 'abc' of type 'str' could not be converted to Float"),
     ],
 )
 def test_bad_input_one_line_exit_2(capsys, argv, expected, tmp_path):

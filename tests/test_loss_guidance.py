@@ -11,7 +11,7 @@ from framework.entry.api import run
 from framework.core.errors import ConfigError
 from framework.bases.loss_guidance import LossGuidance, decoder_checkpointing
 from framework.core.run import Hooks
-from framework.core.state import Batch, Schedule
+from framework.core.state import Batch, Schedule, Stash
 from framework.core.step import Denoiser
 
 CALLS: list[bool] = []  # one entry per call of guided_mean_loss during sampling (images need grad)
@@ -84,9 +84,9 @@ def test_loss_decreases(name, extra, bound, unguided, files):
     args = BUNDLED + [f"guidance=[cfg,{name}]", f"guidance.{name}.every=1"] + [e.format(ref=files / "ref.png") for e in extra]
     guided = final_loss(run(args), name)
     plugin = instantiate(compose(args)[0].guidance[name], name)
-    plugin.setup(SimpleNamespace(model=Bundled(), device=torch.device("cpu"), dtype=torch.float32))
+    context = plugin.setup(SimpleNamespace(model=Bundled(), device=torch.device("cpu"), dtype=torch.float32))
     with torch.no_grad():
-        off = float(plugin.loss(unguided, None).mean())
+        off = float(plugin.loss(unguided, context).mean())
     print(f"{name}: guided / unguided loss {guided / off:.3f}")
     assert guided < bound * off, (guided, off)
 
@@ -112,7 +112,7 @@ def harness(tiny_pipe):
     tensors = model.encode_prompts(["a red circle", "a blue square"])
     schedule = Schedule((2.0, 1.0, 0.0))
     hooks = Hooks(before_step=[], after_step=[], momentum=[], guidance=[], predict=("model", model.predict), step=("", None))
-    the_run = SimpleNamespace(model=model, hooks=hooks)
+    the_run = SimpleNamespace(model=model, hooks=hooks, stash=Stash())
     batch = Batch(indices=[0, 1], cond=SimpleNamespace(tensors=tensors, uncond=None), noise=None)
     denoise = Denoiser(the_run, batch)
     state = SimpleNamespace(run=the_run, batch=batch, index=0, sigma=2.0, sigma_next=1.0, schedule=schedule, pred=None,

@@ -444,5 +444,5 @@ def test_config_targets_are_limited_to_plugin_classes(capsys, tmp_path, argv):
     """A config cannot run an arbitrary callable: the target must be a plugin (or model) class."""
     marker = tmp_path / "PWNED"
     code, out, err = cli(capsys, "model=gaussian", *[a.format(marker=marker) for a in argv], f"hydra.run.dir={tmp_path}/run")
-    assert code == 2 and "is not a" in err and "only such classes are built from a config" in err
+    assert code == 2 and "is not a plugin class" in err and "only such classes are built from a config" in err
     assert err.count("\n") == 1 and not marker.exists() and not (tmp_path / "run").exists()

@@ -92,8 +92,7 @@ def baseline_losses(images: torch.Tensor, files: Path, text: str) -> dict[str, f
     out = {}
     with torch.no_grad():
         for name, p in plugins.items():
-            p.setup(fake)
-            out[f"guidance_loss_{name}"] = float(p.loss(images.float(), None).mean())
+            out[f"guidance_loss_{name}"] = float(p.loss(images.float(), p.setup(fake)).mean())
     return out
 
 

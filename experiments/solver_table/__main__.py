@@ -57,7 +57,7 @@ class Table:
         if model in ("mixture", "gaussian"):
             self.base.append("guidance=[]")
             node = compose([f"model={model}"])[0].model
-            self.model_object = WithoutExactSolution(instantiate(node, f"model={model}", model=True))
+            self.model_object = WithoutExactSolution(instantiate(node, f"model={model}"))
         self.refs: dict[tuple, torch.Tensor] = {}
         self.ref_nfe: dict[tuple, float] = {}
 

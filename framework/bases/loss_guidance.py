@@ -40,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -120,12 +120,19 @@ class LossGuidance:
             raise ConfigError(f"{name} needs sigma_lo < sigma_hi, got {self.sigma_lo} and {self.sigma_hi}")
 
     # --- what a loss plugin provides -------------------------------------------------------------
-    def setup(self, run) -> None:
-        """Load what the loss needs (reference images, feature nets) once per run."""
+    def setup(self, run) -> Any:
+        """Load what the loss needs once per run (reference images, feature nets) and return it: the
+        engine keeps it in the run's stash and passes it to every :meth:`loss` call of that run."""
+        return None
 
-    def loss(self, images: torch.Tensor, state: SamplerState) -> torch.Tensor:
-        """Per-sample loss [n] of decoded images [n, 3, H, W] in [0, 1] (unclamped), differentiable."""
+    def loss(self, images: torch.Tensor, context: Any) -> torch.Tensor:
+        """Per-sample loss [n] of decoded images [n, 3, H, W] in [0, 1] (unclamped), differentiable;
+        ``context`` is what :meth:`setup` returned for this run."""
         raise NotImplementedError
+
+    def context(self, run) -> Any:
+        """This run's :meth:`setup` result."""
+        return run.stash.get(self, lambda: self.setup(run), "loss_context")
 
     # --- the mechanism ---------------------------------------------------------------------------
     @hookimpl
@@ -133,7 +140,7 @@ class LossGuidance:
         if not run.model.has_decoder:
             raise ConfigError(f"{type(self).__name__} guides decoded images but this model has no decoder: use an image model (e.g. model=bundled)")
         run.request_grad(self)
-        self.setup(run)
+        self.context(run)  # set up (and fail) before sampling
 
     def final_loss(self, run) -> list[float]:
         """[sum, count] of the final images' losses so far in this run."""
@@ -142,7 +149,7 @@ class LossGuidance:
     @hookimpl
     def batch_end(self, run, batch, latents, images):
         with torch.no_grad():
-            values = self.loss(images.to(run.dtype), None).float()
+            values = self.loss(images.to(run.dtype), self.context(run)).float()
         tally = self.final_loss(run)
         tally[0] += float(values.sum())
         tally[1] += values.numel()
@@ -205,7 +212,7 @@ class LossGuidance:
         model = state.run.model
         with decoder_checkpointing(model, self.checkpoint):
             images = decode_for_grad(model, denoised, self.checkpoint)
-            per_sample = self.loss(images, state)
+            per_sample = self.loss(images, self.context(state.run))
             if per_sample.shape != (images.shape[0],):
                 raise ValueError(f"{type(self).__name__}.loss must return one value per sample, shape ({images.shape[0]},), got {tuple(per_sample.shape)}")
             (grad,) = torch.autograd.grad(per_sample.sum(), wrt)

@@ -107,32 +107,33 @@ def _checked_params(cls: type, params: dict[str, Any], where: str) -> dict[str, 
     return CHECKED.get((cls, repr(sorted(params.items()))), check)
 
 
-def plugin_class(target: str, where: str, model: bool = False) -> type:
+def plugin_class(target: str, where: str) -> type:
     """The class ``target`` names, if it may be built from a config: a class (never a function) from
-    outside the standard library that implements a samplerlab hook (``@hookimpl``); for the model
-    group, a model adapter or a callable denoiser class. Anything else is refused before it runs."""
+    outside the standard library that implements a samplerlab hook (``@hookimpl``) or is callable (a
+    denoiser, wrapped as a model). Anything else is refused before it runs."""
     module_name, _, attr = str(target).rpartition(".")
     try:
         obj = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, ValueError) as e:
         raise ConfigError(f"{where}: cannot import _target_ '{target}' ({e})") from e
-    kind = "a model adapter or denoiser class" if model else "a plugin class (a class with @hookimpl methods)"
     stdlib = str(getattr(obj, "__module__", "")).split(".")[0] in (*sys.stdlib_module_names, "builtins")
     hooks = inspect.isclass(obj) and any(getattr(getattr(obj, n, None), f"{PROJECT}_impl", None) for n in dir(obj))
-    if not inspect.isclass(obj) or stdlib or not (hooks or (model and callable(getattr(obj, "__call__", None)))):
-        raise ConfigError(f"{where}: _target_ '{target}' is not {kind}: only such classes are built from a config")
+    denoiser = inspect.isclass(obj) and "__call__" in {n for k in obj.__mro__[:-1] for n in vars(k)}
+    if not inspect.isclass(obj) or stdlib or not (hooks or denoiser):
+        raise ConfigError(f"{where}: _target_ '{target}' is not a plugin class (a class with @hookimpl methods, or a "
+                          "denoiser class): only such classes are built from a config")
     return obj
 
 
-def instantiate(node: DictConfig, where: str, model: bool = False) -> object:
-    """Build a plugin from ``_target_`` and parameters, type-checked against its dataclass schema
-    (``model``: the target is checked as a model class, see :func:`plugin_class`)."""
+def instantiate(node: DictConfig, where: str) -> object:
+    """Build a plugin from ``_target_`` (a class, see :func:`plugin_class`) and parameters,
+    type-checked against its dataclass schema."""
     params = OmegaConf.to_container(node, resolve=True)
     assert isinstance(params, dict)
     target = params.pop("_target_", None)
     if not target:
         raise ConfigError(f"{where} has no _target_: give the plugin class, e.g. _target_: plugins.solver.euler.Euler")
-    cls = plugin_class(str(target), where, model)
+    cls = plugin_class(str(target), where)
     attr = cls.__name__
     if dataclasses.is_dataclass(cls):
         names = {f.name for f in dataclasses.fields(cls) if f.init}
@@ -249,7 +250,7 @@ def build_plugins(
             continue
         if group in SINGLE_GROUPS:
             name = choices.get(group) or str(node.get("_target_", group)).rsplit(".", 2)[-2]
-            obj = instantiate(node, f"{group}={name}", model=group == "model")
+            obj = instantiate(node, f"{group}={name}")
             entries.append(PluginEntry(name, group, wrap_model(obj) if group == "model" else obj))
         else:
             if not isinstance(node, DictConfig):

@@ -55,26 +55,36 @@ class CLIPText(LossGuidance):
     normalize: bool = True
     every: int = 1
 
-    def setup(self, run) -> None:
+    def setup(self, run) -> TextTarget:
         if not self.text.strip() or self.text == "???":
             raise ConfigError("guidance.clip_text.text is empty: give the text to guide towards, e.g. 'guidance.clip_text.text=a green square'")
         clip, tokenizer, mean, std = load_clip_model(self.model)
-        self._clip = clip.to(run.device, run.dtype)
+        clip = clip.to(run.device, run.dtype)
         tok = tokenizer([self.text], padding=True, return_tensors="pt").to(run.device)
         with torch.no_grad():
-            t = pooled(self._clip.get_text_features(**tok))
-        self._text = torch.nn.functional.normalize(t.float(), dim=-1)
-        self._mean = torch.tensor(mean, device=run.device, dtype=run.dtype).reshape(1, 3, 1, 1)
-        self._std = torch.tensor(std, device=run.device, dtype=run.dtype).reshape(1, 3, 1, 1)
-        self._size = int(self._clip.config.vision_config.image_size)
+            t = pooled(clip.get_text_features(**tok))
+        return TextTarget(clip, torch.nn.functional.normalize(t.float(), dim=-1),
+                          torch.tensor(mean, device=run.device, dtype=run.dtype).reshape(1, 3, 1, 1),
+                          torch.tensor(std, device=run.device, dtype=run.dtype).reshape(1, 3, 1, 1))
+
+    def loss(self, images, context: TextTarget):
+        return 1 - context.similarity(images)
+
+
+@dataclass
+class TextTarget:
+    """One run's CLIP, the text's unit embedding and the image normalisation."""
+
+    clip: torch.nn.Module
+    text: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def similarity(self, images: torch.Tensor) -> torch.Tensor:
         """Cosine similarity [n] of images in [0, 1] with the text."""
-        if images.shape[-2:] != (self._size, self._size):
-            images = torch.nn.functional.interpolate(images, size=(self._size, self._size), mode="bilinear",
-                                                     antialias=True, align_corners=False)
-        f = pooled(self._clip.get_image_features(pixel_values=(images - self._mean) / self._std))
-        return (torch.nn.functional.normalize(f.float(), dim=-1) * self._text).sum(-1)
-
-    def loss(self, images, state):
-        return 1 - self.similarity(images)
+        size = int(self.clip.config.vision_config.image_size)
+        if images.shape[-2:] != (size, size):
+            images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", antialias=True,
+                                                     align_corners=False)
+        f = pooled(self.clip.get_image_features(pixel_values=(images - self.mean) / self.std))
+        return (torch.nn.functional.normalize(f.float(), dim=-1) * self.text).sum(-1)

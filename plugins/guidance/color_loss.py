@@ -28,5 +28,5 @@ class ColorLoss(LossGuidance):
         if self.channel not in (0, 1, 2):
             raise ConfigError(f"color_loss.channel must be 0 (red), 1 (green) or 2 (blue), got {self.channel}")
 
-    def loss(self, images, state):
+    def loss(self, images, context):
         return (images[:, self.channel] - self.target).abs().flatten(1).mean(1)

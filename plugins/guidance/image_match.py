@@ -28,16 +28,25 @@ class ImageMatch(LossGuidance):
     normalize: bool = True
     every: int = 2
 
-    def setup(self, run) -> None:
+    def setup(self, run) -> _Reference:
         ref = load_image(self.image, pixel_size(run.model), "guidance.image_match.image").to(run.device, run.dtype)
-        self._ref = ref
-        if self.metric == "perceptual":
-            self._net = JudgeFeatures().to(run.device, run.dtype)
-            with torch.no_grad():
-                self._ref_features = self._net(ref)
-
-    def loss(self, images, state):
         if self.metric == "mse":
-            return (images - self._ref).pow(2).flatten(1).mean(1)
-        ref = [f.expand(images.shape[0], -1, -1, -1) for f in self._ref_features]
-        return perceptual_distance(self._net(images), ref)
+            return _Reference(ref)
+        net = JudgeFeatures().to(run.device, run.dtype)
+        with torch.no_grad():
+            return _Reference(ref, net, net(ref))
+
+    def loss(self, images, context: _Reference):
+        if self.metric == "mse":
+            return (images - context.image).pow(2).flatten(1).mean(1)
+        ref = [f.expand(images.shape[0], -1, -1, -1) for f in context.features]
+        return perceptual_distance(context.net(images), ref)
+
+
+@dataclass
+class _Reference:
+    """The reference image of one run and, for the perceptual metric, the feature net and its features."""
+
+    image: torch.Tensor
+    net: JudgeFeatures | None = None
+    features: list[torch.Tensor] | None = None

@@ -42,7 +42,7 @@ class Palette(LossGuidance):
             raise ConfigError("palette.colours is empty: give at least one, e.g. 'guidance.palette.colours=[blue,white]'")
         self._rgb = torch.tensor([parse_colour(c) for c in self.colours])
 
-    def loss(self, images, state):
+    def loss(self, images, context):
         pal = self._rgb.to(images.device, images.dtype)                      # [K, 3]
         dist = (images[:, None] - pal[None, :, :, None, None]).pow(2).sum(2)  # [n, K, H, W]
         return dist.min(1).values.flatten(1).mean(1)

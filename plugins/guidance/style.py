@@ -26,11 +26,13 @@ class Style(LossGuidance):
     normalize: bool = True
     every: int = 2
 
-    def setup(self, run) -> None:
-        self._net = JudgeFeatures().to(run.device, run.dtype)
+    def setup(self, run) -> tuple[JudgeFeatures, list[torch.Tensor]]:
+        """(the feature net, the reference image's Gram matrices) for this run."""
+        net = JudgeFeatures().to(run.device, run.dtype)
         ref = load_image(self.image, pixel_size(run.model), "guidance.style.image").to(run.device, run.dtype)
         with torch.no_grad():
-            self._ref_grams = [gram(f) for f in self._net(ref)]
+            return net, [gram(f) for f in net(ref)]
 
-    def loss(self, images, state):
-        return sum((gram(f) - g).pow(2).flatten(1).mean(1) for f, g in zip(self._net(images), self._ref_grams))
+    def loss(self, images, context):
+        net, grams = context
+        return sum((gram(f) - g).pow(2).flatten(1).mean(1) for f, g in zip(net(images), grams))

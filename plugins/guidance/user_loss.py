@@ -40,5 +40,5 @@ class UserLoss(LossGuidance):
     def setup(self, run) -> None:
         resolve(self.fn)  # fail before sampling
 
-    def loss(self, images, state):
+    def loss(self, images, context):
         return resolve(self.fn)(images, **self.kwargs)  # an import-cache lookup
