@@ -39,6 +39,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
+from framework.bases.options import ApplyTo
 from framework.core.errors import ConfigError
 from framework.core.markers import hookimpl
 from framework.core.run import Run
@@ -46,7 +47,6 @@ from framework.core.state import Conditioning
 
 #: A1111's multiplier of one pair of round brackets (square brackets divide by it).
 BRACKET_WEIGHT = 1.1
-APPLY_TO = ("cond", "uncond", "both")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,7 +84,7 @@ class TextEdit:
     """
 
     parses_weights: bool = False
-    apply_to: str = "both"
+    apply_to: ApplyTo = ApplyTo.both
 
     def new_tokens(self, emb: TextEmbeddings) -> dict[str, torch.Tensor]:
         """Learned tokens to recognise in the prompt text: name → vectors [n, D]."""
@@ -104,7 +104,7 @@ class LearnedTokens(TextEdit):
     """New tokens given as tensors {name: vectors [n, D]} (textual inversion in memory; the
     tensors may require grad: training optimises them through :meth:`TextEmbeddings.encode`)."""
 
-    def __init__(self, tokens: Mapping[str, torch.Tensor], apply_to: str = "both"):
+    def __init__(self, tokens: Mapping[str, torch.Tensor], apply_to: ApplyTo = ApplyTo.both):
         self.tokens, self.apply_to = dict(tokens), apply_to
 
     def new_tokens(self, emb: TextEmbeddings) -> dict[str, torch.Tensor]:
@@ -522,12 +522,6 @@ def reencode(run: Run, cond: Conditioning, plugin: TextEdit) -> Conditioning:
     return replace(cond, tensors=tensors, uncond=uncond)
 
 
-def check_edit(run: Run, plugin: TextEdit, name: str) -> None:
-    """``configure`` checks shared by the edit plugins: ``apply_to`` and a CLIP text model."""
-    if plugin.apply_to not in APPLY_TO:
-        raise ConfigError(f"conditioning.{name}.apply_to must be one of {', '.join(APPLY_TO)}, got '{plugin.apply_to}'")
-    TextEmbeddings.of(run.model)
-
 
 
 class EditPlugin(TextEdit):
@@ -541,7 +535,7 @@ class EditPlugin(TextEdit):
     @hookimpl
     def configure(self, run):
         self.check(run)
-        check_edit(run, self, type(self).__module__.rsplit(".", 1)[-1])
+        TextEmbeddings.of(run.model)  # a CLIP text model (a clear error otherwise)
 
     @hookimpl
     def conditioning(self, run, cond):

@@ -41,17 +41,22 @@ class RealVsGenerated:
             raise ConfigError(f"{self.name} needs at least 2 generated and 2 real images: raise num_samples")
         extractor = load_features(self.features, self.inception_weights)
         ref = ReferenceSet(self.reference, self.reference_seed, self.reference_dir)
-        real, self.cache_hit = reference_features(extractor, self.features, ref, self.cache_dir, self.use_cache)
-        self._metric = self.make_metric(extractor, run.settings.num_samples, real.shape[0])
-        add_real_features(self._metric, real)
+        real, _ = reference_features(extractor, self.features, ref, self.cache_dir, self.use_cache)
+        metric = self.make_metric(extractor, run.settings.num_samples, real.shape[0])
+        add_real_features(metric, real)
+        run.stash.get(self, lambda: metric)
+
+    def metric(self, run) -> Any:
+        """This run's torchmetrics object (its real features were added in ``configure``)."""
+        return run.stash.get(self, lambda: None)
 
     @hookimpl
     def batch_end(self, run, batch, latents, images):
-        self._metric.update(images.float().cpu(), real=False)
+        self.metric(run).update(images.float().cpu(), real=False)
 
     @hookimpl
     def run_end(self, run, result):
-        value = self._metric.compute()
+        value = self.metric(run).compute()
         if isinstance(value, tuple):  # KID: (mean, std)
             run.metrics[self.name], run.metrics[f"{self.name}_std"] = float(value[0]), float(value[1])
         else:
