@@ -35,7 +35,9 @@ from framework.core.markers import hookimpl
 from framework.core.settings import Choice
 from framework.core.state import Batch, Conditioning, Prediction, Schedule, StepRecord
 from framework.core.step import SamplerState
-from framework.maths.multistep import fixed_adams_bashforth
+from framework.maths.multistep import (
+    AB, VPTime, deis_tab_weights, fixed_adams_bashforth, ipndm_v_coefficients, multistep_update, recent_derivatives,
+)
 from framework.maths.schedules import check_init_noise, finish
 from framework.maths.sigmas import (
     INIT_NOISE_MODES, ancestral_split, geometric_mean, init_noise_scale, lagrange_integral_weights, lam,
@@ -46,6 +48,7 @@ from framework.metrics.frechet import frechet_distance, moments
 from framework.runs.images import grid, png_bytes, to_pil
 
 __all__ = [
+    "AB", "VPTime", "deis_tab_weights", "ipndm_v_coefficients", "multistep_update", "recent_derivatives",
     "Ancestral", "ApplyTo", "BH", "Batch", "Choice", "Conditioning", "ConfigError", "EditPlugin", "INIT_NOISE_MODES",
     "InitNoise", "JudgeFeatures", "LossGuidance", "ModelNotFoundError", "MomentumPlugin", "NonFinite",
     "NumericalError", "PluginError", "Prediction", "RealVsGenerated", "Result", "Run", "SamplerState",
