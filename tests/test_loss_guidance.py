@@ -279,17 +279,9 @@ def test_two_starting_points_are_refused_at_start_up(base, files, order, monkeyp
 
 @pytest.mark.slow  # ~15 s: four bundled runs and the judge/CLIP loads; the plugins' behaviour is tested above
 def test_guidance_study_fast(tmp_path):
-    from pathlib import Path
-
-    from omegaconf import OmegaConf
-
     import experiments.guidance_study.__main__ as study_mod
 
-    cfg = OmegaConf.load(Path(study_mod.__file__).with_name("config.yaml"))
-    cfg.fast, cfg.out = True, str(tmp_path / "docs")
-    del cfg["hydra"]
-    table, images = study_mod.study(cfg, tmp_path / "run", Path(cfg.out))
-    study_mod.write(table, images, cfg, Path(cfg.out))
+    table = study_mod.main(["fast=true", f"out={tmp_path / 'docs'}", f"runs={tmp_path / 'run'}"])["results"]
     assert len(table) == 4 and table["img2img strength 0.3"]["nfe"] == 1
     assert "guidance_loss_clip_text" in table["cfg (baseline)"]
     assert (tmp_path / "docs" / "guidance" / "grid.png").stat().st_size > 1000
