@@ -5,7 +5,8 @@ import json
 
 from framework.entry.api import run
 from framework.core.files import atomic_write_json
-from framework.runs.records import run_key
+from framework.runs.folder import _batch_digest
+from framework.runs.records import file_digest, record_problem, run_key, seal
 
 GAUSS = ["model=gaussian", "dtype=float64", "num_samples=2", "batch_size=2", "steps=3"]
 
@@ -14,7 +15,7 @@ def test_record_fields(tmp_path):
     res = run(GAUSS, output_dir=tmp_path)
     rec = json.loads((tmp_path / "record.json").read_text())
     assert rec == json.loads(json.dumps(res.record, default=str))
-    assert rec["schema_version"] == 1
+    assert rec["schema_version"] == 2
     assert len(rec["run_key"]) == 16
     assert rec["config"]["steps"] == 3
     assert rec["plugins"]["step"] == ["euler"] and rec["plugins"]["schedule"] == ["karras"]
@@ -26,6 +27,8 @@ def test_record_fields(tmp_path):
     assert rec["shard"] == {"index": 0, "count": 1, "start": 0, "stop": 2}
     assert len(rec["merge_key"]) == 16 and rec["failed_samples"] == [] and rec["failures"] == {}
     assert rec["resumed_samples"] == [] and rec["init_noise_scale"] == 80.0
+    assert rec["inputs"] == {} and set(rec["files"]) == {"batches/000000.safetensors"}
+    assert rec["checksum"] == seal(dict(rec))["checksum"] and record_problem(rec) is None
 
 
 def test_batch_file_format(tmp_path):
@@ -36,8 +39,12 @@ def test_batch_file_format(tmp_path):
     assert sorted(p.name for p in (tmp_path / "batches").iterdir()) == ["000000.safetensors", "000002.safetensors"]
     with safe_open(str(tmp_path / "batches" / "000002.safetensors"), framework="pt") as f:
         info = json.loads(f.metadata()["samplerlab"])
-        assert info == {"run_key": res.record["run_key"], "indices": [2], "nfe": 3, "unet_calls": 3, "failures": {}}
-        assert f.get_tensor("latents").equal(res.latents[2:]) and f.get_tensor("x_T").equal(res.x_T[2:])
+        tensors = {"x_T": f.get_tensor("x_T"), "latents": f.get_tensor("latents")}
+    assert info == {"run_key": res.record["run_key"], "indices": [2], "nfe": 3, "unet_calls": 3, "failures": {},
+                    "format": 2, "samples": {}, "sha256": _batch_digest(info, tensors)}
+    assert tensors["latents"].equal(res.latents[2:]) and tensors["x_T"].equal(res.x_T[2:])
+    assert res.record["files"] == {f"batches/{n}": file_digest(tmp_path / "batches" / n)
+                                   for n in ("000000.safetensors", "000002.safetensors")}
 
 
 def test_run_key_depends_on_config_not_on_output_dir(tmp_path):
@@ -75,7 +82,7 @@ def test_run_key_changes_when_the_weights_change(tiny_dir, tmp_path):
 
 def test_records_written_before_the_restructure_are_read_beside_new_ones(tmp_path, capsys):
     """A run folder of commit 08d86dc (tests/data) and one written now: same samples, and the
-    report and the scorer read both (schema_version 1 throughout)."""
+    report and the scorer read both (schema_version 1 there, 2 here)."""
     import shutil
     from pathlib import Path
 
@@ -91,8 +98,10 @@ def test_records_written_before_the_restructure_are_read_beside_new_ones(tmp_pat
     shutil.copytree(old, root / "before")
     new = run(["steps=3", "num_samples=4", "batch_size=4", "metrics=[prompt_accuracy]", "seed=7"], output_dir=root / "now")
     old_record = json.loads((old / "record.json").read_text())
-    assert new.record["schema_version"] == old_record["schema_version"] == 1
-    assert set(new.record) == set(old_record) and new.record["plugins"] == old_record["plugins"]
+    assert new.record["schema_version"] == 2 and old_record["schema_version"] == 1
+    assert set(new.record) == set(old_record) | {"files", "inputs", "checksum"}  # what schema 2 adds
+    assert new.record["plugins"] == old_record["plugins"]
+    assert record_problem(old_record) is None and record_problem(new.record) is None
     for k in range(4):  # 8-bit PNGs: float rounding (thread count, kernels) may move a pixel by one level
         a, b = (np.asarray(Image.open(f / "samples" / f"{k:06d}.png")).astype(int) for f in (old, root / "now"))
         assert np.abs(a - b).max() <= 1, f"sample {k} differs from the one written before the restructure"

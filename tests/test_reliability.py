@@ -278,7 +278,7 @@ def test_killed_process_leftovers_are_cleaned_and_damaged_batches_redone(tmp_pat
     (tmp_path / "batches" / ".000001.safetensors.x1.tmp").write_bytes(b"half")
     damaged = tmp_path / "batches" / "000001.safetensors"
     damaged.write_bytes(damaged.read_bytes()[:20])
-    with pytest.warns(UserWarning, match="ignoring unreadable"):
+    with pytest.warns(UserWarning, match="batches/000001.safetensors in .* is damaged .*: its batch is made again"):
         again = run(over, output_dir=tmp_path)
     assert again.resumed == [0]
     assert torch.equal(again.latents, first.latents)

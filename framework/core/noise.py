@@ -1,7 +1,8 @@
 """Per-sample seeded noise: the noise of sample k depends only on (seed, k), never on the batch.
 
-Each sample owns a CPU ``torch.Generator`` seeded from (seed, k) through numpy's SeedSequence; the
-initial latents are its first draw and every stochastic step draws from the same stream in order.
+Each sample owns a CPU ``torch.Generator`` seeded from (seed, k) through numpy's SeedSequence, which
+mixes every bit of the seed (any non-negative integer, however large); the initial latents are its
+first draw and every stochastic step draws from the same stream in order.
 Noise is drawn on the CPU in the run's dtype and moved to the device, so results do not depend on
 the device's RNG either.
 """
@@ -12,10 +13,28 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from framework.core.errors import ConfigError
+
+#: Sample indices fit one 32-bit word, so (seed, index) → SeedSequence entropy is one-to-one.
+MAX_INDEX = 2**32 - 1
+
+
+def check_seed(seed: int) -> None:
+    """Seeds are non-negative integers of any size (every bit counts); anything else is refused."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer (any size), got {seed!r}: e.g. seed=0")
+
 
 def sample_seed(seed: int, index: int) -> int:
-    """A well-mixed 63-bit seed for sample ``index`` of a run seeded ``seed``."""
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFF, int(index)]).generate_state(2, np.uint32)
+    """A well-mixed 63-bit seed for sample ``index`` of a run seeded ``seed``.
+
+    SeedSequence takes the seed's 32-bit words, least significant first, then the index's: seeds
+    below 2**48 give the words they gave when seeds were cut to 48 bits (their noise is unchanged),
+    and larger seeds, which were cut before, now give noise of their own."""
+    check_seed(int(seed))
+    if not 0 <= int(index) <= MAX_INDEX:
+        raise ConfigError(f"sample index {index} is outside 0..{MAX_INDEX}: use fewer samples")
+    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, np.uint32)
     return (int(state[0]) << 31) ^ int(state[1])
 
 

@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from framework.core.errors import call
+from framework.core.errors import PluginError, call
 from framework.core.finite import NonFinite
 from framework.core.run import Run
 from framework.core.state import Batch, Prediction, Schedule, Stash, StepRecord
@@ -91,6 +91,10 @@ class Denoiser:
         st = self.state
         assert st is not None and self.run.hooks is not None
         pred = call(self._predict_name, "predict", self._predict, state=st, x=x, sigma=sigma, cond=self.batch.cond)
+        if pred.denoised.shape != x.shape:  # blame the model here, not the solver that would trip on it
+            raise PluginError(self._predict_name, "predict", ValueError(
+                f"the model returned a denoised of shape {list(pred.denoised.shape)} for x of shape {list(x.shape)}: "
+                "it must return one prediction shaped like its input"))
         self.batch.nfe += 1
         watch = self.watch
         if watch is not None:

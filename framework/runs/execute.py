@@ -7,6 +7,7 @@ A reader's path: settings (:mod:`framework.core.settings`) → the run folder, f
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from omegaconf import DictConfig
 
 from framework.core import engine
 from framework.core.finite import failures
+from framework.core.noise import check_seed
 from framework.core.run import Result, Run
 from framework.core.state import Batch
 from framework.core.settings import read_settings
@@ -42,18 +44,26 @@ def execute(
     turns resuming off.
     """
     settings = read_settings(cfg)
+    check_seed(settings.seed)
     out = output_dir if output_dir is not None else settings.output_dir
     folder = RunFolder(Path(out), records.run_key(records.resolved_config(cfg))) if out else None
-    resume = settings.resume and model is None
+    with folder.locked() if folder is not None else contextlib.nullcontext():  # one process per folder
+        return _execute(cfg, choices or {}, model, folder, settings.resume and model is None)
+
+
+def _execute(cfg: DictConfig, choices: dict[str, str], model: object | None, folder: RunFolder | None,
+             resume: bool) -> Result:
+    settings = read_settings(cfg)
     if folder is not None and resume:
         done = folder.finished()
         if done is not None:
             return done
-        folder.clean()
     progress = Progress()
-    run = engine.open_run(cfg, choices or {}, wrap_model, None if model is None else wrap_model(model),
+    run = engine.open_run(cfg, choices, wrap_model, None if model is None else wrap_model(model),
                           builtins=(("progress", progress), ("exact_error", ExactError())))
     run.output_dir = folder.path if folder is not None else None
+    if folder is not None:  # the run could start: now the folder becomes this run's alone
+        folder.prepare(resume, settings.save_images)
     indices = settings.indices()
     batches = [list(indices[s : s + settings.batch_size]) for s in range(0, len(indices), settings.batch_size)]
     made: list[Made] = []
@@ -87,6 +97,8 @@ def execute(
     result.record = records.build(run, result)
     if folder is not None:
         folder.save(result, save_images=settings.save_images)
+    else:
+        records.seal(result.record)
     return result
 
 
@@ -105,7 +117,7 @@ class Made:
 def _batch(run: Run, ks: list[int], folder: RunFolder | None, resume: bool) -> Made:
     """Sample (or read back) one batch, decode it and save it."""
     batch = engine.new_batch(run, ks)
-    saved = folder.load_batch(ks) if folder is not None and resume else None
+    saved = folder.load_batch(ks, tuple(run.model.latent_shape)) if folder is not None and resume else None
     if saved is None:
         x_T, x = engine.sample_batch(run, batch)
         bad = failures(batch)
@@ -119,6 +131,6 @@ def _batch(run: Run, ks: list[int], folder: RunFolder | None, resume: bool) -> M
     pngs = images if run.settings.save_images else None
     if folder is not None and saved is None:
         folder.save_batch(ks, x_T, x, pngs, bad, batch.nfe, batch.unet_calls)
-    elif folder is not None and pngs is not None:  # resumed: restore PNGs removed since
-        folder.save_samples(ks, pngs, bad, only_missing=True)
+    elif folder is not None and saved is not None and pngs is not None:  # resumed: PNGs missing or damaged since
+        folder.restore_samples(saved, pngs)
     return Made(batch, x_T, x, latents, images, bad)

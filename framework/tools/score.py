@@ -3,7 +3,9 @@ run folders — typically the shards of one large evaluation — with the metric
 merged record.
 
 Each folder is a run folder (``record.json`` and ``samples/{k:06d}.png``, ``k`` the global sample
-index). Samples are merged by index (the first folder holding an index wins, so overlapping shards
+index). Only the samples its record lists are read, each checked against the digest the record
+holds (schema 2; schema-1 PNGs must decode): a missing or damaged one is left out with a one-line
+warning and listed in ``damaged_samples``; a damaged record is a one-line error. Samples are merged by index (the first folder holding an index wins, so overlapping shards
 count once) and fed to the metrics plugins in index order through their ordinary hooks
 (``configure``, ``run_start``, ``batch_end``, ``run_end``), exactly as during sampling: sample
 ``k``'s prompt is ``prompts[k % len(prompts)]`` of the records' config. The metrics are the
@@ -16,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,20 +43,54 @@ class Source:
     folder: Path
     record: dict[str, Any]
     samples: dict[int, Path]
+    damaged: list[int] = field(default_factory=list)
+
+
+_SAMPLE = re.compile(r"^samples/(\d{6,})\.png$")
+
+
+def _sound(path: Path, want: str | None) -> bool:
+    """Whether a listed sample file is intact: its digest (schema 2), or that it decodes (schema 1)."""
+    from framework.runs.records import file_digest
+
+    if want is not None:
+        return file_digest(path) == want
+    try:
+        _load_png(path)
+        return True
+    except Exception:
+        return False
 
 
 def read_source(folder: str | Path) -> Source:
-    """A run folder's record and sample files (``samples/NNNNNN.png``)."""
+    """A run folder's record and the sample files it lists, each checked (see the module docstring)."""
+    from framework.runs.records import record_problem
+
     folder = Path(folder)
     path = folder / "record.json"
-    if not path.is_file():
+    if not (path.exists() or path.is_symlink()):
         raise ConfigError(f"{folder} has no record.json: give run folders (each shard's output folder)")
     try:
         record = json.loads(path.read_text())
+        problem = record_problem(record)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{path} is unreadable ({e}): rerun that shard") from e
-    samples = {int(p.stem): p for p in sorted((folder / "samples").glob("*.png")) if p.stem.isdigit()}
-    return Source(folder, record, samples)
+        problem = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if problem is not None:
+        raise ConfigError(f"{path} is damaged ({problem}): rerun that run's command to make it again")
+    files = record.get("files")
+    samples, damaged = {}, []
+    for rel in (record.get("images") or {}).get("samples") or []:
+        m = _SAMPLE.match(str(rel))
+        if m is None:
+            continue
+        k = int(m.group(1))
+        if _sound(folder / rel, None if files is None else files.get(rel, "")):
+            samples[k] = folder / rel
+        else:
+            damaged.append(k)
+            warnings.warn(f"{folder / rel} is missing or damaged: left out of the scores (rerun that run's command to "
+                          "repair it)", stacklevel=2)
+    return Source(folder, record, samples, damaged)
 
 
 def _comparable(config: dict[str, Any]) -> str:
@@ -125,7 +163,7 @@ def score(folders: Sequence[str | Path], overrides: Sequence[str] = (), out: str
     from framework.core.errors import call
     from framework.runs.images import grid, png_bytes
     from framework.core.files import atomic_write_bytes, atomic_write_json
-    from framework.runs.records import SCHEMA_VERSION, versions
+    from framework.runs.records import SCHEMA_VERSION, digest, seal, versions
     from framework.core.state import Batch, Conditioning
 
     if not folders:
@@ -140,7 +178,8 @@ def score(folders: Sequence[str | Path], overrides: Sequence[str] = (), out: str
             if k not in samples:
                 samples[k], owner[k] = p, i
     if len(samples) < 1:
-        raise ConfigError(f"no samples/*.png in {', '.join(str(s.folder) for s in sources)}: run with save_images=true")
+        raise ConfigError(f"no intact samples listed in the records of {', '.join(str(s.folder) for s in sources)}: "
+                          "run with save_images=true (or rerun to repair them)")
     indices = sorted(samples)
     prompts = list(config.get("prompts") or [])
     expected = int(config.get("num_samples") or len(indices))
@@ -171,8 +210,10 @@ def score(folders: Sequence[str | Path], overrides: Sequence[str] = (), out: str
     merged.update(run.metrics)
     out_dir = Path(out) if out else sources[0].folder.parent / "merged"
     first = [_load_png(samples[k]) for k in indices[:16]]
-    atomic_write_bytes(out_dir / "grid.png", png_bytes(grid(torch.stack(first))))
+    grid_png = png_bytes(grid(torch.stack(first)))
+    atomic_write_bytes(out_dir / "grid.png", grid_png)
     failed = sorted({int(k) for s in sources for k in s.record.get("failed_samples", [])})
+    damaged = sorted({k for s in sources for k in s.damaged} - set(indices))
     record = {
         "schema_version": SCHEMA_VERSION,
         "kind": "merged",
@@ -184,13 +225,15 @@ def score(folders: Sequence[str | Path], overrides: Sequence[str] = (), out: str
         "num_samples": len(indices),
         "missing_samples": sorted(set(range(expected)) - set(indices) - set(failed)),
         "failed_samples": failed,
+        "damaged_samples": damaged,
         "scored_with": [n for n, _ in plugins],
         "sources": [{"folder": str(s.folder.resolve()), "run_key": s.record.get("run_key"), "shard": s.record.get("shard"),
                      "samples": sum(1 for i_ in owner.values() if i_ == i)} for i, s in enumerate(sources)],
         "images": {"grid": "grid.png", "samples": [str(samples[k].resolve()) for k in indices]},
+        "files": {"grid.png": digest(grid_png)},
         "versions": versions(),
     }
-    atomic_write_json(out_dir / "record.json", record)
+    atomic_write_json(out_dir / "record.json", seal(record))
     return record
 
 
@@ -210,6 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     scores = ", ".join(f"{k} {v:.4g}" for k, v in record["metrics"].items())
     missing = f", {len(record['missing_samples'])} missing" if record["missing_samples"] else ""
+    missing += f" ({len(record['damaged_samples'])} damaged)" if record["damaged_samples"] else ""
     out = Path(args.out) if args.out else Path(folders[0]).parent / "merged"
     print(f"samplerlab-score: {record['num_samples']} samples from {len(folders)} folder(s){missing}: {scores} -> {out}")
     return 0

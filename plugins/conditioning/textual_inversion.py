@@ -9,12 +9,14 @@ negative prompts and its vectors take those positions in the input embeddings, a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from framework.plugin import ApplyTo, ConfigError, EditPlugin, TextEmbeddings, load_embeddings
 
 
 @dataclass
 class TextualInversion(EditPlugin):
+    input_files: ClassVar[tuple[str, ...]] = ("path",)  # read by content into the run key
     path: str | None = None
     token: str | None = None
     apply_to: ApplyTo = ApplyTo.both

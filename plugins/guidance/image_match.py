@@ -9,6 +9,7 @@ x ← x − scale·σ·ĝ, ĝ the gradient at unit RMS per sample; ``normalize=f
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -22,6 +23,7 @@ class Metric(Choice):
 
 @dataclass
 class ImageMatch(LossGuidance):
+    input_files: ClassVar[tuple[str, ...]] = ("image",)  # read by content into the run key
     image: str = ""
     metric: Metric = Metric.mse
     scale: float = 0.2

@@ -24,6 +24,7 @@ class _Source:
 @dataclass
 class Img2Img:
     key: ClassVar[str] = "img2img"
+    input_files: ClassVar[tuple[str, ...]] = ("image",)  # read by content into the run key
     image: str = ""
     strength: float = 0.6
 

@@ -29,6 +29,7 @@ class _Known:
 @dataclass
 class Inpaint(Img2Img):
     key: ClassVar[str] = "inpaint"
+    input_files: ClassVar[tuple[str, ...]] = ("image", "mask")  # read by content into the run key
     mask: str = ""
     strength: float = 1.0
 

@@ -13,6 +13,7 @@ unit-RMS gradient): the raw gradient of Gram statistics varies by orders of magn
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -21,6 +22,7 @@ from framework.plugin import JudgeFeatures, LossGuidance, gram, load_image, pixe
 
 @dataclass
 class Style(LossGuidance):
+    input_files: ClassVar[tuple[str, ...]] = ("image",)  # read by content into the run key
     image: str = ""
     scale: float = 0.2
     normalize: bool = True

@@ -6,8 +6,9 @@ k-diffusion ``sample_dpm_adaptive``): an embedded pair of singlestep DPM-Solvers
 ‖(x_low − x_high)/δ‖_rms ≤ 1, δ = max(atol, rtol·max(|x_low|, |x|)), and updated by
 h ← h·clip(0.9·err^(−1/order), 0.2, 5). Each grid interval is integrated adaptively (the grid σ's
 are output points; the step size carries over between intervals); the interval to σ = 0 is Euler
-onto D. The error norm is the largest over the batch, so samples of one batch share their steps:
-results depend on the batch composition (not batch-invariant)."""
+onto D. The error norm is the largest over the batch's finite samples, so samples of one batch
+share their steps: results depend on the batch composition (not batch-invariant). A sample gone
+NaN/Inf does not steer the step size (the NaN guard marks it failed); the others go on."""
 from __future__ import annotations
 
 import math
@@ -70,7 +71,9 @@ class DPMAdaptive:
             h = t_end - t if last else size.h
             low, high = self._pair(x, eps, t, h, denoise)
             delta = torch.maximum(torch.full_like(x, self.atol), self.rtol * torch.maximum(low.abs(), x.abs()))
-            err = float(((low - high) / delta).flatten(1).pow(2).mean(1).sqrt().max())
+            per_sample = ((low - high) / delta).flatten(1).pow(2).mean(1).sqrt()
+            finite = per_sample[torch.isfinite(per_sample)]
+            err = float(finite.max()) if finite.numel() else 0.0  # all samples non-finite: nothing to control
             factor = min(5.0, max(0.2, 0.9 * (max(err, 1e-10) ** (-1 / self.order))))
             if err <= 1:
                 t = t_end if last else t + h
@@ -81,4 +84,7 @@ class DPMAdaptive:
                     size.h = h * factor
             else:
                 size.h = h * factor
+                if t + size.h == t:
+                    raise RuntimeError(f"dpm_adaptive's step size underflowed at σ={math.exp(-t):.4g} (error estimate "
+                                       f"{err:.3g} stays above 1): raise solver.rtol/solver.atol or use another solver")
         raise RuntimeError(f"dpm_adaptive did not reach σ={state.sigma_next:.4g} in {self.max_tries} tries")
