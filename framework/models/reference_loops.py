@@ -36,7 +36,7 @@ import torch
 
 __all__ = [
     "LoopOutput", "initial_noise", "pack_latents", "unpack_latents", "latent_image_ids", "calculate_shift",
-    "flow_match_sigmas", "sdxl_loop", "sd3_loop", "flux_loop",
+    "flow_match_sigmas", "sdxl_text", "sd3_text", "flux_text", "sdxl_loop", "sd3_loop", "flux_loop",
 ]
 
 
@@ -56,10 +56,16 @@ class LoopOutput:
 # ---------------------------------------------------------------------------------------------
 # Latents
 # ---------------------------------------------------------------------------------------------
+def is_flux(pipe: Any) -> bool:
+    from diffusers import FluxPipeline
+
+    return isinstance(pipe, FluxPipeline)
+
+
 def latent_size(pipe: Any, height: int, width: int) -> tuple[int, int]:
     """(h, w) of the latents for an image of ``height`` × ``width`` (Flux rounds down to even)."""
     f = pipe.vae_scale_factor
-    if type(pipe).__name__.startswith("Flux"):
+    if is_flux(pipe):
         return 2 * (height // (f * 2)), 2 * (width // (f * 2))
     return height // f, width // f
 
@@ -67,7 +73,7 @@ def latent_size(pipe: Any, height: int, width: int) -> tuple[int, int]:
 def latent_channels(pipe: Any) -> int:
     """Channels of the (unpacked) latents: the UNet's or transformer's input, Flux's / 4."""
     net = getattr(pipe, "unet", None) or pipe.transformer
-    return net.config.in_channels // 4 if type(pipe).__name__.startswith("Flux") else net.config.in_channels
+    return net.config.in_channels // 4 if is_flux(pipe) else net.config.in_channels
 
 
 def initial_noise(pipe: Any, height: int, width: int, seed: int, batch: int = 1) -> torch.Tensor:
@@ -275,15 +281,11 @@ def flux_loop(pipe: Any, prompts: list[str], noise: torch.Tensor, steps: int, gu
     scheduler.set_begin_index(0)
     g = torch.full([1], guidance, dtype=torch.float32).expand(len(prompts)) if pipe.transformer.config.guidance_embeds else None
     for t in scheduler.timesteps:
-        timestep = t.expand(len(prompts)).to(latents.dtype) / 1000
-
-        def velocity(context: torch.Tensor, pooled_projections: torch.Tensor) -> torch.Tensor:
-            return pipe.transformer(hidden_states=latents, timestep=timestep, guidance=g, pooled_projections=pooled_projections,
-                                    encoder_hidden_states=context, txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
-
-        v = velocity(embeds, pooled)
+        net = dict(hidden_states=latents, timestep=t.expand(len(prompts)).to(latents.dtype) / 1000, guidance=g, txt_ids=text_ids,
+                   img_ids=image_ids, return_dict=False)
+        v = pipe.transformer(encoder_hidden_states=embeds, pooled_projections=pooled, **net)[0]
         if true_cfg:
-            v_neg = velocity(neg_embeds, neg_pooled)
+            v_neg = pipe.transformer(encoder_hidden_states=neg_embeds, pooled_projections=neg_pooled, **net)[0]
             v = v_neg + true_cfg_scale * (v - v_neg)
         latents = scheduler.step(v, t, latents, return_dict=False)[0]
     return LoopOutput(latents, _grid(scheduler))
