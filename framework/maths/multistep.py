@@ -112,8 +112,23 @@ class VPTime:
         beta_d, beta_min = self.betas
         return (np.sqrt(beta_min**2 + 2 * beta_d * np.log1p(np.square(sigma))) - beta_min) / beta_d
 
+    def sigma_rate(self, t: np.ndarray) -> np.ndarray:
+        """dσ/dt = (β_d·t + β_min)/(2√(ᾱ(1 − ᾱ))), ᾱ = 1/(1 + σ²) = exp(−β_d·t²/2 − β_min·t)."""
+        beta_d, beta_min = self.betas
+        alpha = np.exp(-0.5 * beta_d * t * t - beta_min * t)
+        return 0.5 * (beta_d * t + beta_min) / np.sqrt(alpha * (1 - alpha))
+
 
 _GL_X, _GL_W = np.polynomial.legendre.leggauss(32)
+
+
+def lagrange_basis(x: np.ndarray, nodes: Sequence[float], j: int) -> np.ndarray:
+    """ℓ_j(x) = Π_{m≠j} (x − nodes_m)/(nodes_j − nodes_m)."""
+    out = np.ones_like(x)
+    for m, nm in enumerate(nodes):
+        if m != j:
+            out = out * (x - nm) / (nodes[j] - nm)
+    return out
 
 
 def warped_lagrange_integral_weights(
@@ -127,19 +142,28 @@ def warped_lagrange_integral_weights(
     u = 0.5 * (ub - ua) * _GL_X + 0.5 * (ub + ua)
     jac = 0.5 * (ub - ua) * _GL_W * np.exp(u)
     tau, t_nodes = warp(np.exp(u)), [float(warp(np.float64(n))) for n in nodes]
-    weights = []
-    for j, tj in enumerate(t_nodes):
-        basis = np.ones_like(u)
-        for m, tm in enumerate(t_nodes):
-            if m != j:
-                basis = basis * (tau - tm) / (tj - tm)
-        weights.append(float((basis * jac).sum()))
-    return weights
+    return [float((lagrange_basis(tau, t_nodes, j) * jac).sum()) for j in range(len(nodes))]
 
 
-def deis_tab_weights(nodes: Sequence[float], sigma: float, sigma_next: float, time: VPTime) -> list[float]:
+#: ComfyUI's quadrature of the tAB weights (comfy/k_diffusion/deis.py, after diff-sampler): this many
+#: equally spaced τ, both ends included, each weighted Δτ/N.
+RIEMANN_POINTS = 10_000
+
+
+def deis_tab_weights(
+    nodes: Sequence[float], sigma: float, sigma_next: float, time: VPTime, riemann: bool = False
+) -> list[float]:
     """The tAB-DEIS weights (Zhang & Chen 2023: ε extrapolated by a Lagrange polynomial in the VP
     time t and integrated exactly against the exponential integrator's kernel, which is dσ/dτ in
     σ-space where the linear part vanishes): C_j = ∫_{t(σ)}^{t(σ')} (dσ/dτ)·ℓ_j(τ) dτ =
-    ∫_σ^{σ'} ℓ_j(t(s)) ds, ℓ_j the Lagrange basis on the VP times of ``nodes`` (newest first)."""
-    return warped_lagrange_integral_weights(nodes, sigma, sigma_next, time)
+    ∫_σ^{σ'} ℓ_j(t(s)) ds, ℓ_j the Lagrange basis on the VP times of ``nodes`` (newest first).
+
+    ``riemann=True`` computes the τ-integral as ComfyUI does, Σ_k (dσ/dτ)(τ_k)·ℓ_j(τ_k)·Δτ/N over
+    N = :data:`RIEMANN_POINTS` equally spaced τ_k with both ends (an O(1/N) quadrature error)."""
+    if not riemann:
+        return warped_lagrange_integral_weights(nodes, sigma, sigma_next, time)
+    t_nodes = [float(time(np.float64(n))) for n in nodes]
+    t_next = float(time(np.float64(sigma_next)))
+    tau = np.linspace(t_nodes[0], t_next, RIEMANN_POINTS)
+    kernel = time.sigma_rate(tau) * (t_next - t_nodes[0]) / RIEMANN_POINTS
+    return [float((kernel * lagrange_basis(tau, t_nodes, j)).sum()) for j in range(len(nodes))]

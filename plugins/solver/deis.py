@@ -1,8 +1,8 @@
 """DEIS, the diffusion exponential integrator sampler (Zhang & Chen 2023), multistep ρAB-DEIS with
-log-ρ interpolation (diffusers' DEISMultistepScheduler, ``solver_type="logrho"``). In σ-space
-(ρ = σ) the ODE dx/dρ = ε(x, ρ) has no linear part; the last ``order`` noise estimates
-ε = (x − D)/σ are interpolated by a polynomial in log σ and integrated over σ ∈ [σ, σ_next]
-(``framework.maths.sigmas.log_lagrange_integral_weights``). Warm-up: step i uses min(i + 1, order)
+log-ρ interpolation (diffusers' DEISMultistepScheduler, ``solver_type="logrho"``; ComfyUI's ``deis``
+is the tableau form, ``solver=deis_tab``). In σ-space (ρ = σ) the ODE dx/dρ = ε(x, ρ) has no
+linear part; the last ``order`` noise estimates ε = (x − D)/σ are interpolated by a polynomial in
+log σ and integrated over σ ∈ [σ, σ_next] (``framework.maths.sigmas.log_lagrange_integral_weights``). Warm-up: step i uses min(i + 1, order)
 points. ``lower_order_final`` follows diffusers: with fewer than 15 steps the last step is first
 order and the one before at most second. A step to σ = 0 is first order (Euler: lands on D).
 NFE 1 per step; order ``order``."""
@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from framework.plugin import (
-    ConfigError, SamplerState, hookimpl, log_lagrange_integral_weights, multistep_order,
+    ConfigError, SamplerState, hookimpl, log_lagrange_integral_weights, multistep_order, multistep_update,
+    recent_derivatives,
 )
 
 
@@ -33,10 +34,5 @@ class DEIS:
                            state.sigma_next == 0, self.lower_order_final)
         if p == 1:
             return pred.x + (state.sigma_next - state.sigma) * pred.derivative
-        past = state.history[len(state.history) - (p - 1) :]
-        nodes = [state.sigma] + [r.sigma for r in reversed(past)]
-        eps = [pred.derivative] + [(r.x - r.direction) / r.sigma for r in reversed(past)]
-        x = pred.x
-        for w, e in zip(log_lagrange_integral_weights(nodes, state.sigma, state.sigma_next), eps):
-            x = x + w * e
-        return x
+        nodes, eps = recent_derivatives(state, p)
+        return multistep_update(pred.x, log_lagrange_integral_weights(nodes, state.sigma, state.sigma_next), eps)
