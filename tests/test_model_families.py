@@ -71,7 +71,7 @@ def noise(pipe):
     return torch.cat([ref.initial_noise(pipe, SIZE, SIZE, s) for s in range(len(PROMPTS))])
 
 
-SDXL, SD3, FLUX = tiny.SDXL_SCHEDULER, tiny.SD3_SCHEDULER, tiny.FLUX_SCHEDULER
+SD3, FLUX = tiny.SD3_SCHEDULER, tiny.FLUX_SCHEDULER
 FLOW = dict(use_flow_sigmas=True, prediction_type="flow_prediction")
 #: case → (pipeline, scheduler, pipeline kwargs, loop, loop kwargs)
 CASES = {
