@@ -9,16 +9,23 @@ for i in range(N):
     before_step(state)                              # all, config order
     state.pred = denoise(x, σ_i) → momentum         # predict → guidance (every evaluation), then
                                                     #   momentum (the step's first evaluation only)
-    x_next = step(state, denoise)                   # exactly one
+    x_next = step(state, denoise)                   # exactly one (from σ = ∞: its limit form)
     after_step(state, x_next)                       # all, config order
 close_run(run, result)                              # run_end, config order
 ```
 ``denoise`` is :class:`framework.core.step.Denoiser` (one NFE per evaluation, counted there).
 Gradients are off except inside the guidance calls of plugins that requested them. Batches, run
 folders, timings and the record are the caller's (:mod:`framework.runs.execute`).
+
+A grid may start at σ = ∞ (a flow model's t = 1). The state there is the unit noise ε (x/σ in the
+limit); the model is evaluated there as anywhere else, and the step to σ₁ is the limit of the
+solver's own first step, the only step defined from ∞ in σ-space: x₁ = D + σ₁·ε for every ODE
+solver (DDIM's form, what FlowMatchEuler does), or the solver's ``step_from_infinity(state)``
+where its limit differs (ancestral and SDE solvers add fresh noise).
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -91,7 +98,8 @@ def new_batch(run: Run, indices: list[int]) -> Batch:
     """The batch of global sample ``indices``: its prompts' conditioning and per-sample noise."""
     s = run.settings
     assert run.schedule is not None
-    until = 2 * run.schedule.sigmas[0] + 1 if s.noise == "brownian" else None  # room for churn
+    top = max(sig for sig in run.schedule.sigmas if math.isfinite(sig))
+    until = 2 * top + 1 if s.noise == "brownian" else None  # room for churn
     noise = SampleNoise(s.seed, indices, run.model.latent_shape, run.device, run.dtype, until)
     return Batch(indices=indices, cond=condition(run, [s.prompts[k % len(s.prompts)] for k in indices]), noise=noise)
 
@@ -143,7 +151,10 @@ def sample_batch(run: Run, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
             if watch is not None:
                 watch.check(pred.denoised, i, state.sigma, "momentum", name)
         state.pred, state.x = pred, pred.x
-        x_next = call(step_name, "step", step, state=state, denoise=denoiser)
+        if math.isinf(state.sigma):
+            x_next = call(step_name, "step_from_infinity", from_infinity(step), state=state)
+        else:
+            x_next = call(step_name, "step", step, state=state, denoise=denoiser)
         if watch is not None:
             watch.check(x_next, i, state.sigma, "step", step_name)
         for name, fn in hooks.after_step:
@@ -152,6 +163,13 @@ def sample_batch(run: Run, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
             StepRecord(i, state.sigma, state.sigma_next, state.x, state.guided.denoised, pred.denoised, x_next))
         x = x_next
     return x_T, x
+
+
+def from_infinity(step: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """The solver's step from σ = ∞: its ``step_from_infinity`` method, else the ODE limit
+    x₁ = D + σ₁·ε (the state at ∞ is the unit noise ε)."""
+    return getattr(step.__self__, "step_from_infinity", None) or (
+        lambda state: state.pred.denoised + state.sigma_next * state.pred.x)
 
 
 def end_batch(run: Run, batch: Batch, latents: torch.Tensor, images: torch.Tensor | None) -> None:

@@ -23,11 +23,13 @@ T = TypeVar("T")
 class Schedule:
     """A descending σ grid with the model time of each σ and the initial noise scale.
 
-    ``sigmas`` holds N+1 Python floats (N steps); the last may be 0. ``timesteps``, when the model is
-    discrete, holds the model time of each σ (same length; ``None`` entries where a σ has no
-    timestep, e.g. a final 0); the model adapter falls back to log-σ interpolation for those.
-    ``init_noise_scale`` multiplies unit noise to give x at ``sigmas[0]`` (σ₀, or √(1+σ₀²) where a
-    diffusers scheduler starts so).
+    ``sigmas`` holds N+1 Python floats (N steps); the last may be 0, the first may be ∞ (a flow
+    model's t = 1: the state there is the unit noise itself, and the engine takes the first step in
+    its limit form, see :mod:`framework.core.engine`). ``timesteps``, when the model is discrete,
+    holds the model time of each σ (same length; ``None`` entries where a σ has no timestep, e.g. a
+    final 0); the model adapter falls back to log-σ interpolation for those. ``init_noise_scale``
+    multiplies unit noise to give x at ``sigmas[0]`` (σ₀, or √(1+σ₀²) where a diffusers scheduler
+    starts so; 1 when σ₀ = ∞).
     """
 
     sigmas: tuple[float, ...]
@@ -40,14 +42,14 @@ class Schedule:
         object.__setattr__(self, "sigmas", sig)
         if len(sig) < 2:
             raise ConfigError("a schedule needs at least one step (two σ values); set steps>=1")
-        if any(not math.isfinite(s) or s < 0 for s in sig):
-            raise ConfigError(f"schedule σ values must be finite and ≥ 0, got {sig}")
+        if any(not math.isfinite(s) or s < 0 for s in sig[1:]) or math.isnan(sig[0]) or sig[0] < 0:
+            raise ConfigError(f"schedule σ values must be finite (the first may be ∞) and ≥ 0, got {sig}")
         if any(b >= a for a, b in zip(sig, sig[1:])):
             raise ConfigError(f"schedule σ values must strictly decrease, got {sig}")
         if self.timesteps is not None and len(self.timesteps) != len(sig):
             raise ConfigError("schedule timesteps must have one entry per σ")
         if self.init_noise_scale is None:
-            object.__setattr__(self, "init_noise_scale", sig[0])
+            object.__setattr__(self, "init_noise_scale", sig[0] if math.isfinite(sig[0]) else 1.0)
         t_of = {}
         if self.timesteps is not None:
             t_of = {s: float(t) for s, t in zip(sig, self.timesteps) if t is not None}
@@ -56,6 +58,11 @@ class Schedule:
     @property
     def steps(self) -> int:
         return len(self.sigmas) - 1
+
+    @property
+    def from_infinity(self) -> bool:
+        """Whether the grid starts at σ = ∞ (a flow model's pure-noise start)."""
+        return math.isinf(self.sigmas[0])
 
     def timestep(self, sigma: float) -> float | None:
         """The model time carried by the grid for this σ, or None (interpolate)."""

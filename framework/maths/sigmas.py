@@ -45,7 +45,10 @@ INIT_NOISE_MODES = ("sigma", "vp")
 
 def init_noise_scale(sigma0: float, mode: str) -> float:
     """The initial noise scale: σ₀ (``sigma``, EDM/k-diffusion) or √(1 + σ₀²) (``vp``: diffusers'
-    DDIM, and Euler/Heun with 'leading' spacing, start from unit-variance noise in VP space)."""
+    DDIM, and Euler/Heun with 'leading' spacing, start from unit-variance noise in VP space); 1 when
+    σ₀ = ∞."""
+    if math.isinf(sigma0):  # a grid from σ = ∞: the state there is the unit noise itself
+        return 1.0
     if mode == "sigma":
         return sigma0
     if mode == "vp":
@@ -146,3 +149,16 @@ def multistep_order(order: int, available: int, index: int, steps: int, to_zero:
         if index == steps - 2:
             return min(p, 2)
     return p
+
+
+# ---------------------------------------------------------------------------------------------
+# Flow matching (x_t = (1 − t)·x0 + t·ε) in σ-space: σ = t/(1 − t), y = x_t/(1 − t) = x0 + σ·ε
+# ---------------------------------------------------------------------------------------------
+def flow_sigma(t: float) -> float:
+    """σ = t/(1 − t) of a flow model's time t ∈ [0, 1] (∞ at t = 1)."""
+    return math.inf if t >= 1 else t / (1 - t)
+
+
+def flow_time(sigma: float) -> float:
+    """t = σ/(1 + σ) of a σ ≥ 0 (1 at σ = ∞)."""
+    return 1.0 if math.isinf(sigma) else sigma / (1 + sigma)

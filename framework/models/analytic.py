@@ -1,7 +1,9 @@
 """Analytic denoisers with an exact D(x, σ), so sampler error can be measured exactly.
 
 Both follow k-diffusion's denoiser protocol (``__call__(x, sigma)``, ``sigma_min``, ``sigma_max``,
-``shape``) and provide ``exact_solution`` of the probability-flow ODE dx/dσ = (x − D(x, σ))/σ.
+``shape``) and provide ``exact_solution`` of the probability-flow ODE dx/dσ = (x − D(x, σ))/σ, also
+from σ = ∞ (where the state is the unit noise ε). ``parametrization: flow`` serves the same model
+through a flow model's arithmetic (``framework.models.base.FlowTwin``): the same exact paths.
 """
 from __future__ import annotations
 
@@ -10,6 +12,17 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+
+from framework.core.settings import Choice
+
+#: Where the mixture's reference solve from σ = ∞ starts (the error of the start is O(1/σ), shrunk
+#: by the flow to O(σ_end/σ²) at the end).
+FROM_INFINITY = 1e6
+
+
+class Parametrization(Choice):
+    sigma = "sigma"  # the denoiser D(x, σ) itself
+    flow = "flow"  # served as a flow model's velocity v(x_t, t) (framework.models.base.FlowTwin)
 
 
 class Gaussian:
@@ -23,7 +36,9 @@ class Gaussian:
         shape: Sequence[int] = (16,),
         sigma_min: float = 0.002,
         sigma_max: float = 80.0,
+        parametrization: str = "sigma",
     ):
+        self.parametrization = Parametrization[parametrization]
         self.mean, self.std = float(mean), float(std)
         self.shape = tuple(int(s) for s in shape)
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
@@ -35,6 +50,8 @@ class Gaussian:
 
     def exact_solution(self, x_start: torch.Tensor, sigma_start: float, sigma_end: float) -> torch.Tensor:
         v = self.std**2
+        if math.isinf(sigma_start):  # x_start is the unit noise: x(σ) = mean + ε·√(s² + σ²)
+            return self.mean + x_start * math.sqrt(v + sigma_end**2)
         return self.mean + (x_start - self.mean) * math.sqrt(v + sigma_end**2) / math.sqrt(v + sigma_start**2)
 
     def sample_data(self, n: int, generator: torch.Generator | None = None, dtype=torch.float64) -> torch.Tensor:
@@ -63,7 +80,9 @@ class Mixture:
         seed: int = 0,
         sigma_min: float = 0.002,
         sigma_max: float = 80.0,
+        parametrization: str = "sigma",
     ):
+        self.parametrization = Parametrization[parametrization]
         self.shape = tuple(int(s) for s in shape)
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
         rng = np.random.default_rng(seed)
@@ -90,6 +109,9 @@ class Mixture:
         from scipy.integrate import solve_ivp
 
         shape, dtype, device = x_start.shape, x_start.dtype, x_start.device
+        if math.isinf(sigma_start):  # from the unit noise ε: x(σ) = E[x0] + σ·ε + O(1/σ), started at σ = 1e6
+            sigma_start = FROM_INFINITY
+            x_start = self.data_moments()[0].reshape(shape[1:]) + sigma_start * x_start.detach().double().cpu()
         y0 = x_start.detach().double().cpu().reshape(-1).numpy()
         b = shape[0]
         end = max(sigma_end, 1e-6)

@@ -13,6 +13,7 @@ import torch
 
 from framework.core.errors import ConfigError
 from framework.core.model import Model
+from framework.models.flow import FlowModel
 
 
 class DenoiserAdapter(Model):
@@ -63,11 +64,29 @@ class DenoiserAdapter(Model):
         return fn(prompts)
 
 
+class FlowTwin(FlowModel, DenoiserAdapter):
+    """A σ-space denoiser served as a flow model (``parametrization: flow`` on the analytic models):
+    its D is turned into the velocity v = (x_in − D(x_in/(1 − t), σ))/t a flow network would predict,
+    and :class:`FlowModel` turns it back, so the flow arithmetic (and a start at σ = ∞) is tested
+    against exact solutions, which are the same paths in σ-space. At t = 1, v = x_in − E[x0] (the
+    denoiser's ``data_moments()``)."""
+
+    def velocity(self, x_in, t, tensors):
+        if t == 1.0:
+            moments = getattr(self.denoiser, "data_moments", None)
+            if moments is None:
+                raise ConfigError(f"{type(self.denoiser).__name__} cannot start at σ = ∞ (t = 1): it has no data_moments()")
+            return x_in - moments()[0].reshape(x_in.shape[1:]).to(x_in)
+        sigma = t / (1 - t)
+        return (x_in - DenoiserAdapter.denoise_batch(self, x_in / (1 - t), sigma, None, tensors)) / t
+
+
 def wrap_model(obj: object) -> Model:
-    """A model plugin from a configured object: adapters pass through, denoisers get wrapped."""
+    """A model plugin from a configured object: adapters pass through, denoisers get wrapped
+    (through the flow arithmetic when they declare ``parametrization = "flow"``)."""
     if isinstance(obj, Model):
         return obj
-    return DenoiserAdapter(obj)
+    return FlowTwin(obj) if str(getattr(obj, "parametrization", "sigma")) == "flow" else DenoiserAdapter(obj)
 
 
 def vp_scale(sigma: float) -> float:
