@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from framework.models.tiny import write_char_tokenizer
+
 #: stable-diffusion-xl-base-1.0's scheduler_config.json (its class: EulerDiscreteScheduler).
 SDXL_SCHEDULER = dict(
     num_train_timesteps=1000,
@@ -61,8 +63,6 @@ SDXL_VAE = dict(latent_channels=4, scaling_factor=0.13025, force_upcast=True)
 SD3_VAE = dict(latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
 FLUX_VAE = dict(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
 
-#: Characters every tiny tokenizer can spell (CLIP lower-cases its input; T5 does not).
-CHARS = string.ascii_lowercase + string.digits + ".,!?'-()"
 CLIP_L = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
 CLIP_G = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
 #: T5 v1.1 layout (gated GELU, relative attention) at d_model 96: the joint attention width of the
@@ -75,16 +75,13 @@ T5 = dict(d_model=96, d_kv=16, d_ff=128, num_layers=2, num_heads=4, relative_att
 # Tokenizers and text encoders
 # ---------------------------------------------------------------------------------------------
 def clip_tokenizer(max_length: int = 77) -> Any:
-    """A character-level CLIPTokenizer (any lower-case text tokenises), from a vocab.json and a
-    merges.txt written to a temporary folder that is removed once loaded."""
+    """A character-level CLIPTokenizer (any lower-case text tokenises): the tiny SD pipeline's
+    vocab.json and merges.txt, written to a temporary folder that is removed once loaded."""
     from transformers import CLIPTokenizer
 
-    tokens = ["<|startoftext|>", "<|endoftext|>"] + list(CHARS) + [c + "</w>" for c in CHARS]
     with tempfile.TemporaryDirectory(prefix="samplerlab-clip-") as folder:
-        vocab, merges = Path(folder) / "vocab.json", Path(folder) / "merges.txt"
-        vocab.write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-        merges.write_text("#version: 0.2\n")
-        return CLIPTokenizer(str(vocab), str(merges), model_max_length=max_length)
+        files = write_char_tokenizer(Path(folder))
+        return CLIPTokenizer(str(files / "vocab.json"), str(files / "merges.txt"), model_max_length=max_length)
 
 
 def t5_tokenizer() -> Any:
@@ -92,7 +89,7 @@ def t5_tokenizer() -> Any:
     unk 2 as in T5; word-initial pieces carry the "▁" of SentencePiece), built in memory."""
     from transformers import T5TokenizerFast
 
-    chars = string.ascii_letters + string.digits + ".,!?'-()"
+    chars = string.ascii_letters + string.digits + ".,!?'-()"        # T5 does not lower-case
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     vocab += [("▁" + c, -3.0) for c in chars] + [(c, -4.0) for c in chars]
     return T5TokenizerFast(vocab=vocab, extra_ids=0)
