@@ -123,11 +123,47 @@ def slope(overrides: list[str]) -> float:
         (["momentum=[multistep,unipc_corrector]", "momentum.multistep.order=2", "momentum.unipc_corrector.order=2"], 3),
         (["momentum=[ghvb]", "momentum.ghvb.order=2", "momentum.ghvb.beta=0.0", "solver=euler"], 2),
         (["momentum=[heavy_ball]", "momentum.heavy_ball.beta=0.5"], 1),
+        # γ = 2 extrapolates d to 2d_i − d_{i−1}: still first order (0.92 at 64→128; 0.96 at 128→256)
+        (["momentum=[gradient_estimation]"], 1),
+        (["momentum=[gradient_estimation]", "momentum.gradient_estimation.final=denoise"], 1),
     ],
-    ids=["multistep2", "multistep3", "multistep2+unic2", "ghvb2_beta0", "heavy_ball"],
+    ids=["multistep2", "multistep3", "multistep2+unic2", "ghvb2_beta0", "heavy_ball", "gradient_estimation",
+         "gradient_estimation_final_denoise"],
 )
 def test_convergence_order(overrides, order):
     assert slope(overrides) == pytest.approx(order, abs=0.3)
+
+
+class Recording(Mixture):
+    """The mixture, keeping every evaluation (x, σ, D) the run makes (no reference solution)."""
+
+    exact_solution = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, x, sigma):
+        out = super().__call__(x, sigma)
+        self.calls.append((x.clone(), sigma.clone(), out.clone()))
+        return out
+
+
+@pytest.mark.parametrize("solver", ["euler", "ddim"])
+def test_gradient_estimation_final_denoise_changes_only_the_step_to_zero(solver):
+    """final=denoise (ComfyUI's convention) leaves the step onto σ = 0 uncorrected, so the run ends
+    on D of its last evaluation; every evaluation before is the corrected trajectory's
+    (tests/test_sampler_names.py pins the whole run against ComfyUI's algorithm)."""
+    base = [o for o in MIX if not o.startswith("model=")] + ["steps=8", f"solver={solver}", "momentum=[gradient_estimation]"]
+    runs = {}
+    for final in ("corrected", "denoise"):
+        model = Recording()
+        runs[final] = (run(base + [f"momentum.gradient_estimation.final={final}"], model=model), model.calls)
+    (a, ca), (b, cb) = runs["corrected"], runs["denoise"]
+    assert len(ca) == len(cb) == 8
+    assert all(torch.equal(x, y) and torch.equal(s, t) for (x, s, _), (y, t, _) in zip(ca, cb))
+    assert torch.equal(b.latents, cb[-1][2])
+    assert 1e-8 < (a.latents - b.latents).abs().max().item() < 1e-2
 
 
 def test_optimize_sgd_is_euler_and_sgd_momentum_is_heavy_ball():
