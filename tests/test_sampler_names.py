@@ -48,7 +48,7 @@ def ancestral(s: float, s_next: float, eta: float) -> tuple[float, float]:
 def euler(D: Denoise, x, s, noise=None):
     """Karras et al. 2022, Alg. 1 without the correction."""
     for i in range(len(s) - 1):
-        x = x + (s[i + 1] - s[i]) * (x - D(x, s[i])) / s[i]
+        x = euler_step(D, x, D(x, s[i]), s[i], s[i + 1])
     return x
 
 
@@ -64,9 +64,9 @@ def heun(D: Denoise, x, s, noise=None):
     return x
 
 
-def dpm_2_step(D: Denoise, x, s: float, target: float):
+def dpm_2_step(D: Denoise, x, den, s: float, target: float):
     """k-diffusion's DPM-Solver-2 from s to target: the derivative at the log-σ midpoint."""
-    d = (x - D(x, s)) / s
+    d = (x - den) / s
     if target == 0:
         return x - s * d
     mid = math.exp((math.log(s) + math.log(target)) / 2)
@@ -76,28 +76,39 @@ def dpm_2_step(D: Denoise, x, s: float, target: float):
 
 def dpm_2(D: Denoise, x, s, noise=None):
     for i in range(len(s) - 1):
-        x = dpm_2_step(D, x, s[i], s[i + 1])
+        x = dpm_2_step(D, x, D(x, s[i]), s[i], s[i + 1])
     return x
 
 
-def dpm_2_ancestral(D: Denoise, x, s, noise: Noise, eta: float = 1.0):
-    for i in range(len(s) - 1):
-        down, up = ancestral(s[i], s[i + 1], eta)
-        x = dpm_2_step(D, x, s[i], down)
-        if down > 0:
-            x = x + next(noise) * up
-    return x
+def ancestral_sampler(step: Callable) -> Callable:
+    """k-diffusion's ancestral samplers: a deterministic ``step(D, x, D(x, σ), σ, σ_down)`` (D itself
+    when σ_down = 0), then noise of std σ_up while σ' > 0."""
+    def sample(D: Denoise, x, s, noise: Noise, eta: float = 1.0):
+        for i in range(len(s) - 1):
+            den = D(x, s[i])
+            down, up = ancestral(s[i], s[i + 1], eta)
+            x = den if down == 0 else step(D, x, den, s[i], down)
+            if up > 0:
+                x = x + next(noise) * up
+        return x
+
+    return sample
 
 
-def euler_ancestral(D: Denoise, x, s, noise: Noise, eta: float = 1.0):
-    for i in range(len(s) - 1):
-        den = D(x, s[i])
-        down, up = ancestral(s[i], s[i + 1], eta)
-        if down == 0:
-            x = den
-        else:
-            x = x + (down - s[i]) * (x - den) / s[i] + next(noise) * up
-    return x
+def euler_step(D: Denoise, x, den, s: float, target: float):
+    return x + (target - s) * (x - den) / s
+
+
+def dpmpp_2s_step(D: Denoise, x, den, s: float, target: float):
+    """Lu et al. 2022b, Alg. 1 with r = 1/2: DPM-Solver++(1) to the λ-midpoint, then along its D."""
+    mid = math.sqrt(s * target)
+    x_2 = (mid / s) * x + (1 - mid / s) * den
+    return (target / s) * x + (1 - target / s) * D(x_2, mid)
+
+
+euler_ancestral = ancestral_sampler(euler_step)
+dpm_2_ancestral = ancestral_sampler(dpm_2_step)
+dpmpp_2s_ancestral = ancestral_sampler(dpmpp_2s_step)
 
 
 def lms(D: Denoise, x, s, noise=None, order: int = 4, epsrel: float = 1e-4):
@@ -131,22 +142,6 @@ def dpmpp_2m(D: Denoise, x, s, noise=None):
                 d = (1 + 1 / (2 * r)) * den - old / (2 * r)
             x = (s[i + 1] / s[i]) * x - math.expm1(-h) * d
         old = den
-    return x
-
-
-def dpmpp_2s_ancestral(D: Denoise, x, s, noise: Noise, eta: float = 1.0):
-    """Lu et al. 2022b, Alg. 1 with r = 1/2, to σ_down, then noise σ_up (k-diffusion)."""
-    for i in range(len(s) - 1):
-        den = D(x, s[i])
-        down, up = ancestral(s[i], s[i + 1], eta)
-        if down == 0:
-            x = den
-        else:
-            mid = math.sqrt(s[i] * down)
-            x_2 = (mid / s[i]) * x + (1 - mid / s[i]) * den
-            x = (down / s[i]) * x + (1 - down / s[i]) * D(x_2, mid)
-        if s[i + 1] > 0 and up > 0:
-            x = x + next(noise) * up
     return x
 
 
@@ -430,10 +425,9 @@ def reference_denoiser(model: str) -> Denoise:
 GRIDS = {"karras": [], "exponential": ["schedule=exponential"]}
 
 
-def ours_and_reference(overrides, reference, model: str, grid: str, monkeypatch, steps: int = STEPS,
-                       **kw) -> tuple[float, float]:
-    """(relative max difference, max |reference|) of a whole run against the reference sampler
-    from the same x_T on the same σ grid, replaying the noise our run drew."""
+def record_draws(monkeypatch) -> list[torch.Tensor]:
+    """Every unit-noise draw of the runs that follow (SampleNoise.draw), in order: x_T's, then the
+    steps', for replaying them in a reference."""
     draws: list[torch.Tensor] = []
     original = SampleNoise.draw
 
@@ -443,6 +437,14 @@ def ours_and_reference(overrides, reference, model: str, grid: str, monkeypatch,
         return out
 
     monkeypatch.setattr(SampleNoise, "draw", recording)
+    return draws
+
+
+def ours_and_reference(overrides, reference, model: str, grid: str, monkeypatch, steps: int = STEPS,
+                       **kw) -> tuple[float, float]:
+    """(relative max difference, max |reference|) of a whole run against the reference sampler
+    from the same x_T on the same σ grid, replaying the noise our run drew."""
+    draws = record_draws(monkeypatch)
     extra = [f"prompts=[{','.join(PROMPTS)}]", f"cfg_scale={CFG_SCALE}"] if model == "mixture_cfg" else []
     target = CFG_MODEL if model == "mixture_cfg" else model
     res = testing.sample(list(overrides) + GRIDS[grid] + extra, model=target, steps=steps, num_samples=2)

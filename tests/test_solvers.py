@@ -309,8 +309,8 @@ def test_parity_with_diffusers(case, tiny_pipe, tiny_model, monkeypatch):
     import importlib
 
     from framework.models.base import vp_scale
-    from framework.core.noise import SampleNoise
     from tests.test_parity import hand_loop
+    from tests.test_sampler_names import record_draws
 
     cls, changes, solver, grid, vp_frame = _parity_cases()[case]
     sched = cls.from_config(tiny_pipe.scheduler.config, **changes)
@@ -322,15 +322,7 @@ def test_parity_with_diffusers(case, tiny_pipe, tiny_model, monkeypatch):
         schedule = ["schedule=uniform"] + (["schedule.final=alpha0", "schedule.init_noise=vp"] if grid == "uniform_alpha0" else [])
         if case == "ddpm":
             schedule += ["schedule.init_noise=vp"]
-    draws: list[torch.Tensor] = []
-    original = SampleNoise.draw
-
-    def recording(self):
-        out = original(self)
-        draws.append(out.clone())
-        return out
-
-    monkeypatch.setattr(SampleNoise, "draw", recording)
+    draws = record_draws(monkeypatch)
     res = run(schedule + solver + [f"steps={STEPS}", "num_samples=2", "batch_size=2", f"cfg_scale={CFG}",
                                    f"prompts=[{','.join(PROMPTS)}]"], model=tiny_model)
     ours = res.schedule
