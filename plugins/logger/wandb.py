@@ -3,31 +3,52 @@
 summary metrics, the sample grid, the per-step previews (``preview.png`` of the ``preview`` callback,
 when the run has an output folder) and a ``wandb.Table`` of samples (image, prompt, seed, sample
 index). With no API key and no ``WANDB_MODE`` it runs offline and says so once (files land under
-``$WANDB_DIR/wandb/offline-run-*``, to ``wandb sync`` later); ``WANDB_MODE`` is respected. A W&B
-failure is a warning: the run and its local record always complete."""
+``$WANDB_DIR/wandb/offline-run-*``, to ``wandb sync`` later); ``WANDB_MODE`` is respected. A server
+that does not answer within ``init_timeout`` seconds (or any failure to start online) sends this run
+and every later one of the process (a sweep) offline, said in one line, once. A W&B failure is a
+warning: the run and its local record always complete."""
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from framework.plugin import grid, hookimpl, to_pil
+from framework.plugin import ConfigError, grid, hookimpl, to_pil
 
-_said_offline = False
+
+@dataclass
+class _Process:
+    """What the process remembers across its runs (a sweep's jobs): said once, tried once."""
+
+    said_offline: bool = False
+    offline_because: str | None = None  # why online W&B failed; later runs go offline at once
+
+
+PROCESS = _Process()
 
 
 def _mode() -> str | None:
-    """The W&B mode to use: the user's WANDB_MODE, else offline when no API key is configured."""
-    global _said_offline
+    """The W&B mode to use: the user's WANDB_MODE, else offline when no API key is configured or
+    when an earlier run of this process could not reach the server."""
+    if PROCESS.offline_because is not None:
+        return "offline"
     if os.environ.get("WANDB_MODE"):
         return None
     if os.environ.get("WANDB_API_KEY") or os.path.exists(os.path.expanduser("~/.netrc")):
         return None
-    if not _said_offline:
+    if not PROCESS.said_offline:
         print("samplerlab: no W&B API key found: logging offline (sync later with `wandb sync`)")
-        _said_offline = True
+        PROCESS.said_offline = True
     return "offline"
+
+
+def _went_offline(error: Exception, timeout: float) -> None:
+    first = (str(error).splitlines() or [""])[0]
+    PROCESS.offline_because = f"{type(error).__name__}: {first}"
+    print(f"samplerlab: warning: W&B could not start online within {timeout:g} s ({PROCESS.offline_because}): "
+          "logging offline for the rest of this process (sync later with `wandb sync`)", file=sys.stderr)
 
 
 @dataclass
@@ -44,6 +65,11 @@ class WandbLogger:
     entity: str | None = None
     group: str | None = None
     log_images: bool = True
+    init_timeout: float = 15.0  # seconds to wait for the server before going offline
+
+    def __post_init__(self) -> None:
+        if not self.init_timeout > 0:
+            raise ConfigError(f"logger.wandb.init_timeout must be > 0 seconds, got {self.init_timeout}")
 
     def _safe(self, log: _Log, what: str, fn, *args: Any) -> None:
         try:
@@ -61,10 +87,18 @@ class WandbLogger:
         from omegaconf import OmegaConf
 
         group = self.group or (str(run.output_dir.parent) if run.output_dir is not None else None)
-        log.wandb_run = wandb.init(
-            project=self.project, entity=self.entity, group=group, mode=_mode(), reinit="create_new",
-            config=OmegaConf.to_container(run.cfg, resolve=True), dir=os.environ.get("WANDB_DIR"),
-        )
+        args = dict(project=self.project, entity=self.entity, group=group, reinit="create_new",
+                    config=OmegaConf.to_container(run.cfg, resolve=True), dir=os.environ.get("WANDB_DIR"))
+        mode = _mode()
+        if mode is None:  # online unless WANDB_MODE says otherwise: a short timeout, then offline
+            try:  # quiet: W&B's "logged in as" line asks the server who we are, with a timeout of its own
+                log.wandb_run = wandb.init(**args, settings=wandb.Settings(init_timeout=self.init_timeout, quiet=True))
+                if getattr(log.wandb_run, "url", None):
+                    print(f"samplerlab: W&B run {log.wandb_run.url}")
+                return
+            except Exception as e:
+                _went_offline(e, self.init_timeout)
+        log.wandb_run = wandb.init(**args, mode="offline")
 
     @hookimpl
     def batch_end(self, run, batch, latents, images):
