@@ -94,3 +94,41 @@ def test_sweep_under_submitit_local_yields_a_report(tmp_path):
     page = _sweep_and_report(["hydra/launcher=local_submitit"],
                              ["model=gaussian", "solver=euler,heun", "steps=2,4"], tmp_path / "sweep")
     assert 'data-metric="rmse_to_reference"' in page and page.count("<tr>") >= 5
+
+
+def test_sweep_checks_every_job_before_the_first_starts(tmp_path, capsys):
+    """An invalid plugin parameter value in any job stops the sweep before job 0 (issue 27 item 7)."""
+    sweep = tmp_path / "sweep"
+    code = main(["-m", "model=gaussian", "momentum=[heavy_ball]", "momentum.heavy_ball.beta=0.5,1.5,0.2", "steps=5,10",
+                 f"hydra.sweep.dir={sweep}"])
+    err = capsys.readouterr().err
+    assert code == 2 and not sweep.exists()
+    (line,) = err.strip().splitlines()
+    assert line.startswith("samplerlab: error: job 2 (") and "momentum.heavy_ball.beta=1.5" in line
+    assert "beta must be in [0, 1)" in line and "no job was started" in line
+
+
+def test_sweep_goes_on_after_a_failed_job(tmp_path, capsys):
+    """A job that fails at run time is recorded as failed, the other jobs run, and the sweep ends
+    with a table of its runs, where to build the report, and exit code 1."""
+    sweep = tmp_path / "sweep"
+    code = main(["-m", "model=gaussian", "solver=heun,euler", "momentum=[heavy_ball]", "steps=2,3",
+                 f"hydra.sweep.dir={sweep}"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert sorted(p.parent.name for p in sweep.glob("*/record.json")) == ["2", "3"]  # the euler jobs
+    for job in ("0", "1"):
+        failure = json.loads((sweep / job / "failed.json").read_text())
+        assert "does not compose with solver=heun" in failure["error"]
+    assert err.count("samplerlab: error: job ") == 2
+    table = out[out.index("samplerlab: sweep of 4 runs"):].splitlines()
+    assert table[0] == f"samplerlab: sweep of 4 runs in {sweep} (2 done, 2 failed or incomplete):"
+    assert table[1].split()[:4] == ["folder", "solver", "steps", "status"] and "rmse_to_reference" in table[1]
+    assert [row.split()[:4] for row in table[2:6]] == [
+        ["0", "heun", "2", "failed"], ["1", "heun", "3", "failed"], ["2", "euler", "2", "done"], ["3", "euler", "3", "done"]]
+    assert table[-1] == f"report: samplerlab-report {sweep}"
+    # the same sweep again, the failing value dropped: the finished runs are found, the table lists
+    # this sweep's runs only, and the exit code is 0
+    assert main(["-m", "model=gaussian", "solver=euler", "momentum=[heavy_ball]", "steps=2,3",
+                 f"hydra.sweep.dir={sweep}"]) == 0
+    assert "samplerlab: sweep of 2 runs" in capsys.readouterr().out

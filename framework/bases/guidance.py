@@ -33,12 +33,16 @@ def pixel_size(model) -> tuple[int, int]:
 def load_image(path: str, size: tuple[int, int], key: str = "guidance.img2img.image", mode: str = "RGB") -> torch.Tensor:
     """A [1, C, H, W] float tensor in [0, 1] from an image file (RGB, or ``mode="L"`` for a mask),
     resized to ``size`` (H, W). ``key`` names the config key in the error of a missing file."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     file = Path(str(path)).expanduser()
     if not str(path) or not file.is_file():
         raise ConfigError(f"image '{path}' not found: give an existing image file in {key}")
-    img = Image.open(file).convert(mode)
+    try:
+        img = Image.open(file).convert(mode)  # convert() reads the pixels: a truncated file fails here
+    except (UnidentifiedImageError, OSError) as e:  # not an image, or a truncated one
+        raise ConfigError(f"'{path}' is not an image (PNG, JPEG, …) that can be read ({type(e).__name__}): "
+                          f"give an image file in {key}") from e
     resample = Image.Resampling.BOX if mode == "L" else Image.Resampling.BICUBIC
     arr = np.asarray(img.resize((size[1], size[0]), resample)).copy()
     t = torch.from_numpy(arr).float() / 255

@@ -6,6 +6,8 @@ nor any plugin, so the CLI rejects a bad value in milliseconds.
 """
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, fields
 from enum import Enum
 from typing import Any, Optional
@@ -42,6 +44,29 @@ CompileMode = Choice("CompileMode", [(m, m) for m in (
     "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")])
 
 
+#: More steps than any sampler needs: a larger value is a typo (and its σ grid alone would fill memory).
+MAX_STEPS = 10_000
+#: The most samples one process generates: a run keeps every sample's latents and images in memory
+#: (≈ 50 kB each for the bundled model, ≈ 3 MB for SD at 512²); split larger jobs with shard_count.
+MAX_SAMPLES_PER_PROCESS = 1_000_000
+#: Device names: auto, cpu, cuda, cuda:N, mps.
+DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def _device_missing(device: str) -> str | None:
+    """Why ``device`` cannot be used on this machine (None when it can). Imports torch, so it is
+    asked only for cuda and mps: auto and cpu never need it."""
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return f"device={device} but no CUDA device is available: use device=cpu or device=auto"
+    if device.startswith("cuda") and ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
+        return f"device={device} but this machine has {torch.cuda.device_count()} CUDA device(s): use cuda:0 … or auto"
+    if device == "mps" and not torch.backends.mps.is_available():
+        return "device=mps but MPS (Apple GPU) is not available here: use device=cpu or device=auto"
+    return None
+
+
 @dataclass
 class Settings:
     """The top-level keys of the config, typed (their defaults and comments: conf/config.yaml)."""
@@ -72,6 +97,12 @@ class Settings:
         for key in ("steps", "num_samples", "batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be ≥ 1 (got {getattr(self, key)}): e.g. {key}=4")
+        if self.steps > MAX_STEPS:
+            raise ConfigError(f"steps={self.steps} is more than any sampler needs (at most {MAX_STEPS}): e.g. steps=50")
+        if not math.isfinite(self.cfg_scale):
+            raise ConfigError(f"cfg_scale must be a finite number, got {self.cfg_scale}: e.g. cfg_scale=5.0")
+        if not DEVICE.match(self.device):
+            raise ConfigError(f"unknown device '{self.device}': use auto, cpu, cuda, cuda:N or mps")
         if not self.prompts:
             raise ConfigError("prompts is empty: give at least one, e.g. 'prompts=[a red circle]'")
         if not 1 <= self.shard_count <= self.num_samples:
@@ -80,8 +111,20 @@ class Settings:
             raise ConfigError(
                 f"shard_index must be in 0..{self.shard_count - 1} (shard_count={self.shard_count}), got {self.shard_index}"
             )
-        if self.name is not None and (not self.name.strip() or self.name.startswith("/") or ".." in self.name.split("/")):
-            raise ConfigError(f"name '{self.name}' must be a relative folder name, e.g. name=my_study")
+        per_process = len(self.indices())
+        if per_process > MAX_SAMPLES_PER_PROCESS:
+            raise ConfigError(
+                f"num_samples={self.num_samples} is too many for one process (at most {MAX_SAMPLES_PER_PROCESS:,}: a run "
+                f"holds every sample's latents and images in memory): split it with shard_count="
+                f"{-(-per_process * self.shard_count // MAX_SAMPLES_PER_PROCESS)} shard_index=0,1,…")
+        if self.name is not None and (self.name.startswith(("/", "~"))
+                                      or any(p in ("", ".", "..") for p in self.name.strip().split("/"))):
+            raise ConfigError(f"name '{self.name}' must be a relative folder name below outputs/ (no '.', '..' or "
+                              "empty parts), e.g. name=my_study")
+        if self.device not in ("auto", "cpu"):
+            why = _device_missing(self.device)
+            if why:
+                raise ConfigError(why)
 
     def indices(self) -> range:
         """The global sample indices this process generates: its contiguous block of the shards."""

@@ -1,21 +1,35 @@
 """Command-line entry points: ``samplerlab`` (the Hydra app) and ``samplerlab-plugins``.
 
 ``samplerlab [overrides] [-m]`` — e.g. ``samplerlab model=gaussian solver=heun steps=10`` or
-``samplerlab -m solver=euler,heun steps=5,10,20``. Configuration errors print one line naming the
-fix and exit with code 2 (Hydra's own errors exit 1; the wrapper maps them to 2), leaving no run
-folder behind. Ctrl-C or SIGTERM stop a run between two writes (exit 130 / 143); rerunning the same
-command with ``name=`` (or the same ``hydra.run.dir``/``hydra.sweep.dir``) resumes it.
+``samplerlab -m solver=euler,heun steps=5,10,20``; ``samplerlab --help`` is samplerlab's own page
+(:mod:`framework.entry.help`). Configuration errors print one line naming the fix and exit with
+code 2, leaving no run folder behind; every job of a sweep is composed and its plugins built before
+the first starts. A sweep job that fails at run time is recorded as failed (``failed.json`` in its
+folder) and the sweep goes on; it ends with a table of its runs and exits with 1 if any failed.
+Ctrl-C or SIGTERM stop a run between two writes (exit 130 / 143); rerunning the same command with
+``name=`` (or the same ``hydra.run.dir``/``hydra.sweep.dir``) resumes it.
+
+Fast start: this module imports neither torch nor any plugin; ``--help`` answers before Hydra is
+imported and a configuration error before torch is (``benchmarks/cli_start.py`` measures both).
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from framework.core.errors import SamplerlabError
+from framework.core.errors import ConfigError, SamplerlabError
 from framework.core.registry import CONF_DIR
+
+LOG = logging.getLogger("samplerlab")
+#: The most jobs of a sweep composed one by one before it starts; a larger sweep has each of its
+#: values checked once instead (with the other keys at their first value).
+MAX_CHECKED_JOBS = 256
+#: Where the CLI's run folders live (below the working directory); emptied parents are removed up to them.
+OUTPUT_ROOTS = ("outputs", "multirun")
 
 #: Hydra flags that take a value.
 _VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-path", "-cp",
@@ -62,23 +76,76 @@ def _variants(overrides: list[str]) -> list[list[str]]:
     return out
 
 
-def precheck(overrides: list[str]) -> None:
-    """Compose every sweep value and type-check the top-level keys before Hydra starts any job."""
+def sweep_jobs(overrides: list[str]) -> list[list[str]] | None:
+    """Every job of a sweep as Hydra's basic sweeper runs them (its override lists, in order), or
+    None when the sweep cannot be listed (intervals for a tuning sweeper)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    from framework.entry.compose import compose, explain
-    from framework.core.settings import read_settings
+    from framework.entry.compose import explain
 
     try:
-        variants = _variants(overrides)
+        parsed = OverridesParser.create().parse_overrides(task_overrides(overrides))
     except HydraException as e:
         raise explain(e) from e
-    for variant in variants:
-        cfg, _ = compose(variant)
-        read_settings(cfg)
+    if any(ov.is_sweep_override() and not ov.is_discrete_sweep() for ov in parsed):
+        return None
+    return BasicSweeper.split_arguments(parsed, None)[0]
 
 
-def _error(e: BaseException) -> int:
+def task_overrides(overrides: list[str]) -> list[str]:
+    """The overrides of the job's own config (Hydra keeps ``hydra.*`` and ``hydra/*`` apart)."""
+    return [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
+
+
+def check_plugins(cfg, choices: dict[str, str]) -> None:
+    """Build every configured plugin except the model (which would load weights): parameter types
+    and values are checked as the run will check them."""
+    from omegaconf import DictConfig
+
+    from framework.core.registry import GROUPS, SINGLE_GROUPS, instantiate
+
+    for group in GROUPS:
+        node = cfg.get(group)
+        if group == "model" or not isinstance(node, DictConfig):
+            continue
+        items = [(f"{group}={choices.get(group, '?')}", node)] if group in SINGLE_GROUPS else \
+            [(f"{group}.{name}", sub) for name, sub in node.items()]
+        for where, sub in items:
+            try:
+                instantiate(sub, where)
+            except SamplerlabError:
+                raise
+            except Exception as e:  # a plugin's own check that raised something else
+                raise ConfigError(f"{where}: {type(e).__name__}: {e}") from e
+
+
+def precheck(overrides: list[str], multirun: bool = False) -> list[list[str]] | None:
+    """Compose the command and type-check its top-level keys before Hydra starts; for a sweep, every
+    job (up to :data:`MAX_CHECKED_JOBS`, else every value) with its plugins built. Returns the
+    sweep's jobs (None for a single run, or a sweep that cannot be listed)."""
+    from framework.core.settings import read_settings
+    from framework.entry.compose import compose
+
+    if not multirun:
+        read_settings(compose(overrides)[0])
+        return None
+    jobs = sweep_jobs(overrides)
+    checked = jobs if jobs is not None and len(jobs) <= MAX_CHECKED_JOBS else _variants(task_overrides(overrides))
+    own = [o for o in overrides if o not in task_overrides(overrides)]
+    for k, job in enumerate(checked):
+        try:
+            cfg, choices = compose([*job, *own])
+            read_settings(cfg)
+            check_plugins(cfg, choices)
+        except SamplerlabError as e:
+            which = f"job {k} ({' '.join(job)})" if checked is jobs else f"the sweep ({' '.join(job)})"
+            raise ConfigError(f"{which}: {e}; no job was started") from e
+    return jobs
+
+
+def _error(e: BaseException | str) -> int:
     print(f"samplerlab: error: {e}", file=sys.stderr)
     return 2
 
@@ -87,8 +154,27 @@ def _error(e: BaseException) -> int:
 _HYDRA_FILES = (".hydra", "samplerlab.log")
 
 
+def _remove_empty_parents(folder: Path) -> None:
+    """Remove the folders above ``folder`` left empty, up to and including outputs/ or multirun/
+    in the working directory (a dated folder made for a run that failed)."""
+    try:
+        rel = folder.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        return
+    if len(rel.parts) < 2 or rel.parts[0] not in OUTPUT_ROOTS:
+        return
+    parent = folder.resolve().parent
+    for _ in range(len(rel.parts) - 1):
+        try:
+            parent.rmdir()  # only when empty
+        except OSError:
+            return
+        parent = parent.parent
+
+
 def discard_if_unused(folder: Path) -> None:
-    """Remove a run folder that holds nothing but Hydra's own files (a job that failed to start)."""
+    """Remove a run folder that holds nothing but Hydra's own files (a job that failed to start),
+    and the dated folders above it that it leaves empty."""
     if not folder.is_dir() or any(p.name not in _HYDRA_FILES for p in folder.iterdir()):
         return
     for name in _HYDRA_FILES:
@@ -100,13 +186,12 @@ def discard_if_unused(folder: Path) -> None:
     try:
         folder.rmdir()
     except OSError:
-        pass
+        return
+    _remove_empty_parents(folder)
 
 
 def _objective(cfg, metrics: dict) -> float | None:
     """The metric a sweeper (optuna) minimises, named by the ``objective`` key."""
-    from framework.core.errors import ConfigError
-
     name = cfg.get("objective")
     if not name:
         return None
@@ -117,45 +202,52 @@ def _objective(cfg, metrics: dict) -> float | None:
     return float(metrics[name])
 
 
+def _job_failed(cfg, folder: Path, job: str, e: BaseException) -> float | None:
+    """A sweep job that failed: one line, the error in its folder; the sweep goes on."""
+    from framework.core.files import atomic_write_json
+    from framework.entry.summary import FAILED
+
+    text = str(e) if isinstance(e, SamplerlabError) else f"{type(e).__name__}: {e}"
+    print(f"samplerlab: error: job {job} failed: {text}", file=sys.stderr)
+    LOG.error("job %s failed: %s", job, text)
+    if folder.is_dir():
+        atomic_write_json(folder / FAILED, {"error": text})
+    return float("nan") if cfg.get("objective") else None
+
+
 def _app(cfg) -> float | None:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from framework.entry.signals import sigterm_as_interrupt
+    from framework.entry.summary import FAILED, run_line
     from framework.runs.execute import execute
 
     hc = HydraConfig.get()
     choices = {k: v for k, v in hc.runtime.choices.items() if isinstance(v, str)}
     folder = Path(hc.runtime.output_dir)
+    sweep = hc.mode == RunMode.MULTIRUN
+    (folder / FAILED).unlink(missing_ok=True)  # an earlier attempt's failure
     try:
         with sigterm_as_interrupt():
             result = execute(cfg, choices, output_dir=folder)
-    except SamplerlabError as e:
-        discard_if_unused(folder)
-        raise SystemExit(_error(e)) from None
     except KeyboardInterrupt:
         discard_if_unused(folder)
         raise
-    m = result.record["metrics"]
-    if result.skipped:
-        print(f"samplerlab: finished run found (run key {result.record['run_key']}), nothing to do -> {folder}")
-        return _objective(cfg, m)
-    failed = f", {len(result.failed)} failed" if result.failed else ""
-    extra = f", rmse_to_reference {m['rmse_to_reference']:.3g}" if "rmse_to_reference" in m else ""
-    resumed = f", {len(result.resumed)} read back from an earlier attempt" if result.resumed else ""
-    print(
-        f"samplerlab: {len(result.indices)} samples, nfe {m['nfe']:g}, "
-        f"{m['seconds']:.2f} s{extra}{failed}{resumed} -> {folder}"
-    )
+    except Exception as e:
+        if sweep:
+            return _job_failed(cfg, folder, f"{hc.job.num} ({' '.join(hc.overrides.task)})", e)
+        discard_if_unused(folder)
+        if isinstance(e, SamplerlabError):
+            raise SystemExit(_error(e)) from None
+        raise
+    line = run_line(result, folder)
+    print(line)
+    LOG.info(line.removeprefix("samplerlab: "))
     for k, why in list(result.failures.items())[:3]:
         print(f"samplerlab: warning: sample {k} failed: {why}", file=sys.stderr)
-    return _objective(cfg, m)
-
-
-def _quiet_libraries() -> None:
-    """Keep third-party chatter (optional-dependency notices) out of the app's output."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # loading bars; sampling keeps its own
+        LOG.warning("sample %s failed: %s", k, why)
+    return _objective(cfg, result.record["metrics"])
 
 
 def list_entry_points() -> None:
@@ -170,25 +262,43 @@ def list_entry_points() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the Hydra app in-process on ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
-    _quiet_libraries()
-    import hydra
-
-    from framework.entry.compose import register_resolvers, release, searchpath_override
-
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("--help", "-h") for a in argv):
+        from framework.entry.help import help_text
+
+        print(help_text())
+        return 0
+    from framework.entry.quiet import quiet_libraries
+
+    with quiet_libraries():
+        return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
+    import hydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from framework.entry.compose import explain, register_resolvers, release, searchpath_override
+    from framework.entry.summary import SweepFolder, sweep_table
+
     overrides, runs = _split(argv)
+    multirun = any(a in ("-m", "--multirun") for a in argv)
     try:
+        jobs = None
         if runs:
             list_entry_points()
-            precheck(overrides)
+            jobs = precheck(overrides, multirun)
         extra = searchpath_override()
     except SamplerlabError as e:
         return _error(e)
     register_resolvers()
     release()
     app = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_app)
-    saved = sys.argv
+    saved, full_error = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
     sys.argv = ["samplerlab", *argv, *extra]
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra's errors reach this function, which words them
+    SweepFolder.last.clear()
     try:
         app()
     except SystemExit as e:
@@ -196,28 +306,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2 if code == 1 else code
     except KeyboardInterrupt as e:
         return 128 + getattr(e, "signum", 2)  # 130 for Ctrl-C, 143 for SIGTERM
+    except OSError as e:  # an output folder that cannot be made or written
+        where = f" '{e.filename}'" if e.filename else ""
+        return _error(f"cannot write{where}: {e.strerror or e}; choose a writable folder (e.g. hydra.run.dir=... "
+                      "or run from a writable working directory)")
+    except (HydraException, OmegaConfBaseException) as e:
+        return _error(explain(e, overrides))
     finally:
         sys.argv = saved
+        if full_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = full_error
+    if multirun and runs and SweepFolder.last:
+        text, failed = sweep_table(SweepFolder.last[0], jobs)
+        print(text)
+        return 1 if failed else 0
     return 0
 
 
 def plugins_main(argv: Sequence[str] | None = None) -> int:
-    """``samplerlab-plugins``: every plugin per family, with where it comes from."""
-    from framework.core.registry import GROUPS, available, entry_point_confs
+    """``samplerlab-plugins``: every plugin per family, with its description, options and source."""
+    from framework.entry.help import plugin_listing
 
     try:
-        externals = entry_point_confs()
+        print(plugin_listing())
     except SamplerlabError as e:
         return _error(e)
-    for group in GROUPS:
-        options = available(group)
-        print(f"{group}:")
-        for name, source in options.items():
-            print(f"  {name:<24} {source}")
-        if not options:
-            print("  (none)")
-    if externals:
-        print("entry-point distributions: " + ", ".join(f"{x.distribution} ({x.entry_point})" for x in externals))
     return 0
 
 

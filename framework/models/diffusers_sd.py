@@ -6,7 +6,10 @@ interpolation):  ε-prediction D = x − σ·u;  v-prediction D = x/(σ² + 1) �
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +32,42 @@ def load_pipeline(path: str, allow_download: bool = False, variant: str | None =
     return PIPELINES.get((path, allow_download, variant), lambda: _load_pipeline(path, allow_download, variant))
 
 
-def _load_pipeline(path: str, allow_download: bool, variant: str | None) -> Any:
-    from diffusers import StableDiffusionPipeline
+def looks_like_path(path: str) -> bool:
+    """Whether ``model.path`` names a folder rather than a hub id (``owner/name``): absolute, or
+    starting with ``./``, ``../`` or ``~`` (a hub id is never any of these)."""
+    return path.startswith(("/", "./", "../", "~", ".\\", "..\\")) or path in (".", "..") or os.path.isabs(path)
 
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """diffusers' and transformers' loading bars, notices and warnings off while a pipeline loads
+    (restored afterwards): the console shows samplerlab's own lines only."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    saved = [(lib, lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
+    for lib, _, _ in saved:
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lib, verbosity, bar in saved:
+            lib.set_verbosity(verbosity)
+            if bar:
+                lib.enable_progress_bar()
+
+
+def _load_pipeline(path: str, allow_download: bool, variant: str | None) -> Any:
     local = Path(path).expanduser()
     kwargs: dict[str, Any] = dict(safety_checker=None, requires_safety_checker=False, use_safetensors=True)
     if variant:
         kwargs["variant"] = variant
+    if not local.exists() and looks_like_path(path):
+        raise ModelNotFoundError(f"model.path '{path}': no such folder (give a local diffusers pipeline folder, "
+                                 "or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5)")
     if local.exists():
         if not (local / "model_index.json").exists():
             raise ModelNotFoundError(
@@ -48,7 +80,10 @@ def _load_pipeline(path: str, allow_download: bool, variant: str | None) -> Any:
         source = path
         offline = not allow_download or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     try:
-        return StableDiffusionPipeline.from_pretrained(source, local_files_only=offline, **kwargs)
+        with quiet_loading():
+            from diffusers import StableDiffusionPipeline  # its import alone prints transformers' notices
+
+            return StableDiffusionPipeline.from_pretrained(source, local_files_only=offline, **kwargs)
     except (OSError, ValueError, EnvironmentError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "safetensors" in msg.lower() and local.exists():

@@ -43,11 +43,15 @@ def write_char_tokenizer(folder: Path) -> Path:
 
 def build_tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
     """A StableDiffusionPipeline with random weights (deterministic given ``seed``)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from framework.models.diffusers_sd import quiet_loading
 
-    tok_dir = write_char_tokenizer(Path(tempfile.mkdtemp(prefix="samplerlab-tok-")))
-    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77)
+    with quiet_loading():  # the imports print transformers' notices
+        from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="samplerlab-tok-") as tmp:  # read at construction, then removed
+        tok_dir = write_char_tokenizer(Path(tmp))
+        tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         text_encoder = CLIPTextModel(
