@@ -4,6 +4,10 @@
     python -m experiments.solver_table fast=true out=/tmp/x
     python -m experiments.solver_table runs=<earlier run folder>   # resumes: finished runs are read back
     python -m experiments.solver_table from_results=[a/record.json,b/record.json]   # tables from earlier runs
+    python -m experiments.solver_table from_results=[experiments/solver_table/results.json]   # the docs' own
+
+``results.json`` beside this file holds the results behind docs/solver_table.md, so the plots can be
+redrawn without the hour-long study (recovered from the table: 3 significant digits).
 
 For each model, schedule and NFE budget, every solver runs as an ordinary samplerlab run
 (framework.entry.api.run) with the largest step count whose measured NFE fits the budget (NFE(steps) is
@@ -126,9 +130,85 @@ def at_budget(cells: list[dict], budget: float) -> dict | None:
     return max(fits, key=lambda c: c["nfe"]) if fits else None
 
 
+def series_groups(by_schedule: dict, solvers: list[str]) -> list[list[str]]:
+    """The solvers of one model grouped by identical curves (the same NFE and errors, within 1e-9
+    relative, in every schedule): ``euler = ddim`` is one series of the plot, not two on top of each
+    other. Groups are in the order of ``solvers``."""
+    def curve(solver):
+        return [[(c["nfe"], c["error"]) for c in rows[solver]] if isinstance(rows.get(solver), list) else None
+                for rows in by_schedule.values()]
+
+    def same(a, b):
+        return all((x is None) == (y is None) and (x is None or (len(x) == len(y) and all(
+            n == m and abs(e - f) <= 1e-9 * max(abs(e), abs(f)) for (n, e), (m, f) in zip(x, y)))) for x, y in zip(a, b))
+
+    groups: list[list[str]] = []
+    present = [s for s in solvers if any(isinstance(rows.get(s), list) and rows[s] for rows in by_schedule.values())]
+    for solver in present:
+        home = next((g for g in groups if same(curve(g[0]), curve(solver))), None)
+        (home.append(solver) if home is not None else groups.append([solver]))
+    return groups
+
+
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf", "#000000", "#b8860b")
+"""Twelve distinguishable colours (matplotlib's tab10, black, dark goldenrod): a row of the plot
+holds at most twelve series."""
+MARKERS = "osD^v<>pXh*P"
+
+
+def plot(model: str, by_schedule: dict, solvers: list[str], stochastic: set[str], budgets: list[float], out: Path,
+         files: list[str]) -> None:
+    """``solver_table_<model>.png``: a column per schedule, deterministic solvers in the top row and
+    stochastic ones below (they do not converge to the ODE solution: their curves say how far their
+    samples land from it), identical curves merged, one legend per row beside the panels, the NFE
+    budgets as the x ticks."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
+
+    plt = pyplot()
+    panels = {k: v for k, v in by_schedule.items() if any(isinstance(c, list) for c in v.values())}
+    if not panels:
+        return
+    groups = series_groups(panels, solvers)
+    rows = [("deterministic (ODE) solvers", [g for g in groups if g[0] not in stochastic]),
+            ("stochastic solvers", [g for g in groups if g[0] in stochastic])]
+    rows = [(title, gs) for title, gs in rows if gs]
+    fig, axes = plt.subplots(len(rows), len(panels), figsize=(4.3 * len(panels) + 2.9, 3.9 * len(rows)),
+                             squeeze=False, sharex=True, sharey="row", layout="constrained")
+    for r, (title, gs) in enumerate(rows):
+        for ax, (schedule, cells_of) in zip(axes[r], panels.items()):
+            for k, g in enumerate(gs):
+                cells = cells_of.get(g[0])
+                if not isinstance(cells, list) or not cells:
+                    continue
+                ax.loglog([c["nfe"] for c in cells], [max(c["error"], 1e-16) for c in cells], color=PALETTE[k % len(PALETTE)],
+                          marker=MARKERS[k % len(MARKERS)], markersize=4.5, linewidth=1.3,
+                          linestyle=":" if g[0] in stochastic else "-", label=" = ".join(g))
+            ax.set_title(f"{model}, {schedule}: {title}", fontsize=9)
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
+            ax.tick_params(labelsize=8)
+            ax.grid(True, which="major", alpha=0.3)
+            if r == len(rows) - 1:
+                ax.set_xlabel("NFE")
+        axes[r][0].set_ylabel("RMSE to reference")
+        low, high = axes[r][0].get_ylim()
+        if high / low < 100:  # under two decades: label 1-2-5 steps, not only the powers of ten
+            axes[r][0].yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            axes[r][0].yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            axes[r][0].yaxis.set_minor_locator(NullLocator())
+        handles, labels = [], []
+        for ax in axes[r]:
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                if lab not in labels:
+                    handles.append(h)
+                    labels.append(lab)
+        axes[r][-1].legend(handles, labels, fontsize=7.5, loc="center left", bbox_to_anchor=(1.03, 0.5), frameon=False)
+    save_figure(fig, out / f"solver_table_{model}.png", files, dpi=100)
+
+
 def write(results: dict, cfg: DictConfig, out: Path) -> list[str]:
     """docs/solver_table.md and a plot per model; returns the names of the files written."""
-    plt = pyplot()
     files: list[str] = []
     stochastic = set(cfg.stochastic)
     budgets = list(cfg.nfe)[:2] if cfg.fast else list(cfg.nfe)
@@ -136,18 +216,16 @@ def write(results: dict, cfg: DictConfig, out: Path) -> list[str]:
     for model, by_schedule in results.items():
         n = 2 if cfg.fast else cfg.num_samples[model]
         lines += [f"### `model={model}` ({cfg.dtype[model]}, {n} samples{', CFG 5' if model == 'bundled' else ''})", ""]
-        fig, axes = plt.subplots(1, len(by_schedule), figsize=(5.2 * len(by_schedule), 4.4), squeeze=False)
-        for ax, (schedule, rows) in zip(axes[0], by_schedule.items()):
+        for schedule, rows in by_schedule.items():
             reasons = {cells["skipped"] for cells in rows.values() if isinstance(cells, dict)}
             if len(reasons) == 1 and all(isinstance(c, dict) for c in rows.values()):
                 lines += [f"**schedule={schedule}**: skipped for every solver: {reasons.pop()}", ""]
-                ax.set_visible(False)
                 continue
             lines += [f"**schedule={schedule}** — RMSE to the reference at each NFE budget: the run with the most "
                       "steps that fit (its NFE in brackets when below the budget; `·`: no run of ≥ 2 steps fits)", "",
                       "| solver | " + " | ".join(f"{b:g}" for b in budgets) + " | s/sample (largest run) |",
                       "| --- |" + " --- |" * (len(budgets) + 1)]
-            for i, (solver, cells) in enumerate(rows.items()):
+            for solver, cells in rows.items():
                 label = solver + (" *(stoch.)*" if solver in stochastic else "")
                 if isinstance(cells, dict):
                     lines.append(f"| {label} | skipped: {cells['skipped']} |")
@@ -158,17 +236,11 @@ def write(results: dict, cfg: DictConfig, out: Path) -> list[str]:
                     row.append("·" if c is None else f"{c['error']:.2e}" + ("" if c["nfe"] == b else f" ({c['nfe']:g})"))
                 lines.append(f"| {label} | " + " | ".join(row) + f" | {cells[-1]['seconds_per_sample']:.3g} |" if cells
                              else f"| {label} | " + " | ".join(row) + " | |")
-                ax.loglog([c["nfe"] for c in cells], [max(c["error"], 1e-16) for c in cells],
-                          marker="os^D"[i % 4], linestyle=":" if solver in stochastic else "-", label=solver)
             refs = sorted({c["reference_nfe"] for cells in rows.values() if isinstance(cells, list) for c in cells})
             if refs:
                 lines += ["", f"Reference solutions: {len(refs)} distinct, {min(refs):g}–{max(refs):g} NFE each."]
             lines.append("")
-            ax.set(xlabel="NFE", ylabel="RMSE to reference", title=f"{model}, {schedule}")
-            ax.grid(True, which="both", alpha=0.3)
-        axes[0][-1].legend(fontsize=6, ncol=2, loc="lower left")
-        fig.tight_layout()
-        save_figure(fig, out / f"solver_table_{model}.png", files, dpi=100)
+        plot(model, by_schedule, list(cfg.solvers), stochastic, budgets, out, files)
         lines += [f"![error vs NFE on {model}](solver_table_{model}.png)", ""]
     save_text("\n".join(lines) + "\n", out / "solver_table.md", files)
     return files
