@@ -78,8 +78,10 @@ def seal(record: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-#: The fields a reader of a run record relies on (every schema version has them).
+#: The fields a reader of a run record relies on (every schema version has them), and of the
+#: merged record ``samplerlab-score`` writes (``kind: merged``).
 RECORD_FIELDS = ("schema_version", "run_key", "config", "sigmas", "timesteps", "num_samples", "failed_samples", "images")
+MERGED_FIELDS = ("schema_version", "kind", "config", "metrics", "num_samples", "failed_samples", "images")
 
 
 def record_problem(record: Any) -> str | None:
@@ -87,7 +89,7 @@ def record_problem(record: Any) -> str | None:
     not match), or None. Records of schema 1 carry no checksum: their fields are checked."""
     if not isinstance(record, dict):
         return f"not a JSON object but {type(record).__name__}"
-    missing = [k for k in RECORD_FIELDS if k not in record]
+    missing = [k for k in (MERGED_FIELDS if record.get("kind") == "merged" else RECORD_FIELDS) if k not in record]
     if missing:
         return f"lacks {', '.join(missing)}"
     version = record["schema_version"]
