@@ -168,8 +168,13 @@ def write(results: dict[str, Any], cfg: DictConfig, out: Path) -> list[str]:
                 cells = [fmt.format(get[(name, c, s)][key]) if (name, c, s) in get else "—" for s in steps]
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
             lines.append("")
-    fig, axes = plt.subplots(2, len(scales), figsize=(5.5 * len(scales), 7), squeeze=False)
+    from matplotlib.ticker import NullLocator
+
+    fig, axes = plt.subplots(2, len(scales), figsize=(5.0 * len(scales) + 2.2, 7), squeeze=False, layout="constrained")
     for j, c in enumerate(scales):
+        floor = [r for r in floor_runs if r["cfg_scale"] == c]
+        # this column's NFE only: a CFG scale measured at fewer step counts gets no empty axis beyond its data
+        nfe = sorted({r["nfe"] for r in runs if r["cfg_scale"] == c} | {r["nfe"] for r in floor})
         for i, key in enumerate(("fid", "clip_score")):
             ax = axes[i][j]
             for k, name in enumerate(methods):
@@ -178,18 +183,23 @@ def write(results: dict[str, Any], cfg: DictConfig, out: Path) -> list[str]:
                     ax.plot(*zip(*pts), marker="os^vD<>"[k % 7], label=name)
             if key == "fid" and rr:
                 ax.axhspan(min(rr), max(rr), color="grey", alpha=0.25, label="real vs real (range)")
-            floor = [(r["nfe"], r[key]) for r in floor_runs if r["cfg_scale"] == c]
             if floor:
-                ax.plot(*zip(*sorted(floor)), color="black", linestyle=":", marker="x", label=f"{methods[0]}, seed {floor_runs[0]['seed']}")
+                ax.plot(*zip(*sorted((r["nfe"], r[key]) for r in floor)), color="black", linestyle=":", marker="x",
+                        label=f"{methods[0]}, seed {floor_runs[0]['seed']}")
             ax.set_xscale("log")
-            ax.minorticks_off()
-            ax.set_xticks(steps, [str(s) for s in steps])
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xticks(nfe, [f"{n:g}" for n in nfe])
+            ax.set_xlim(nfe[0] / 1.12, nfe[-1] * 1.12)
             ax.set_xlabel("NFE")
             ax.set_ylabel("FID (bundled CLIP)" if key == "fid" else "CLIP score")
             ax.set_title(f"CFG {c}: {'FID' if key == 'fid' else 'CLIP score'} vs NFE")
             ax.grid(True, alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+    legend = {}
+    for ax in axes[0]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(lab, h)
+    handles, labels = list(legend.values()), list(legend)
+    axes[0][-1].legend(handles, labels, fontsize=7.5, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     save_figure(fig, out / "momentum_bundled.png", files)
     save_text("\n".join(lines), out / "momentum_bundled_table.md", files)
     return files
