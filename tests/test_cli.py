@@ -86,6 +86,8 @@ def test_multirun_sweep(capsys, tmp_path):
         (["model=gaussian", "device=mps"], "device=mps but MPS"),
         (["model=gaussian", "device=gpu"], "unknown device 'gpu'"),
         (["solver=euler,heun"], "is a sweep: add -m"),
+        (["model=gaussian", "+solver.foo=1"], "unknown parameter(s) foo"),
+        (["model=gaussian", "momentum=[heavy_ball]", "momentum.heavy_ball.beta=1.5"], "beta must be in [0, 1)"),
     ],
 )
 def test_bad_input_one_line_exit_2(capsys, argv, expected, tmp_path):
@@ -93,7 +95,7 @@ def test_bad_input_one_line_exit_2(capsys, argv, expected, tmp_path):
     assert code == 2
     line = one_line_error(err)
     assert expected in line
-    assert not (tmp_path / "r" / "record.json").exists()
+    assert not (tmp_path / "r").exists()  # no folder left behind
 
 
 def test_unknown_plugin_lists_available(capsys):

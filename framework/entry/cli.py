@@ -122,14 +122,18 @@ def check_plugins(cfg, choices: dict[str, str]) -> None:
 
 
 def precheck(overrides: list[str], multirun: bool = False) -> list[list[str]] | None:
-    """Compose the command and type-check its top-level keys before Hydra starts; for a sweep, every
-    job (up to :data:`MAX_CHECKED_JOBS`, else every value) with its plugins built. Returns the
-    sweep's jobs (None for a single run, or a sweep that cannot be listed)."""
+    """Compose the command, type-check its top-level keys and build its plugins (but the model)
+    before Hydra starts, so that a mistake is one line and leaves no folder; for a sweep, every job
+    (up to :data:`MAX_CHECKED_JOBS`, else every value). Returns the sweep's jobs (None for a single
+    run, or a sweep that cannot be listed). Torch and the plugins are imported only once the
+    composition and the settings have passed."""
     from framework.core.settings import read_settings
     from framework.entry.compose import compose
 
     if not multirun:
-        read_settings(compose(overrides)[0])
+        cfg, choices = compose(overrides)
+        read_settings(cfg)
+        check_plugins(cfg, choices)
         return None
     jobs = sweep_jobs(overrides)
     checked = jobs if jobs is not None and len(jobs) <= MAX_CHECKED_JOBS else _variants(task_overrides(overrides))
@@ -299,6 +303,8 @@ def _main(argv: list[str]) -> int:
     sys.argv = ["samplerlab", *argv, *extra]
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra's errors reach this function, which words them
     SweepFolder.last.clear()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level  # Hydra configures logging for its jobs; restored after
     try:
         app()
     except SystemExit as e:
@@ -314,6 +320,10 @@ def _main(argv: list[str]) -> int:
         return _error(explain(e, overrides))
     finally:
         sys.argv = saved
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:], root.level = handlers, level
         if full_error is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
