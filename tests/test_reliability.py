@@ -118,9 +118,9 @@ def test_config_error_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, ar
 def test_config_error_in_sweep_job_writes_nothing_for_it(capsys, tmp_path):
     code, out, err = cli(capsys, "-m", "model=gaussian", "solver=euler,heun", "momentum=[heavy_ball]",
                          f"hydra.sweep.dir={tmp_path}")
-    assert code == 2 and "does not compose with solver=heun" in err
-    assert (tmp_path / "0" / "record.json").exists()  # the valid job before it finished
-    assert not (tmp_path / "1").exists()
+    assert code == 1 and "does not compose with solver=heun" in err  # the sweep goes on (tests/test_sweeps.py)
+    assert (tmp_path / "0" / "record.json").exists()  # the valid job finished
+    assert not (tmp_path / "1" / "record.json").exists() and not (tmp_path / "1" / "batches").exists()
 
 
 # --- numerical faults ---------------------------------------------------------------------------
