@@ -106,9 +106,9 @@ def unknown_key(key: str, overrides: list[str]) -> str:
                 "(`samplerlab --help` lists the settings and plugin groups)")
     try:  # what the rest of the command line selects
         cfg, choices = compose([o for o in overrides if _key_of(o) != key])
-    except ConfigError:
-        cfg, choices = None, {}
-    node = cfg.get(head) if cfg is not None else None
+    except ConfigError:  # the rest has a mistake of its own: no plugin to compare with
+        return f"unknown key '{key}': check its spelling (`samplerlab-plugins` lists each plugin's options)"
+    node = cfg.get(head)
     presets = _group_parameters(head)
     if head in SINGLE_GROUPS:
         name, param = choices.get(head, "?"), rest
