@@ -10,7 +10,8 @@ failure when not met:
 - in the DOM after load (``--dump-dom`` of a copy of the page with a small inline checker
   script): every ``<img>`` decoded (``complete`` and ``naturalWidth > 0``) and every inline SVG plot
   laid out with a non-zero size;
-- in the screenshot: not blank (enough non-white pixels and colours).
+- in the screenshot: not blank (enough non-white pixels and colours), and the whole page: the
+  window is as wide and tall as the laid-out page (the runs table is wider than 1280 px).
 """
 from __future__ import annotations
 
@@ -36,7 +37,9 @@ window.addEventListener('load', () => {
   const flat = plots.filter(s => { const r = s.getBoundingClientRect(); return !(r.width > 50 && r.height > 50); });
   const out = document.createElement('pre');
   out.id = 'samplerlab-check';
-  out.textContent = JSON.stringify({images: imgs.length, undecoded: bad, plots: plots.length, unsized: flat.length});
+  const page = document.documentElement;
+  out.textContent = JSON.stringify({images: imgs.length, undecoded: bad, plots: plots.length, unsized: flat.length,
+                                    width: page.scrollWidth, height: page.scrollHeight});
   document.body.appendChild(out);
 });
 </script>"""
@@ -62,12 +65,13 @@ def sweep(folder: Path, launcher: str, steps: str = "3,6,12", samples: int = 16)
         raise SystemExit("the sweep failed")
 
 
-def dom_check(page: Path) -> dict:
-    """Open a copy of the page with the checker script in headless Chromium and read its verdict."""
+def dom_check(page: Path, width: int = 1280) -> dict:
+    """Open a copy of the page with the checker script in headless Chromium (a window ``width`` px
+    wide) and read its verdict, with the laid-out page's full width and height."""
     with tempfile.TemporaryDirectory() as tmp:
         probe = Path(tmp) / "probe.html"
         probe.write_text(page.read_text().replace("</body>", CHECKER + "</body>"))
-        dom = subprocess.run([chromium(), *CHROMIUM_FLAGS, "--dump-dom", probe.as_uri()], capture_output=True,
+        dom = subprocess.run([chromium(), *CHROMIUM_FLAGS, f"--window-size={width},1000", "--dump-dom", probe.as_uri()], capture_output=True,
                              text=True, timeout=180).stdout
     m = re.search(r'<pre id="samplerlab-check">(.*?)</pre>', dom, re.S)
     if not m:
@@ -76,7 +80,9 @@ def dom_check(page: Path) -> dict:
 
 
 def screenshot(page: Path, out: Path, width: int = 1280, height: int = 2600) -> dict:
-    """Render the page to ``out`` and measure how much of it is drawn."""
+    """Render the page to ``out`` in a ``width`` × ``height`` window (give the page's own laid-out
+    size, :func:`dom_check`, so nothing is cut at the right or the bottom) and measure how much of
+    it is drawn."""
     import numpy as np
     from PIL import Image
 
@@ -112,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         sweep(folder, args.launcher, args.steps, args.samples)
     page = build_report(folder, wandb=False)
     verdict = dom_check(page)
-    shot = screenshot(page, Path(args.screenshot))
+    # the window as wide and tall as the laid-out page (a wide runs table overflows 1280 px): the whole page
+    shot = screenshot(page, Path(args.screenshot), width=max(1280, verdict["width"] + 16),
+                      height=max(800, verdict["height"] + 16))
     print(json.dumps({"report": str(page), "dom": verdict, "screenshot": {"path": args.screenshot, **shot}}, indent=1))
     problems = []
     if verdict["undecoded"] or verdict["images"] == 0:
