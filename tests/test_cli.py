@@ -68,6 +68,7 @@ def test_multirun_sweep(capsys, tmp_path):
         (["model=gaussian", "+guidance.second._target_=plugins.solver.heun.Heun"], "exactly one plugin must answer 'step'"),
         (["-m", "model=gaussian", "solver=euler,nope"], "unknown solver 'nope'"),
         (["model=gaussian", "schedule.rho=abc"], "schedule=karras.rho: Value 'abc' of type 'str' could not be converted to Float"),
+        (["model=gaussian", "schedule=simple"], "schedule=simple: needs a discrete-time model"),  # the preset the user typed
         # near misses name the closest keys; a key no setting or plugin reads is refused, with or without +
         (["stepz=10"], "unknown key 'stepz': no setting or plugin reads it; did you mean steps?"),
         (["+stepz=10"], "unknown key 'stepz': no setting or plugin reads it; did you mean steps?"),

@@ -82,7 +82,10 @@ def open_run(
         step=plugins.one("step"),
     )
     name, fn = plugins.one("schedule")
-    schedule = call(name, "schedule", fn, model=run.model, steps=settings.steps)
+    try:
+        schedule = call(name, "schedule", fn, model=run.model, steps=settings.steps)
+    except ConfigError as e:  # the plugin's message, under the preset name the user chose
+        raise ConfigError(f"schedule={name}: {e}") from e
     for name, fn in plugins.calls("adjust_schedule"):
         schedule = call(name, "adjust_schedule", fn, run=run, schedule=schedule)
     if not isinstance(schedule, Schedule):

@@ -124,14 +124,14 @@ def sigma_at_time(t: float, train_sigmas: np.ndarray) -> float:
     return float(np.exp(np.interp(t, np.arange(len(log_sigmas)), log_sigmas)))
 
 
-def sigma_range(model: object, sigma_min: float | None, sigma_max: float | None, name: str) -> tuple[float, float]:
+def sigma_range(model: object, sigma_min: float | None, sigma_max: float | None) -> tuple[float, float]:
     """(σ_min, σ_max) of a schedule: the configured values, else the model's; checked 0 < lo < hi."""
     from framework.core.errors import ConfigError
 
     lo = float(sigma_min) if sigma_min is not None else float(model.sigma_min)  # type: ignore[attr-defined]
     hi = float(sigma_max) if sigma_max is not None else float(model.sigma_max)  # type: ignore[attr-defined]
     if not 0 < lo < hi:
-        raise ConfigError(f"schedule={name} needs 0 < sigma_min < sigma_max, got {lo} and {hi}")
+        raise ConfigError(f"needs 0 < sigma_min < sigma_max, got {lo} and {hi}")
     return lo, hi
 
 

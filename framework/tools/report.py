@@ -359,8 +359,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--project", default="samplerlab", help="W&B project (default: samplerlab)")
     parser.add_argument("--entity", default=None, help="W&B entity")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    from framework.entry.quiet import quiet_libraries
+
     try:
-        path = build_report(args.folder, args.out, args.title, not args.no_wandb, args.project, args.entity)
+        with quiet_libraries():
+            path = build_report(args.folder, args.out, args.title, not args.no_wandb, args.project, args.entity)
     except SamplerlabError as e:
         print(f"samplerlab-report: error: {e}", file=sys.stderr)
         return 2

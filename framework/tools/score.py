@@ -246,8 +246,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     overrides = [a for a in args.items if "=" in a]
     folders = [a for a in args.items if "=" not in a]
+    from framework.entry.quiet import quiet_libraries
+
     try:
-        record = score(folders, overrides, args.out, args.batch_size)
+        with quiet_libraries():
+            record = score(folders, overrides, args.out, args.batch_size)
     except SamplerlabError as e:
         print(f"samplerlab-score: error: {e}", file=sys.stderr)
         return 2

@@ -26,6 +26,6 @@ class Beta:
     def schedule(self, model, steps):
         from scipy.stats import beta as beta_dist
 
-        lo, hi = sigma_range(model, self.sigma_min, self.sigma_max, "beta")
+        lo, hi = sigma_range(model, self.sigma_min, self.sigma_max)
         q = 1 - np.linspace(0.0, 1.0, steps) if steps > 1 else np.array([1.0])
         return finish(lo + beta_dist.ppf(q, self.alpha, self.beta) * (hi - lo), True, self.init_noise)

@@ -26,7 +26,7 @@ class Custom:
     @hookimpl
     def schedule(self, model, steps):
         if steps != len(self.sigmas) - 1:
-            raise ConfigError(f"schedule=custom has {len(self.sigmas) - 1} steps: set steps={len(self.sigmas) - 1}")
+            raise ConfigError(f"has {len(self.sigmas) - 1} steps: set steps={len(self.sigmas) - 1}")
         sig = tuple(float(s) for s in self.sigmas)
         scale = init_noise_scale(sig[0], self.init_noise) if self.init_noise in INIT_NOISE_MODES else float(self.init_noise)
         ts = None if self.timesteps is None else tuple(None if t is None else float(t) for t in self.timesteps)

@@ -19,7 +19,7 @@ class Exponential:
 
     @hookimpl
     def schedule(self, model, steps):
-        lo, hi = sigma_range(model, self.sigma_min, self.sigma_max, "exponential")
+        lo, hi = sigma_range(model, self.sigma_min, self.sigma_max)
         n = steps if self.final_zero else steps + 1
         body = np.exp(np.linspace(np.log(hi), np.log(lo), n)) if n > 1 else np.array([hi])
         return finish(body, self.final_zero, self.init_noise)

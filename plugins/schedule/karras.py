@@ -24,7 +24,7 @@ class Karras:
         lo = self.sigma_min if self.sigma_min is not None else model.sigma_min
         hi = self.sigma_max if self.sigma_max is not None else model.sigma_max
         if not 0 < lo < hi:
-            raise ConfigError(f"karras needs 0 < sigma_min < sigma_max, got {lo} and {hi}")
+            raise ConfigError(f"needs 0 < sigma_min < sigma_max, got {lo} and {hi}")
         ramp = np.linspace(0.0, 1.0, steps)
         a, b = hi ** (1 / self.rho), lo ** (1 / self.rho)
         sigmas = (a + ramp * (b - a)) ** self.rho

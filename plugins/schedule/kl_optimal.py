@@ -18,6 +18,6 @@ class KLOptimal:
 
     @hookimpl
     def schedule(self, model, steps):
-        lo, hi = sigma_range(model, self.sigma_min, self.sigma_max, "kl_optimal")
+        lo, hi = sigma_range(model, self.sigma_min, self.sigma_max)
         w = np.linspace(0.0, 1.0, steps) if steps > 1 else np.array([0.0])
         return finish(np.tan((1 - w) * np.arctan(hi) + w * np.arctan(lo)), True, self.init_noise)

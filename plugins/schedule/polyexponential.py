@@ -23,6 +23,6 @@ class PolyExponential:
 
     @hookimpl
     def schedule(self, model, steps):
-        lo, hi = sigma_range(model, self.sigma_min, self.sigma_max, "polyexponential")
+        lo, hi = sigma_range(model, self.sigma_min, self.sigma_max)
         ramp = np.linspace(1.0, 0.0, steps) ** self.rho if steps > 1 else np.array([1.0])
         return finish(np.exp(ramp * (np.log(hi) - np.log(lo)) + np.log(lo)), True, self.init_noise)

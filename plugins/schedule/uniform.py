@@ -54,7 +54,7 @@ class Uniform:
     def schedule(self, model, steps):
         train = getattr(model, "train_sigmas", None)
         if train is None:
-            raise ConfigError("schedule=uniform needs a discrete-time model (with training timesteps): use schedule=karras")
+            raise ConfigError("needs a discrete-time model (with training timesteps): use schedule=karras")
         train = np.asarray(train)
         if steps > len(train):
             raise ConfigError(f"steps={steps} exceeds the model's {len(train)} training timesteps")
