@@ -3,6 +3,8 @@ judge's prompt accuracy and to the cost (NFE); img2img closeness; inpainting's k
 
     python -m experiments.guidance_study                 # writes docs/guidance/ (table, grids)
     python -m experiments.guidance_study fast=true out=/tmp/x
+    python -m experiments.guidance_study --config-name defaults   # the loss plugins' defaults (defaults.py)
+    python -m experiments.guidance_study --config-name inpaint    # inpainting's seams (seams.py)
 
 Every configuration is an ordinary samplerlab run (framework.entry.api.run) with the same prompts and
 seeds. Each loss is also evaluated on the baseline's images (the plugin's own ``loss``, as the record's
@@ -17,7 +19,10 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from experiments.harness import Experiment, entry, pyplot, save_figure, save_png, save_text
+from experiments.guidance_study import defaults, seams
+from experiments.guidance_study.figures import image_rows
+from experiments.guidance_study.inputs import make_files
+from experiments.harness import Experiment, entry, save_text
 from framework.entry.api import run
 
 HERE = Path(__file__).resolve().parent
@@ -51,27 +56,6 @@ def configs(files: Path, text: str) -> dict[str, list[str]]:
         "img2img strength 0.6": ["guidance=[cfg,img2img]", f"guidance.img2img.image={src}", "guidance.img2img.strength=0.6"],
         "inpaint (right half new)": ["guidance=[cfg,inpaint]", f"guidance.inpaint.image={src}", f"guidance.inpaint.mask={mask}"],
     }
-
-
-def make_files(folder: Path) -> dict[str, torch.Tensor]:
-    """Reference, style and source pictures (world scenes) and the inpainting mask."""
-    from framework.bundled.world import sample_scenes
-
-    scenes = sample_scenes(40, seed=7, concept_rate=0.5)
-    plain = [i for i, lab in enumerate(scenes.labels) if not lab.main.striped]
-    pick = {"reference.png": plain[0], "source.png": plain[1]}
-    pick["style.png"] = next(i for i, lab in enumerate(scenes.labels) if lab.main.striped)
-    out = {}
-    for name, i in pick.items():
-        img = (scenes.images[i] + 1) / 2
-        save_png(img, folder / name)
-        out[name] = img
-    mask = torch.zeros(1, 64, 64)
-    mask[:, :, 32:] = 1
-    save_png(mask, folder / "mask.png")
-    out["mask.png"] = mask
-    save_text(json.dumps({n: scenes.captions[i] for n, i in pick.items()}, indent=1), folder / "captions.json")
-    return out
 
 
 def baseline_losses(images: torch.Tensor, files: Path, text: str) -> dict[str, float]:
@@ -155,19 +139,8 @@ def study(cfg: DictConfig, folder: Path, out: Path) -> tuple[dict, dict]:
 def write(table: dict, images: dict, cfg: DictConfig, out: Path) -> list[str]:
     """``<out>/guidance/``: the grid of images, the table (markdown) and the results (JSON);
     returns the names of the files written."""
-    from framework.plugin import grid
-
-    plt = pyplot()
     folder, files = out / "guidance", []
-    names = list(images)
-    fig, axes = plt.subplots(len(names), 1, figsize=(8, 1.15 * len(names)))
-    for ax, name in zip(axes if len(names) > 1 else [axes], names):
-        ax.imshow(grid(images[name], nrow=len(images[name])).permute(1, 2, 0).numpy())
-        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=7)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    save_figure(fig, folder / "grid.png", files)
+    image_rows(list(images.items()), folder / "grid.png", files)
     cols = sorted({k for row in table.values() for k in row if k != "seconds"}, key=lambda k: (k not in ("nfe", "unet_calls"), k))
     lines = ["| configuration | " + " | ".join(cols) + " |", "| --- |" + " --- |" * len(cols)]
     for name, row in table.items():
@@ -179,9 +152,18 @@ def write(table: dict, images: dict, cfg: DictConfig, out: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Run the study; returns its record, also written to ``<runs>/record.json``."""
+    """Run the study (``--config-name defaults``: the loss plugins' defaults, measured;
+    ``--config-name inpaint``: inpainting's seams); returns its record, also written to
+    ``<runs>/record.json``."""
     ex = Experiment.compose(HERE, argv)
     cfg, folder, out = ex.cfg, Path(ex.cfg.runs), Path(ex.cfg.out)
+    if ex.config_name == "defaults":  # from_results: the choice, tables and figure again, without the sweep
+        results = json.loads(Path(cfg.from_results).read_text()) if cfg.from_results else defaults.sweep(cfg, folder, out)
+        defaults.decide(results, cfg)
+        return ex.record(folder / "record.json", results, defaults.write(results, cfg, folder, out))
+    if ex.config_name == "inpaint":
+        results, rows = seams.study(cfg, folder, out)
+        return ex.record(folder / "record.json", results, seams.write(results, rows, out))
     table, images = study(cfg, folder, out)
     files = write(table, images, cfg, out)
     print(json.dumps(table, indent=1))

@@ -34,7 +34,8 @@ class Palette(LossGuidance):
     colours: list[str] = field(default_factory=lambda: ["blue", "white"])
     scale: float = 0.2
     normalize: bool = True
-    every: int = 2
+    every: int = 1
+    sigma_hi: float | None = 2.0
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -24,9 +24,9 @@ from framework.plugin import JudgeFeatures, LossGuidance, gram, load_image, pixe
 class Style(LossGuidance):
     input_files: ClassVar[tuple[str, ...]] = ("image",)  # read by content into the run key
     image: str = ""
-    scale: float = 0.2
+    scale: float = 0.3
     normalize: bool = True
-    every: int = 2
+    every: int = 5
 
     def setup(self, run) -> tuple[JudgeFeatures, list[torch.Tensor]]:
         """(the feature net, the reference image's Gram matrices) for this run."""
