@@ -35,15 +35,18 @@ from framework.core.markers import hookimpl
 from framework.core.settings import Choice
 from framework.core.state import Batch, Conditioning, Prediction, Schedule, StepRecord
 from framework.core.step import SamplerState
+from framework.maths.flow import calculate_shift, flow_config, flow_match_sigmas
 from framework.maths.multistep import (
     AB, VPTime, deis_tab_weights, fixed_adams_bashforth, ipndm_v_coefficients, multistep_update, recent_derivatives,
 )
 from framework.maths.schedules import check_init_noise, finish
 from framework.maths.sigmas import (
     INIT_NOISE_MODES, ancestral_split, geometric_mean, init_noise_scale, lagrange_integral_weights, lam,
-    log_lagrange_integral_weights, loglinear_interp, multistep_order, sigma_at_time, sigma_range,
+    flow_sigma, flow_time, log_lagrange_integral_weights, loglinear_interp, multistep_order, sigma_at_time, sigma_range,
+    sigma_to_t,
 )
 from framework.metrics.distribution import RealVsGenerated
+from framework.models.flow import FlowModel
 from framework.metrics.frechet import frechet_distance, moments
 from framework.runs.images import grid, png_bytes, to_pil
 
@@ -54,9 +57,10 @@ __all__ = [
     "NumericalError", "PluginError", "Prediction", "RealVsGenerated", "Result", "Run", "SamplerState",
     "SamplerlabError", "Schedule", "SolverType", "StepRecord", "TextEmbeddings", "UncondGuidance",
     "ancestral_split", "apply_prompt_weights", "atomic_write_bytes", "atomic_write_json", "bundled",
-    "check_init_noise", "describe", "finish", "fixed_adams_bashforth", "frechet_distance", "geometric_mean",
+    "calculate_shift", "check_init_noise", "describe", "finish", "flow_config", "flow_match_sigmas", "flow_sigma",
+    "flow_time", "FlowModel", "fixed_adams_bashforth", "frechet_distance", "geometric_mean",
     "gram", "grid", "hookimpl", "init_noise_scale", "lagrange_integral_weights", "lam", "load_embeddings",
     "load_image", "log_lagrange_integral_weights", "loglinear_interp", "mix_outputs", "mix_tokens", "moments",
     "multistep_order", "past_derivative", "perceptual_distance", "pixel_size", "png_bytes", "replace_token",
-    "scale_positions", "sigma_at_time", "sigma_range", "to_pil", "world",
+    "scale_positions", "sigma_at_time", "sigma_range", "sigma_to_t", "to_pil", "world",
 ]

@@ -289,16 +289,22 @@ class TextEmbeddings:
         (``pipe.encode_prompt``'s first output).
         """
         edits = list(edits)
+        inputs = self.edited_inputs(prompts, edits)
+        hidden = self.encode_inputs(inputs)
+        for e in edits:
+            hidden = e.edit_outputs(hidden, inputs, self, edits)
+        return hidden
+
+    def edited_inputs(self, prompts: Sequence[str], edits: Sequence[TextEdit]) -> TokenInputs:
+        """The transformer's inputs of ``prompts`` with the token edits of ``edits`` applied (learned
+        tokens, weight syntax, then each ``edit_inputs`` in list order): the first half of :meth:`encode`."""
         new: dict[str, torch.Tensor] = {}
         for e in edits:
             new.update(e.new_tokens(self))
         inputs = self.inputs(prompts, new, parse_weights=any(e.parses_weights for e in edits))
         for e in edits:
             inputs = e.edit_inputs(inputs, self)
-        hidden = self.encode_inputs(inputs)
-        for e in edits:
-            hidden = e.edit_outputs(hidden, inputs, self, edits)
-        return hidden
+        return inputs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -506,20 +512,26 @@ def reencode(run: Run, cond: Conditioning, plugin: TextEdit) -> Conditioning:
     """The ``conditioning`` hook of every edit plugin: the last edit plugin of the list encodes
     the batch's prompts with all of them (``apply_to`` cond or both), and the negative prompts,
     when CFG is on, with those whose ``apply_to`` is uncond or both; earlier ones pass ``cond``
-    through. Keys other than ``encoder_hidden_states`` pass through."""
+    through. Keys other than ``encoder_hidden_states`` pass through (a model with an
+    ``encode_edited(prompts, edits)`` method makes the keys it returns instead)."""
     edits = run_edits(run, plugin)
     if edits is None:
         return cond
-    emb = TextEmbeddings.of(run.model)
-    dtype = getattr(run.model, "dtype", None) or emb.token_table.dtype
-    tensors = dict(cond.tensors)
-    tensors["encoder_hidden_states"] = emb.encode(cond.prompts, [e for e in edits if e.apply_to != "uncond"]).to(dtype)
+    # a model with several text encoders (SDXL, SD3, Flux) encodes with the edits itself: every
+    # conditioning tensor it makes (states, pooled embeddings) comes from the edited encoders
+    encode = getattr(run.model, "encode_edited", None) or (lambda prompts, chosen: clip_states(run.model, prompts, chosen))
+    tensors = {**cond.tensors, **encode(cond.prompts, [e for e in edits if e.apply_to != "uncond"])}
     uncond = cond.uncond
     if uncond is not None and cond.negative_prompts is not None:
-        uncond = dict(uncond)
-        side = [e for e in edits if e.apply_to != "cond"]
-        uncond["encoder_hidden_states"] = emb.encode(cond.negative_prompts, side).to(dtype)
+        uncond = {**uncond, **encode(cond.negative_prompts, [e for e in edits if e.apply_to != "cond"])}
     return replace(cond, tensors=tensors, uncond=uncond)
+
+
+def clip_states(model: Any, prompts: Sequence[str], edits: Sequence[TextEdit]) -> dict[str, torch.Tensor]:
+    """``encoder_hidden_states`` of a one-CLIP model (Stable Diffusion 1.x/2.x) with ``edits``."""
+    emb = TextEmbeddings.of(model)
+    dtype = getattr(model, "dtype", None) or emb.token_table.dtype
+    return {"encoder_hidden_states": emb.encode(prompts, edits).to(dtype)}
 
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -49,7 +50,12 @@ class SamplerState:
 
     @property
     def history(self) -> list[StepRecord]:
-        return self.batch.history
+        """The batch's finished steps, oldest first, that multistep solvers and momentum plugins
+        may use: all of them, except a first step taken from σ = ∞ (an evaluation at ∞ is no node of
+        a polynomial in σ, λ or t; dropping it is the exact limit of those rules, so the step after
+        it starts their warm-up)."""
+        past = self.batch.history
+        return past[1:] if past and math.isinf(past[0].sigma) else past
 
     @property
     def stash(self) -> Stash:

@@ -35,4 +35,4 @@ class FlowModel(Model):
         return x_in - t * self.velocity(x_in, t, tensors)
 
     def output_latents(self, x: torch.Tensor, sigma_last: float) -> torch.Tensor:
-        return x / (1 + sigma_last)
+        return x if math.isinf(sigma_last) else x / (1 + sigma_last)  # at σ = ∞ the state is x_t (t = 1) itself

@@ -22,17 +22,19 @@ adapter's grid can be checked against the scheduler's.
 
 ``initial_noise`` draws the noise exactly as the pipelines' ``prepare_latents`` do from a CPU
 generator, so a loop given it matches a pipeline given ``generator=torch.Generator().manual_seed(s)``.
-``flow_match_sigmas`` rebuilds FlowMatchEulerDiscreteScheduler's grid from its config (the
-formulas of docs/model_families_notes.md) without the scheduler.
+``flow_match_sigmas`` (from :mod:`framework.maths.flow`, re-exported) rebuilds
+FlowMatchEulerDiscreteScheduler's grid from its config (the formulas of
+docs/model_families_notes.md) without the scheduler.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
+
+from framework.maths.flow import calculate_shift, flow_match_sigmas
 
 __all__ = [
     "LoopOutput", "initial_noise", "pack_latents", "unpack_latents", "latent_image_ids", "calculate_shift",
@@ -108,43 +110,6 @@ def latent_image_ids(h: int, w: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Grids
 # ---------------------------------------------------------------------------------------------
-def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
-                    max_shift: float = 1.15) -> float:
-    """μ, linear in the number of image tokens: base_shift at base_seq_len, max_shift at max_seq_len."""
-    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    return image_seq_len * m + base_shift - m * base_seq_len
-
-
-def flow_match_sigmas(config: Any, steps: int, mu: float | None = None, sigmas: Sequence[float] | None = None) -> np.ndarray:
-    """FlowMatchEulerDiscreteScheduler's ``sigmas`` (t-space, N + 1 values ending at 0, float32)
-    after ``set_timesteps(steps, mu=mu, sigmas=sigmas)``, from its config alone."""
-    n_train, shift = config["num_train_timesteps"], config["shift"]
-    train = np.linspace(1, n_train, n_train, dtype=np.float32)[::-1] / n_train      # __init__: t = 1 … 1/n_train
-    if not config["use_dynamic_shifting"]:
-        train = shift * train / (1 + (shift - 1) * train)                           # shifted once at __init__
-    if sigmas is None:
-        t = np.linspace(float(train[0]) * n_train, float(train[-1]) * n_train, steps) / n_train
-    else:
-        t = np.asarray(sigmas, dtype=np.float32)
-    if config["use_dynamic_shifting"]:
-        e = math.exp(mu) if config.get("time_shift_type", "exponential") == "exponential" else mu
-        t = e / (e + (1 / t - 1))                                                   # σ' = e^μ·σ (or μ·σ)
-    else:
-        t = shift * t / (1 + (shift - 1) * t)                                       # σ' = shift·σ
-    if config.get("shift_terminal"):
-        t = 1 - (1 - t) / ((1 - t[-1]) / (1 - config["shift_terminal"]))
-    t_max, t_min, n = float(t[0]), float(t[-1]), len(t)
-    if config.get("use_karras_sigmas"):
-        t = (t_max ** (1 / 7) + np.linspace(0, 1, n) * (t_min ** (1 / 7) - t_max ** (1 / 7))) ** 7
-    elif config.get("use_exponential_sigmas"):
-        t = np.exp(np.linspace(math.log(t_max), math.log(t_min), n))
-    elif config.get("use_beta_sigmas"):
-        import scipy.stats
-
-        t = np.array([t_min + q * (t_max - t_min) for q in scipy.stats.beta.ppf(1 - np.linspace(0, 1, n), 0.6, 0.6)])
-    return np.concatenate([np.asarray(t, dtype=np.float32), np.zeros(1, dtype=np.float32)])
-
-
 def _grid(scheduler: Any) -> list[tuple[float, float]]:
     """(timestep, σ) of each entry of ``scheduler.timesteps`` (σ at the same index)."""
     return [(float(t), float(s)) for t, s in zip(scheduler.timesteps, scheduler.sigmas)]

@@ -18,7 +18,8 @@ small vocabularies), every module in ``eval()`` mode.
 
 ``save_tiny_*`` write a pipeline folder with ``save_pretrained``; ``load_tiny_*`` read it back
 offline with ``from_pretrained(folder, local_files_only=True)``, which is all a real checkpoint
-folder needs too. An SD3 folder saved without T5 has ``text_encoder_3``/``tokenizer_3`` recorded as
+folder needs too. ``TinySDXL``, ``TinySD3`` and ``TinyFlux`` are the samplerlab models of the tiny
+pipelines (``model=tiny_sdxl``, ``tiny_sd3``, ``tiny_flux``; built once per process and seed). An SD3 folder saved without T5 has ``text_encoder_3``/``tokenizer_3`` recorded as
 absent in ``model_index.json``; diffusers then refuses to load it unless the call says so:
 ``StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)``.
 """
@@ -32,6 +33,10 @@ from typing import Any
 
 import torch
 
+from framework.core.memo import Memo
+from framework.models.flux import Flux
+from framework.models.sd3 import StableDiffusion3
+from framework.models.sdxl import StableDiffusionXL
 from framework.models.tiny import write_char_tokenizer
 
 #: stable-diffusion-xl-base-1.0's scheduler_config.json (its class: EulerDiscreteScheduler).
@@ -240,3 +245,44 @@ def load_tiny(folder: str | Path) -> Any:
     absent = {name: None for name, value in index.items()
               if isinstance(value, list) and value == [None, None] and name not in cls._optional_components}
     return cls.from_pretrained(str(folder), local_files_only=True, **absent)
+
+
+# ---------------------------------------------------------------------------------------------
+# As samplerlab models (model=tiny_sdxl, tiny_sd3, tiny_flux)
+# ---------------------------------------------------------------------------------------------
+#: The tiny family pipelines built in this process, by (family, seed, with T5).
+TINY: Memo[Any] = Memo("tiny family pipelines", 4)
+
+
+def tiny_pipeline(family: str, seed: int = 0, with_t5: bool = True) -> Any:
+    """The tiny pipeline of ``family`` (sdxl, sd3, flux), built once per process and seed."""
+    builders = {"sdxl": lambda: build_tiny_sdxl(seed), "sd3": lambda: build_tiny_sd3(seed, with_t5),
+                "flux": lambda: build_tiny_flux(seed)}
+    return TINY.get((family, seed, with_t5 or family != "sd3"), builders[family])
+
+
+class TinySDXL(StableDiffusionXL):
+    """``model=tiny_sdxl``: the tiny SDXL pipeline, built in memory."""
+
+    def __init__(self, seed: int = 0, height: int | None = None, width: int | None = None, vae_slice: int | None = None,
+                 vae_tiling: bool = False):
+        super().__init__(pipeline=tiny_pipeline("sdxl", seed), height=height, width=width, vae_slice=vae_slice,
+                         vae_tiling=vae_tiling)
+
+
+class TinySD3(StableDiffusion3):
+    """``model=tiny_sd3``: the tiny SD3 pipeline, built in memory (without T5 when ``use_t5=false``)."""
+
+    def __init__(self, seed: int = 0, use_t5: bool = True, height: int | None = None, width: int | None = None,
+                 shift: float | None = None, vae_slice: int | None = None, vae_tiling: bool = False):
+        super().__init__(pipeline=tiny_pipeline("sd3", seed, use_t5), use_t5=use_t5, height=height, width=width, shift=shift,
+                         vae_slice=vae_slice, vae_tiling=vae_tiling)
+
+
+class TinyFlux(Flux):
+    """``model=tiny_flux``: the tiny Flux pipeline, built in memory."""
+
+    def __init__(self, seed: int = 0, height: int | None = 64, width: int | None = 64, flux_guidance: float = 3.5,
+                 true_cfg: bool = False, shift: float | None = None, vae_slice: int | None = None, vae_tiling: bool = False):
+        super().__init__(pipeline=tiny_pipeline("flux", seed), height=height, width=width, flux_guidance=flux_guidance,
+                         true_cfg=true_cfg, shift=shift, vae_slice=vae_slice, vae_tiling=vae_tiling)

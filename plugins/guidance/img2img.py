@@ -5,6 +5,7 @@ with strength; x = encode(image) + σ_start·noise (σ-space). ``image`` is a fi
 resized to the model's pixel size."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -49,10 +50,17 @@ class Img2Img:
         keep = min(schedule.steps, max(1, int(schedule.steps * self.strength)))  # as diffusers (floor)
         start = schedule.steps - keep
         ts = None if schedule.timesteps is None else schedule.timesteps[start:]
-        return replace(schedule, sigmas=schedule.sigmas[start:], timesteps=ts, init_noise_scale=schedule.sigmas[start])
+        scale = schedule.sigmas[start] if math.isfinite(schedule.sigmas[start]) else 1.0  # from σ = ∞: unit noise
+        return replace(schedule, sigmas=schedule.sigmas[start:], timesteps=ts, init_noise_scale=scale)
 
     @hookimpl
     def init_latents(self, run, batch, schedule, noise):
         with torch.no_grad():
             latents = run.model.encode_images(self.source(run).pixels).to(noise.device, noise.dtype)
-        return latents.expand_as(noise) + schedule.sigmas[0] * noise
+        return noised(latents.expand_as(noise), schedule.sigmas[0], noise)
+
+
+def noised(latents: torch.Tensor, sigma: float, noise: torch.Tensor) -> torch.Tensor:
+    """The forward process at σ, latents + σ·noise; at σ = ∞ (strength 1 on a flow model's grid,
+    which starts at t = 1) the state is the unit noise itself, the limit of (latents + σ·noise)/σ."""
+    return noise if math.isinf(sigma) else latents + sigma * noise

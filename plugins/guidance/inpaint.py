@@ -28,7 +28,7 @@ from typing import ClassVar
 import torch
 
 from framework.plugin import ConfigError, hookimpl, load_image
-from plugins.guidance.img2img import Img2Img
+from plugins.guidance.img2img import Img2Img, noised
 
 
 @dataclass
@@ -62,7 +62,7 @@ class Inpaint(Img2Img):
         with torch.no_grad():
             z0 = run.model.encode_images(self.source(run).pixels).to(noise.device, noise.dtype).expand_as(noise)
         batch.stash.get(self, lambda: _Known(z0, noise))
-        return z0 + schedule.sigmas[0] * noise
+        return noised(z0, schedule.sigmas[0], noise)
 
     def known(self, state) -> tuple[torch.Tensor, torch.Tensor, _Known]:
         k = state.stash.get(self, lambda: None)
@@ -74,7 +74,7 @@ class Inpaint(Img2Img):
     @hookimpl
     def before_step(self, state):
         keep, new, k = self.known(state)
-        state.x = new * state.x + keep * (k.latents + state.sigma * k.noise)
+        state.x = new * state.x + keep * noised(k.latents, state.sigma, k.noise)
 
     @hookimpl
     def guidance(self, state, pred):

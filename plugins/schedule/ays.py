@@ -2,7 +2,8 @@
 Diffusion 1.5 (NVIDIA's project page; ComfyUI's ``AlignYourStepsScheduler`` "SD1"), resampled
 log-linearly to other step counts (``framework.maths.sigmas.loglinear_interp`` over N + 1 points); the
 last σ is then replaced by 0, as ComfyUI does. Meant for SD 1.x (σ from 14.6 to 0.029); model
-time of each σ by log-σ interpolation."""
+time of each σ by log-σ interpolation. On a flow model (SD3, Flux) the grid is composed with the
+model's shift, a constant factor on σ, as every other schedule is."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,4 +21,5 @@ class AYS:
     @hookimpl
     def schedule(self, model, steps):
         grid = list(SD15) if steps + 1 == len(SD15) else loglinear_interp(list(SD15), steps + 1)
-        return finish(grid[:-1], True, self.init_noise)
+        shift = float(getattr(model, "sigma_shift", 1.0))  # a flow model's shift, a factor on σ (docs/models.md)
+        return finish([shift * s for s in grid[:-1]], True, self.init_noise)

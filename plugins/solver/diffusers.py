@@ -36,10 +36,23 @@ Brownian tree) are not batch-invariant.
 Precision: the arithmetic is diffusers' own (its σ/ᾱ tables are float32, Euler-type steps upcast
 to float32), so float64 runs are float32-accurate; the state round-trips x ↔ y with the same σ.
 
-Not supported (ConfigError): schedulers without a discrete ᾱ table (flow matching, EDM,
-consistency models), LCM/TCD (distilled models), inverse schedulers, and before-step plugins
-(churn moves a step's σ; the scheduler's state is tied to its own grid). Momentum plugins reject
-this solver themselves; guidance plugins apply to every evaluation as usual.
+Flow models (SD3, Flux, ``parametrization=flow``): the flow schedulers — FlowMatchEulerDiscrete,
+FlowMatchHeunDiscrete, and the multistep ones with ``use_flow_sigmas`` (DPMSolverMultistep,
+UniPCMultistep, DEIS, DPMSolverSinglestep, SA-Solver: ``use_flow_sigmas=true``,
+``prediction_type=flow_prediction`` and the checkpoint's static shift as ``flow_shift`` are set for
+them, ``solver.config`` overrides) — work in the flow frame x_t = y/(1 + σ) and receive the velocity
+v = (x_t − D)/t. Their grid is set as the model's pipeline sets it (``mu`` of a dynamically shifted
+config; Flux's ``sigmas = linspace(1, 1/N, N)`` where the scheduler takes them); it may start at
+t = 1 (σ = ∞), where the first step is the scheduler's own; the initial latents are the unit noise at
+t₀, y = (1 + σ₀)·ε. Integer timesteps (the multistep schedulers give int64 ones: the network sees
+⌊1000·t⌋ while the update uses t) travel with the grid as model times, so the network sees the same
+rounded time. FlowMatchHeun is Heun in t (2N − 1 evaluations), a different method from ``solver=heun``
+(Heun in σ, which cannot step from ∞). VP schedulers on a flow model are refused.
+
+Not supported (ConfigError): schedulers without a discrete ᾱ table on non-flow models (flow
+matching on a VP model, EDM, consistency models), LCM/TCD (distilled models), inverse schedulers,
+and before-step plugins (churn moves a step's σ; the scheduler's state is tied to its own grid).
+Momentum plugins reject this solver themselves; guidance plugins apply to every evaluation as usual.
 """
 from __future__ import annotations
 
@@ -50,9 +63,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
-from framework.plugin import ConfigError, SamplerState, Schedule, hookimpl
+from framework.plugin import (
+    ConfigError, FlowModel, SamplerState, Schedule, calculate_shift, flow_config, flow_sigma, flow_time, hookimpl, sigma_to_t,
+)
 
 #: Stable Diffusion's scheduler config, used for models that bring none.
 SD_CONFIG: dict[str, Any] = dict(
@@ -61,7 +77,9 @@ SD_CONFIG: dict[str, Any] = dict(
 )
 EXAMPLES = ("EulerDiscreteScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
             "HeunDiscreteScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerAncestralDiscreteScheduler")
-UNSUPPORTED = ("FlowMatch", "EDM", "LCM", "TCD", "Inverse", "CMStochastic", "Consistency")
+UNSUPPORTED = ("EDM", "LCM", "TCD", "Inverse", "CMStochastic", "Consistency")
+FLOW_EXAMPLES = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "DPMSolverMultistepScheduler",
+                 "UniPCMultistepScheduler")
 
 
 def _scheduler_class(name: str) -> type:
@@ -96,12 +114,36 @@ class Plan:
     final_sigma: float
     sigma_space: bool
     init_noise_sigma: float
+    flow: bool = False  # a flow scheduler: the sample is x_t = y/(1 + σ), the model output v
+    model_times: tuple[float | None, ...] | None = None  # per call, the grid's model time (flow: None or a table index)
 
     def schedule(self) -> Schedule:
         sig = [self.eval_sigmas[j] for j in self.starts] + [self.final_sigma]
-        ts = [self.timesteps[j] for j in self.starts] + [None]
-        scale = self.init_noise_sigma if self.sigma_space else self.init_noise_sigma / _vp(sig[0])
+        times = self.model_times if self.model_times is not None else self.timesteps
+        ts = [times[j] for j in self.starts] + [None]
+        if self.flow:  # diffusers starts from the unit noise at t₀: y = ε/(1 − t₀)
+            scale = 1.0 if math.isinf(sig[0]) else 1 + sig[0]
+        else:
+            scale = self.init_noise_sigma if self.sigma_space else self.init_noise_sigma / _vp(sig[0])
         return Schedule(tuple(sig), tuple(ts), scale)
+
+    def to_sample(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        """The scheduler's sample of the σ-space state x (at σ = ∞ the state is the unit noise, x_t itself)."""
+        if self.flow:
+            return x if math.isinf(sigma) else x / (1 + sigma)
+        return x if self.sigma_space else x * _vp(sigma)
+
+    def from_sample(self, y: torch.Tensor, sigma: float) -> torch.Tensor:
+        if self.flow:
+            return y if math.isinf(sigma) else y * (1 + sigma)
+        return y if self.sigma_space else y / _vp(sigma)
+
+    def output(self, x: torch.Tensor, denoised: torch.Tensor, sigma: float) -> torch.Tensor:
+        """What the scheduler takes as model output: v = (x_t − D)/t (flow), else ε = (x − D)/σ."""
+        if self.flow:
+            x_t = self.to_sample(x, sigma)
+            return (x_t - denoised) / flow_time(sigma)
+        return (x - denoised) / sigma
 
 
 def _vp(sigma: float) -> float:
@@ -133,18 +175,53 @@ class Diffusers:
 
     # -- building --------------------------------------------------------------------------------
     def _make(self, model: Any, steps: int, device: torch.device | str = "cpu") -> Any:
+        if isinstance(model, FlowModel):
+            return self._make_flow(model, steps, device)
+        if self.scheduler.startswith("FlowMatch"):
+            raise ConfigError(f"solver.scheduler '{self.scheduler}' is not supported on this model: a flow-matching scheduler "
+                              "needs a flow model (model=sd3, flux, or parametrization=flow)")
         pipe = getattr(model, "pipe", None)
         base = dict(pipe.scheduler.config) if pipe is not None else dict(SD_CONFIG)
         overrides = dict(self.config)
         overrides["prediction_type"] = "epsilon"  # the adapter gives D; we hand the scheduler ε
-        try:
-            sch = self._cls.from_config(base, **overrides)
-        except Exception as e:  # noqa: BLE001 - diffusers raises many kinds
-            raise ConfigError(f"solver=diffusers: cannot build {self.scheduler} from config ({e})") from e
+        sch = self._build(base, overrides)
         if getattr(sch, "alphas_cumprod", None) is None:
             raise ConfigError(f"solver.scheduler '{self.scheduler}' has no ᾱ table: only discrete VP "
                               f"schedulers are supported, e.g. {', '.join(EXAMPLES[:3])}")
         sch.set_timesteps(steps, device=device)
+        return sch
+
+    def _build(self, base: dict[str, Any], overrides: dict[str, Any]) -> Any:
+        try:
+            return self._cls.from_config(base, **overrides)
+        except Exception as e:  # noqa: BLE001 - diffusers raises many kinds
+            raise ConfigError(f"solver=diffusers: cannot build {self.scheduler} from config ({e})") from e
+
+    def _make_flow(self, model: Any, steps: int, device: torch.device | str) -> Any:
+        """A flow scheduler for a flow model, its grid set as the model's pipeline sets it."""
+        base = dict(getattr(model, "scheduler_config", None) or flow_config(None))
+        flow_match = self.scheduler.startswith("FlowMatch")
+        overrides: dict[str, Any] = {} if flow_match else dict(
+            use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=float(base["shift"]))
+        sch = self._build(base, {**overrides, **self.config})
+        if not flow_match and not (sch.config.get("use_flow_sigmas") and sch.config.get("prediction_type") == "flow_prediction"):
+            raise ConfigError(f"solver.scheduler '{self.scheduler}' has no flow mode (use_flow_sigmas with flow_prediction) for "
+                              f"this flow model: use e.g. {', '.join(FLOW_EXAMPLES)}")
+        accepts = inspect.signature(sch.set_timesteps).parameters
+        kwargs: dict[str, Any] = {}
+        if sch.config.get("use_dynamic_shifting") and "mu" in accepts:
+            seq = model.image_seq_len() if hasattr(model, "image_seq_len") else None
+            if seq is None:
+                raise ConfigError(f"solver.scheduler '{self.scheduler}' with use_dynamic_shifting needs a model with an image "
+                                  "size (μ counts its tokens)")
+            cfg = sch.config
+            kwargs["mu"] = calculate_shift(seq, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                                           cfg.get("base_shift", 0.5), cfg.get("max_shift") or getattr(model, "max_shift_fallback", 1.15))
+        if getattr(model, "flow_grid", "default") == "linspace" and flow_match and "sigmas" in accepts:
+            kwargs["sigmas"] = np.linspace(1.0, 1 / steps, steps)      # the Flux pipeline's request
+            sch.set_timesteps(device=device, **kwargs)
+        else:
+            sch.set_timesteps(steps, device=device, **kwargs)
         return sch
 
     def _plan(self, model: Any, steps: int, device: torch.device | str = "cpu") -> tuple[Plan, Any]:
@@ -152,9 +229,9 @@ class Diffusers:
         grouping; returns the plan and a fresh scheduler for ``device`` (copied before the replay:
         some schedulers build slowly)."""
         sch = self._make(model, steps)
-        fresh = copy.deepcopy(sch)
-        if torch.device(device).type != "cpu":
-            fresh.set_timesteps(steps, device=device)
+        fresh = copy.deepcopy(sch) if torch.device(device).type == "cpu" else self._make(model, steps, device)
+        if isinstance(model, FlowModel):
+            return self._flow_plan(model, sch, steps), fresh
         ts = [float(t) for t in sch.timesteps]
         m = len(ts)
         y = torch.zeros(1, 1, 1, 1)
@@ -187,6 +264,32 @@ class Diffusers:
             starts = [j for j in starts if evals[j] in grid]
         plan = Plan(tuple(ts), tuple(evals), tuple(starts), final, sigma_space, float(sch.init_noise_sigma))
         return plan, fresh
+
+    @staticmethod
+    def _flow_plan(model: Any, sch: Any, steps: int) -> Plan:
+        """A flow scheduler's plan: call j evaluates at t = sigmas[j] (σ = t/(1 − t)); second stages
+        (FlowMatchHeun's) do not open an engine step; integer timesteps become table indices."""
+        ts = [float(t) for t in sch.timesteps]
+        evals = [flow_sigma(float(sch.sigmas[j])) for j in range(len(ts))]
+        y = torch.zeros(1, 1, 1, 1)
+        takes_gen = "generator" in inspect.signature(sch.step).parameters
+        gen = torch.Generator().manual_seed(0)
+        second = []
+        for t in sch.timesteps:
+            second.append(not getattr(sch, "state_in_first_order", True))
+            y = sch.step(torch.zeros_like(y), t, y, **({"generator": gen} if takes_gen else {})).prev_sample
+        starts = tuple(j for j in range(len(ts)) if not second[j])
+        if len(starts) != steps:
+            raise ConfigError(f"solver.scheduler '{type(sch).__name__}' makes {len(starts)} steps of {steps}: not supported")
+        table = getattr(model, "train_sigmas", None)
+        times: list[float | None] = [None] * len(ts)
+        if table is not None and not torch.is_floating_point(sch.timesteps):   # a rounded network time
+            table = np.asarray(table, dtype=np.float64)
+            for j, t in enumerate(ts):
+                s = flow_sigma(t / sch.config.num_train_timesteps)
+                if s < table[-2]:
+                    times[j] = sigma_to_t(s, table)
+        return Plan(tuple(ts), tuple(evals), starts, flow_sigma(float(sch.sigmas[-1])), False, 1.0, True, tuple(times))
 
     @staticmethod
     def _eval_sigma(sch: Any, j: int, t: Any, sigma_space: bool, per_call: bool, ac: torch.Tensor) -> float:
@@ -236,18 +339,24 @@ class Diffusers:
                               "diffusers schedulers cannot follow that")
         end = plan.starts[state.index + 1] if state.index + 1 < len(plan.starts) else len(plan.timesteps)
         pred = state.pred
-        x, sigma, eps = pred.x, state.sigma, pred.derivative
+        x, sigma = pred.x, state.sigma
+        out = plan.output(x, pred.denoised, sigma)
         kw = {"generator": tr.generators} if tr.takes_generator else {}
         while True:
             t = sch.timesteps[j]
-            y = x if plan.sigma_space else x * _vp(sigma)
-            sch.scale_model_input(y, t)
-            y = sch.step(eps.to(y.dtype), t, y, **kw).prev_sample.to(x.dtype)
+            y = plan.to_sample(x, sigma)
+            if hasattr(sch, "scale_model_input"):
+                sch.scale_model_input(y, t)
+            y = sch.step(out.to(y.dtype), t, y, **kw).prev_sample.to(x.dtype)
             j += 1
             sigma = plan.eval_sigmas[j] if j < len(plan.timesteps) else plan.final_sigma
-            x = y if plan.sigma_space else y / _vp(sigma)
+            x = plan.from_sample(y, sigma)
             if j == end:
                 break
-            eps = denoise(x, sigma).derivative
+            out = plan.output(x, denoise(x, sigma).denoised, sigma)
         tr.call = j
         return x
+
+    def step_from_infinity(self, state: SamplerState) -> torch.Tensor:
+        """A flow scheduler's grid may start at t = 1 (σ = ∞): its first step is its own."""
+        return self.step(state, state.denoise)

@@ -12,6 +12,7 @@ what it is good for and how it fails. Optimizer state lives per batch.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from framework.plugin import ConfigError, hookimpl
@@ -39,7 +40,8 @@ class Distill(TorchOptimizer):
         z = state.x / state.schedule.init_noise_scale if state.is_first else state.x
         st = state.stash.get(self, lambda: self.make(z))
         st.param.data.copy_(z)
-        state.x = z + state.sigma * state.noise()
+        # at σ = ∞ (a flow model's t = 1) the state is the unit noise itself, the limit of (z + σ·ε)/σ
+        state.x = state.noise() if math.isinf(state.sigma) else z + state.sigma * state.noise()
 
     @hookimpl
     def step(self, state, denoise):
