@@ -154,6 +154,8 @@ class RunFolder:
             try:
                 self._made = self._made or not self.path.exists()
                 self.path.mkdir(parents=True, exist_ok=True)
+                if lock.is_dir() and not lock.is_symlink():  # never a lock: something in its place
+                    _remove(lock)
                 fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as e:
                 raise ConfigError(f"cannot write the run folder {self.path} ({e.strerror}): "
