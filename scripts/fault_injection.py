@@ -25,7 +25,7 @@ run folder holds a sound record whose files all match their digests, byte-identi
 and identical latents to the reference, no file that its record does not list (besides Hydra's),
 no temporary or lock file; a rerun (in this process) finds every run finished; ``samplerlab-score``
 reads every listed sample. ``--smoke``: one trial of 2 samples per run, one kill, two different
-writers, two damaged files. Prints one line per trial and the count of failed trials (target 0).
+writers, two damaged files of the sweep, one repair. Prints one line per trial and the count of failed trials (target 0).
 """
 from __future__ import annotations
 
@@ -271,11 +271,11 @@ def trial(index: int, plan: Plan, work: Path, refs: dict[str, Path], ref_seconds
     codes = [(finish(p, t, log, "concurrent"), steps) for p, log, steps in procs]
     winners = {steps for code, steps in codes if code == 0 and steps is not None}
     single = root / "outputs" / "single"
+    keys = {k for k, r in refs.items() if json.loads((r / "record.json").read_text())["config"]["steps"] in winners}
     if winners:  # one config's run, whole, and nothing of the other
-        keys = {k for k, r in refs.items() if json.loads((r / "record.json").read_text())["config"]["steps"] in winners}
         t.problems += [f"after concurrent writers: {p}" for p in check_folder(single, refs, keys)]
-    # 3. damage
-    candidates = folder_files(root)
+    # 3. damage (smoke: the sweep's folders only, so the single run needs no repair)
+    candidates = [p for p in folder_files(root) if not smoke or "multirun" in p.parts]
     for path in rng.sample(candidates, min(len(candidates), 2 if smoke else rng.randint(1, 3))):
         kind = damage(path, rng.choice(DAMAGE), rng)
         t.events.append(f"damage {kind}: {path.relative_to(root)}")
@@ -284,11 +284,14 @@ def trial(index: int, plan: Plan, work: Path, refs: dict[str, Path], ref_seconds
     if not smoke and rng.random() < 0.3:
         run_and_kill(plan.sweep(), root, t, rng.uniform(0.5, ref_seconds), "repair sweep")
     run_to_end(plan.sweep(), root, t, "repair sweep")
-    run_to_end(plan.single(final), root, t, f"repair single steps={final}")
+    if smoke:
+        final_key = keys
+    else:
+        run_to_end(plan.single(final), root, t, f"repair single steps={final}")
+        final_key = {k for k, r in refs.items() if json.loads((r / "record.json").read_text())["config"]["steps"] == final}
     folders = sorted(p.parent for p in (root / "multirun" / "fi").glob("*/record.json")) + [single]
     if len(folders) != len(plan.steps) + 1:
         t.problems.append(f"{len(folders)} finished run folders, expected {len(plan.steps) + 1}")
-    final_key = {k for k, r in refs.items() if json.loads((r / "record.json").read_text())["config"]["steps"] == final}
     for folder in folders:
         t.problems += check_folder(folder, refs, final_key if folder == single else None)
         t.problems += found_finished(folder, plan)
