@@ -14,15 +14,10 @@ import numpy as np
 import torch
 
 from framework.core.errors import ConfigError
+from framework.core.settings import check_seed
 
 #: Sample indices fit one 32-bit word, so (seed, index) → SeedSequence entropy is one-to-one.
 MAX_INDEX = 2**32 - 1
-
-
-def check_seed(seed: int) -> None:
-    """Seeds are non-negative integers of any size (every bit counts); anything else is refused."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"seed must be a non-negative integer (any size), got {seed!r}: e.g. seed=0")
 
 
 def sample_seed(seed: int, index: int) -> int:

@@ -94,6 +94,7 @@ class Settings:
 
     def check(self) -> None:
         """The checks a type cannot state (ranges, relations between keys)."""
+        check_seed(self.seed)
         for key in ("steps", "num_samples", "batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be ≥ 1 (got {getattr(self, key)}): e.g. {key}=4")
@@ -130,6 +131,12 @@ class Settings:
         """The global sample indices this process generates: its contiguous block of the shards."""
         n, c, i = self.num_samples, self.shard_count, self.shard_index
         return range(n * i // c, n * (i + 1) // c)
+
+
+def check_seed(seed: int) -> None:
+    """Seeds are non-negative integers of any size (every bit counts); anything else is refused."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer (any size), got {seed!r}: e.g. seed=0")
 
 
 KEYS = tuple(f.name for f in fields(Settings))

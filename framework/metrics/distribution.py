@@ -6,7 +6,7 @@ configured features (:mod:`framework.metrics.features`: the bundled CLIP's image
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -18,6 +18,7 @@ from framework.core.errors import ConfigError
 class RealVsGenerated:
     """Base of the fid/kid plugins: subclasses give ``name`` and ``make_metric(features, n)``."""
 
+    input_files: ClassVar[tuple[str, ...]] = ("reference_dir", "inception_weights")  # by content, into the run key
     reference: int = 256
     reference_seed: int = 1234
     reference_dir: str | None = None

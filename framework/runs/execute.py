@@ -18,7 +18,6 @@ from omegaconf import DictConfig
 
 from framework.core import engine
 from framework.core.finite import failures
-from framework.core.noise import check_seed
 from framework.core.run import Result, Run
 from framework.core.state import Batch
 from framework.core.settings import read_settings
@@ -44,7 +43,6 @@ def execute(
     turns resuming off.
     """
     settings = read_settings(cfg)
-    check_seed(settings.seed)
     out = output_dir if output_dir is not None else settings.output_dir
     folder = RunFolder(Path(out), records.run_key(records.resolved_config(cfg))) if out else None
     with folder.locked() if folder is not None else contextlib.nullcontext():  # one process per folder
@@ -86,9 +84,10 @@ def _execute(cfg: DictConfig, choices: dict[str, str], model: object | None, fol
     seconds = time.perf_counter() - t0
 
     failed = {k: why for b in made for k, why in b.failures.items()}
+    sampled = sum(len(b.batch.indices) for b in made if not b.batch.resumed)  # by this attempt
     run.metrics.update(nfe=sum(b.batch.nfe for b in made) / len(made),
                        unet_calls=sum(b.batch.unet_calls for b in made) / len(made),
-                       seconds=seconds, seconds_per_sample=seconds / len(indices))
+                       seconds=seconds, seconds_per_sample=seconds / (sampled or len(indices)))
     result = Result(x_T=torch.cat([b.x_T for b in made]), latents=torch.cat([b.x for b in made]),
                     images=None if made[0].images is None else torch.cat([b.images for b in made]),
                     record={}, schedule=run.schedule, failed=list(failed), indices=list(indices),

@@ -8,12 +8,14 @@ vector of an embedding file that :func:`framework.bases.embeddings.load_embeddin
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from framework.plugin import ApplyTo, EditPlugin, TextEmbeddings, load_embeddings, replace_token
 
 
 @dataclass
 class TokenSwap(EditPlugin):
+    input_files: ClassVar[tuple[str, ...]] = ("vector",)  # read by content into the run key
     source: str = "red"
     target: str = "blue"
     vector: str | None = None  # an embedding file; its first vector replaces ``source`` (target is then unused)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -49,6 +50,7 @@ def load_clip_model(model: str | None):
 
 @dataclass
 class CLIPText(LossGuidance):
+    input_files: ClassVar[tuple[str, ...]] = ("model",)  # a local CLIP folder, read by content into the run key
     text: str = ""
     model: str | None = None
     scale: float = 0.2

@@ -4,7 +4,7 @@ folder or hub id in ``model`` (loaded offline unless ``allow_download``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torchmetrics.multimodal.clip_score import CLIPScore as TMCLIPScore
@@ -45,6 +45,7 @@ def load_scorer(model: str | None, allow_download: bool = False) -> TMCLIPScore:
 
 @dataclass
 class CLIPScore:
+    input_files: ClassVar[tuple[str, ...]] = ("model",)  # a local CLIP folder, read by content into the run key
     model: str | None = None
     allow_download: bool = False
 
