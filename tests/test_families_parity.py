@@ -12,10 +12,10 @@ pipeline as ``latents`` and the pipeline's scheduler, in float64 and float32. Tw
 - ``solver=diffusers`` running the pipeline's scheduler inside the engine (FlowMatchEuler,
   FlowMatchHeun — Heun in t, which σ-space Heun is not —, DPMSolverMultistep/UniPC).
 
-Measured (relative max difference, 4 steps, 2 prompts; docs/models.md): float64 ≤ 1.4e-7 for the
-native paths (diffusers steps its Euler and flow schedulers in float32: that is the floor) and
-≤ 1.4e-15 through solver=diffusers; float32 ≤ 1.4e-6, FlowMatchHeun 1.1e-5 (its v = (x_t − D)/t
-round trip at the last t = 0.009).
+Measured (relative max difference, 4 steps, 2 prompts; the table in docs/models.md): float64 ≤ 1.9e-7
+for the native paths (diffusers keeps its σ's in float32 and steps its Euler and flow schedulers in
+float32: that is the floor) and ≤ 1.3e-15 through solver=diffusers; float32 ≤ 1.3e-6, FlowMatchHeun
+1.1e-5 (its v = (x_t − D)/t round trip at the last t = 0.009).
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ from framework.models.sdxl import StableDiffusionXL
 
 PROMPTS = ["a red cube", "two blue balls"]
 STEPS = 4
-#: float64: the native paths meet diffusers' float32 steps (≤ 1.4e-7 measured); float32: ≤ 1.4e-6,
+#: float64: the native paths meet diffusers' float32 steps (≤ 1.9e-7 measured); float32: ≤ 1.3e-6,
 #: FlowMatchHeun 1.1e-5.
 TOL = {"float64": 1e-6, "float32": 2e-5}
 FLOW = dict(use_flow_sigmas=True, prediction_type="flow_prediction")

@@ -161,10 +161,11 @@ class LossGuidance:
             run.metrics[f"guidance_loss_{run.plugins.name_of(self)}"] = total / n
 
     def active(self, state: SamplerState, sigma: float) -> bool:
-        """Whether this step is guided: every k-th step, σ inside (sigma_lo, sigma_hi]."""
+        """Whether this step is guided: every k-th step, σ inside (sigma_lo, sigma_hi]; never at
+        σ = ∞ (a flow model's pure noise: the correction scales with σ)."""
         lo = -math.inf if self.sigma_lo is None else self.sigma_lo
         hi = math.inf if self.sigma_hi is None else self.sigma_hi
-        return state.index % self.every == 0 and lo < sigma <= hi
+        return state.index % self.every == 0 and lo < sigma <= hi and math.isfinite(sigma)
 
     @hookimpl
     def guidance(self, state, pred):

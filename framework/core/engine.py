@@ -21,7 +21,8 @@ A grid may start at σ = ∞ (a flow model's t = 1). The state there is the unit
 limit); the model is evaluated there as anywhere else, and the step to σ₁ is the limit of the
 solver's own first step, the only step defined from ∞ in σ-space: x₁ = D + σ₁·ε for every ODE
 solver (DDIM's form, what FlowMatchEuler does), or the solver's ``step_from_infinity(state)``
-where its limit differs (ancestral and SDE solvers add fresh noise).
+where its limit differs (ancestral and SDE solvers add fresh noise). Momentum plugins do not act on
+that step, and multistep history starts after it (``SamplerState.history``).
 """
 from __future__ import annotations
 
@@ -149,7 +150,8 @@ def sample_batch(run: Run, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
             if watch is not None:
                 watch.check(state.x, i, state.sigma, "before_step", name)
         pred = state.guided = denoiser.evaluate(state.x, state.sigma)
-        for name, fn in hooks.momentum:
+        # the step from σ = ∞ is the solver's limit step, not a direction momentum could re-weight
+        for name, fn in hooks.momentum if math.isfinite(state.sigma) else ():
             pred = call(name, "momentum", fn, state=state, pred=pred)
             if watch is not None:
                 watch.check(pred.denoised, i, state.sigma, "momentum", name)

@@ -15,6 +15,10 @@ as diffusers' ``true_cfg_scale`` (``cfg_scale`` is that scale); without it a run
 unconditional pass is refused with one line. A checkpoint without guidance embedding (FLUX.1-schnell)
 ignores ``flux_guidance``.
 
+Text edits act on CLIP-L's tokens, so on the pooled vector; T5 reads the prompt text (weight syntax
+removed). Edits of CLIP's hidden states (``prompt_mix``, ``prompt_weighting``) are refused: Flux does
+not read them.
+
 The default grid is the pipeline's (``schedule=flow_match``: ``sigmas = linspace(1, 1/N, N)``
 shifted by e^μ, μ linear in the (H/16)·(W/16) packed tokens). The pipeline's default image size is
 1024² whatever the transformer; so is this adapter's.
@@ -67,6 +71,16 @@ class Flux(FlowFamily):
 
     def image_seq_len(self) -> int:
         return (self.latent_shape[1] // 2) * (self.latent_shape[2] // 2)
+
+    @hookimpl
+    def configure(self, run) -> None:
+        """Text edits of CLIP's hidden states (prompt_mix, prompt_weighting) would change nothing: Flux
+        reads CLIP's pooled vector and T5's states only."""
+        outputs = [e.name for e in run.plugins.by_group("conditioning")
+                   if isinstance(e.obj, TextEdit) and type(e.obj).edit_outputs is not TextEdit.edit_outputs]
+        if outputs:
+            raise ConfigError(f"conditioning {', '.join(outputs)} edits CLIP's hidden states, which model=flux does not use "
+                              f"(it reads CLIP's pooled vector and T5's states): remove {', '.join(outputs)}")
 
     @hookimpl
     def run_start(self, run) -> None:

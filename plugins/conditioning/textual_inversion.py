@@ -4,11 +4,13 @@
 ``.pt``/``.safetensors`` file; its token (``token`` renames it) is recognised in prompts and
 negative prompts and its vectors take those positions in the input embeddings, as diffusers'
 ``load_textual_inversion`` does — without adding the token to the shared tokenizer. Train one with
-``python -m experiments.textual_inversion``.
+``python -m experiments.textual_inversion``. An SDXL embedding file (``clip_l`` and ``clip_g`` vector
+sets, named after the file or ``token``) gives each CLIP encoder of SDXL/SD3 the set of its width.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 from framework.plugin import ApplyTo, ConfigError, EditPlugin, TextEmbeddings, load_embeddings
@@ -24,7 +26,12 @@ class TextualInversion(EditPlugin):
     def new_tokens(self, emb: TextEmbeddings):
         if not self.path:
             raise ConfigError("conditioning.textual_inversion.path is empty: give a learned_embeds.safetensors (or A1111 .pt)")
-        found = load_embeddings(self.path, self.token)
+        found = load_embeddings(self.path)
+        if set(found) == {"clip_l", "clip_g"}:  # SDXL's format: one token, a vector set per CLIP encoder
+            name = self.token or Path(self.path).stem
+            found = {name: v for v in found.values() if v.shape[-1] == emb.width} or {name: found["clip_l"]}
+        elif self.token is not None:
+            found = load_embeddings(self.path, self.token)
         for name, vecs in found.items():
             if vecs.shape[-1] != emb.width:
                 raise ConfigError(

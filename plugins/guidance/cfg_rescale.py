@@ -5,6 +5,7 @@ dimensions); ε = φ·ε_resc + (1 − φ)·ε_cfg, s the top-level ``cfg_scale`
 instead of ``cfg``."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from framework.plugin import ConfigError, UncondGuidance, hookimpl
@@ -22,10 +23,12 @@ class CFGRescale(UncondGuidance):
     def guidance(self, state, pred):
         if pred.uncond_denoised is None:
             return pred
-        x, sigma = pred.x, pred.sigma
+        x, sigma, scale = pred.x, pred.sigma, state.run.settings.cfg_scale
+        if math.isinf(sigma):  # a flow model's t = 1: the ratio of the stds tends to 1, plain CFG
+            return pred.with_denoised(pred.uncond_denoised + scale * (pred.cond_denoised - pred.uncond_denoised))
         eps_c = (x - pred.cond_denoised) / sigma
         eps_u = (x - pred.uncond_denoised) / sigma
-        eps = eps_u + state.run.settings.cfg_scale * (eps_c - eps_u)
+        eps = eps_u + scale * (eps_c - eps_u)
         dims = tuple(range(1, x.ndim))
         rescaled = eps * (eps_c.std(dim=dims, keepdim=True) / eps.std(dim=dims, keepdim=True))
         eps = self.phi * rescaled + (1 - self.phi) * eps
