@@ -74,7 +74,7 @@ def unguided():
 def test_loss_decreases(name, extra, bound, unguided, files):
     """The final images' loss (the record's guidance_loss_<name>) against the same plugin's loss on the
     unguided images; every step of the 4-step grid guided (every=1, no σ window), the plugins' default
-    (normalised) scales. Measured ratios on bundled v2: 0.058, 0.642, 0.544, 0.813, 0.665, 0.854,
+    (normalised) scales. Measured ratios on bundled v2: 0.281, 0.642, 0.544, 0.813, 0.665, 0.854,
     0.286. The deep dive's raw update at the former defaults (x ← x − scale·σ²·∇, scale 100–200) made
     palette and clip_text worse on v2 (1.34, 1.56; v1: 0.74, 0.91), hence the normalised defaults; their
     scales and windows are measured on the default sampler (docs/guidance/defaults.md)."""

@@ -5,6 +5,7 @@ judge's prompt accuracy and to the cost (NFE); img2img closeness; inpainting's k
     python -m experiments.guidance_study fast=true out=/tmp/x
     python -m experiments.guidance_study --config-name defaults   # the loss plugins' defaults (defaults.py)
     python -m experiments.guidance_study --config-name inpaint    # inpainting's seams (seams.py)
+    python -m experiments.guidance_study --config-name raw        # why the deep dive's raw update breaks (raw.py)
 
 Every configuration is an ordinary samplerlab run (framework.entry.api.run) with the same prompts and
 seeds. Each loss is also evaluated on the baseline's images (the plugin's own ``loss``, as the record's
@@ -20,6 +21,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from experiments.guidance_study import defaults, seams
+from experiments.guidance_study import raw as raw_update
 from experiments.guidance_study.figures import image_rows
 from experiments.guidance_study.inputs import make_files
 from experiments.harness import Experiment, entry, save_text
@@ -29,29 +31,43 @@ HERE = Path(__file__).resolve().parent
 
 
 def raw(name: str, scale: float) -> list[str]:
-    """Overrides for the deep dive's unnormalised update x ← x − scale·σ²·∇ₓloss."""
-    return [f"guidance.{name}.normalize=false", f"guidance.{name}.scale={scale}"]
+    """Overrides for the deep dive's unnormalised update x ← x − scale·σ²·∇ₓloss every 5 steps, all σ."""
+    return [f"guidance.{name}.normalize=false", f"guidance.{name}.scale={scale}", f"guidance.{name}.every=5",
+            f"guidance.{name}.sigma_hi=null"]
+
+
+def default_of(cls) -> str:
+    """A loss plugin's default step, e.g. ``0.5·σ, every 2, σ ≤ 5`` (read from the plugin, so the labels follow it)."""
+    p = cls()
+    return f"{p.scale:g}·σ, every {p.every}" + ("" if p.sigma_hi is None else f", σ ≤ {p.sigma_hi:g}")
 
 
 def configs(files: Path, text: str) -> dict[str, list[str]]:
+    from plugins.guidance.clip_text import CLIPText
+    from plugins.guidance.color_loss import ColorLoss
+    from plugins.guidance.image_match import ImageMatch
+    from plugins.guidance.palette import Palette
+    from plugins.guidance.style import Style
+
     ref, style, src, mask = (files / n for n in ("reference.png", "style.png", "source.png", "mask.png"))
     return {
         "cfg (baseline)": ["guidance=[cfg]"],
-        # raw: the deep dive's x ← x − scale·σ²·∇ (normalize=false); the plugins' defaults are normalised (scale 0.2)
-        "color_loss blue, default (normalised, 0.2)": ["guidance=[cfg,color_loss]"],
+        # raw: the deep dive's x ← x − scale·σ²·∇ every 5 steps (normalize=false); the plugins' defaults are normalised
+        f"color_loss blue, default ({default_of(ColorLoss)})": ["guidance=[cfg,color_loss]"],
         "color_loss blue, raw scale 2": ["guidance=[cfg,color_loss]", *raw("color_loss", 2)],
         "color_loss blue, raw scale 20": ["guidance=[cfg,color_loss]", *raw("color_loss", 20)],
         "color_loss blue, raw scale 200 (deep dive)": ["guidance=[cfg,color_loss]", *raw("color_loss", 200)],
-        "color_loss blue, scale 0.5, σ ≤ 2 only": ["guidance=[cfg,color_loss]", "guidance.color_loss.scale=0.5",
-                                                  "guidance.color_loss.every=1", "guidance.color_loss.sigma_hi=2.0"],
-        "color_loss blue, gradient=unet": ["guidance=[cfg,color_loss]", "guidance.color_loss.gradient=unet"],
-        "color_loss blue, recurrence=1": ["guidance=[cfg,color_loss]", "guidance.color_loss.recurrence=1"],
+        "color_loss blue, 0.2·σ, every 5 (the former default)": [
+            "guidance=[cfg,color_loss]", "guidance.color_loss.scale=0.2", "guidance.color_loss.every=5",
+            "guidance.color_loss.sigma_hi=null"],
+        "color_loss blue, default, gradient=unet": ["guidance=[cfg,color_loss]", "guidance.color_loss.gradient=unet"],
+        "color_loss blue, default, recurrence=1": ["guidance=[cfg,color_loss]", "guidance.color_loss.recurrence=1"],
         "color_loss blue, x0-space, raw scale 500": ["guidance=[cfg,color_loss]", "guidance.color_loss.space=x0",
                                                      *raw("color_loss", 500)],
-        "clip_text, default (normalised, 0.2)": ["guidance=[cfg,clip_text]", f"guidance.clip_text.text={text}"],
-        "image_match mse, default (normalised, 0.2)": ["guidance=[cfg,image_match]", f"guidance.image_match.image={ref}"],
-        "style, scale 0.2": ["guidance=[cfg,style]", f"guidance.style.image={style}"],
-        "palette [blue,white], default (normalised, 0.2)": ["guidance=[cfg,palette]"],
+        f"clip_text, default ({default_of(lambda: CLIPText(text='x'))})": ["guidance=[cfg,clip_text]", f"guidance.clip_text.text={text}"],
+        f"image_match mse, default ({default_of(ImageMatch)})": ["guidance=[cfg,image_match]", f"guidance.image_match.image={ref}"],
+        f"style, default ({default_of(Style)})": ["guidance=[cfg,style]", f"guidance.style.image={style}"],
+        f"palette [blue,white], default ({default_of(Palette)})": ["guidance=[cfg,palette]"],
         "img2img strength 0.3": ["guidance=[cfg,img2img]", f"guidance.img2img.image={src}", "guidance.img2img.strength=0.3"],
         "img2img strength 0.6": ["guidance=[cfg,img2img]", f"guidance.img2img.image={src}", "guidance.img2img.strength=0.6"],
         "inpaint (right half new)": ["guidance=[cfg,inpaint]", f"guidance.inpaint.image={src}", f"guidance.inpaint.mask={mask}"],
@@ -153,14 +169,17 @@ def write(table: dict, images: dict, cfg: DictConfig, out: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the study (``--config-name defaults``: the loss plugins' defaults, measured;
-    ``--config-name inpaint``: inpainting's seams); returns its record, also written to
-    ``<runs>/record.json``."""
+    ``--config-name inpaint``: inpainting's seams; ``--config-name raw``: the deep dive's raw update);
+    returns its record, also written to ``<runs>/record.json``."""
     ex = Experiment.compose(HERE, argv)
     cfg, folder, out = ex.cfg, Path(ex.cfg.runs), Path(ex.cfg.out)
     if ex.config_name == "defaults":  # from_results: the choice, tables and figure again, without the sweep
         results = json.loads(Path(cfg.from_results).read_text()) if cfg.from_results else defaults.sweep(cfg, folder, out)
         defaults.decide(results, cfg)
         return ex.record(folder / "record.json", results, defaults.write(results, cfg, folder, out))
+    if ex.config_name == "raw":
+        results, strips = raw_update.study(cfg, folder, out)
+        return ex.record(folder / "record.json", results, raw_update.write(results, strips, cfg, out))
     if ex.config_name == "inpaint":
         results, rows = seams.study(cfg, folder, out)
         return ex.record(folder / "record.json", results, seams.write(results, rows, out))

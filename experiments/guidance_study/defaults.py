@@ -7,9 +7,10 @@ For each configuration: the effect (the loss on the guided images over the same 
 baseline's, and the mean blue channel), what it keeps (the bundled judge's colour and shape accuracy
 of each prompt's main object), how far the pictures move (mean |guided − baseline| in pixels), and
 for style the fraction of main objects the judge calls striped. The rule that picks a default:
-the lowest loss ratio among the configurations that keep the judge's accuracy on the loss's
-``keep`` heads within ``keep_within`` of the baseline's (a loss that repaints the object, palette,
-keeps the shape only).
+among the configurations that keep the judge's accuracy on the loss's ``keep`` heads within
+``keep_within`` of the baseline's (a loss that repaints the object, palette, keeps the shape only)
+and whose loss ratio is within ``margin`` of the lowest of them, the former default if it is one,
+else the one that keeps the accuracies best.
 """
 from __future__ import annotations
 
@@ -69,13 +70,17 @@ def same(row: dict, setting: dict) -> bool:
 
 
 def choose(rows: list[dict], base: dict, keep: list[str], within: float, former: dict, margin: float) -> dict | None:
-    """The lowest loss ratio among the rows whose judge accuracy on ``keep`` stays within ``within``
-    of the baseline's (None when no row does); the former default instead when it keeps them too and
-    its ratio is within ``margin`` of that one (a difference the samples cannot tell apart)."""
+    """The setting for a default (None when no row keeps the accuracies): among the rows whose judge
+    accuracy on ``keep`` stays within ``within`` of the baseline's and whose loss ratio is within
+    ``margin`` of the lowest such ratio (effects the samples cannot tell apart), the former default
+    when it is one of them, else the one that keeps the accuracies best (then: the lower ratio)."""
     kept = [r for r in rows if all(r[h] >= base[h] - within - 1e-9 for h in keep)]
-    best = min(kept, key=lambda r: r["loss_ratio"], default=None)
-    old = next((r for r in kept if same(r, former)), None)
-    return old if old is not None and best is not None and old["loss_ratio"] <= best["loss_ratio"] + margin else best
+    if not kept:
+        return None
+    low = min(r["loss_ratio"] for r in kept)
+    near = [r for r in kept if r["loss_ratio"] <= low + margin + 1e-9]
+    old = next((r for r in near if same(r, former)), None)
+    return old or max(near, key=lambda r: (min(r[h] for h in keep), -r["loss_ratio"]))
 
 
 def decide(results: dict, cfg: DictConfig) -> None:
@@ -131,8 +136,9 @@ def write(results: dict, cfg: DictConfig, folder: Path, out: Path) -> list[str]:
     lines = [f"Bundled model, karras/Euler/CFG 5, {results['steps']} steps, {results['samples']} samples; baseline (CFG only): colour accuracy "
              f"{base['colour']:.2f}, shape accuracy {base['shape']:.2f}, mean blue {base['mean_blue']:.3f}. Each cell: "
              "loss ratio (guided / baseline) · colour / shape accuracy · mean blue. **Bold**: the chosen default "
-             f"(lowest ratio keeping the listed accuracies within {cfg.keep_within} of the baseline; the former default "
-             f"instead when it keeps them and its ratio is within {cfg.margin} of that); *italic*: the former default.", ""]
+             f"(among the settings keeping the listed accuracies within {cfg.keep_within} of the baseline and "
+             f"within {cfg.margin} of their lowest ratio: the former default if it is one, else the one keeping the "
+             "accuracies best); *italic*: the former default.", ""]
     figure = [("baseline (CFG only)", run(common + ["guidance=[cfg]"], output_dir=folder / "figure" / "baseline").images)]
     for name, res in results["losses"].items():
         scales = sorted({r["scale"] for r in res["rows"]})
