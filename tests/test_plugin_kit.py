@@ -323,13 +323,19 @@ def test_every_momentum_plugin_passes_the_kit(name):
 DISCRETE_ONLY = {"ddim_uniform", "simple", "uniform"}  # need a model with training timesteps
 OWN_RANGE = {"vp"}  # k-diffusion's VP grid: its σ range comes from beta_d, beta_min, eps_s
 FIXED = {"custom": (2,)}  # a given grid of 2 steps
+FLOW_ONLY = {"flow_match"}  # a flow model's own grid, from σ = ∞ (t = 1): on the Gaussian's flow twin
 
 
 @pytest.mark.parametrize("name", SCHEDULES)
 def test_every_schedule_passes_the_kit(name):
     model = "tiny_random" if name in DISCRETE_ONLY else "gaussian"
+    if name in FLOW_ONLY:
+        from framework.models.analytic import Gaussian
+        from framework.models.base import wrap_model
+
+        model = wrap_model(Gaussian(parametrization="flow"))
     testing.assert_schedule_conforms([f"schedule={name}"], model=model, steps=FIXED.get(name, (1, 2, 7)),
-                                     within_model_range=name not in OWN_RANGE)
+                                     within_model_range=name not in OWN_RANGE | FLOW_ONLY)
 
 
 @pytest.mark.slow

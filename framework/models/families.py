@@ -7,8 +7,9 @@ placement, ``compile``, VAE slicing and tiling, the per-grid timestep table): th
 is its ``unet`` attribute whatever its kind (SD3's and Flux's are transformers).
 
 Flow models (SD3, Flux) in σ-space (docs/models.md): σ = t/(1 − t), the state y = x_t/(1 − t) =
-x0 + σ·ε, the network sees x_in = y/(1 + σ) = x_t at its time t = σ/(1 + σ), and D = x_in − t·v. The checkpoint's scheduler config sets the shift, a constant factor s on σ (static
-``shift``; dynamic: e^μ with μ linear in the image's token count). The model's *training table*
+x0 + σ·ε, the network sees x_in = y/(1 + σ) = x_t at its time t = σ/(1 + σ), and D = x_in − t·v.
+The checkpoint's scheduler config sets the shift, a constant factor s on σ (static ``shift``;
+dynamic: e^μ with μ linear in the image's token count). The model's *training table*
 (``train_sigmas``) is its T = 1000 training times u = k/T, k = 1 … T, shifted: σ_k = s·u/(1 − u) (the
 last one is ∞, t = 1). The σ-range schedules (karras, exponential, …) run between its first and its
 last finite entry, s·[1/999, 999]; the table schedules (simple, normal, sgm_uniform, ddim_uniform)
