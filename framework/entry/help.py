@@ -163,6 +163,7 @@ def plugin_listing() -> str:
             path = _conf_file(group, name, externals)
             data = (yaml.safe_load(path.read_text()) or {}) if path is not None else {}
             target = data.pop("_target_", "")
+            data.pop("defaults", None)  # Hydra's defaults list (a model choosing its schedule), not an option
             out.append(f"  {name:<20} {source:<8} {description(target, roots) if target else '(no _target_)'}")
             params = ", ".join(f"{k}={_value(v)}" for k, v in data.items())
             out.append(textwrap.fill(params or "(no options)", width=100, initial_indent=indent, subsequent_indent=indent))
