@@ -127,12 +127,15 @@ def missing_t5(family: str, where: object) -> str:
     return f"the Flux pipeline in '{where}' has no T5 encoder (text_encoder_2): Flux needs it; use a complete folder"
 
 
-def check_flow_scheduler(config: dict[str, Any], where: object) -> dict[str, Any]:
-    """A flow family's scheduler config, checked: a FlowMatch scheduler with a known shift mode."""
-    cls = str(config.get("_class_name", "FlowMatchEulerDiscreteScheduler"))
-    if not cls.startswith("FlowMatch"):
-        raise ConfigError(f"the scheduler of '{where}' is {cls}: SD3 and Flux checkpoints bring a FlowMatch scheduler "
-                          "config, whose shift settings the model reads (fix scheduler/scheduler_config.json)")
+def check_flow_scheduler(config: dict[str, Any], where: object, cls: str | None = None) -> dict[str, Any]:
+    """A flow family's scheduler config, checked and completed: a FlowMatch scheduler, or one with
+    ``use_flow_sigmas`` (whose ``flow_shift`` is the shift), with a known shift mode."""
+    cls = cls or str(config.get("_class_name", "FlowMatchEulerDiscreteScheduler"))
+    if not (cls.startswith("FlowMatch") or config.get("use_flow_sigmas")):
+        raise ConfigError(f"the scheduler of '{where}' is {cls} without use_flow_sigmas: SD3 and Flux checkpoints bring a "
+                          "flow scheduler config, whose shift settings the model reads (fix scheduler/scheduler_config.json)")
+    if "shift" not in config and "flow_shift" in config:
+        config = {**config, "shift": config["flow_shift"]}
     try:
         return flow_config(config)
     except ConfigError as e:
@@ -146,7 +149,7 @@ def check_pipeline(pipe: Any, family: str) -> None:
         other = MODEL_OF_CLASS.get(type(pipe).__name__)
         raise ConfigError(f"the pipeline is a {type(pipe).__name__}, not {wanted}" + (f": use {other}" if other else ""))
     if family in T5_COMPONENT:
-        check_flow_scheduler(dict(pipe.scheduler.config), type(pipe).__name__)
+        check_flow_scheduler(dict(pipe.scheduler.config), type(pipe).__name__, type(pipe.scheduler).__name__)
     if family == "flux" and pipe.text_encoder_2 is None:
         raise ConfigError(missing_t5("flux", "the given pipeline"))
 
@@ -257,7 +260,7 @@ class FlowFamily(FlowModel, FamilyModel):
         self.prediction_type = "flow"
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.shift_factor = float(self.vae.config.get("shift_factor") or 0.0)
-        config = check_flow_scheduler(dict(pipe.scheduler.config), type(pipe).__name__)
+        config = check_flow_scheduler(dict(pipe.scheduler.config), type(pipe).__name__, type(pipe.scheduler).__name__)
         if shift is not None:
             if not shift > 0:
                 raise ConfigError(f"model.shift must be > 0 (a factor on σ), got {shift}")

@@ -12,8 +12,8 @@ conditioning, as the pipeline makes it:
   as diffusers does without T5; the empty negative prompt is encoded like any prompt.
 
 The default grid is the pipeline's (``schedule=flow_match``: FlowMatchEuler's ``set_timesteps(N)``,
-from t = 1, σ = ∞); μ of a dynamically shifted config counts (H/p)·(W/p) patches (the pipeline's
-max_shift fallback is 1.16).
+from t = 1, σ = ∞); μ of a dynamically shifted config counts (H/p)·(W/p) patches (for a config without
+``max_shift``, e.g. DPMSolverMultistep's under ``solver=diffusers``, the pipeline's fallback 1.16).
 """
 from __future__ import annotations
 
