@@ -123,6 +123,13 @@ class Tracer:
             _note(self.tag, "after_step", state, seen=x_next.clone())
 
     @hookimpl
+    def adjust_images(self, run, batch, images):
+        if not self._on("adjust_images"):
+            return images
+        _note(self.tag, "adjust_images", seen=(list(batch.indices), images.clone()))
+        return images + self.add
+
+    @hookimpl
     def batch_end(self, run, batch, latents, images):
         if self._on("batch_end"):
             _note(self.tag, "batch_end", seen=(list(batch.indices), latents.clone(), images))

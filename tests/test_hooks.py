@@ -137,6 +137,31 @@ def test_hook_batch_end():
     assert [e.seen[0] for e in of(events, "batch_end", "a")] == [[0, 1], [2]]
 
 
+def test_hook_adjust_images(tiny_overrides, tmp_path):
+    """Chain, in config order, once per batch after decoding: b receives a's answer; the last answer
+    (clamped to [0, 1]) is what batch_end sees, the result returns and the run folder saves; models
+    without a decoder get no call."""
+    import numpy as np
+    from PIL import Image
+
+    base = tiny_overrides + ["guidance=[]", "callback=[]", "steps=2", *TWO_BATCHES]
+    plain = run(base).images
+    a, b = plugin("callback", "a", add=0.25, only=("adjust_images", "batch_end")), plugin("callback", "b", only=("adjust_images",))
+    TRACE.clear()
+    res = run(base + a + b, output_dir=tmp_path / "run")
+    events = list(TRACE)
+    assert order(events, "adjust_images") == ["a", "b", "a", "b"]  # once per batch, config order
+    first_a, first_b = of(events, "adjust_images")[:2]
+    assert torch.equal(first_a.seen[1], plain[:2])  # the decoded images
+    assert torch.allclose(first_b.seen[1], plain[:2] + 0.25)  # b receives a's answer
+    assert torch.allclose(res.images, (plain + 0.25).clamp(0, 1))  # the last answer, clamped
+    assert torch.equal(of(events, "batch_end", "a")[0].seen[2], res.images[:2])
+    saved = np.asarray(Image.open(tmp_path / "run" / "samples" / "000000.png").convert("RGB")) / 255
+    assert np.abs(saved - res.images[0].permute(1, 2, 0).numpy()).max() <= 0.5 / 255 + 1e-6  # what is saved
+    _, events = traced(GAUSS + ONE_BATCH + ["steps=2"] + a)
+    assert not of(events, "adjust_images") and of(events, "batch_end")  # no decoder, no call
+
+
 def test_hook_run_end():
     """All run, in config order, once per run after the last batch_end, with the run's result;
     the scores it adds to run.metrics reach the record."""

@@ -288,6 +288,21 @@ def test_inpaint_keeps_the_known_region(solver, blend, base, files, tiny_pipe):
     assert res.record["metrics"]["nfe"] == 4
 
 
+def test_inpaint_pastes_the_kept_pixels_back(base, files):
+    """After decoding, the kept pixels are the source's exactly (in the result and the saved PNGs);
+    paste_back=false leaves the decoder's picture."""
+    from framework.bases.guidance import load_image
+
+    args = base + ["guidance=[cfg,inpaint]", f"guidance.inpaint.image={files / 'ref.png'}",
+                   f"guidance.inpaint.mask={files / 'mask.png'}"]
+    px = load_image(str(files / "ref.png"), (64, 64))
+    pasted, plain = run(args).images, run(args + ["guidance.inpaint.paste_back=false"]).images
+    assert torch.equal(pasted[..., :32], px[..., :32].expand(2, -1, -1, -1))
+    assert (plain[..., :32] - px[..., :32]).abs().max() > 0.01
+    shift = (px[..., :32] - plain[..., :32]).mean((2, 3), keepdim=True)  # the decoder's colour shift
+    assert torch.allclose(pasted[..., 41:], (plain[..., 41:] + shift).clamp(0, 1), atol=1e-5)  # matched beyond the feather
+
+
 def test_inpaint_blend_is_a_ramp_across_the_edge():
     from plugins.guidance.inpaint import Inpaint, soften
 

@@ -8,8 +8,8 @@ pixel pairs (horizontal and vertical, every channel) that straddle the mask's ed
 within ``band`` px of it ("band"), divided by the same pairs' energy in the unmasked samples: 1 is
 no more change across the edge than a picture has there anyway. Kept = mean |image − source| over
 the kept half (0 with a paste-back); the VAE's own round trip of the source there is the floor of
-any latent-space method. The paste-back is plugins.guidance.inpaint.overlay applied to the decoded
-samples (what the plugin does after decoding once the engine has a hook for decoded images).
+any latent-space method. The runs are made with ``paste_back=false`` and each paste-back is applied
+to their decoded samples here (plugins.guidance.inpaint.overlay, what the plugin does after decoding).
 """
 from __future__ import annotations
 
@@ -70,7 +70,8 @@ def study(cfg: DictConfig, folder: Path, out: Path) -> tuple[dict, list[tuple[st
     rows = [("source (left half kept)", source), ("unmasked samples (same prompts and seeds)", base[:8])]
     for blend in blends:
         res = run(common + ["guidance=[cfg,inpaint]", f"guidance.inpaint.image={out / 'guidance' / 'source.png'}",
-                            f"guidance.inpaint.mask={out / 'guidance' / 'mask.png'}", f"guidance.inpaint.blend={blend}"],
+                            f"guidance.inpaint.mask={out / 'guidance' / 'mask.png'}", f"guidance.inpaint.blend={blend}",
+                            "guidance.inpaint.paste_back=false"],  # the decoder's picture: each paste-back applied below
                   output_dir=folder / "runs" / f"inpaint_blend{blend}")
         m = res.record["metrics"]
         kept_px = generate < 0.5

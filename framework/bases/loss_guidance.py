@@ -17,8 +17,9 @@ evaluation (Stable Diffusion deep dive, fast.ai):
 - ``normalize=true``: gradient-norm scaling; each sample's gradient is rescaled to unit RMS and the
   update is scale·σ·ĝ (latent) or scale·ĝ (x0): ``scale`` is then the RMS of the correction
   relative to σ (resp. in latent units), whatever the loss's magnitude.
-  The built-in losses (color_loss, palette, image_match, clip_text, style) default to it with
-  scale 0.2: the raw step's strength depends on the model (docs/guidance.md).
+  The built-in losses (color_loss, palette, image_match, clip_text, style) default to it, at scales
+  and σ windows measured on the bundled model (docs/guidance/defaults.md): the raw step's strength
+  depends on the model (docs/guidance.md).
 - ``every`` k steps and/or only for σ ∈ (sigma_lo, sigma_hi].
 - ``recurrence`` r (universal guidance's self-recurrence): after the correction, take the
   deterministic (DDIM) step to σ_next with the guided prediction, re-noise back to σ with fresh

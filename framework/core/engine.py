@@ -177,6 +177,13 @@ def from_infinity(step: Callable[..., torch.Tensor]) -> Callable[..., torch.Tens
         lambda state: state.pred.denoised + state.sigma_next * state.pred.x)
 
 
+def adjust_images(run: Run, batch: Batch, images: torch.Tensor) -> torch.Tensor:
+    """A batch's decoded images through the ``adjust_images`` chain, clamped to [0, 1]."""
+    for name, fn in run.plugins.calls("adjust_images"):
+        images = call(name, "adjust_images", fn, run=run, batch=batch, images=images)
+    return images.clamp(0, 1)
+
+
 def end_batch(run: Run, batch: Batch, latents: torch.Tensor, images: torch.Tensor | None) -> None:
     for name, fn in run.plugins.calls("batch_end"):
         call(name, "batch_end", fn, run=run, batch=batch, latents=latents, images=images)

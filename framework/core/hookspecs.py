@@ -57,6 +57,15 @@ def batch_start(run: Run, batch: Batch) -> None:
 
 
 @hookspec
+def adjust_images(run: Run, batch: Batch, images: torch.Tensor) -> torch.Tensor:
+    """Chain, in config order, once per batch after the model decodes it, on images [n, 3, H, W] in
+    [0, 1] (a model without a decoder has none, and no call): edit the pictures before they are saved,
+    passed to ``batch_end`` and returned (inpainting pastes the known pixels back). Batches read back
+    from a run folder are decoded again and pass through it too. The engine clamps the last answer to
+    [0, 1]."""
+
+
+@hookspec
 def batch_end(run: Run, batch: Batch, latents: torch.Tensor, images: torch.Tensor | None) -> None:
     """All run, in config order, after each batch is sampled and decoded (images in [0, 1], or
     None for models without a decoder). Savers and streaming metrics use it."""

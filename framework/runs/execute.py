@@ -127,6 +127,8 @@ def _batch(run: Run, ks: list[int], folder: RunFolder | None, resume: bool) -> M
     batch.failure = list(bad.values())
     latents = run.model.output_latents(x, run.schedule.sigmas[-1])
     images = run.model.decode(latents)
+    if images is not None:  # the adjust_images chain (inpainting's paste-back) before anything sees them
+        images = engine.adjust_images(run, batch, images)
     pngs = images if run.settings.save_images else None
     if folder is not None and saved is None:
         folder.save_batch(ks, x_T, x, pngs, bad, batch.nfe, batch.unet_calls)

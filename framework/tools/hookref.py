@@ -15,6 +15,7 @@ FAMILIES = {
     "configure": "any (compatibility checks, declaring needs)",
     "run_start": "metrics, logger, callback (previews)",
     "batch_start": "metrics (timers)",
+    "adjust_images": "guidance (inpainting: the known pixels pasted back)",
     "batch_end": "metrics, logger, callback (savers), the built-in progress bar",
     "run_end": "metrics (and the built-in exact error), logger, callback (previews)",
     "conditioning": "conditioning",

@@ -12,11 +12,12 @@ m the latent mask (1 = generate),
 ComfyUI's noise mask): m is the mask box-blurred over ``blend`` latent cells on each side, a linear
 ramp across the edge, so new and known content meet through a band that follows both instead of a
 one-cell step; beyond the band the known region stays exact. ``blend=0``: the hard mask.
-:func:`overlay` pastes the known pixels back after decoding (diffusers' ``apply_overlay``) and
-matches the generated pixels to them (the decoder's colour shift, and its local error feathered
-over ``feather`` pixels): the decoder mixes the halves (its GroupNorm statistics and receptive field
-span the whole latent), so without it the kept pixels are only close, and with a plain paste the
-new content's colours step at the edge (docs/guidance.md, measured).
+After decoding (``adjust_images``), ``paste_back`` pastes the known pixels back (diffusers'
+``apply_overlay``) and matches the generated pixels to them (:func:`overlay`: the decoder's colour
+shift, and its local error feathered over ``feather`` pixels): the decoder mixes the halves (its
+GroupNorm statistics and receptive field span the whole latent), so without it the kept pixels are
+only close, and with a plain paste the new content's colours step at the edge (docs/guidance.md,
+measured).
 
 Starts like img2img (``strength`` 1 = the whole grid, from z₀ + σ₀·n). Put it after the CFG plugin
 (its replacement also applies to the CFG halves, so either order gives the same result)."""
@@ -27,7 +28,7 @@ from typing import ClassVar
 
 import torch
 
-from framework.plugin import ConfigError, hookimpl, load_image
+from framework.plugin import ConfigError, hookimpl, load_image, pixel_size
 from plugins.guidance.img2img import Img2Img, noised
 
 
@@ -44,11 +45,15 @@ class Inpaint(Img2Img):
     mask: str = ""
     strength: float = 1.0
     blend: int = 1
+    paste_back: bool = True
+    feather: int = 8
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.blend < 0:
             raise ConfigError(f"{self.key}.blend must be ≥ 0 latent cells (0: the hard mask), got {self.blend}")
+        if self.feather < 0:
+            raise ConfigError(f"{self.key}.feather must be ≥ 0 pixels, got {self.feather}")
 
     @hookimpl
     def configure(self, run):
@@ -56,6 +61,19 @@ class Inpaint(Img2Img):
         c, h, w = run.model.latent_shape
         generate = load_image(self.mask, (h, w), f"guidance.{self.key}.mask", mode="L") > 0.5
         self.source(run).keep = 1 - soften(generate, self.blend)
+
+    def pixel_mask(self, run) -> torch.Tensor:
+        """The mask at the model's pixel size [1, 1, H, W], 1 where new content is generated."""
+        def load() -> torch.Tensor:
+            return (load_image(self.mask, pixel_size(run.model), f"guidance.{self.key}.mask", mode="L") > 0.5).float()
+
+        return run.stash.get(self, load, "pixel_mask")
+
+    @hookimpl
+    def adjust_images(self, run, batch, images):
+        if not self.paste_back:
+            return images
+        return overlay(images, self.source(run).pixels, self.pixel_mask(run), self.feather)
 
     @hookimpl
     def init_latents(self, run, batch, schedule, noise):
