@@ -5,7 +5,7 @@ samplerlab finds third-party plugins through the entry-point group ``samplerlab`
 any ``<name>-<version>.dist-info`` folder on ``sys.path`` holding a ``METADATA`` and an
 ``entry_points.txt``. So a temporary dist-info folder on ``sys.path`` is, for discovery, the same as
 ``pip install`` — in milliseconds instead of seconds, with nothing left behind. One real
-``pip install`` stays, as a slow test (tests/test_plugin_kit.py).
+``pip install`` stays, as a slow test (tests/testing/test_plugin_kit.py).
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ import yaml
 
 from framework.core.registry import CONF_DIR, GROUPS, LIST_GROUPS, ExternalConf, available, entry_point_confs
 
-#: (command, what it shows): the examples of ``samplerlab --help`` (tests/test_first_hour.py checks
+#: (command, what it shows): the examples of ``samplerlab --help`` (tests/entry/test_first_hour.py checks
 #: that each composes).
 EXAMPLES: tuple[tuple[str, str], ...] = (
     ("samplerlab", "the bundled model: 4 images, 20 Euler steps on Karras σ, CFG 5"),

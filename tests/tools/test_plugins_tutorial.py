@@ -1,13 +1,13 @@
 """docs/plugins.md works verbatim: its `samplerlab-new-plugin` commands make the package; every
 Python block headed by a file name (``# my_samplers/ralston.py``) is that generated file, character
 for character (and generated files import only ``framework.plugin`` and ``framework.testing``:
-tests/test_plugin_kit.py); the package is found through its entry point; and the section-7 sweep
+tests/testing/test_plugin_kit.py); the package is found through its entry point; and the section-7 sweep
 plus its script, run as written, reproduce the table printed below them (to its three significant
 figures).
 
 The package is registered as an installed distribution with a temporary dist-info on sys.path
 (tests/distributions.py); the real ``pip install`` and the generated tests run in
-tests/test_plugin_kit.py."""
+tests/testing/test_plugin_kit.py."""
 from __future__ import annotations
 
 import contextlib
@@ -23,7 +23,7 @@ from framework.entry.cli import main, plugins_main
 from framework.tools.newplugin import main as new_plugin
 from tests.distributions import installed_in_place
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "plugins.md"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 
 

@@ -3,7 +3,7 @@ package, which is found through its entry point (a temporary dist-info on sys.pa
 installs it with pip), runs in a sweep beside the built-ins and passes its generated tests; broken
 plugins fail the conformance kit (framework/testing.py) with a message that says what is wrong;
 built-in momentum plugins, schedules and color_loss pass the kit of their family (solvers:
-tests/test_solvers.py). docs/plugins.md itself is checked by tests/test_plugins_tutorial.py."""
+tests/plugins/test_solvers.py). docs/plugins.md itself is checked by tests/tools/test_plugins_tutorial.py."""
 from __future__ import annotations
 
 import ast
@@ -25,7 +25,7 @@ from framework.tools.newplugin import create
 from framework.tools.newplugin import main as new_plugin
 from tests.distributions import installed_in_place, plugin_sources
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = Path(conf.__file__).parent
 PACKAGE = "my_samplers"  # docs/plugins.md's example package
 PLUGINS = [("solver", "ralston"), ("loss", "brightness"), ("schedule", "warped"), ("momentum", "ema")]
@@ -295,7 +295,7 @@ def test_loss_guidance_kit_passes_and_fails():
 
 
 # ---------------------------------------------------------------------------------------------
-# Built-in plugins pass the kit of their family (solvers: tests/test_solvers.py)
+# Built-in plugins pass the kit of their family (solvers: tests/plugins/test_solvers.py)
 # ---------------------------------------------------------------------------------------------
 MOMENTUM = sorted(p.stem for p in (CONF_DIR / "momentum").glob("*.yaml"))
 SCHEDULES = sorted(p.stem for p in (CONF_DIR / "schedule").glob("*.yaml"))

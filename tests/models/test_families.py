@@ -1,7 +1,7 @@
 """SDXL, SD3 and Flux in the engine (issue 20): the adapters, their default grids and the shift every
 schedule composes with, every built-in solver, guidance and conditioning plugin on every family (or
 its one-line refusal, listed in docs/models.md), the VAE factors, previews and metrics, and bad input
-(one line, exit 2, nothing written). Parity with the pipelines: tests/test_families_parity.py."""
+(one line, exit 2, nothing written). Parity with the pipelines: tests/models/test_families_parity.py."""
 from __future__ import annotations
 
 import json
@@ -24,7 +24,7 @@ from framework.models.sd3 import StableDiffusion3
 from framework.models.sdxl import StableDiffusionXL
 
 FAMILIES = ["tiny_sdxl", "tiny_sd3", "tiny_flux"]
-CONF = Path(__file__).parents[1] / "conf"
+CONF = Path(__file__).parents[2] / "conf"
 SOLVERS = sorted(p.stem for p in (CONF / "solver").glob("*.yaml"))
 GUIDANCE = sorted(p.stem for p in (CONF / "guidance").glob("*.yaml"))
 CONDITIONING = sorted(p.stem for p in (CONF / "conditioning").glob("*.yaml"))
@@ -172,7 +172,7 @@ def guidance_options(name: str, files: Path) -> list[str]:
         "style": [f"{g}.image={files / 'ref.png'}", f"{g}.every=1"],
         "img2img": [f"{g}.image={files / 'ref.png'}", f"{g}.strength=0.5"],
         "inpaint": [f"{g}.image={files / 'ref.png'}", f"{g}.mask={files / 'mask.png'}"],
-        "user_loss": [f"{g}.fn=tests.test_loss_guidance:guided_mean_loss", f"{g}.scale=100"],
+        "user_loss": [f"{g}.fn=tests.bases.test_loss_guidance:guided_mean_loss", f"{g}.scale=100"],
         "color_loss": [f"{g}.every=1", f"{g}.sigma_hi=null"],
         "palette": [f"{g}.sigma_hi=null"],
     }.get(name, [])

@@ -51,7 +51,7 @@ def shared_plugins(monkeypatch):
 
 def inside(overrides: list[str]) -> list[str]:
     listed = json.dumps(overrides).replace('"', "'")
-    return ["+callback.inside._target_=tests.test_plugin_state.RunInside", f"+callback.inside.overrides={listed}"]
+    return ["+callback.inside._target_=tests.plugins.test_plugin_state.RunInside", f"+callback.inside.overrides={listed}"]
 
 
 def nested(outer: list[str], inner: list[str]):

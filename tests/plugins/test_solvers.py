@@ -15,7 +15,7 @@ from framework import testing
 from framework.entry.api import run
 from framework.core.errors import ConfigError
 
-SOLVERS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "solver").glob("*.yaml"))
+SOLVERS = sorted(p.stem for p in (Path(__file__).parents[2] / "conf" / "solver").glob("*.yaml"))
 
 # Deterministic fixed-step solvers: (solver overrides, theoretical order, schedule overrides).
 # The grid is karras (ρ = 7, σ 80 → 0.002 → 0) unless noted; "EXP" is the exponential grid ending at
@@ -156,7 +156,7 @@ def test_ddpm_equals_euler_ancestral():
 
 def test_ipndm_v_order_2_is_lms_order_2_and_unipc_without_corrector_is_dpmpp_2m():
     """diff-sampler's variable-step AB2 is the exact one (lms integrates the same line in σ); its
-    higher orders are not lms (tests/test_sampler_names.py)."""
+    higher orders are not lms (tests/plugins/test_sampler_names.py)."""
     base = GAUSS + ["num_samples=2", "batch_size=2", "steps=12"]
     a = run(base + ["solver=ipndm_v", "solver.max_order=2"]).latents
     assert torch.allclose(a, run(base + ["solver=lms", "solver.order=2"]).latents, rtol=0, atol=1e-12)
@@ -243,7 +243,7 @@ STEPS, PROMPTS, CFG = 6, ["a red circle", "a blue square"], 4.0
 
 def max_diff(got: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
     """(max abs difference, latent scale) — pass when diff ≤ 1e-4·max(1, scale), the convention of
-    tests/test_parity.py's close()."""
+    tests/models/test_parity.py's close()."""
     scale = max(1.0, expected.abs().max().item())
     diff = (got - expected).abs().max().item()
     return diff, scale
@@ -309,8 +309,8 @@ def test_parity_with_diffusers(case, tiny_pipe, tiny_model, monkeypatch):
     import importlib
 
     from framework.models.base import vp_scale
-    from tests.test_parity import hand_loop
-    from tests.test_sampler_names import record_draws
+    from tests.models.test_parity import hand_loop
+    from tests.plugins.test_sampler_names import record_draws
 
     cls, changes, solver, grid, vp_frame = _parity_cases()[case]
     sched = cls.from_config(tiny_pipe.scheduler.config, **changes)

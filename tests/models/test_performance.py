@@ -25,7 +25,7 @@ from framework.core.errors import ConfigError
 from framework.models import compiled
 from framework.models.tiny import TinyRandom
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SOLVERS = ["euler", "heun", "dpmpp_2m"]
 
 

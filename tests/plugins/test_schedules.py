@@ -16,10 +16,10 @@ from framework.core.registry import instantiate
 from framework.maths.sigmas import train_sigmas_from_alphas_cumprod
 from framework.core.state import Schedule
 
-CONF = Path(__file__).parents[1] / "conf" / "schedule"
+CONF = Path(__file__).parents[2] / "conf" / "schedule"
 SCHEDULES = sorted(p.stem for p in CONF.glob("*.yaml"))
 DISCRETE_ONLY = {"uniform", "simple", "ddim_uniform"}
-FLOW_ONLY = {"flow_match"}  # a flow model's own grid: tests/test_families.py
+FLOW_ONLY = {"flow_match"}  # a flow model's own grid: tests/models/test_families.py
 
 
 def build(name: str, **changes):

@@ -38,7 +38,7 @@ def test_every_yaml_under_conf_is_tested_here():
     known = {"config.yaml"} | {f"{g}/" for g in GROUPS} | {"experiment/", "hydra/"}
     stray = [p.relative_to(CONF_DIR).as_posix() for p in CONF_DIR.rglob("*.yaml")]
     stray = [p for p in stray if p not in known and not any(p.startswith(k) for k in known if k.endswith("/"))]
-    assert stray == [], f"add these to a test of tests/test_confs.py: {stray}"
+    assert stray == [], f"add these to a test of tests/plugins/test_confs.py: {stray}"
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

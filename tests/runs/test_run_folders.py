@@ -29,7 +29,7 @@ from framework.runs.records import inputs_fingerprint, record_problem, run_key
 from framework.tools.score import main as score_main
 from framework.tools.score import score
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 GAUSS = ["model=gaussian", "dtype=float64", "steps=2", "num_samples=3", "batch_size=2"]
 
 
@@ -122,7 +122,7 @@ def test_one_process_per_run_folder_the_same_run_waits_another_is_refused(tmp_pa
     """Process A holds ``name=mix``; process B (the same command) waits for it, then finds the run
     finished; a third attempt with another config is refused with one line (exit 2) and touches
     nothing, not even a temporary file A might be writing."""
-    hold = ["+callback.hold._target_=tests.test_run_folders.Hold", f"+callback.hold.started={tmp_path}/started",
+    hold = ["+callback.hold._target_=tests.runs.test_run_folders.Hold", f"+callback.hold.started={tmp_path}/started",
             f"+callback.hold.go={tmp_path}/go"]
     argv = ["model=gaussian", "steps=2", "num_samples=3", "batch_size=1", "name=mix", *hold]
     a = Proc(argv, tmp_path)

@@ -136,10 +136,10 @@ def test_fid_on_a_folder_reference_with_features_by_import_path(tiny_overrides, 
         (folder / f"{k}.png").write_bytes(png_bytes(torch.rand(3, 16, 16, generator=gen)))
     key = ReferenceSet(folder=str(folder)).key()
     args = [*tiny_overrides, "num_samples=4", "steps=2", "metrics=[fid]", f"metrics.fid.reference_dir={folder}",
-            "metrics.fid.features=tests.test_metrics.MeanColour", f"metrics.fid.cache_dir={tmp_path / 'c'}"]
+            "metrics.fid.features=tests.metrics.test_metrics.MeanColour", f"metrics.fid.cache_dir={tmp_path / 'c'}"]
     m = run(args).record["metrics"]
     assert m["fid"] > 0
-    assert len(list((tmp_path / "c" / "reference_features").glob(f"{key}__tests.test_metrics.MeanColour-*"))) == 1
+    assert len(list((tmp_path / "c" / "reference_features").glob(f"{key}__tests.metrics.test_metrics.MeanColour-*"))) == 1
     (folder / "0.png").write_bytes(png_bytes(torch.zeros(3, 16, 16)))  # new content, new key
     assert ReferenceSet(folder=str(folder)).key() != key
 

@@ -153,7 +153,7 @@ class Recording(Mixture):
 def test_gradient_estimation_final_denoise_changes_only_the_step_to_zero(solver):
     """final=denoise (ComfyUI's convention) leaves the step onto σ = 0 uncorrected, so the run ends
     on D of its last evaluation; every evaluation before is the corrected trajectory's
-    (tests/test_sampler_names.py pins the whole run against ComfyUI's algorithm)."""
+    (tests/plugins/test_sampler_names.py pins the whole run against ComfyUI's algorithm)."""
     base = [o for o in MIX if not o.startswith("model=")] + ["steps=8", f"solver={solver}", "momentum=[gradient_estimation]"]
     runs = {}
     for final in ("corrected", "denoise"):

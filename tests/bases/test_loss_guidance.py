@@ -69,7 +69,7 @@ def unguided():
     ("image_match", ["guidance.image_match.metric=perceptual", "guidance.image_match.image={ref}"], 0.95),
     ("style", ["guidance.style.image={ref}"], 0.9),
     ("clip_text", ["guidance.clip_text.text=a green square"], 0.95),
-    ("user_loss", ["guidance.user_loss.fn=tests.test_loss_guidance:guided_mean_loss", "guidance.user_loss.scale=100"], 0.9),
+    ("user_loss", ["guidance.user_loss.fn=tests.bases.test_loss_guidance:guided_mean_loss", "guidance.user_loss.scale=100"], 0.9),
 ], ids=["color_loss", "palette", "image_match_mse", "image_match_perceptual", "style", "clip_text", "user_loss"])
 def test_loss_decreases(name, extra, bound, unguided, files):
     """The final images' loss (the record's guidance_loss_<name>) against the same plugin's loss on the
@@ -105,7 +105,7 @@ def test_defaults_are_the_measured_choice():
 
     from framework.core.registry import plugin_class
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     chosen = {k: v["chosen"] for k, v in json.loads((root / "docs/guidance/defaults.json").read_text())["losses"].items()}
     assert set(chosen) == {"color_loss", "palette", "image_match", "clip_text", "style"}
     for name, setting in chosen.items():
@@ -206,7 +206,7 @@ def test_bad_options_are_config_errors():
 @pytest.mark.parametrize("every,lo,hi", [(2, None, None), (2, 0.5, 10.0)])
 def test_every_and_window(every, lo, hi, base):
     CALLS.clear()
-    res = run(base + ["steps=6", "guidance=[cfg,user_loss]", "guidance.user_loss.fn=tests.test_loss_guidance:guided_mean_loss",
+    res = run(base + ["steps=6", "guidance=[cfg,user_loss]", "guidance.user_loss.fn=tests.bases.test_loss_guidance:guided_mean_loss",
                       f"guidance.user_loss.every={every}", f"guidance.user_loss.sigma_lo={'null' if lo is None else lo}",
                       f"guidance.user_loss.sigma_hi={'null' if hi is None else hi}"])
     lo, hi = lo or -1.0, hi or 1e9
@@ -248,7 +248,7 @@ def test_user_loss_errors(base):
     with pytest.raises(ConfigError, match="cannot be imported"):
         run(base + ["guidance=[user_loss]", "guidance.user_loss.fn=tests.nothing_here:f"])
     with pytest.raises(Exception, match="one value per sample"):
-        run(base + ["guidance=[user_loss]", "guidance.user_loss.fn=tests.test_loss_guidance:bad_shape_loss"])
+        run(base + ["guidance=[user_loss]", "guidance.user_loss.fn=tests.bases.test_loss_guidance:bad_shape_loss"])
 
 
 def test_palette_loss_is_distance_to_nearest_colour():

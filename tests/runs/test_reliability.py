@@ -23,14 +23,14 @@ from framework.entry.api import run
 from framework.entry.cli import main
 from framework.core.errors import ModelNotFoundError, NumericalError
 from framework.models.diffusers_sd import load_pipeline
-from tests import test_entry_points
+from tests.core import test_entry_points
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 installed_plugin = test_entry_points.installed_plugin  # fixture: a plugin distribution on sys.path
 GAUSS = ["model=gaussian", "dtype=float64", "steps=3"]
 
 
-# --- plugins used by these tests (selected with +group.name._target_=tests.test_reliability.X) ---
+# --- plugins used by these tests (selected with +group.name._target_=tests.runs.test_reliability.X) ---
 @dataclass
 class NanGradient:
     """Loss guidance whose gradient is NaN for sample row 1 (and 0 for the others) at step ``at``."""
@@ -118,13 +118,13 @@ def test_config_error_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, ar
 def test_config_error_in_sweep_job_writes_nothing_for_it(capsys, tmp_path):
     code, out, err = cli(capsys, "-m", "model=gaussian", "solver=euler,heun", "momentum=[heavy_ball]",
                          f"hydra.sweep.dir={tmp_path}")
-    assert code == 1 and "does not compose with solver=heun" in err  # the sweep goes on (tests/test_sweeps.py)
+    assert code == 1 and "does not compose with solver=heun" in err  # the sweep goes on (tests/entry/test_sweeps.py)
     assert (tmp_path / "0" / "record.json").exists()  # the valid job finished
     assert not (tmp_path / "1" / "record.json").exists() and not (tmp_path / "1" / "batches").exists()
 
 
 # --- numerical faults ---------------------------------------------------------------------------
-NAN_GRAD = ["guidance=[]", "+guidance.nangrad._target_=tests.test_reliability.NanGradient",
+NAN_GRAD = ["guidance=[]", "+guidance.nangrad._target_=tests.runs.test_reliability.NanGradient",
             "num_samples=3", "batch_size=3", "steps=4"]
 
 
@@ -232,7 +232,7 @@ def test_interrupted_run_resumes_to_identical_outputs(tiny_overrides, tmp_path, 
 
 def test_sigterm_stops_like_ctrl_c_and_the_same_command_resumes(capsys, tmp_path):
     argv = ["model=gaussian", "steps=3", "num_samples=3", "batch_size=1", f"hydra.run.dir={tmp_path}/run",
-            "+callback.term._target_=tests.test_reliability.SignalOnce", f"+callback.term.marker={tmp_path}/sent"]
+            "+callback.term._target_=tests.runs.test_reliability.SignalOnce", f"+callback.term.marker={tmp_path}/sent"]
     code, out, err = cli(capsys, *argv)
     assert code == 128 + signal.SIGTERM
     assert "interrupted after 1 of 3 batches" in err and "rerun the same command to resume" in err
@@ -414,7 +414,7 @@ def test_exception_in_hook_names_plugin_on_the_command_line(capsys, tmp_path):
 def test_sigterm_to_a_real_process_then_resume(tmp_path):
     """A real `samplerlab` process gets SIGTERM mid-run; the same command then finishes the work."""
     argv = ["model=gaussian", "steps=2", "num_samples=6", "batch_size=1", f"hydra.run.dir={tmp_path}/run",
-            "+callback.slow._target_=tests.test_reliability.Slow", "+callback.slow.seconds=0.3"]
+            "+callback.slow._target_=tests.runs.test_reliability.Slow", "+callback.slow.seconds=0.3"]
     code = f"import sys; from framework.entry.cli import main; sys.exit(main({argv!r}))"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)

@@ -17,7 +17,7 @@ import torch
 from framework.core.errors import ConfigError, ModelNotFoundError
 from framework.entry.cli import main, sweep_jobs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def cli(capsys, *argv: str) -> tuple[int, str, str]:

@@ -93,7 +93,7 @@ def test_records_written_before_the_restructure_are_read_beside_new_ones(tmp_pat
     from framework.tools.report import build_report, load_runs
     from framework.tools.score import score
 
-    old = Path(__file__).parent / "data" / "run_before_restructure"
+    old = Path(__file__).parents[1] / "data" / "run_before_restructure"
     root = tmp_path / "sweep"
     shutil.copytree(old, root / "before")
     new = run(["steps=3", "num_samples=4", "batch_size=4", "metrics=[prompt_accuracy]", "seed=7"], output_dir=root / "now")

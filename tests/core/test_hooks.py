@@ -71,7 +71,7 @@ def test_hook_reference_is_in_sync():
     from framework.tools.hookref import FAMILIES, render
 
     assert set(FAMILIES) == set(HOOKS)
-    doc = Path(__file__).resolve().parent.parent / "docs" / "hooks.md"
+    doc = Path(__file__).resolve().parents[2] / "docs" / "hooks.md"
     assert doc.read_text() == render(), "regenerate: python -m framework.tools.hookref > docs/hooks.md"
 
 
