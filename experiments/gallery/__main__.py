@@ -71,6 +71,10 @@ def embeddings_figure(model, prompts: list[str], path: Path, files: list[str]) -
             else:
                 hidden = torch.cat([hidden, swapped])
                 labels.append(f"{prompts[0]} [token_swap red→blue]")
+    if hidden.ndim != 3:  # an encoder that returns pooled vectors (SD3's CLIP with projection): no per-token map
+        warnings.warn(f"gallery: the text encoder's output is {tuple(hidden.shape)}, not per token: no embedding figure",
+                      stacklevel=1)
+        return {"skipped": f"encoder output {tuple(hidden.shape)} is not per token"}
     tokens = [t for _, t in emb.tokens(prompts[0])]
     n = len(tokens) + 2
     flat = torch.nn.functional.normalize(hidden.flatten(1), dim=1)
