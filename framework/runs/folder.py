@@ -45,7 +45,7 @@ from framework.core.files import atomic_write_bytes, atomic_write_json
 from framework.core.run import Result
 from framework.core.state import Schedule
 from framework.runs.images import grid, png_bytes
-from framework.runs.records import digest, file_digest, record_problem, seal
+from framework.runs.records import digest, file_digest, read_record, seal
 
 BATCH_DIR = "batches"
 LOCK = ".lock"
@@ -250,11 +250,8 @@ class RunFolder:
         self._before = self._top_level_files()
 
     def _old_record(self) -> dict[str, Any] | None:
-        try:
-            rec = json.loads((self.path / RECORD).read_text())
-        except (OSError, ValueError):
-            return None
-        return rec if record_problem(rec) is None else None
+        rec, problem = read_record(self.path / RECORD)
+        return rec if problem is None else None
 
     def _own_batch(self, path: Path) -> tuple[list[int] | None, str | None]:
         """(indices, None) for a batch file saved under this run key; (None, None) for another
@@ -407,11 +404,7 @@ class RunFolder:
         path = self.path / RECORD
         if not (path.exists() or path.is_symlink()):
             return None
-        try:
-            rec = json.loads(path.read_text())
-            problem = record_problem(rec)
-        except (OSError, ValueError) as e:
-            problem = str(e).splitlines()[0] if str(e) else type(e).__name__
+        rec, problem = read_record(path)
         if problem is not None:
             _warn(f"{RECORD} in {self.path} is damaged ({problem}): the run is finished again from its saved batches")
             return None

@@ -84,6 +84,15 @@ RECORD_FIELDS = ("schema_version", "run_key", "config", "sigmas", "timesteps", "
 MERGED_FIELDS = ("schema_version", "kind", "config", "metrics", "num_samples", "failed_samples", "images")
 
 
+def read_record(path: Path) -> tuple[Any, str | None]:
+    """(the record.json at ``path``, why it cannot be trusted or None); unreadable → (None, why)."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        return None, str(e).splitlines()[0] if str(e) else type(e).__name__
+    return record, record_problem(record)
+
+
 def record_problem(record: Any) -> str | None:
     """Why a record read back cannot be trusted (not an object, a field missing, its checksum does
     not match), or None. Records of schema 1 carry no checksum: their fields are checked."""

@@ -64,17 +64,13 @@ def _sound(path: Path, want: str | None) -> bool:
 
 def read_source(folder: str | Path) -> Source:
     """A run folder's record and the sample files it lists, each checked (see the module docstring)."""
-    from framework.runs.records import record_problem
+    from framework.runs.records import read_record
 
     folder = Path(folder)
     path = folder / "record.json"
     if not (path.exists() or path.is_symlink()):
         raise ConfigError(f"{folder} has no record.json: give run folders (each shard's output folder)")
-    try:
-        record = json.loads(path.read_text())
-        problem = record_problem(record)
-    except (OSError, ValueError) as e:
-        problem = str(e).splitlines()[0] if str(e) else type(e).__name__
+    record, problem = read_record(path)
     if problem is not None:
         raise ConfigError(f"{path} is damaged ({problem}): rerun that run's command to make it again")
     files = record.get("files")
