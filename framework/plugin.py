@@ -35,6 +35,7 @@ from framework.core.markers import hookimpl
 from framework.core.settings import Choice
 from framework.core.state import Batch, Conditioning, Prediction, Schedule, StepRecord
 from framework.core.step import SamplerState
+from framework.maths.exponential import phi, phis
 from framework.maths.flow import calculate_shift, flow_config, flow_match_sigmas
 from framework.maths.multistep import (
     AB, VPTime, deis_tab_weights, fixed_adams_bashforth, ipndm_v_coefficients, multistep_update, recent_derivatives,
@@ -61,6 +62,6 @@ __all__ = [
     "flow_time", "FlowModel", "fixed_adams_bashforth", "frechet_distance", "geometric_mean",
     "gram", "grid", "hookimpl", "init_noise_scale", "lagrange_integral_weights", "lam", "load_embeddings",
     "load_image", "log_lagrange_integral_weights", "loglinear_interp", "mix_outputs", "mix_tokens", "moments",
-    "multistep_order", "past_derivative", "perceptual_distance", "pixel_size", "png_bytes", "replace_token",
+    "multistep_order", "past_derivative", "phi", "phis", "perceptual_distance", "pixel_size", "png_bytes", "replace_token",
     "scale_positions", "sigma_at_time", "sigma_range", "sigma_to_t", "to_pil", "world",
 ]
