@@ -5,6 +5,7 @@ churn; parity with diffusers' schedulers on the tiny SD model (float32, whole ru
 numbers are recorded in docs/solvers.md."""
 from __future__ import annotations
 
+import importlib
 import math
 from pathlib import Path
 
@@ -70,9 +71,17 @@ STOCHASTIC = {  # solver: overrides making it stochastic (its defaults)
 EXCLUDED = {"dpm_adaptive": "adaptive", "reference": "adaptive ground truth", "restart": "stochastic",
             "diffusers": "runs a diffusers scheduler"}
 
+# Solver families tested in modules of their own (tests/plugins/test_solvers_<family>.py) declare
+# CLASSIFIED = {solver: where its order or parity is tested} and STOCHASTIC = {solver: overrides}.
+for _path in sorted(Path(__file__).parent.glob("test_solvers_*.py")):
+    _family = importlib.import_module(f"{__package__}.{_path.stem}")
+    STOCHASTIC = {**STOCHASTIC, **getattr(_family, "STOCHASTIC", {})}
+    EXCLUDED = {**EXCLUDED, **getattr(_family, "CLASSIFIED", {})}
+
 
 def test_every_solver_is_classified():
-    """A new conf/solver entry must be placed in the order table, the stochastic set or the excluded set."""
+    """A new conf/solver entry must be placed in the order table, the stochastic set or the excluded set
+    (here or in its family's test module)."""
     covered = {o[0].split("=")[1] for o, _, _ in ORDERS.values()} | set(STOCHASTIC) | set(EXCLUDED)
     assert sorted(set(SOLVERS) - covered) == []
 
