@@ -24,6 +24,7 @@ from framework.bases.embeddings import (
     scale_positions,
 )
 from framework.bases.guidance import JudgeFeatures, UncondGuidance, gram, load_image, perceptual_distance, pixel_size
+from framework.bases.guidance import NativeGuidance, PredictionSpace, flat_dot, split_parallel
 from framework.bases.loss_guidance import LossGuidance
 from framework.bases.momentum import MomentumPlugin, past_derivative
 from framework.bases.options import BH, ApplyTo, InitNoise, SolverType
@@ -65,3 +66,4 @@ __all__ = [
     "multistep_order", "past_derivative", "phi", "phis", "perceptual_distance", "pixel_size", "png_bytes", "replace_token",
     "scale_positions", "sigma_at_time", "sigma_range", "sigma_to_t", "to_pil", "world",
 ]
+__all__ += ["NativeGuidance", "PredictionSpace", "flat_dot", "split_parallel"]

@@ -1,8 +1,10 @@
-"""What guidance plugins share: the unconditional-pass request of the CFG combiners, image files
-(img2img, inpainting, reference images) and the small feature net of the perceptual and style
-losses."""
+"""What guidance plugins share: the unconditional-pass request of the CFG combiners, the
+combination of the conditional/unconditional pair in the model's native prediction space
+(:class:`NativeGuidance`), image files (img2img, inpainting, reference images) and the small
+feature net of the perceptual and style losses."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,7 @@ import torch
 
 from framework.core.markers import hookimpl
 from framework.core.errors import ConfigError
+from framework.core.settings import Choice
 
 
 class UncondGuidance:
@@ -21,6 +24,83 @@ class UncondGuidance:
     def configure(self, run) -> None:
         if run.model.is_conditional:
             run.request_uncond()
+
+
+class PredictionSpace(Choice):
+    """Where a CFG combiner combines the conditional and unconditional predictions: the model's
+    ``native`` output (ε for VP ε-models, v for v-prediction, the velocity for flow models: what
+    diffusers' guiders see) or the ``denoised`` estimate D (x0-space)."""
+
+    native = "native"
+    denoised = "denoised"
+
+
+@dataclass
+class NativeGuidance(UncondGuidance):
+    """Base of the CFG combiners that are not linear in the prediction (CFG-Zero*, TCFG, FDG,
+    MAMBO-G, CFGNorm, APG-mix), where the space they combine in changes the result.
+
+    The ``guidance`` hook converts the pair (D_cond, D_uncond) to ``space`` — the model adapter's
+    :meth:`~framework.core.model.Model.to_native` for ``native`` (the default) — calls
+    :meth:`combine` there and converts the result back to D. ``start``/``stop`` are the guidance
+    window as fractions of the run, as diffusers' guiders count it: the steps i with
+    ⌊start·N⌋ ≤ i < ⌊stop·N⌋ are guided, the others take the conditional prediction. A subclass
+    implements :meth:`combine` (the pair → the guided prediction, in ``space``), and may override
+    :meth:`guide` to act outside the window or without an unconditional pass (CFG-Zero*'s zero-init).
+    """
+
+    space: PredictionSpace = PredictionSpace.native
+    start: float = 0.0
+    stop: float = 1.0
+    #: True for a combiner that changes the prediction without an unconditional pass too.
+    acts_without_uncond = False
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        if not 0 <= self.start <= self.stop <= 1:
+            raise ConfigError(f"{name}: the window needs 0 ≤ start ≤ stop ≤ 1 (fractions of the run), "
+                              f"got start={self.start}, stop={self.stop}")
+
+    def in_window(self, index: int, steps: int) -> bool:
+        """Whether step ``index`` of ``steps`` is guided (diffusers' ``int(start·N) ≤ i < int(stop·N)``)."""
+        return int(self.start * steps) <= index < int(self.stop * steps)
+
+    def combine(self, state, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+        """The guided prediction from the pair, both in ``space``, per sample along dim 0."""
+        raise NotImplementedError
+
+    def guide(self, state, cond: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:
+        """The prediction the step uses, in ``space``: :meth:`combine` inside the window, else ``cond``."""
+        if uncond is None or not self.in_window(state.index, state.schedule.steps):
+            return cond
+        return self.combine(state, cond, uncond)
+
+    @hookimpl
+    def guidance(self, state, pred):
+        x, sigma = pred.x, pred.sigma
+        if pred.cond_denoised is None and not self.acts_without_uncond:
+            return pred
+        cond = pred.cond_denoised if pred.cond_denoised is not None else pred.denoised
+        if self.space == "denoised":
+            return pred.with_denoised(self.guide(state, cond, pred.uncond_denoised))
+        model = state.run.model
+        uncond = None if pred.uncond_denoised is None else model.to_native(x, sigma, pred.uncond_denoised)
+        guided = self.guide(state, model.to_native(x, sigma, cond), uncond)
+        return pred.with_denoised(model.from_native(x, sigma, guided))
+
+
+def flat_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample inner products ⟨a, b⟩ over all dims but the first, shaped to broadcast ([B, 1, …])."""
+    return (a * b).flatten(1).sum(1).reshape(-1, *[1] * (a.ndim - 1))
+
+
+def split_parallel(v: torch.Tensor, onto: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(v_∥, v_⊥): the parts of v parallel and orthogonal to ``onto``, per sample (over all dims but
+    the first), computed in float64 and returned in v's dtype (APG, FDG's parallel weights)."""
+    v64, u64 = v.double(), onto.double()
+    unit = u64 / u64.flatten(1).norm(dim=1).clamp_min(1e-12).reshape(-1, *[1] * (v.ndim - 1))
+    parallel = flat_dot(v64, unit) * unit
+    return parallel.to(v.dtype), (v64 - parallel).to(v.dtype)
 
 
 def pixel_size(model) -> tuple[int, int]:

@@ -98,6 +98,23 @@ class Model:
         d_uncond, d_cond = self.denoise_batch(torch.cat([x, x]), sigma, t, both).chunk(2)
         return Prediction(x=x, sigma=sigma, denoised=d_cond, cond_denoised=d_cond, uncond_denoised=d_uncond)
 
+    #: The space of the network's raw output, which diffusers' guiders act on: ``epsilon`` here (the
+    #: σ-space noise ε = (x − D)/σ, a VP ε-model's output), ``v_prediction``, ``flow`` (a flow model's
+    #: velocity v ≈ ε − x0) or ``x0`` (a denoiser that returns D itself) where an adapter overrides
+    #: :meth:`to_native` / :meth:`from_native`.
+    native_space: str = "epsilon"
+
+    def to_native(self, x: torch.Tensor, sigma: float, denoised: torch.Tensor) -> torch.Tensor:
+        """The network output (in :attr:`native_space`) that gives ``denoised`` at the state x and σ:
+        here ε = (x − D)/σ, the inverse of an ε-model's D = x − σ·ε. At σ = ∞ (where ε is not
+        defined by D) the limit up to a common factor, x − D: the guidance methods that are
+        homogeneous of degree one in the prediction pair combine it exactly as ε."""
+        return x - denoised if sigma == float("inf") else (x - denoised) / sigma
+
+    def from_native(self, x: torch.Tensor, sigma: float, native: torch.Tensor) -> torch.Tensor:
+        """D from a prediction in :attr:`native_space` (the inverse of :meth:`to_native`)."""
+        return x - native if sigma == float("inf") else x - sigma * native
+
 
 class _CFGBatch:
     """The [uncond; cond] batch of a batch's conditioning tensors, concatenated once per batch (not

@@ -53,6 +53,15 @@ class DenoiserAdapter(Model):
         s = torch.full((x.shape[0],), sigma, device=x.device, dtype=x.dtype)
         return self.network_for_call(self.denoiser)(x, s, **tensors)
 
+    native_space = "x0"
+
+    def to_native(self, x, sigma, denoised):
+        """A k-diffusion denoiser returns D itself: its native space is x0 (the identity)."""
+        return denoised
+
+    def from_native(self, x, sigma, native):
+        return native
+
     def exact_solution(self, x_start, sigma_start, sigma_end):
         fn = getattr(self.denoiser, "exact_solution", None)
         return None if fn is None else fn(x_start, sigma_start, sigma_end)

@@ -197,6 +197,25 @@ class StableDiffusion(Model):
             return x - sigma * u
         return x * vp_scale(sigma) ** 2 - sigma * vp_scale(sigma) * u
 
+    @property
+    def native_space(self) -> str:
+        """The UNet's output: ``epsilon`` or ``v_prediction`` (``flow`` for the flow families)."""
+        return self.prediction_type
+
+    def to_native(self, x, sigma, denoised):
+        """The UNet output u that gives D (the inverse of :meth:`denoise_batch`'s arithmetic):
+        ε-prediction u = (x − D)/σ; v-prediction u = (x·c² − D)/(σ·c), c = 1/√(σ² + 1)."""
+        if self.prediction_type == "epsilon":
+            return super().to_native(x, sigma, denoised)
+        c = vp_scale(sigma)
+        return (x * c**2 - denoised) / (sigma * c)
+
+    def from_native(self, x, sigma, native):
+        if self.prediction_type == "epsilon":
+            return super().from_native(x, sigma, native)
+        c = vp_scale(sigma)
+        return x * c**2 - sigma * c * native
+
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         tok = self.tokenizer(
             prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"

@@ -34,5 +34,17 @@ class FlowModel(Model):
         x_in = x if math.isinf(sigma) else x / (1 + sigma)
         return x_in - t * self.velocity(x_in, t, tensors)
 
+    native_space = "flow"
+
+    def to_native(self, x, sigma, denoised):
+        """The velocity v = (x_in − D)/t that gives D (the inverse of :meth:`denoise_batch`), also
+        at σ = ∞ (t = 1, x_in = x)."""
+        x_in = x if math.isinf(sigma) else x / (1 + sigma)
+        return (x_in - denoised) / flow_time(sigma)
+
+    def from_native(self, x, sigma, native):
+        x_in = x if math.isinf(sigma) else x / (1 + sigma)
+        return x_in - flow_time(sigma) * native
+
     def output_latents(self, x: torch.Tensor, sigma_last: float) -> torch.Tensor:
         return x if math.isinf(sigma_last) else x / (1 + sigma_last)  # at σ = ∞ the state is x_t (t = 1) itself

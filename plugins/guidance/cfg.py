@@ -7,7 +7,9 @@ unconditional input. An unconditional model, or scale 1 throughout, needs no sec
 Scale schedules over the run's progress p = i/(N − 1): ``shape=constant`` (s = cfg_scale),
 ``linear`` (from ``cfg_scale`` to ``end_scale``), ``cosine`` (cfg_scale + (end_scale − cfg_scale)·(1 − cos πp)/2).
 Guidance interval (Kynkäänniemi et al. 2024, the ``interval`` preset): guidance only for
-σ ∈ (sigma_lo, sigma_hi]; outside it D = D_cond.
+σ ∈ (sigma_lo, sigma_hi]; outside it D = D_cond. The same window as fractions of the run
+(diffusers' guiders' ``start``/``stop``): guidance only at the steps i with
+⌊start·N⌋ ≤ i < ⌊stop·N⌋ of the N steps; both windows may be given (guidance where both hold).
 """
 from __future__ import annotations
 
@@ -29,10 +31,15 @@ class CFG(UncondGuidance):
     shape: Shape = Shape.constant
     sigma_lo: float | None = None
     sigma_hi: float | None = None
+    start: float = 0.0
+    stop: float = 1.0
 
     def __post_init__(self) -> None:
         if self.sigma_lo is not None and self.sigma_hi is not None and self.sigma_lo >= self.sigma_hi:
             raise ConfigError(f"cfg needs sigma_lo < sigma_hi, got {self.sigma_lo} and {self.sigma_hi}")
+        if not 0 <= self.start <= self.stop <= 1:
+            raise ConfigError(f"cfg's step window needs 0 ≤ start ≤ stop ≤ 1 (fractions of the run), "
+                              f"got start={self.start}, stop={self.stop}")
 
     def scale_at(self, scale: float, index: int, steps: int) -> float:
         """The guidance scale at step ``index`` of ``steps``, starting from ``scale`` (cfg_scale)."""
@@ -44,10 +51,11 @@ class CFG(UncondGuidance):
             return scale + (end - scale) * (1 - math.cos(math.pi * p)) / 2
         return scale
 
-    def active(self, sigma: float) -> bool:
+    def active(self, sigma: float, index: int = 0, steps: int = 1) -> bool:
+        """Whether σ is in (sigma_lo, sigma_hi] and step ``index`` of ``steps`` in the step window."""
         lo = -math.inf if self.sigma_lo is None else self.sigma_lo
         hi = math.inf if self.sigma_hi is None else self.sigma_hi
-        return lo < sigma <= hi
+        return lo < sigma <= hi and int(self.start * steps) <= index < int(self.stop * steps)
 
     @hookimpl
     def configure(self, run):  # scale 1 throughout needs no unconditional pass
@@ -60,7 +68,7 @@ class CFG(UncondGuidance):
     def guidance(self, state, pred):
         if pred.uncond_denoised is None:
             return pred
-        if not self.active(pred.sigma):
+        if not self.active(pred.sigma, state.index, state.schedule.steps):
             return pred.with_denoised(pred.cond_denoised)
         s = self.scale_at(state.run.settings.cfg_scale, state.index, state.schedule.steps)
         return pred.with_denoised(pred.uncond_denoised + s * (pred.cond_denoised - pred.uncond_denoised))

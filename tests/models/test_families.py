@@ -31,6 +31,7 @@ CONDITIONING = sorted(p.stem for p in (CONF / "conditioning").glob("*.yaml"))
 MOMENTUM = sorted(p.stem for p in (CONF / "momentum").glob("*.yaml"))
 SMALL = ["steps=3", "num_samples=1", "batch_size=1", "prompts=['a x circle']", "save_images=false"]
 CFG_FAMILY = {"cfg", "apg", "cfg_rescale", "interval"}   # combine the negative-prompt pass with the prompt's
+CFG_FAMILY |= {"apg_mix", "cfg_norm", "cfg_zero_star", "fdg", "mambo_g", "tcfg"}   # the CFG family of issue 23
 
 #: (plugin, family) → the one line that refuses it (docs/models.md lists them).
 REFUSED = {
