@@ -41,7 +41,12 @@ def configure(run: Run) -> None:
     Check compatibility (raise :class:`framework.core.errors.ConfigError` with a one-line fix) and
     declare needs: ``run.request_uncond()`` when a guidance plugin needs the unconditional
     prediction (the model adapter then batches it), ``run.request_grad(self)`` when the plugin's
-    ``guidance`` must run with gradients enabled.
+    ``guidance`` must run with gradients enabled, ``run.request_branch(name, Perturbation(kind,
+    layers))`` for an extra evaluation of the network with a perturbation inside it (perturbation
+    guidance: identity or blurred self-attention, skipped blocks, dropped text attention; see
+    :mod:`framework.core.perturb`), ``run.request_attention_map(name, layer)`` to capture a layer's
+    self-attention maps. The model checks the layers here (a layer that does not exist, a model
+    without attention: ``ConfigError``).
     """
 
 
@@ -125,6 +130,14 @@ def predict(state: SamplerState, x: torch.Tensor, sigma: float, cond: Conditioni
     Returns a :class:`Prediction`; when ``cond.uncond`` is present the adapter batches the
     unconditional pass and fills ``cond_denoised``/``uncond_denoised`` (``denoised`` is then the
     conditional one until a guidance plugin combines them). The engine counts one NFE per call.
+
+    Each branch requested with ``run.request_branch`` and active at this evaluation (its ``when``)
+    is evaluated at the same ``(x, sigma)`` with its perturbation applied inside the network to that
+    branch only, and removed afterwards even when the call raises; its denoised is
+    ``pred.branches[name]``. The adapter stacks [uncond; cond; branches…] into one network call when
+    it can perturb a slice of the batch (``Model.perturbs_slices``), else it calls the network once
+    more per branch. ``batch.unet_calls`` counts network calls, ``batch.network_inputs`` the inputs
+    per sample (a CFG pair 2, with one branch 3: 1.5 NFE in the papers' CFG-pair convention).
     """
 
 

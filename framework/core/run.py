@@ -9,7 +9,9 @@ from typing import Any, Callable
 import torch
 from omegaconf import DictConfig
 
+from framework.core.errors import ConfigError
 from framework.core.model import Model
+from framework.core.perturb import Branch, BranchPrompt, Perturbation
 from framework.core.registry import PluginSet
 from framework.core.settings import Settings
 from framework.core.state import Schedule, Stash
@@ -49,14 +51,37 @@ class Run:
         self.schedule: Schedule | None = None  # the grid every batch samples on, once it is made
         self.hooks: Hooks | None = None  # resolved by the engine after ``configure``
         self.stash = Stash()
-        self.needs_uncond = False
+        self.needs_uncond = False  # encode the negative prompt
+        self.uncond_pass = False  # evaluate it unperturbed (CFG); branches may use it without
+        self.branches: list[Branch] = []
+        self.attention_maps: dict[str, int] = {}  # name → layer whose self-attention maps are captured
         self.finite_checks = False
         self._grad_plugins: set[int] = set()
 
     # declarations made in ``configure``
     def request_uncond(self) -> None:
         """Ask the model adapter to batch the unconditional (negative-prompt) pass."""
-        self.needs_uncond = True
+        self.needs_uncond = self.uncond_pass = True
+
+    def request_branch(self, name: str, perturbation: Perturbation, prompt: str = "cond",
+                       when: Callable[[Any, float], bool] | None = None) -> None:
+        """Ask the model adapter for an extra branch of every evaluation (where ``when(state, σ)``
+        holds): the network at the same (x, σ) with ``perturbation`` applied inside it, on the
+        prompt (``cond``) or the negative prompt (``uncond``); its denoised is
+        ``pred.branches[name]`` (:mod:`framework.core.perturb`). The model checks the layers now."""
+        if any(b.name == name for b in self.branches):
+            raise ConfigError(f"two plugins request the network branch '{name}': give them different names")
+        branch = Branch(name, perturbation, BranchPrompt(str(prompt)), when)
+        self.model.check_perturbation(perturbation)
+        self.branches.append(branch)
+        if branch.prompt == BranchPrompt.uncond:
+            self.needs_uncond = True
+
+    def request_attention_map(self, name: str, layer: int) -> None:
+        """Capture the self-attention probabilities of model layer ``layer`` (averaged over heads) at
+        every evaluation, unperturbed: ``pred.attention[name]`` (SAG's mask)."""
+        self.model.check_perturbation(Perturbation("identity_attention", (layer,)))
+        self.attention_maps[name] = layer
 
     def request_grad(self, plugin: object) -> None:
         """Run ``plugin``'s guidance hook with gradients enabled."""

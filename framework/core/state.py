@@ -90,7 +90,10 @@ class Prediction:
 
     ``denoised`` is the guided estimate of x0 the solver uses; ``cond_denoised``/``uncond_denoised``
     are the two halves of a classifier-free-guidance batch (None when there was none). A latent
-    correction (loss guidance) moves ``x``: see :meth:`shifted`.
+    correction (loss guidance) moves ``x``: see :meth:`shifted`. ``branches`` holds the denoised of
+    each perturbed branch a plugin requested (``run.request_branch``) and evaluated here, by name;
+    ``attention`` the self-attention maps a plugin asked to capture (``run.request_attention_map``):
+    name → {"cond": map, "uncond": map or None}, each [B, heads-mean query, key].
     """
 
     x: torch.Tensor
@@ -98,6 +101,8 @@ class Prediction:
     denoised: torch.Tensor
     cond_denoised: torch.Tensor | None = None
     uncond_denoised: torch.Tensor | None = None
+    branches: dict[str, torch.Tensor] = field(default_factory=dict)
+    attention: dict[str, dict[str, torch.Tensor | None]] = field(default_factory=dict)
 
     @property
     def derivative(self) -> torch.Tensor:
@@ -119,6 +124,8 @@ class Prediction:
             denoised=self.denoised + delta,
             cond_denoised=None if self.cond_denoised is None else self.cond_denoised + delta,
             uncond_denoised=None if self.uncond_denoised is None else self.uncond_denoised + delta,
+            branches={k: v + delta for k, v in self.branches.items()},
+            attention=self.attention,
         )
 
 
@@ -167,6 +174,7 @@ class Batch:
     failure: list[str] = field(default_factory=list)
     nfe: int = 0
     unet_calls: int = 0
+    network_inputs: int = 0  # rows the network evaluated, per sample (a CFG pair: 2, + a perturbed branch: 3)
     resumed: bool = False  # read back from the run folder instead of sampled
 
 

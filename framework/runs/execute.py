@@ -88,6 +88,10 @@ def _execute(cfg: DictConfig, choices: dict[str, str], model: object | None, fol
     run.metrics.update(nfe=sum(b.batch.nfe for b in made) / len(made),
                        unet_calls=sum(b.batch.unet_calls for b in made) / len(made),
                        seconds=seconds, seconds_per_sample=seconds / (sampled or len(indices)))
+    fresh = [b.batch for b in made if not b.batch.resumed]  # batch files keep no input count: fresh batches only
+    if fresh:  # network inputs per sample, and NFE in the CFG-pair convention (record's nfe_convention)
+        inputs = sum(b.network_inputs for b in fresh) / len(fresh)
+        run.metrics.update(network_inputs=inputs, nfe_pairs=inputs / 2)
     result = Result(x_T=torch.cat([b.x_T for b in made]), latents=torch.cat([b.x for b in made]),
                     images=None if made[0].images is None else torch.cat([b.images for b in made]),
                     record={}, schedule=run.schedule, failed=list(failed), indices=list(indices),

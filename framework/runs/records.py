@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 
 import framework
 from framework.core.memo import Memo
+from framework.core.perturb import NFE_CONVENTION
 from framework.core.run import Result, Run
 
 SCHEMA_VERSION = 2
@@ -250,6 +251,7 @@ def build(run: Run, result: Result) -> dict[str, Any]:
         "timesteps": None if result.schedule.timesteps is None else list(result.schedule.timesteps),
         "init_noise_scale": result.schedule.init_noise_scale,
         "metrics": dict(run.metrics),
+        "nfe_convention": NFE_CONVENTION,
         "seed": s.seed,
         "num_samples": s.num_samples,
         "shard": {"index": s.shard_index, "count": s.shard_count, "start": indices.start, "stop": indices.stop},
