@@ -10,13 +10,14 @@ themselves (diffusers pipelines, analytic denoisers, any k-diffusion-style denoi
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 
 from framework.core.errors import ConfigError
 from framework.core.markers import hookimpl
-from framework.core.state import Conditioning, Prediction, StepView
+from framework.core.perturb import BranchPrompt, Perturbation
+from framework.core.state import Batch, Conditioning, Prediction, StepView
 
 
 class Model:
@@ -50,9 +51,12 @@ class Model:
 
     def network_for_call(self, eager: Any) -> Any:
         """The compiled network set by :meth:`prepare_network` (``self._compiled``) when there is one
-        and no gradient is needed; else ``eager`` (loss guidance differentiates the eager module)."""
+        and no gradient is needed; else ``eager`` (loss guidance differentiates the eager module, and
+        perturbed calls run the eager module, whose hooks a compiled graph would not see)."""
         compiled = getattr(self, "_compiled", None)
-        return eager if compiled is None or torch.is_grad_enabled() else compiled
+        return eager if compiled is None or torch.is_grad_enabled() or self._eager_only else compiled
+
+    _eager_only: bool = False
 
     def prepare_schedule(self, schedule: Any) -> None:
         """Called once per run with the final grid (a :class:`Schedule`): place per-step constants
@@ -83,20 +87,103 @@ class Model:
         """The exact (or high-accuracy reference) probability-flow ODE solution, if known."""
         return None
 
+    # ---- perturbed evaluations (framework.core.perturb) ----------------------------------------
+    #: Whether the adapter can apply a perturbation to a slice of the batch: then the CFG pair and the
+    #: perturbed branches are one network call; else each perturbed branch is a call of its own.
+    perturbs_slices: bool = True
+
+    def perturbation_layers(self) -> list[str]:
+        """The layers a :class:`Perturbation` indexes, by name, in index order (none: the model has no
+        attention to perturb)."""
+        return []
+
+    def check_perturbation(self, perturbation: Perturbation) -> None:
+        """Refuse, with one line, a perturbation this model cannot apply (called at ``configure``)."""
+        layers = self.perturbation_layers()
+        name = type(self).__name__
+        if not layers:
+            raise ConfigError(f"model {name} has no attention layers to perturb ({perturbation.kind}): perturbation guidance "
+                              "needs a network model (bundled, sd15, sdxl, sd3, flux, tiny_*); remove the plugin")
+        bad = [i for i in perturbation.layers if not 0 <= i < len(layers)]
+        if bad:
+            raise ConfigError(f"layer {bad[0]} does not exist: model {name} has layers 0–{len(layers) - 1} "
+                              f"({layers[0]} … {layers[-1]}); choose layers in that range")
+
+    def perturbed(self, plan: list[tuple[slice, Perturbation]], maps: dict[str, int]) -> ContextManager[dict[str, torch.Tensor]]:
+        """A context in which the network's next call applies each perturbation of ``plan`` to its
+        rows only and records the self-attention maps of ``maps`` (name → layer; the dict it yields
+        fills in). Everything it installs is removed on exit, also when the call raises."""
+        raise ConfigError(f"model {type(self).__name__} cannot perturb its network")
+
+    def _call(self, x: torch.Tensor, sigma: float, t: float | None, tensors: dict[str, torch.Tensor],
+              plan: list[tuple[slice, Perturbation]], maps: dict[str, int], batch: Batch, rows: int
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One network call over ``rows`` stacked inputs per sample, counted."""
+        batch.unet_calls += 1
+        batch.network_inputs += rows
+        if not plan and not maps:
+            return self.denoise_batch(x, sigma, t, tensors), {}
+        with self.perturbed(plan, maps) as captured:
+            self._eager_only = True
+            try:
+                return self.denoise_batch(x, sigma, t, tensors), captured
+            finally:
+                self._eager_only = False
+
+    def evaluate(self, state: StepView, x: torch.Tensor, sigma: float, prompt: str = "cond",
+                 perturbation: Perturbation | None = None) -> torch.Tensor:
+        """One more network evaluation (one call, one input per sample, one NFE) at ``(x, σ)`` with
+        the prompt or the negative prompt, optionally perturbed: the denoised, unguided. For plugins
+        whose extra input depends on the evaluation itself (SAG's re-noised blurred prediction)."""
+        cond = state.batch.cond
+        tensors = {} if cond is None else cond.uncond if prompt == "uncond" else cond.tensors
+        if tensors is None:
+            raise ConfigError("an evaluation with the negative prompt needs run.request_uncond() in configure")
+        state.batch.nfe += 1
+        plan = [] if perturbation is None else [(slice(0, x.shape[0]), perturbation)]
+        return self._call(x, sigma, state.schedule.timestep(sigma), tensors, plan, {}, state.batch, 1)[0]
+
     @hookimpl
     def predict(self, state: StepView, x: torch.Tensor, sigma: float, cond: Conditioning | None) -> Prediction:
-        """One evaluation, the conditional and unconditional passes batched into one network call
-        when ``cond.uncond`` is present (one entry of ``batch.unet_calls`` either way)."""
+        """One evaluation: the conditional pass, the unconditional one when ``cond.uncond`` is present,
+        and the perturbed branches plugins requested (``run.request_branch``) — one network call when
+        the adapter perturbs slices (:attr:`perturbs_slices`), else the pair plus one call per branch.
+        ``batch.unet_calls`` counts the calls, ``batch.network_inputs`` the inputs per sample."""
         t = state.schedule.timestep(sigma)
         tensors = cond.tensors if cond is not None else {}
-        if cond is None or cond.uncond is None:
-            state.batch.unet_calls += 1
-            d = self.denoise_batch(x, sigma, t, tensors)
-            return Prediction(x=x, sigma=sigma, denoised=d)
-        both = state.batch.stash.get(self, lambda: _CFGBatch()).tensors(cond.uncond, tensors)
-        state.batch.unet_calls += 1
-        d_uncond, d_cond = self.denoise_batch(torch.cat([x, x]), sigma, t, both).chunk(2)
-        return Prediction(x=x, sigma=sigma, denoised=d_cond, cond_denoised=d_cond, uncond_denoised=d_uncond)
+        run = getattr(state, "run", None)
+        branches = [b for b in getattr(run, "branches", ()) if b.active(state, sigma)]
+        maps: dict[str, int] = dict(getattr(run, "attention_maps", {}))
+        uncond = None if cond is None else cond.uncond
+        plain_uncond = uncond is not None and (getattr(run, "uncond_pass", True) or not getattr(run, "branches", ()))
+        parts = ([uncond] if plain_uncond else []) + [tensors]  # type: ignore[list-item]
+        n, batch = x.shape[0], state.batch
+        if branches and uncond is None and any(b.prompt == BranchPrompt.uncond for b in branches):
+            raise ConfigError("a branch on the negative prompt needs its encoding: request it with the branch")
+        if branches and self.perturbs_slices:
+            parts += [uncond if b.prompt == BranchPrompt.uncond else tensors for b in branches]  # type: ignore[misc]
+            plan = [(slice(n * (len(parts) - len(branches) + k), n * (len(parts) - len(branches) + k + 1)), b.perturbation)
+                    for k, b in enumerate(branches)]
+            outs, captured = self._stacked(x, sigma, t, parts, plan, maps, batch)
+            d = list(outs.chunk(len(parts)))
+            found = {b.name: d[len(d) - len(branches) + k] for k, b in enumerate(branches)}
+            d = d[:len(d) - len(branches)]
+        else:
+            outs, captured = self._stacked(x, sigma, t, parts, [], maps, batch)
+            d = list(outs.chunk(len(parts)))
+            found = {b.name: self._call(x, sigma, t, tensors if b.prompt == BranchPrompt.cond else uncond,  # type: ignore[arg-type]
+                                        [(slice(0, n), b.perturbation)], {}, batch, 1)[0] for b in branches}
+        attention = {name: {"cond": m[n * (len(d) - 1):n * len(d)], "uncond": m[:n] if len(d) == 2 else None}
+                     for name, m in captured.items()}
+        d_cond = d[-1]
+        return Prediction(x=x, sigma=sigma, denoised=d_cond, cond_denoised=d_cond if len(d) == 2 else None,
+                          uncond_denoised=d[0] if len(d) == 2 else None, branches=found, attention=attention)
+
+    def _stacked(self, x, sigma, t, parts, plan, maps, batch):
+        """The network on x repeated once per conditioning in ``parts`` (concatenated once per batch)."""
+        both = parts[0] if len(parts) == 1 else batch.stash.get(self, _Stacked).tensors(parts)
+        xs = x if len(parts) == 1 else torch.cat([x] * len(parts))
+        return self._call(xs, sigma, t, both, plan, maps, batch, len(parts))
 
     #: The space of the network's raw output, which diffusers' guiders act on: ``epsilon`` here (the
     #: σ-space noise ε = (x − D)/σ, a VP ε-model's output), ``v_prediction``, ``flow`` (a flow model's
@@ -116,17 +203,18 @@ class Model:
         return x - native if sigma == float("inf") else x - sigma * native
 
 
-class _CFGBatch:
-    """The [uncond; cond] batch of a batch's conditioning tensors, concatenated once per batch (not
-    per step): reused while the same tensor objects come in (kept in the batch's stash)."""
+class _Stacked:
+    """The stacked conditioning tensors of a batch ([uncond; cond; branches…]), concatenated once per
+    batch (not per step): reused while the same tensor objects come in (kept in the batch's stash)."""
 
     def __init__(self) -> None:
-        self.parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.parts: list[list[torch.Tensor]] = []
         self.both: dict[str, torch.Tensor] = {}
 
-    def tensors(self, uncond: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        parts = [(uncond[k], v) for k, v in tensors.items()]
-        if len(parts) != len(self.parts) or any(a is not c or b is not d for (a, b), (c, d) in zip(parts, self.parts)):
+    def tensors(self, dicts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        parts = [[d[k] for d in dicts] for k in dicts[-1]]
+        if len(parts) != len(self.parts) or any(len(a) != len(b) or any(u is not v for u, v in zip(a, b))
+                                                for a, b in zip(parts, self.parts)):
             self.parts = parts
-            self.both = {k: torch.cat([u, v]) for k, (u, v) in zip(tensors, parts)}
+            self.both = {k: torch.cat(p) for k, p in zip(dicts[-1], parts)}
         return self.both

@@ -170,6 +170,25 @@ class StableDiffusion(Model):
             if compile else None
         )
 
+    def perturbation_layers(self) -> list[str]:
+        """The network's transformer blocks (:mod:`framework.models.perturb`), the layers a
+        perturbation indexes."""
+        from framework.models import perturb
+
+        return [name for name, _ in perturb.transformer_blocks(self.unet)]
+
+    def check_perturbation(self, perturbation: Any) -> None:
+        from framework.models import perturb
+
+        super().check_perturbation(perturbation)
+        perturb.check(self.unet, perturbation)
+
+    def perturbed(self, plan: Any, maps: dict[str, int]) -> Any:
+        """Perturbations on rows of the next UNet/transformer call (:mod:`framework.models.perturb`)."""
+        from framework.models import perturb
+
+        return perturb.perturbed(self.unet, plan, maps, self.latent_shape[-2] / self.latent_shape[-1])
+
     def prepare_schedule(self, schedule: Any) -> None:
         """The timestep of every σ of the grid as 0-d device tensors, made with one transfer; the
         steps look them up instead of creating a tensor from a Python float each time. (Each its
