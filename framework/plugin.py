@@ -73,3 +73,8 @@ from framework.maths.blur import gaussian_blur_2d, grid_of
 
 __all__ += ["PerturbationGuidance", "Perturbation", "PerturbKind", "check_window", "default_layers", "step_window",
             "gaussian_blur_2d", "grid_of"]
+from framework.maths.tableaux import TABLEAUX, Tableau
+from framework.maths.tableaux import build as build_tableau
+from framework.maths.tableaux import preset as tableau_preset
+
+__all__ += ["TABLEAUX", "Tableau", "build_tableau", "tableau_preset"]
