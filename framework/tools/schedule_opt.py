@@ -1,0 +1,604 @@
+"""``samplerlab-optimize-schedule``: σ grids optimised for one model, solver and NFE budget from a
+small calibration set (prompts × seed), written to a schedule file that ``schedule=optimized`` reads.
+
+    samplerlab-optimize-schedule method=gits solver=dpmpp_2m nfe=[5,6,8,10] model=bundled
+    samplerlab-optimize-schedule method=oss solver=unipc model=mixture dtype=float64 out=mix_oss.json
+
+Every method runs the *actual* solver plugin (its ``step`` hook, history and stash, with the run's
+guidance) on trial grids through :class:`Sampler`, one step at a time, so a grid is optimised for
+the sampler that will use it. The target is a teacher trajectory on a fine grid of ``fine``
+σ values, log-uniform from σ_max to σ_min, then 0 (the teacher solver on each fine interval split
+into ``teacher_substeps`` log-uniform steps; ``teacher=reference`` is scipy's DOP853); its end is
+D at σ_min, the final step every fixed-step solver takes.
+
+Methods (``method=``):
+
+- ``gits`` — Chen et al. 2024 ("On the trajectory regularity of ODE-based diffusion sampling",
+  GITS): the cost of a step from fine point i to j is the local truncation error of one solver step
+  started on the teacher trajectory at i, ‖step(x*_i, σ_i → σ_j) − x*_j‖ (RMS); the grid is the
+  K-step path from σ_max to 0 of least summed cost, found exactly by dynamic programming over the
+  fine points. The step is history-free, so a multistep solver's cost is that of its first
+  (warm-up) step, as GITS's DDIM-based cost.
+- ``oss`` — Optimal Stepsize Distillation (Pei et al. 2025): dynamic programming over (steps
+  taken k, fine point j) that carries the *student's* own state (x, history, stash) along the best
+  path: dp[k][j] = min_i ‖step(z[k−1][i] → σ_j) − x*_j‖, z[k][j] the state it reaches; the
+  objective is the final error ‖z[K][0] − x*_0‖ on the calibration set.
+- ``ays`` — Align Your Steps (Sabour et al. 2024): minimise the summed KLUB of the Euler/DDIM
+  steps, KLUB(σ_a → σ_b) = ∫_{σ_b}^{σ_a} σ^{−3} E‖D(x_σ, σ) − D(x_{σ_a}, σ_a)‖² dσ, x_σ = x0 + σ·ε
+  with x0 the teacher's samples (the model's own "data") and ε the calibration noise, by iterative
+  refinement: coordinate descent, each interior σ_i moved to the fine point that minimises the
+  KLUB of its two intervals, sweeps until no point moves (≤ ``iterations``). Endpoints σ_max and
+  σ_min stay fixed; the objective does not depend on the solver (AYS's transfer assumption).
+- ``ld3`` — a learned grid after LD3 (Tong et al. 2024): the final-sample latent error
+  ‖Φ_grid(x_T) − x*_0‖ is differentiated w.r.t. the log-σ grid through the solver and the model
+  and minimised by Adam, starting from the GITS grid. The solver plugins take σ as Python floats,
+  so autograd cannot see the grid: the derivative is a central difference (±``fd_step`` in log σ)
+  through the real sampler, reusing the unchanged prefix of the trajectory. Stops after
+  ``iterations`` steps or ``seconds`` per budget; the best grid seen is kept.
+
+NFE: the optimiser works in NFE budgets. NFE(steps) of the solver is measured on two probe grids
+(the engine's count, affine in steps for every fixed-step solver); a budget no step count meets
+exactly (Heun: 2·steps − 1 on a grid ending at 0, so no even NFE) is refused with one line.
+
+Resumable: the schedule file is rewritten after every finished budget; a rerun with the same
+model weights, solver, method, calibration set and settings skips the budgets already in it.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from framework.core.errors import ConfigError, SamplerlabError, call
+from framework.core.state import Prediction, Schedule, Stash, StepRecord
+from framework.core.step import Denoiser, SamplerState
+
+METHODS = ("gits", "oss", "ays", "ld3")
+CALIBRATION_PROMPTS = ("a red circle", "a green square", "a blue triangle", "a yellow diamond", "a purple circle",
+                       "an orange square", "a white triangle", "a black diamond")
+
+
+# --- options ----------------------------------------------------------------------------------------
+
+@dataclass
+class Calibration:
+    prompts: list[str] = field(default_factory=lambda: list(CALIBRATION_PROMPTS))
+    seed: int = 1000
+    num_samples: int = 8
+
+
+@dataclass
+class Options:
+    """The tool's own keys; every other override goes to the samplerlab config (model, solver, …)."""
+
+    method: str = "gits"
+    nfe: list[int] = field(default_factory=lambda: [5, 6, 8, 10])
+    out: str | None = None  # default: schedules/<model>_<solver>_<method>.json
+    fine: int = 32  # fine σ points (σ_max … σ_min) the DP / KLUB methods choose from
+    teacher: str = "unipc"  # the teacher's solver plugin (reference: DOP853)
+    teacher_substeps: int = 4
+    teacher_rtol: float = 1e-6  # teacher=reference only
+    iterations: int = 20  # ays sweeps / ld3 Adam steps
+    seconds: float = 300.0  # ld3: time cap per budget
+    lr: float = 0.05  # ld3: Adam's step in log σ
+    fd_step: float = 0.02  # ld3: central-difference step in log σ
+    resume: bool = True
+    plot: bool = True
+    progress: bool = True
+    calibration: Calibration = field(default_factory=Calibration)
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"method={self.method}: choose from {', '.join(METHODS)}")
+        if not self.nfe or any(int(n) < 1 for n in self.nfe):
+            raise ConfigError(f"nfe must be a list of budgets ≥ 1, e.g. nfe=[5,6,8,10], got {self.nfe}")
+        if self.fine < 4:
+            raise ConfigError(f"fine={self.fine}: the fine grid needs at least 4 points")
+        if self.teacher_substeps < 1 or self.calibration.num_samples < 1:
+            raise ConfigError("teacher_substeps and calibration.num_samples must be ≥ 1")
+
+
+# --- the sampler, one step at a time --------------------------------------------------------------
+
+@dataclass
+class Node:
+    """A state of the sampler: x at σ after ``index`` steps along ``path``, with the batch's
+    history and stash as the solver left them; ``pred`` is the (guided, final) evaluation at
+    (x, σ) once made, shared by every step taken from here."""
+
+    x: torch.Tensor
+    sigma: float
+    index: int
+    path: tuple[float, ...]
+    history: list[StepRecord] = field(default_factory=list)
+    stash: Stash = field(default_factory=Stash)
+    pred: tuple[Prediction, Prediction] | None = None
+
+
+def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).pow(2).mean().sqrt())
+
+
+class Sampler:
+    """The engine's loop for one calibration batch, opened once, driven step by step on any grid:
+    the run's model, guidance and momentum, and its solver plugin (or another ``step``)."""
+
+    def __init__(self, overrides: Sequence[str], model: object | None = None):
+        from framework.core import engine
+        from framework.core.settings import read_settings
+        from framework.entry.compose import compose
+        from framework.models.base import wrap_model
+
+        cfg, choices = compose(list(overrides))
+        self.cfg, self.choices = cfg, choices
+        self.run = engine.open_run(cfg, choices, wrap_model, None if model is None else wrap_model(model))
+        if self.run.schedule is not None and self.run.schedule.from_infinity:
+            raise ConfigError("schedule optimisation needs a model whose grid starts at a finite σ_max")
+        self.model = self.run.model
+        self.sigma_max, self.sigma_min = float(self.model.sigma_max), float(self.model.sigma_min)
+        settings = read_settings(cfg)
+        self.batch = engine.new_batch(self.run, list(settings.indices()))
+        self.noise = self.batch.noise.draw()
+        assert self.run.hooks is not None
+        self.step_name, self.step_fn = self.run.hooks.step
+        self.nfe = 0
+
+    def start(self, sigma: float | None = None) -> Node:
+        s = self.sigma_max if sigma is None else sigma
+        return Node(self.noise * s, s, 0, (s,))
+
+    def _state(self, node: Node, schedule: Schedule, history: list[StepRecord], stash: Stash):
+        batch = replace(self.batch, history=history, stash=stash, nfe=0)
+        den = Denoiser(self.run, batch)
+        state = SamplerState(run=self.run, batch=batch, index=node.index, x=node.x, sigma=node.sigma,
+                             schedule=schedule, denoise=den)
+        den.state = state
+        return state, den, batch
+
+    def evaluate(self, node: Node) -> tuple[Prediction, Prediction]:
+        """(guided, after momentum) at the node, made once."""
+        if node.pred is None:
+            sched = Schedule(node.path + (0.0,), None, node.path[0]) if node.sigma > 0 else None
+            assert sched is not None
+            state, den, batch = self._state(node, sched, list(node.history), node.stash)
+            with torch.no_grad():
+                guided = pred = den.evaluate(node.x, node.sigma)
+                for name, fn in self.run.hooks.momentum:
+                    pred = call(name, "momentum", fn, state=state, pred=pred)
+            self.nfe += batch.nfe
+            node.pred = (guided, pred)
+        return node.pred
+
+    def step(self, node: Node, sigma_next: float, total: int, step_fn: Callable | None = None) -> Node:
+        """One step of the solver from ``node`` to ``sigma_next`` as step ``node.index`` of a
+        ``total``-step grid (the rest of the grid, which the solver may read, is filled
+        geometrically down to 0)."""
+        rest = total - node.index - 1
+        if rest < 0 or (rest == 0) != (sigma_next == 0) or not sigma_next < node.sigma:
+            raise ValueError(f"bad step {node.sigma} → {sigma_next} at {node.index} of {total}")
+        tail = tuple(sigma_next * 0.5 ** m for m in range(1, rest)) + ((0.0,) if rest else ())
+        schedule = Schedule(node.path + (sigma_next,) + tail, None, node.path[0])
+        guided, pred = self.evaluate(node)
+        state, den, batch = self._state(node, schedule, list(node.history), copy.deepcopy(node.stash))
+        state.guided, state.pred, state.x = guided, pred, pred.x
+        fn = step_fn or self.step_fn
+        with torch.no_grad():
+            x_next = call(self.step_name, "step", fn, state=state, denoise=den)
+        self.nfe += batch.nfe
+        rec = StepRecord(node.index, node.sigma, sigma_next, state.x, guided.denoised, pred.denoised, x_next)
+        return Node(x_next, sigma_next, node.index + 1, node.path + (sigma_next,), node.history + [rec], batch.stash)
+
+    def trajectory(self, grid: Sequence[float], step_fn: Callable | None = None,
+                   start: Node | None = None) -> list[Node]:
+        """Every node along ``grid`` (descending, ending at 0), from ``start`` (default x_T at grid[0])."""
+        nodes = [start or self.start(grid[0])]
+        total = len(grid) - 1
+        for s in grid[nodes[0].index + 1:]:
+            nodes.append(self.step(nodes[-1], float(s), total, step_fn))
+        return nodes
+
+    def steps_for_nfe(self, budget: int) -> int:
+        """The step count whose NFE equals ``budget`` (NFE(steps) measured on two probe grids)."""
+        if not hasattr(self, "_affine"):
+            counts = []
+            for k in (2, 3, 4):
+                before = self.nfe
+                self.trajectory(list(np.geomspace(self.sigma_max, self.sigma_min, k)) + [0.0])
+                counts.append(self.nfe - before)
+            a, b = counts[1] - counts[0], counts[0] - 2 * (counts[1] - counts[0])
+            if counts[2] - counts[1] != a or a < 1:
+                raise ConfigError(f"solver={self.choices.get('solver')}: its NFE is not affine in steps "
+                                  f"({counts} for 2, 3, 4 steps): it cannot be given a fixed NFE budget")
+            self._affine = (a, b)
+        a, b = self._affine
+        k = (budget - b) / a
+        if k != int(k) or k < 1:
+            near = sorted({int(a * s + b) for s in (math.floor(k), math.ceil(k)) if s >= 1})
+            raise ConfigError(f"solver={self.choices.get('solver')} takes {a}·steps{b:+d} evaluations on a grid "
+                              f"ending at 0: NFE {budget} is not reachable (nearest: {', '.join(map(str, near))})")
+        return int(k)
+
+
+# --- the teacher and the fine grid ----------------------------------------------------------------
+
+@dataclass
+class Teacher:
+    fine: list[float]  # σ_max … σ_min, 0
+    x: list[torch.Tensor]  # the teacher's state at each fine σ; x[-1] = D at σ_min (the target)
+    preds: list[tuple[Prediction, Prediction]]  # evaluations at the nonzero fine points
+    nfe: int
+
+
+def fine_grid(sigma_max: float, sigma_min: float, n: int) -> list[float]:
+    g = np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
+    g[0], g[-1] = sigma_max, sigma_min
+    return [float(s) for s in g] + [0.0]
+
+
+def teacher_solver(name: str, rtol: float) -> Callable:
+    """The ``step`` hook of solver plugin ``name`` (``reference``: DOP853 at ``rtol``, final step D)."""
+    from framework.core.registry import instantiate
+    from framework.entry.compose import compose
+
+    extra = [f"solver.rtol={rtol!r}", f"solver.atol={rtol!r}", "solver.final=denoise"] if name == "reference" else []
+    node = compose([f"solver={name}", *extra])[0].solver
+    return instantiate(node, f"solver={name}").step
+
+
+def make_teacher(sampler: Sampler, fine: list[float], solver: str, substeps: int, rtol: float) -> Teacher:
+    grid: list[float] = []
+    for a, b in zip(fine[:-1], fine[1:]):
+        grid += [a] if b == 0 else [a] + [float(s) for s in np.exp(np.linspace(math.log(a), math.log(b), substeps + 1))[1:-1]]
+    grid.append(0.0)
+    before = sampler.nfe
+    nodes = sampler.trajectory(grid, teacher_solver(solver, rtol))
+    at = {n.sigma: n for n in nodes}
+    xs = [at[s].x for s in fine]
+    preds = [sampler.evaluate(at[s]) for s in fine[:-1]]
+    return Teacher(fine, xs, preds, sampler.nfe - before)
+
+
+def _fine_node(teacher: Teacher, i: int) -> Node:
+    s = teacher.fine[i]
+    return Node(teacher.x[i], s, 0, (s,), pred=teacher.preds[i])
+
+
+# --- dynamic programming ---------------------------------------------------------------------------
+
+def dp_path(cost: Callable[[int, int], float], last: int, steps: int) -> tuple[list[int], float]:
+    """The path 0 = p_0 < p_1 < … < p_steps = ``last`` of least Σ cost(p_k, p_{k+1}) (exact)."""
+    if not 1 <= steps <= last:
+        raise ValueError(f"cannot reach point {last} in {steps} steps")
+    inf = math.inf
+    best = [[inf] * (last + 1) for _ in range(steps + 1)]
+    back = [[-1] * (last + 1) for _ in range(steps + 1)]
+    best[0][0] = 0.0
+    for k in range(1, steps + 1):
+        lo, hi = k, last - (steps - k)
+        for j in range(lo, hi + 1):
+            for i in range(k - 1, j):
+                if best[k - 1][i] < inf:
+                    c = best[k - 1][i] + cost(i, j)
+                    if c < best[k][j]:
+                        best[k][j], back[k][j] = c, i
+    path = [last]
+    for k in range(steps, 0, -1):
+        path.append(back[k][path[-1]])
+    return path[::-1], best[steps][last]
+
+
+def gits(sampler: Sampler, teacher: Teacher, steps: int) -> tuple[list[float], float]:
+    """GITS: exact least summed local truncation error over the fine points."""
+    fine, last = teacher.fine, len(teacher.fine) - 1
+    memo: dict[tuple[int, int], float] = {}
+
+    def cost(i: int, j: int) -> float:
+        if (i, j) not in memo:
+            total = 1 if j == last else 2
+            nxt = sampler.step(_fine_node(teacher, i), fine[j], total)
+            memo[(i, j)] = rmse(nxt.x, teacher.x[j])
+        return memo[(i, j)]
+
+    path, obj = dp_path(cost, last, steps)
+    return [fine[p] for p in path], obj
+
+
+def oss(sampler: Sampler, teacher: Teacher, steps: int) -> tuple[list[float], float]:
+    """OSS: the student's state carried along the best path to every (steps taken, fine point)."""
+    fine, last = teacher.fine, len(teacher.fine) - 1
+    layer: dict[int, Node] = {0: sampler.start(fine[0])}
+    for k in range(1, steps + 1):
+        targets = [last] if k == steps else range(k, last - (steps - k) + 1)
+        new: dict[int, tuple[float, Node]] = {}
+        for j in targets:
+            if j == last and k < steps:
+                continue
+            for i, node in layer.items():
+                if i >= j:
+                    continue
+                nxt = sampler.step(node, fine[j], steps)
+                err = rmse(nxt.x, teacher.x[j])
+                if j not in new or err < new[j][0]:
+                    new[j] = (err, nxt)
+        layer = {j: n for j, (_, n) in new.items()}
+    final = layer[last]
+    return list(final.path), rmse(final.x, teacher.x[-1])
+
+
+def klub_table(sampler: Sampler, teacher: Teacher) -> np.ndarray:
+    """K[a, b] = Σ_{a<m≤b} (σ_{m−1} − σ_m)/σ_m³ · mean‖D_m − D_a‖², D_m = D(x0 + σ_m·ε, σ_m)
+    over the nonzero fine points (x0: the teacher's samples, ε: the calibration noise)."""
+    fine = teacher.fine[:-1]
+    x0, eps = teacher.x[-1], sampler.noise
+    d = [sampler.evaluate(Node(x0 + s * eps, s, 0, (s,)))[1].denoised.double() for s in fine]
+    n = len(fine)
+    w = [0.0] + [(fine[m - 1] - fine[m]) / fine[m] ** 3 for m in range(1, n)]
+    table = np.full((n, n), np.inf)
+    for a in range(n):
+        acc = 0.0
+        table[a, a] = 0.0
+        for b in range(a + 1, n):
+            acc += w[b] * float((d[b] - d[a]).pow(2).mean())
+            table[a, b] = acc
+    return table
+
+
+def ays(sampler: Sampler, teacher: Teacher, steps: int, sweeps: int) -> tuple[list[float], float]:
+    """AYS: coordinate descent of the summed KLUB over the interior points (σ_max, σ_min fixed)."""
+    fine, n = teacher.fine, len(teacher.fine) - 1
+    if steps == 1:
+        return [fine[0], 0.0], 0.0
+    table = getattr(sampler, "_klub", None)
+    if table is None:
+        table = sampler._klub = klub_table(sampler, teacher)
+    idx = sorted({int(round(v)) for v in np.linspace(0, n - 1, steps)})
+    while len(idx) < steps:  # too few fine points for distinct picks: fill gaps
+        idx = sorted(set(idx) | {next(i for i in range(n) if i not in idx)})
+    for _ in range(max(1, sweeps)):
+        moved = False
+        for k in range(1, steps - 1):
+            lo, hi = idx[k - 1], idx[k + 1]
+            best = min(range(lo + 1, hi), key=lambda m: table[lo, m] + table[m, hi])
+            if best != idx[k]:
+                idx[k], moved = best, True
+        if not moved:
+            break
+    obj = float(sum(table[a, b] for a, b in zip(idx, idx[1:])))
+    return [fine[i] for i in idx] + [0.0], obj
+
+
+def ld3(sampler: Sampler, teacher: Teacher, steps: int, opts: Options) -> tuple[list[float], float, int]:
+    """LD3-style: Adam on the log-σ grid, derivative of the final error by central differences."""
+    start, _ = gits(sampler, teacher, steps)
+    target = teacher.x[-1]
+    lo, hi = math.log(sampler.sigma_min), math.log(sampler.sigma_max)
+    theta = np.array([math.log(s) for s in start[1:-1]])  # σ_1 … σ_{K−1} (σ_0 = σ_max, then 0)
+
+    def grid_of(t: np.ndarray) -> list[float]:
+        return [sampler.sigma_max] + [math.exp(v) for v in t] + [0.0]
+
+    def project(t: np.ndarray) -> np.ndarray:
+        t = np.clip(t, lo, hi - 1e-3)
+        for k in range(len(t)):  # strictly decreasing, 1 % apart at least
+            ceiling = (hi if k == 0 else t[k - 1]) - 0.01
+            t[k] = min(t[k], ceiling)
+        return t
+
+    def final_from(nodes: list[Node], k: int, value: float, t: np.ndarray) -> float:
+        grid = grid_of(t)
+        grid[k + 1] = math.exp(value)
+        return rmse(sampler.trajectory(grid, start=nodes[k])[-1].x, target)
+
+    if steps < 2:
+        nodes = sampler.trajectory(grid_of(theta))
+        return grid_of(theta), rmse(nodes[-1].x, target), 0
+    m, v = np.zeros_like(theta), np.zeros_like(theta)
+    best_t, best = theta.copy(), math.inf
+    t0, it = time.perf_counter(), 0
+    for it in range(1, opts.iterations + 1):
+        nodes = sampler.trajectory(grid_of(theta))
+        loss = rmse(nodes[-1].x, target)
+        if loss < best:
+            best, best_t = loss, theta.copy()
+        if time.perf_counter() - t0 > opts.seconds:
+            break
+        grad = np.zeros_like(theta)
+        h = opts.fd_step
+        for k in range(len(theta)):
+            up = min(theta[k] + h, (hi if k == 0 else theta[k - 1]) - 1e-4)
+            down = max(theta[k] - h, (lo - 0.5 if k == len(theta) - 1 else theta[k + 1]) + 1e-4)
+            f_up, f_down = final_from(nodes, k, up, theta), final_from(nodes, k, down, theta)
+            grad[k] = (f_up - f_down) / (up - down)
+        m = 0.9 * m + 0.1 * grad
+        v = 0.999 * v + 0.001 * grad ** 2
+        step = opts.lr * (m / (1 - 0.9 ** it)) / (np.sqrt(v / (1 - 0.999 ** it)) + 1e-12)
+        theta = project(theta - step)
+    nodes = sampler.trajectory(grid_of(theta))
+    loss = rmse(nodes[-1].x, target)
+    if loss < best:
+        best, best_t = loss, theta.copy()
+    return grid_of(best_t), best, it
+
+
+# --- the command --------------------------------------------------------------------------------
+
+def split_overrides(argv: Sequence[str]) -> tuple[Options, list[str]]:
+    """(the tool's options, the samplerlab overrides) of Hydra-style ``key=value`` arguments."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    own_keys = {f.name for f in Options.__dataclass_fields__.values()}
+    own, rest = [], []
+    for a in argv:
+        if "=" not in a:
+            raise ConfigError(f"'{a}' is not an override: use key=value (e.g. method=gits nfe=[5,6])")
+        key = a.split("=", 1)[0].lstrip("+").split(".")[0]
+        (own if key in own_keys else rest).append(a)
+    try:
+        conf = OmegaConf.merge(OmegaConf.structured(Options), OmegaConf.from_dotlist(own))
+        opts = OmegaConf.to_object(conf)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"bad option: {str(e).strip().splitlines()[0]}") from None
+    assert isinstance(opts, Options)
+    opts.check()
+    return opts, rest
+
+
+def calibration_overrides(opts: Options, model_is_text: bool) -> list[str]:
+    c = opts.calibration
+    out = [f"seed={c.seed}", f"num_samples={c.num_samples}", f"batch_size={c.num_samples}", "save_images=false",
+           "callback=[]"]
+    if model_is_text:
+        out.append("prompts=[" + ",".join("'" + p.replace("'", "\\'") + "'" for p in c.prompts) + "]")
+    return out
+
+
+def optimize(opts: Options, overrides: Sequence[str], model: object | None = None,
+             log: Callable[[str], None] | None = None) -> tuple[dict[str, Any], Path]:
+    """Run the optimiser; returns (the schedule file's content, its path). ``model`` (an analytic
+    denoiser object) replaces the model group, as in ``api.run``."""
+    from omegaconf import OmegaConf
+    from tqdm import tqdm
+
+    from framework.entry.compose import compose
+    from framework.runs.schedule_file import model_fingerprint, read_schedule_file, write_schedule_file
+
+    say = log or (lambda s: print(s, file=sys.stderr))
+    opts.check()
+    cfg, choices = compose(list(overrides))
+    model_name, solver = choices.get("model", "custom"), choices.get("solver", "")
+    if cfg.get("solver") is None:
+        raise ConfigError("schedule optimisation needs a solver plugin (a solver that owns its grid has none to optimise)")
+    text = model_name not in ("gaussian", "mixture") and model is None
+    sampler = Sampler(list(overrides) + calibration_overrides(opts, text), model)
+    fingerprint = model_fingerprint(cfg.model) if model is None else "object:" + type(model).__name__
+    budgets = [int(n) for n in opts.nfe]
+    steps_of = {n: sampler.steps_for_nfe(n) for n in budgets}  # refuses an unreachable budget before any work
+    settings = {k: v for k, v in asdict(opts).items() if k in ("fine", "teacher", "teacher_substeps", "teacher_rtol",
+                                                                 "iterations", "seconds", "lr", "fd_step")}
+    run_keys = {k: OmegaConf.to_container(cfg, resolve=True).get(k) for k in ("cfg_scale", "dtype", "guidance", "momentum")}
+    head = {"model": {"name": model_name, "fingerprint": fingerprint, "sigma_min": sampler.sigma_min,
+                      "sigma_max": sampler.sigma_max},
+            "solver": solver, "solver_config": OmegaConf.to_container(cfg.solver, resolve=True), "method": opts.method,
+            "calibration": asdict(opts.calibration) if text else {"seed": opts.calibration.seed,
+                                                                   "num_samples": opts.calibration.num_samples},
+            "settings": settings, "run": run_keys, "overrides": list(overrides)}
+    out = Path(opts.out) if opts.out else Path("schedules") / f"{model_name}_{solver}_{opts.method}.json"
+    grids: dict[str, Any] = {}
+    if opts.resume and out.is_file():
+        try:
+            old = read_schedule_file(out)
+        except ConfigError as e:
+            say(f"samplerlab-optimize-schedule: {e}; starting afresh")
+            old = None
+        if old is not None and all(old.get(k) == v for k, v in head.items()):
+            grids = {k: g for k, g in old["grids"].items() if int(k) in budgets}
+            if grids:
+                say(f"samplerlab-optimize-schedule: resuming {out}: NFE {', '.join(sorted(grids, key=int))} already done")
+    todo = [n for n in budgets if str(n) not in grids]
+    teacher = None
+    t_all = time.perf_counter()
+    bar = tqdm(todo, desc=f"{opts.method} {solver} on {model_name}", unit="budget", disable=not opts.progress,
+               file=sys.stderr)
+    for n in bar:
+        bar.set_postfix_str(f"NFE {n}")
+        t0, nfe0 = time.perf_counter(), sampler.nfe
+        if teacher is None:
+            teacher = make_teacher(sampler, fine_grid(sampler.sigma_max, sampler.sigma_min, opts.fine), opts.teacher,
+                                   opts.teacher_substeps, opts.teacher_rtol)
+        k = steps_of[n]
+        extra: dict[str, Any] = {}
+        if opts.method == "gits":
+            grid, obj = gits(sampler, teacher, k)
+            name = "summed local truncation error (RMS per step, on the teacher trajectory)"
+        elif opts.method == "oss":
+            grid, obj = oss(sampler, teacher, k)
+            name = "final RMSE to the teacher (DP over the student's own states)"
+        elif opts.method == "ays":
+            grid, obj = ays(sampler, teacher, k, opts.iterations)
+            name = "summed KLUB of the Euler steps"
+        else:
+            grid, obj, its = ld3(sampler, teacher, k, opts)
+            name, extra = "final RMSE to the teacher", {"iterations": its}
+        final = rmse(sampler.trajectory(grid)[-1].x, teacher.x[-1])
+        grids[str(n)] = {"nfe": n, "steps": k, "sigmas": [float(s) for s in grid], "objective": float(obj),
+                         "objective_name": name, "calibration_rmse_to_teacher": final,
+                         "seconds": round(time.perf_counter() - t0, 2), "optimiser_nfe": sampler.nfe - nfe0, **extra}
+        content = {**head, "teacher_nfe": teacher.nfe, "grids": dict(sorted(grids.items(), key=lambda kv: int(kv[0])))}
+        write_schedule_file(out, content)
+    content = read_schedule_file(out) if out.is_file() else {**head, "grids": grids}
+    content["seconds_this_call"] = round(time.perf_counter() - t_all, 2)
+    if opts.plot:
+        plot_grids(content, sampler.model, out.with_suffix(".png"))
+    return content, out
+
+
+def stock_grid(name: str, model: object, steps: int) -> list[float]:
+    """The σ grid of schedule plugin ``name`` (with its defaults) for ``steps`` steps."""
+    from framework.core.registry import instantiate
+    from framework.entry.compose import compose
+
+    node = compose([f"schedule={name}"])[0].schedule
+    return list(instantiate(node, f"schedule={name}").schedule(model=model, steps=steps).sigmas)
+
+
+def plot_grids(content: dict[str, Any], model: object, path: Path) -> None:
+    """Each budget's optimised grid (log σ against step index) beside karras and AYS."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grids = content["grids"]
+    if not grids:
+        return
+    fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.2), squeeze=False, sharey=True)
+    for ax, (n, g) in zip(axes[0], sorted(grids.items(), key=lambda kv: int(kv[0]))):
+        for label, sig, style in ((f"{content['method']}", g["sigmas"], dict(color="C3", marker="o", linewidth=2)),
+                                  ("karras", stock_grid("karras", model, g["steps"]), dict(color="C0", marker=".")),
+                                  ("ays", stock_grid("ays", model, g["steps"]), dict(color="C2", marker=".", linestyle="--"))):
+            s = [v for v in sig if v > 0]
+            ax.semilogy(range(len(s)), s, label=label, **style)
+        ax.set_title(f"NFE {n} ({g['steps']} steps)", fontsize=9)
+        ax.set_xlabel("step index i", fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("σ_i (final 0 not drawn)", fontsize=8)
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"{content['method']} grids for {content['solver']} on {content['model']['name']}", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``samplerlab-optimize-schedule [key=value …]``: 0 on success, 2 (one line) on a bad input."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in args):
+        print(__doc__)
+        return 0
+    from framework.entry.quiet import quiet_libraries
+
+    try:
+        opts, overrides = split_overrides(args)
+        with quiet_libraries():
+            content, out = optimize(opts, overrides)
+    except SamplerlabError as e:
+        print(f"samplerlab-optimize-schedule: error: {e}", file=sys.stderr)
+        return 2
+    rows = ", ".join(f"NFE {n}: {g['calibration_rmse_to_teacher']:.3g}" for n, g in content["grids"].items())
+    print(f"samplerlab-optimize-schedule: {content['method']} grids for {content['solver']} -> {out} "
+          f"(calibration RMSE to the teacher: {rows}; {content['seconds_this_call']:.1f} s)")
+    return 0
+
+
+def run() -> None:  # console-script shim
+    raise SystemExit(main())
