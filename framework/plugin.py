@@ -41,7 +41,6 @@ from framework.maths.flow import calculate_shift, flow_config, flow_match_sigmas
 from framework.maths.multistep import (
     AB, VPTime, deis_tab_weights, fixed_adams_bashforth, ipndm_v_coefficients, multistep_update, recent_derivatives,
 )
-from framework.maths.sde import er_sde_integrals, noise_factor, ou_extend, stochastic_adams_weights
 from framework.maths.schedules import check_init_noise, finish
 from framework.maths.sigmas import (
     INIT_NOISE_MODES, ancestral_split, geometric_mean, init_noise_scale, lagrange_integral_weights, lam,
@@ -68,18 +67,16 @@ __all__ = [
     "scale_positions", "sigma_at_time", "sigma_range", "sigma_to_t", "to_pil", "world",
 ]
 __all__ += ["NativeGuidance", "PredictionSpace", "flat_dot", "split_parallel"]
-from framework.maths.tableaux import TABLEAUX, Tableau
-from framework.maths.tableaux import build as build_tableau
-from framework.maths.tableaux import preset as tableau_preset
-
-__all__ += ["TABLEAUX", "Tableau", "build_tableau", "tableau_preset"]
-__all__ += ["er_sde_integrals", "noise_factor", "ou_extend", "stochastic_adams_weights"]
 from framework.bases.perturbation import PerturbationGuidance, check_window, default_layers, step_window
 from framework.core.perturb import Perturbation, PerturbKind
 from framework.maths.blur import gaussian_blur_2d, grid_of
 
 __all__ += ["PerturbationGuidance", "Perturbation", "PerturbKind", "check_window", "default_layers", "step_window",
             "gaussian_blur_2d", "grid_of"]
-from framework.bundled import marks  # noqa: E402  (stray marks and edge sharpness of bundled-world pictures)
-__all__ += ["marks"]
+from framework.maths.tableaux import TABLEAUX, Tableau
+from framework.maths.tableaux import build as build_tableau
+from framework.maths.tableaux import preset as tableau_preset
+
+__all__ += ["TABLEAUX", "Tableau", "build_tableau", "tableau_preset"]
 from framework.runs.schedule_file import model_fingerprint, read_schedule_file  # noqa: E402  (schedule=optimized's files)
+__all__ += ["model_fingerprint", "read_schedule_file"]
