@@ -46,14 +46,13 @@ class NativeGuidance(UncondGuidance):
     window as fractions of the run, as diffusers' guiders count it: the steps i with
     ⌊start·N⌋ ≤ i < ⌊stop·N⌋ are guided, the others take the conditional prediction. A subclass
     implements :meth:`combine` (the pair → the guided prediction, in ``space``), and may override
-    :meth:`guide` to act outside the window or without an unconditional pass (CFG-Zero*'s zero-init).
+    :meth:`guide` to act outside the window too (CFG-Zero*'s zero-init). Predictions without an
+    unconditional part (unconditional models) pass unchanged.
     """
 
     space: PredictionSpace = PredictionSpace.native
     start: float = 0.0
     stop: float = 1.0
-    #: True for a combiner that changes the prediction without an unconditional pass too.
-    acts_without_uncond = False
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -69,23 +68,22 @@ class NativeGuidance(UncondGuidance):
         """The guided prediction from the pair, both in ``space``, per sample along dim 0."""
         raise NotImplementedError
 
-    def guide(self, state, cond: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:
+    def guide(self, state, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
         """The prediction the step uses, in ``space``: :meth:`combine` inside the window, else ``cond``."""
-        if uncond is None or not self.in_window(state.index, state.schedule.steps):
+        if not self.in_window(state.index, state.schedule.steps):
             return cond
         return self.combine(state, cond, uncond)
 
     @hookimpl
     def guidance(self, state, pred):
         x, sigma = pred.x, pred.sigma
-        if pred.cond_denoised is None and not self.acts_without_uncond:
+        if pred.uncond_denoised is None:  # an unconditional model: nothing to combine
             return pred
-        cond = pred.cond_denoised if pred.cond_denoised is not None else pred.denoised
+        cond = pred.cond_denoised
         if self.space == "denoised":
             return pred.with_denoised(self.guide(state, cond, pred.uncond_denoised))
         model = state.run.model
-        uncond = None if pred.uncond_denoised is None else model.to_native(x, sigma, pred.uncond_denoised)
-        guided = self.guide(state, model.to_native(x, sigma, cond), uncond)
+        guided = self.guide(state, model.to_native(x, sigma, cond), model.to_native(x, sigma, pred.uncond_denoised))
         return pred.with_denoised(model.from_native(x, sigma, guided))
 
 

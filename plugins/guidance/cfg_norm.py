@@ -30,7 +30,7 @@ class CFGNorm(NativeGuidance):
     @hookimpl
     def configure(self, run) -> None:
         super().configure(run)
-        if len(run.model.latent_shape) < 2:
+        if run.model.is_conditional and len(run.model.latent_shape) < 2:
             raise ConfigError(f"cfg_norm takes norms over channels and needs latents [C, H, W]; this model's are "
                               f"{list(run.model.latent_shape)}: use cfg_rescale or mambo_g")
 

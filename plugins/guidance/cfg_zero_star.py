@@ -25,8 +25,6 @@ from framework.plugin import ConfigError, NativeGuidance, flat_dot
 class CFGZeroStar(NativeGuidance):
     zero_init_steps: int = 1
 
-    acts_without_uncond = True
-
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.zero_init_steps < 0:

@@ -81,7 +81,8 @@ class FDG(NativeGuidance):
         super().configure(run)
         shape = run.model.latent_shape
         stride = 2 ** (self.levels - 1)
-        if len(shape) != 3 or any(side % stride or side // stride < 3 for side in shape[1:]):
+        fits = len(shape) == 3 and all(side % stride == 0 and side // stride >= 3 for side in shape[1:])
+        if run.model.is_conditional and not fits:
             raise ConfigError(f"fdg.levels={self.levels} needs latents [C, H, W] with H and W multiples of {stride} "
                               f"and at least {3 * stride}; this model's are {list(shape)}: lower fdg.levels")
 

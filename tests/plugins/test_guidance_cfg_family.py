@@ -400,6 +400,23 @@ def test_bad_options_are_one_line(override, match, tiny_overrides):
     assert "\n" not in str(e.value)
 
 
-def test_cfg_norm_refuses_latents_without_channels():
-    with pytest.raises(ConfigError, match="cfg_norm takes norms over channels"):
-        run(["model=gaussian", "guidance=[cfg_norm]", "steps=2", "num_samples=1", "batch_size=1", "save_images=false"])
+class VectorModel:
+    """A conditional k-diffusion denoiser on vectors (no channel dimension)."""
+
+    is_conditional = True
+    sigma_min, sigma_max, shape = 0.002, 80.0, (4,)
+
+    def __call__(self, x, sigma, c):
+        return x / (1 + sigma.reshape(-1, 1) ** 2) + c
+
+    def encode_prompts(self, prompts):
+        return {"c": torch.full((len(prompts), 1), float(len(prompts[0])))}
+
+
+@pytest.mark.parametrize("name,match", [("cfg_norm", "cfg_norm takes norms over channels"), ("fdg", "needs latents \\[C, H, W\\]")])
+def test_refused_on_latents_without_channels(name, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        run([f"guidance=[{name}]", "steps=2", "num_samples=1", "batch_size=1", "save_images=false"], model=VectorModel())
+    assert "\n" not in str(e.value)
+    assert run(["guidance=[cfg_zero_star]", "steps=2", "num_samples=1", "batch_size=1", "save_images=false"],
+               model=VectorModel()).latents.shape == (1, 4)         # the vector-shaped pair itself is fine
