@@ -47,16 +47,17 @@ class ResMultistep(Ancestral):
     def step(self, state: SamplerState, denoise) -> torch.Tensor:
         pred, sigma = state.pred, state.sigma
         down, up = self.split(state)
-        uncond = pred.uncond_denoised if self.cfg_pp and pred.uncond_denoised is not None else pred.denoised
+        pp = self.cfg_pp and pred.uncond_denoised is not None  # an unconditional model has no D_u: plain steps
+        uncond = pred.uncond_denoised if pp else pred.denoised
         prev = state.stash.get(self, _Prev)
         c2 = 0.0 if prev.denoised is None or down == 0 else (lam(prev.sigma) - lam(prev.sigma_down)) / (lam(down) - lam(sigma))
         if c2 == 0.0:  # Euler: the first step, the step to σ = 0
-            x = pred.denoised + (down / sigma) * (pred.x - uncond) if self.cfg_pp else pred.x + (down - sigma) * pred.derivative
+            x = pred.denoised + (down / sigma) * (pred.x - uncond) if pp else pred.x + (down - sigma) * pred.derivative
         else:
             h = lam(down) - lam(sigma)
             phi1, phi2 = phis(h, 2)
             b2 = phi2 / c2
-            base = pred.x + (pred.denoised - uncond) if self.cfg_pp else pred.x
+            base = pred.x + (pred.denoised - uncond) if pp else pred.x
             x = math.exp(-h) * base + h * ((phi1 - b2) * uncond + b2 * prev.denoised)
         prev.denoised, prev.sigma, prev.sigma_down = uncond, sigma, down
         return self.renoise(state, x, up)

@@ -39,6 +39,8 @@ REFUSED = {
     ("diffusers", "tiny_flux"): "has no flow mode",
     ("euler_cfg_pp", "tiny_flux"): "steps to the CFG-guided estimate: add a CFG combiner",   # then: guidance-distilled
     ("dpmpp_2m_cfg_pp", "tiny_flux"): "steps to the CFG-guided estimate: add a CFG combiner",
+    ("res_multistep_cfg_pp", "tiny_flux"): "steps to the CFG-guided estimate: add a CFG combiner",
+    ("res_multistep_ancestral_cfg_pp", "tiny_flux"): "steps to the CFG-guided estimate: add a CFG combiner",
     ("prompt_mix", "tiny_flux"): "edits CLIP's hidden states, which model=flux does not use",
     ("prompt_weighting", "tiny_flux"): "edits CLIP's hidden states, which model=flux does not use",
 }
