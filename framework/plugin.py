@@ -41,6 +41,7 @@ from framework.maths.flow import calculate_shift, flow_config, flow_match_sigmas
 from framework.maths.multistep import (
     AB, VPTime, deis_tab_weights, fixed_adams_bashforth, ipndm_v_coefficients, multistep_update, recent_derivatives,
 )
+from framework.maths.sde import er_sde_integrals, noise_factor, ou_extend, stochastic_adams_weights
 from framework.maths.schedules import check_init_noise, finish
 from framework.maths.sigmas import (
     INIT_NOISE_MODES, ancestral_split, geometric_mean, init_noise_scale, lagrange_integral_weights, lam,
@@ -80,3 +81,4 @@ from framework.maths.tableaux import preset as tableau_preset
 __all__ += ["TABLEAUX", "Tableau", "build_tableau", "tableau_preset"]
 from framework.runs.schedule_file import model_fingerprint, read_schedule_file  # noqa: E402  (schedule=optimized's files)
 __all__ += ["model_fingerprint", "read_schedule_file"]
+__all__ += ["er_sde_integrals", "noise_factor", "ou_extend", "stochastic_adams_weights"]
