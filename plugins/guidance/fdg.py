@@ -6,8 +6,8 @@ Both predictions are split into ``levels`` Laplacian levels (the paper's Algorit
 G_k − up(G_{k+1}) of the Gaussian pyramid G_0 = p, G_{k+1} = down(G_k), the last level G_{L−1});
 at level k, Δ_k = p_c,k − p_u,k, optionally re-weighted along p_c,k (Δ_k ← ``parallel_weight``·Δ_∥ + Δ_⊥,
 APG's projection), then p_k = p_u,k + w_k·Δ_k; the pyramid is collapsed back. w_0 (the finest
-level) is the top-level ``cfg_scale``, w_{L−1} (the coarsest) is ``low_scale``, the levels
-between are linear in k. The pyramid is kornia's (which diffusers' FrequencyDecoupledGuidance
+level) is the top-level ``cfg_scale``, w_{L−1} (the coarsest) is ``low_scale`` (default: half of
+``cfg_scale``, the ratio of diffusers' default scales [10, 5]), the levels between are linear in k. The pyramid is kornia's (which diffusers' FrequencyDecoupledGuidance
 calls: a 5×5 binomial blur with reflected borders, bilinear halving and doubling), written here
 in torch, so kornia is not needed (it is the ``fdg`` extra, for the parity test only).
 kornia pads a latent whose sides are not divisible by 2^(levels−1), or of which neither side is a
@@ -67,7 +67,7 @@ def collapse(pyramid: list[torch.Tensor]) -> torch.Tensor:
 
 @dataclass
 class FDG(NativeGuidance):
-    low_scale: float = 5.0
+    low_scale: float | None = None
     levels: int = 2
     parallel_weight: float = 1.0
 
@@ -88,8 +88,8 @@ class FDG(NativeGuidance):
 
     def scales(self, scale: float) -> list[float]:
         """w_k from the finest level (``cfg_scale``) to the coarsest (``low_scale``), linear in k."""
-        n = self.levels - 1
-        return [scale + (self.low_scale - scale) * k / n for k in range(self.levels)]
+        low, n = scale / 2 if self.low_scale is None else self.low_scale, self.levels - 1
+        return [scale + (low - scale) * k / n for k in range(self.levels)]
 
     def combine(self, state, cond, uncond):
         pc, pu = laplacian_pyramid(cond, self.levels), laplacian_pyramid(uncond, self.levels)

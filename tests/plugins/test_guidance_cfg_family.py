@@ -199,6 +199,7 @@ CASES = {
     "cfg-window": lambda: (CFG(start=0.2, stop=0.7), guiders.ClassifierFreeGuidance(SCALE, start=0.2, stop=0.7), False),
     "fdg": lambda: (FDG(low_scale=2.0), _fdg([SCALE, 2.0]), False),
     "fdg-parallel": lambda: (FDG(low_scale=2.0, parallel_weight=0.4), _fdg([SCALE, 2.0], parallel_weights=0.4), False),
+    "fdg-default": lambda: (FDG(), _fdg([SCALE, SCALE / 2]), False),          # low_scale null: cfg_scale/2
 }
 
 
@@ -270,6 +271,15 @@ def test_laplacian_pyramid_is_kornias_and_inverts():
     theirs = kornia.geometry.transform.build_laplacian_pyramid(x, 3)
     for a, b in zip(laplacian_pyramid(x, 3), theirs):
         assert a.shape == b.shape and (a - b).abs().max().item() <= 1e-14
+
+
+def test_fdg_three_levels_match_diffusers():
+    """levels=3 on 16×24 predictions: the scales linear from cfg_scale to low_scale, [6, 4, 2]."""
+    theirs = _fdg([SCALE, 4.0, 2.0], parallel_weights=0.7)
+    g = torch.Generator().manual_seed(6)
+    c, u = torch.randn(2, 4, 16, 24, generator=g), torch.randn(2, 4, 16, 24, generator=g)
+    ours = FDG(low_scale=2.0, levels=3, parallel_weight=0.7).combine(fake_state(None, 0, 4, Stash()), c, u)
+    assert relative(ours, diffusers_combine(theirs, 0, 4, c, u, False)) <= TOL
 
 
 def test_cfg_norm_is_comfyuis_formula():
