@@ -49,10 +49,25 @@ t₀, y = (1 + σ₀)·ε. Integer timesteps (the multistep schedulers give int6
 rounded time. FlowMatchHeun is Heun in t (2N − 1 evaluations), a different method from ``solver=heun``
 (Heun in σ, which cannot step from ∞). VP schedulers on a flow model are refused.
 
-Not supported (ConfigError): schedulers without a discrete ᾱ table on non-flow models (flow
-matching on a VP model, EDM, consistency models), LCM/TCD (distilled models), inverse schedulers,
-and before-step plugins (churn moves a step's σ; the scheduler's state is tied to its own grid).
-Momentum plugins reject this solver themselves; guidance plugins apply to every evaluation as usual.
+Consistency schedulers: LCMScheduler and TCDScheduler are VP schedulers like DDIM (ε in, their
+boundary scalings / γ inside); LCM's last step lands on its x̂₀ (σ = 0), TCD's on σ(t = 0); TCD's γ is a
+``step`` argument: ``+solver.step_kwargs={eta:0.3}`` (any ``step_kwargs`` go to every ``step`` call).
+FlowMatchLCMScheduler runs on flow models like the other FlowMatch schedulers.
+
+EDM schedulers (EDMEulerScheduler, EDMDPMSolverMultistepScheduler) work in σ-space on EDM's
+preconditioned network output F, D = c_skip·x + c_out·F (σ_data from their config): they receive
+F = (D − c_skip·x)/c_out, their σ range is the model's (``sigma_min``/``sigma_max`` unless
+``solver.config`` sets them), and their timesteps (EDM's c_noise = ¼·log σ) are not model times, so the
+model time of each σ is the engine's (log-σ interpolation on discrete models).
+
+Not supported (one ConfigError line saying why, ``REFUSED`` and the checks below): inverse schedulers
+(data → noise), OpenAI consistency models' CMStochasticIterative (c_out = 0 at σ_min), schedulers of
+discrete tokens or other domains, schedulers whose ``step`` needs more than one model output (RePaint's
+image and mask, CogVideoX-DPM's previous x̂₀), VP schedulers on flow models and flow schedulers on VP
+models (their grids start at t = 1 = σ = ∞ with a shift made for a flow model), any other scheduler with
+neither a discrete ᾱ table, an EDM form nor a flow mode, and before-step plugins (churn moves a step's
+σ; the scheduler's state is tied to its own grid). Momentum plugins reject this solver themselves;
+guidance plugins apply to every evaluation as usual. docs/solvers.md lists every diffusers class.
 """
 from __future__ import annotations
 
@@ -77,7 +92,22 @@ SD_CONFIG: dict[str, Any] = dict(
 )
 EXAMPLES = ("EulerDiscreteScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
             "HeunDiscreteScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerAncestralDiscreteScheduler")
-UNSUPPORTED = ("EDM", "LCM", "TCD", "Inverse", "CMStochastic", "Consistency")
+#: Schedulers refused up front, by name (a substring of the class name), with the reason.
+REFUSED = {
+    "Inverse": "it runs the ODE from data to noise (inversion); samplerlab samples from noise",
+    "CMStochasticIterative": "it drives OpenAI consistency models, whose boundary scaling c_out is 0 at σ_min, "
+                             "so a denoiser's D cannot be handed to it; use solver=lcm or solver=tcd",
+    "Amused": "it decodes masked VQ tokens (MaskGIT), not latents along a σ grid",
+    "VQDiffusion": "it denoises discrete VQ tokens, not latents along a σ grid",
+    "BlockRefinement": "it commits discrete tokens (masked-token text diffusion), not latents along a σ grid",
+    "EntropyBound": "it samples discrete tokens (uniform corruption), not latents along a σ grid",
+    "DiscreteDDIM": "it denoises discrete tokens (D3PM uniform corruption), not latents along a σ grid",
+    "RFD4Proteina": "it samples protein structures (coordinates and frames), not image latents",
+    "ScoreSdeVe": "its predictor-corrector API (step_pred, step_correct) takes a score, not one step per evaluation",
+    "KarrasVe": "its deprecated API takes the churned σ̂ from add_noise_to_input; use solver=heun callback=[churn]",
+}
+#: How the last call of a consistency scheduler lands: LCM on its x̂₀ (σ = 0), TCD on σ(t = 0).
+CONSISTENCY_FINAL = ("LCMScheduler", "TCDScheduler")
 FLOW_EXAMPLES = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "DPMSolverMultistepScheduler",
                  "UniPCMultistepScheduler")
 
@@ -93,10 +123,21 @@ def _scheduler_class(name: str) -> type:
         hint = f"did you mean {', '.join(close)}? " if close else ""
         raise ConfigError(f"solver.scheduler '{name}' is not a diffusers scheduler class: {hint}"
                           f"e.g. {', '.join(EXAMPLES[:5])}")
-    if any(bad in name for bad in UNSUPPORTED):
-        raise ConfigError(f"solver.scheduler '{name}' is not supported by solver=diffusers (it needs a "
-                          f"non-SD parametrisation); use e.g. {', '.join(EXAMPLES[:3])}")
+    for bad, why in REFUSED.items():
+        if bad in name:
+            raise ConfigError(f"solver.scheduler '{name}' is not supported by solver=diffusers: {why}")
+    params = inspect.signature(cls.step).parameters.values()
+    extra = [p.name for p in params if p.default is inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD
+             and p.name not in ("self", "model_output", "timestep", "sample")]
+    if extra:
+        raise ConfigError(f"solver.scheduler '{name}' is not supported by solver=diffusers: its step() needs "
+                          f"{', '.join(extra)} besides one model output; use e.g. {', '.join(EXAMPLES[:3])}")
     return cls
+
+
+def _is_edm(sch: Any) -> bool:
+    """An EDM-preconditioned σ-space scheduler (EDMEuler, EDMDPMSolverMultistep)."""
+    return hasattr(sch, "precondition_outputs") and "sigma_data" in sch.config
 
 
 def _vp_sigma(alpha_cumprod: float) -> float:
@@ -116,6 +157,7 @@ class Plan:
     init_noise_sigma: float
     flow: bool = False  # a flow scheduler: the sample is x_t = y/(1 + σ), the model output v
     model_times: tuple[float | None, ...] | None = None  # per call, the grid's model time (flow: None or a table index)
+    sigma_data: float | None = None  # an EDM scheduler: its output is EDM's F, D = c_skip·x + c_out·F
 
     def schedule(self) -> Schedule:
         sig = [self.eval_sigmas[j] for j in self.starts] + [self.final_sigma]
@@ -143,6 +185,10 @@ class Plan:
         if self.flow:
             x_t = self.to_sample(x, sigma)
             return (x_t - denoised) / flow_time(sigma)
+        if self.sigma_data is not None:  # EDM: F = (D − c_skip·x)/c_out
+            sd2 = self.sigma_data**2
+            c_skip, c_out = sd2 / (sigma**2 + sd2), sigma * self.sigma_data / math.sqrt(sigma**2 + sd2)
+            return (denoised - c_skip * x) / c_out
         return (x - denoised) / sigma
 
 
@@ -167,6 +213,7 @@ class Diffusers:
 
     scheduler: str = "EulerDiscreteScheduler"
     config: dict[str, Any] = field(default_factory=dict)
+    step_kwargs: dict[str, Any] = field(default_factory=dict)  # extra arguments of every step() (TCD's eta)
 
     owns_schedule = True
 
@@ -183,12 +230,18 @@ class Diffusers:
         pipe = getattr(model, "pipe", None)
         base = dict(pipe.scheduler.config) if pipe is not None else dict(SD_CONFIG)
         overrides = dict(self.config)
-        overrides["prediction_type"] = "epsilon"  # the adapter gives D; we hand the scheduler ε
+        overrides["prediction_type"] = "epsilon"  # the adapter gives D; we hand the scheduler ε (EDM: F)
+        if self.scheduler.startswith("EDM"):  # EDM's σ range is the model's unless the config sets it
+            overrides = {"sigma_min": float(model.sigma_min), "sigma_max": float(model.sigma_max), **overrides}
         sch = self._build(base, overrides)
-        if getattr(sch, "alphas_cumprod", None) is None:
-            raise ConfigError(f"solver.scheduler '{self.scheduler}' has no ᾱ table: only discrete VP "
-                              f"schedulers are supported, e.g. {', '.join(EXAMPLES[:3])}")
-        sch.set_timesteps(steps, device=device)
+        if getattr(sch, "alphas_cumprod", None) is None and not _is_edm(sch):
+            raise ConfigError(f"solver.scheduler '{self.scheduler}' is not supported by solver=diffusers: it has neither "
+                              "a discrete ᾱ table (VP), an EDM σ-space form nor a flow mode, so its maths does not map "
+                              f"to σ-space here; use e.g. {', '.join(EXAMPLES[:3])}")
+        try:
+            sch.set_timesteps(steps, device=device)
+        except ValueError as e:  # e.g. LCM: more steps than its original_inference_steps
+            raise ConfigError(f"solver.scheduler '{self.scheduler}': {' '.join(str(e).split())}") from e
         return sch
 
     def _build(self, base: dict[str, Any], overrides: dict[str, Any]) -> Any:
@@ -239,7 +292,7 @@ class Diffusers:
         sigma_space = not torch.equal(probe, torch.ones_like(probe))
         sigmas = getattr(sch, "sigmas", None)
         per_call = sigmas is not None and len(sigmas) == m + 1
-        ac = sch.alphas_cumprod.double()
+        ac = sch.alphas_cumprod.double() if getattr(sch, "alphas_cumprod", None) is not None else None
         gen = torch.Generator().manual_seed(0)
         takes_gen = "generator" in inspect.signature(sch.step).parameters
         evals, second = [], []
@@ -248,8 +301,12 @@ class Diffusers:
             evals.append(self._eval_sigma(sch, j, t, sigma_space, per_call, ac))
             second.append(not getattr(sch, "state_in_first_order", True))
             kw = {"generator": gen} if takes_gen else {}
-            y = sch.step(torch.zeros_like(y), t, y, **kw).prev_sample
-        if sigma_space or per_call:
+            y = sch.step(torch.zeros_like(y), t, y, **kw, **self.step_kwargs).prev_sample
+        if type(sch).__name__ == "LCMScheduler":  # its last call returns x̂₀
+            final = 0.0
+        elif type(sch).__name__ == "TCDScheduler":  # its last call lands on timestep 0
+            final = _vp_sigma(float(ac[0]))
+        elif sigma_space or per_call:
             final = float(sigmas[-1])
         elif getattr(sch, "final_alpha_cumprod", None) is not None:
             final = _vp_sigma(float(sch.final_alpha_cumprod))
@@ -262,7 +319,10 @@ class Diffusers:
         if len(starts) != steps and base is not None and len(base) == steps and not sigma_space:  # has midpoints
             grid = {_vp_sigma(float(ac[int(t)])) for t in base}
             starts = [j for j in starts if evals[j] in grid]
-        plan = Plan(tuple(ts), tuple(evals), tuple(starts), final, sigma_space, float(sch.init_noise_sigma))
+        edm = _is_edm(sch)
+        plan = Plan(tuple(ts), tuple(evals), tuple(starts), final, sigma_space, float(sch.init_noise_sigma),
+                    model_times=(None,) * m if edm else None,  # EDM's timesteps are c_noise, not model times
+                    sigma_data=float(sch.config.sigma_data) if edm else None)
         return plan, fresh
 
     @staticmethod
@@ -342,6 +402,7 @@ class Diffusers:
         x, sigma = pred.x, state.sigma
         out = plan.output(x, pred.denoised, sigma)
         kw = {"generator": tr.generators} if tr.takes_generator else {}
+        kw.update(self.step_kwargs)
         while True:
             t = sch.timesteps[j]
             y = plan.to_sample(x, sigma)

@@ -127,3 +127,94 @@ def test_unknown_scheduler_is_a_config_error(tiny_overrides):
 def test_churn_is_rejected_before_sampling():
     with pytest.raises(ConfigError, match="before-step"):
         run(["model=gaussian", "solver=diffusers", "callback=[churn]", "steps=2"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Consistency and EDM schedulers (issue 22)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, steps", [("LCMScheduler", 4), ("TCDScheduler", 4), ("TCDScheduler", 6)])
+def test_consistency_schedulers_match_diffusers_loop(name, steps, tiny_pipe, tiny_overrides):
+    """LCM and TCD (γ = diffusers' default eta 0.3) run inside the engine as in diffusers' own loop, given
+    the same per-sample generators: LCM's last step lands on its x̂₀ (σ = 0), TCD's on σ(t = 0)."""
+    res = run(tiny_overrides + ["solver=diffusers", f"solver.scheduler={name}", f"steps={steps}", "num_samples=2",
+                                "batch_size=2", f"cfg_scale={CFG}", f"prompts=[{','.join(PROMPTS)}]"])
+    noise = SampleNoise(0, [0, 1], res.x_T.shape[1:], torch.device("cpu"), torch.float32)
+    assert torch.equal(noise.draw() * res.schedule.init_noise_scale, res.x_T)
+    sched = getattr(diffusers, name).from_config(tiny_pipe.scheduler.config)
+    sched.step = functools.partial(sched.step, generator=noise.generators)
+    sigma0, last = res.schedule.sigmas[0], res.schedule.sigmas[-1]
+    expected = diffusers_loop(tiny_pipe, sched, steps, (res.x_T * vp_scale(sigma0)).clone(), PROMPTS, CFG)
+    got = res.latents * vp_scale(last) if last > 0 else res.latents
+    assert (last == 0) == (name == "LCMScheduler")
+    diff, scale = scaled_diff(got, expected)
+    print(f"{name} {steps} steps: max abs diff {diff:.3g} at latent scale {scale:.3g}")
+    assert diff <= TOL * scale
+    assert res.record["metrics"]["nfe"] == steps
+
+
+def test_tcd_gamma_is_a_step_argument(tiny_overrides):
+    """solver.step_kwargs reach every step() call: TCD's eta = 0 is deterministic, and equals our
+    ``solver=tcd solver.gamma=0`` replaying its grid (float32 UNet: 1e-5 relative)."""
+    base = tiny_overrides + ["steps=4", "num_samples=1", "batch_size=1", "prompts=[a red circle]", "cfg_scale=1.0"]
+    sched = ["solver=diffusers", "solver.scheduler=TCDScheduler"]
+    default, zero = run(base + sched), run(base + sched + ["+solver.step_kwargs={eta:0.0}"])
+    assert not torch.allclose(default.latents, zero.latents, atol=1e-3)
+    grid = zero.schedule
+    fmt = lambda v: "null" if v is None else repr(float(v))  # noqa: E731
+    ours = run(base + ["solver=tcd", "solver.gamma=0", "schedule=custom",
+                       f"schedule.sigmas=[{','.join(map(fmt, grid.sigmas))}]",
+                       f"schedule.timesteps=[{','.join(map(fmt, grid.timesteps))}]",
+                       f"schedule.init_noise={grid.init_noise_scale!r}"])
+    diff, scale = scaled_diff(ours.latents, zero.latents)
+    print(f"TCD eta 0 vs solver=tcd gamma=0: max abs diff {diff:.3g} at latent scale {scale:.3g}")
+    assert diff <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("name, native", [("EDMEulerScheduler", "euler"), ("EDMDPMSolverMultistepScheduler", "dpmpp_2m")])
+def test_edm_schedulers_are_our_solvers_on_their_grid(name, native):
+    """EDM's F-preconditioned schedulers, handed F = (D − c_skip·x)/c_out, are Euler and DPM-Solver++(2M)
+    in σ-space on their karras grid (the model's σ range), started from their initial noise √(σ_max² + 1)."""
+    base = ["model=gaussian", "dtype=float64", "steps=10", "num_samples=2", "batch_size=2"]
+    theirs = run(base + ["solver=diffusers", f"solver.scheduler={name}"])
+    sig = theirs.schedule.sigmas
+    assert sig[0] == pytest.approx(80.0, rel=1e-6) and sig[-2] == pytest.approx(0.002, rel=1e-6) and sig[-1] == 0
+    grid = ["schedule=custom", f"schedule.sigmas=[{','.join(map(repr, sig))}]",
+            f"schedule.init_noise={theirs.schedule.init_noise_scale!r}"]
+    ours = run(base + [f"solver={native}"] + grid)
+    assert torch.equal(theirs.x_T, ours.x_T)
+    diff = (theirs.latents - ours.latents).abs().max().item()
+    print(f"{name} vs solver={native}: max abs diff {diff:.3g}")
+    assert diff <= 1e-6 * max(1.0, ours.latents.abs().max().item())  # EDM's float32 arithmetic
+
+
+@pytest.mark.parametrize("name, why", [
+    ("CMStochasticIterativeScheduler", "c_out is 0 at σ_min"),
+    ("DDIMInverseScheduler", "inversion"),
+    ("DPMSolverMultistepInverseScheduler", "inversion"),
+    ("RePaintScheduler", "needs original_image, mask"),
+    ("CogVideoXDPMScheduler", "needs old_pred_original_sample, timestep_back"),
+    ("AmusedScheduler", "masked VQ tokens"),
+    ("IPNDMScheduler", "neither a discrete ᾱ table (VP), an EDM σ-space form nor a flow mode"),
+    ("FlowMatchLCMScheduler", "needs a flow model"),
+])
+def test_refusals_say_why_in_one_line(name, why):
+    with pytest.raises(ConfigError) as e:
+        run(["model=gaussian", "solver=diffusers", f"solver.scheduler={name}", "steps=3"])
+    assert why in str(e.value) and "\n" not in str(e.value)
+
+
+def test_lcm_beyond_its_original_steps_is_a_config_error():
+    with pytest.raises(ConfigError, match="smaller than `num_inference_steps`: 60") as e:
+        run(["model=gaussian", "solver=diffusers", "solver.scheduler=LCMScheduler", "steps=60"])
+    assert "\n" not in str(e.value)
+
+
+def test_every_diffusers_scheduler_runs_or_is_refused_in_one_line():
+    """Each scheduler class diffusers exports either runs inside the engine (finite output, one NFE or more
+    per step) or is refused with one ConfigError line; docs/solvers.md lists which (tested there)."""
+    from tests.plugins.test_solvers_consistency import diffusers_scheduler_outcomes
+
+    outcomes = diffusers_scheduler_outcomes()
+    assert len(outcomes) >= 45
+    for name, outcome in outcomes.items():
+        assert outcome.startswith("runs") or (outcome.startswith("refused: ") and "\n" not in outcome), (name, outcome)

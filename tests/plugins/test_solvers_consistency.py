@@ -13,6 +13,7 @@ siblings (euler_ancestral_cfg_pp, dpmpp_2s_ancestral_cfg_pp, gradient_estimation
 ``python -m pytest tests/plugins/test_solvers_consistency.py -s`` prints every figure."""
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import warnings
@@ -62,9 +63,13 @@ ORDERS = {
     "dpmpp_2s_ancestral_cfg_pp_eta0": (["solver=dpmpp_2s_ancestral_cfg_pp", "solver.eta=0"], 2, (64, 128)),
     "gradient_estimation_cfg_pp": (["solver=gradient_estimation_cfg_pp"], 1, (64, 128)),
 }
-# the mixture leaves the pre-asymptotic range later for dpm_fast (λ-uniform steps of 0.48 at K = 22)
-MIXTURE_STEPS = {"dpm_fast": (197, 395)}
-FAST_MIXTURE = {"heunpp2", "singlestep_2", "singlestep_3"}
+# The mixture leaves the pre-asymptotic range later: dpm_fast measured 2.21 at 65→131 (λ-steps of 0.48 at
+# K = 22), 2.85 at 197→395; singlestep order 2: 1.65 at 64→128, 1.84 at 128→256, 1.92 at 256→512; order 3:
+# 1.08 at 66→132, 2.85 at 132→264, 2.92 at 264→528 (a group of k intervals is one step of order k, so
+# N steps are N/k steps of the method).
+MIXTURE_STEPS = {"dpm_fast": (197, 395), **{c: (128, 256) for c in ORDERS if c.startswith("singlestep_2")},
+                 **{c: (132, 264) for c in ORDERS if c.startswith("singlestep_3")}}
+FAST_MIXTURE = {"heunpp2", "singlestep_2"}
 
 
 @pytest.mark.parametrize("case", list(ORDERS))
@@ -412,3 +417,40 @@ def test_lcm_beyond_its_useful_steps_warns_on_an_ordinary_model(tiny_model):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         run(base + ["steps=8"], model=tiny_model)
+
+
+# ---------------------------------------------------------------------------------------------
+# solver=diffusers over every scheduler class diffusers exports (used by test_solver_diffusers.py and
+# the name table's test below)
+# ---------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def diffusers_scheduler_outcomes() -> dict[str, str]:
+    """class name → "runs", "runs on flow models" or "refused: <the ConfigError line>" (anything else is a
+    crash, reported as such): solver=diffusers on model=gaussian (its flow twin for flow schedulers), 3 steps."""
+    import diffusers
+    from diffusers import SchedulerMixin
+
+    names = sorted(n for n in dir(diffusers) if n.endswith("Scheduler") and isinstance(getattr(diffusers, n), type)
+                   and issubclass(getattr(diffusers, n), SchedulerMixin))
+    out = {}
+    base = ["model=gaussian", "dtype=float64", "steps=3", "num_samples=1", "batch_size=1", "solver=diffusers"]
+    for name in names:
+        outcome = "runs"
+        for extra in ([], ["model.parametrization=flow"]):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    res = run(base + [f"solver.scheduler={name}"] + extra)
+                outcome = "runs" if not extra else "runs on flow models"
+                if not torch.isfinite(res.latents).all():
+                    outcome = "crashed: non-finite output"
+                break
+            except ConfigError as e:
+                outcome = f"refused: {e}"
+                if "needs a flow model" not in str(e):
+                    break
+            except Exception as e:  # noqa: BLE001 - reported, and the test fails on it
+                outcome = f"crashed: {type(e).__name__}: {e}"
+                break
+        out[name] = outcome
+    return out
