@@ -82,3 +82,5 @@ __all__ += ["TABLEAUX", "Tableau", "build_tableau", "tableau_preset"]
 from framework.runs.schedule_file import model_fingerprint, read_schedule_file  # noqa: E402  (schedule=optimized's files)
 __all__ += ["model_fingerprint", "read_schedule_file"]
 __all__ += ["er_sde_integrals", "noise_factor", "ou_extend", "stochastic_adams_weights"]
+from framework.bundled import marks  # noqa: E402  (stray marks and edge sharpness of bundled-world pictures)
+__all__ += ["marks"]
