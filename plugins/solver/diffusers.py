@@ -231,7 +231,7 @@ class Diffusers:
         base = dict(pipe.scheduler.config) if pipe is not None else dict(SD_CONFIG)
         overrides = dict(self.config)
         overrides["prediction_type"] = "epsilon"  # the adapter gives D; we hand the scheduler ε (EDM: F)
-        if self.scheduler.startswith("EDM"):  # EDM's σ range is the model's unless the config sets it
+        if "sigma_data" in inspect.signature(self._cls.__init__).parameters:  # EDM: the model's σ range unless set
             overrides = {"sigma_min": float(model.sigma_min), "sigma_max": float(model.sigma_max), **overrides}
         sch = self._build(base, overrides)
         if getattr(sch, "alphas_cumprod", None) is None and not _is_edm(sch):

@@ -209,6 +209,7 @@ def test_lcm_beyond_its_original_steps_is_a_config_error():
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_every_diffusers_scheduler_runs_or_is_refused_in_one_line():
     """Each scheduler class diffusers exports either runs inside the engine (finite output, one NFE or more
     per step) or is refused with one ConfigError line; docs/solvers.md lists which (tested there)."""

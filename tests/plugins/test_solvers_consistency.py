@@ -16,7 +16,9 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -255,6 +257,7 @@ REFERENCES = {  # name: (overrides, reference, conditional?)
     "dpmpp_2s_ancestral_cfg_pp": (["solver=dpmpp_2s_ancestral_cfg_pp"], ref_dpmpp_2s_ancestral_cfg_pp, True),
     "gradient_estimation_cfg_pp": (["solver=gradient_estimation_cfg_pp"], ref_gradient_estimation_cfg_pp, True),
     "heunpp2": (["solver=heunpp2"], ref_heunpp2, True),
+    "euler_cfg_pp": (["solver=euler_cfg_pp"], functools.partial(ref_euler_ancestral_cfg_pp, eta=0.0), True),
     "lcm": (["solver=lcm", "solver.boundary=none"], ref_lcm, True),
     "dpm_fast": (["solver=dpm_fast"], ref_dpm_fast, False),
 }
@@ -454,3 +457,76 @@ def diffusers_scheduler_outcomes() -> dict[str, str]:
                 break
         out[name] = outcome
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# docs/solvers.md, "Other tools' sampler names": the tables cannot rot
+# ---------------------------------------------------------------------------------------------
+ROOT = Path(__file__).parents[2]
+# ComfyUI's comfy/samplers.py (KSAMPLER_NAMES + SAMPLER_NAMES), as of its late-2025 sources
+COMFYUI_SAMPLERS = [
+    "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2", "exp_heun_2_x0",
+    "exp_heun_2_x0_sde", "dpm_2", "dpm_2_ancestral", "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral",
+    "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde",
+    "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm",
+    "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral",
+    "res_multistep_ancestral_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde", "seeds_2", "seeds_3",
+    "sa_solver", "sa_solver_pece", "ddim", "uni_pc", "uni_pc_bh2",
+]
+
+
+def name_tables() -> tuple[list[list[str]], list[list[str]]]:
+    """(rows of the A1111/ComfyUI name table, rows of the diffusers class table), cells stripped."""
+    text = (ROOT / "docs" / "solvers.md").read_text()
+    section = text.split("## Other tools' sampler names", 1)[1].split("\n## ", 1)[0]
+    tables: dict[str, list[list[str]]] = {"names": [], "classes": []}
+    current = None
+    for line in section.splitlines():
+        if not line.startswith("|"):
+            current = None
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[:2] == ["A1111", "ComfyUI"]:
+            current = "names"
+        elif cells[0] == "diffusers class":
+            current = "classes"
+        elif current and not set(cells[0]) <= {"-"}:
+            tables[current].append(cells)
+    return tables["names"], tables["classes"]
+
+
+def test_every_comfyui_sampler_name_is_in_the_table():
+    names, _ = name_tables()
+    listed = {n.strip() for row in names for n in re.split(r"\s*/\s*|,\s*", row[1])}
+    assert sorted(set(COMFYUI_SAMPLERS) - listed) == []
+
+
+def test_every_diffusers_scheduler_class_is_in_the_table():
+    import diffusers
+    from diffusers import SchedulerMixin
+
+    classes = {n for n in dir(diffusers) if n.endswith("Scheduler") and isinstance(getattr(diffusers, n), type)
+               and issubclass(getattr(diffusers, n), SchedulerMixin)}
+    _, rows = name_tables()
+    assert sorted(classes - {r[0] for r in rows}) == [] and sorted({r[0] for r in rows} - classes) == []
+    for row in rows:  # each maps to a config or says why not
+        assert "solver=" in row[1] or row[1].startswith("not applicable: "), row
+
+
+def test_every_config_the_tables_name_exists():
+    """Each `solver=NAME` the name tables point to is a conf/solver YAML (so the tables cannot rot)."""
+    names, classes = name_tables()
+    named = {m for row in names + classes for m in re.findall(r"solver=([a-z0-9_]+)", " ".join(row[:3]))}
+    assert len(named) > 30
+    missing = sorted(n for n in named if not (ROOT / "conf" / "solver" / f"{n}.yaml").exists())
+    assert missing == []
+
+
+@pytest.mark.slow
+def test_diffusers_table_matches_solver_diffusers():
+    """A class the table marks "not applicable" is refused by solver=diffusers; any other runs (~60 s)."""
+    _, rows = name_tables()
+    outcomes = diffusers_scheduler_outcomes()
+    for row in rows:
+        refused = row[1].startswith("not applicable: ")
+        assert outcomes[row[0]].startswith("refused" if refused else "runs"), (row[0], outcomes[row[0]])
