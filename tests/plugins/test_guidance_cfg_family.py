@@ -430,3 +430,23 @@ def test_refused_on_latents_without_channels(name, match):
     assert "\n" not in str(e.value)
     assert run(["guidance=[cfg_zero_star]", "steps=2", "num_samples=1", "batch_size=1", "save_images=false"],
                model=VectorModel()).latents.shape == (1, 4)         # the vector-shaped pair itself is fine
+
+
+BUNDLED = ["num_samples=4", "batch_size=4", "steps=20", "cfg_scale=5.0", "save_images=false", "seed=0",
+           "prompts=[a red circle on a yellow background,a green square,a blue triangle,an orange diamond]"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SPACES))
+def test_native_vs_denoised_on_the_bundled_model(name):
+    """The figures of docs/guidance.md's table (bundled v2, karras, Euler, 20 steps, CFG 5, 4 prompts):
+    the relative difference of the final latents and the mean absolute difference of the images
+    between space=native and space=denoised, and the method (native) against plain CFG."""
+    plugin, options = SPACES[name]
+    native = run(BUNDLED + [f"guidance=[{plugin}]", f"guidance.{plugin}.space=native", *options])
+    denoised = run(BUNDLED + [f"guidance=[{plugin}]", f"guidance.{plugin}.space=denoised", *options])
+    cfg = run(BUNDLED)
+    diff = relative(native.latents, denoised.latents)
+    print(f"| `{name}` | {diff:.2g} | {(native.images - denoised.images).abs().mean().item():.3f} | "
+          f"{relative(native.latents, cfg.latents):.2g} | {(native.images - cfg.images).abs().mean().item():.3f} |")
+    assert diff <= 1e-5 if name == "fdg-linear" else diff >= 1e-2
