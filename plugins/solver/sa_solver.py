@@ -18,7 +18,8 @@ grows; ``lower_order_final`` caps them as diffusers does (predictor ≤ N − i,
 τ = 0 is the deterministic multistep method; p = 1 without corrector is DDIM, p = 2 without
 corrector DPM-Solver++(2M) with the φ₂ (``heun``) weight. The step to σ = 0 returns D (the order-1
 limit); with ``pece`` that D is the corrected point's. Defaults are ComfyUI's (p = 3, c = 4,
-τ = 1 for σ in SD's σ at 80 %…20 % of the model time: 5.0924…0.57119)."""
+τ = 1 for σ in SD's σ at 80 %…20 % of the model time: 5.0924…0.57119); diffusers' defaults are
+p = c = 2 with the simple weights, i.e. ``predictor_order=2 corrector_order=2 simple_order_2=true``."""
 from __future__ import annotations
 
 import math
