@@ -99,7 +99,7 @@ def test_records_written_before_the_restructure_are_read_beside_new_ones(tmp_pat
     new = run(["steps=3", "num_samples=4", "batch_size=4", "metrics=[prompt_accuracy]", "seed=7"], output_dir=root / "now")
     old_record = json.loads((old / "record.json").read_text())
     assert new.record["schema_version"] == 2 and old_record["schema_version"] == 1
-    assert set(new.record) == set(old_record) | {"files", "inputs", "checksum"}  # what schema 2 adds
+    assert set(new.record) == set(old_record) | {"files", "inputs", "checksum", "nfe_convention"}  # what schema 2 adds (+ the NFE convention, issue 23)
     assert new.record["plugins"] == old_record["plugins"]
     assert record_problem(old_record) is None and record_problem(new.record) is None
     for k in range(4):  # 8-bit PNGs: float rounding (thread count, kernels) may move a pixel by one level
