@@ -41,6 +41,9 @@ REFUSED = {
     ("dpmpp_2m_cfg_pp", "tiny_flux"): "steps to the CFG-guided estimate: add a CFG combiner",
     ("res_multistep_cfg_pp", "tiny_flux"): "steps to the CFG-guided estimate: add a CFG combiner",
     ("res_multistep_ancestral_cfg_pp", "tiny_flux"): "steps to the CFG-guided estimate: add a CFG combiner",
+    ("euler_ancestral_cfg_pp", "tiny_flux"): "steps to the CFG-guided estimate: add a CFG combiner",
+    ("dpmpp_2s_ancestral_cfg_pp", "tiny_flux"): "steps to the CFG-guided estimate: add a CFG combiner",
+    ("gradient_estimation_cfg_pp", "tiny_flux"): "steps to the CFG-guided estimate: add a CFG combiner",
     ("prompt_mix", "tiny_flux"): "edits CLIP's hidden states, which model=flux does not use",
     ("prompt_weighting", "tiny_flux"): "edits CLIP's hidden states, which model=flux does not use",
 }
