@@ -35,14 +35,16 @@ EXP = ["schedule=exponential", "schedule.final_zero=false"]
 # Exponential RK methods in λ have the classical order of their h → 0 limit (their coefficients
 # satisfy the classical conditions as z → 0); the non-linearity D is smooth, so stiff order does not
 # enter. One exception, measured and stated: ETD3RK on the Gaussian, whose ODE in λ is linear in x,
-# shows order 4 (3.98 at 64→128, 3.99 at 128→256) — its weights are the exponential Simpson rule
-# (nodes 0, 1/2, 1), a fourth-order quadrature, and for a linear ODE the error is that of the
-# quadrature of the stages; on the mixture it is 3 (2.92).
+# shows order 4 (3.98 at 64→128, 3.99 at 128→256; likely because its weights are the exponential
+# Simpson rule, nodes 0, 1/2, 1, a fourth-order quadrature — not proven); on the mixture it is 3 (2.92).
 THEORY = {
     "euler": 1, "heun": 2, "ralston": 2, "kutta3": 3, "bogacki_shampine": 3, "rk4": 4,
     "ddim": 1, "dpmpp_2s": 2, "res_2s": 2, "res_3s": 3, "res_5s": 4, "etdrk2": 2, "etdrk3": 3, "etdrk4": 4, "lawson": 4,
 }
 EXPECTED = {("etdrk3", "gaussian"): 4}
+# HO's five-stage method on the mixture is still pre-asymptotic at 64→128 (1.74 / 3.67 / 3.84 over
+# 32→64→128→256, measured), so it is measured over 128→256.
+STEPS = {("res_5s", "mixture"): (128, 256)}
 FAST_MIXTURE = {"heun", "res_2s", "res_3s"}
 
 
@@ -59,7 +61,8 @@ def test_preset_order_gaussian(name):
 
 @pytest.mark.parametrize("name", [n if n in FAST_MIXTURE else pytest.param(n, marks=pytest.mark.slow) for n in THEORY])
 def test_preset_order_mixture(name):
-    testing.assert_order(["solver=tableau", f"solver.preset={name}"] + EXP, THEORY[name], model="mixture")
+    testing.assert_order(["solver=tableau", f"solver.preset={name}"] + EXP, THEORY[name], model="mixture",
+                         steps=STEPS.get((name, "mixture"), (64, 128)))
 
 
 @pytest.mark.parametrize("model", ["gaussian", pytest.param("mixture", marks=pytest.mark.slow)])
