@@ -71,6 +71,7 @@ class Study:
         self.sigma_max = float((adapter or self.object).sigma_max)
         self.sigma_min = float((adapter or self.object).sigma_min)
         self.nfe_law: dict[str, tuple[float, float]] = {}
+        self.teachers: dict = {}  # teacher trajectories shared by the optimisers of one calibration set
         r = cfg.reference[model]
         t0 = time.perf_counter()
         ref = self.run(reference_overrides(self.sigma_max, self.sigma_min, float(r.rtol), float(r.atol)), "reference")
@@ -82,7 +83,8 @@ class Study:
 
     def error(self, extra: list[str], name: str) -> dict[str, Any]:
         res = self.run(extra, name)
-        if not torch.equal(res.x_T, self.x_T):
+        # the same noise times σ_max; a schedule computing σ_max as exp(log σ_max) may differ in the last bit
+        if res.x_T.shape != self.x_T.shape or not torch.allclose(res.x_T, self.x_T, rtol=1e-6, atol=0):
             return {"skipped": "does not start from the reference's x_T"}
         return {"nfe": res.record["metrics"]["nfe"], "error": rmse(res.latents, self.ref),
                 "sigmas": list(res.schedule.sigmas)}
@@ -117,21 +119,37 @@ class Study:
             out.setdefault(solver, {})[schedule] = row
         return out
 
+    def reachable(self, solver: str, budgets: list[int]) -> list[int]:
+        """The budgets the solver meets exactly (Heun: odd NFE only)."""
+        out = []
+        for n in budgets:
+            k = self.steps_within(solver, n)
+            a, b = self.nfe_law[solver]
+            if k is not None and a * k + b == n:
+                out.append(n)
+        return out
+
     def optimise(self, method: str, solver: str, budgets: list[int], seed: int, tag: str) -> dict:
         """The schedule file of (method, solver) from the calibration set with ``seed``."""
         from framework.tools.schedule_opt import Calibration, Options, optimize
 
         c = self.cfg.calibration
+        budgets = self.reachable(solver, budgets)
+        if not budgets:
+            raise ConfigError(f"solver={solver} meets none of the budgets exactly")
+        init = str(self.cfg.ld3_init[self.model])
+        if init.startswith("from_"):  # the file another method made for this solver (seed tag kept)
+            init = str(self.folder / "schedules" / f"{solver}_{init[5:]}{tag}.json")
         opts = Options(method=method, nfe=list(budgets), out=str(self.folder / "schedules" / f"{solver}_{method}{tag}.json"),
                        fine=int(self.cfg.fine[self.model]), teacher=str(self.cfg.teacher[self.model].solver),
                        teacher_substeps=int(self.cfg.teacher[self.model].substeps),
                        teacher_rtol=float(self.cfg.teacher[self.model].rtol), iterations=int(self.cfg.iterations),
                        seconds=float(self.cfg.ld3_seconds[self.model]), progress=False,
-                       calibration=Calibration(list(c.prompts), int(seed), int(c.num_samples)))
+                       init=init, calibration=Calibration(list(c.prompts), int(seed), int(c.num_samples[self.model])))
         overrides = [f"model={self.model}", f"dtype={self.dtype}", f"solver={solver}", "device=cpu"]
         if self.model in ("mixture", "gaussian"):
             overrides.append("guidance=[]")
-        content, path = optimize(opts, overrides, log=lambda s: None)
+        content, path = optimize(opts, overrides, log=lambda s: None, teachers=self.teachers)
         return {"file": str(path), "content": content}
 
     def evaluate_file(self, solver: str, made: dict) -> dict:
@@ -198,13 +216,41 @@ def study(cfg: DictConfig, folder: Path) -> dict:
             if a is None:
                 continue
             t1 = time.perf_counter()
-            b = s.optimise(method, solver, budgets, int(cfg.second_seed), f"_seed{cfg.second_seed}")["content"]["grids"]
-            res["agreement"][pair] = {n: {"log_sigma_rms": log_rms(a[n], b[n]["sigmas"]), "second_seed_sigmas": b[n]["sigmas"]}
+            tag, init = f"_seed{cfg.second_seed}", str(cfg.ld3_init[model])
+            if method == "ld3" and init.startswith("from_"):  # its starting grid, from the same seed
+                s.optimise(init[5:], solver, budgets, int(cfg.second_seed), tag)
+            made = s.optimise(method, solver, budgets, int(cfg.second_seed), tag)
+            b, held = made["content"]["grids"], s.evaluate_file(solver, made)
+            first = res["optimised"][method][solver]
+            res["agreement"][pair] = {n: {"log_sigma_rms": log_rms(a[n], b[n]["sigmas"]), "second_seed_sigmas": b[n]["sigmas"],
+                                          "heldout_rmse": [first[n].get("error"), held[n].get("error")]}
                                       for n in a if n in b}
             res["agreement"][pair]["seconds"] = round(time.perf_counter() - t1, 1)
         res["best"] = best_cells(res, budgets)
+        res["transfer"] = transfer(s, res, list(cfg.transfer_solvers))
+        res["best"] = best_cells(res, budgets)
         res["seconds"] = round(time.perf_counter() - t0, 1)
         out[model] = res
+    return out
+
+
+def transfer(s: Study, res: dict, solvers: list[str]) -> dict:
+    """The best optimised grid of each budget run with other one-evaluation-per-step solvers (the
+    same steps, so the same NFE): how much of the gain belongs to the solver it was made for."""
+    out: dict = {}
+    for n, b in res["best"].items():
+        made_for, method = b["optimised"]["sampler"].split(" + ")
+        path = s.folder / "schedules" / f"{made_for}_{method}.json"
+        steps = len([v for v in res["optimised"][method][made_for][n]["sigmas"] if v > 0])
+        row = {}
+        for solver in solvers:
+            if solver == made_for:
+                continue
+            cell = s.error([f"solver={solver}", "schedule=optimized", f"schedule.file={path}", f"steps={steps}"],
+                           f"transfer_{made_for}_{method}_{n}_{solver}")
+            if cell.get("nfe") == int(n):
+                row[solver] = cell["error"]
+        out[n] = {"grid": f"{method} for {made_for}", "errors": row}
     return out
 
 
@@ -250,12 +296,20 @@ def write(results: dict, cfg: DictConfig, out: Path) -> list[str]:
                 lines.append(f"| {method} + {solver} | " + " | ".join(cells) + " |")
         if res["agreement"]:
             lines += ["", f"**Two calibration seeds** ({cfg.calibration.seed} and {cfg.second_seed}): RMS difference "
-                      "of log σ between the two grids", "", "| method / solver | " + " | ".join(budgets) + " |",
-                      "| --- |" + " --- |" * len(budgets)]
+                      "of log σ between the two grids [held-out RMSE of the first / second seed's grid]", "",
+                      "| method / solver | " + " | ".join(budgets) + " |", "| --- |" + " --- |" * len(budgets)]
             for pair, row in res["agreement"].items():
-                cells = [("·" if n not in row or row[n]["log_sigma_rms"] is None else f"{row[n]['log_sigma_rms']:.3f}")
+                cells = [("·" if n not in row or row[n]["log_sigma_rms"] is None else
+                          f"{row[n]['log_sigma_rms']:.3f} [{fmt(row[n]['heldout_rmse'][0])} / {fmt(row[n]['heldout_rmse'][1])}]")
                          for n in budgets]
                 lines.append(f"| {pair} | " + " | ".join(cells) + " |")
+        if res.get("transfer"):
+            lines += ["", "**Transfer across solvers**: the best optimised grid of each budget run with other solvers "
+                      "(held-out RMSE; compare with the stock best above)", "", "| NFE | grid made for | " +
+                      " | ".join(cfg.transfer_solvers) + " |", "| --- | --- |" + " --- |" * len(cfg.transfer_solvers)]
+            for n, t in res["transfer"].items():
+                lines.append(f"| {n} | {t['grid']} | " + " | ".join(fmt(t["errors"][v]) if v in t["errors"] else "—"
+                                                                   for v in cfg.transfer_solvers) + " |")
         secs = ", ".join(f"{k} {v:.0f} s" for k, v in res["optimiser_seconds"].items())
         lines += ["", f"Seconds: reference {res['reference_seconds']:.0f}, stock runs {res['stock_seconds']:.0f}, "
                   f"optimisers (all budgets, incl. teacher when first) {secs}; whole model {res['seconds']:.0f}.", ""]

@@ -46,6 +46,7 @@ model weights, solver, method, calibration set and settings skips the budgets al
 from __future__ import annotations
 
 import copy
+import json
 import math
 import sys
 import time
@@ -90,6 +91,7 @@ class Options:
     seconds: float = 300.0  # ld3: time cap per budget
     lr: float = 0.05  # ld3: Adam's step in log σ
     fd_step: float = 0.02  # ld3: central-difference step in log σ
+    init: str = "gits"  # ld3's first grid: gits, oss, or a schedule file (its grid for the budget)
     resume: bool = True
     plot: bool = True
     progress: bool = True
@@ -235,6 +237,7 @@ class Teacher:
     x: list[torch.Tensor]  # the teacher's state at each fine σ; x[-1] = D at σ_min (the target)
     preds: list[tuple[Prediction, Prediction]]  # evaluations at the nonzero fine points
     nfe: int
+    seconds: float = 0.0
 
 
 def fine_grid(sigma_max: float, sigma_min: float, n: int) -> list[float]:
@@ -258,12 +261,12 @@ def make_teacher(sampler: Sampler, fine: list[float], solver: str, substeps: int
     for a, b in zip(fine[:-1], fine[1:]):
         grid += [a] if b == 0 else [a] + [float(s) for s in np.exp(np.linspace(math.log(a), math.log(b), substeps + 1))[1:-1]]
     grid.append(0.0)
-    before = sampler.nfe
+    before, t0 = sampler.nfe, time.perf_counter()
     nodes = sampler.trajectory(grid, teacher_solver(solver, rtol))
     at = {n.sigma: n for n in nodes}
     xs = [at[s].x for s in fine]
     preds = [sampler.evaluate(at[s]) for s in fine[:-1]]
-    return Teacher(fine, xs, preds, sampler.nfe - before)
+    return Teacher(fine, xs, preds, sampler.nfe - before, round(time.perf_counter() - t0, 2))
 
 
 def _fine_node(teacher: Teacher, i: int) -> Node:
@@ -375,9 +378,19 @@ def ays(sampler: Sampler, teacher: Teacher, steps: int, sweeps: int) -> tuple[li
     return [fine[i] for i in idx] + [0.0], obj
 
 
-def ld3(sampler: Sampler, teacher: Teacher, steps: int, opts: Options) -> tuple[list[float], float, int]:
+def ld3(sampler: Sampler, teacher: Teacher, steps: int, opts: Options, nfe: int) -> tuple[list[float], float, int]:
     """LD3-style: Adam on the log-σ grid, derivative of the final error by central differences."""
-    start, _ = gits(sampler, teacher, steps)
+    if opts.init == "gits":
+        start, _ = gits(sampler, teacher, steps)
+    elif opts.init == "oss":
+        start, _ = oss(sampler, teacher, steps)
+    else:
+        from framework.runs.schedule_file import read_schedule_file
+
+        g = read_schedule_file(opts.init)["grids"].get(str(nfe))
+        if g is None or g["steps"] != steps:
+            raise ConfigError(f"init={opts.init} has no {steps}-step grid for NFE {nfe}")
+        start = [float(v) for v in g["sigmas"]]
     target = teacher.x[-1]
     lo, hi = math.log(sampler.sigma_min), math.log(sampler.sigma_max)
     theta = np.array([math.log(s) for s in start[1:-1]])  # σ_1 … σ_{K−1} (σ_0 = σ_max, then 0)
@@ -462,9 +475,10 @@ def calibration_overrides(opts: Options, model_is_text: bool) -> list[str]:
 
 
 def optimize(opts: Options, overrides: Sequence[str], model: object | None = None,
-             log: Callable[[str], None] | None = None) -> tuple[dict[str, Any], Path]:
+             log: Callable[[str], None] | None = None, teachers: dict | None = None) -> tuple[dict[str, Any], Path]:
     """Run the optimiser; returns (the schedule file's content, its path). ``model`` (an analytic
-    denoiser object) replaces the model group, as in ``api.run``."""
+    denoiser object) replaces the model group, as in ``api.run``. ``teachers`` (a dict the caller
+    keeps) shares teacher trajectories between calls that differ only in solver or method."""
     from omegaconf import OmegaConf
     from tqdm import tqdm
 
@@ -483,7 +497,7 @@ def optimize(opts: Options, overrides: Sequence[str], model: object | None = Non
     budgets = [int(n) for n in opts.nfe]
     steps_of = {n: sampler.steps_for_nfe(n) for n in budgets}  # refuses an unreachable budget before any work
     settings = {k: v for k, v in asdict(opts).items() if k in ("fine", "teacher", "teacher_substeps", "teacher_rtol",
-                                                                 "iterations", "seconds", "lr", "fd_step")}
+                                                                 "iterations", "seconds", "lr", "fd_step", "init")}
     run_keys = {k: OmegaConf.to_container(cfg, resolve=True).get(k) for k in ("cfg_scale", "dtype", "guidance", "momentum")}
     head = {"model": {"name": model_name, "fingerprint": fingerprint, "sigma_min": sampler.sigma_min,
                       "sigma_max": sampler.sigma_max},
@@ -512,8 +526,15 @@ def optimize(opts: Options, overrides: Sequence[str], model: object | None = Non
         bar.set_postfix_str(f"NFE {n}")
         t0, nfe0 = time.perf_counter(), sampler.nfe
         if teacher is None:
-            teacher = make_teacher(sampler, fine_grid(sampler.sigma_max, sampler.sigma_min, opts.fine), opts.teacher,
-                                   opts.teacher_substeps, opts.teacher_rtol)
+            key = json.dumps([head["model"], head["calibration"], run_keys, settings["fine"], settings["teacher"],
+                              settings["teacher_substeps"], settings["teacher_rtol"],
+                              [o for o in overrides if not o.lstrip("+~").startswith("solver")]], sort_keys=True, default=str)
+            teacher = (teachers or {}).get(key)
+            if teacher is None:
+                teacher = make_teacher(sampler, fine_grid(sampler.sigma_max, sampler.sigma_min, opts.fine), opts.teacher,
+                                       opts.teacher_substeps, opts.teacher_rtol)
+                if teachers is not None:
+                    teachers[key] = teacher
         k = steps_of[n]
         extra: dict[str, Any] = {}
         if opts.method == "gits":
@@ -526,13 +547,13 @@ def optimize(opts: Options, overrides: Sequence[str], model: object | None = Non
             grid, obj = ays(sampler, teacher, k, opts.iterations)
             name = "summed KLUB of the Euler steps"
         else:
-            grid, obj, its = ld3(sampler, teacher, k, opts)
+            grid, obj, its = ld3(sampler, teacher, k, opts, n)
             name, extra = "final RMSE to the teacher", {"iterations": its}
         final = rmse(sampler.trajectory(grid)[-1].x, teacher.x[-1])
         grids[str(n)] = {"nfe": n, "steps": k, "sigmas": [float(s) for s in grid], "objective": float(obj),
                          "objective_name": name, "calibration_rmse_to_teacher": final,
                          "seconds": round(time.perf_counter() - t0, 2), "optimiser_nfe": sampler.nfe - nfe0, **extra}
-        content = {**head, "teacher_nfe": teacher.nfe, "grids": dict(sorted(grids.items(), key=lambda kv: int(kv[0])))}
+        content = {**head, "teacher_nfe": teacher.nfe, "teacher_seconds": teacher.seconds, "grids": dict(sorted(grids.items(), key=lambda kv: int(kv[0])))}
         write_schedule_file(out, content)
     content = read_schedule_file(out) if out.is_file() else {**head, "grids": grids}
     content["seconds_this_call"] = round(time.perf_counter() - t_all, 2)
