@@ -20,6 +20,7 @@ CONF = Path(__file__).parents[2] / "conf" / "schedule"
 SCHEDULES = sorted(p.stem for p in CONF.glob("*.yaml"))
 DISCRETE_ONLY = {"uniform", "simple", "ddim_uniform"}
 FLOW_ONLY = {"flow_match"}  # a flow model's own grid: tests/models/test_families.py
+FILE_ONLY = {"optimized"}  # grids from a schedule file: tests/tools/test_schedule_opt.py
 
 
 def build(name: str, **changes):
@@ -47,6 +48,8 @@ CONTINUOUS = SimpleNamespace(train_sigmas=None, steps_offset=0, sigma_min=0.002,
 @pytest.mark.parametrize("name", SCHEDULES)
 @pytest.mark.parametrize("steps", [1, 2, 10, 37])
 def test_every_schedule_gives_a_valid_grid(name, steps, sd):
+    if name in FILE_ONLY:
+        pytest.skip("its grids come from a schedule file (tests/tools/test_schedule_opt.py)")
     kw = {"sigmas": [14.6, 1.0, 0.0]} if name == "custom" else {}
     plugin = build(name, **kw)
     if name == "custom":
