@@ -65,6 +65,18 @@ def test_preset_order_mixture(name):
                          steps=STEPS.get((name, "mixture"), (64, 128)))
 
 
+@pytest.mark.parametrize("name,order,grid", [("rk4", 4, EXP), ("res_5s", 4, EXP), ("res_2s", 2, ["schedule=flow_match"])])
+def test_order_on_the_gaussians_flow_twin(name, order, grid):
+    """The same exact paths served through a flow model's arithmetic (v-prediction in t); flow_match starts
+    at σ = ∞ (the engine's limit step). Measured: rk4 4.01, res_5s 3.95 (E), res_2s 2.03 (flow_match). On
+    flow_match the fourth-order methods measure 2 (rk4 2.01): the Euler step from its last σ ≈ 1/N to 0."""
+    from framework.models.analytic import Gaussian
+    from framework.models.base import wrap_model
+
+    testing.assert_order(["solver=tableau", f"solver.preset={name}"] + grid, order,
+                         model=wrap_model(Gaussian(parametrization="flow")))
+
+
 @pytest.mark.parametrize("model", ["gaussian", pytest.param("mixture", marks=pytest.mark.slow)])
 def test_res_multistep_order(model):
     """Second order (the karras grid, first and last steps Euler, as dpmpp_2m)."""
