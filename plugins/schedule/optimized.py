@@ -28,13 +28,14 @@ class Optimized:
 
     input_files = ("file",)  # the run key follows the file's content
 
-    def __post_init__(self) -> None:
+    def _content(self) -> dict:
         if not self.file:
             raise ConfigError("schedule=optimized needs schedule.file=<schedule file from samplerlab-optimize-schedule>")
+        return read_schedule_file(self.file)
 
     @hookimpl
     def configure(self, run):
-        content = read_schedule_file(self.file)
+        content = self._content()
         want = content["model"].get("fingerprint")
         node = run.cfg.get("model")
         have = model_fingerprint(node) if node is not None else None
@@ -47,7 +48,7 @@ class Optimized:
 
     @hookimpl
     def schedule(self, model, steps):
-        grids = read_schedule_file(self.file)["grids"]
+        grids = self._content()["grids"]
         have = ", ".join(f"NFE {k}: steps={g['steps']}" for k, g in sorted(grids.items(), key=lambda kv: int(kv[0])))
         if self.nfe is not None:
             g = grids.get(str(self.nfe))

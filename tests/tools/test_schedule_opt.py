@@ -129,6 +129,8 @@ def test_corrupt_missing_and_absent_nfe_are_one_line(mixture_files, tmp_path):
     (tmp_path / "t.json").write_text(json.dumps(tampered))
     with pytest.raises(ConfigError, match="damaged"):
         read_schedule_file(tmp_path / "t.json")
+    with pytest.raises(ConfigError, match="needs schedule.file="):
+        run(base + ["steps=4"])
     with pytest.raises(ConfigError, match="has no grid for NFE 9"):
         run(base + [f"schedule.file={path}", "steps=4", "schedule.nfe=9"])
 
