@@ -1,6 +1,8 @@
 """Stage ``evaluate``: the model card's scores, measured on the exported files.
 
-- VAE reconstruction PSNR on fresh training-distribution scenes;
+- VAE reconstruction PSNR on fresh training-distribution scenes, the 99.9th percentile of the
+  pixel error, and stray marks and edge width (framework.bundled.marks) of the scenes and of
+  their reconstructions (``real_*``, ``vae_*``) and of the generations (``gen_stray*``, ``gen_edge_width``);
 - CLIP zero-shot colour / shape accuracy on fresh single-shape scenes (prompt ensembles);
 - judge accuracy on fresh single-shape scenes (half of them striped), and on their VAE
   reconstructions (what the latents keep; ``vae_striped_recall``: striped scenes still judged striped);
@@ -25,7 +27,7 @@ from transformers import CLIPModel, CLIPTokenizer
 
 from experiments.bundled_model.vae import reconstruct, vae_psnr
 from experiments.harness import save_grid
-from framework.bundled import load_clip, load_judge
+from framework.bundled import load_clip, load_judge, marks
 from framework.bundled.world import COLOURS, SHAPES, label_indices, sample_scenes
 
 EVAL_SEED = 31_337_000  # never used by training
@@ -92,6 +94,17 @@ def generate(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int]
     return torch.cat(out)
 
 
+def reconstruction_marks(vae, images: torch.Tensor, labels: list) -> dict[str, float]:
+    """Stray marks (framework.bundled.marks) of real scenes (≈ 0 by construction) and of their
+    reconstructions, the 99.9th percentile of the reconstructions' pixel error and the edge widths."""
+    ref = (images + 1) / 2
+    rec = (reconstruct(vae, images).clamp(-1, 1) + 1) / 2
+    real, got = marks.measure_scenes(ref, labels), marks.measure_scenes(rec, labels)
+    return {"real_stray": float(real["stray_share"].mean()), "real_edge_width": real["edge_width"],
+            "vae_stray": float(got["stray_share"].mean()), "vae_stray_images": got["stray_images"],
+            "vae_edge_width": got["edge_width"], "vae_error_p999": marks.error_quantile(rec, ref)}
+
+
 def evaluate(cfg: DictConfig, weights: Path, grid_path: Path) -> dict[str, float]:
     """All scores of the exported weights under ``weights``; writes the sample grid."""
     e = cfg.evaluate
@@ -108,6 +121,7 @@ def evaluate(cfg: DictConfig, weights: Path, grid_path: Path) -> dict[str, float
 
     real = sample_scenes(e.n_real, EVAL_SEED, **cfg.world)
     scores["vae_psnr"] = vae_psnr(pipe.vae, real.images)
+    scores.update(reconstruction_marks(pipe.vae, real.images, real.labels))
 
     single = sample_scenes(e.n_real, EVAL_SEED + 1, concept_rate=0.5)
     truth = label_indices(single.labels)
@@ -128,6 +142,9 @@ def evaluate(cfg: DictConfig, weights: Path, grid_path: Path) -> dict[str, float
     scores["gen_colour"] = float((got["colour"] == want["colour"]).float().mean())
     scores["gen_shape"] = float((got["shape"] == want["shape"]).float().mean())
     scores["gen_striped"] = float(got["striped"].float().mean())  # the world draws 20 % striped
+    m = marks.measure_prompts((gen.clamp(-1, 1) + 1) / 2, prompts_set.captions)
+    scores["gen_stray"], scores["gen_stray_images"] = float(m["stray_share"].mean()), m["stray_images"]
+    scores["gen_edge_width"] = m["edge_width"]
     uncond = generate(pipe, [""] * e.n_generate, seeds, e.steps, 1.0, e.batch_size)
     scores["uncond_striped"] = float(judge.predict(uncond)["striped"].float().mean())
     feats_real = clip_features(clip, single.images)
