@@ -335,3 +335,23 @@ def test_text_drop_needs_cross_attention():
 def test_perturbation_fields_are_checked(args, match):
     with pytest.raises(ConfigError, match=match):
         Perturbation(**args)
+
+
+def test_nothing_is_left_behind_when_a_step_raises(monkeypatch):
+    """A solver that evaluates (with the PAG branch and a SAG map) and then fails: the run stops with
+    the solver named, and the network carries no wrapper."""
+    from framework.core.errors import PluginError
+    from framework.core.markers import hookimpl
+    from framework.entry.api import run
+    from framework.models.tiny import TinyRandom
+    from plugins.solver.euler import Euler
+
+    def failing(self, state, denoise):
+        denoise(state.x * 0.9, state.sigma)
+        raise RuntimeError("solver failure after an evaluation")
+
+    monkeypatch.setattr(Euler, "step", hookimpl(failing))
+    model = TinyRandom()
+    with pytest.raises(PluginError, match="solver failure"):
+        run(["model=tiny_random", "guidance=[cfg,pag,sag]", "steps=3", "num_samples=1", "save_images=false"], model=model)
+    assert leftovers(model.unet) == []
