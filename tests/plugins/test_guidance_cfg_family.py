@@ -369,8 +369,12 @@ SPACES = {"cfg_zero_star": ("cfg_zero_star", []),
           "fdg-parallel": ("fdg", ["guidance.fdg.parallel_weight=0.5"]), "fdg-linear": ("fdg", [])}
 
 
+#: In the fast suite: one nonlinear method and the linear control; the others are marked slow.
+FAST_SPACES = {"cfg_zero_star-no-zero-init", "fdg-linear"}
+
+
 @pytest.mark.parametrize("model", ["sd", "sd3"])
-@pytest.mark.parametrize("name", list(SPACES))
+@pytest.mark.parametrize("name", [n if n in FAST_SPACES else pytest.param(n, marks=pytest.mark.slow) for n in SPACES])
 def test_native_and_denoised_space_differ_for_the_nonlinear_methods(name, model, tiny_overrides):
     plugin, options = SPACES[name]
     base = (tiny_overrides + ["schedule=uniform"] if model == "sd" else ["model=tiny_sd3", "schedule=flow_match"])
@@ -387,10 +391,9 @@ def test_native_and_denoised_space_differ_for_the_nonlinear_methods(name, model,
 
 def test_step_fraction_window_guides_exactly_its_steps(tiny_overrides):
     """cfg with start/stop: the steps outside ⌊start·N⌋ ≤ i < ⌊stop·N⌋ are conditional-only. With
-    the window covering no step it is cfg_scale=1; with [0, 1] it is plain CFG."""
+    the window covering no step it is cfg_scale=1 (and the partial windows match diffusers above)."""
     base = tiny_overrides + ["solver=euler", "schedule=uniform", *WHOLE]
     full = run(base).latents
-    assert torch.equal(run(base + ["guidance.cfg.start=0.0", "guidance.cfg.stop=1.0"]).latents, full)
     cond_only = run(base + ["cfg_scale=1.0"]).latents
     empty = run(base + ["guidance.cfg.start=0.9", "guidance.cfg.stop=0.95"]).latents   # ⌊4.5⌋ = ⌊4.75⌋ = 4: no step
     assert relative(empty, cond_only) <= 1e-5 and relative(full, cond_only) > 1e-3
