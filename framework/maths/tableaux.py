@@ -187,11 +187,13 @@ def build(space: str, a: Sequence[Sequence[Any]] | None, b: Sequence[Any] | None
         nodes = [n.fn(0.0) for n in parsed]
         for i, (total, node) in enumerate(zip(sums, nodes)):
             if abs(total - node) > _TOL * max(1.0, abs(node)):
-                raise ConfigError(f"row {i + 1} of solver.a sums to {_fmt(total)}, not its node c_{i + 1} = {_fmt(node)}"
+                raise ConfigError(f"row {i + 1} of solver.a sums to {_fmt(total)}, not its node "
+                                  f"c_{i + 1} = {_fmt(node)}"
                                   f"{limit}: rows of a Runge–Kutta tableau sum to their node (Σ_j a_ij = c_i); fix the "
                                   "row or the node")
     if nodes[0] != 0.0:
-        raise ConfigError(f"solver.c_1 = {_fmt(nodes[0])}: the first stage of an explicit method is the step's start (c_1 = 0)")
+        raise ConfigError(f"solver.c_1 = {_fmt(nodes[0])}: the first stage of an explicit method is the step's start "
+                          "(c_1 = 0)")
     if space == "sigma" and any(not 0.0 <= n <= 1.0 for n in nodes):
         raise ConfigError(f"solver.c = {[_fmt(n) for n in nodes]}: σ-space nodes must lie in [0, 1] (a stage past σ' "
                           "could reach σ ≤ 0)")
@@ -209,9 +211,11 @@ def build(space: str, a: Sequence[Sequence[Any]] | None, b: Sequence[Any] | None
         raise ConfigError(f"solver.b sums to {_fmt(total)}, not 1{limit}: the weights of a consistent method sum to 1")
     used = [False] * s
     for i in reversed(range(s)):
-        used[i] = i == 0 or not bt[i].literal_zero or any(used[k] and not at[k][i].literal_zero for k in range(i + 1, s))
+        later = any(used[k] and not at[k][i].literal_zero for k in range(i + 1, s))
+        used[i] = i == 0 or not bt[i].literal_zero or later
     return Tableau(space, tuple(nodes), tuple(tuple(e.fn for e in row) for row in at), tuple(e.fn for e in bt),
-                   tuple(tuple(e.literal_zero for e in row) for row in at), tuple(e.literal_zero for e in bt), tuple(used))
+                   tuple(tuple(e.literal_zero for e in row) for row in at), tuple(e.literal_zero for e in bt),
+                   tuple(used))
 
 
 @dataclass(frozen=True)
@@ -230,7 +234,8 @@ class Preset:
 
 
 # Hochbruck & Ostermann (2005), "Explicit exponential Runge–Kutta methods for semilinear parabolic
-# problems", SIAM J. Numer. Anal. 43(3), the five-stage method of stiff order 4 (RES4LYF's res_5s). φ_{k,4} = φ_k(z) since c_4 = 1: written phiK(1); bare phiK in row 5 is φ_k(z/2).
+# problems", SIAM J. Numer. Anal. 43(3), the five-stage method of stiff order 4 (RES4LYF's res_5s).
+# φ_{k,4} = φ_k(z) since c_4 = 1: written phiK(1); bare phiK in row 5 is φ_k(z/2).
 _HO_A52 = "phi2/2 - phi3(1) + phi2(1)/4 - phi3/2"
 
 TABLEAUX: dict[str, Preset] = {
@@ -243,7 +248,8 @@ TABLEAUX: dict[str, Preset] = {
     "kutta3": Preset("sigma", (0, "1/2", 1), ((), ("1/2",), (-1, 2)), ("1/6", "2/3", "1/6"), 3,
                      "Kutta's third-order method (1901)"),
     "bogacki_shampine": Preset("sigma", (0, "1/2", "3/4"), ((), ("1/2",), (0, "3/4")), ("2/9", "1/3", "4/9"), 3,
-                               "Bogacki & Shampine (1989), the third-order solution (the FSAL error stage is not evaluated)"),
+                               "Bogacki & Shampine (1989), the third-order solution (the FSAL error stage is not "
+                               "evaluated)"),
     "rk4": Preset("sigma", (0, "1/2", "1/2", 1), ((), ("1/2",), (0, "1/2"), (0, 0, 1)), ("1/6", "1/3", "1/3", "1/6"), 4,
                   "the classical Runge–Kutta method (Kutta 1901)"),
     # --- λ-space: exponential Runge–Kutta methods, data prediction (x' = e^z·x + h·Σ b_i(z)·D_i) ----
@@ -258,7 +264,8 @@ TABLEAUX: dict[str, Preset] = {
                      ((), ("phi1/2",), ("phi1 - 2*phi2(1/2) - 2*phi2", "2*phi2(1/2) + 2*phi2")),
                      ("phi1 - 5*phi2/3", "4*phi2/3", "phi2/3"), 3,
                      "RES third order, c2 = 1/2, c3 = 1, γ = (3c3³ − 2c3)/(c2(2 − 3c2)) = 4: a32 = γc2·φ_{2,2} + "
-                     "(c3²/c2)·φ_{2,3}, b3 = φ₂/(γc2 + c3), b2 = γ·b3 (RES4LYF res_3s; classical limit: Kutta's third order)"),
+                     "(c3²/c2)·φ_{2,3}, b3 = φ₂/(γc2 + c3), b2 = γ·b3 (RES4LYF res_3s; classical limit: Kutta's "
+                     "third order)"),
     "res_5s": Preset("lambda", (0, "1/2", "1/2", 1, "1/2"),
                      ((), ("phi1/2",), ("phi1/2 - phi2", "phi2"), ("phi1 - 2*phi2", "phi2", "phi2"),
                       ("phi1/2 - 3*phi2/4 + phi3(1) - phi2(1)/4 + phi3/2", _HO_A52, _HO_A52,
@@ -266,14 +273,16 @@ TABLEAUX: dict[str, Preset] = {
                      ("phi1 - 3*phi2 + 4*phi3", 0, 0, "-phi2 + 4*phi3", "4*phi2 - 8*phi3"), 4,
                      "Hochbruck & Ostermann (2005), five stages, stiff order 4 (RES4LYF res_5s)"),
     "etdrk2": Preset("lambda", (0, 1), ((), ("phi1",)), ("phi1 - phi2", "phi2"), 2,
-                     "ETD2RK (Cox & Matthews 2002, J. Comput. Phys. 176); = the Hochbruck–Ostermann second-order method with c2 = 1"),
+                     "ETD2RK (Cox & Matthews 2002, J. Comput. Phys. 176); = the Hochbruck–Ostermann second-order "
+                     "method with c2 = 1"),
     "etdrk3": Preset("lambda", (0, "1/2", 1), ((), ("phi1/2",), ("-phi1", "2*phi1")),
                      ("phi1 - 3*phi2 + 4*phi3", "4*phi2 - 8*phi3", "-phi2 + 4*phi3"), 3,
                      "ETD3RK (Cox & Matthews 2002)"),
     "etdrk4": Preset("lambda", (0, "1/2", "1/2", 1),
                      ((), ("phi1/2",), (0, "phi1/2"), ("phi1(1/2) * (exp(1/2) - 1) / 2", 0, "phi1(1/2)")),
                      ("phi1 - 3*phi2 + 4*phi3", "2*phi2 - 4*phi3", "2*phi2 - 4*phi3", "-phi2 + 4*phi3"), 4,
-                     "ETDRK4 (Cox & Matthews 2002; classical order 4, stiff order 2 in the worst case, Hochbruck & Ostermann 2005)"),
+                     "ETDRK4 (Cox & Matthews 2002; classical order 4, stiff order 2 in the worst case, Hochbruck & "
+                     "Ostermann 2005)"),
     "lawson": Preset("lambda", (0, "1/2", "1/2", 1),
                      ((), ("exp/2",), (0, "1/2"), (0, 0, "exp(1/2)")),
                      ("exp/6", "exp(1/2)/3", "exp(1/2)/3", "1/6"), 4,
@@ -287,6 +296,6 @@ def preset(name: str) -> Tableau:
     if name not in TABLEAUX:
         close = difflib.get_close_matches(name, TABLEAUX, n=1)
         hint = f"did you mean {close[0]}? " if close else ""
-        raise ConfigError(f"solver.preset: unknown tableau {name!r}: {hint}presets: {', '.join(TABLEAUX)} (or give your "
-                          "own a, b, c and space with solver.preset=null)")
+        raise ConfigError(f"solver.preset: unknown tableau {name!r}: {hint}presets: {', '.join(TABLEAUX)} (or give "
+                          "your own a, b, c and space with solver.preset=null)")
     return TABLEAUX[name].tableau()

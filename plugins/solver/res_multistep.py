@@ -50,7 +50,8 @@ class ResMultistep(Ancestral):
         pp = self.cfg_pp and pred.uncond_denoised is not None  # an unconditional model has no D_u: plain steps
         uncond = pred.uncond_denoised if pp else pred.denoised
         prev = state.stash.get(self, _Prev)
-        c2 = 0.0 if prev.denoised is None or down == 0 else (lam(prev.sigma) - lam(prev.sigma_down)) / (lam(down) - lam(sigma))
+        first = prev.denoised is None or down == 0
+        c2 = 0.0 if first else (lam(prev.sigma) - lam(prev.sigma_down)) / (lam(down) - lam(sigma))
         if c2 == 0.0:  # Euler: the first step, the step to σ = 0
             x = pred.denoised + (down / sigma) * (pred.x - uncond) if pp else pred.x + (down - sigma) * pred.derivative
         else:

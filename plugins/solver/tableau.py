@@ -45,13 +45,13 @@ class TableauSolver:
     def __post_init__(self) -> None:
         own = [k for k in ("space", "c", "a", "b") if getattr(self, k) is not None]
         if self.preset is not None and own:
-            raise ConfigError(f"solver.preset={self.preset} and your own {', '.join(own)}: give one of them (a tableau of "
-                              "your own needs solver.preset=null)")
+            raise ConfigError(f"solver.preset={self.preset} and your own {', '.join(own)}: give one of them (a "
+                              "tableau of your own needs solver.preset=null)")
         if self.preset is not None:
             self.tableau = tableau_preset(str(self.preset))
         elif self.b is None:
-            raise ConfigError("a tableau solver needs solver.preset=<name> (e.g. rk4, res_2s) or a tableau of your own: "
-                              "space, a, b (and c)")
+            raise ConfigError("a tableau solver needs solver.preset=<name> (e.g. rk4, res_2s) or a tableau of your "
+                              "own: space, a, b (and c)")
         else:
             self.tableau = build_tableau(str(self.space or "sigma"), self.a, self.b, self.c)
 
