@@ -530,3 +530,34 @@ def test_diffusers_table_matches_solver_diffusers():
     for row in rows:
         refused = row[1].startswith("not applicable: ")
         assert outcomes[row[0]].startswith("refused" if refused else "runs"), (row[0], outcomes[row[0]])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["singlestep_1", "singlestep_2", "singlestep_3", "LCMScheduler", "TCDScheduler"])
+def test_parity_on_the_bundled_model(case, monkeypatch):
+    """The same pairs on the bundled model (its DDIM config), 6 steps (LCM/TCD 4), CFG 4 (~20 s each)."""
+    import diffusers
+
+    model = testing.load_model("bundled")
+    pipe = model.pipe
+    if case.startswith("singlestep"):
+        order = int(case[-1])
+        sched = diffusers.DPMSolverSinglestepScheduler.from_config(pipe.scheduler.config, solver_order=order)
+        sched.set_timesteps(STEPS)
+        sigmas = [float(s) for s in sched.sigmas]
+        args = (["solver=dpmpp_singlestep", f"solver.order={order}"], STEPS, None, sigmas,
+                [float(t) for t in sched.timesteps] + [None])
+    else:
+        sched = getattr(diffusers, case).from_config(pipe.scheduler.config)
+        sched.set_timesteps(4)
+        ac = sched.alphas_cumprod.double()
+        ts = [int(t) for t in sched.timesteps]
+        sigmas = [_vp_sigma(float(ac[t])) for t in ts]
+        lcm = case == "LCMScheduler"
+        args = (["solver=lcm" if lcm else "solver=tcd"], 4,
+                f"diffusers.schedulers.scheduling_{'lcm' if lcm else 'tcd'}",
+                sigmas + [0.0 if lcm else _vp_sigma(float(ac[0]))], ts + [None if lcm else 0])
+    solver, steps, noise, sig, times = args
+    diff, scale = run_pair(sched, solver, steps, pipe, model, monkeypatch, noise, sig, times)
+    print(f"bundled {case}: max abs diff {diff:.3g} at latent scale {scale:.3g} (relative {diff / scale:.2e})")
+    assert diff <= 1e-4 * scale
