@@ -147,8 +147,9 @@ class Sampler:
         self.model = self.run.model
         self.sigma_max, self.sigma_min = float(self.model.sigma_max), float(self.model.sigma_min)
         settings = read_settings(cfg)
-        self.batch = engine.new_batch(self.run, list(settings.indices()))
-        self.noise = self.batch.noise.draw()
+        with torch.no_grad():  # the prompts' encoding too: nothing here is differentiated
+            self.batch = engine.new_batch(self.run, list(settings.indices()))
+            self.noise = self.batch.noise.draw()
         assert self.run.hooks is not None
         self.step_name, self.step_fn = self.run.hooks.step
         self.nfe = 0
