@@ -12,7 +12,8 @@ ComfyUI's ``sample_lcm`` (there the scalings live in the model's sampling settin
 The scalings need the model's discrete timesteps: ``boundary=lcm`` on a continuous model (the analytic
 ones) is a configuration error. Meant for LCM-distilled checkpoints and LCM-LoRAs at 2–8 steps; on a
 model that is not consistency-distilled (its scheduler is not LCMScheduler/TCDScheduler) more than
-``useful_steps`` steps draw a one-line warning: each step discards the state but for x̂₀, so more steps
+``useful_steps`` steps draw a one-line warning (an LCM-LoRA on an ordinary checkpoint is recognised by nothing, so it
+warns too above that count): each step discards the state but for x̂₀, so more steps
 do not approach the ODE solution (they re-noise an ordinary model's blurry x̂₀ ever more often). Use the
 LCM grid with ``schedule=custom`` (its timesteps) or ``solver=diffusers solver.scheduler=LCMScheduler``
 for diffusers' exact run (tests/plugins/test_solvers_consistency.py). NFE 1 per step."""

@@ -122,8 +122,11 @@ def test_unconditional_limits(ours, base):
     assert (a.latents - b.latents).abs().max().item() <= 1e-12
 
 
-def test_stochastic_singlestep_passes_the_kit():
-    testing.assert_solver_conforms(["solver=dpmpp_singlestep", "solver.algorithm_type=sde-dpmsolver++"])
+@pytest.mark.parametrize("overrides", [["solver=dpmpp_singlestep", "solver.algorithm_type=sde-dpmsolver++"],
+                                       ["solver=dpm_fast", "solver.eta=1"]])
+def test_stochastic_forms_pass_the_kit(overrides):
+    res = testing.assert_solver_conforms(overrides)
+    assert torch.isfinite(res.latents).all()
 
 
 # ---------------------------------------------------------------------------------------------
