@@ -3,6 +3,7 @@
     python -m experiments.schedule_opt                       # docs/optimisation_table.md + plots
     python -m experiments.schedule_opt fast=true out=/tmp/so runs=/tmp/so/runs
     python -m experiments.schedule_opt models=[mixture]      # one model
+    python -m experiments.schedule_opt from_results=outputs/schedule_opt/record.json   # docs again, no sampling
 
 For each model: the optimisers of ``framework.tools.schedule_opt`` compute grids from the
 calibration set (``calibration``: prompts × seed) for each (method, solver) of ``plan`` and each
@@ -362,7 +363,12 @@ def plot(model: str, res: dict, cfg: DictConfig, out: Path, files: list[str]) ->
 def main(argv: list[str] | None = None) -> dict:
     ex = Experiment.compose(HERE, argv)
     cfg = ex.cfg
-    results = study(cfg, Path(cfg.runs))
+    if cfg.from_results:  # the tables and plots again from an earlier record, without sampling
+        import json
+
+        results = json.loads(Path(cfg.from_results).read_text())["results"]
+    else:
+        results = study(cfg, Path(cfg.runs))
     files = write(results, cfg, Path(cfg.out))
     return ex.record(Path(cfg.runs) / "record.json", results, files)
 

@@ -1,0 +1,43 @@
+"""experiments/schedule_opt: the study end to end on a tiny plan (slow), and its helpers."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+import experiments.schedule_opt.__main__ as study_mod
+
+
+def test_log_rms_and_best_cells():
+    assert study_mod.log_rms([8.0, 2.0, 0.0], [8.0, 2.0, 0.0]) == 0.0
+    assert math.isclose(study_mod.log_rms([8.0, 2.0, 0.0], [8.0, 2.0 * math.e, 0.0]), math.sqrt(0.5), rel_tol=1e-12)
+    assert study_mod.log_rms([8.0, 0.0], [8.0, 1.0, 0.0]) is None
+    res = {"stock": {"euler": {"karras": {"5": {"error": 0.5, "nfe": 5}}, "uniform": {"skipped": "no"}},
+                     "heun": {"karras": {"5": {"error": 0.4, "nfe": 5}}}},
+           "optimised": {"gits": {"euler": {"5": {"error": 0.1, "nfe": 5}}}, "oss": {"heun": {"skipped": "x"}}}}
+    best = study_mod.best_cells(res, [5, 6])
+    assert set(best) == {"5"} and best["5"]["stock"]["sampler"] == "heun + karras"
+    assert best["5"]["optimised"]["sampler"] == "euler + gits" and math.isclose(best["5"]["ratio"], 0.25)
+
+
+@pytest.mark.slow
+def test_study_on_a_tiny_plan(tmp_path):
+    argv = ["models=[mixture]", "nfe=[4,5]", "plan={mixture: {gits: [euler, heun]}}", "agreement={mixture: [gits/euler]}",
+            "stock_solvers=[euler]", "stock_schedules=[karras,uniform]", "transfer_solvers=[euler,dpmpp_2m]",
+            "heldout.num_samples.mixture=8", "fine.mixture=10", "calibration.num_samples.mixture=4",
+            f"out={tmp_path / 'docs'}", f"runs={tmp_path / 'runs'}"]
+    record = study_mod.main(argv)
+    res = record["results"]["mixture"]
+    assert res["stock"]["euler"]["uniform"]["skipped"].startswith("schedule=uniform")
+    assert [c["nfe"] for c in res["stock"]["euler"]["karras"].values()] == [4, 5]
+    assert set(res["optimised"]["gits"]["heun"]) == {"5"}  # heun meets odd budgets only
+    for n in ("4", "5"):
+        b = res["best"][n]
+        assert b["optimised"]["error"] < b["stock"]["error"], b  # optimised euler beats karras euler
+    assert set(res["agreement"]["gits/euler"]) >= {"4", "5"}
+    text = (tmp_path / "docs" / "optimisation_table.md").read_text()
+    assert "| gits + euler |" in text and "ratio" in text
+    assert (tmp_path / "docs" / "optimisation_mixture.png").stat().st_size > 1000
+    # the docs again from the record, without sampling: the same table
+    study_mod.main(argv + [f"from_results={tmp_path / 'runs' / 'record.json'}", f"out={tmp_path / 'again'}"])
+    assert (tmp_path / "again" / "optimisation_table.md").read_text() == text
