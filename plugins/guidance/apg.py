@@ -73,7 +73,8 @@ class APGMix(APG):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.apg_start_step < -1:
-            raise ConfigError(f"apg_mix.apg_start_step must be ≥ -1 (APG from the step after it), got {self.apg_start_step}")
+            raise ConfigError(f"apg_mix.apg_start_step must be ≥ -1 (APG from the step after it), "
+                              f"got {self.apg_start_step}")
 
     def combine(self, state, cond, uncond):
         if state.index <= self.apg_start_step:

@@ -28,7 +28,8 @@ class CFGZeroStar(NativeGuidance):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.zero_init_steps < 0:
-            raise ConfigError(f"cfg_zero_star.zero_init_steps must be ≥ 0 (steps predicted as zero), got {self.zero_init_steps}")
+            raise ConfigError(f"cfg_zero_star.zero_init_steps must be ≥ 0 (steps predicted as zero), "
+                              f"got {self.zero_init_steps}")
 
     def guide(self, state, cond, uncond):
         if state.index < self.zero_init_steps:

@@ -7,9 +7,10 @@ G_k − up(G_{k+1}) of the Gaussian pyramid G_0 = p, G_{k+1} = down(G_k), the la
 at level k, Δ_k = p_c,k − p_u,k, optionally re-weighted along p_c,k (Δ_k ← ``parallel_weight``·Δ_∥ + Δ_⊥,
 APG's projection), then p_k = p_u,k + w_k·Δ_k; the pyramid is collapsed back. w_0 (the finest
 level) is the top-level ``cfg_scale``, w_{L−1} (the coarsest) is ``low_scale`` (default: half of
-``cfg_scale``, the ratio of diffusers' default scales [10, 5]), the levels between are linear in k. The pyramid is kornia's (which diffusers' FrequencyDecoupledGuidance
-calls: a 5×5 binomial blur with reflected borders, bilinear halving and doubling), written here
-in torch, so kornia is not needed (it is the ``fdg`` extra, for the parity test only).
+``cfg_scale``, the ratio of diffusers' default scales [10, 5]), the levels between are linear
+in k. The pyramid is kornia's (which diffusers' FrequencyDecoupledGuidance calls: a 5×5 binomial
+blur with reflected borders, bilinear halving and doubling), written here in torch, so kornia is
+not needed (it is the ``fdg`` extra, for the parity test only).
 kornia pads a latent whose sides are not divisible by 2^(levels−1), or of which neither side is a
 power of two, to powers of two and diffusers does not crop the result; here such a latent is a
 config error instead.

@@ -78,7 +78,8 @@ def test_to_native_is_the_unet_output(sd64, prediction_type, sigma):
     model = StableDiffusion(pipeline=sd64, prediction_type=prediction_type)
     model.dtype = torch.float64
     assert model.native_space == prediction_type
-    x = torch.randn(2, *model.latent_shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * math.hypot(1, sigma)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, *model.latent_shape, generator=g, dtype=torch.float64) * math.hypot(1, sigma)
     tensors = model.encode_prompts(PROMPTS)
     t = model.timestep_of(sigma, None)
     with torch.no_grad():
@@ -170,8 +171,10 @@ def trajectory(model, steps: int):
     out = []
     with torch.no_grad():
         for sigma in sigmas:
-            x = torch.randn(len(PROMPTS), *model.latent_shape, generator=g) * (1.0 if math.isinf(sigma) else math.hypot(1, sigma))
-            out.append((x, sigma, model.denoise_batch(x, sigma, None, cond), model.denoise_batch(x, sigma, None, uncond)))
+            scale = 1.0 if math.isinf(sigma) else math.hypot(1, sigma)
+            x = torch.randn(len(PROMPTS), *model.latent_shape, generator=g) * scale
+            d_c, d_u = model.denoise_batch(x, sigma, None, cond), model.denoise_batch(x, sigma, None, uncond)
+            out.append((x, sigma, d_c, d_u))
     return out
 
 
@@ -182,11 +185,14 @@ def fake_state(model, index: int, steps: int, stash: Stash):
 
 #: (our plugin, diffusers' guider, flatten for diffusers) per case; the guider's scale is SCALE.
 CASES = {
-    "cfg_zero_star": lambda: (CFGZeroStar(zero_init_steps=1), guiders.ClassifierFreeZeroStarGuidance(SCALE, zero_init_steps=1), False),
-    "cfg_zero_star-window": lambda: (CFGZeroStar(zero_init_steps=2, start=0.3, stop=0.8),
-                                     guiders.ClassifierFreeZeroStarGuidance(SCALE, zero_init_steps=2, start=0.3, stop=0.8), False),
+    "cfg_zero_star": lambda: (CFGZeroStar(zero_init_steps=1),
+                              guiders.ClassifierFreeZeroStarGuidance(SCALE, zero_init_steps=1), False),
+    "cfg_zero_star-window": lambda: (
+        CFGZeroStar(zero_init_steps=2, start=0.3, stop=0.8),
+        guiders.ClassifierFreeZeroStarGuidance(SCALE, zero_init_steps=2, start=0.3, stop=0.8), False),
     "tcfg": lambda: (TCFG(), guiders.TangentialClassifierFreeGuidance(SCALE), False),
-    "tcfg-window": lambda: (TCFG(start=0.2, stop=0.5), guiders.TangentialClassifierFreeGuidance(SCALE, start=0.2, stop=0.5), False),
+    "tcfg-window": lambda: (TCFG(start=0.2, stop=0.5),
+                            guiders.TangentialClassifierFreeGuidance(SCALE, start=0.2, stop=0.5), False),
     "mambo_g": lambda: (MamboG(alpha=8.0), guiders.MagnitudeAwareGuidance(SCALE, alpha=8.0), True),
     "mambo_g-alpha2": lambda: (MamboG(alpha=2.0), guiders.MagnitudeAwareGuidance(SCALE, alpha=2.0), True),
     "apg_mix": lambda: (APGMix(apg_start_step=2), guiders.AdaptiveProjectedMixGuidance(
@@ -208,7 +214,8 @@ def _fdg(scales, **kwargs):
     return guiders.FrequencyDecoupledGuidance(guidance_scales=scales, **kwargs)
 
 
-def diffusers_combine(guider, step: int, steps: int, cond: torch.Tensor, uncond: torch.Tensor, flatten: bool) -> torch.Tensor:
+def diffusers_combine(guider, step: int, steps: int, cond: torch.Tensor, uncond: torch.Tensor,
+                      flatten: bool) -> torch.Tensor:
     guider.set_state(step, steps, torch.tensor(999 - step))
     guider.prepare_inputs({"encoder_hidden_states": (cond, uncond)})  # what a pipeline calls first (APG-mix's buffer)
     if flatten:
@@ -225,7 +232,8 @@ def test_combination_matches_diffusers(case, kind, tiny_pipe):
     for i, (x, sigma, d_c, d_u) in enumerate(trajectory(model, steps)):
         pred = Prediction(x=x, sigma=sigma, denoised=d_c, cond_denoised=d_c, uncond_denoised=d_u)
         got = model.to_native(x, sigma, ours.guidance(state=fake_state(model, i, steps, stash), pred=pred).denoised)
-        expected = diffusers_combine(theirs, i, steps, model.to_native(x, sigma, d_c), model.to_native(x, sigma, d_u), flatten)
+        c, u = model.to_native(x, sigma, d_c), model.to_native(x, sigma, d_u)
+        expected = diffusers_combine(theirs, i, steps, c, u, flatten)
         if expected.abs().max() == 0:      # zero-init: both exactly zero
             assert got.abs().max().item() <= 1e-6 * x.abs().max().item()
             continue
@@ -258,7 +266,8 @@ def test_tcfg_floor_is_diffusers_float32_svd(tiny_pipe):
     exact = projected + SCALE * (c - projected)
     ours = TCFG().combine(fake_state(model, 0, 4, Stash()), c, u)
     theirs = diffusers_combine(guiders.TangentialClassifierFreeGuidance(SCALE), 0, 4, c.float(), u.float(), False)
-    print(f"tcfg: ours vs exact {relative(ours, exact):.1e}, diffusers (float32) vs exact {relative(theirs.double(), exact):.1e}")
+    print(f"tcfg: ours vs exact {relative(ours, exact):.1e}, "
+          f"diffusers (float32) vs exact {relative(theirs.double(), exact):.1e}")
     assert relative(ours, exact) <= 1e-12
     assert relative(theirs.double(), exact) <= TOL
 
@@ -289,7 +298,8 @@ def test_cfg_norm_is_comfyuis_formula():
     g = torch.Generator().manual_seed(5)
     c, u = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
     cfg = u + SCALE * (c - u)
-    ratio = torch.linalg.vector_norm(c, dim=1, keepdim=True) / (torch.linalg.vector_norm(cfg, dim=1, keepdim=True) + 1e-8)
+    norm = lambda t: torch.linalg.vector_norm(t, dim=1, keepdim=True)  # noqa: E731
+    ratio = norm(c) / (norm(cfg) + 1e-8)
     expected = 0.8 * cfg * ratio.clamp(0, 1)
     got = CFGNorm(strength=0.8).combine(fake_state(None, 0, 4, Stash()), c, u)
     assert relative(got, expected) <= 1e-6
@@ -308,7 +318,8 @@ RUNS = {
     "apg_mix": (["guidance.apg_mix.apg_start_step=1"], lambda: guiders.AdaptiveProjectedMixGuidance(
         SCALE, adaptive_projected_guidance_start_step=1), False),
     "fdg": (["guidance.fdg.low_scale=2.0"], lambda: _fdg([SCALE, 2.0]), False),
-    "cfg": (["guidance.cfg.start=0.2", "guidance.cfg.stop=0.6"], lambda: guiders.ClassifierFreeGuidance(SCALE, start=0.2, stop=0.6), False),
+    "cfg": (["guidance.cfg.start=0.2", "guidance.cfg.stop=0.6"],
+            lambda: guiders.ClassifierFreeGuidance(SCALE, start=0.2, stop=0.6), False),
 }
 WHOLE = ["num_samples=2", "batch_size=2", f"cfg_scale={SCALE}", f"prompts=[{','.join(PROMPTS)}]", f"steps={STEPS}",
          "save_images=false"]
@@ -321,7 +332,8 @@ def test_whole_run_on_tiny_sd_matches_diffusers_loop(name, tiny_overrides, tiny_
     ours = run(tiny_overrides + WHOLE + ["solver=euler", "schedule=uniform", f"guidance=[{name}]", *options])
     sched = EulerDiscreteScheduler.from_config(tiny_pipe.scheduler.config)
     sched.set_timesteps(STEPS)
-    tok = tiny_pipe.tokenizer(PROMPTS + [""] * 2, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    tok = tiny_pipe.tokenizer(PROMPTS + [""] * 2, padding="max_length", max_length=77, truncation=True,
+                              return_tensors="pt")
     latents = ours.x_T.clone()
     with torch.no_grad():
         cond, uncond = tiny_pipe.text_encoder(tok.input_ids)[0].chunk(2)
@@ -349,7 +361,8 @@ def test_whole_run_on_tiny_sd3_matches_diffusers_loop(name):
     latents = ours.x_T / ours.schedule.init_noise_scale
     with torch.no_grad():
         for i, t in enumerate(sched.timesteps):
-            vu, vc = pipe.transformer(hidden_states=torch.cat([latents] * 2), timestep=t.expand(4), encoder_hidden_states=torch.cat([neg, embeds]),
+            vu, vc = pipe.transformer(hidden_states=torch.cat([latents] * 2), timestep=t.expand(4),
+                                      encoder_hidden_states=torch.cat([neg, embeds]),
                                       pooled_projections=torch.cat([neg_pooled, pooled]), return_dict=False)[0].chunk(2)
             latents = sched.step(diffusers_combine(guider, i, STEPS, vc, vu, flatten), t, latents, return_dict=False)[0]
     diff = relative(ours.latents, latents)
@@ -426,10 +439,12 @@ class VectorModel:
         return {"c": torch.full((len(prompts), 1), float(len(prompts[0])))}
 
 
-@pytest.mark.parametrize("name,match", [("cfg_norm", "cfg_norm takes norms over channels"), ("fdg", "needs latents \\[C, H, W\\]")])
+@pytest.mark.parametrize("name,match", [("cfg_norm", "cfg_norm takes norms over channels"),
+                                        ("fdg", "needs latents \\[C, H, W\\]")])
 def test_refused_on_latents_without_channels(name, match):
     with pytest.raises(ConfigError, match=match) as e:
-        run([f"guidance=[{name}]", "steps=2", "num_samples=1", "batch_size=1", "save_images=false"], model=VectorModel())
+        run([f"guidance=[{name}]", "steps=2", "num_samples=1", "batch_size=1", "save_images=false"],
+            model=VectorModel())
     assert "\n" not in str(e.value)
     assert run(["guidance=[cfg_zero_star]", "steps=2", "num_samples=1", "batch_size=1", "save_images=false"],
                model=VectorModel()).latents.shape == (1, 4)         # the vector-shaped pair itself is fine
