@@ -2,7 +2,8 @@
 of CFG-Zero*, TCFG, FDG, MAMBO-G, APG-mix and the step-fraction window with diffusers' guiders.
 
 - The conversion D ↔ native is checked against the network itself (float64): the tiny SD UNet's
-  ε and v outputs, the tiny SD3 transformer's velocity (also at σ = ∞), the analytic flow twin.
+  ε and v outputs, the tiny SD3 and Flux transformers' velocity (also at σ = ∞), the analytic
+  flow twin.
 - Combination parity: each plugin's ``guidance`` hook on a Prediction built from the tiny models'
   own predictions, its result converted to native space, against diffusers' guider called on the
   native pair after ``set_state(step, num_inference_steps, timestep)`` (and ``prepare_inputs``,
@@ -38,6 +39,7 @@ from framework.models import tiny_families as tiny
 from framework.models.analytic import Gaussian
 from framework.models.base import wrap_model
 from framework.models.diffusers_sd import StableDiffusion
+from framework.models.flux import Flux
 from framework.models.sd3 import StableDiffusion3
 from framework.models.base import vp_scale
 from plugins.guidance.apg import APGMix
@@ -90,21 +92,26 @@ def test_to_native_is_the_unet_output(sd64, prediction_type, sigma):
     assert relative(model.from_native(x, sigma, native), d) <= 1e-12
 
 
-@pytest.fixture
-def sd3_64():
-    pipe = tiny.tiny_pipeline("sd3")
+FLOW_MODELS = {"sd3": lambda pipe: StableDiffusion3(pipeline=pipe),
+               "flux": lambda pipe: Flux(pipeline=pipe, height=64, width=64)}
+
+
+@pytest.fixture(params=list(FLOW_MODELS))
+def flow64(request):
+    """A tiny flow model (SD3, Flux) on its pipeline in float64 (restored to float32 afterwards)."""
+    pipe = tiny.tiny_pipeline(request.param)
     pipe.to(torch.float64)
     try:
-        yield pipe
+        yield FLOW_MODELS[request.param](pipe)
     finally:
         pipe.to(torch.float32)
 
 
 @pytest.mark.parametrize("sigma", [0.5, 3.0, math.inf])
-def test_to_native_is_the_flow_velocity(sd3_64, sigma):
-    """For the tiny SD3 transformer, to_native(D) is the velocity the network predicts at x_t =
-    x/(1 + σ) (x itself at σ = ∞, t = 1), and from_native inverts it (float64)."""
-    model = StableDiffusion3(pipeline=sd3_64)
+def test_to_native_is_the_flow_velocity(flow64, sigma):
+    """For the tiny SD3 and Flux transformers, to_native(D) is the velocity the network predicts at
+    x_t = x/(1 + σ) (x itself at σ = ∞, t = 1), and from_native inverts it (float64)."""
+    model = flow64
     model.dtype = torch.float64
     assert model.native_space == "flow"
     scale = 1.0 if math.isinf(sigma) else 1 + sigma
