@@ -37,15 +37,18 @@ caps SEG's kernel), reflected borders; separable,
     return img
 
 
-def blur_tokens(q: torch.Tensor, sigma: float, aspect: float) -> torch.Tensor:
+def blur_tokens(q: torch.Tensor, sigma: float, aspect: float, image_tokens: int | None = None) -> torch.Tensor:
     """Tokens [B, L, C] blurred on their image grid (:func:`grid_of`), SEG's query blur: a Gaussian
     of ``sigma`` tokens with ⌈6σ⌉ + 1 taps rounded down to odd, or (σ = ∞) every grid token replaced
-    by the grid's mean; tokens past the grid unchanged."""
+    by the grid's mean; tokens outside the grid unchanged. With ``image_tokens`` (a transformer's
+    image token count) and more tokens than that, the image tokens are the *last* ones (Flux's
+    single blocks put the text first) and the grid is theirs."""
     b, n, c = q.shape
-    h, w = grid_of(n, aspect)
-    img = q[:, :h * w].transpose(1, 2).reshape(b, c, h, w)
+    start = n - image_tokens if image_tokens is not None and n > image_tokens else 0
+    h, w = grid_of(n - start, aspect)
+    img = q[:, start:start + h * w].transpose(1, 2).reshape(b, c, h, w)
     if math.isinf(sigma):
         img = img.mean(dim=(2, 3), keepdim=True).expand(b, c, h, w)
     else:
         img = gaussian_blur_2d(img, math.ceil(6 * sigma) + 1 - math.ceil(6 * sigma) % 2, sigma)
-    return torch.cat([img.reshape(b, c, h * w).transpose(1, 2), q[:, h * w:]], dim=1)
+    return torch.cat([q[:, :start], img.reshape(b, c, h * w).transpose(1, 2), q[:, start + h * w:]], dim=1)

@@ -187,7 +187,11 @@ class StableDiffusion(Model):
         """Perturbations on rows of the next UNet/transformer call (:mod:`framework.models.perturb`)."""
         from framework.models import perturb
 
-        return perturb.perturbed(self.unet, plan, maps, self.latent_shape[-2] / self.latent_shape[-1])
+        try:  # a transformer's image token count (SD3, Flux); a UNet's attention sees image tokens only
+            image_tokens: int | None = self.image_seq_len()  # type: ignore[attr-defined]
+        except (AttributeError, NotImplementedError):
+            image_tokens = None
+        return perturb.perturbed(self.unet, plan, maps, self.latent_shape[-2] / self.latent_shape[-1], image_tokens)
 
     def prepare_schedule(self, schedule: Any) -> None:
         """The timestep of every σ of the grid as 0-d device tensors, made with one transfer; the

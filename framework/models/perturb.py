@@ -11,11 +11,15 @@ Flux's ``transformer_blocks`` then ``single_transformer_blocks``. Inside a chose
 - ``blur_attention``: the query projection (``to_q``) of those modules has its output blurred on the
   image grid for the chosen rows: a Gaussian of ``blur_sigma`` tokens with reflected borders, or
   (σ = ∞) every token replaced by the grid's mean (SEG's infinite blur). The grid is the latent's
-  aspect at the layer's resolution; when the token count does not factor that way, the leading
-  ⌊√L⌋² tokens as a square (diffusers' rule);
+  aspect at the layer's resolution; in a transformer whose query holds text tokens before the image
+  ones (Flux's single blocks) the trailing image tokens (diffusers takes the leading ⌊√L⌋² tokens,
+  mostly text there); when the count does not factor, the leading ⌊√L⌋² tokens as a square;
 - ``skip_blocks``: the block returns its inputs (hidden states, and the text stream's for joint
   blocks) for the chosen rows — diffusers' ``TransformerBlockSkipHook`` with dropout 1;
 - ``drop_text_attention``: the cross-attention modules of the block answer zeros for the chosen rows.
+
+Attention maps (SAG's mask) are softmax(QKᵀ/√d) of the block's self-attention averaged over heads;
+in joint attention (SD3, Flux) the image-to-image block, each row renormalised to sum to 1.
 
 Every change is an instance-level ``forward`` wrapper, installed for one network call and removed
 in a ``finally`` (the modules' own ``forward`` comes back even when the call raises). The rows
@@ -146,10 +150,10 @@ def _identity(rows: slice) -> Callable[..., Any]:
     return forward
 
 
-def _blur(rows: slice, sigma: float, aspect: float) -> Callable[..., Any]:
+def _blur(rows: slice, sigma: float, aspect: float, image_tokens: int | None) -> Callable[..., Any]:
     def forward(original, *args, **kwargs):
         out = original(*args, **kwargs)
-        return _rows(out, rows, blur_tokens(out[rows], sigma, aspect))
+        return _rows(out, rows, blur_tokens(out[rows], sigma, aspect, image_tokens))
     return forward
 
 
@@ -169,10 +173,13 @@ def _capture(store: list[torch.Tensor]) -> Callable[..., Any]:
 
 @contextlib.contextmanager
 def perturbed(network: torch.nn.Module, plan: list[tuple[slice, Perturbation]], maps: dict[str, int],
-              aspect: float) -> Iterator[dict[str, torch.Tensor]]:
+              aspect: float, image_tokens: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """The context of one perturbed network call: ``plan``'s perturbations on their rows, the
-    self-attention maps of ``maps`` (name → layer) captured into the yielded dict."""
+    self-attention maps of ``maps`` (name → layer) captured into the yielded dict. ``aspect`` is the
+    latent's h/w; ``image_tokens`` a transformer's image token count (None: a UNet, whose
+    attention sees image tokens only)."""
     blocks = [b for _, b in transformer_blocks(network)]
+    text_first = type(network).__name__.startswith("Flux")  # Flux's joint attention: [text; image]
     captured: dict[str, torch.Tensor] = {}
     stores: dict[str, list[torch.Tensor]] = {}
     with contextlib.ExitStack() as stack:
@@ -186,7 +193,7 @@ def perturbed(network: torch.nn.Module, plan: list[tuple[slice, Perturbation]], 
                         stack.enter_context(_wrapped(attn, _identity(rows)))
                 elif p.kind == PerturbKind.blur_attention:
                     for attn in _attentions(block, cross=False):
-                        stack.enter_context(_wrapped(attn.to_q, _blur(rows, p.blur_sigma, aspect)))
+                        stack.enter_context(_wrapped(attn.to_q, _blur(rows, p.blur_sigma, aspect, image_tokens)))
                 else:
                     for attn in _attentions(block, cross=True):
                         stack.enter_context(_wrapped(attn, _zeros(rows)))
@@ -196,5 +203,10 @@ def perturbed(network: torch.nn.Module, plan: list[tuple[slice, Perturbation]], 
             stack.enter_context(_wrapped(attn, _capture(stores[name])))
         yield captured
         for name, store in stores.items():
-            if store:
-                captured[name] = store[0]
+            if store:  # joint attention holds the text's tokens too (after the image's in SD3, before in Flux):
+                m = store[0]  # its image-to-image block, each row renormalised to sum to 1 like a self-attention map
+                if image_tokens is not None and image_tokens < m.shape[-1]:
+                    n = image_tokens
+                    m = m[:, -n:, -n:] if text_first else m[:, :n, :n]
+                    m = m / m.sum(dim=-1, keepdim=True)
+                captured[name] = m

@@ -32,6 +32,7 @@ MOMENTUM = sorted(p.stem for p in (CONF / "momentum").glob("*.yaml"))
 SMALL = ["steps=3", "num_samples=1", "batch_size=1", "prompts=['a x circle']", "save_images=false"]
 CFG_FAMILY = {"cfg", "apg", "cfg_rescale", "interval"}   # combine the negative-prompt pass with the prompt's
 CFG_FAMILY |= {"apg_mix", "cfg_norm", "cfg_zero_star", "fdg", "mambo_g", "tcfg"}   # the CFG family of issue 23
+CFG_FAMILY |= {"autoguidance"}   # issue 23: replaces cfg with a layer-skipped negative-prompt pass
 
 #: (plugin, family) → the one line that refuses it (docs/models.md lists them).
 REFUSED = {
@@ -181,6 +182,7 @@ def guidance_options(name: str, files: Path) -> list[str]:
         "user_loss": [f"{g}.fn=tests.bases.test_loss_guidance:guided_mean_loss", f"{g}.scale=100"],
         "color_loss": [f"{g}.every=1", f"{g}.sigma_hi=null"],
         "palette": [f"{g}.sigma_hi=null"],
+        "slg": [f"{g}.start=0", f"{g}.stop=1"],   # its default window (0.01–0.2) holds no step of 3
     }.get(name, [])
 
 

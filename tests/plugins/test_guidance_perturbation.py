@@ -166,6 +166,16 @@ def test_blurs_agree_with_diffusers_gaussian():
     assert rel(mean, tokens.mean(dim=1, keepdim=True).expand_as(tokens)) <= 1e-6
 
 
+def test_text_tokens_before_the_image_ones_are_left_alone():
+    """Flux's single blocks query [text; image]: the grid is the trailing image tokens."""
+    g = torch.Generator().manual_seed(9)
+    text, image = torch.randn(2, 7, 5, generator=g), torch.randn(2, 16, 5, generator=g)
+    out = blur_tokens(torch.cat([text, image], dim=1), 0.7, 1.0, image_tokens=16)
+    assert torch.equal(out[:, :7], text)
+    assert rel(out[:, 7:], blur_tokens(image, 0.7, 1.0)) <= 1e-7
+    assert rel(out[:, 7:], image) > 1e-3
+
+
 # ---------------------------------------------------------------------------------------------
 # end to end on the tiny model
 # ---------------------------------------------------------------------------------------------
@@ -210,3 +220,21 @@ def test_bad_input_one_line_exit_2(capsys, argv, expected, tmp_path):
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert expected in lines[0]
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,guidance,calls,inputs", [
+    ("tiny_sdxl", "[cfg,pag]", 1, 3), ("tiny_sd3", "[cfg,slg]", 1, 3), ("tiny_sd3", "[autoguidance]", 1, 2),
+    ("tiny_flux", "[seg]", 1, 2), ("tiny_flux", "[pag]", 1, 2), ("tiny_sdxl", "[cfg,sag]", 2, 3),
+])
+def test_the_families_take_the_branches(model, guidance, calls, inputs):
+    """SDXL's UNet, SD3's and Flux's transformers: the branch is evaluated, counted, and changes the sample."""
+    from framework.entry.api import run
+
+    common = [f"model={model}", "steps=2", "num_samples=1", "save_images=false"]
+    window = ["guidance.slg.start=0", "guidance.slg.stop=1"] if "slg" in guidance else []
+    guided = run([*common, f"guidance={guidance}", *window])
+    base = run([*common, "guidance=[cfg]" if "cfg" in guidance else "guidance=[]"])
+    m = guided.record["metrics"]
+    assert (m["unet_calls"], m["network_inputs"]) == (2 * calls, 2 * inputs)
+    assert rel(guided.latents, base.latents) > 1e-3
