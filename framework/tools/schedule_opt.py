@@ -624,3 +624,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run() -> None:  # console-script shim
     raise SystemExit(main())
+
+
+if __name__ == "__main__":
+    run()
