@@ -174,7 +174,7 @@ class Batch:
     failure: list[str] = field(default_factory=list)
     nfe: int = 0
     unet_calls: int = 0
-    network_inputs: int = 0  # rows the network evaluated, per sample (a CFG pair: 2, + a perturbed branch: 3)
+    network_inputs: int = 0  # network inputs per sample (a CFG pair: 2, + a perturbed branch: 3); −1: read back unrecorded
     resumed: bool = False  # read back from the run folder instead of sampled
 
 

@@ -88,9 +88,9 @@ def _execute(cfg: DictConfig, choices: dict[str, str], model: object | None, fol
     run.metrics.update(nfe=sum(b.batch.nfe for b in made) / len(made),
                        unet_calls=sum(b.batch.unet_calls for b in made) / len(made),
                        seconds=seconds, seconds_per_sample=seconds / (sampled or len(indices)))
-    fresh = [b.batch for b in made if not b.batch.resumed]  # batch files keep no input count: fresh batches only
-    if fresh:  # network inputs per sample, and NFE in the CFG-pair convention (record's nfe_convention)
-        inputs = sum(b.network_inputs for b in fresh) / len(fresh)
+    known = [b.batch for b in made if b.batch.network_inputs >= 0]  # batch files older than issue 23 lack the count
+    if known:  # network inputs per sample, and NFE in the CFG-pair convention (record's nfe_convention)
+        inputs = sum(b.network_inputs for b in known) / len(known)
         run.metrics.update(network_inputs=inputs, nfe_pairs=inputs / 2)
     result = Result(x_T=torch.cat([b.x_T for b in made]), latents=torch.cat([b.x for b in made]),
                     images=None if made[0].images is None else torch.cat([b.images for b in made]),
@@ -127,6 +127,7 @@ def _batch(run: Run, ks: list[int], folder: RunFolder | None, resume: bool) -> M
     else:
         x_T, x = saved.x_T.to(run.device, run.dtype), saved.latents.to(run.device, run.dtype)
         batch.nfe, batch.unet_calls, bad, batch.resumed = saved.nfe, saved.unet_calls, saved.failures, True
+        batch.network_inputs = -1 if saved.network_inputs is None else saved.network_inputs  # −1: not recorded
         batch.failed = torch.tensor([k in bad for k in ks], device=run.device)
     batch.failure = list(bad.values())
     latents = run.model.output_latents(x, run.schedule.sigmas[-1])
@@ -135,7 +136,7 @@ def _batch(run: Run, ks: list[int], folder: RunFolder | None, resume: bool) -> M
         images = engine.adjust_images(run, batch, images)
     pngs = images if run.settings.save_images else None
     if folder is not None and saved is None:
-        folder.save_batch(ks, x_T, x, pngs, bad, batch.nfe, batch.unet_calls)
+        folder.save_batch(ks, x_T, x, pngs, bad, batch.nfe, batch.unet_calls, network_inputs=batch.network_inputs)
     elif folder is not None and saved is not None and pngs is not None:  # resumed: PNGs missing or damaged since
         folder.restore_samples(saved, pngs)
     return Made(batch, x_T, x, latents, images, bad)

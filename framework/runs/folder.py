@@ -81,6 +81,7 @@ class SavedBatch:
     unet_calls: int
     indices: list[int]
     samples: dict[int, str] | None = None  # digest of each PNG written with it (None: an older file)
+    network_inputs: int | None = None  # network inputs per sample (None: a file written before issue 23)
 
 
 def _batch_info(f: Any) -> dict[str, Any]:
@@ -289,7 +290,8 @@ class RunFolder:
         return out
 
     def save_batch(self, indices: list[int], x_T: torch.Tensor, latents: torch.Tensor, images: torch.Tensor | None,
-                   failures: dict[int, str], nfe: int, unet_calls: int, samples: dict[int, str] | None = None) -> None:
+                   failures: dict[int, str], nfe: int, unet_calls: int, samples: dict[int, str] | None = None,
+                   network_inputs: int | None = None) -> None:
         """Save one finished batch: the PNGs of its finite samples, then its latents file (which
         carries the PNGs' digests, or ``samples`` when they are already on disk)."""
         from safetensors.torch import save as st_save
@@ -299,6 +301,8 @@ class RunFolder:
         info = {"run_key": self.key, "indices": indices, "nfe": nfe, "unet_calls": unet_calls, "format": BATCH_FORMAT,
                 "failures": {str(k): why for k, why in failures.items()},
                 "samples": {str(k): d for k, d in sorted((samples or {}).items())}}
+        if network_inputs is not None:
+            info["network_inputs"] = network_inputs
         tensors = {"x_T": x_T.detach().cpu().contiguous(), "latents": latents.detach().cpu().contiguous()}
         info["sha256"] = _batch_digest(info, tensors)
         meta = {"samplerlab": json.dumps(info, sort_keys=True)}  # one key: safetensors orders keys at random
@@ -341,8 +345,9 @@ class RunFolder:
             if not set(failures) <= set(ks):
                 raise ValueError("its failures name samples it does not hold")
             samples = {int(k): str(d) for k, d in info["samples"].items()} if "samples" in info else None
+            inputs = int(info["network_inputs"]) if "network_inputs" in info else None
             return SavedBatch(tensors["x_T"], tensors["latents"], failures, int(info["nfe"]), int(info["unet_calls"]),
-                              list(ks), samples)
+                              list(ks), samples, inputs)
         except Exception as e:  # damaged: make the batch again
             why = str(e).splitlines()[0] if str(e) else type(e).__name__
             _warn(f"{rel} in {self.path} is damaged ({why}): its batch is made again")
@@ -372,7 +377,7 @@ class RunFolder:
             digests[k] = self.digests[rel] = digest(data)
         if digests != (saved.samples or {}):
             self.save_batch(saved.indices, saved.x_T, saved.latents, None, saved.failures, saved.nfe, saved.unet_calls,
-                            samples=digests)
+                            samples=digests, network_inputs=saved.network_inputs)
 
     # --- the record ---------------------------------------------------------------------------
     def save(self, result: Result, save_images: bool = True) -> None:

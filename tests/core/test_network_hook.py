@@ -355,3 +355,17 @@ def test_nothing_is_left_behind_when_a_step_raises(monkeypatch):
     with pytest.raises(PluginError, match="solver failure"):
         run(["model=tiny_random", "guidance=[cfg,pag,sag]", "steps=3", "num_samples=1", "save_images=false"], model=model)
     assert leftovers(model.unet) == []
+
+
+def test_a_resumed_run_reports_the_same_counts(tmp_path):
+    """The batch files keep the input count, so a run read back from its folder reports it too."""
+    from framework.entry.api import run
+
+    args = ["model=tiny_random", "guidance=[cfg,pag]", "steps=2", "num_samples=2", "batch_size=1"]
+    first = run(args, output_dir=tmp_path / "r")
+    again = run([*args, "num_samples=3"], output_dir=tmp_path / "r2")  # a fresh folder: 3 batches sampled
+    (tmp_path / "r2" / "record.json").unlink()  # unfinished: the next call resumes its batches
+    resumed = run([*args, "num_samples=3"], output_dir=tmp_path / "r2")
+    assert resumed.resumed == [0, 1, 2]
+    for res in (first, again, resumed):
+        assert (res.record["metrics"]["network_inputs"], res.record["metrics"]["nfe_pairs"]) == (6, 3)

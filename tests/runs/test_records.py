@@ -41,7 +41,7 @@ def test_batch_file_format(tmp_path):
         info = json.loads(f.metadata()["samplerlab"])
         tensors = {"x_T": f.get_tensor("x_T"), "latents": f.get_tensor("latents")}
     assert info == {"run_key": res.record["run_key"], "indices": [2], "nfe": 3, "unet_calls": 3, "failures": {},
-                    "format": 2, "samples": {}, "sha256": _batch_digest(info, tensors)}
+                    "format": 2, "samples": {}, "network_inputs": 3, "sha256": _batch_digest(info, tensors)}
     assert tensors["latents"].equal(res.latents[2:]) and tensors["x_T"].equal(res.x_T[2:])
     assert res.record["files"] == {f"batches/{n}": file_digest(tmp_path / "batches" / n)
                                    for n in ("000000.safetensors", "000002.safetensors")}
