@@ -57,8 +57,9 @@ class PerturbationGuidance:
     def perturbation(self, layers: tuple[int, ...]) -> Perturbation:
         raise NotImplementedError
 
-    def resolved_layers(self, model: Any) -> tuple[int, ...]:
-        return tuple(default_layers(model) if self.layers is None else self.layers)
+    def resolved_layers(self, model: Any) -> Any:
+        """The configured layers (a list, or one index), or the model's middle ones."""
+        return default_layers(model) if self.layers is None else self.layers
 
     def active(self, state: Any, sigma: float = 0.0) -> bool:
         return step_window(self.start, self.stop, state.index, state.schedule.steps)

@@ -57,7 +57,10 @@ class Perturbation:
             object.__setattr__(self, "kind", PerturbKind(str(self.kind)))
         except ValueError:
             raise ConfigError(f"unknown perturbation '{self.kind}': use one of {', '.join(k.value for k in PerturbKind)}") from None
-        layers = (self.layers,) if isinstance(self.layers, int) else tuple(self.layers)
+        try:
+            layers = (self.layers,) if isinstance(self.layers, int) else tuple(self.layers)
+        except TypeError:
+            raise ConfigError(f"perturbation layers must be a non-empty list of layer indices, got {self.layers!r}") from None
         if not layers or any(not isinstance(i, int) or isinstance(i, bool) for i in layers):
             raise ConfigError(f"perturbation layers must be a non-empty list of layer indices, got {self.layers!r}")
         object.__setattr__(self, "layers", tuple(sorted(set(layers))))

@@ -45,7 +45,7 @@ class AutoGuidance:
                               f"(the skipped-layer branch takes the unconditional pass's place)")
         if self.prompt == Prompt.uncond and not run.model.is_conditional:
             raise ConfigError("autoguidance.prompt=uncond needs a text-conditioned model: set guidance.autoguidance.prompt=cond")
-        layers = tuple(default_layers(run.model) if self.layers is None else self.layers)
+        layers = default_layers(run.model) if self.layers is None else self.layers
         run.request_branch("autoguidance", Perturbation("skip_blocks", layers), prompt=str(self.prompt), when=self.active)
 
     @hookimpl
