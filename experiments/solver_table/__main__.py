@@ -49,11 +49,20 @@ class WithoutExactSolution:
         return self.model(x, sigma, **cond)
 
 
+def of_model(cfg: DictConfig, key: str, model: str) -> list:
+    """``cfg[key]``, or its per-model replacement ``cfg[key + "_of"][model]`` where one is given
+    (e.g. ``nfe_of: {bundled: [5, 6, 8, 10]}``: fewer budgets for the expensive model)."""
+    per_model = cfg.get(f"{key}_of") or {}
+    return list(per_model[model]) if model in per_model else list(cfg[key])
+
+
 class Table:
-    """One model's runs; references are cached per (first σ, last nonzero σ, init noise scale)."""
+    """One model's runs; references are cached per (first σ, last nonzero σ, whether the grid ends
+    at 0, init noise scale)."""
 
     def __init__(self, cfg: DictConfig, model: str, folder: Path):
         self.cfg, self.model, self.folder = cfg, model, folder
+        self.probe_table: Table | None = None  # a cheap model whose runs measure NFE(steps) for this one
         n = 2 if cfg.fast else cfg.num_samples[model]
         self.base = [f"model={model}", f"dtype={cfg.dtype[model]}", f"num_samples={n}", f"batch_size={n}",
                      "callback=[]", "save_images=false"]
@@ -72,7 +81,14 @@ class Table:
         return [f"schedule={name}", *self.cfg.schedule_overrides.get(name, [])]
 
     def nfe_of_steps(self, solver: str, schedule: str) -> tuple[float, float]:
-        """(a, b) with NFE = a·steps + b, from two short runs."""
+        """(a, b) with NFE = a·steps + b, from two short runs (on ``probe_table``'s model when one is
+        set and accepts the solver and schedule: NFE(steps) does not depend on the model for the
+        solvers here but restart's, and a cell's NFE is measured again in its own run anyway)."""
+        if self.probe_table is not None:
+            try:
+                return self.probe_table.nfe_of_steps(solver, schedule)
+            except ConfigError:
+                pass
         n = [self.run([f"solver={solver}", *self.schedule(schedule), f"steps={s}", "num_samples=1", "batch_size=1"],
                       f"probe_{solver}_{schedule}_{s}").record["metrics"]["nfe"] for s in (4, 8)]
         a = (n[1] - n[0]) / 4
@@ -81,10 +97,11 @@ class Table:
     def reference(self, result) -> tuple[torch.Tensor, float]:
         sig = result.schedule.sigmas
         last = [s for s in sig if s > 0][-1]
-        key = (round(sig[0], 9), round(last, 9), round(result.schedule.init_noise_scale, 9))
+        to_zero = sig[-1] == 0  # a grid that ends above 0 (dpm_fast's) returns x there, not D
+        key = (round(sig[0], 9), round(last, 9), to_zero, round(result.schedule.init_noise_scale, 9))
         if key not in self.refs:
             r = self.cfg.reference[self.model]
-            grid = [sig[0], last, 0.0] if last < sig[0] else [sig[0], 0.0]
+            grid = ([sig[0], last, 0.0] if last < sig[0] else [sig[0], 0.0]) if to_zero else [sig[0], last]
             ref = self.run(["solver=reference", f"solver.rtol={r.rtol}", f"solver.atol={r.atol}",
                             "solver.final=denoise", "schedule=custom", f"schedule.sigmas=[{','.join(map(repr, grid))}]",
                             f"schedule.init_noise={result.schedule.init_noise_scale!r}", f"steps={len(grid) - 1}"],
@@ -106,14 +123,19 @@ class Table:
 def study(cfg: DictConfig, folder: Path) -> dict:
     """{model: {schedule: {solver: [cells] | {"skipped": reason}}}}; one cell per distinct step
     count (≥ 2) that the NFE budgets call for."""
-    models, schedules, solvers, budgets = list(cfg.models), list(cfg.schedules), list(cfg.solvers), list(cfg.nfe)
-    if cfg.fast:
-        schedules, solvers, budgets = schedules[:1], ["euler", "heun"], budgets[:2]
     out: dict = {}
-    for model in models:
+    probe_models = cfg.get("probe_model") or {}
+    for model in cfg.models:
+        schedules, solvers, budgets = of_model(cfg, "schedules", model), list(cfg.solvers), of_model(cfg, "nfe", model)
+        if cfg.fast:
+            schedules, solvers, budgets = schedules[:1], ["euler", "heun"], budgets[:2]
         t = Table(cfg, model, folder)
+        if model in probe_models and not cfg.fast:
+            t.probe_table = Table(cfg, probe_models[model], folder / f"probes_for_{model}")
         for schedule in schedules:
             for solver in tqdm(solvers, desc=f"{model} {schedule}"):
+                if solver in (cfg.get("owns_schedule") or []) and schedule != schedules[0]:
+                    continue  # its own grid: one row, under the first schedule
                 try:
                     a, b = t.nfe_of_steps(solver, schedule)
                     steps = sorted({s for n in budgets if (s := math.floor((n - b) / a + 1e-9)) >= 2})
@@ -158,11 +180,12 @@ MARKERS = "osD^v<>pXh*P"
 
 
 def plot(model: str, by_schedule: dict, solvers: list[str], stochastic: set[str], budgets: list[float], out: Path,
-         files: list[str]) -> None:
+         files: list[str], new: set[str] = frozenset(), new_label: str = "new") -> None:
     """``solver_table_<model>.png``: a column per schedule, deterministic solvers in the top row and
     stochastic ones below (they do not converge to the ODE solution: their curves say how far their
     samples land from it), identical curves merged, one legend per row beside the panels, the NFE
-    budgets as the x ticks."""
+    budgets as the x ticks. Solvers in ``new`` get rows of their own, with the lower envelope of the
+    other solvers of their kind (the best of them at each budget) drawn in grey for comparison."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 
     plt = pyplot()
@@ -170,13 +193,22 @@ def plot(model: str, by_schedule: dict, solvers: list[str], stochastic: set[str]
     if not panels:
         return
     groups = series_groups(panels, solvers)
-    rows = [("deterministic (ODE) solvers", [g for g in groups if g[0] not in stochastic]),
-            ("stochastic solvers", [g for g in groups if g[0] in stochastic])]
+    rows = [(f"{kind} solvers" + (f", {new_label}" if fresh else ""),
+             [g for g in groups if (g[0] in stochastic) == stoch and (g[0] in new) == fresh])
+            for kind, stoch in (("deterministic (ODE)", False), ("stochastic", True)) for fresh in (False, True)]
     rows = [(title, gs) for title, gs in rows if gs]
     fig, axes = plt.subplots(len(rows), len(panels), figsize=(4.3 * len(panels) + 2.9, 3.9 * len(rows)),
                              squeeze=False, sharex=True, sharey="row", layout="constrained")
     for r, (title, gs) in enumerate(rows):
         for ax, (schedule, cells_of) in zip(axes[r], panels.items()):
+            if new_label in title:  # the best of the earlier solvers of this kind at each budget
+                earlier = [cells for s, cells in cells_of.items() if s not in new and isinstance(cells, list)
+                           and (s in stochastic) == title.startswith("stochastic")]
+                env = [(b, min(c["error"] for cells in earlier if (c := at_budget(cells, b)) is not None))
+                       for b in budgets if any(at_budget(cells, b) for cells in earlier)]
+                if env:
+                    ax.loglog(*zip(*env), color="#999999", linestyle="--", linewidth=2.2, zorder=0,
+                              label="best earlier solver at each budget")
             for k, g in enumerate(gs):
                 cells = cells_of.get(g[0])
                 if not isinstance(cells, list) or not cells:
@@ -211,9 +243,12 @@ def write(results: dict, cfg: DictConfig, out: Path) -> list[str]:
     """docs/solver_table.md and a plot per model; returns the names of the files written."""
     files: list[str] = []
     stochastic = set(cfg.stochastic)
-    budgets = list(cfg.nfe)[:2] if cfg.fast else list(cfg.nfe)
+    marks = {s: f" *({m})*" for s, m in (cfg.get("marks") or {}).items()}
     lines = ["<!-- made by: python -m experiments.solver_table (do not edit by hand) -->", ""]
+    for note in cfg.get("notes") or []:
+        lines += [note, ""]
     for model, by_schedule in results.items():
+        budgets = of_model(cfg, "nfe", model)[:2] if cfg.fast else of_model(cfg, "nfe", model)
         n = 2 if cfg.fast else cfg.num_samples[model]
         lines += [f"### `model={model}` ({cfg.dtype[model]}, {n} samples{', CFG 5' if model == 'bundled' else ''})", ""]
         for schedule, rows in by_schedule.items():
@@ -226,7 +261,7 @@ def write(results: dict, cfg: DictConfig, out: Path) -> list[str]:
                       "| solver | " + " | ".join(f"{b:g}" for b in budgets) + " | s/sample (largest run) |",
                       "| --- |" + " --- |" * (len(budgets) + 1)]
             for solver, cells in rows.items():
-                label = solver + (" *(stoch.)*" if solver in stochastic else "")
+                label = solver + (" *(stoch.)*" if solver in stochastic else "") + marks.get(solver, "")
                 if isinstance(cells, dict):
                     lines.append(f"| {label} | skipped: {cells['skipped']} |")
                     continue
@@ -240,7 +275,8 @@ def write(results: dict, cfg: DictConfig, out: Path) -> list[str]:
             if refs:
                 lines += ["", f"Reference solutions: {len(refs)} distinct, {min(refs):g}–{max(refs):g} NFE each."]
             lines.append("")
-        plot(model, by_schedule, list(cfg.solvers), stochastic, budgets, out, files)
+        plot(model, by_schedule, list(cfg.solvers), stochastic, budgets, out, files, new=set(cfg.get("new") or []),
+             new_label=cfg.get("new_label") or "new")
         lines += [f"![error vs NFE on {model}](solver_table_{model}.png)", ""]
     save_text("\n".join(lines) + "\n", out / "solver_table.md", files)
     return files
