@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--vae", action="append", required=True, help="NAME=FOLDER of a diffusers AutoencoderKL")
+    ap.add_argument("--grid-only", action="append", default=[],
+                    help="NAME: a --vae drawn in side_by_side.png but not scored (scored before)")
     ap.add_argument("--n-gen", type=int, default=256)
     ap.add_argument("--n-real", type=int, default=512)
     ap.add_argument("--steps", type=int, default=20)
@@ -122,8 +124,10 @@ def main(argv: list[str] | None = None) -> dict:
     for spec in a.vae:
         name, folder = spec.split("=", 1)
         vae = AutoencoderKL.from_pretrained(folder).eval()
-        scores[name] = score_vae(vae, real, single, gen_latents, prompts_set, judge, clip, feats_real)
         rows[name] = decode(vae, grid_latents).reshape(len(GRID_PROMPTS), a.seeds, 3, 64, 64)
+        if name in a.grid_only:
+            continue
+        scores[name] = score_vae(vae, real, single, gen_latents, prompts_set, judge, clip, feats_real)
         print(name, json.dumps(scores[name]), f"{time.time() - t0:.0f} s", flush=True)
     side = torch.cat(list(rows.values()), dim=1).flatten(0, 1)  # a row: each VAE's seeds in turn
     save_grid(side, a.out / "side_by_side.png", nrow=a.seeds * len(rows), scale=2, pad=1)
