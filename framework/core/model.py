@@ -160,24 +160,41 @@ class Model:
         n, batch = x.shape[0], state.batch
         if branches and uncond is None and any(b.prompt == BranchPrompt.uncond for b in branches):
             raise ConfigError("a branch on the negative prompt needs its encoding: request it with the branch")
-        if branches and self.perturbs_slices:
-            parts += [uncond if b.prompt == BranchPrompt.uncond else tensors for b in branches]  # type: ignore[misc]
-            plan = [(slice(n * (len(parts) - len(branches) + k), n * (len(parts) - len(branches) + k + 1)), b.perturbation)
-                    for k, b in enumerate(branches)]
-            outs, captured = self._stacked(x, sigma, t, parts, plan, maps, batch)
-            d = list(outs.chunk(len(parts)))
-            found = {b.name: d[len(d) - len(branches) + k] for k, b in enumerate(branches)}
-            d = d[:len(d) - len(branches)]
-        else:
-            outs, captured = self._stacked(x, sigma, t, parts, [], maps, batch)
-            d = list(outs.chunk(len(parts)))
-            found = {b.name: self._call(x, sigma, t, tensors if b.prompt == BranchPrompt.cond else uncond,  # type: ignore[arg-type]
-                                        [(slice(0, n), b.perturbation)], {}, batch, 1)[0] for b in branches}
+
+        def rows(b):  # the conditioning of branch b
+            if b.text is not None:
+                return self._branch_prompts(state, n)[b.text]
+            return uncond if b.prompt == BranchPrompt.uncond else tensors
+
+        # unperturbed branches (own prompts) always join the stacked call; perturbed ones when the
+        # adapter perturbs slices, else one call each
+        together = [b for b in branches if b.perturbation is None or self.perturbs_slices]
+        apart = [b for b in branches if not (b.perturbation is None or self.perturbs_slices)]
+        base = len(parts)
+        parts += [rows(b) for b in together]
+        plan = [(slice(n * (base + k), n * (base + k + 1)), b.perturbation)
+                for k, b in enumerate(together) if b.perturbation is not None]
+        outs, captured = self._stacked(x, sigma, t, parts, plan, maps, batch)
+        d = list(outs.chunk(len(parts)))
+        found = {b.name: d[base + k] for k, b in enumerate(together)}
+        d = d[:base]
+        for b in apart:
+            found[b.name] = self._call(x, sigma, t, rows(b), [(slice(0, n), b.perturbation)], {}, batch, 1)[0]
         attention = {name: {"cond": m[n * (len(d) - 1):n * len(d)], "uncond": m[:n] if len(d) == 2 else None}
                      for name, m in captured.items()}
         d_cond = d[-1]
         return Prediction(x=x, sigma=sigma, denoised=d_cond, cond_denoised=d_cond if len(d) == 2 else None,
                           uncond_denoised=d[0] if len(d) == 2 else None, branches=found, attention=attention)
+
+    def _branch_prompts(self, state: StepView, n: int) -> dict[str, dict[str, torch.Tensor]]:
+        """The conditioning of every branch prompt of the run (``Branch.text``), ``n`` rows each:
+        encoded in one ``encode_prompts`` call at the batch's first evaluation, then reused."""
+        store: dict[str, dict[str, torch.Tensor]] = state.batch.stash.get(self, dict, "branch_prompts")
+        if not store:
+            texts = list(dict.fromkeys(b.text for b in getattr(state.run, "branches", ()) if b.text is not None))
+            encoded = self.encode_prompts([text for text in texts for _ in range(n)])
+            store.update({text: {k: v[i * n:(i + 1) * n] for k, v in encoded.items()} for i, text in enumerate(texts)})
+        return store
 
     def _stacked(self, x, sigma, t, parts, plan, maps, batch):
         """The network on x repeated once per conditioning in ``parts`` (concatenated once per batch)."""

@@ -71,12 +71,16 @@ class Perturbation:
 @dataclass(frozen=True)
 class Branch:
     """An extra branch of every evaluation, requested by a plugin: evaluated where ``when(state,
-    sigma)`` is true (always without it), with the prompt (``cond``) or the negative prompt."""
+    sigma)`` is true (always without it), with the prompt (``cond``) or the negative prompt, or
+    with a prompt of its own (``text``: encoded once per batch by the model's ``encode_prompts``,
+    the same text for every sample), perturbed by ``perturbation`` or not (None: a plain
+    evaluation on its prompt, e.g. Perp-Neg's negative, regional and timed prompts)."""
 
     name: str
-    perturbation: Perturbation
+    perturbation: Perturbation | None
     prompt: BranchPrompt = BranchPrompt.cond
     when: Callable[[Any, float], bool] | None = None
+    text: str | None = None
 
     def active(self, state: Any, sigma: float) -> bool:
         return self.when is None or bool(self.when(state, sigma))

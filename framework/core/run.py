@@ -63,16 +63,28 @@ class Run:
         """Ask the model adapter to batch the unconditional (negative-prompt) pass."""
         self.needs_uncond = self.uncond_pass = True
 
-    def request_branch(self, name: str, perturbation: Perturbation, prompt: str = "cond",
-                       when: Callable[[Any, float], bool] | None = None) -> None:
+    def request_branch(self, name: str, perturbation: Perturbation | None = None, prompt: str = "cond",
+                       when: Callable[[Any, float], bool] | None = None, text: str | None = None) -> None:
         """Ask the model adapter for an extra branch of every evaluation (where ``when(state, σ)``
-        holds): the network at the same (x, σ) with ``perturbation`` applied inside it, on the
-        prompt (``cond``) or the negative prompt (``uncond``); its denoised is
-        ``pred.branches[name]`` (:mod:`framework.core.perturb`). The model checks the layers now."""
+        holds): the network at the same (x, σ) with ``perturbation`` applied inside it (or none),
+        on the prompt (``cond``), the negative prompt (``uncond``) or a prompt of its own
+        (``text``, encoded once per batch by the model); its denoised is ``pred.branches[name]``
+        (:mod:`framework.core.perturb`). The model checks the layers now."""
         if any(b.name == name for b in self.branches):
             raise ConfigError(f"two plugins request the network branch '{name}': give them different names")
-        branch = Branch(name, perturbation, BranchPrompt(str(prompt)), when)
-        self.model.check_perturbation(perturbation)
+        if perturbation is None and text is None:
+            raise ConfigError(f"the network branch '{name}' needs a perturbation or a prompt of its own (text=...)")
+        if text is not None:
+            if not isinstance(text, str):
+                raise ConfigError(f"the network branch '{name}': its prompt must be a string, got {text!r}")
+            if str(prompt) != BranchPrompt.cond:
+                raise ConfigError(f"the network branch '{name}' has a prompt of its own: leave prompt='cond'")
+            if not self.model.is_conditional:
+                raise ConfigError(f"the network branch '{name}' has a prompt, but model {type(self.model).__name__} "
+                                  "takes no prompts: use a text-to-image model (sd15, sdxl, tiny_random, …)")
+        branch = Branch(name, perturbation, BranchPrompt(str(prompt)), when, text)
+        if perturbation is not None:
+            self.model.check_perturbation(perturbation)
         self.branches.append(branch)
         if branch.prompt == BranchPrompt.uncond:
             self.needs_uncond = True
