@@ -6,8 +6,8 @@
     python -m experiments.solver_table from_results=[a/record.json,b/record.json]   # tables from earlier runs
     python -m experiments.solver_table from_results=[experiments/solver_table/results.json]   # the docs' own
 
-``results.json`` beside this file holds the results behind docs/solver_table.md, so the plots can be
-redrawn without the hour-long study (recovered from the table: 3 significant digits).
+``results.json`` beside this file holds the results behind docs/solver_table.md (the study's record,
+full precision), so the tables and plots can be redrawn without the study.
 
 For each model, schedule and NFE budget, every solver runs as an ordinary samplerlab run
 (framework.entry.api.run) with the largest step count whose measured NFE fits the budget (NFE(steps) is
