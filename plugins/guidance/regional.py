@@ -94,6 +94,10 @@ class Regional:
 
     def __post_init__(self) -> None:
         check_window("regional", self.start, self.stop)
+        self.masks: list[torch.Tensor] = []
+
+    def parsed(self) -> list[Region]:
+        """The regions, checked (one line for a missing prompt, a box outside the image, …)."""
         if not self.regions:
             raise ConfigError("guidance.regional.regions is empty: give a list of {prompt, box} or {prompt, mask}")
         parsed = []
@@ -106,19 +110,19 @@ class Regional:
                 raise ConfigError(f"{key} needs exactly one of box=[x0, y0, x1, y1] (fractions) or mask=<image file>")
             parsed.append(Region(prompt, None if box is None else check_box(f"{key}.box", box),
                                  None if mask is None else str(mask)))
-        self._regions = parsed
-        self.masks: list[torch.Tensor] = []
+        return parsed
 
     def active(self, state: Any, sigma: float = 0.0) -> bool:
         return step_window(self.start, self.stop, state.index, state.schedule.steps)
 
     @hookimpl
     def configure(self, run) -> None:
+        regions = self.parsed()
         check_first(run, self, "regional")
         c, h, w = run.model.latent_shape
         self.masks = [box_mask(r.box, h, w) if r.box is not None else file_mask(f"guidance.regional.regions[{k}].mask", r.mask, run.model)
-                      for k, r in enumerate(self._regions)]
-        for k, r in enumerate(self._regions):
+                      for k, r in enumerate(regions)]
+        for k, r in enumerate(regions):
             run.request_branch(f"regional{k}", text=r.prompt, when=self.active)
 
     @hookimpl
