@@ -318,3 +318,25 @@ def test_a_prompt_branch_on_an_unconditional_model_is_refused(capsys, tmp_path):
     err = capsys.readouterr().err
     assert code == 2 and "takes no prompts" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["tiny_sdxl", "tiny_sd3", "tiny_flux"])
+def test_the_families_take_prompt_branches(model):
+    """SDXL's UNet (pooled text and time ids), SD3's and Flux's transformers: a prompt branch is
+    encoded, stacked, counted, and a region of all ones is CFG with its prompt (≤ 1e-5)."""
+    from framework.entry.api import run
+
+    common = [f"model={model}", "steps=2", "num_samples=1", "save_images=false"]
+    if model == "tiny_flux":  # guidance-distilled: a region without CFG first, then true CFG
+        alone = run([*common, "guidance=[]", "prompts=[a blue square]"])
+        region = run([*common, "guidance=[regional]", "guidance.regional.regions=[{prompt: a blue square, box: [0, 0, 1, 1]}]"])
+        assert (region.record["metrics"]["unet_calls"], region.record["metrics"]["network_inputs"]) == (2, 4)
+        assert rel(region.latents, alone.latents) <= 1e-5
+        common.append("model.true_cfg=true")
+    plain = run([*common, "guidance=[cfg]", "prompts=[a blue square]"])
+    region = run([*common, "guidance=[regional,cfg]", "guidance.regional.regions=[{prompt: a blue square, box: [0, 0, 1, 1]}]"])
+    perp = run([*common, "guidance=[perp_neg]", "guidance.perp_neg.negative=a blue square"])
+    for r in (region, perp):
+        assert (r.record["metrics"]["unet_calls"], r.record["metrics"]["network_inputs"]) == (2, 6)
+    assert rel(region.latents, plain.latents) <= 1e-5
