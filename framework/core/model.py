@@ -146,8 +146,10 @@ class Model:
     @hookimpl
     def predict(self, state: StepView, x: torch.Tensor, sigma: float, cond: Conditioning | None) -> Prediction:
         """One evaluation: the conditional pass, the unconditional one when ``cond.uncond`` is present,
-        and the perturbed branches plugins requested (``run.request_branch``) — one network call when
-        the adapter perturbs slices (:attr:`perturbs_slices`), else the pair plus one call per branch.
+        and the branches plugins requested (``run.request_branch``: perturbed, or on a prompt of their
+        own, encoded once per batch) — one network call when the adapter perturbs slices
+        (:attr:`perturbs_slices`), else the pair and the unperturbed branches plus one call per
+        perturbed branch.
         ``batch.unet_calls`` counts the calls, ``batch.network_inputs`` the inputs per sample."""
         t = state.schedule.timestep(sigma)
         tensors = cond.tensors if cond is not None else {}
