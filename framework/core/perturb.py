@@ -6,7 +6,9 @@ A plugin declares, in ``configure``, an extra *branch* of every evaluation
 to that branch only, removed afterwards (also when the evaluation raises). The adapter puts the
 branch in the same network call as the CFG pair when it can apply the perturbation to a slice of
 the batch (the diffusers adapters can, for every kind), else it makes a separate call; the branch's
-denoised comes back as ``pred.branches[name]``.
+denoised comes back as ``pred.branches[name]``. A branch may instead (or also) carry a prompt of its
+own (``run.request_branch(name, text="...")``): encoded once per batch by the model's
+``encode_prompts`` and stacked with the CFG pair (Perp-Neg, dual CFG, regional and timed prompts).
 
 Layers are numbered per model: ``model.perturbation_layers()`` lists them (for diffusers networks
 the transformer blocks in module order: a UNet's BasicTransformerBlocks down → mid → up, SD3's
