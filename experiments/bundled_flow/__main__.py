@@ -1,6 +1,7 @@
 """Train the bundled flow model: ``python -m experiments.bundled_flow [overrides]``.
 
-Stages (``stages=[...]``, in the given order): cache, flow, export, evaluate. ``flow`` resumes from
+Stages (``stages=[...]``, in the given order): cache, flow, export, check, evaluate (``check``: a
+quick judge look at a few CFG scales). ``flow`` resumes from
 its checkpoint in ``out_dir`` and stops at its step count or ``flow.max_minutes``, so a CPU build can
 be spread over several runs. The VP model (framework/bundled/weights/pipeline) gives the latent
 space (its VAE), the text tower and the teacher (its UNet). ``fast=true`` is a seconds-long smoke
@@ -21,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from experiments.harness import Experiment, entry, resolve_device
 from framework.plugin import ConfigError
 
-STAGES = ("cache", "flow", "export", "evaluate")
+STAGES = ("cache", "flow", "export", "check", "evaluate")
 HERE = Path(__file__).resolve().parent
 
 
@@ -39,7 +40,7 @@ def resolve(cfg: DictConfig) -> DictConfig:
 
 def run(ex: Experiment) -> dict:
     """Run the configured stages; returns the record, also written to ``out_dir/record.json``."""
-    from experiments.bundled_flow.evaluate import evaluate
+    from experiments.bundled_flow.evaluate import check, evaluate
     from experiments.bundled_flow.export import export, export_target
     from experiments.bundled_flow.train import build_cache, train_flow
 
@@ -56,6 +57,7 @@ def run(ex: Experiment) -> dict:
         "cache": lambda: build_cache(cfg, out, device),
         "flow": lambda: train_flow(cfg, out, device),
         "export": lambda: export(cfg, out, target),
+        "check": lambda: check(cfg, target),
         "evaluate": lambda: evaluate(cfg, target, grid),
     }
     record: dict = {}
@@ -69,10 +71,18 @@ def run(ex: Experiment) -> dict:
         done["seconds"] += time.time() - t0
         done["runs"] += 1
         done["device"] = str(device)
+        if stage == "check":
+            results.setdefault("checks", []).append({"step": _step(out), **result})
         if stage == "evaluate":
             results["scores"], results["scores_of"] = result, str(target)
         record = ex.record(record_path, results)
     return record
+
+
+def _step(out: Path) -> int | None:
+    """The step of the flow checkpoint in ``out`` (what a check measured), if any."""
+    ckpt = out / "flow.checkpoint.json"
+    return json.loads(ckpt.read_text())["step"] if ckpt.exists() else None
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -10,6 +10,9 @@ The same prompts, seeds, judge, CLIP and real scenes as the VP model's evaluatio
   judged striped (prompted, and unconditional: empty prompt, no CFG), and the Fréchet distance of
   CLIP image features to ``n_real`` real single-shape scenes (generated and unconditional);
 - a sample grid (the VP card's prompts × seeds 0–5).
+
+Stage ``check`` is the quick look used while training: the judge's colour/shape/striped rates on
+``check_prompts`` prompts (other seeds than the evaluation's) at each CFG scale of ``check_scales``.
 """
 
 from __future__ import annotations
@@ -83,3 +86,18 @@ def evaluate(cfg: DictConfig, weights: Path, grid_path: Path) -> dict:
                               n_generate=e.n_generate, n_real=e.n_real)
     print(json.dumps(scores, indent=1))
     return scores
+
+
+def check(cfg: DictConfig, weights: Path) -> dict:
+    """Judge rates on ``evaluate.check_prompts`` fresh prompts at each ``evaluate.check_scales`` CFG scale."""
+    e = cfg.evaluate
+    model, judge = flow_model(weights), load_judge()
+    prompts = sample_scenes(e.check_prompts, EVAL_SEED + 7, omit_rate=cfg.world.omit_rate)
+    want = label_indices(prompts.labels)
+    rows = {}
+    for g in e.check_scales:
+        got = judge.predict(generate(model, prompts.captions, EVAL_SEED + 100, e.steps, float(g), e.batch_size))
+        rows[f"cfg_{g}"] = {k: float((got[k] == want[k]).float().mean()) for k in ("colour", "shape")}
+        rows[f"cfg_{g}"]["striped"] = float(got["striped"].float().mean())
+        print(json.dumps({f"cfg_{g}": rows[f"cfg_{g}"]}), flush=True)
+    return rows
