@@ -15,6 +15,7 @@ import hashlib
 import json
 import platform
 import subprocess
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -182,14 +183,28 @@ def inputs_fingerprint(config: dict[str, Any]) -> dict[str, str]:
         except ConfigError:  # not a plugin class: building the run reports it
             continue
         for name in declared:
-            value = node.get(name)
-            try:
-                found = _input_digest(value) if isinstance(value, str) and value.strip() else None
-            except (OSError, ValueError):  # unreadable: the plugin reports it when it reads the file
-                found = None
-            if found is not None:
-                out[f"{where}.{name}"] = found
+            head, _, field = name.partition(".")
+            for key, value in _strings(node.get(head), f"{where}.{head}", field):
+                try:
+                    found = _input_digest(value) if value.strip() else None
+                except (OSError, ValueError):  # unreadable: the plugin reports it when it reads the file
+                    found = None
+                if found is not None:
+                    out[key] = found
     return out
+
+
+def _strings(value: Any, key: str, field: str = "") -> list[tuple[str, str]]:
+    """The file names in a declared input parameter, with their config keys: the value itself, or,
+    for a declaration ``"regions.mask"``, the ``mask`` of every mapping in the list ``regions``
+    (``guidance.regional.regions[1].mask``), so file names nested in lists count too."""
+    if isinstance(value, str):
+        return [] if field else [(key, value)]
+    if isinstance(value, Mapping):
+        return _strings(value[field], f"{key}.{field}") if field and field in value else []
+    if isinstance(value, Sequence):
+        return [pair for i, v in enumerate(value) for pair in _strings(v, f"{key}[{i}]", field)]
+    return []
 
 
 def run_key(config: dict[str, Any], weights: dict[str, str] | None = None, inputs: dict[str, str] | None = None) -> str:

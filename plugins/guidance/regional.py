@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -88,6 +88,7 @@ class Region:
 
 @dataclass
 class Regional:
+    input_files: ClassVar[tuple[str, ...]] = ("regions.mask",)  # each region's mask file, by content in the run key
     regions: list[Any] = field(default_factory=list)
     start: float = 0.0
     stop: float = 1.0

@@ -354,6 +354,18 @@ def test_declared_input_files_and_folders_are_hashed_others_are_not(tmp_path):
     assert run_key({"steps": 1}) == run_key({"steps": 1}, inputs={})  # no inputs: the key of schema 1
 
 
+
+def test_file_names_nested_in_a_list_parameter_enter_the_key(tmp_path):
+    """guidance.regional declares ``regions.mask``: each region's mask file counts by content, its
+    prompt (a string that may name a file) does not."""
+    (tmp_path / "m.png").write_bytes(b"mask 1")
+    regions = [{"prompt": str(tmp_path / "m.png"), "box": [0, 0, 0.5, 1]}, {"prompt": "a cat", "mask": str(tmp_path / "m.png")}]
+    config = {"guidance": {"regional": {"_target_": "plugins.guidance.regional.Regional", "regions": regions}}}
+    assert set(inputs_fingerprint(config)) == {"guidance.regional.regions[1].mask"}
+    key = run_key(config)
+    (tmp_path / "m.png").write_bytes(b"mask 2")
+    assert run_key(config) != key
+
 # --- 8. seeds ------------------------------------------------------------------------------------
 def test_every_bit_of_the_seed_counts_and_smaller_seeds_keep_their_noise():
     from framework.core.noise import sample_seed
