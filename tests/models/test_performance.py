@@ -194,16 +194,18 @@ def test_the_step_never_reads_the_device(monkeypatch, solver):
 
 
 def test_cfg_conditioning_is_concatenated_once_per_batch():
-    from framework.core.model import _CFGBatch
+    from framework.core.model import _Stacked
     from framework.core.state import Conditioning
 
-    cache = _CFGBatch()  # kept in the batch's stash by the model adapter's predict
+    cache = _Stacked()  # kept in the batch's stash by the model adapter's predict
     cond = Conditioning(prompts=["a"], tensors={"h": torch.ones(1, 2)}, uncond={"h": torch.zeros(1, 2)})
-    first = cache.tensors(cond.uncond, cond.tensors)
-    assert cache.tensors(cond.uncond, cond.tensors) is first
+    first = cache.tensors([cond.uncond, cond.tensors])
+    assert cache.tensors([cond.uncond, cond.tensors]) is first
     assert torch.equal(first["h"], torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
     other = {"h": torch.full((1, 2), 2.0)}
-    assert cache.tensors(cond.uncond, other)["h"][1, 0].item() == 2.0
+    assert cache.tensors([cond.uncond, other])["h"][1, 0].item() == 2.0
+    branch = {"h": torch.full((1, 2), 3.0)}  # a third input (a prompt branch) stacks after the pair
+    assert cache.tensors([cond.uncond, other, branch])["h"][:, 0].tolist() == [0.0, 2.0, 3.0]
 
 
 def test_channels_last_gives_the_same_samples_and_is_undone():
