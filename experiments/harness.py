@@ -184,6 +184,19 @@ def _schema_and_versions() -> tuple[int, dict[str, Any]]:
     return SCHEMA_VERSION, versions()
 
 
+def resolve_training(cfg: DictConfig, stages: tuple[str, ...], out_dirs: tuple[str, str]) -> DictConfig:
+    """A training experiment's config made concrete: ``fast_profile`` merged in when ``fast``, the
+    default output folder (``out_dirs``: normal, fast) and unknown stages refused."""
+    if cfg.fast:
+        cfg = OmegaConf.merge(cfg, cfg.fast_profile)
+    if cfg.out_dir is None:
+        cfg.out_dir = out_dirs[1] if cfg.fast else out_dirs[0]
+    unknown = set(cfg.stages) - set(stages)
+    if unknown:
+        raise ConfigError(f"unknown stages {sorted(unknown)}; choose from {', '.join(stages)}")
+    return cfg
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` (cuda when available, else cpu), ``cpu``, ``cuda[:N]``; a clear error otherwise."""
     from framework.core.engine import resolve_device as resolve

@@ -16,10 +16,9 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from experiments.harness import Experiment, entry, resolve_device
-from framework.plugin import ConfigError
+from experiments.harness import Experiment, entry, resolve_device, resolve_training
 
 STAGES = ("tokenizer", "clip", "judge", "vae", "unet_cache", "unet", "export", "evaluate")
 HERE = Path(__file__).resolve().parent
@@ -27,14 +26,7 @@ HERE = Path(__file__).resolve().parent
 
 def resolve(cfg: DictConfig) -> DictConfig:
     """Apply ``fast_profile`` when fast, and the default output folder."""
-    if cfg.fast:
-        cfg = OmegaConf.merge(cfg, cfg.fast_profile)
-    if cfg.out_dir is None:
-        cfg.out_dir = "outputs/bundled_model_fast" if cfg.fast else "outputs/bundled_model"
-    unknown = set(cfg.stages) - set(STAGES)
-    if unknown:
-        raise ConfigError(f"unknown stages {sorted(unknown)}; choose from {', '.join(STAGES)}")
-    return cfg
+    return resolve_training(cfg, STAGES, ("outputs/bundled_model", "outputs/bundled_model_fast"))
 
 
 def run(ex: Experiment) -> dict:
