@@ -334,6 +334,18 @@ SA_PARITY = {  # name: (diffusers config changes, our overrides)
 
 @pytest.mark.parametrize("case", list(SA_PARITY))
 def test_sa_solver_matches_diffusers(case, tiny_pipe, sd_model, monkeypatch):
+    sa_parity(case, tiny_pipe, sd_model, monkeypatch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["p3c4", "p2c2 defaults"])
+def test_sa_solver_matches_diffusers_on_the_bundled_model(case, monkeypatch):
+    """The same pairs on the bundled model (its DDIM config, CFG 4, 6 steps)."""
+    model = testing.load_model("bundled")
+    sa_parity(case, model.pipe, model, monkeypatch)
+
+
+def sa_parity(case, pipe, model, monkeypatch):
     from diffusers import SASolverScheduler
 
     from framework.models.base import vp_scale
@@ -341,19 +353,19 @@ def test_sa_solver_matches_diffusers(case, tiny_pipe, sd_model, monkeypatch):
     from tests.plugins.test_solvers import CFG, PROMPTS, STEPS, custom_grid, max_diff
 
     changes, ours = SA_PARITY[case]
-    sched = SASolverScheduler.from_config(tiny_pipe.scheduler.config, **changes)
+    sched = SASolverScheduler.from_config(pipe.scheduler.config, **changes)
     sched.set_timesteps(STEPS)
     table = ((1 - sched.alphas_cumprod) / sched.alphas_cumprod) ** 0.5  # diffusers' τ window is t ∈ [200, 800]
     window = [f"solver.tau_sigma_min={float(table[200])!r}", f"solver.tau_sigma_max={float(table[800])!r}"]
     draws = record_draws(monkeypatch)
     res = run(custom_grid(sched, 0.0) + ["solver=sa_solver", "solver.simple_order_2=true"] + window + ours
               + [f"steps={STEPS}", "num_samples=2", "batch_size=2", f"cfg_scale={CFG}", f"prompts=[{','.join(PROMPTS)}]"],
-              model=sd_model)
+              model=model)
     replay = iter(draws[1:])
     monkeypatch.setattr("diffusers.schedulers.scheduling_sasolver.randn_tensor",
                         lambda shape, **kw: next(replay, torch.zeros(shape)).to(kw.get("dtype") or torch.float32))
     sig = res.schedule.sigmas
-    expected = testing.diffusers_loop(tiny_pipe, sched, STEPS, res.x_T * vp_scale(sig[0]), PROMPTS, CFG)
+    expected = testing.diffusers_loop(pipe, sched, STEPS, res.x_T * vp_scale(sig[0]), PROMPTS, CFG)
     diff, scale = max_diff(res.latents * vp_scale(sig[-1]), expected)
     print(f"parity sa_solver {case}: max abs diff {diff:.3g} at latent scale {scale:.3g} (rel {diff / scale:.2g})")
     assert diff <= 1e-4 * scale
