@@ -326,15 +326,35 @@ FIXED = {"custom": (2,)}  # a given grid of 2 steps
 FLOW_ONLY = {"flow_match"}  # a flow model's own grid, from σ = ∞ (t = 1): on the Gaussian's flow twin
 
 
+def optimized_file(folder: Path) -> list[str]:
+    """A schedule file for model=gaussian with log-uniform grids of 1, 2 and 7 steps (the kit's counts)."""
+    import numpy as np
+    from omegaconf import OmegaConf
+
+    from framework.runs.schedule_file import model_fingerprint, write_schedule_file
+
+    node = OmegaConf.load(Path(__file__).parents[2] / "conf" / "model" / "gaussian.yaml")
+    model = testing.load_model("gaussian")
+    grids = {str(n): {"steps": n, "sigmas": [*np.geomspace(model.sigma_max, model.sigma_min, n).tolist(), 0.0]}
+             for n in (1, 2, 7)}
+    grids["1"]["sigmas"] = [model.sigma_max, 0.0]
+    write_schedule_file(folder / "grids.json", {"model": {"name": "gaussian", "fingerprint": model_fingerprint(node)},
+                                                "grids": grids})
+    # the kit hands the run a model object, which the run's config node does not describe: the
+    # fingerprint check (tests/tools/test_schedule_opt.py) would compare it with the default model's
+    return [f"schedule.file={folder / 'grids.json'}", "schedule.on_mismatch=warn"]
+
+
 @pytest.mark.parametrize("name", SCHEDULES)
-def test_every_schedule_passes_the_kit(name):
+def test_every_schedule_passes_the_kit(name, tmp_path):
     model = "tiny_random" if name in DISCRETE_ONLY else "gaussian"
     if name in FLOW_ONLY:
         from framework.models.analytic import Gaussian
         from framework.models.base import wrap_model
 
         model = wrap_model(Gaussian(parametrization="flow"))
-    testing.assert_schedule_conforms([f"schedule={name}"], model=model, steps=FIXED.get(name, (1, 2, 7)),
+    extra = optimized_file(tmp_path) if name == "optimized" else []  # its grids come from a file
+    testing.assert_schedule_conforms([f"schedule={name}"] + extra, model=model, steps=FIXED.get(name, (1, 2, 7)),
                                      within_model_range=name not in OWN_RANGE | FLOW_ONLY)
 
 
