@@ -33,6 +33,8 @@ SMALL = ["steps=3", "num_samples=1", "batch_size=1", "prompts=['a x circle']", "
 CFG_FAMILY = {"cfg", "apg", "cfg_rescale", "interval"}   # combine the negative-prompt pass with the prompt's
 CFG_FAMILY |= {"apg_mix", "cfg_norm", "cfg_zero_star", "fdg", "mambo_g", "tcfg"}   # the CFG family of issue 23
 CFG_FAMILY |= {"autoguidance"}   # issue 23: replaces cfg with a layer-skipped negative-prompt pass
+CFG_FAMILY |= {"perp_neg", "dual_cfg"}   # issue 23: replace cfg, with a prompt branch of their own
+BEFORE_CFG = {"regional", "timed_prompt"}   # edit the conditional prediction before the CFG combiner
 
 #: (plugin, family) → the one line that refuses it (docs/models.md lists them).
 REFUSED = {
@@ -183,6 +185,10 @@ def guidance_options(name: str, files: Path) -> list[str]:
         "color_loss": [f"{g}.every=1", f"{g}.sigma_hi=null"],
         "palette": [f"{g}.sigma_hi=null"],
         "slg": [f"{g}.start=0", f"{g}.stop=1"],   # its default window (0.01–0.2) holds no step of 3
+        "perp_neg": [f"{g}.negative=a red circle"],
+        "dual_cfg": [f"{g}.prompt2=a red circle"],
+        "timed_prompt": [f"{g}.prompt=a red circle"],
+        "regional": [f"{g}.regions=[{{prompt: a red circle, box: [0, 0, 0.5, 1]}}]"],
     }.get(name, [])
 
 
@@ -193,10 +199,10 @@ def test_every_guidance_plugin_runs_on_every_family(name, family, files):
     (without it: one line)."""
     if family == "tiny_flux" and name in CFG_FAMILY:
         with pytest.raises(ConfigError, match="is guidance-distilled"):
-            run([f"model={family}", f"guidance=[{name}]", *SMALL])
+            run([f"model={family}", f"guidance=[{name}]", *guidance_options(name, files), *SMALL])
         chain, extra = [name], ["model.true_cfg=true"]
     else:
-        chain = [name] if name in CFG_FAMILY or family == "tiny_flux" else ["cfg", name]
+        chain = [name] if name in CFG_FAMILY or family == "tiny_flux" else [name, "cfg"] if name in BEFORE_CFG else ["cfg", name]
         extra = []
     plain = run([f"model={family}", f"guidance=[{','.join(c for c in chain if c != name)}]", *extra, *SMALL])
     res, calls = counted(family, [f"guidance=[{','.join(chain)}]", *guidance_options(name, files), *extra, *SMALL])
