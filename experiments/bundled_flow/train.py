@@ -102,6 +102,10 @@ def train_flow(cfg: DictConfig, out: Path, device: torch.device):
     cache = build_cache(cfg, out, device)
     latents, cap_ids = cache["latents"].to(device), cache["caption_ids"]
     model = build_transformer(cfg).to(device).train()
+    if f.get("init"):  # a warm start (the checkpoint of a resumed run still wins: train_loop loads it after)
+        from diffusers import SD3Transformer2DModel
+
+        model.load_state_dict(SD3Transformer2DModel.from_pretrained(f.init).state_dict())
     use_compact_context(model)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     teacher = Teacher(UNet2DConditionModel.from_pretrained(PIPELINE_DIR / "unet")).to(device)
