@@ -32,7 +32,7 @@ from transformers import CLIPTokenizer
 from experiments.bundled_flow.model import (Teacher, build_transformer, compact_context, logit_normal_t,
                                             text_encoder_with_projection, use_compact_context)
 from experiments.bundled_model.common import (count_parameters, load_state, plan_scenes_parallel, save_state,
-                                              stage_seed, train_loop)
+                                              stage_seed, step_with_ema, train_loop)
 from framework.bundled import CLIP_DIR, PIPELINE_DIR
 
 
@@ -142,14 +142,7 @@ def train_flow(cfg: DictConfig, out: Path, device: torch.device):
             loss_d = ((v[k] - target) ** 2).mean()
             loss = loss + f.distill_weight * loss_d * (len(k) / f.batch_size)
             logs["distill"] = loss_d.item()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        decay = min(f.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(p, 1 - decay)
+        step_with_ema(opt, model, ema, loss, step, f.ema_decay)
         logs["loss"] = loss.item()
         return logs
 

@@ -207,6 +207,20 @@ def train_loop(
     return step
 
 
+def step_with_ema(opt: torch.optim.Optimizer, model: nn.Module, ema: nn.Module, loss: torch.Tensor, step: int,
+                  ema_decay: float) -> None:
+    """One optimizer step (gradient norm clipped at 1), then the EMA copy moved towards the model
+    with the warm-up decay min(ema_decay, (1 + step)/(10 + step))."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    decay = min(ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for pe, p in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(p, 1 - decay)
+
+
 def count_parameters(module: nn.Module) -> int:
     """Number of parameters of a module."""
     return sum(p.numel() for p in module.parameters())

@@ -20,7 +20,8 @@ from tqdm import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from experiments.bundled_model.common import (count_parameters, data_workers, initialised_with, load_state,
-                                              plan_scenes_parallel, save_state, stage_seed, train_loop)
+                                              plan_scenes_parallel, save_state, stage_seed, step_with_ema,
+                                              train_loop)
 
 SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                 beta_end=0.012)
@@ -131,14 +132,7 @@ def train_unet(cfg: DictConfig, out: Path, device: torch.device) -> UNet2DCondit
         snr = abar[t] / (1 - abar[t])
         weight = snr.clamp(max=5.0) / snr
         loss = (weight * ((pred - noise) ** 2).flatten(1).mean(1)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        decay = min(u.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - decay)
+        step_with_ema(opt, unet, ema, loss, step, u.ema_decay)
         return {"loss": loss.item()}
 
     train_loop(u.name, out, {"model": unet, "ema": ema}, opt, step_fn, u.steps, u.max_minutes,
