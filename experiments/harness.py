@@ -197,6 +197,22 @@ def resolve_training(cfg: DictConfig, stages: tuple[str, ...], out_dirs: tuple[s
     return cfg
 
 
+def stage_results(record_path: Path, device: torch.device, key: str, seconds: float) -> dict[str, Any]:
+    """The ``results`` of a training record after one more run of stage ``key``: re-read from
+    ``record_path`` (stages may run in parallel processes sharing the folder), its seconds and run
+    count added, the device noted."""
+    import json
+    import platform
+
+    results = json.loads(record_path.read_text())["results"] if record_path.exists() else {"stages": {}}
+    results.update(device=str(device), machine=platform.machine())
+    done = results["stages"].setdefault(key, {"seconds": 0.0, "runs": 0})
+    done["seconds"] += seconds
+    done["runs"] += 1
+    done["device"] = str(device)
+    return results
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` (cuda when available, else cpu), ``cpu``, ``cuda[:N]``; a clear error otherwise."""
     from framework.core.engine import resolve_device as resolve

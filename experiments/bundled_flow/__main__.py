@@ -12,14 +12,13 @@ the model card; ``--config-name gpu`` is the GPU recipe (gpu.yaml).
 from __future__ import annotations
 
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
-from experiments.harness import Experiment, entry, resolve_device, resolve_training
+from experiments.harness import Experiment, entry, resolve_device, resolve_training, stage_results
 
 STAGES = ("cache", "flow", "export", "check", "evaluate")
 HERE = Path(__file__).resolve().parent
@@ -57,12 +56,7 @@ def run(ex: Experiment) -> dict:
         t0 = time.time()
         print(f"== stage {stage}")
         result = actions[stage]()
-        results = json.loads(record_path.read_text())["results"] if record_path.exists() else {"stages": {}}
-        results.update(device=str(device), machine=platform.machine())
-        done = results["stages"].setdefault(stage, {"seconds": 0.0, "runs": 0})
-        done["seconds"] += time.time() - t0
-        done["runs"] += 1
-        done["device"] = str(device)
+        results = stage_results(record_path, device, stage, time.time() - t0)
         if stage == "check":
             results.setdefault("checks", []).append({"step": _step(out), **result})
         if stage == "evaluate":

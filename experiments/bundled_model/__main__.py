@@ -10,15 +10,13 @@ seconds-long smoke run with tiny models; ``install=true`` exports into the shipp
 
 from __future__ import annotations
 
-import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
-from experiments.harness import Experiment, entry, resolve_device, resolve_training
+from experiments.harness import Experiment, entry, resolve_device, resolve_training, stage_results
 
 STAGES = ("tokenizer", "clip", "judge", "vae", "unet_cache", "unet", "export", "evaluate")
 HERE = Path(__file__).resolve().parent
@@ -64,14 +62,8 @@ def run(ex: Experiment) -> dict:
         t0 = time.time()
         print(f"== stage {stage}")
         result = actions[stage]()
-        # re-read: stages may run in parallel processes sharing out_dir
-        results = json.loads(record_path.read_text())["results"] if record_path.exists() else {"stages": {}}
-        results.update(device=str(device), machine=platform.machine())
         key = cfg.unet.name if stage == "unet" else stage
-        done = results["stages"].setdefault(key, {"seconds": 0.0, "runs": 0})
-        done["seconds"] += time.time() - t0
-        done["runs"] += 1
-        done["device"] = str(device)
+        results = stage_results(record_path, device, key, time.time() - t0)
         if stage == "evaluate":
             results["scores"], results["scores_of"] = result, str(target)
         record = ex.record(record_path, results)
