@@ -21,6 +21,7 @@ from framework.core.errors import ConfigError
 from framework.core.perturb import Branch, Perturbation
 from framework.core.state import Batch, Conditioning, Prediction, Schedule
 from plugins.guidance.dual_cfg import dual_cfg
+from tests.core.test_network_hook import sd  # noqa: F401  (the tiny SD model, a prompt pair and a state)
 from plugins.guidance.perp_neg import PerpNeg, perp_neg
 from plugins.guidance.regional import Regional, box_mask
 from plugins.guidance.timed_prompt import TimedPrompt
@@ -33,18 +34,6 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------------------------
 # the branch's prompt, in the adapter's predict (tiny SD UNet)
 # ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def sd():
-    from framework.models.tiny import TinyRandom
-
-    model = TinyRandom()
-    model.setup(torch.device("cpu"), torch.float32)
-    prompts = ["a red circle", "a blue square"]
-    cond = Conditioning(prompts=prompts, tensors=model.encode_prompts(prompts), uncond=model.encode_prompts(["", ""]))
-    x = torch.randn(2, *model.latent_shape, generator=torch.Generator().manual_seed(0)) * 3
-    return model, cond, x
-
-
 def predict(model, cond, x, branches=(), batch=None, sigma=3.0):
     run = SimpleNamespace(branches=list(branches), uncond_pass=True, attention_maps={})
     batch = batch or Batch(indices=[0, 1], cond=cond, noise=None)
