@@ -19,7 +19,7 @@ import torch
 
 from framework.core.errors import ConfigError
 from framework.core.perturb import Branch, Perturbation
-from framework.core.state import Batch, Conditioning, Prediction, Schedule
+from framework.core.state import Batch, Prediction, Schedule
 from plugins.guidance.dual_cfg import dual_cfg
 from tests.core.test_network_hook import sd  # noqa: F401  (the tiny SD model, a prompt pair and a state)
 from plugins.guidance.perp_neg import PerpNeg, perp_neg
