@@ -35,6 +35,10 @@ Methods (``method=``):
   so autograd cannot see the grid: the derivative is a central difference (±``fd_step`` in log σ)
   through the real sampler, reusing the unchanged prefix of the trajectory. Stops after
   ``iterations`` steps or ``seconds`` per budget; the best grid seen is kept.
+- ``tpe`` — the Optuna baseline (as ``conf/hydra/sweeper/tune_points.yaml``, which tunes the
+  interior points of a 3-step grid by TPE against one metric): Optuna's TPE sampler (seed 0) over
+  the K − 1 interior log σ values in [log σ_min, log σ_max] (sorted, so the grid descends),
+  ``trials`` trials, objective the final RMSE to the teacher on the calibration set.
 
 NFE: the optimiser works in NFE budgets. NFE(steps) of the solver is measured on two probe grids
 (the engine's count, affine in steps for every fixed-step solver); a budget no step count meets
@@ -62,7 +66,7 @@ from framework.core.errors import ConfigError, SamplerlabError, call
 from framework.core.state import Prediction, Schedule, Stash, StepRecord
 from framework.core.step import Denoiser, SamplerState
 
-METHODS = ("gits", "oss", "ays", "ld3")
+METHODS = ("gits", "oss", "ays", "ld3", "tpe")
 CALIBRATION_PROMPTS = ("a red circle", "a green square", "a blue triangle", "a yellow diamond", "a purple circle",
                        "an orange square", "a white triangle", "a black diamond")
 
@@ -92,6 +96,8 @@ class Options:
     lr: float = 0.05  # ld3: Adam's step in log σ
     fd_step: float = 0.02  # ld3: central-difference step in log σ
     init: str = "gits"  # ld3's first grid: gits, oss, or a schedule file (its grid for the budget)
+    trials: int = 60  # tpe: Optuna trials per budget
+    history: bool = False  # gits: the step's cost with the solver's history of the previous step (DP over pairs)
     resume: bool = True
     plot: bool = True
     progress: bool = True
@@ -104,6 +110,8 @@ class Options:
             raise ConfigError(f"nfe must be a list of budgets ≥ 1, e.g. nfe=[5,6,8,10], got {self.nfe}")
         if self.fine < 4:
             raise ConfigError(f"fine={self.fine}: the fine grid needs at least 4 points")
+        if self.trials < 1:
+            raise ConfigError(f"trials={self.trials}: tpe needs at least one trial")
         if self.teacher_substeps < 1 or self.calibration.num_samples < 1:
             raise ConfigError("teacher_substeps and calibration.num_samples must be ≥ 1")
 
@@ -315,6 +323,69 @@ def gits(sampler: Sampler, teacher: Teacher, steps: int) -> tuple[list[float], f
     return [fine[p] for p in path], obj
 
 
+def history_costs(sampler: Sampler, teacher: Teacher, steps: int) -> tuple[Callable[[int], float],
+                                                                          Callable[[int, int, int], float]]:
+    """(cost of the first step 0 → i, cost of the step i → j after p → i) for ``gits_history``."""
+    fine, last = teacher.fine, len(teacher.fine) - 1
+    first: dict[int, Node] = {}  # the real step 0 → i (no history)
+    after: dict[tuple[int, int], Node] = {}  # x*_i with the history of the real step p → i
+
+    def carried(p: int, i: int) -> Node:
+        if (p, i) not in after:
+            step = sampler.step(_fine_node(teacher, p), fine[i], steps)
+            after[(p, i)] = replace(step, x=teacher.x[i], pred=teacher.preds[i])
+            if p == 0:
+                first[i] = step
+        return after[(p, i)]
+
+    def first_cost(i: int) -> float:
+        carried(0, i)
+        return rmse(first[i].x, teacher.x[i])
+
+    def local(p: int, i: int, j: int) -> float:  # the step i → j as the second step of a grid
+        return rmse(sampler.step(carried(p, i), fine[j], 2 if j == last else max(steps, 3)).x, teacher.x[j])
+
+    return first_cost, local
+
+
+def gits_history(sampler: Sampler, teacher: Teacher, steps: int) -> tuple[list[float], float]:
+    """GITS with a history-aware cost (``history=true``): the cost of the step i → j after the
+    step p → i is the local error of a solver step from the teacher's x*_i that carries the
+    history (and stash) of one real step p → i taken from x*_p — what a two-step method such as
+    DPM-Solver++(2M) or UniPC(2) extrapolates from. The path minimises the summed cost exactly by
+    dynamic programming over (previous, current) fine-point pairs (O(K · fine³) solver steps, the
+    model evaluations shared with the teacher's)."""
+    fine, last = teacher.fine, len(teacher.fine) - 1
+    if steps == 1:
+        return [fine[0], 0.0], rmse(sampler.step(_fine_node(teacher, 0), 0.0, 1).x, teacher.x[-1])
+    first_cost, local = history_costs(sampler, teacher, steps)
+    inf = math.inf
+    best: dict[tuple[int, int], float] = {}
+    back: list[dict[tuple[int, int], int]] = [{}]
+    for i in range(1, last - steps + 2):  # step 1: 0 → i
+        best[(0, i)] = first_cost(i)
+    for k in range(2, steps + 1):
+        new: dict[tuple[int, int], float] = {}
+        bk: dict[tuple[int, int], int] = {}
+        for (p, i), c in best.items():
+            targets = [last] if k == steps else range(i + 1, last - (steps - k) + 1)
+            for j in targets:
+                if j <= i or (j == last and k < steps):
+                    continue
+                v = c + local(p, i, j)
+                if v < new.get((i, j), inf):
+                    new[(i, j)], bk[(i, j)] = v, p
+        best = new
+        back.append(bk)
+    (p, i), obj = min(((key, v) for key, v in best.items() if key[1] == last), key=lambda kv: kv[1])
+    path, a, b = [last], p, last  # state after step k: (q_{k-1}, q_k); back[k] gives q_{k-2}
+    for k in range(steps, 1, -1):
+        path.append(a)
+        a, b = back[k - 1][(a, b)], a
+    path.append(0)
+    return [fine[q] for q in path[::-1]], obj
+
+
 def oss(sampler: Sampler, teacher: Teacher, steps: int) -> tuple[list[float], float]:
     """OSS: the student's state carried along the best path to every (steps taken, fine point)."""
     fine, last = teacher.fine, len(teacher.fine) - 1
@@ -442,6 +513,36 @@ def ld3(sampler: Sampler, teacher: Teacher, steps: int, opts: Options, nfe: int)
     return grid_of(best_t), best, it
 
 
+def tpe(sampler: Sampler, teacher: Teacher, steps: int, trials: int) -> tuple[list[float], float]:
+    """The Optuna baseline: TPE over the sorted interior log σ values, final RMSE to the teacher."""
+    try:
+        import optuna
+    except ImportError:
+        raise ConfigError("method=tpe needs optuna: pip install 'samplerlab[tune]'") from None
+    lo, hi = math.log(sampler.sigma_min), math.log(sampler.sigma_max)
+    target = teacher.x[-1]
+
+    def grid_of(values: Sequence[float]) -> list[float]:
+        inner = sorted((min(max(v, lo), hi - 1e-3) for v in values), reverse=True)
+        for k in range(1, len(inner)):  # strictly decreasing
+            inner[k] = min(inner[k], inner[k - 1] - 1e-3)
+        return [sampler.sigma_max] + [math.exp(v) for v in inner] + [0.0]
+
+    if steps < 2:
+        grid = grid_of([])
+        return grid, rmse(sampler.trajectory(grid)[-1].x, target)
+
+    def objective(trial) -> float:
+        values = [trial.suggest_float(f"log_sigma_{k}", lo, hi) for k in range(1, steps)]
+        return rmse(sampler.trajectory(grid_of(values))[-1].x, target)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=0))
+    study.optimize(objective, n_trials=trials)
+    best = study.best_params
+    return grid_of([best[f"log_sigma_{k}"] for k in range(1, steps)]), float(study.best_value)
+
+
 # --- the command --------------------------------------------------------------------------------
 
 def split_overrides(argv: Sequence[str]) -> tuple[Options, list[str]]:
@@ -498,7 +599,7 @@ def optimize(opts: Options, overrides: Sequence[str], model: object | None = Non
     budgets = [int(n) for n in opts.nfe]
     steps_of = {n: sampler.steps_for_nfe(n) for n in budgets}  # refuses an unreachable budget before any work
     settings = {k: v for k, v in asdict(opts).items() if k in ("fine", "teacher", "teacher_substeps", "teacher_rtol",
-                                                                 "iterations", "seconds", "lr", "fd_step", "init")}
+                                                                 "iterations", "seconds", "lr", "fd_step", "init", "trials", "history")}
     run_keys = {k: OmegaConf.to_container(cfg, resolve=True).get(k) for k in ("cfg_scale", "dtype", "guidance", "momentum")}
     head = {"model": {"name": model_name, "fingerprint": fingerprint, "sigma_min": sampler.sigma_min,
                       "sigma_max": sampler.sigma_max},
@@ -538,7 +639,10 @@ def optimize(opts: Options, overrides: Sequence[str], model: object | None = Non
                     teachers[key] = teacher
         k = steps_of[n]
         extra: dict[str, Any] = {}
-        if opts.method == "gits":
+        if opts.method == "gits" and opts.history:
+            grid, obj = gits_history(sampler, teacher, k)
+            name = "summed local truncation error with one step of the solver's history (RMS per step)"
+        elif opts.method == "gits":
             grid, obj = gits(sampler, teacher, k)
             name = "summed local truncation error (RMS per step, on the teacher trajectory)"
         elif opts.method == "oss":
@@ -547,6 +651,9 @@ def optimize(opts: Options, overrides: Sequence[str], model: object | None = Non
         elif opts.method == "ays":
             grid, obj = ays(sampler, teacher, k, opts.iterations)
             name = "summed KLUB of the Euler steps"
+        elif opts.method == "tpe":
+            grid, obj = tpe(sampler, teacher, k, opts.trials)
+            name = "final RMSE to the teacher (Optuna TPE)"
         else:
             grid, obj, its = ld3(sampler, teacher, k, opts, n)
             name, extra = "final RMSE to the teacher", {"iterations": its}

@@ -142,3 +142,33 @@ def test_write_refuses_nothing_and_read_checks_order(tmp_path):
     write_schedule_file(p, {"model": {"name": "m", "fingerprint": "x"}, "grids": {"2": {"steps": 2, "sigmas": [1.0, 3.0, 0.0]}}})
     with pytest.raises(ConfigError, match="strictly decreasing"):
         read_schedule_file(p)
+
+
+@pytest.mark.parametrize("solver,steps", [("dpmpp_2m", 3), ("unipc", 4)])
+def test_history_aware_gits_is_the_exact_optimum_of_its_cost(solver, steps):
+    """gits history=true: the pair DP's path and value equal a brute force over every path of the
+    same cost (first step + steps carrying one step of history), on a 7-point fine grid."""
+    from framework.tools.schedule_opt import Sampler, fine_grid, gits_history, history_costs, make_teacher
+
+    s = Sampler(MIX + [f"solver={solver}", "seed=1000", "num_samples=4", "batch_size=4", "callback=[]"])
+    teacher = make_teacher(s, fine_grid(s.sigma_max, s.sigma_min, 6), "reference", 1, 1e-8)
+    grid, value = gits_history(s, teacher, steps)
+    first, local = history_costs(s, teacher, steps)
+    last = len(teacher.fine) - 1
+
+    def cost(path):
+        return first(path[1]) + sum(local(a, b, c) for a, b, c in zip(path, path[1:], path[2:]))
+
+    brute = min((cost((0, *mid, last)), (0, *mid, last)) for mid in itertools.combinations(range(1, last), steps - 1))
+    assert grid == [teacher.fine[q] for q in brute[1]] and math.isclose(value, brute[0], rel_tol=1e-12)
+
+
+def test_tpe_baseline_finds_a_grid_and_records_its_trials(tmp_path):
+    pytest.importorskip("optuna")
+    content, _ = optimize(Options(method="tpe", nfe=[3], trials=8, out=str(tmp_path / "t.json"), **SMALL),
+                          MIX + ["solver=euler"], log=lambda s: None)
+    g = content["grids"]["3"]
+    assert g["steps"] == 3 and g["sigmas"][-1] == 0.0 and all(a > b for a, b in zip(g["sigmas"], g["sigmas"][1:]))
+    assert content["settings"]["trials"] == 8
+    # the objective is the final RMSE to the teacher of the grid it returns
+    assert math.isclose(g["objective"], g["calibration_rmse_to_teacher"], rel_tol=1e-9)
