@@ -84,3 +84,5 @@ __all__ += ["model_fingerprint", "read_schedule_file"]
 __all__ += ["er_sde_integrals", "noise_factor", "ou_extend", "stochastic_adams_weights"]
 from framework.bundled import marks  # noqa: E402  (stray marks and edge sharpness of bundled-world pictures)
 __all__ += ["marks"]
+from framework.models.guide import Guide, load_guide  # noqa: E402  (true autoguidance's guide network)
+__all__ += ["Guide", "load_guide"]
