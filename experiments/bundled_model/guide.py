@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from experiments.harness import Experiment, entry, resolve_device, resolve_training, stage_results
 
 HERE = Path(__file__).resolve().parent
-STAGES = ("seed", "unet", "export")
+STAGES = ("seed", "unet", "export", "evaluate")
 
 
 def seed_from_shipped(out: Path) -> None:
@@ -46,6 +46,58 @@ def export_guide(out: Path, name: str, target: Path) -> Path:
     return target
 
 
+def guide_pipeline(out: Path, unet: Path) -> Path:
+    """A pipeline folder: the shipped pipeline with the guide's UNet (the guide as a model of its own)."""
+    from framework.bundled import PIPELINE_DIR
+
+    folder = out / "guide_pipeline"
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(PIPELINE_DIR, folder, ignore=shutil.ignore_patterns("unet"))
+    shutil.copytree(unet, folder / "unet")
+    return folder
+
+
+def evaluate_guide(cfg: DictConfig, out: Path, unet: Path) -> dict:
+    """Judge colour/shape accuracy (and the FD of bundled-CLIP features to real scenes) of ordinary
+    samplerlab runs on the bundled model: euler, ``evaluate.steps`` steps, the captions of fresh
+    single-shape world scenes as prompts, per set (two disjoint prompt/seed sets: the noise floor).
+    Rows: CFG at ``evaluate.cfg_scales``, the conditional model alone, autoguidance_model with the
+    guide at ``evaluate.autoguidance_scales``, and the guide alone (its own UNet as the model: no
+    guidance, and CFG at ``evaluate.guide_cfg``). Written to ``out/guide_eval.json``."""
+    import json
+
+    from framework.bundled.world import sample_scenes
+    from framework.entry.api import run as sample
+
+    e = cfg.evaluate
+    alone = guide_pipeline(out, unet)
+    guide = ["guidance=[autoguidance_model]", f"guidance.autoguidance_model.guide={unet}"]
+    rows: dict[str, list[str]] = {f"cfg {s:g}": ["guidance=[cfg]", f"cfg_scale={s}"] for s in e.cfg_scales}
+    rows["conditional (no guidance)"] = ["guidance=[]"]
+    rows.update({f"autoguidance_model w={w:g}": [*guide, f"guidance.autoguidance_model.scale={w}"]
+                 for w in e.autoguidance_scales})
+    rows["guide alone, no guidance"] = ["model=sd15", f"model.path={alone.resolve()}", "guidance=[]"]
+    rows["guide alone, cfg %g" % e.guide_cfg] = ["model=sd15", f"model.path={alone.resolve()}", "guidance=[cfg]",
+                                                  f"cfg_scale={e.guide_cfg}"]
+    results: dict = {"guide": str(unet), "steps": e.steps, "solver": "euler", "sets": OmegaConf.to_container(e.sets), "rows": {}}
+    for label, extra in rows.items():
+        per_set = {}
+        for name, spec in e.sets.items():
+            prompts = list(sample_scenes(e.samples, int(spec.scenes_seed), omit_rate=cfg.world.omit_rate).captions)
+            res = sample(["model=bundled", "solver=euler", f"steps={e.steps}", f"num_samples={e.samples}",
+                          f"batch_size={e.samples}", f"seed={spec.seed}", "prompts=[" + ",".join(prompts) + "]",
+                          "save_images=false", "metrics=[prompt_accuracy,fid]", f"metrics.fid.reference={e.fid_reference}",
+                          f"metrics.fid.reference_seed={e.fid_reference_seed}", *extra])
+            m = res.record["metrics"]
+            per_set[name] = {k: m.get(k) for k in ("prompt_accuracy_colour", "prompt_accuracy_shape", "fid", "nfe",
+                                                   "unet_calls", "network_inputs", "nfe_pairs", "guide_inputs",
+                                                   "seconds_per_sample")}
+        results["rows"][label] = per_set
+        print(label, json.dumps(per_set))
+    (out / "guide_eval.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
 def run(ex: Experiment) -> dict:
     from experiments.bundled_model.unet import train_unet
     from framework.bundled import WEIGHTS_DIR
@@ -59,7 +111,8 @@ def run(ex: Experiment) -> dict:
         torch.set_num_threads(int(cfg.threads))
     target = (WEIGHTS_DIR / "guide" if cfg.install else out / "weights_guide") / "unet"
     actions = {"seed": lambda: seed_from_shipped(out), "unet": lambda: train_unet(cfg, out, device),
-               "export": lambda: export_guide(out, cfg.unet.name, target)}
+               "export": lambda: export_guide(out, cfg.unet.name, target),
+               "evaluate": lambda: evaluate_guide(cfg, out, target)}
     record: dict = {}
     for stage in cfg.stages:
         t0 = time.time()
