@@ -6,6 +6,7 @@ judge's prompt accuracy and to the cost (NFE); img2img closeness; inpainting's k
     python -m experiments.guidance_study --config-name defaults   # the loss plugins' defaults (defaults.py)
     python -m experiments.guidance_study --config-name inpaint    # inpainting's seams (seams.py)
     python -m experiments.guidance_study --config-name raw        # why the deep dive's raw update breaks (raw.py)
+    python -m experiments.guidance_study --config-name methods    # the CFG family and perturbation guidance (methods.py)
 
 Every configuration is an ordinary samplerlab run (framework.entry.api.run) with the same prompts and
 seeds. Each loss is also evaluated on the baseline's images (the plugin's own ``loss``, as the record's
@@ -20,7 +21,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from experiments.guidance_study import defaults, seams
+from experiments.guidance_study import defaults, methods, seams
 from experiments.guidance_study import raw as raw_update
 from experiments.guidance_study.figures import image_rows
 from experiments.guidance_study.inputs import make_files
@@ -180,6 +181,9 @@ def main(argv: list[str] | None = None) -> dict:
     if ex.config_name == "raw":
         results, strips = raw_update.study(cfg, folder, out)
         return ex.record(folder / "record.json", results, raw_update.write(results, strips, cfg, out))
+    if ex.config_name == "methods":
+        results, rows = methods.study(cfg, folder)
+        return ex.record(folder / "record.json", results, methods.write(results, rows, out))
     if ex.config_name == "inpaint":
         results, rows = seams.study(cfg, folder, out)
         return ex.record(folder / "record.json", results, seams.write(results, rows, out))
