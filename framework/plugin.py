@@ -68,6 +68,9 @@ __all__ = [
     "scale_positions", "sigma_at_time", "sigma_range", "sigma_to_t", "to_pil", "world",
 ]
 __all__ += ["NativeGuidance", "PredictionSpace", "flat_dot", "split_parallel"]
+from framework.bases.options import TextEncoders
+
+__all__ += ["TextEncoders"]
 from framework.bases.perturbation import PerturbationGuidance, check_window, default_layers, step_window
 from framework.core.perturb import Perturbation, PerturbKind
 from framework.maths.blur import gaussian_blur_2d, grid_of
@@ -86,3 +89,5 @@ from framework.bundled import marks  # noqa: E402  (stray marks and edge sharpne
 __all__ += ["marks"]
 from framework.models.guide import Guide, load_guide  # noqa: E402  (true autoguidance's guide network)
 __all__ += ["Guide", "load_guide"]
+from framework.core.background import background, drain, host_copy  # noqa: E402  (a run's background worker)
+__all__ += ["background", "drain", "host_copy"]

@@ -20,6 +20,11 @@ import torch
 from torch import nn
 
 from framework.core.errors import ConfigError, ModelNotFoundError
+from framework.core.memo import Memo
+
+#: Extractors loaded in this process, by (name, Inception weights): the metrics of a run (FID and
+#: KID) and the runs of a sweep share one (it is never trained; its device is the last run's).
+EXTRACTORS: Memo[nn.Module] = Memo("feature extractors", 4)
 
 #: torch-fidelity's InceptionV3 weights (the TF FID graph ported to PyTorch), where torch hub keeps them.
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
@@ -66,7 +71,12 @@ class InceptionFeatures(nn.Module):
 
 
 def load_features(name: str, inception_weights: str | None = None) -> nn.Module:
-    """The feature extractor called ``name`` (``clip``, ``inception`` or an import path), in eval mode."""
+    """The feature extractor called ``name`` (``clip``, ``inception`` or an import path), in eval
+    mode; loaded once per process (:data:`EXTRACTORS`)."""
+    return EXTRACTORS.get((name, inception_weights), lambda: _load_features(name, inception_weights))
+
+
+def _load_features(name: str, inception_weights: str | None = None) -> nn.Module:
     if name == "clip":
         from framework.metrics.clip_features import BundledCLIPFeatures
 

@@ -9,8 +9,8 @@ from PIL import Image
 
 
 def to_pil(img: torch.Tensor) -> Image.Image:
-    """A [3, H, W] (or [1, H, W]) tensor in [0, 1] as an RGB PIL image."""
-    arr = (img.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    """A [3, H, W] (or [1, H, W]) tensor in [0, 1] (or uint8 in [0, 255]) as an RGB PIL image."""
+    arr = img.detach().cpu() if img.dtype == torch.uint8 else (img.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
     if arr.shape[0] == 1:
         arr = arr.expand(3, -1, -1)
     return Image.fromarray(arr.permute(1, 2, 0).numpy(), "RGB")

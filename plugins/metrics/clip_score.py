@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torchmetrics.multimodal.clip_score import CLIPScore as TMCLIPScore
 
-from framework.plugin import ConfigError, ModelNotFoundError, bundled, hookimpl
+from framework.plugin import ConfigError, ModelNotFoundError, background, bundled, drain, hookimpl, host_copy
 
 
 def _pooled(cls: type) -> type:
@@ -61,9 +61,12 @@ class CLIPScore:
 
     @hookimpl
     def batch_end(self, run, batch, latents, images):
-        pixels = (images.float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
-        self.scorer(run).update(pixels, list(batch.cond.prompts))
+        # 8-bit pixels made on the run's device and copied without waiting; the processor and the
+        # CLIP forward run on the run's background worker while the next batch samples
+        pixels = host_copy((images.float().clamp(0, 1) * 255).round().to(torch.uint8))
+        background(run).submit(lambda: self.scorer(run).update(pixels.get(), list(batch.cond.prompts)))
 
     @hookimpl
     def run_end(self, run, result):
+        drain(run)
         run.metrics["clip_score"] = float(self.scorer(run).compute())
