@@ -222,27 +222,30 @@ def study(cfg: DictConfig, folder: Path) -> tuple[dict, list[tuple[str, torch.Te
 # --- the summary -----------------------------------------------------------------------------------
 
 def summarise(results: dict, names: list[str]) -> None:
-    """Per configuration and figure: the mean over the sets and the difference between them (A − B);
-    per figure the noise floor (the median |A − B| over the configurations); per configuration the
-    effect against its CFG row (same w, matched NFE) in each set and whether it is clear: both sets
-    agree in direction and each exceeds the floor."""
+    """Per configuration and figure: the mean over the sets and the difference between them (A − B).
+    Two noise floors per figure: ``noise_floor``, the median |A − B| over the configurations (how far
+    a figure moves between two sample sets: prompts and seeds), and ``effect_floor``, the median over
+    the comparisons of |Δ_A − Δ_B| (how far two independent estimates of one effect, each at equal
+    prompts and seeds, disagree). Per configuration its effects against its CFG rows (same w; matched
+    NFE, and equal steps where the study has that row): better / worse when both sets' Δ exceed the
+    effect floor in the same direction."""
     confs = results["configurations"]
     a, b = names[0], names[-1]
     for entry in confs.values():
         entry["mean"] = {f: statistics.fmean(entry["sets"][s][f] for s in names) for f in FIGURES}
         entry["diff"] = {f: entry["sets"][a][f] - entry["sets"][b][f] for f in FIGURES}
-    floor = {f: statistics.median(abs(e["diff"][f]) for e in confs.values()) for f in FIGURES}
-    results["noise_floor"] = floor
+    results["noise_floor"] = {f: statistics.median(abs(e["diff"][f]) for e in confs.values()) for f in FIGURES}
+    pairs_ = [(e, confs[r]) for e in confs.values() for r in e["refs"] if r in confs]
+    delta = {f: [[e["sets"][s][f] - ref["sets"][s][f] for s in names] for e, ref in pairs_] for f in BETTER}
+    floor = {f: statistics.median(abs(d[0] - d[-1]) for d in delta[f]) if delta[f] else 0.0 for f in BETTER}
+    results["effect_floor"] = floor
     for entry in confs.values():
-        entry["effects"] = {}
-        for label in entry["refs"]:
-            if label in confs:
-                entry["effects"][label] = effect(entry, confs[label], names, floor)
+        entry["effects"] = {r: effect(entry, confs[r], names, floor) for r in entry["refs"] if r in confs}
 
 
 def effect(entry: dict, ref: dict, names: list[str], floor: dict[str, float]) -> dict[str, dict]:
     """Per figure with a better direction: the difference to ``ref`` in each set, its mean, and the
-    verdict (better / worse: both sets agree and each exceeds the floor; else within noise)."""
+    verdict (better / worse: both sets' differences exceed the floor in that direction; else within noise)."""
     out = {}
     for f, sign in BETTER.items():
         d = [entry["sets"][s][f] - ref["sets"][s][f] for s in names]
@@ -301,7 +304,7 @@ def write(results: dict, rows: list[tuple[str, torch.Tensor]], out: Path) -> lis
     """``<out>/guidance/methods.md`` (the tables), ``methods.json`` and ``methods.png`` (the grid)."""
     files: list[str] = []
     folder = out / "guidance"
-    floor = results["noise_floor"]
+    floor, eff = results["noise_floor"], results["effect_floor"]
     n, sets = results["samples_per_set"], list(results["sets"])
     head = [f"Bundled model, karras/Euler, {n} prompts per set × {len(sets)} disjoint sets ({'/'.join(sets)}: "
             "captions of fresh world scenes and noise seeds both disjoint), matched budget "
@@ -310,9 +313,11 @@ def write(results: dict, rows: list[tuple[str, torch.Tensor]], out: Path) -> lis
             + ", ".join(f"{f} {floor[f]:.{DIGITS[f]}f}" for f in FIGURES) + ". FD pooled: both sets together "
             f"({len(sets) * n} images). s / image: sampling with the metrics' per-batch work, one thread of a shared "
             "2-core machine.", ""]
-    lines = head + table(results) + ["", "Effects against the CFG row at the same w and matched NFE (cfg-pair budget), "
-                                     "per set; **better** / *worse*: both sets agree and each exceeds the figure's "
-                                     "noise floor.", ""] + effects(results)
+    lines = head + table(results) + [
+        "", "Effects against the CFG rows at the same w — matched NFE (the budget's steps) and, for the 1.5-pair "
+        f"methods, equal steps — per set ({'/'.join(sets)}, each at equal prompts and seeds). Effect noise floor (median "
+        f"|Δ{sets[0]} − Δ{sets[-1]}| over the comparisons): " + ", ".join(f"{f} {eff[f]:.{DIGITS[f]}f}" for f in BETTER)
+        + "; **better** / *worse*: both sets' Δ beyond it in the same direction.", ""] + effects(results)
     save_text("\n".join(lines) + "\n", folder / "methods.md", files)
     save_text(json.dumps(results, indent=1), folder / "methods.json", files)
     image_rows(rows, folder / "methods.png", files, title=f"set {sets[0]}: the first {len(rows[0][1])} prompts, same seeds",
