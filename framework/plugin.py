@@ -68,6 +68,9 @@ __all__ = [
     "scale_positions", "sigma_at_time", "sigma_range", "sigma_to_t", "to_pil", "world",
 ]
 __all__ += ["NativeGuidance", "PredictionSpace", "flat_dot", "split_parallel"]
+from framework.bases.options import TextEncoders
+
+__all__ += ["TextEncoders"]
 from framework.bases.perturbation import PerturbationGuidance, check_window, default_layers, step_window
 from framework.core.perturb import Perturbation, PerturbKind
 from framework.maths.blur import gaussian_blur_2d, grid_of

@@ -39,7 +39,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from framework.bases.options import ApplyTo
+from framework.bases.options import ApplyTo, TextEncoders
 from framework.core.errors import ConfigError
 from framework.core.markers import hookimpl
 from framework.core.run import Run
@@ -85,6 +85,11 @@ class TextEdit:
 
     parses_weights: bool = False
     apply_to: ApplyTo = ApplyTo.both
+    #: The text encoders the edit applies to on a model with CLIP and T5 encoders (SD3, Flux):
+    #: ``all``, ``clip`` or ``t5`` (:func:`for_encoder`); a one-CLIP model has only ``clip``.
+    encoders: TextEncoders = TextEncoders.all
+    #: Why the edit cannot act on T5 (None: it can); such an edit applies to CLIP only.
+    not_on_t5: str | None = None
 
     def new_tokens(self, emb: TextEmbeddings) -> dict[str, torch.Tensor]:
         """Learned tokens to recognise in the prompt text: name → vectors [n, D]."""
@@ -104,6 +109,9 @@ class LearnedTokens(TextEdit):
     """New tokens given as tensors {name: vectors [n, D]} (textual inversion in memory; the
     tensors may require grad: training optimises them through :meth:`TextEmbeddings.encode`)."""
 
+    encoders = TextEncoders.clip
+    not_on_t5 = "textual inversion vectors are CLIP token embeddings"
+
     def __init__(self, tokens: Mapping[str, torch.Tensor], apply_to: ApplyTo = ApplyTo.both):
         self.tokens, self.apply_to = dict(tokens), apply_to
 
@@ -113,6 +121,9 @@ class LearnedTokens(TextEdit):
 
 class TextEmbeddings:
     """A CLIP text encoder and its tokenizer: tokens, embedding tables, encoding with edits."""
+
+    #: The encoder kind an edit's ``encoders`` option names (:func:`for_encoder`).
+    kind = "clip"
 
     def __init__(self, text_encoder: Any, tokenizer: Any):
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
@@ -305,6 +316,91 @@ class TextEmbeddings:
         for e in edits:
             inputs = e.edit_inputs(inputs, self)
         return inputs
+
+
+class _ReadsWeights(TextEdit):
+    """Stands in for an edit that parses A1111 weights but does not apply to an encoder: that encoder
+    still reads the prompt text with the weight syntax removed."""
+
+    parses_weights = True
+
+
+def for_encoder(edits: Sequence[TextEdit], kind: str) -> list[TextEdit]:
+    """The edits of ``edits`` that apply to an encoder of ``kind`` (``clip`` or ``t5``) by their
+    ``encoders`` option, in order; one that does not apply but parses weights leaves a stand-in, so
+    every encoder reads the same text."""
+    out: list[TextEdit] = []
+    for e in edits:
+        if e.encoders in (TextEncoders.all, kind):
+            out.append(e)
+        elif e.parses_weights:
+            out.append(_ReadsWeights())
+    return out
+
+
+class T5Embeddings(TextEmbeddings):
+    """A T5 encoder (SD3's third, Flux's second) and its tokenizer, with the same edits as CLIP's.
+
+    T5 has a token table (the encoder's input embeddings, no scaling) and no position table (its
+    attention carries relative position biases): :class:`TokenInputs` hold zeros as position
+    embeddings and position edits are refused. Prompts are padded to ``max_length`` (the model's
+    ``max_sequence_length``) and end with ``</s>``, as the pipelines tokenise them; prompt weights
+    come from the characters each token spans (the text is tokenised whole, so T5 reads exactly the
+    text the pipeline would); learned tokens (textual inversion) are CLIP's only. A word is a token
+    when SentencePiece makes it one piece (``red`` → ``▁red``, the word-initial piece).
+    """
+
+    kind = "t5"
+
+    def __init__(self, text_encoder: Any, tokenizer: Any, max_length: int):
+        if not hasattr(text_encoder, "get_input_embeddings"):
+            raise ConfigError(f"{type(text_encoder).__name__} is not a T5 encoder: T5 token edits need T5EncoderModel")
+        self.text_encoder, self.tokenizer, self.max_length = text_encoder, tokenizer, int(max_length)
+
+    @property
+    def token_table(self) -> torch.Tensor:
+        return self.text_encoder.get_input_embeddings().weight
+
+    @property
+    def position_table(self) -> torch.Tensor:
+        raise ConfigError("T5 has no position embeddings (its attention has relative position biases): position edits "
+                          "apply to the CLIP encoders (encoders=clip)")
+
+    def token_id(self, word: str) -> int:
+        try:
+            return super().token_id(word)
+        except ConfigError as e:
+            raise ConfigError(f"T5: {e} (or set the edit's encoders=clip to edit the CLIP encoders only)") from None
+
+    def inputs(self, prompts: Sequence[str], new_tokens: Mapping[str, torch.Tensor] | None = None,
+               parse_weights: bool = False) -> TokenInputs:
+        if new_tokens:
+            raise ConfigError(f"learned tokens ({', '.join(new_tokens)}) are CLIP token embeddings: textual inversion "
+                              "applies to the CLIP encoders (encoders=clip)")
+        texts, char_weights = [], []
+        for prompt in prompts:
+            chunks = parse_prompt_weights(prompt) if parse_weights else [(prompt, 1.0)]
+            texts.append("".join(text for text, _ in chunks))
+            char_weights.append([w for text, w in chunks for _ in text])
+        tok = self.tokenizer(texts, padding="max_length", max_length=self.max_length, truncation=True,
+                             return_offsets_mapping=parse_weights, return_tensors="pt")
+        table = self.token_table
+        ids = tok.input_ids.to(table.device)
+        weights = torch.ones(ids.shape, dtype=table.dtype, device=table.device)
+        if parse_weights:
+            for b, (text, cw) in enumerate(zip(texts, char_weights)):
+                for k, (start, end) in enumerate(tok.offset_mapping[b].tolist()):
+                    chars = [i for i in range(start, end) if not text[i].isspace()]
+                    if chars:
+                        weights[b, k] = cw[chars[0]]
+        token_embeds = table[ids]
+        return TokenInputs(ids=ids, token_embeds=token_embeds, position_embeds=torch.zeros_like(token_embeds),
+                           weights=weights, new_tokens=torch.zeros(ids.shape, dtype=torch.bool, device=ids.device))
+
+    def encode_inputs(self, inputs: TokenInputs) -> torch.Tensor:
+        """T5's last hidden state [B, L, D] from (edited) input embeddings (``inputs_embeds``; the
+        same numbers as from the ids when nothing is edited)."""
+        return self.text_encoder(inputs_embeds=inputs.token_embeds + inputs.position_embeds)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,7 +627,7 @@ def clip_states(model: Any, prompts: Sequence[str], edits: Sequence[TextEdit]) -
     """``encoder_hidden_states`` of a one-CLIP model (Stable Diffusion 1.x/2.x) with ``edits``."""
     emb = TextEmbeddings.of(model)
     dtype = getattr(model, "dtype", None) or emb.token_table.dtype
-    return {"encoder_hidden_states": emb.encode(prompts, edits).to(dtype)}
+    return {"encoder_hidden_states": emb.encode(prompts, for_encoder(edits, "clip")).to(dtype)}
 
 
 
@@ -546,8 +642,15 @@ class EditPlugin(TextEdit):
 
     @hookimpl
     def configure(self, run):
-        self.check(run)
         TextEmbeddings.of(run.model)  # a CLIP text model (a clear error otherwise)
+        name = next((e.name for e in run.plugins.by_group("conditioning") if e.obj is self), type(self).__name__)
+        kinds = tuple(getattr(run.model, "text_encoder_kinds", ("clip",)))
+        if self.encoders != TextEncoders.clip and self.not_on_t5 is not None:
+            raise ConfigError(f"conditioning {name} cannot edit T5 ({self.not_on_t5}): set conditioning.{name}.encoders=clip")
+        if self.encoders == TextEncoders.t5 and "t5" not in kinds:
+            raise ConfigError(f"conditioning {name}.encoders=t5, but model {type(run.model).__name__} has no T5 encoder "
+                              f"(encoders: {', '.join(kinds)}): set conditioning.{name}.encoders=clip (or all)")
+        self.check(run)
 
     @hookimpl
     def conditioning(self, run, cond):

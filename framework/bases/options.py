@@ -27,6 +27,15 @@ class ApplyTo(Choice):
     both = "both"
 
 
+class TextEncoders(Choice):
+    """The text encoders a text edit applies to on models with several kinds (SD3, Flux): every
+    encoder it can edit (``all``), the CLIP encoders only (``clip``) or T5 only (``t5``)."""
+
+    all = "all"
+    clip = "clip"
+    t5 = "t5"
+
+
 class SolverType(Choice):
     """The second-order term of the DPM-Solver++ multistep family: diffusers' ``midpoint`` (D₁/2)
     or k-diffusion's ``heun`` (φ₂-weighted) form."""

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from framework.bases.embeddings import TextEdit, TextEmbeddings, TokenInputs, parse_prompt_weights
+from framework.bases.embeddings import T5Embeddings, TextEdit, TextEmbeddings, TokenInputs, for_encoder
 from framework.core.errors import ConfigError, ModelNotFoundError
 from framework.maths.flow import calculate_shift, flow_config, sigma_factor
 from framework.maths.sigmas import flow_sigma, flow_time, sigma_at_time
@@ -178,7 +178,8 @@ class ClipText(TextEmbeddings):
 
     def encode_pooled(self, prompts: Sequence[str], edits: Sequence[TextEdit] = ()) -> tuple[torch.Tensor, torch.Tensor]:
         """(states [B, L, D], pooled [B, D']) of ``prompts`` with ``edits`` (token edits before the
-        transformer, output edits on the states)."""
+        transformer, output edits on the states); only the edits whose ``encoders`` include CLIP act."""
+        edits = for_encoder(edits, "clip")
         inputs = self.edited_inputs(prompts, edits)
         states, pooled = self.forward(inputs)
         for e in edits:
@@ -186,14 +187,12 @@ class ClipText(TextEmbeddings):
         return states, pooled
 
 
-def t5_states(encoder: Any, tokenizer: Any, prompts: Sequence[str], max_length: int, edits: Sequence[TextEdit]) -> torch.Tensor:
-    """The T5 encoder's last hidden states [B, max_length, D] of ``prompts`` padded to ``max_length``.
-    Text edits act on the CLIP encoders only: T5 reads the prompt text, with A1111 weight syntax
-    removed when an edit parses it."""
-    if any(e.parses_weights for e in edits):
-        prompts = ["".join(text for text, _ in parse_prompt_weights(p)) for p in prompts]
-    ids = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt").input_ids
-    return encoder(ids.to(encoder.device))[0]
+def t5_states(t5: T5Embeddings, prompts: Sequence[str], edits: Sequence[TextEdit]) -> torch.Tensor:
+    """The T5 encoder's last hidden states [B, max_length, D] of ``prompts`` padded to its
+    ``max_length``, edited by the edits whose ``encoders`` include T5 (token swaps and mixes, prompt
+    weights, prompt mixes); the text has A1111 weight syntax removed when any edit parses it. With
+    no edit: the pipeline's own encoding, bit for bit."""
+    return t5.encode(prompts, for_encoder(edits, "t5"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,6 +209,9 @@ class FamilyModel(StableDiffusion):
         super().setup(device, dtype)
         if dtype in (torch.float16, torch.bfloat16) and self.vae.config.get("force_upcast", False):
             self.vae.to(torch.float32)  # as the pipelines: this VAE overflows in half precision
+
+    #: The kinds of text encoder the network reads (what a text edit's ``encoders`` may name).
+    text_encoder_kinds: tuple[str, ...] = ("clip",)
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         return self.encode_edited(prompts, [])

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from framework.bases.embeddings import TextEdit
+from framework.bases.embeddings import T5Embeddings, TextEdit
 from framework.core.errors import ConfigError
 from framework.core.markers import hookimpl
 from framework.models.families import ClipText, FlowFamily, check_pipeline, load_family, t5_states
@@ -66,21 +66,26 @@ class Flux(FlowFamily):
         self.latent_shape = (pipe.transformer.config.in_channels // 4, h // factor, w // factor)
         self.flow_setup(self._shift)
         self.text_l = ClipText(pipe.text_encoder, pipe.tokenizer, layer=-1)
+        self.t5 = T5Embeddings(pipe.text_encoder_2, pipe.tokenizer_2, self.max_sequence_length)
         self.distilled = bool(pipe.transformer.config.guidance_embeds)
         self._ids: tuple[torch.Tensor, ...] = ()
 
     def image_seq_len(self) -> int:
         return (self.latent_shape[1] // 2) * (self.latent_shape[2] // 2)
 
+    text_encoder_kinds = ("clip", "t5")
+
     @hookimpl
     def configure(self, run) -> None:
-        """Text edits of CLIP's hidden states (prompt_mix, prompt_weighting) would change nothing: Flux
-        reads CLIP's pooled vector and T5's states only."""
+        """Text edits of the hidden states (prompt_mix, prompt_weighting) restricted to CLIP
+        (``encoders=clip``) would change nothing: Flux reads CLIP's pooled vector and T5's states only."""
         outputs = [e.name for e in run.plugins.by_group("conditioning")
-                   if isinstance(e.obj, TextEdit) and type(e.obj).edit_outputs is not TextEdit.edit_outputs]
+                   if isinstance(e.obj, TextEdit) and type(e.obj).edit_outputs is not TextEdit.edit_outputs
+                   and e.obj.encoders == "clip"]
         if outputs:
-            raise ConfigError(f"conditioning {', '.join(outputs)} edits CLIP's hidden states, which model=flux does not use "
-                              f"(it reads CLIP's pooled vector and T5's states): remove {', '.join(outputs)}")
+            names = ", ".join(outputs)
+            raise ConfigError(f"conditioning {names} edits CLIP's hidden states, which model=flux does not use "
+                              f"(it reads CLIP's pooled vector and T5's states): set encoders=all or t5, or remove {names}")
 
     @hookimpl
     def run_start(self, run) -> None:
@@ -90,7 +95,7 @@ class Flux(FlowFamily):
 
     def encode_edited(self, prompts: Sequence[str], edits: Sequence[TextEdit]) -> dict[str, torch.Tensor]:
         _, pooled = self.text_l.encode_pooled(prompts, edits)
-        states = t5_states(self.pipe.text_encoder_2, self.pipe.tokenizer_2, prompts, self.max_sequence_length, edits)
+        states = t5_states(self.t5, prompts, edits)
         return {"encoder_hidden_states": states.to(self.dtype), "pooled_projections": pooled.to(self.dtype)}
 
     def position_ids(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from framework.bases.embeddings import TextEdit
+from framework.bases.embeddings import T5Embeddings
 from framework.models.families import ClipText, FlowFamily, check_pipeline, load_family, missing_t5, t5_states
 from framework.core.errors import ConfigError
 
@@ -55,7 +56,8 @@ class StableDiffusion3(FlowFamily):
         self.flow_setup(self._shift)
         self.text_l = ClipText(pipe.text_encoder, pipe.tokenizer)
         self.text_g = ClipText(pipe.text_encoder_2, pipe.tokenizer_2)
-        self.t5 = (pipe.text_encoder_3, pipe.tokenizer_3) if self.use_t5 else None
+        self.t5 = T5Embeddings(pipe.text_encoder_3, pipe.tokenizer_3, self.max_sequence_length) if self.use_t5 else None
+        self.text_encoder_kinds = ("clip", "t5") if self.use_t5 else ("clip",)
         self.t5_width = int(pipe.transformer.config.joint_attention_dim)
 
     def image_seq_len(self) -> int:
@@ -68,7 +70,7 @@ class StableDiffusion3(FlowFamily):
         if self.t5 is None:
             t5 = torch.zeros(len(prompts), self.max_sequence_length, self.t5_width, dtype=states_l.dtype, device=states_l.device)
         else:
-            t5 = t5_states(*self.t5, prompts, self.max_sequence_length, edits)
+            t5 = t5_states(self.t5, prompts, edits)
         clip = torch.cat([states_l, states_g], dim=-1)
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return {"encoder_hidden_states": torch.cat([clip, t5.to(clip.dtype)], dim=-2).to(self.dtype),

@@ -3,19 +3,21 @@
 The deep dive's prompt mix: encoder_hidden_states ← (1 − w)·E(prompt) + w·E(``prompt``), token by
 token (both padded to 77). The second prompt is encoded with the run's other edit plugins (token
 edits, textual inversion, prompt weighting), but not with other prompt mixes. Prompts only: the
-negative prompt is left as it is.
+negative prompt is left as it is. ``encoders`` (all, clip, t5) chooses the encoders whose states
+are mixed on SD3 and Flux (T5's states of the two prompts, token by token).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from framework.plugin import ConfigError, EditPlugin, TextEmbeddings, mix_outputs
+from framework.plugin import ConfigError, EditPlugin, TextEmbeddings, TextEncoders, mix_outputs
 
 
 @dataclass
 class PromptMix(EditPlugin):
     prompt: str = ""
     weight: float = 0.5
+    encoders: TextEncoders = TextEncoders.all
 
     apply_to = "cond"
 

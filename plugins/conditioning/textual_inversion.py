@@ -6,6 +6,7 @@ negative prompts and its vectors take those positions in the input embeddings, a
 ``load_textual_inversion`` does — without adding the token to the shared tokenizer. Train one with
 ``python -m experiments.textual_inversion``. An SDXL embedding file (``clip_l`` and ``clip_g`` vector
 sets, named after the file or ``token``) gives each CLIP encoder of SDXL/SD3 the set of its width.
+CLIP only (``encoders`` must be clip): T5 reads the token's name as text.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from framework.plugin import ApplyTo, ConfigError, EditPlugin, TextEmbeddings, load_embeddings
+from framework.plugin import ApplyTo, ConfigError, EditPlugin, TextEmbeddings, TextEncoders, load_embeddings
 
 
 @dataclass
@@ -22,6 +23,9 @@ class TextualInversion(EditPlugin):
     path: str | None = None
     token: str | None = None
     apply_to: ApplyTo = ApplyTo.both
+    encoders: TextEncoders = TextEncoders.clip
+
+    not_on_t5 = "textual inversion vectors are CLIP token embeddings"
 
     def new_tokens(self, emb: TextEmbeddings):
         if not self.path:

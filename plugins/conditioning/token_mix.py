@@ -2,12 +2,13 @@
 
 The Stable Diffusion deep dive's embedding mix at the input of the text encoder: e.g. ``red`` →
 0.5·e(red) + 0.5·e(blue) (positions unchanged). Weights are used as given, not renormalised.
+``encoders`` (all, clip, t5) chooses the text encoders it edits on SD3 and Flux (T5: one-piece words).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from framework.plugin import ApplyTo, ConfigError, EditPlugin, TextEmbeddings, mix_tokens
+from framework.plugin import ApplyTo, ConfigError, EditPlugin, TextEmbeddings, TextEncoders, mix_tokens
 
 
 @dataclass
@@ -16,6 +17,7 @@ class TokenMix(EditPlugin):
     tokens: list[str] = field(default_factory=lambda: ["red", "blue"])
     weights: list[float] = field(default_factory=lambda: [0.5, 0.5])
     apply_to: ApplyTo = ApplyTo.both
+    encoders: TextEncoders = TextEncoders.all
 
     def __post_init__(self) -> None:
         if not self.tokens or len(self.tokens) != len(self.weights):

@@ -47,8 +47,6 @@ REFUSED = {
     ("euler_ancestral_cfg_pp", "tiny_flux"): "steps to the CFG-guided estimate: add a CFG combiner",
     ("dpmpp_2s_ancestral_cfg_pp", "tiny_flux"): "steps to the CFG-guided estimate: add a CFG combiner",
     ("gradient_estimation_cfg_pp", "tiny_flux"): "steps to the CFG-guided estimate: add a CFG combiner",
-    ("prompt_mix", "tiny_flux"): "edits CLIP's hidden states, which model=flux does not use",
-    ("prompt_weighting", "tiny_flux"): "edits CLIP's hidden states, which model=flux does not use",
 }
 #: Options that make a plugin cheap on a tiny pipeline (or give it its inputs).
 SOLVER_OPTIONS = {"reference": ["solver.rtol=1e-1", "solver.atol=1e-1"], "restart": ["solver.restart_steps=2"]}
