@@ -55,13 +55,16 @@ def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 class Study:
-    """One model's held-out runs, its reference and its optimised grids."""
+    """One model's held-out runs, its reference(s) and its optimised grids; ``extra`` overrides
+    (e.g. another ``cfg_scale``) apply to every run, the references and the optimisers."""
 
-    def __init__(self, cfg: DictConfig, model: str, folder: Path):
-        self.cfg, self.model, self.folder = cfg, model, folder / model
-        self.n = int(cfg.heldout.num_samples[model])
+    def __init__(self, cfg: DictConfig, model: str, folder: Path, extra: list[str] | None = None, tag: str = "",
+                 teachers: dict | None = None, n: int | None = None):
+        self.cfg, self.model, self.folder = cfg, model, folder / (model + tag)
+        self.extra = list(extra or [])
+        self.n = int(cfg.heldout.num_samples[model]) if n is None else int(n)
         self.dtype = str(cfg.dtype[model])
-        self.base = base_overrides(model, self.dtype, list(cfg.heldout.prompts), int(cfg.heldout.seed), self.n)
+        self.base = base_overrides(model, self.dtype, list(cfg.heldout.prompts), int(cfg.heldout.seed), self.n) + self.extra
         self.object = None
         node = compose([f"model={model}"])[0].model
         if model in ("mixture", "gaussian"):
@@ -72,28 +75,59 @@ class Study:
         self.sigma_max = float((adapter or self.object).sigma_max)
         self.sigma_min = float((adapter or self.object).sigma_min)
         self.nfe_law: dict[str, tuple[float, float]] = {}
-        self.teachers: dict = {}  # teacher trajectories shared by the optimisers of one calibration set
-        r = cfg.reference[model]
-        t0 = time.perf_counter()
-        ref = self.run(reference_overrides(self.sigma_max, self.sigma_min, float(r.rtol), float(r.atol)), "reference")
+        self.teachers: dict = {} if teachers is None else teachers  # shared by the optimisers of one calibration set
+        self.refs: dict[tuple[float, float], Any] = {}  # (σ_0, x_T scale) → the reference run from that start
+        self.ref_seconds = 0.0
+        ref = self.reference(self.sigma_max, self.sigma_max)
         self.ref, self.x_T, self.ref_nfe = ref.latents, ref.x_T, ref.record["metrics"]["nfe"]
-        self.ref_seconds = round(time.perf_counter() - t0, 1)
+
+    def reference(self, sigma0: float, scale: float):
+        """DOP853 from (σ_0, x_T = scale·ε) to σ_min, then D (one per start; cached)."""
+        key = (float(sigma0), float(scale))
+        if key not in self.refs:
+            r = self.cfg.reference[self.model]
+            t0 = time.perf_counter()
+            name = "reference" if key == (self.sigma_max, self.sigma_max) else f"reference_{sigma0:.6g}"
+            if r.get("solver", "dop853") == "dop853":
+                extra = reference_overrides(sigma0, self.sigma_min, float(r.rtol), float(r.atol), scale)
+            else:  # a many-step solver on an exponential grid from σ_0 (checked against DOP853: docs/optimisation.md)
+                vp = not math.isclose(scale, sigma0, rel_tol=1e-6)
+                if vp and not math.isclose(scale, math.sqrt(1 + sigma0 ** 2), rel_tol=1e-5):
+                    raise ConfigError(f"a grid starting at σ {sigma0:g} with x_T scale {scale:g}: no reference for that start")
+                extra = [*r.overrides, "schedule=exponential", f"schedule.sigma_max={sigma0!r}",
+                         f"schedule.init_noise={'vp' if vp else 'sigma'}", f"steps={int(r.steps)}"]
+            self.refs[key] = self.run(extra, name)
+            self.ref_seconds = round(self.ref_seconds + time.perf_counter() - t0, 1)
+        return self.refs[key]
+
+    def solver_args(self, solver: str) -> list[str]:
+        """A solver spec: a plugin name, or a name of ``solver_specs`` (the plugin with its free
+        parameters set, e.g. UniPC's B(h) variant or DEIS's order)."""
+        spec = (self.cfg.get("solver_specs") or {}).get(solver)
+        return list(spec) if spec is not None else [f"solver={solver}"]
 
     def run(self, extra: list[str], name: str):
         return run(self.base + extra, model=self.object, output_dir=self.folder / name)
 
     def error(self, extra: list[str], name: str) -> dict[str, Any]:
         res = self.run(extra, name)
+        target, x_T = self.ref, self.x_T
+        sig0 = float(res.schedule.sigmas[0])
+        if not math.isclose(sig0, self.sigma_max, rel_tol=1e-6):  # a grid that starts lower (leading spacing)
+            ref = self.reference(sig0, float(res.schedule.init_noise_scale))
+            target, x_T = ref.latents, ref.x_T
         # the same noise times σ_max; a schedule computing σ_max as exp(log σ_max) may differ in the last bit
-        if res.x_T.shape != self.x_T.shape or not torch.allclose(res.x_T, self.x_T, rtol=1e-6, atol=0):
+        if res.x_T.shape != x_T.shape or not torch.allclose(res.x_T, x_T, rtol=1e-6, atol=0):
             return {"skipped": "does not start from the reference's x_T"}
-        return {"nfe": res.record["metrics"]["nfe"], "error": rmse(res.latents, self.ref),
-                "sigmas": list(res.schedule.sigmas)}
+        out = {"nfe": res.record["metrics"]["nfe"], "error": rmse(res.latents, target), "sigmas": list(res.schedule.sigmas)}
+        if sig0 != self.sigma_max and not math.isclose(sig0, self.sigma_max, rel_tol=1e-6):
+            out["own_reference"] = sig0
+        return out
 
     def steps_within(self, solver: str, budget: int) -> int | None:
         """The most steps whose NFE fits ``budget`` (NFE = a·steps + b, from two one-sample probes)."""
         if solver not in self.nfe_law:
-            n = [run(self.base + [f"solver={solver}", f"steps={s}", "num_samples=1", "batch_size=1"], model=self.object,
+            n = [run(self.base + self.solver_args(solver) + [f"steps={s}", "num_samples=1", "batch_size=1"], model=self.object,
                      output_dir=self.folder / f"probe_{solver}_{s}").record["metrics"]["nfe"] for s in (4, 8)]
             a = (n[1] - n[0]) / 4
             self.nfe_law[solver] = (a, n[0] - 4 * a)
@@ -101,11 +135,11 @@ class Study:
         s = math.floor((budget - b) / a + 1e-9)
         return s if s >= 2 else None
 
-    def stock(self, budgets: list[int]) -> dict:
+    def stock(self, budgets: list[int], solvers=None, schedules=None) -> dict:
         out: dict = {}
-        cells = [(sv, sc) for sv in self.cfg.stock_solvers for sc in self.cfg.stock_schedules]
+        cells = [(sv, sc) for sv in (solvers or self.cfg.stock_solvers) for sc in (schedules or self.cfg.stock_schedules)]
         for solver, schedule in tqdm(cells, desc=f"{self.model} stock"):
-            extra = [f"schedule={schedule}", *self.cfg.schedule_overrides.get(schedule, [])]
+            extra = list(self.cfg.schedule_overrides.get(schedule, [f"schedule={schedule}"]))
             row: dict = {}
             for n in budgets:
                 steps = self.steps_within(solver, n)
@@ -113,7 +147,7 @@ class Study:
                     row[str(n)] = {"skipped": "no run of ≥ 2 steps fits"}
                     continue
                 try:
-                    row[str(n)] = self.error([f"solver={solver}", *extra, f"steps={steps}"], f"{solver}_{schedule}_{steps}")
+                    row[str(n)] = self.error([*self.solver_args(solver), *extra, f"steps={steps}"], f"{solver}_{schedule}_{steps}")
                 except ConfigError as e:
                     row = {"skipped": str(e)}
                     break
@@ -131,23 +165,28 @@ class Study:
         return out
 
     def optimise(self, method: str, solver: str, budgets: list[int], seed: int, tag: str) -> dict:
-        """The schedule file of (method, solver) from the calibration set with ``seed``."""
+        """The schedule file of (method, solver) from the calibration set with ``seed``; ``method``
+        may name an entry of ``method_specs`` (a method with options, e.g. GITS with history)."""
         from framework.tools.schedule_opt import Calibration, Options, optimize
 
         c = self.cfg.calibration
+        spec = dict((self.cfg.get("method_specs") or {}).get(method) or {"method": method})
+        label, method = method, spec.pop("method")
+        init_from = spec.pop("init_from", None)  # ld3: the file of this method spec (default: ld3_init)
         budgets = self.reachable(solver, budgets)
         if not budgets:
             raise ConfigError(f"solver={solver} meets none of the budgets exactly")
-        init = str(self.cfg.ld3_init[self.model])
+        init = f"from_{init_from}" if init_from else str(self.cfg.ld3_init[self.model])
         if init.startswith("from_"):  # the file another method made for this solver (seed tag kept)
             init = str(self.folder / "schedules" / f"{solver}_{init[5:]}{tag}.json")
-        opts = Options(method=method, nfe=list(budgets), out=str(self.folder / "schedules" / f"{solver}_{method}{tag}.json"),
+        opts = Options(method=method, nfe=list(budgets), out=str(self.folder / "schedules" / f"{solver}_{label}{tag}.json"),
                        fine=int(self.cfg.fine[self.model]), teacher=str(self.cfg.teacher[self.model].solver),
                        teacher_substeps=int(self.cfg.teacher[self.model].substeps),
                        teacher_rtol=float(self.cfg.teacher[self.model].rtol), iterations=int(self.cfg.iterations),
                        seconds=float(self.cfg.ld3_seconds[self.model]), progress=False,
-                       init=init, calibration=Calibration(list(c.prompts), int(seed), int(c.num_samples[self.model])))
-        overrides = [f"model={self.model}", f"dtype={self.dtype}", f"solver={solver}", "device=cpu"]
+                       init=init, trials=int(self.cfg.tpe_trials), calibration=Calibration(list(c.prompts), int(seed), int(c.num_samples[self.model])),
+                       **spec)
+        overrides = [f"model={self.model}", f"dtype={self.dtype}", *self.solver_args(solver), "device=cpu", *self.extra]
         if self.model in ("mixture", "gaussian"):
             overrides.append("guidance=[]")
         content, path = optimize(opts, overrides, log=lambda s: None, teachers=self.teachers)
@@ -156,7 +195,7 @@ class Study:
     def evaluate_file(self, solver: str, made: dict) -> dict:
         out = {}
         for n, g in made["content"]["grids"].items():
-            cell = self.error([f"solver={solver}", "schedule=optimized", f"schedule.file={made['file']}",
+            cell = self.error([*self.solver_args(solver), "schedule=optimized", f"schedule.file={made['file']}",
                                f"steps={g['steps']}"], f"opt_{Path(made['file']).stem}_{n}")
             out[n] = {**cell, "optimiser_seconds": g["seconds"], "optimiser_nfe": g["optimiser_nfe"],
                       "calibration_rmse_to_teacher": g["calibration_rmse_to_teacher"]}
@@ -171,19 +210,101 @@ def log_rms(a: list[float], b: list[float]) -> float | None:
     return float(np.sqrt(np.mean((np.log(a) - np.log(b)) ** 2)))
 
 
-def best_cells(results: dict, budgets: list[int]) -> dict:
-    """Per budget: the best stock (solver, schedule) and the best optimised (method, solver) by
-    held-out RMSE, and their ratio."""
+def best_cells(results: dict, budgets: list[int], select: str = "calibration") -> dict:
+    """Per budget: the best stock (solver, schedule) by held-out RMSE; the optimised (method,
+    solver) chosen on the calibration set (``select=calibration``: least calibration RMSE to the
+    teacher, where recorded) and the held-out best of them (``oracle``), and their ratios."""
     out = {}
     for n in map(str, budgets):
         stock = [(c["error"], f"{sv} + {sc}", c["nfe"]) for sv, by in results["stock"].items() for sc, row in by.items()
                  if isinstance(row, dict) and isinstance(c := row.get(n), dict) and "error" in c]
-        opt = [(c["error"], f"{sv} + {m}", c["nfe"]) for m, by in results["optimised"].items() for sv, row in by.items()
-               if isinstance(c := row.get(n), dict) and "error" in c]
-        if stock and opt:
-            s, o = min(stock), min(opt)
+        cells = [(c, f"{sv} + {m}") for m, by in results["optimised"].items() for sv, row in by.items()
+                 if isinstance(c := row.get(n), dict) and "error" in c]
+        if stock and cells:
+            s = min(stock)
+            oracle = min(cells, key=lambda t: t[0]["error"])
+            chosen = oracle
+            if select == "calibration" and all("calibration_rmse_to_teacher" in c for c, _ in cells):
+                chosen = min(cells, key=lambda t: t[0]["calibration_rmse_to_teacher"])
             out[n] = {"stock": {"sampler": s[1], "error": s[0], "nfe": s[2]},
-                      "optimised": {"sampler": o[1], "error": o[0], "nfe": o[2]}, "ratio": o[0] / s[0]}
+                      "optimised": {"sampler": chosen[1], "error": chosen[0]["error"], "nfe": chosen[0]["nfe"]},
+                      "ratio": chosen[0]["error"] / s[0], "selected_on": select,
+                      "oracle": {"sampler": oracle[1], "error": oracle[0]["error"], "ratio": oracle[0]["error"] / s[0]}}
+    return out
+
+
+def sampler_args(s: Study, res: dict, side: str, n: str) -> list[str]:
+    """The overrides that run the best ``side`` (stock / optimised) sampler of budget ``n``."""
+    b = res["best"][n][side]
+    solver, what = b["sampler"].split(" + ")
+    if side == "stock":
+        sig = res["stock"][solver][what][n]["sigmas"]
+        return [*s.solver_args(solver), *s.cfg.schedule_overrides.get(what, [f"schedule={what}"]), f"steps={len(sig) - 1}"]
+    sig = res["optimised"][what][solver][n]["sigmas"]
+    return [*s.solver_args(solver), "schedule=optimized", f"schedule.file={s.folder / 'schedules' / f'{solver}_{what}.json'}",
+            f"steps={len(sig) - 1}"]
+
+
+def quality(s: Study, res: dict, cfg: DictConfig) -> dict:
+    """FD (bundled CLIP features, vs fresh world scenes) and prompt accuracy (the bundled judge) of
+    the best stock and the best optimised sampler per budget, ``quality.num_samples`` samples of
+    the held-out prompts for each of two seeds (the seeds' difference is the noise floor)."""
+    q = cfg.quality
+    out: dict = {}
+    for n in res["best"]:
+        row: dict = {}
+        for side in ("stock", "optimised"):
+            for seed in q.seeds:
+                base = base_overrides(s.model, s.dtype, list(cfg.heldout.prompts), int(seed), int(q.num_samples))
+                r = run(base + s.extra + sampler_args(s, res, side, n) + [f"batch_size={int(q.batch_size)}",
+                                                                           "metrics=[" + ",".join(q.metrics) + "]"],
+                        output_dir=s.folder / f"quality_{n}_{side}_{seed}")
+                m = r.record["metrics"]
+                row.setdefault(side, {})[str(seed)] = {k: m[k] for k in m if k.startswith(("fid", "prompt_accuracy")) or k == "nfe"}
+        out[n] = row
+    return out
+
+
+def ld3_init_of(cfg: DictConfig, model: str, method: str) -> str | None:
+    """The method (spec) whose file an ld3 method spec starts from, None for other methods."""
+    spec = (cfg.get("method_specs") or {}).get(method) or {"method": method}
+    if spec["method"] != "ld3":
+        return None
+    init = spec.get("init_from") or str(cfg.ld3_init[model])
+    return init[5:] if init.startswith("from_") else (init if spec.get("init_from") else None)
+
+
+def cfg_transfer(cfg: DictConfig, s: Study, res: dict, folder: Path, budgets: list[int]) -> dict:
+    """The best optimised grids (made at the default CFG) run at other CFG scales, against the
+    stock samplers at that scale (each scale its own reference from the same x_T); with
+    ``cfg_transfer_own``, the same (method, solver) optimised at that scale too."""
+    out: dict = {}
+    for scale in (cfg.cfg_transfer or {}).get(s.model, []) or []:
+        t0 = time.perf_counter()
+        t = Study(cfg, s.model, folder, extra=[f"cfg_scale={scale}"], tag=f"_cfg{scale}", n=cfg.get("cfg_transfer_samples"))
+        st = cfg.get("cfg_transfer_stock") or {}
+        stock = t.stock(budgets, st.get("solvers"), st.get("schedules"))
+        cells: dict = {}
+        for n, b in res["best"].items():
+            solver, method = b["optimised"]["sampler"].split(" + ")
+            args = sampler_args(s, res, "optimised", n)
+            cell = {"grid": f"{method} for {solver}", **t.error(args, f"transfer_{solver}_{method}_{n}")}
+            if cfg.cfg_transfer_own:
+                init = ld3_init_of(cfg, s.model, method)
+                if init:
+                    t.optimise(init, solver, [int(n)], int(cfg.calibration.seed), "")
+                made = t.optimise(method, solver, [int(n)], int(cfg.calibration.seed), "")
+                own = t.evaluate_file(solver, made).get(n, {})
+                cell["own_error"] = own.get("error")
+            cells[n] = cell
+        stock_best = {}
+        for n in map(str, budgets):
+            c = [(c["error"], f"{sv} + {sc}") for sv, by in stock.items() for sc, row in by.items()
+                 if isinstance(row, dict) and isinstance(c := row.get(n), dict) and "error" in c]
+            if c:
+                stock_best[n] = {"sampler": min(c)[1], "error": min(c)[0]}
+        out[str(scale)] = {"grids": cells, "stock_best": stock_best, "stock": stock, "heldout_samples": t.n,
+                           "reference_nfe": t.ref_nfe, "seconds": round(time.perf_counter() - t0, 1)}
     return out
 
 
@@ -193,11 +314,17 @@ def study(cfg: DictConfig, folder: Path) -> dict:
     for model in cfg.models:
         t0 = time.perf_counter()
         s = Study(cfg, model, folder)
-        res: dict[str, Any] = {"reference_nfe": s.ref_nfe, "reference_seconds": s.ref_seconds,
-                               "sigma_max": s.sigma_max, "sigma_min": s.sigma_min, "heldout_samples": s.n}
+        r = cfg.reference[model]
+        res: dict[str, Any] = {"reference_nfe": s.ref_nfe,
+                               "reference_solver": "DOP853" if r.get("solver", "dop853") == "dop853" else
+                               f"{' '.join(r.overrides)}, {r.steps} exponential steps", "sigma_max": s.sigma_max, "sigma_min": s.sigma_min,
+                               "heldout_samples": s.n, "calibration_samples": int(cfg.calibration.num_samples[model]),
+                               "calibration_prompts": len(cfg.calibration.prompts)}
         t1 = time.perf_counter()
         res["stock"] = s.stock(budgets)
         res["stock_seconds"] = round(time.perf_counter() - t1, 1)
+        res["reference_seconds"] = s.ref_seconds  # incl. the references of grids that start lower (leading)
+        res["own_references"] = {f"{k[0]:.6g}": r.record["metrics"]["nfe"] for k, r in s.refs.items()}
         res["optimised"], res["optimiser_seconds"], res["grids"] = {}, {}, {}
         for method, solvers in cfg.plan[model].items():
             for solver in tqdm(list(solvers), desc=f"{model} {method}"):
@@ -217,9 +344,9 @@ def study(cfg: DictConfig, folder: Path) -> dict:
             if a is None:
                 continue
             t1 = time.perf_counter()
-            tag, init = f"_seed{cfg.second_seed}", str(cfg.ld3_init[model])
-            if method == "ld3" and init.startswith("from_"):  # its starting grid, from the same seed
-                s.optimise(init[5:], solver, budgets, int(cfg.second_seed), tag)
+            tag, init = f"_seed{cfg.second_seed}", ld3_init_of(cfg, model, method)
+            if init:  # ld3's starting grid, from the same seed
+                s.optimise(init, solver, budgets, int(cfg.second_seed), tag)
             made = s.optimise(method, solver, budgets, int(cfg.second_seed), tag)
             b, held = made["content"]["grids"], s.evaluate_file(solver, made)
             first = res["optimised"][method][solver]
@@ -227,9 +354,13 @@ def study(cfg: DictConfig, folder: Path) -> dict:
                                           "heldout_rmse": [first[n].get("error"), held[n].get("error")]}
                                       for n in a if n in b}
             res["agreement"][pair]["seconds"] = round(time.perf_counter() - t1, 1)
-        res["best"] = best_cells(res, budgets)
+        res["best"] = best_cells(res, budgets, str(cfg.select))
         res["transfer"] = transfer(s, res, list(cfg.transfer_solvers))
-        res["best"] = best_cells(res, budgets)
+        if model in (cfg.quality.models or []):
+            t1 = time.perf_counter()
+            res["quality"] = quality(s, res, cfg)
+            res["quality_seconds"] = round(time.perf_counter() - t1, 1)
+        res["cfg_transfer"] = cfg_transfer(cfg, s, res, folder, budgets)
         res["seconds"] = round(time.perf_counter() - t0, 1)
         out[model] = res
     return out
@@ -242,12 +373,12 @@ def transfer(s: Study, res: dict, solvers: list[str]) -> dict:
     for n, b in res["best"].items():
         made_for, method = b["optimised"]["sampler"].split(" + ")
         path = s.folder / "schedules" / f"{made_for}_{method}.json"
-        steps = len([v for v in res["optimised"][method][made_for][n]["sigmas"] if v > 0])
+        steps = len(res["optimised"][method][made_for][n]["sigmas"]) - 1
         row = {}
         for solver in solvers:
             if solver == made_for:
                 continue
-            cell = s.error([f"solver={solver}", "schedule=optimized", f"schedule.file={path}", f"steps={steps}"],
+            cell = s.error([*s.solver_args(solver), "schedule=optimized", f"schedule.file={path}", f"steps={steps}"],
                            f"transfer_{made_for}_{method}_{n}_{solver}")
             if cell.get("nfe") == int(n):
                 row[solver] = cell["error"]
@@ -264,17 +395,30 @@ def write(results: dict, cfg: DictConfig, out: Path) -> list[str]:
     budgets = [str(n) for n in cfg.nfe]
     lines = ["<!-- made by: python -m experiments.schedule_opt (do not edit by hand) -->", ""]
     for model, res in results.items():
-        lines += [f"### `model={model}` ({cfg.dtype[model]}, {res['heldout_samples']} held-out samples"
+        calib = (f", calibration {res['calibration_samples']} samples" if "calibration_samples" in res else "")
+        own = res.get("own_references") or {}
+        lines += [f"### `model={model}` ({cfg.dtype[model]}, {res['heldout_samples']} held-out samples{calib}"
                   f"{', CFG at its default (5)' if model not in ('mixture', 'gaussian') else ''})", "",
-                  f"Reference: DOP853 σ {res['sigma_max']:g} → {res['sigma_min']:g}, then D; {res['reference_nfe']:g} NFE.", "",
+                  *([f"(Kept from `{res['kept_from']}`, an earlier run with the settings recorded there; the optimised "
+                     "side re-chosen on the calibration set.)", ""] if res.get("kept_from") else []),
+                  f"Reference: {res.get('reference_solver', 'DOP853')} σ {res['sigma_max']:g} → {res['sigma_min']:g}, then D; "
+                  f"{res['reference_nfe']:g} NFE"
+                  + (f"; grids starting lower (leading spacing) each get their own from their σ_0 ({len(own) - 1} more: "
+                     + ", ".join(f"σ_0 {k}" for k in own if not math.isclose(float(k), res['sigma_max'], rel_tol=1e-5)) + ")"
+                     if len(own) > 1 else "") + ".", "",
                   "**Best of each side** — RMSE to the reference on the held-out set (ratio = optimised / stock; "
-                  "the target is ≤ 0.70)", "",
-                  "| NFE | best stock | RMSE | best optimised | RMSE | ratio |", "| --- | --- | --- | --- | --- | --- |"]
+                  "the target is ≤ 0.70). The optimised sampler is the one chosen on the calibration set (least "
+                  "calibration RMSE to the teacher); *oracle*: the held-out best of all optimised grids (a choice "
+                  "made on the test set, for comparison only)", "",
+                  "| NFE | best stock | RMSE | optimised (chosen on calibration) | RMSE | ratio | oracle | RMSE | ratio |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for n in budgets:
             b = res["best"].get(n)
             if b:
+                o = b.get("oracle", {"sampler": b["optimised"]["sampler"], "error": b["optimised"]["error"], "ratio": b["ratio"]})
                 lines.append(f"| {n} | {b['stock']['sampler']} ({b['stock']['nfe']:g}) | {fmt(b['stock']['error'])} | "
-                             f"{b['optimised']['sampler']} | {fmt(b['optimised']['error'])} | **{b['ratio']:.2f}** |")
+                             f"{b['optimised']['sampler']} | {fmt(b['optimised']['error'])} | **{b['ratio']:.2f}** | "
+                             f"{o['sampler']} | {fmt(o['error'])} | {o['ratio']:.2f} |")
         lines += ["", "**Stock samplers** (the run with the most steps that fit; its NFE in brackets when below)", "",
                   "| solver + schedule | " + " | ".join(budgets) + " |", "| --- |" + " --- |" * len(budgets)]
         for solver, by in res["stock"].items():
@@ -311,6 +455,39 @@ def write(results: dict, cfg: DictConfig, out: Path) -> list[str]:
             for n, t in res["transfer"].items():
                 lines.append(f"| {n} | {t['grid']} | " + " | ".join(fmt(t["errors"][v]) if v in t["errors"] else "—"
                                                                    for v in cfg.transfer_solvers) + " |")
+        if res.get("quality"):
+            q = cfg.quality
+            lines += ["", f"**Image quality** ({q.num_samples} samples of the held-out prompts per seed, seeds "
+                      f"{' and '.join(map(str, q.seeds))}): FD of the bundled CLIP image features to {q.num_samples} "
+                      "fresh world scenes, prompt accuracy (colour / shape) by the bundled judge; *floor*: the "
+                      "difference between the two seeds of the same sampler", "",
+                      "| NFE | sampler | FD (seed a / b) | floor | colour % | shape % |", "| --- | --- | --- | --- | --- | --- |"]
+            for n, row in res["quality"].items():
+                for side in ("stock", "optimised"):
+                    runs_ = list(row[side].values())
+                    fd = [r.get("fid") for r in runs_]
+                    col = [100 * r.get("prompt_accuracy_colour", float("nan")) for r in runs_]
+                    shp = [100 * r.get("prompt_accuracy_shape", float("nan")) for r in runs_]
+                    lines.append(f"| {n} | {side}: {res['best'][n][side]['sampler']} | {' / '.join(fmt(v) for v in fd)} | "
+                                 f"{fmt(abs(fd[0] - fd[1]))} | {' / '.join(f'{v:.1f}' for v in col)} | "
+                                 f"{' / '.join(f'{v:.1f}' for v in shp)} |")
+        if res.get("cfg_transfer"):
+            lines += ["", "**Transfer across CFG scales**: the best optimised grid of each budget (made at CFG 5) run at "
+                      "another scale, against the best stock sampler there (each scale its own reference); *own*: the "
+                      "same method and solver optimised at that scale", "",
+                      "| CFG | NFE | best stock there | RMSE | grid made at 5 | RMSE | ratio | own RMSE | own ratio |",
+                      "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            for scale, t in res["cfg_transfer"].items():
+                lines.append(f"| {scale} | ({t.get('heldout_samples', '?')} held-out samples, {t.get('reference_nfe', 0):g}-NFE "
+                             f"reference, {t.get('seconds', 0):.0f} s) | | | | | | | |")
+                for n, c in t["grids"].items():
+                    sb = t["stock_best"].get(n)
+                    if sb is None or "error" not in c:
+                        continue
+                    own_e = c.get("own_error")
+                    own_cells = f"{fmt(own_e)} | {own_e / sb['error']:.2f}" if own_e else "— | —"
+                    lines.append(f"| {scale} | {n} | {sb['sampler']} | {fmt(sb['error'])} | {c['grid']} | {fmt(c['error'])} | "
+                                 f"**{c['error'] / sb['error']:.2f}** | {own_cells} |")
         secs = ", ".join(f"{k} {v:.0f} s" for k, v in res["optimiser_seconds"].items())
         lines += ["", f"Seconds: reference {res['reference_seconds']:.0f}, stock runs {res['stock_seconds']:.0f}, "
                   f"optimisers (all budgets, incl. teacher when first) {secs}; whole model {res['seconds']:.0f}.", ""]
@@ -369,6 +546,15 @@ def main(argv: list[str] | None = None) -> dict:
         results = json.loads(Path(cfg.from_results).read_text())["results"]
     else:
         results = study(cfg, Path(cfg.runs))
+        keep = cfg.get("keep_results")
+        if keep and Path(keep).is_file():  # models not run now: their earlier results, best cells chosen alike
+            import json
+
+            for model, res in json.loads(Path(keep).read_text())["results"].items():
+                if model not in results:
+                    res["best"] = best_cells(res, [int(n) for n in cfg.nfe], str(cfg.select))
+                    res["kept_from"] = str(keep)
+                    results[model] = res
     files = write(results, cfg, Path(cfg.out))
     return ex.record(Path(cfg.runs) / "record.json", results, files)
 

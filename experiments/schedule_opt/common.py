@@ -18,9 +18,12 @@ def base_overrides(model: str, dtype: str, prompts, seed: int, n: int) -> list[s
     return out
 
 
-def reference_overrides(sigma_max: float, sigma_min: float, rtol: float, atol: float) -> list[str]:
-    """``solver=reference`` from σ_max (x_T = σ_max·ε) to σ_min, then D there: the final step every
-    fixed-step solver takes on a grid ending [σ_min, 0]."""
+def reference_overrides(sigma_max: float, sigma_min: float, rtol: float, atol: float,
+                        init_noise: float | None = None) -> list[str]:
+    """``solver=reference`` from σ_max (x_T = σ_max·ε, or ``init_noise``·ε) to σ_min, then D there:
+    the final step every fixed-step solver takes on a grid ending [σ_min, 0]. A grid that starts
+    below the model's σ_max (diffusers' ``leading`` spacing) gets a reference from its own start."""
+    scale = sigma_max if init_noise is None else init_noise
     return ["solver=reference", f"solver.rtol={rtol!r}", f"solver.atol={atol!r}", "solver.final=denoise",
-            "schedule=custom", f"schedule.sigmas=[{sigma_max!r},{sigma_min!r},0.0]", f"schedule.init_noise={sigma_max!r}",
+            "schedule=custom", f"schedule.sigmas=[{sigma_max!r},{sigma_min!r},0.0]", f"schedule.init_noise={scale!r}",
             "steps=2"]

@@ -97,6 +97,7 @@ class Options:
     fd_step: float = 0.02  # ld3: central-difference step in log σ
     init: str = "gits"  # ld3's first grid: gits, oss, or a schedule file (its grid for the budget)
     trials: int = 60  # tpe: Optuna trials per budget
+    start: str | None = None  # σ_0 of every grid: the model's σ_max (default), a number, or `leading` (below)
     history: bool = False  # gits: the step's cost with the solver's history of the previous step (DP over pairs)
     resume: bool = True
     plot: bool = True
@@ -110,6 +111,12 @@ class Options:
             raise ConfigError(f"nfe must be a list of budgets ≥ 1, e.g. nfe=[5,6,8,10], got {self.nfe}")
         if self.fine < 4:
             raise ConfigError(f"fine={self.fine}: the fine grid needs at least 4 points")
+        if self.start not in (None, "leading"):
+            try:
+                if not float(self.start) > 0:
+                    raise ValueError
+            except ValueError:
+                raise ConfigError(f"start={self.start}: give σ_0 > 0, or start=leading") from None
         if self.trials < 1:
             raise ConfigError(f"trials={self.trials}: tpe needs at least one trial")
         if self.teacher_substeps < 1 or self.calibration.num_samples < 1:
@@ -161,10 +168,14 @@ class Sampler:
         assert self.run.hooks is not None
         self.step_name, self.step_fn = self.run.hooks.step
         self.nfe = 0
+        self.vp_start = False  # x_T = √(1+σ_0²)·ε (diffusers' leading spacing) instead of σ_0·ε
+
+    def init_scale(self, sigma: float) -> float:
+        return math.sqrt(1.0 + sigma * sigma) if self.vp_start else sigma
 
     def start(self, sigma: float | None = None) -> Node:
         s = self.sigma_max if sigma is None else sigma
-        return Node(self.noise * s, s, 0, (s,))
+        return Node(self.noise * self.init_scale(s), s, 0, (s,))
 
     def _state(self, node: Node, schedule: Schedule, history: list[StepRecord], stash: Stash):
         batch = replace(self.batch, history=history, stash=stash, nfe=0)
@@ -431,9 +442,10 @@ def ays(sampler: Sampler, teacher: Teacher, steps: int, sweeps: int) -> tuple[li
     fine, n = teacher.fine, len(teacher.fine) - 1
     if steps == 1:
         return [fine[0], 0.0], 0.0
-    table = getattr(sampler, "_klub", None)
+    cache = sampler.__dict__.setdefault("_klub", {})
+    table = cache.get(id(teacher))
     if table is None:
-        table = sampler._klub = klub_table(sampler, teacher)
+        table = cache[id(teacher)] = klub_table(sampler, teacher)
     idx = sorted({int(round(v)) for v in np.linspace(0, n - 1, steps)})
     while len(idx) < steps:  # too few fine points for distinct picks: fill gaps
         idx = sorted(set(idx) | {next(i for i in range(n) if i not in idx)})
@@ -464,11 +476,15 @@ def ld3(sampler: Sampler, teacher: Teacher, steps: int, opts: Options, nfe: int)
             raise ConfigError(f"init={opts.init} has no {steps}-step grid for NFE {nfe}")
         start = [float(v) for v in g["sigmas"]]
     target = teacher.x[-1]
-    lo, hi = math.log(sampler.sigma_min), math.log(sampler.sigma_max)
-    theta = np.array([math.log(s) for s in start[1:-1]])  # σ_1 … σ_{K−1} (σ_0 = σ_max, then 0)
+    start = [teacher.fine[0]] + [v for v in start[1:-1] if v < teacher.fine[0]][:steps - 1] + [0.0]
+    if len(start) != steps + 1:
+        raise ConfigError(f"init={opts.init}: its {steps}-step grid does not fit below σ_0 = {teacher.fine[0]:g}")
+    top = teacher.fine[0]
+    lo, hi = math.log(sampler.sigma_min), math.log(top)
+    theta = np.array([math.log(s) for s in start[1:-1]])  # σ_1 … σ_{K−1} (σ_0 = the start, then 0)
 
     def grid_of(t: np.ndarray) -> list[float]:
-        return [sampler.sigma_max] + [math.exp(v) for v in t] + [0.0]
+        return [top] + [math.exp(v) for v in t] + [0.0]
 
     def project(t: np.ndarray) -> np.ndarray:
         t = np.clip(t, lo, hi - 1e-3)
@@ -519,14 +535,15 @@ def tpe(sampler: Sampler, teacher: Teacher, steps: int, trials: int) -> tuple[li
         import optuna
     except ImportError:
         raise ConfigError("method=tpe needs optuna: pip install 'samplerlab[tune]'") from None
-    lo, hi = math.log(sampler.sigma_min), math.log(sampler.sigma_max)
+    top = teacher.fine[0]
+    lo, hi = math.log(sampler.sigma_min), math.log(top)
     target = teacher.x[-1]
 
     def grid_of(values: Sequence[float]) -> list[float]:
         inner = sorted((min(max(v, lo), hi - 1e-3) for v in values), reverse=True)
         for k in range(1, len(inner)):  # strictly decreasing
             inner[k] = min(inner[k], inner[k - 1] - 1e-3)
-        return [sampler.sigma_max] + [math.exp(v) for v in inner] + [0.0]
+        return [top] + [math.exp(v) for v in inner] + [0.0]
 
     if steps < 2:
         grid = grid_of([])
@@ -599,7 +616,7 @@ def optimize(opts: Options, overrides: Sequence[str], model: object | None = Non
     budgets = [int(n) for n in opts.nfe]
     steps_of = {n: sampler.steps_for_nfe(n) for n in budgets}  # refuses an unreachable budget before any work
     settings = {k: v for k, v in asdict(opts).items() if k in ("fine", "teacher", "teacher_substeps", "teacher_rtol",
-                                                                 "iterations", "seconds", "lr", "fd_step", "init", "trials", "history")}
+                                                                 "iterations", "seconds", "lr", "fd_step", "init", "trials", "history", "start")}
     run_keys = {k: OmegaConf.to_container(cfg, resolve=True).get(k) for k in ("cfg_scale", "dtype", "guidance", "momentum")}
     head = {"model": {"name": model_name, "fingerprint": fingerprint, "sigma_min": sampler.sigma_min,
                       "sigma_max": sampler.sigma_max},
@@ -620,24 +637,26 @@ def optimize(opts: Options, overrides: Sequence[str], model: object | None = Non
             if grids:
                 say(f"samplerlab-optimize-schedule: resuming {out}: NFE {', '.join(sorted(grids, key=int))} already done")
     todo = [n for n in budgets if str(n) not in grids]
-    teacher = None
+    teacher, teacher_start = None, None
     t_all = time.perf_counter()
     bar = tqdm(todo, desc=f"{opts.method} {solver} on {model_name}", unit="budget", disable=not opts.progress,
                file=sys.stderr)
     for n in bar:
         bar.set_postfix_str(f"NFE {n}")
         t0, nfe0 = time.perf_counter(), sampler.nfe
-        if teacher is None:
+        k = steps_of[n]
+        sigma0, sampler.vp_start = start_of(opts, sampler, k)
+        if teacher is None or teacher_start != (sigma0, sampler.vp_start):
             key = json.dumps([head["model"], head["calibration"], run_keys, settings["fine"], settings["teacher"],
-                              settings["teacher_substeps"], settings["teacher_rtol"],
+                              settings["teacher_substeps"], settings["teacher_rtol"], sigma0, sampler.vp_start,
                               [o for o in overrides if not o.lstrip("+~").startswith("solver")]], sort_keys=True, default=str)
             teacher = (teachers or {}).get(key)
             if teacher is None:
-                teacher = make_teacher(sampler, fine_grid(sampler.sigma_max, sampler.sigma_min, opts.fine), opts.teacher,
+                teacher = make_teacher(sampler, fine_grid(sigma0, sampler.sigma_min, opts.fine), opts.teacher,
                                        opts.teacher_substeps, opts.teacher_rtol)
                 if teachers is not None:
                     teachers[key] = teacher
-        k = steps_of[n]
+            teacher_start = (sigma0, sampler.vp_start)
         extra: dict[str, Any] = {}
         if opts.method == "gits" and opts.history:
             grid, obj = gits_history(sampler, teacher, k)
@@ -658,7 +677,8 @@ def optimize(opts: Options, overrides: Sequence[str], model: object | None = Non
             grid, obj, its = ld3(sampler, teacher, k, opts, n)
             name, extra = "final RMSE to the teacher", {"iterations": its}
         final = rmse(sampler.trajectory(grid)[-1].x, teacher.x[-1])
-        grids[str(n)] = {"nfe": n, "steps": k, "sigmas": [float(s) for s in grid], "objective": float(obj),
+        grids[str(n)] = {"nfe": n, "steps": k, "sigmas": [float(s) for s in grid], "init_noise": sampler.init_scale(grid[0]),
+                         "objective": float(obj),
                          "objective_name": name, "calibration_rmse_to_teacher": final,
                          "seconds": round(time.perf_counter() - t0, 2), "optimiser_nfe": sampler.nfe - nfe0, **extra}
         content = {**head, "teacher_nfe": teacher.nfe, "teacher_seconds": teacher.seconds, "grids": dict(sorted(grids.items(), key=lambda kv: int(kv[0])))}
@@ -668,6 +688,24 @@ def optimize(opts: Options, overrides: Sequence[str], model: object | None = Non
     if opts.plot:
         plot_grids(content, sampler.model, out.with_suffix(".png"))
     return content, out
+
+
+def start_of(opts: Options, sampler: Sampler, steps: int) -> tuple[float, bool]:
+    """(σ_0, whether x_T = √(1+σ_0²)·ε) of a ``steps``-step grid: the model's σ_max with x_T = σ_max·ε
+    (default), a given σ_0, or ``leading``: the σ_0 and start noise of diffusers' ``leading`` timestep
+    spacing for that step count (``schedule=uniform schedule.spacing=leading``; a grid that starts
+    below σ_max, as the model's own scheduler does), so the optimiser may choose the same start."""
+    if opts.start is None:
+        return sampler.sigma_max, False
+    if opts.start != "leading":
+        return min(float(opts.start), sampler.sigma_max), False
+    from framework.core.registry import instantiate
+    from framework.entry.compose import compose
+
+    node = compose(["schedule=uniform", "schedule.spacing=leading"])[0].schedule
+    sched = instantiate(node, "schedule=uniform").schedule(model=sampler.model, steps=steps)
+    s0 = float(sched.sigmas[0])
+    return s0, not math.isclose(float(sched.init_noise_scale), s0, rel_tol=1e-9)
 
 
 def stock_grid(name: str, model: object, steps: int) -> list[float]:

@@ -61,4 +61,4 @@ class Optimized:
             if g is None:
                 raise ConfigError(f"{self.file} has no grid with steps={steps} (it has {have})")
         sig = tuple(float(s) for s in g["sigmas"])
-        return Schedule(sig, None, sig[0])
+        return Schedule(sig, None, float(g.get("init_noise", sig[0])))  # x_T = init_noise·ε (√(1+σ_0²) for start=leading)

@@ -20,15 +20,26 @@ def test_log_rms_and_best_cells():
     assert best["5"]["optimised"]["sampler"] == "euler + gits" and math.isclose(best["5"]["ratio"], 0.25)
 
 
+def test_best_optimised_is_chosen_on_the_calibration_set():
+    """The chosen grid is the one with the least calibration RMSE, not the held-out best (the oracle)."""
+    res = {"stock": {"euler": {"karras": {"5": {"error": 0.5, "nfe": 5}}}},
+           "optimised": {"oss": {"unipc": {"5": {"error": 0.2, "nfe": 5, "calibration_rmse_to_teacher": 0.3}}},
+                         "ld3": {"unipc": {"5": {"error": 0.3, "nfe": 5, "calibration_rmse_to_teacher": 0.1}}}}}
+    b = study_mod.best_cells(res, [5])["5"]
+    assert b["optimised"]["sampler"] == "unipc + ld3" and math.isclose(b["ratio"], 0.6)
+    assert b["oracle"]["sampler"] == "unipc + oss" and math.isclose(b["oracle"]["ratio"], 0.4)
+    assert study_mod.best_cells(res, [5], select="heldout")["5"]["optimised"]["sampler"] == "unipc + oss"
+
+
 @pytest.mark.slow
 def test_study_on_a_tiny_plan(tmp_path):
     argv = ["models=[mixture]", "nfe=[4,5]", "plan={mixture: {gits: [euler, heun]}}", "agreement={mixture: [gits/euler]}",
-            "stock_solvers=[euler]", "stock_schedules=[karras,uniform]", "transfer_solvers=[euler,dpmpp_2m]",
+            "stock_solvers=[euler]", "stock_schedules=[karras,linspace]", "transfer_solvers=[euler,dpmpp_2m]",
             "heldout.num_samples.mixture=8", "fine.mixture=10", "calibration.num_samples.mixture=4",
             f"out={tmp_path / 'docs'}", f"runs={tmp_path / 'runs'}"]
     record = study_mod.main(argv)
     res = record["results"]["mixture"]
-    assert res["stock"]["euler"]["uniform"]["skipped"].startswith("schedule=uniform")
+    assert res["stock"]["euler"]["linspace"]["skipped"].startswith("schedule=uniform")
     assert [c["nfe"] for c in res["stock"]["euler"]["karras"].values()] == [4, 5]
     assert set(res["optimised"]["gits"]["heun"]) == {"5"}  # heun meets odd budgets only
     for n in ("4", "5"):

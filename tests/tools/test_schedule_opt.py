@@ -172,3 +172,22 @@ def test_tpe_baseline_finds_a_grid_and_records_its_trials(tmp_path):
     assert content["settings"]["trials"] == 8
     # the objective is the final RMSE to the teacher of the grid it returns
     assert math.isclose(g["objective"], g["calibration_rmse_to_teacher"], rel_tol=1e-9)
+
+
+def test_start_below_sigma_max_is_the_grid_s_first_point_and_the_run_s_x_T(tmp_path):
+    """start=σ_0: every grid starts there (x_T = σ_0·ε, recorded as init_noise), and a run of the
+    file starts from that x_T; start=leading needs a discrete model (one line on the Gaussian)."""
+    content, path = optimize(Options(method="oss", nfe=[3], start="5.0", out=str(tmp_path / "s.json"), **SMALL),
+                             MIX + ["solver=euler"], log=lambda s: None)
+    g = content["grids"]["3"]
+    assert g["sigmas"][0] == 5.0 and g["init_noise"] == 5.0 and len(g["sigmas"]) == 4
+    base = MIX + ["solver=euler", "steps=3", "seed=0", "num_samples=2", "batch_size=2", "callback=[]"]
+    res = run(base + ["schedule=optimized", f"schedule.file={path}"])
+    plain = run(base + ["schedule=karras"])
+    assert res.schedule.sigmas[0] == 5.0
+    assert math.isclose(float(res.x_T.abs().max()) * plain.schedule.sigmas[0], float(plain.x_T.abs().max()) * 5.0, rel_tol=1e-9)
+    with pytest.raises(ConfigError, match="discrete"):
+        optimize(Options(method="oss", nfe=[3], start="leading", out=str(tmp_path / "l.json"), **SMALL),
+                 MIX + ["solver=euler"], log=lambda s: None)
+    with pytest.raises(ConfigError, match="start="):
+        Options(start="high").check()
