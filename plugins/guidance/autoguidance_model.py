@@ -16,12 +16,14 @@ the guide is not evaluated. (``guidance=autoguidance`` is diffusers' layer-skip 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from framework.plugin import ConfigError, UncondGuidance, check_window, hookimpl, load_guide, step_window
 
 
 @dataclass
 class AutoGuidanceModel:
+    input_files: ClassVar[tuple[str, ...]] = ("guide",)  # a local guide folder, by content in the run key
     guide: str = "bundled"
     scale: float | None = None
     start: float = 0.0
