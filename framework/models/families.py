@@ -37,7 +37,8 @@ from framework.models.flow import FlowModel
 
 #: The diffusers pipeline class of each family (the class a folder's model_index.json names).
 PIPELINE_CLASSES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
-                    "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+                    "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline",
+                    "sdxl_refiner": "StableDiffusionXLImg2ImgPipeline"}
 #: The samplerlab model of a pipeline class (for the hint of a wrong-family error).
 MODEL_OF_CLASS = {"StableDiffusionPipeline": "model=sd15 (or sd21)", "StableDiffusionXLPipeline": "model=sdxl",
                   "StableDiffusion3Pipeline": "model=sd3", "FluxPipeline": "model=flux"}
@@ -85,6 +86,17 @@ def _load_family(family: str, path: str, allow_download: bool, variant: str | No
             else f"could not load checkpoint '{path}': {msg}") from e
     check_pipeline(pipe, family)
     return pipe
+
+
+def refiner_folder(path: str, wanted: str, what: str) -> None:
+    """A local refiner folder's pipeline class, checked before loading: one line naming what it is."""
+    index_file = Path(path).expanduser() / "model_index.json"
+    if not index_file.exists():
+        return   # a hub id, or no folder: load_family says what is wrong
+    found = json.loads(index_file.read_text()).get("_class_name")
+    if found != wanted:
+        raise ConfigError(f"model.refiner '{path}' is a {found} folder, not {what} ({wanted}): give the refiner's own "
+                          "folder (e.g. stable-diffusion-xl-refiner-1.0)")
 
 
 def check_folder(folder: Path, family: str, without: tuple[str, ...] = ()) -> tuple[str, ...]:

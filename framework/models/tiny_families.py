@@ -158,6 +158,31 @@ def build_tiny_sdxl(seed: int = 0) -> Any:
     )
 
 
+def build_tiny_sdxl_refiner(seed: int = 0, base: Any = None) -> Any:
+    """A StableDiffusionXLImg2ImgPipeline refiner with random weights (deterministic given ``seed``),
+    as stable-diffusion-xl-refiner-1.0 is made: no first text encoder, the base's CLIP-G encoder,
+    tokenizer and VAE (``base``: the tiny SDXL of the same seed unless given), a UNet conditioned on
+    CLIP-G's states only with five time ids (H, W, crop top, left, aesthetic score),
+    ``requires_aesthetics_score`` and no zeroed empty prompt (the refiner's model_index)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+
+    base = base if base is not None else tiny_pipeline("sdxl", seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1000)
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 1), attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8,
+            cross_attention_dim=CLIP_G["hidden_size"], addition_embed_type="text_time", addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=5 * 8 + CLIP_G["hidden_size"],   # 5 time ids × 8 + pooled CLIP-G
+        ).eval()
+    return StableDiffusionXLImg2ImgPipeline(
+        vae=base.vae, text_encoder=None, tokenizer=None, text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2,
+        unet=unet, scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER), requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+    )
+
+
 def build_tiny_sd3(seed: int = 0, with_t5: bool = True) -> Any:
     """A StableDiffusion3Pipeline with random weights (deterministic given ``seed``), 64×64;
     without T5 its third encoder and tokenizer are ``None`` (the pipeline then feeds zeros)."""
@@ -257,17 +282,20 @@ TINY: Memo[Any] = Memo("tiny family pipelines", 4)
 def tiny_pipeline(family: str, seed: int = 0, with_t5: bool = True) -> Any:
     """The tiny pipeline of ``family`` (sdxl, sd3, flux), built once per process and seed."""
     builders = {"sdxl": lambda: build_tiny_sdxl(seed), "sd3": lambda: build_tiny_sd3(seed, with_t5),
-                "flux": lambda: build_tiny_flux(seed)}
+                "flux": lambda: build_tiny_flux(seed), "sdxl_refiner": lambda: build_tiny_sdxl_refiner(seed)}
     return TINY.get((family, seed, with_t5 or family != "sd3"), builders[family])
 
 
 class TinySDXL(StableDiffusionXL):
-    """``model=tiny_sdxl``: the tiny SDXL pipeline, built in memory."""
+    """``model=tiny_sdxl``: the tiny SDXL pipeline, built in memory (``refiner=true``: with the tiny refiner)."""
 
     def __init__(self, seed: int = 0, height: int | None = None, width: int | None = None, vae_slice: int | None = None,
-                 vae_tiling: bool = False):
+                 vae_tiling: bool = False, refiner: bool = False, refiner_switch: float = 0.8, refiner_sigma: float | None = None,
+                 aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5):
         super().__init__(pipeline=tiny_pipeline("sdxl", seed), height=height, width=width, vae_slice=vae_slice,
-                         vae_tiling=vae_tiling)
+                         vae_tiling=vae_tiling, refiner_pipeline=tiny_pipeline("sdxl_refiner", seed) if refiner else None,
+                         refiner_switch=refiner_switch, refiner_sigma=refiner_sigma, aesthetic_score=aesthetic_score,
+                         negative_aesthetic_score=negative_aesthetic_score)
 
 
 class TinySD3(StableDiffusion3):
