@@ -67,6 +67,7 @@ def configurations(cfg: DictConfig) -> list[dict[str, Any]]:
     def matched(m: dict) -> int:
         return steps_for(cfg.budget_pairs, float(m.get("extra", 0.0)), tuple(m.get("window", (0.0, 1.0))))
 
+    cfg_scales = [float(x) for x in every.get("cfg", {}).get("cfg_scale", [])]
     equal_steps = {matched(every[m["steps_as"]]): k for k, m in every.items() if m.get("steps_as")}
     out = []
     for name, m in methods.items():
@@ -79,13 +80,20 @@ def configurations(cfg: DictConfig) -> list[dict[str, Any]]:
                 if equal:
                     label += f" ({steps} steps)"
                 over = list(m["run"]) + ([] if w is None else [f"cfg_scale={w}"]) + ([] if v is None else [f"{m['param']}={v}"])
-                ref_w = m.get("ref", w)
+                ref_w = nearest(cfg_scales, m.get("ref", w))
                 refs = [] if name == "cfg" else [f"cfg w={ref_w:g}"]  # matched NFE (cfg at the budget's steps)
                 if equal_steps.get(steps) and not equal:  # and at equal steps, where the study has that row
                     refs.append(f"{equal_steps[steps]} w={ref_w:g} ({steps} steps)")
                 out.append({"label": label, "method": name, "cfg_scale": w, "value": v, "overrides": over,
                             "steps": steps, "pairs": pairs(steps, extra, window), "equal_steps": equal, "refs": refs})
     return out
+
+
+def nearest(scales: list[float], w: float | None) -> float | None:
+    """The CFG scale of the comparison row: ``w`` when the cfg rows have it, else the nearest of theirs."""
+    if w is None or not scales or w in scales:
+        return w
+    return min(scales, key=lambda x: (abs(x - w), x))
 
 
 def short(param: str) -> str:

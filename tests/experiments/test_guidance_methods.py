@@ -35,6 +35,7 @@ def test_configurations_of_the_study():
     assert all(r in confs for c in confs.values() for r in c["refs"])  # every comparison row exists
     assert confs["euler_cfg_pp λ=0.4"]["overrides"][-1] == "cfg_scale=0.4"
     assert confs["euler_cfg_pp λ=0.4"]["refs"] == ["cfg w=5"]
+    assert confs["autoguidance_model w=2"]["refs"] == ["cfg w=3"]  # no cfg w=2 row: the nearest
     assert all(abs(c["pairs"] - 20) <= 0.5 for c in confs.values() if not c["equal_steps"])
 
 
