@@ -21,8 +21,8 @@ acts in the chosen blocks:
   the image grid (∞: the mean over tokens, i.e. uniform attention): SEG (Hong 2024);
 - ``skip_blocks`` — the whole block skipped (its output is its input): SLG / STG, and diffusers'
   AutoGuidance layer-skip approximation;
-- ``drop_text_attention`` — cross-attention to the text replaced by zeros (UNets only: SD3 and
-  Flux attend to text jointly).
+- ``drop_text_attention`` — cross-attention to the text replaced by zeros (UNets); in SD3's and
+  Flux's joint attention, the image tokens' queries do not attend to the text tokens' keys.
 """
 from __future__ import annotations
 

@@ -16,7 +16,11 @@ Flux's ``transformer_blocks`` then ``single_transformer_blocks``. Inside a chose
   mostly text there); when the count does not factor, the leading ⌊√L⌋² tokens as a square;
 - ``skip_blocks``: the block returns its inputs (hidden states, and the text stream's for joint
   blocks) for the chosen rows — diffusers' ``TransformerBlockSkipHook`` with dropout 1;
-- ``drop_text_attention``: the cross-attention modules of the block answer zeros for the chosen rows.
+- ``drop_text_attention``: the cross-attention modules of the block answer zeros for the chosen rows
+  (a UNet); in a transformer with joint attention (SD3's and Flux's blocks: image and text tokens in
+  one attention) the image tokens' queries do not attend to the text tokens' keys for the chosen rows
+  (``scaled_dot_product_attention`` with a mask over the image-query × text-key block; the text
+  queries attend as before). Applied in every layer, the image stream never reads the text.
 
 Attention maps (SAG's mask) are softmax(QKᵀ/√d) of the block's self-attention averaged over heads;
 in joint attention (SD3, Flux) the image-to-image block, each row renormalised to sum to 1.
@@ -66,11 +70,17 @@ def check(network: torch.nn.Module, perturbation: Perturbation) -> None:
     blocks = transformer_blocks(network)
     for i in perturbation.layers:
         name, block = blocks[i]
-        if perturbation.kind == PerturbKind.drop_text_attention and not _attentions(block, cross=True):
+        if (perturbation.kind == PerturbKind.drop_text_attention and not _attentions(block, cross=True)
+                and not (_joint(network) and _attentions(block, cross=False))):
             raise ConfigError(f"layer {i} ({name}) has no cross-attention to drop: drop_text_attention needs a UNet's "
-                              "cross-attention blocks (SD3 and Flux attend to the text jointly)")
+                              "cross-attention blocks or a joint-attention transformer's (SD3, Flux)")
         if perturbation.kind in (PerturbKind.identity_attention, PerturbKind.blur_attention) and not _attentions(block, cross=False):
             raise ConfigError(f"layer {i} ({name}) has no self-attention: choose a transformer block with one")
+
+
+def _joint(network: torch.nn.Module) -> bool:
+    """Whether the network's blocks attend to image and text tokens jointly (SD3, Flux)."""
+    return isinstance(getattr(network, "transformer_blocks", None), torch.nn.ModuleList)
 
 
 def _rows(t: torch.Tensor, rows: slice, new: torch.Tensor) -> torch.Tensor:
@@ -119,6 +129,46 @@ class _SDPA(torch.overrides.TorchFunctionMode):
         return out if self.rows is None else _rows(out, self.rows, v[self.rows])
 
 
+class _NoText(torch.overrides.TorchFunctionMode):
+    """Inside one joint-attention module: ``scaled_dot_product_attention`` over image + text tokens
+    (more keys than ``image_tokens``) is recomputed for ``rows`` with the image queries' text keys
+    masked out (the image tokens first in SD3's joint sequence, last in Flux's)."""
+
+    def __init__(self, rows: slice, image_tokens: int, text_first: bool):
+        super().__init__()
+        self.rows, self.n, self.text_first = rows, image_tokens, text_first
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        names = ("query", "key", "value", "attn_mask")
+        given = {**dict(zip(names, args)), **kwargs}
+        q, k = given["query"], given["key"]
+        L, n = k.shape[-2], self.n
+        if L <= n or q.shape[-2] != L:
+            return out
+        image = torch.zeros(L, dtype=torch.bool, device=q.device)
+        if self.text_first:
+            image[L - n:] = True
+        else:
+            image[:n] = True
+        allowed = ~(image[:, None] & ~image[None, :])          # [query, key]: no image query → text key
+        mask = given.get("attn_mask")
+        if mask is not None and mask.dim() == 4 and mask.shape[0] == q.shape[0]:
+            mask = mask[self.rows]
+        if mask is None:
+            combined = allowed
+        elif mask.dtype == torch.bool:
+            combined = mask & allowed
+        else:
+            combined = mask + torch.zeros(allowed.shape, dtype=mask.dtype, device=mask.device).masked_fill(~allowed, float("-inf"))
+        rest = {key: v for key, v in given.items() if key not in names}
+        new = func(q[self.rows], k[self.rows], given["value"][self.rows], attn_mask=combined, **rest)
+        return _rows(out, self.rows, new)
+
+
 def _skip(block: torch.nn.Module, rows: slice) -> Callable[..., Any]:
     from diffusers.hooks._helpers import TransformerBlockRegistry
 
@@ -164,6 +214,13 @@ def _zeros(rows: slice) -> Callable[..., Any]:
     return forward
 
 
+def _no_text(rows: slice, image_tokens: int, text_first: bool) -> Callable[..., Any]:
+    def forward(original, *args, **kwargs):
+        with _NoText(rows, image_tokens, text_first):
+            return original(*args, **kwargs)
+    return forward
+
+
 def _capture(store: list[torch.Tensor]) -> Callable[..., Any]:
     def forward(original, *args, **kwargs):
         with _SDPA(None, store):
@@ -194,9 +251,12 @@ def perturbed(network: torch.nn.Module, plan: list[tuple[slice, Perturbation]], 
                 elif p.kind == PerturbKind.blur_attention:
                     for attn in _attentions(block, cross=False):
                         stack.enter_context(_wrapped(attn.to_q, _blur(rows, p.blur_sigma, aspect, image_tokens)))
-                else:
+                elif _attentions(block, cross=True) or image_tokens is None:
                     for attn in _attentions(block, cross=True):
                         stack.enter_context(_wrapped(attn, _zeros(rows)))
+                else:   # joint attention (SD3, Flux): image queries do not read the text keys
+                    for attn in _attentions(block, cross=False):
+                        stack.enter_context(_wrapped(attn, _no_text(rows, image_tokens, text_first)))
         for name, layer in maps.items():
             attn = _attentions(blocks[layer], cross=False)[0]
             stores[name] = []

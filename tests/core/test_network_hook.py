@@ -321,10 +321,15 @@ def test_a_model_without_attention_is_refused():
         model.check_perturbation(Perturbation("skip_blocks", (0,)))
 
 
-def test_text_drop_needs_cross_attention():
+def test_text_drop_needs_cross_or_joint_attention():
+    """SD3's joint blocks take it (image queries stop reading text keys: tests/models/test_joint_text_drop.py);
+    a block with neither cross- nor joint attention does not."""
+    from diffusers.models.attention import BasicTransformerBlock
+
     net, _, _ = _sd3()
+    perturb.check(net, Perturbation("drop_text_attention", (0,)))
     with pytest.raises(ConfigError, match="no cross-attention to drop"):
-        perturb.check(net, Perturbation("drop_text_attention", (0,)))
+        perturb.check(torch.nn.Sequential(BasicTransformerBlock(8, 2, 4)), Perturbation("drop_text_attention", (0,)))
 
 
 @pytest.mark.parametrize("args,match", [
