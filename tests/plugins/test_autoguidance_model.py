@@ -43,19 +43,23 @@ def guides(tmp_path_factory):
     """Guide folders: another tiny UNet (seed 1) as a network folder and inside a pipeline folder,
     the main model's own UNet, the main pipeline with the other UNet (the guide as a main model),
     and incompatible ones."""
-    from framework.models.tiny import build_tiny_pipeline
+    import json
+    import shutil
+
+    from framework.models.tiny import PIPELINES, build_tiny_pipeline
 
     root = tmp_path_factory.mktemp("guides")
     other = build_tiny_pipeline(seed=1)
     other.unet.save_pretrained(root / "unet1")
     other.save_pretrained(root / "pipe1")
-    main = build_tiny_pipeline(seed=0)
+    main = PIPELINES.get((0, "epsilon"), lambda: build_tiny_pipeline(0, "epsilon"))  # model=tiny_random's
     main.unet.save_pretrained(root / "self")
-    main.unet = other.unet
-    main.save_pretrained(root / "main_with_unet1")
+    type(main)(**{**main.components, "unet": other.unet}).save_pretrained(root / "main_with_unet1")
     tiny_unet(cross_attention_dim=16).save_pretrained(root / "wide16")
     tiny_unet(in_channels=3, out_channels=3).save_pretrained(root / "channels3")
-    build_tiny_pipeline(seed=1, prediction_type="v_prediction").save_pretrained(root / "vpred")
+    shutil.copytree(root / "pipe1", root / "vpred")
+    config = root / "vpred" / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "prediction_type": "v_prediction"}))
     (root / "empty").mkdir()
     return root
 
@@ -152,19 +156,21 @@ def test_the_main_network_as_its_own_guide_changes_nothing(guides, scale):
     assert rel(same.latents, plain.latents) <= 1e-6
 
 
-def test_pipeline_and_network_folders_and_the_counts(guides):
-    """A pipeline folder's unet/ is the same guide as its network folder; the record counts the
-    guide's inputs (3 steps: 3 main + 3 guide inputs, 6 calls, 3 CFG-pair NFE); a window skips them."""
+def test_a_pipeline_folder_is_the_same_guide_as_its_network_folder(guides):
     by_unet = guided(guides / "unet1")
     by_pipe = guided(guides / "pipe1")
-    plain = run_tiny("guidance=[]")
-    assert rel(by_pipe.latents, by_unet.latents) <= 1e-7 and rel(by_unet.latents, plain.latents) > 1e-3
-    m = by_unet.record["metrics"]
+    assert rel(by_pipe.latents, by_unet.latents) <= 1e-7
+
+
+def test_the_record_counts_the_guides_inputs_and_the_window_skips_them(guides):
+    """3 steps: 3 main + 3 guide inputs, 6 calls, 3 CFG-pair NFE; from start=0.5 on (steps i ≥ ⌊0.5·3⌋ = 1) 2."""
+    whole = guided(guides / "unet1")
+    m = whole.record["metrics"]
     assert (m["nfe"], m["unet_calls"], m["network_inputs"], m["nfe_pairs"], m["guide_inputs"]) == (3, 6, 6, 3, 3)
-    late = guided(guides / "unet1", "guidance.autoguidance_model.start=0.5")  # steps i ≥ ⌊0.5·3⌋ = 1
+    late = guided(guides / "unet1", "guidance.autoguidance_model.start=0.5")
     m = late.record["metrics"]
     assert (m["unet_calls"], m["network_inputs"], m["guide_inputs"]) == (5, 5, 2)
-    assert rel(late.latents, by_unet.latents) > 1e-4
+    assert rel(late.latents, whole.latents) > 1e-4
 
 
 def test_scale_null_reads_cfg_scale(guides):
