@@ -76,10 +76,17 @@ def evaluate_guide(cfg: DictConfig, out: Path, unet: Path) -> dict:
     rows["conditional (no guidance)"] = ["guidance=[]"]
     rows.update({f"autoguidance_model w={w:g}": [*guide, f"guidance.autoguidance_model.scale={w}"]
                  for w in e.autoguidance_scales})
-    rows["guide alone, no guidance"] = ["model=sd15", f"model.path={alone.resolve()}", "guidance=[]"]
-    rows["guide alone, cfg %g" % e.guide_cfg] = ["model=sd15", f"model.path={alone.resolve()}", "guidance=[cfg]",
-                                                  f"cfg_scale={e.guide_cfg}"]
-    results: dict = {"guide": str(unet), "steps": e.steps, "solver": "euler", "sets": OmegaConf.to_container(e.sets), "rows": {}}
+    if e.guide_alone:
+        rows["guide alone, no guidance"] = ["model=sd15", f"model.path={alone.resolve()}", "guidance=[]"]
+        rows["guide alone, cfg %g" % e.guide_cfg] = ["model=sd15", f"model.path={alone.resolve()}", "guidance=[cfg]",
+                                                      f"cfg_scale={e.guide_cfg}"]
+    results: dict = {"guide": str(unet), "steps": e.steps, "solver": "euler", "samples": e.samples,
+                     "sets": OmegaConf.to_container(e.sets), "rows": {}}
+    path = out / "guide_eval.json"
+    if path.is_file():  # rows of an earlier evaluation of the same setting are kept (new ones replace them)
+        earlier = json.loads(path.read_text())
+        if all(earlier.get(k) == results[k] for k in ("guide", "steps", "samples", "sets")):
+            results["rows"] = earlier["rows"]
     for label, extra in rows.items():
         per_set = {}
         for name, spec in e.sets.items():
@@ -94,7 +101,7 @@ def evaluate_guide(cfg: DictConfig, out: Path, unet: Path) -> dict:
                                                    "seconds_per_sample")}
         results["rows"][label] = per_set
         print(label, json.dumps(per_set))
-    (out / "guide_eval.json").write_text(json.dumps(results, indent=1))
+        path.write_text(json.dumps(results, indent=1))
     return results
 
 
