@@ -18,6 +18,8 @@ called back to back on the same pipeline object without the engine (no solver ar
 metrics, no files): the floor the engine is measured against.
 
 ``ratio_generation`` = engine images/s (loop) / pure images/s; ``ratio_wall`` uses the whole call.
+Also printed: the seconds of host work the run's background worker did, and how long the main
+thread waited for it (queue full, final drain): the part of the host work that did not overlap.
 Repetitions are interleaved (engine, pure, engine, …) and medians compared. The load average is
 printed before and after (on a shared CPU it is part of the figure). ``--out`` receives
 ``eval_throughput.json``.
@@ -114,6 +116,52 @@ def pure_network(adapter: Any, batches: int, batch: int, calls: int, device: Any
     sync(device)
 
 
+def watch_workers() -> list[tuple[float, float]]:
+    """(busy_s, waited_s) of every run's background worker as it closes (an empty list where the
+    code under test has none: an older checkout)."""
+    seen: list[tuple[float, float]] = []
+    try:
+        from framework.core.background import Background
+    except ImportError:
+        return seen
+    close = Background.close
+
+    def closing(self: Any) -> None:
+        close(self)
+        if self.jobs_run:
+            seen.append((self.busy_s, self.waited_s))
+
+    Background.close = closing  # type: ignore[method-assign]
+    return seen
+
+
+def watch_main_thread_host_work() -> list[float]:
+    """Seconds the main thread spends in a batch's host work after sampling — ``engine.end_batch``
+    (metrics, progress) and ``RunFolder.save_batch`` (PNGs, batch file) when called on it — summed
+    per run into the list's last entry (the same figure for code with and without the worker)."""
+    import threading
+
+    from framework.core import engine
+    from framework.runs.folder import RunFolder
+
+    spent = [0.0]
+
+    def timed_on_main(fn: Any) -> Any:
+        def wrapper(*a: Any, **k: Any) -> Any:
+            if threading.current_thread() is not threading.main_thread():
+                return fn(*a, **k)
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[-1] += time.perf_counter() - t0
+        return wrapper
+
+    engine.end_batch = timed_on_main(engine.end_batch)
+    RunFolder.save_batch = timed_on_main(RunFolder.save_batch)  # type: ignore[method-assign]
+    return spent
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=("bundled", "sd15"), default="bundled")
@@ -138,6 +186,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    workers = watch_workers()
+    main_host = watch_main_thread_host_work()
     dtype_name = args.dtype or ("float16" if args.model == "sd15" and device.type == "cuda" else "float32")
     dtype = getattr(torch, dtype_name)
     adapter = build_adapter(args, device, dtype)
@@ -174,7 +224,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     pure()
     walls, loops, pures = [], [], []
+    workers.clear()
+    main_host.clear()
     for _ in range(args.reps):
+        main_host.append(0.0)
         w, lp, metrics = engine()
         walls.append(w)
         loops.append(lp)
@@ -191,6 +244,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ratio_generation": floor / loop, "ratio_wall": floor / wall,
         "load_before": [round(v, 2) for v in load_before], "load_after": [round(v, 2) for v in os.getloadavg()],
         "all_s": {"engine_wall": walls, "engine_loop": loops, "pure": pures},
+        "main_thread_host_s": statistics.median(main_host),
+        "worker_busy_s": statistics.median([b for b, _ in workers]) if workers else None,
+        "main_waited_s": statistics.median([w for _, w in workers]) if workers else None,
         "fid": metrics.get("fid"), "kid": metrics.get("kid"), "clip_score": metrics.get("clip_score"),
     }
     for key in ("model", "device", "dtype", "samples", "batch", "steps", "unet_calls_per_batch", "load_before"):
@@ -200,6 +256,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"pure_images_per_s: {res['pure_images_per_s']:.2f} ({floor:.3f} s)")
     print(f"ratio_generation: {res['ratio_generation']:.3f}")
     print(f"ratio_wall: {res['ratio_wall']:.3f}")
+    print(f"host work on the main thread after sampling (end_batch, save_batch): {res['main_thread_host_s']:.3f} s per run")
+    if workers:
+        print(f"host work on the background worker: {res['worker_busy_s']:.3f} s per run (PNGs, batch files, features, "
+              f"metric updates); main thread waited for it {res['main_waited_s']:.3f} s")
     print(f"load_after: {res['load_after']}")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)

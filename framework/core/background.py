@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +39,8 @@ class Background:
         self._error: BaseException | None = None
         self._threads = torch.get_num_threads()
         self.jobs_run = 0
+        self.busy_s = 0.0  # seconds the worker spent in jobs (host work taken off the main thread)
+        self.waited_s = 0.0  # seconds the main thread waited for the worker (queue full, drain)
 
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         """Run ``fn(*args, **kwargs)`` on the worker after every job submitted before it."""
@@ -45,12 +48,16 @@ class Background:
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._work, name="samplerlab-background", daemon=True)
             self._thread.start()
+        t0 = time.perf_counter()
         self._jobs.put((fn, args, kwargs))
+        self.waited_s += time.perf_counter() - t0
 
     def drain(self) -> None:
         """Wait until every submitted job ran; raise the first job error here."""
         if self._thread is not None:
+            t0 = time.perf_counter()
             self._jobs.join()
+            self.waited_s += time.perf_counter() - t0
         self._raise()
 
     def close(self) -> None:
@@ -74,12 +81,14 @@ class Background:
                     return
                 if self._error is None:  # after an error the rest is skipped (its order may matter)
                     fn, args, kwargs = job
+                    t0 = time.perf_counter()
                     try:
                         with torch.no_grad():
                             fn(*args, **kwargs)
                         self.jobs_run += 1
                     except BaseException as e:  # noqa: BLE001 - handed to the main thread
                         self._error = e
+                    self.busy_s += time.perf_counter() - t0
             finally:
                 self._jobs.task_done()
 
