@@ -275,8 +275,9 @@ def load_tiny(folder: str | Path) -> Any:
 # ---------------------------------------------------------------------------------------------
 # As samplerlab models (model=tiny_sdxl, tiny_sd3, tiny_flux)
 # ---------------------------------------------------------------------------------------------
-#: The tiny family pipelines built in this process, by (family, seed, with T5).
-TINY: Memo[Any] = Memo("tiny family pipelines", 4)
+#: The tiny family pipelines built in this process, by (family, seed, with T5): SDXL, its refiner,
+#: SD3 with and without T5, Flux — room for two seeds of each.
+TINY: Memo[Any] = Memo("tiny family pipelines", 10)
 
 
 def tiny_pipeline(family: str, seed: int = 0, with_t5: bool = True) -> Any:

@@ -65,8 +65,8 @@ def test_base_and_refiner_match_diffusers_ensemble(dtype, tol):
 
 def unet_calls(overrides: list[str]) -> tuple[object, int, int]:
     base, refiner = [], []
+    h2 = tiny.tiny_pipeline("sdxl_refiner").unet.register_forward_hook(lambda *_: refiner.append(1))   # (builds the base too)
     h1 = tiny.tiny_pipeline("sdxl").unet.register_forward_hook(lambda *_: base.append(1))
-    h2 = tiny.tiny_pipeline("sdxl_refiner").unet.register_forward_hook(lambda *_: refiner.append(1))
     try:
         return run(["model=tiny_sdxl", "model.refiner=true", *overrides]), len(base), len(refiner)
     finally:
