@@ -15,9 +15,9 @@ as diffusers' ``true_cfg_scale`` (``cfg_scale`` is that scale); without it a run
 unconditional pass is refused with one line. A checkpoint without guidance embedding (FLUX.1-schnell)
 ignores ``flux_guidance``.
 
-Text edits act on CLIP-L's tokens, so on the pooled vector; T5 reads the prompt text (weight syntax
-removed). Edits of CLIP's hidden states (``prompt_mix``, ``prompt_weighting``) are refused: Flux does
-not read them.
+Text edits act on CLIP-L's tokens (so on the pooled vector) and on T5's (``encoders``: all, clip,
+t5). Edits of the hidden states (``prompt_mix``, ``prompt_weighting``) restricted to CLIP
+(``encoders=clip``) are refused: Flux does not read CLIP's states.
 
 The default grid is the pipeline's (``schedule=flow_match``: ``sigmas = linspace(1, 1/N, N)``
 shifted by e^μ, μ linear in the (H/16)·(W/16) packed tokens). The pipeline's default image size is
