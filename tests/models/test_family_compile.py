@@ -56,6 +56,7 @@ def test_inductor_transformer_matches_eager(family):
     for solver in SOLVERS:
         ov = [f"model={family}", f"solver={solver}", *GUIDED[family], *BASE]
         eager, comp = run(ov), run([*ov, "compile=true"])
+        print(f"{family} {solver}: inductor vs eager {relative(comp.latents, eager.latents):.3g}")
         assert relative(comp.latents, eager.latents) <= 1e-4, solver
         frames = dynamo_frames() if frames is None else frames
         assert dynamo_frames() == frames, f"{family} {solver}: recompiled"
