@@ -90,4 +90,6 @@ class Branch:
 
 #: The record's NFE convention for ``nfe_pairs`` (docs/records.md).
 NFE_CONVENTION = ("nfe_pairs = network inputs per sample / 2: a CFG pair (prompt + negative prompt) is 1 NFE, "
-                  "a pair plus one perturbed branch 1.5, a lone conditional evaluation 0.5")
+                  "a pair plus one perturbed branch 1.5, a lone conditional evaluation 0.5; "
+                  "a separate guide network's evaluation (autoguidance_model) is one more call and input, "
+                  "its share in guide_inputs")

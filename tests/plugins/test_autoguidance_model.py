@@ -229,11 +229,10 @@ def test_the_shipped_guide_loads_and_a_four_step_run_works():
     ag = run([*common, "guidance=[autoguidance_model]"])
     plain = run([*common, "guidance=[]"])
     m = ag.record["metrics"]
-    assert (m["unet_calls"], m["network_inputs"], m["guide_inputs"]) == (8, 8, 4)
+    assert (m["unet_calls"], m["network_inputs"], m["nfe_pairs"], m["guide_inputs"]) == (8, 8, 4, 4)
+    assert "guide_inputs" in ag.record["nfe_convention"]
     assert torch.isfinite(ag.images).all() and rel(ag.latents, plain.latents) > 1e-3
-    guide = ag.record  # the guide is smaller than the main UNet
     from framework.models.bundled import Bundled
 
-    model = Bundled()
+    model = Bundled()  # the guide is the smaller network
     assert load_guide(model, "bundled").parameters() < 0.5 * sum(p.numel() for p in model.unet.parameters())
-    assert guide["metrics"]["nfe_pairs"] == 4
