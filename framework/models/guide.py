@@ -17,9 +17,7 @@ usually smaller and cheaper than the main one.
 """
 from __future__ import annotations
 
-import inspect
 import json
-import types
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +109,6 @@ class Guide:
 
     def __init__(self, model: Any, network: Any, source: str):
         self.model, self.network, self.source = model, network, source
-        self._view = _Swapped(model, network)
 
     def parameters(self) -> int:
         """The guide network's parameter count."""
@@ -130,33 +127,22 @@ class Guide:
         batch.network_inputs += 1
         counts = batch.stash.get(self, lambda: [0], "guide_inputs")
         counts[0] += 1
-        return self._view.denoise_batch(x, sigma, state.schedule.timestep(sigma), tensors)
+        return _swapped(self.model, self.network).denoise_batch(x, sigma, state.schedule.timestep(sigma), tensors)
 
     def inputs(self, batch: Any) -> int:
         """Guide inputs per sample evaluated in ``batch`` so far (0 for a batch read back)."""
         return batch.stash.get(self, lambda: [0], "guide_inputs")[0]
 
 
-class _Swapped:
-    """The model adapter with another network: ``unet`` (diffusers adapters' name for the denoising
-    network, UNet or transformer) is the guide's, never compiled; every other attribute and method
-    is the adapter's own (methods bound to this view, so they see the guide's network)."""
-
-    def __init__(self, model: Any, network: Any):
-        self.__dict__["_model"], self.__dict__["unet"] = model, network
-
-    def network_for_call(self, eager: Any) -> Any:
-        return eager
-
-    def __getattr__(self, name: str) -> Any:
-        model = self.__dict__["_model"]
-        found = inspect.getattr_static(type(model), name, None)
-        if inspect.isfunction(found):
-            return types.MethodType(found, self)
-        return getattr(model, name)
-
-    def __setattr__(self, name: str, value: Any) -> None:  # caches the adapter fills in stay the adapter's
-        setattr(self.__dict__["_model"], name, value)
+def _swapped(model: Any, network: Any) -> Any:
+    """The model adapter with another network: a shallow copy (an instance of the adapter's own
+    class, so its methods and ``super()`` calls run unchanged) whose ``unet`` — diffusers adapters'
+    name for the denoising network, UNet or transformer — is the guide's, never compiled. Made per
+    call, so it shares what the adapter holds now (the run's timestep table, encoders, scaling)."""
+    view = object.__new__(type(model))
+    view.__dict__.update(model.__dict__)
+    view.__dict__.update(unet=network, _compiled=None)
+    return view
 
 
 def load_guide(model: Any, guide: str | Path) -> Guide:
@@ -169,6 +155,9 @@ def load_guide(model: Any, guide: str | Path) -> Guide:
         raise ConfigError(f"model {type(model).__name__} has no diffusers network to pair a guide with: autoguidance_model "
                           "needs a network model (bundled, sd15, sdxl, sd3, flux, tiny_*)")
     cls = type(network)
+    if getattr(model, "refiner", None) is not None:
+        raise ConfigError("autoguidance_model with an SDXL refiner: the guide would stand in for the base UNet only; "
+                          "remove model.refiner (or guide without autoguidance_model)")
     if str(guide) == "bundled":
         source = bundled_guide_dir()
         if not (source / "config.json").is_file():

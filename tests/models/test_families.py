@@ -35,6 +35,7 @@ CFG_FAMILY |= {"apg_mix", "cfg_norm", "cfg_zero_star", "fdg", "mambo_g", "tcfg"}
 CFG_FAMILY |= {"autoguidance"}   # issue 23: replaces cfg with a layer-skipped negative-prompt pass
 CFG_FAMILY |= {"perp_neg", "dual_cfg"}   # issue 23: replace cfg, with a prompt branch of their own
 BEFORE_CFG = {"regional", "timed_prompt"}   # edit the conditional prediction before the CFG combiner
+GUIDE_NETWORK = {"autoguidance_model"}   # issue 23: replaces cfg with another network of the family (no negative prompt)
 
 #: (plugin, family) → the one line that refuses it (docs/models.md lists them).
 REFUSED = {
@@ -90,6 +91,10 @@ def files(tmp_path_factory):
     to_pil(mask).save(folder / "mask.png")
     gen = torch.Generator().manual_seed(0)
     save_file({"clip_l": torch.randn(2, 32, generator=gen), "clip_g": torch.randn(2, 48, generator=gen)}, str(folder / "spot.safetensors"))
+    for family in FAMILIES:  # autoguidance_model's guides: the family's tiny network with other weights
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1)
+            network(family).__class__.from_config(network(family).config).save_pretrained(folder / f"guide_{family}")
     return folder
 
 
@@ -195,7 +200,10 @@ def guidance_options(name: str, files: Path) -> list[str]:
 def test_every_guidance_plugin_runs_on_every_family(name, family, files):
     """After CFG on SDXL and SD3; alone on Flux, whose CFG-family plugins need model.true_cfg=true
     (without it: one line)."""
-    if family == "tiny_flux" and name in CFG_FAMILY:
+    options = guidance_options(name, files)
+    if name in GUIDE_NETWORK:  # alone on every family, with a guide of the family
+        chain, extra, options = [name], [], [f"guidance.{name}.guide={files / f'guide_{family}'}"]
+    elif family == "tiny_flux" and name in CFG_FAMILY:
         with pytest.raises(ConfigError, match="is guidance-distilled"):
             run([f"model={family}", f"guidance=[{name}]", *guidance_options(name, files), *SMALL])
         chain, extra = [name], ["model.true_cfg=true"]
@@ -203,8 +211,8 @@ def test_every_guidance_plugin_runs_on_every_family(name, family, files):
         chain = [name] if name in CFG_FAMILY or family == "tiny_flux" else [name, "cfg"] if name in BEFORE_CFG else ["cfg", name]
         extra = []
     plain = run([f"model={family}", f"guidance=[{','.join(c for c in chain if c != name)}]", *extra, *SMALL])
-    res, calls = counted(family, [f"guidance=[{','.join(chain)}]", *guidance_options(name, files), *extra, *SMALL])
-    honest(res, calls)
+    res, calls = counted(family, [f"guidance=[{','.join(chain)}]", *options, *extra, *SMALL])
+    honest(res, calls + int(res.record["metrics"].get("guide_inputs", 0)))   # + the guide network's calls
     assert (res.latents - plain.latents).abs().max() > 1e-6      # the plugin acted
 
 
