@@ -79,7 +79,8 @@ def configurations(cfg: DictConfig) -> list[dict[str, Any]]:
                 label = name + ("" if w is None else f" w={w:g}") + ("" if v is None else f" {short(m['param'])}={v:g}")
                 if equal:
                     label += f" ({steps} steps)"
-                over = list(m["run"]) + ([] if w is None else [f"cfg_scale={w}"]) + ([] if v is None else [f"{m['param']}={v}"])
+                over = [*m["run"], *([] if w is None else [f"cfg_scale={w}"]),
+                        *([] if v is None else [f"{m['param']}={v}"])]
                 ref_w = nearest(cfg_scales, m.get("ref", w))
                 refs = [] if name == "cfg" else [f"cfg w={ref_w:g}"]  # matched NFE (cfg at the budget's steps)
                 if equal_steps.get(steps) and not equal:  # and at equal steps, where the study has that row
@@ -273,8 +274,8 @@ DIGITS = {"colour": 3, "shape": 3, "fd": 4, "clip_score": 2, "saturation": 3, "c
 def table(results: dict) -> list[str]:
     """The markdown table: one row per configuration, each figure as mean over the sets (A − B)."""
     sets = list(results["sets"])
-    lines = ["| configuration | steps | NFE pairs (inputs/step) | colour acc. | shape acc. | FD (CLIP) | FD pooled | CLIP score "
-             "| saturation | contrast | s / image |", "| --- |" + " --- |" * 10]
+    lines = ["| configuration | steps | NFE pairs (inputs/step) | colour acc. | shape acc. | FD (CLIP) | FD pooled "
+             "| CLIP score | saturation | contrast | s / image |", "| --- |" + " --- |" * 10]
     for s in sets:
         r = results["real"][s]
         lines.append(f"| *real scenes, set {s}* | — | — | {r['colour']:.3f} | {r['shape']:.3f} | {r['fd']:.4f} | "
@@ -286,7 +287,7 @@ def table(results: dict) -> list[str]:
         lines.append(f"| {label} | {e['steps']} | {first['nfe_pairs']:g} ({per_step:g}) | "
                      + " | ".join(cell(e, f, DIGITS[f]) for f in ("colour", "shape", "fd"))
                      + f" | {e['fd_pooled']:.4f} | "
-                     + " | ".join(cell(e, f, DIGITS[f]) for f in ("clip_score", "saturation", "contrast", "seconds_per_image"))
+                     + " | ".join(cell(e, f, DIGITS[f]) for f in FIGURES[3:])
                      + " |")
     return lines
 

@@ -73,7 +73,7 @@ def test_verdicts_need_both_sets_beyond_the_effect_floor():
     assert res["configurations"]["cfg w=5"]["effects"] == {}
 
 
-@pytest.mark.slow  # ~40 s of CPU: 3 methods × 2 sets of 4 samples, with FD and CLIP score
+@pytest.mark.slow  # ~30 s of CPU (2–3 min wall on the loaded build machine): 3 methods × 2 sets of 4 samples, FD, CLIP score
 def test_methods_study_fast(tmp_path, monkeypatch):
     from experiments.guidance_study.__main__ import main
 
