@@ -32,7 +32,8 @@ MUST_MATCH = ("in_channels", "out_channels", "cross_attention_dim", "joint_atten
               "encoder_hid_dim", "addition_embed_type", "projection_class_embeddings_input_dim", "patch_size",
               "guidance_embeds", "time_cond_proj_dim", "class_embed_type")
 
-#: Guide networks loaded in this process (a sweep loads each once), by folder and dtype.
+#: Guide networks loaded in this process (a sweep loads each once), by folder (and its files' sizes and
+#: modification times, so a rewritten guide is read again) and dtype.
 NETWORKS: Memo[Any] = Memo("loaded guide networks", 2)
 
 
@@ -181,7 +182,8 @@ def load_guide(model: Any, guide: str | Path) -> Guide:
     if scheduler is not None:
         _check_scheduler(model, scheduler, source)
     dtype, device = network.dtype, network.device
-    net = NETWORKS.get((str(folder.resolve()), cls.__name__, str(dtype)), lambda: _load_network(cls, folder, dtype))
+    listing = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(folder.iterdir()) if f.is_file())
+    net = NETWORKS.get((str(folder.resolve()), listing, cls.__name__, str(dtype)), lambda: _load_network(cls, folder, dtype))
     if net.device != device:  # (a .to(dtype) would only warn: the memo key holds the dtype)
         net.to(device)
     net.eval().requires_grad_(False)
