@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from experiments.harness import Experiment, entry, resolve_device, resolve_training, stage_results
 
 HERE = Path(__file__).resolve().parent
-STAGES = ("seed", "unet", "export", "evaluate")
+STAGES = ("seed", "unet", "export", "evaluate", "grid")
 
 
 def seed_from_shipped(out: Path) -> None:
@@ -105,6 +105,25 @@ def evaluate_guide(cfg: DictConfig, out: Path, unet: Path) -> dict:
     return results
 
 
+def guide_grid(cfg: DictConfig, out: Path, unet: Path, path: Path) -> Path:
+    """A picture grid: the model card's grid prompts (columns) under the conditional model alone,
+    CFG 5, autoguidance_model at w = 3 and the guide alone (rows), same seeds, 20 Euler steps."""
+    from experiments.bundled_model.evaluate import GRID_PROMPTS
+    from experiments.harness import save_grid
+    from framework.entry.api import run as sample
+
+    alone = guide_pipeline(out, unet)
+    rows = [["guidance=[]"], ["guidance=[cfg]", "cfg_scale=5"],
+            ["guidance=[autoguidance_model]", f"guidance.autoguidance_model.guide={unet}", "guidance.autoguidance_model.scale=3"],
+            ["model=sd15", f"model.path={alone.resolve()}", "guidance=[]"]]
+    n = len(GRID_PROMPTS)
+    images = [sample(["model=bundled", "solver=euler", f"steps={cfg.evaluate.steps}", f"num_samples={n}", f"batch_size={n}",
+                      "seed=31338500", "prompts=[" + ",".join(GRID_PROMPTS) + "]", "save_images=false", *extra]).images
+              for extra in rows]
+    save_grid(torch.cat(images).float().cpu(), path, nrow=n, scale=2)
+    return path
+
+
 def run(ex: Experiment) -> dict:
     from experiments.bundled_model.unet import train_unet
     from framework.bundled import WEIGHTS_DIR
@@ -119,7 +138,8 @@ def run(ex: Experiment) -> dict:
     target = (WEIGHTS_DIR / "guide" if cfg.install else out / "weights_guide") / "unet"
     actions = {"seed": lambda: seed_from_shipped(out), "unet": lambda: train_unet(cfg, out, device),
                "export": lambda: export_guide(out, cfg.unet.name, target),
-               "evaluate": lambda: evaluate_guide(cfg, out, target)}
+               "evaluate": lambda: evaluate_guide(cfg, out, target),
+               "grid": lambda: guide_grid(cfg, out, target, (target.parent if cfg.install else out) / "grid.png")}
     record: dict = {}
     for stage in cfg.stages:
         t0 = time.time()
