@@ -7,6 +7,9 @@ the pipeline's text encoder), so the guide learns on exactly the main model's la
 conditioning and schedule; then a smaller UNet (``guide.yaml``: channels 32/64) trains for a fixed
 small budget and is saved in fp16 as a diffusers UNet folder — ``framework/bundled/weights/guide/unet``
 with ``install=true``, else ``<out_dir>/weights_guide/unet``. Rerunning resumes from the checkpoint.
+Stages ``evaluate`` (judge accuracy and FD of CFG, autoguidance_model and the guide alone:
+``<out_dir>/guide_eval.json``) and ``grid`` (a picture grid) are not in the default stages
+(docs/autoguidance.md has their figures).
 """
 
 from __future__ import annotations
