@@ -73,7 +73,10 @@ def adjust_images(run: Run, batch: Batch, images: torch.Tensor) -> torch.Tensor:
 @hookspec
 def batch_end(run: Run, batch: Batch, latents: torch.Tensor, images: torch.Tensor | None) -> None:
     """All run, in config order, after each batch is sampled and decoded (images in [0, 1], or
-    None for models without a decoder). Savers and streaming metrics use it."""
+    None for models without a decoder). Savers and streaming metrics use it. The batch's files in
+    the run folder are written on the run's background worker (:mod:`framework.core.background`),
+    so they may not be on disk yet; host work of a plugin's own can be queued there too
+    (``background(run).submit``), and is done before ``run_end``."""
 
 
 @hookspec

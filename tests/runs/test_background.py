@@ -138,3 +138,9 @@ def test_eval_throughput_smoke_prints_the_ratios(tmp_path, capsys):
         assert field in out
     assert res["ratio_generation"] > 0 and res["unet_calls_per_batch"] == 2
     assert (tmp_path / "eval_throughput.json").is_file()
+
+
+@pytest.mark.slow
+def test_eval_throughput_smoke_sd15_path(tmp_path):
+    res = eval_throughput().main(["--model", "sd15", "--smoke", "--out", str(tmp_path)])
+    assert res["model"] == "sd15" and res["ratio_generation"] > 0 and res["worker_busy_s"] > 0

@@ -129,6 +129,7 @@ def test_one_process_per_run_folder_the_same_run_waits_another_is_refused(tmp_pa
     wait_until((tmp_path / "started").exists, a, "A's first batch")
     folder = tmp_path / "outputs" / "mix"
     in_flight = folder / "batches" / ".000001.safetensors.a1b2.tmp"
+    in_flight.parent.mkdir(parents=True, exist_ok=True)  # A's worker may not have written its first batch yet
     in_flight.write_bytes(b"as if A were writing it")
     b = Proc(argv, tmp_path)
     wait_until(lambda: any("making the same run: waiting for it" in line for line in b.err), b, "B to wait")
