@@ -251,7 +251,7 @@ def quality(s: Study, res: dict, cfg: DictConfig) -> dict:
     the held-out prompts for each of two seeds (the seeds' difference is the noise floor)."""
     q = cfg.quality
     out: dict = {}
-    for n in res["best"]:
+    for n in [n for n in res["best"] if not q.get("nfe") or int(n) in q.nfe]:
         row: dict = {}
         for side in ("stock", "optimised"):
             for seed in q.seeds:

@@ -239,6 +239,29 @@ def plot(model: str, by_schedule: dict, solvers: list[str], stochastic: set[str]
     save_figure(fig, out / f"solver_table_{model}.png", files, dpi=100)
 
 
+def optimised_rows(cfg: DictConfig, model: str, budgets: list) -> list[str]:
+    """The optimised samplers of issue 24 (``optimised_from``: experiments.schedule_opt's record):
+    per budget the grid chosen on its calibration set and the best stock sampler of that study, on
+    that study's held-out set (its own samples and reference: not the samples of the rows above)."""
+    path = cfg.get("optimised_from")
+    if not path or not Path(path).is_file():
+        return []
+    res = json.loads(Path(path).read_text())["results"].get(model)
+    if not res or not res.get("best"):
+        return []
+    shown = [b for b in budgets if str(int(b)) in res["best"]]
+    cells = {str(int(b)): res["best"][str(int(b))] for b in shown}
+    lines = [f"**Optimised σ grids** ([optimisation.md](optimisation.md), `python -m experiments.schedule_opt`): RMSE to "
+             f"the reference on that study's held-out set ({res['heldout_samples']} samples, its own reference; not the "
+             "samples of the rows above), the grid chosen on its calibration set beside that study's best stock sampler", "",
+             "| sampler | " + " | ".join(f"{b:g}" for b in shown) + " |", "| --- |" + " --- |" * len(shown)]
+    how = "chosen on calibration" if all(c.get("selected_on") == "calibration" for c in cells.values()) else "held-out best"
+    for side, label in (("optimised", f"optimised ({how})"), ("stock", "best stock")):
+        lines.append(f"| {label} | " + " | ".join(f"{c[side]['error']:.2e} ({c[side]['sampler']})" for c in cells.values()) + " |")
+    lines.append("| ratio | " + " | ".join(f"{c['ratio']:.2f}" for c in cells.values()) + " |")
+    return lines + [""]
+
+
 def write(results: dict, cfg: DictConfig, out: Path) -> list[str]:
     """docs/solver_table.md and a plot per model; returns the names of the files written."""
     files: list[str] = []
@@ -275,6 +298,7 @@ def write(results: dict, cfg: DictConfig, out: Path) -> list[str]:
             if refs:
                 lines += ["", f"Reference solutions: {len(refs)} distinct, {min(refs):g}–{max(refs):g} NFE each."]
             lines.append("")
+        lines += optimised_rows(cfg, model, budgets)
         plot(model, by_schedule, list(cfg.solvers), stochastic, budgets, out, files, new=set(cfg.get("new") or []),
              new_label=cfg.get("new_label") or "new")
         lines += [f"![error vs NFE on {model}](solver_table_{model}.png)", ""]

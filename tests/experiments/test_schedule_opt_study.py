@@ -36,7 +36,7 @@ def test_study_on_a_tiny_plan(tmp_path):
     argv = ["models=[mixture]", "nfe=[4,5]", "plan={mixture: {gits: [euler, heun]}}", "agreement={mixture: [gits/euler]}",
             "stock_solvers=[euler]", "stock_schedules=[karras,linspace]", "transfer_solvers=[euler,dpmpp_2m]",
             "heldout.num_samples.mixture=8", "fine.mixture=10", "calibration.num_samples.mixture=4",
-            f"out={tmp_path / 'docs'}", f"runs={tmp_path / 'runs'}"]
+            "keep_results=null", f"out={tmp_path / 'docs'}", f"runs={tmp_path / 'runs'}"]
     record = study_mod.main(argv)
     res = record["results"]["mixture"]
     assert res["stock"]["euler"]["linspace"]["skipped"].startswith("schedule=uniform")
