@@ -66,9 +66,10 @@ def run(ex: Experiment) -> dict:
 
 
 def _step(out: Path) -> int | None:
-    """The step of the flow checkpoint in ``out`` (what a check measured), if any."""
-    ckpt = out / "flow.checkpoint.json"
-    return json.loads(ckpt.read_text())["step"] if ckpt.exists() else None
+    """The training step of the EMA transformer in ``out/transformer`` (what export and check measure), if known
+    (not the latest checkpoint's: a check run while training resumes measures the last finished run)."""
+    saved = out / "transformer" / "training_step.json"
+    return json.loads(saved.read_text())["step"] if saved.exists() else None
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -146,8 +146,9 @@ def train_flow(cfg: DictConfig, out: Path, device: torch.device):
         logs["loss"] = loss.item()
         return logs
 
-    train_loop("flow", out, {"model": model, "ema": ema}, opt, step_fn, f.steps, f.max_minutes,
-               ckpt_every=f.ckpt_every)
+    reached = train_loop("flow", out, {"model": model, "ema": ema}, opt, step_fn, f.steps, f.max_minutes,
+                         ckpt_every=f.ckpt_every)
     ema.set_attn_processor(JointAttnProcessor2_0())  # exported: attends over the pipeline's full context
     ema.save_pretrained(out / "transformer")
+    (out / "transformer" / "training_step.json").write_text(json.dumps({"step": reached}))  # what export/check measure
     return ema
