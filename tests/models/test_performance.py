@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,8 +22,8 @@ from framework.entry.api import run
 from framework.core.errors import ConfigError
 from framework.models import compiled
 from framework.models.tiny import TinyRandom
+from tests.benchmark_scripts import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[2]
 SOLVERS = ["euler", "heun", "dpmpp_2m"]
 
 
@@ -281,15 +279,8 @@ def test_tiled_decode_runs_the_decoder_on_tiles_and_is_switched_off_again():
 # ---------------------------------------------------------------------------------------------
 # The GPU benchmark, smoke mode on the CPU
 # ---------------------------------------------------------------------------------------------
-def gpu_engine():
-    spec = importlib.util.spec_from_file_location("gpu_engine", ROOT / "benchmarks" / "gpu_engine.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_gpu_benchmark_smoke_eager_section(tmp_path):
-    data = gpu_engine().main(["--smoke", "--sections", "a", "--out", str(tmp_path)])
+    data = load_benchmark("gpu_engine").main(["--smoke", "--sections", "a", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "gpu_engine.json").read_text())
     assert saved["errors"] == {} and data["errors"] == {}
     row = saved["sections"]["a"]["batch1"]
@@ -299,7 +290,7 @@ def test_gpu_benchmark_smoke_eager_section(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_benchmark_smoke_all_sections(tmp_path):
-    data = gpu_engine().main(["--smoke", "--out", str(tmp_path)])
+    data = load_benchmark("gpu_engine").main(["--smoke", "--out", str(tmp_path)])
     assert data["errors"] == {}
     sec = data["sections"]
     assert sec["b"]["main"]["within_tolerance"] and all(sec["b"][s]["within_tolerance"] for s in ("heun", "dpmpp_2m", "unipc"))

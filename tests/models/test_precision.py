@@ -10,15 +10,13 @@ prints these differences (and the bundled model's, which are larger: bf16 mean 0
 """
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
 from framework.entry import api
+from tests.benchmark_scripts import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[2]
 TOL = {"bfloat16": (1e-2, 0.15), "float16": (3e-3, 0.05)}
 FAMILIES = ["tiny_random", "tiny_sdxl", "tiny_sd3", "tiny_flux"]
 
@@ -56,15 +54,8 @@ def test_the_vae_decodes_in_the_run_dtype_unless_its_config_asks_for_float32():
     assert sd3.transformer.dtype == torch.bfloat16 and sd3.vae.config.force_upcast and sd3.vae.dtype == torch.float32
 
 
-def precision_benchmark():
-    spec = importlib.util.spec_from_file_location("precision", ROOT / "benchmarks" / "precision.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_precision_benchmark_smoke(tmp_path):
-    data = precision_benchmark().main(["--preset", "smoke", "--dtypes", "float32,bfloat16", "--out", str(tmp_path)])
+    data = load_benchmark("precision").main(["--preset", "smoke", "--dtypes", "float32,bfloat16", "--out", str(tmp_path)])
     assert data["errors"] == {}
     rows = data["presets"]["smoke"]
     assert set(rows) == {"tiny_sd", "tiny_sdxl", "tiny_sd3", "tiny_flux"}

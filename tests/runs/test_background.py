@@ -3,9 +3,7 @@ in order, with errors raised in the main thread; FID and KID share one feature e
 the evaluation-throughput benchmark's smoke mode."""
 from __future__ import annotations
 
-import importlib.util
 import threading
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +11,7 @@ import torch
 from framework.entry import api
 from framework.core.background import Background, HostCopy, background, drain
 from framework.runs import execute as execute_module
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.benchmark_scripts import load_benchmark
 
 
 def test_jobs_run_in_order_on_one_thread_with_the_callers_thread_count():
@@ -124,15 +121,8 @@ def test_drain_without_a_worker_is_a_no_op():
     assert isinstance(background(R()), Background)
 
 
-def eval_throughput():
-    spec = importlib.util.spec_from_file_location("eval_throughput", ROOT / "benchmarks" / "eval_throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_eval_throughput_smoke_prints_the_ratios(tmp_path, capsys):
-    res = eval_throughput().main(["--smoke", "--out", str(tmp_path)])
+    res = load_benchmark("eval_throughput").main(["--smoke", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     for field in ("engine_images_per_s:", "pure_images_per_s:", "ratio_generation:", "ratio_wall:", "load_before:"):
         assert field in out
@@ -142,5 +132,5 @@ def test_eval_throughput_smoke_prints_the_ratios(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_eval_throughput_smoke_sd15_path(tmp_path):
-    res = eval_throughput().main(["--model", "sd15", "--smoke", "--out", str(tmp_path)])
+    res = load_benchmark("eval_throughput").main(["--model", "sd15", "--smoke", "--out", str(tmp_path)])
     assert res["model"] == "sd15" and res["ratio_generation"] > 0 and res["worker_busy_s"] > 0
