@@ -19,6 +19,8 @@ from framework.core.markers import hookimpl
 from framework.core.perturb import BranchPrompt, Perturbation
 from framework.core.state import Batch, Conditioning, Prediction, StepView
 
+_OWN_COMPILED = object()  # network_for_call's default: the model's own compiled network
+
 
 class Model:
     """Base class of model adapters (plugins of the ``model`` group)."""
@@ -49,11 +51,13 @@ class Model:
             raise ConfigError(f"{option}: model {type(self).__name__} has no neural network to compile or re-lay out; "
                               f"remove {option} (it applies to diffusers models and torch.nn.Module denoisers)")
 
-    def network_for_call(self, eager: Any) -> Any:
-        """The compiled network set by :meth:`prepare_network` (``self._compiled``) when there is one
-        and no gradient is needed; else ``eager`` (loss guidance differentiates the eager module, and
-        perturbed calls run the eager module, whose hooks a compiled graph would not see)."""
-        compiled = getattr(self, "_compiled", None)
+    def network_for_call(self, eager: Any, compiled: Any = _OWN_COMPILED) -> Any:
+        """The compiled network (``compiled``: by default the one :meth:`prepare_network` set as
+        ``self._compiled``; a second network passes its own, None when it is not compiled) when there
+        is one and no gradient is needed; else ``eager`` (loss guidance differentiates the eager
+        module, and perturbed calls run the eager module, whose hooks a compiled graph would not see)."""
+        if compiled is _OWN_COMPILED:
+            compiled = getattr(self, "_compiled", None)
         return eager if compiled is None or torch.is_grad_enabled() or self._eager_only else compiled
 
     _eager_only: bool = False

@@ -214,9 +214,13 @@ class StableDiffusion(Model):
         return torch.tensor(t, dtype=torch.float32, device=device)
 
     def denoise_batch(self, x, sigma, timestep, tensors):
+        return self.unet_denoised(self.network_for_call(self.unet), self.prediction_type, x, sigma, timestep, tensors)
+
+    def unet_denoised(self, net, prediction_type: str, x, sigma, timestep, tensors):
+        """D(x, σ) from the VP UNet ``net`` (ε- or v-prediction) at σ's model time."""
         t = self.timestep_tensor(sigma, timestep, x.device)
-        u = self.network_for_call(self.unet)(x * vp_scale(sigma), t, **tensors, return_dict=False)[0]
-        if self.prediction_type == "epsilon":
+        u = net(x * vp_scale(sigma), t, **tensors, return_dict=False)[0]
+        if prediction_type == "epsilon":
             return x - sigma * u
         return x * vp_scale(sigma) ** 2 - sigma * vp_scale(sigma) * u
 

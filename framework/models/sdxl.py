@@ -39,7 +39,6 @@ import torch
 from framework.bases.embeddings import TextEdit
 from framework.core.errors import ConfigError
 from framework.core.markers import hookimpl
-from framework.models.base import vp_scale
 from framework.models.families import ClipText, FamilyModel, check_pipeline, load_family, refiner_folder
 
 #: The diffusers class of an SDXL refiner checkpoint.
@@ -71,6 +70,7 @@ class StableDiffusionXL(FamilyModel):
         self.refiner_switch, self.refiner_sigma = float(refiner_switch), refiner_sigma
         self.aesthetic_score, self.negative_aesthetic_score = float(aesthetic_score), float(negative_aesthetic_score)
         self._compiled_refiner: Any = None
+        self._negative_ids: torch.Tensor | None = None  # the negative prompt's refiner time ids of the last batch
         super().__init__(path=path, allow_download=allow_download, variant=variant, height=height, width=width,
                          prediction_type=prediction_type, pipeline=pipeline, vae_slice=vae_slice, vae_tiling=vae_tiling)
 
@@ -148,11 +148,10 @@ class StableDiffusionXL(FamilyModel):
     def predict(self, state, x, sigma, cond):
         """The model's predict; with an aesthetic-score refiner, the negative prompt's refiner time ids
         carry ``negative_aesthetic_score`` (diffusers' add_neg_time_ids), set once per batch."""
-        if self.refiner is not None and cond is not None and cond.uncond is not None and "refiner_time_ids" in cond.uncond:
-            ids = cond.uncond["refiner_time_ids"]
-            if ids.shape[0] and float(ids[0, -1]) != self.refiner_negative_ids[-1]:
-                cond.uncond["refiner_time_ids"] = torch.tensor([self.refiner_negative_ids] * ids.shape[0], dtype=ids.dtype,
-                                                               device=ids.device)
+        ids = None if self.refiner is None or cond is None or cond.uncond is None else cond.uncond.get("refiner_time_ids")
+        if ids is not None and ids is not self._negative_ids:  # once per batch, no host sync in the steps
+            self._negative_ids = torch.tensor([self.refiner_negative_ids] * ids.shape[0], dtype=ids.dtype, device=ids.device)
+            cond.uncond["refiner_time_ids"] = self._negative_ids
         return super().predict(state=state, x=x, sigma=sigma, cond=cond)
 
     # -- conditioning and the network ---------------------------------------------------------------
@@ -185,13 +184,8 @@ class StableDiffusionXL(FamilyModel):
                                                          "added_cond_kwargs": added})
 
     def _refine(self, x, sigma, timestep, tensors):
-        """D(x, σ) from the refiner's UNet (the VP arithmetic of :meth:`StableDiffusion.denoise_batch`)."""
-        compiled = self._compiled_refiner
-        net = self.refiner_unet if compiled is None or torch.is_grad_enabled() or self._eager_only else compiled
-        c = vp_scale(sigma)
+        """D(x, σ) from the refiner's UNet (the base's VP arithmetic, the refiner's prediction type)."""
         added = {"text_embeds": tensors["refiner_text_embeds"], "time_ids": tensors["refiner_time_ids"]}
-        u = net(x * c, self.timestep_tensor(sigma, timestep, x.device), encoder_hidden_states=tensors["refiner_hidden_states"],
-                added_cond_kwargs=added, return_dict=False)[0]
-        if self.refiner_prediction == "epsilon":
-            return x - sigma * u
-        return x * c**2 - sigma * c * u
+        return self.unet_denoised(self.network_for_call(self.refiner_unet, self._compiled_refiner), self.refiner_prediction,
+                                  x, sigma, timestep, {"encoder_hidden_states": tensors["refiner_hidden_states"],
+                                                       "added_cond_kwargs": added})
