@@ -91,3 +91,5 @@ from framework.models.guide import Guide, load_guide  # noqa: E402  (true autogu
 __all__ += ["Guide", "load_guide"]
 from framework.core.background import background, drain, host_copy  # noqa: E402  (a run's background worker)
 __all__ += ["background", "drain", "host_copy"]
+from framework.maths import scalar  # noqa: E402  (σ maths on floats or captured 0-d tensors: compile=step)
+__all__ += ["scalar"]

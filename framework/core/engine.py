@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 from omegaconf import DictConfig
 
-from framework.core import hookspecs
+from framework.core import graphstep, hookspecs
 from framework.core.errors import ConfigError, call
 from framework.core.finite import NonFinite
 from framework.core.model import Model
@@ -71,7 +71,7 @@ def open_run(
     plugins = build_plugins(cfg, choices, hookspecs, wrap_model, model, builtins)
     run = Run(cfg, settings, plugins, device)
     run.model.setup(device, run.dtype)
-    run.model.prepare_network(compile=settings.compile, mode=settings.compile_mode, channels_last=settings.channels_last)
+    run.model.prepare_network(compile=bool(settings.compile), mode=settings.compile_mode, channels_last=settings.channels_last)
     for name, fn in plugins.calls("configure"):
         call(name, "configure", fn, run=run)
     run.hooks = Hooks(
@@ -93,6 +93,8 @@ def open_run(
         raise ConfigError(f"the schedule plugins returned {type(schedule).__name__}, not a Schedule")
     run.model.prepare_schedule(schedule)
     run.schedule = schedule
+    if settings.compile == "step":  # the whole step in one graph, where its plugins allow
+        graphstep.install(run)
     for name, fn in plugins.calls("run_start"):
         call(name, "run_start", fn, run=run)
     return run
@@ -139,7 +141,7 @@ def sample_batch(run: Run, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         init[0], "init_latents", init[1], run=run, batch=batch, schedule=schedule, noise=noise)
     x_T = x
     watch = batch.stash.get(NonFinite, lambda: NonFinite(len(batch.indices), x.device)) if run.finite_checks else None
-    denoiser = Denoiser(run, batch)
+    denoiser = (Denoiser if run.step_capture is None else graphstep.GraphDenoiser)(run, batch)
     step_name, step = hooks.step
     for i in range(schedule.steps):
         state = SamplerState(run=run, batch=batch, index=i, x=x, sigma=schedule.sigmas[i], schedule=schedule,

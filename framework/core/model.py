@@ -72,6 +72,21 @@ class Model:
         """D(x, σ) for a batch (one model call)."""
         raise NotImplementedError
 
+    # ---- compile=step (framework.core.graphstep) -----------------------------------------------
+    def denoise_tensor(self, x: torch.Tensor, sigma: torch.Tensor, t: torch.Tensor | None,
+                       tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """:meth:`denoise_batch` with σ (and the model time ``t``, from :meth:`time_input`) as 0-d
+        device tensors, in tensor arithmetic only, calling the eager network: what ``compile=step``
+        traces. An adapter is captured only when the class that defines its ``denoise_batch`` also
+        defines this method (a subclass that changes ``denoise_batch`` is not captured until it
+        says how)."""
+        raise NotImplementedError
+
+    def time_input(self, sigma: float, timestep: float | None) -> torch.Tensor | None:
+        """The 0-d device tensor :meth:`denoise_tensor` receives as ``t`` for a grid σ (made once per
+        run by :meth:`prepare_schedule`, looked up here), or None when the network takes σ itself."""
+        return None
+
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """The conditioning tensors of a list of prompts (conditional models only)."""
         raise ConfigError(f"{type(self).__name__} takes no prompts")

@@ -56,6 +56,8 @@ class Run:
         self.branches: list[Branch] = []
         self.attention_maps: dict[str, int] = {}  # name → layer whose self-attention maps are captured
         self.finite_checks = False
+        self.step_capture: Any = None  # compile=step: the captured step (framework.core.graphstep)
+        self.compile_report: dict[str, Any] | None = None  # compile=step: record.json's "compile"
         self._grad_plugins: set[int] = set()
 
     # declarations made in ``configure``

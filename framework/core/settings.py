@@ -88,7 +88,7 @@ class Settings:
     resume: bool = MISSING
     shard_index: int = MISSING
     shard_count: int = MISSING
-    compile: bool = MISSING
+    compile: Any = MISSING  # false, true (the network) or step (the whole step): checked in check()
     compile_mode: Optional[CompileMode] = MISSING  # type: ignore[valid-type]
     channels_last: bool = MISSING
 
@@ -102,6 +102,8 @@ class Settings:
             raise ConfigError(f"steps={self.steps} is more than any sampler needs (at most {MAX_STEPS}): e.g. steps=50")
         if not math.isfinite(self.cfg_scale):
             raise ConfigError(f"cfg_scale must be a finite number, got {self.cfg_scale}: e.g. cfg_scale=5.0")
+        if not isinstance(self.compile, bool) and self.compile != "step":
+            raise ConfigError(f"compile must be false, true (the network) or step (the whole step), got {self.compile!r}")
         if not DEVICE.match(self.device):
             raise ConfigError(f"unknown device '{self.device}': use auto, cpu, cuda, cuda:N or mps")
         if not self.prompts:

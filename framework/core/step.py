@@ -36,6 +36,12 @@ class SamplerState:
         return self.schedule.sigmas[self.index + 1]
 
     @property
+    def to_zero(self) -> bool:
+        """Whether this step ends at σ = 0: a host fact, also inside a captured step (compile=step),
+        where ``sigma_next`` is a tensor."""
+        return self.sigma_next == 0
+
+    @property
     def is_first(self) -> bool:
         return self.index == 0
 

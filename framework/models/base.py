@@ -53,6 +53,10 @@ class DenoiserAdapter(Model):
         s = torch.full((x.shape[0],), sigma, device=x.device, dtype=x.dtype)
         return self.network_for_call(self.denoiser)(x, s, **tensors)
 
+    def denoise_tensor(self, x, sigma, t, tensors):
+        """compile=step: the eager denoiser with σ a 0-d device tensor (one σ per sample, as above)."""
+        return self.denoiser(x, sigma.to(x.dtype).expand(x.shape[0]), **tensors)
+
     native_space = "x0"
 
     def to_native(self, x, sigma, denoised):

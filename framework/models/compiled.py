@@ -22,28 +22,16 @@ from typing import Any, Callable
 
 import torch
 
-from framework.core.errors import ConfigError
+from framework.core.graphstep import resolve_mode, uses_cuda_graphs
 from framework.core.memo import Memo
-from framework.core.settings import CompileMode
 
-MODES = tuple(m.value for m in CompileMode)
+__all__ = ["BACKEND", "CompiledNetwork", "NETWORKS", "compile_network", "resolve_mode", "set_channels_last", "stats",
+           "uses_cuda_graphs"]
+
 #: torch.compile backend. ``inductor`` is the real thing; tests of the plumbing (tracing, guards,
 #: caching) set ``aot_eager``, which traces the same graphs without generating code (seconds
 #: instead of minutes on a CPU).
 BACKEND = "inductor"
-
-
-def resolve_mode(mode: str | None, device: torch.device) -> str:
-    """The torch.compile mode for ``compile_mode`` (null: reduce-overhead on CUDA, default elsewhere)."""
-    if mode is None:
-        return "reduce-overhead" if device.type == "cuda" else "default"
-    if mode not in MODES:
-        raise ConfigError(f"compile_mode '{mode}' is not one of {', '.join(MODES)} (or null for the device's default)")
-    return str(mode)
-
-
-def uses_cuda_graphs(mode: str, device: torch.device) -> bool:
-    return device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
 
 
 @dataclass

@@ -224,6 +224,17 @@ class StableDiffusion(Model):
             return x - sigma * u
         return x * vp_scale(sigma) ** 2 - sigma * vp_scale(sigma) * u
 
+    def denoise_tensor(self, x, sigma, t, tensors):
+        """compile=step: :meth:`unet_denoised` on the eager UNet with σ and t as 0-d device tensors."""
+        c = (sigma * sigma + 1).rsqrt()
+        u = self.unet(x * c, t, **tensors, return_dict=False)[0]
+        if self.prediction_type == "epsilon":
+            return x - sigma * u
+        return x * (c * c) - (sigma * c) * u
+
+    def time_input(self, sigma, timestep):
+        return self.timestep_tensor(sigma, timestep, self.device)
+
     @property
     def native_space(self) -> str:
         """The UNet's output: ``epsilon`` or ``v_prediction`` (``flow`` for the flow families)."""

@@ -266,6 +266,7 @@ def build(run: Run, result: Result) -> dict[str, Any]:
         "timesteps": None if result.schedule.timesteps is None else list(result.schedule.timesteps),
         "init_noise_scale": result.schedule.init_noise_scale,
         "metrics": dict(run.metrics),
+        **({"compile": run.compile_report} if run.compile_report is not None else {}),
         "nfe_convention": NFE_CONVENTION,
         "seed": s.seed,
         "num_samples": s.num_samples,

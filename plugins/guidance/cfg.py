@@ -57,6 +57,23 @@ class CFG(UncondGuidance):
         hi = math.inf if self.sigma_hi is None else self.sigma_hi
         return lo < sigma <= hi and int(self.start * steps) <= index < int(self.stop * steps)
 
+    @property
+    def windowed(self) -> bool:
+        """Whether a σ or step window limits the guidance."""
+        return self.sigma_lo is not None or self.sigma_hi is not None or (self.start, self.stop) != (0.0, 1.0)
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether the scale changes over the run."""
+        return self.shape != "constant" and self.end_scale is not None
+
+    @property
+    def capturable(self) -> bool | str:
+        """compile=step: the constant-scale, window-free combination is tensor arithmetic."""
+        if self.windowed or self.scheduled:
+            return "a guidance window or a scale schedule decides per step on the host"
+        return True
+
     @hookimpl
     def configure(self, run):  # scale 1 throughout needs no unconditional pass
         scale = run.settings.cfg_scale
@@ -68,7 +85,9 @@ class CFG(UncondGuidance):
     def guidance(self, state, pred):
         if pred.uncond_denoised is None:
             return pred
-        if not self.active(pred.sigma, state.index, state.schedule.steps):
+        if self.windowed and not self.active(pred.sigma, state.index, state.schedule.steps):
             return pred.with_denoised(pred.cond_denoised)
-        s = self.scale_at(state.run.settings.cfg_scale, state.index, state.schedule.steps)
+        s = state.run.settings.cfg_scale
+        if self.scheduled:
+            s = self.scale_at(s, state.index, state.schedule.steps)
         return pred.with_denoised(pred.uncond_denoised + s * (pred.cond_denoised - pred.uncond_denoised))

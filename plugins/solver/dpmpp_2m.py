@@ -6,25 +6,27 @@ The first step and the step to σ = 0 are first order (DDIM; the last lands on D
 ``lower_order_final``/``final_sigmas_type="zero"``). NFE 1 per step; order 2."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from framework.plugin import SamplerState, hookimpl, lam
+from framework.plugin import SamplerState, hookimpl, scalar
 
 
 @dataclass
 class DPMPP2M:
+    capturable: ClassVar[bool] = True  # compile=step: tensor arithmetic of σ (framework.maths.scalar)
+
     @hookimpl
     def step(self, state: SamplerState, denoise) -> torch.Tensor:
         pred = state.pred
-        if state.sigma_next == 0:
+        if state.to_zero:
             return pred.denoised
-        h = lam(state.sigma_next) - lam(state.sigma)
+        h = scalar.log(state.sigma) - scalar.log(state.sigma_next)  # λ' − λ, λ = −log σ
         d = pred.denoised
         if state.history:
             prev = state.history[-1]
-            r = (lam(state.sigma) - lam(prev.sigma)) / h
+            r = (scalar.log(prev.sigma) - scalar.log(state.sigma)) / h
             d = d + (d - prev.direction) / (2 * r)
-        return (state.sigma_next / state.sigma) * pred.x - math.expm1(-h) * d
+        return (state.sigma_next / state.sigma) * pred.x - scalar.expm1(-h) * d

@@ -11,6 +11,7 @@ from framework.plugin import hookimpl
 @dataclass
 class Euler:
     steps_along_denoised: ClassVar[bool] = True  # momentum plugins compose (framework.bases.momentum)
+    capturable: ClassVar[bool] = True  # compile=step: tensor arithmetic of σ only
 
     @hookimpl
     def step(self, state, denoise):
