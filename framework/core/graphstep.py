@@ -85,28 +85,24 @@ def _owner(cls: type, name: str) -> type | None:
 def plan(run: Run) -> tuple[list[str], dict[str, str]]:
     """The plugins the captured step would run, and those that keep it from being captured (→ why)."""
     assert run.hooks is not None
-    captured: list[str] = []
-    fallback: dict[str, str] = {}
-    model = run.model
-    model_name = run.hooks.predict[0]
+    model, name = run.model, run.hooks.predict[0]
     cls = type(model)
+    reasons: dict[str, str | None] = {}
     if _owner(cls, "denoise_tensor") in (None, Model) or _owner(cls, "denoise_tensor") is not _owner(cls, "denoise_batch"):
-        fallback[model_name] = f"model {cls.__name__} does not define denoise_tensor (the σ-tensor form of denoise_batch)"
+        reasons[name] = f"model {cls.__name__} does not define denoise_tensor (the σ-tensor form of denoise_batch)"
     elif run.branches or run.attention_maps:
-        fallback[model_name] = "perturbed network branches or attention maps (hooks inside the network)"
+        reasons[name] = "perturbed network branches or attention maps (hooks inside the network)"
     elif run.needs_uncond and not run.uncond_pass:
-        fallback[model_name] = "a negative-prompt encoding without the unconditional pass"
+        reasons[name] = "a negative-prompt encoding without the unconditional pass"
     else:
-        captured.append(model_name)
+        reasons[name] = None
     for name, fn, grad in run.hooks.guidance:
-        why = "needs gradients (loss guidance)" if grad else why_not(fn.__self__)
-        (fallback.__setitem__(name, why) if why else captured.append(name))
-    for name, _fn in run.hooks.momentum:  # the loop applies momentum between evaluation and step
-        fallback[name] = "momentum plugins are not captured (the engine loop applies them)"
+        reasons[name] = "needs gradients (loss guidance)" if grad else why_not(fn.__self__)
+    for name, _fn in run.hooks.momentum:  # the loop applies momentum between the evaluation and the step
+        reasons[name] = "momentum plugins are not captured (the engine loop applies them)"
     name, fn = run.hooks.step
-    why = why_not(fn.__self__)
-    (fallback.__setitem__(name, why) if why else captured.append(name))
-    return captured, fallback
+    reasons[name] = why_not(fn.__self__)
+    return [n for n, why in reasons.items() if why is None], {n: why for n, why in reasons.items() if why is not None}
 
 
 def install(run: Run) -> None:
@@ -144,7 +140,9 @@ class Capture:
         self.mode = resolve_mode(run.settings.compile_mode, run.device)
         self.cuda_graphs = uses_cuda_graphs(self.mode, run.device) and BACKEND == "inductor"
         sig = run.schedule.sigmas
-        dtype = torch.float32 if run.device.type == "mps" else torch.float64
+        # float32 (float64 for float64 runs): a 0-d float64 CPU tensor in float32 arithmetic is a
+        # "wrapped scalar" to dynamo, which guards on its value with .item() at every call
+        dtype = torch.float64 if run.dtype == torch.float64 else torch.float32
         finite = [s if math.isfinite(s) else 0.0 for s in sig]
         table = torch.tensor(finite, dtype=dtype, device=run.device)
         self.tables = _Tables([row.clone() for row in table.unbind()],
@@ -153,10 +151,11 @@ class Capture:
         self.fn = _compiled(self.mode, key)
         self.broken: str | None = None  # why this run stopped capturing (a failed compile)
 
-    def takes(self, state: SamplerState, x: torch.Tensor, sigma: float) -> bool:
-        """Whether this evaluation is the first of a step the graph can take (decided on the host)."""
+    def takes(self, state: SamplerState, sigma: float) -> bool:
+        """Whether the graph can take this step (decided on the host, from the grid's floats): σ is
+        the grid's (no churn), finite, and the previous step was taken on the grid."""
         sig, i = state.schedule.sigmas, state.index
-        if state.pred is not None or x is not state.x or sigma != sig[i] or not math.isfinite(sigma):
+        if sigma != sig[i] or not math.isfinite(sigma):
             return False
         past = state.history
         return not past or (past[-1].sigma == sig[i - 1] and past[-1].sigma_next == sig[i])
@@ -168,11 +167,11 @@ class Capture:
         if past:
             p = past[-1]
             prev = StepRecord(p.index, tab.sigmas[i - 1], tab.sigmas[i], p.x, p.denoised, p.direction, p.x_next)
-        to_zero = state.schedule.sigmas[i + 1] == 0
+        facts = Facts(to_zero=state.schedule.sigmas[i + 1] == 0, is_first=i == 0, prev=prev)
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         out = self.fn(self, state.batch, state.x, tab.sigmas[i], tab.sigmas[i + 1], tab.times[i], tab.times[i + 1],
-                      both, prev, to_zero, i == 0)
+                      both, facts)
         x_next, denoised, first_bad, meta = out
         if self.cuda_graphs:  # the next replay overwrites the graph's outputs
             x_next, denoised = x_next.clone(), denoised.clone()
@@ -180,19 +179,42 @@ class Capture:
         return x_next, denoised, (first_bad, meta)
 
 
+@dataclass(frozen=True)
+class Facts:
+    """What the host knows about a step and a capturable plugin may branch on."""
+
+    to_zero: bool  # the step ends at σ = 0
+    is_first: bool  # step 0
+    prev: StepRecord | None  # the previous step, its σ values from the table (None: no history)
+
+
 class GraphState:
     """What capturable plugins see inside the captured step: :class:`SamplerState`'s fields, with
     ``sigma``/``sigma_next`` 0-d device tensors and no per-step integers."""
 
     def __init__(self, run: Run, batch: Any, x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor,
-                 prev: StepRecord | None, to_zero: bool, is_first: bool):
+                 facts: Facts):
         self.run, self.batch, self.schedule = run, batch, run.schedule
-        self.x, self.sigma, self.sigma_next, self.to_zero = x, sigma, sigma_next, to_zero
-        self.history = [] if prev is None else [prev]
-        self.is_first = is_first
+        self.x, self.sigma, self.sigma_next = x, sigma, sigma_next
+        self._facts = facts
         self.pred: Prediction | None = None
         self.guided: Prediction | None = None
         self.denoise: Any = None
+
+    # host facts, read lazily: dynamo guards on a fact only where a plugin reads it, so a solver
+    # that never asks has one graph for every step
+    @property
+    def history(self) -> list[StepRecord]:
+        prev = self._facts.prev
+        return [] if prev is None else [prev]
+
+    @property
+    def to_zero(self) -> bool:
+        return self._facts.to_zero
+
+    @property
+    def is_first(self) -> bool:
+        return self._facts.is_first
 
     @property
     def index(self) -> int:
@@ -218,11 +240,11 @@ class GraphState:
 
 def _body(cap: Capture, batch: Any, x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor,
           t: torch.Tensor | None, t_next: torch.Tensor | None, both: dict[str, torch.Tensor],
-          prev: StepRecord | None, to_zero: bool, is_first: bool):
+          facts: Facts):
     """The step, traced: evaluation(s), guidance, momentum, the solver; the NaN checks as flags.
     Returns x_next, the guided denoised of the first evaluation, the index of the first failing
     check per sample (-1: none; None without checks) and the host facts: (checks, NFE, calls)."""
-    state = GraphState(cap.run, batch, x, sigma, sigma_next, prev, to_zero, is_first)
+    state = GraphState(cap.run, batch, x, sigma, sigma_next, facts)
     checks: list[tuple[str, str, bool]] = []  # (hook, plugin, evaluated at σ_next)
     flags: list[torch.Tensor] = []
     count = [0]
@@ -316,7 +338,7 @@ class GraphDenoiser(Denoiser):
         st, cap, report = self.state, self.capture, self.run.compile_report
         assert st is not None and report is not None
         first = guidance is None and st.pred is None and x is st.x
-        if first and cap.broken is None and cap.takes(st, x, sigma):
+        if first and cap.broken is None and cap.takes(st, sigma):
             try:
                 return self._captured(st)
             except Exception as e:  # a promise a plugin could not keep: the rest of the run goes uncaptured

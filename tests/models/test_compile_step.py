@@ -1,0 +1,161 @@
+"""Issue 26 item 1: ``compile=step``, the whole sampling step in one compiled function
+(framework/core/graphstep.py).
+
+The fast tests trace with dynamo's ``eager`` backend (the same graphs, guards and recompilations,
+no code generation) on the small conv denoiser of test_performance.py; the slow one runs inductor
+on the tiny SD pipeline (~2–4 min cold on a CPU)."""
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+
+from framework import testing
+from framework.core import engine, graphstep
+from framework.core.errors import ConfigError
+from framework.models import compiled
+from framework.runs import records
+from tests.models.test_performance import SmallDenoiser, counting_host_reads
+
+SOLVERS = ["euler", "heun", "dpmpp_2m"]
+CFG = ["cfg_scale=5.0", "callback=[nan_guard]"]
+
+
+@pytest.fixture(scope="module")
+def small():
+    return SmallDenoiser()
+
+
+@pytest.fixture
+def trace_only(monkeypatch):
+    """torch.compile with the eager backend: dynamo traces and guards, no code generation."""
+    monkeypatch.setattr(compiled, "BACKEND", "eager")
+    monkeypatch.setattr(graphstep, "BACKEND", "eager")
+
+
+def graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_captured_step_matches_eager_with_cfg(small, trace_only, solver):
+    eager = testing.sample([f"solver={solver}", *CFG], model=small, steps=5, num_samples=2)
+    step = testing.sample([f"solver={solver}", *CFG, "compile=step"], model=small, steps=5, num_samples=2)
+    scale = eager.latents.abs().max().item()
+    # σ arithmetic in float32 on the device instead of Python's float64: Euler and Heun come out
+    # bit-identical here, DPM-Solver++(2M)'s log/expm1 of σ differ by ~1e-6 of the scale
+    assert (eager.latents - step.latents).abs().max().item() <= 1e-5 * scale
+    report = step.record["compile"]
+    assert report["captured"] == ["custom", "cfg", solver] and report["fallback"] == {}
+    assert report["steps_captured"] == 5 and report["steps_uncaptured"] == 0
+    for key in ("nfe", "unet_calls"):  # counted on the host from what the graph evaluated
+        assert step.record["metrics"][key] == eager.record["metrics"][key], key
+    assert step.record["metrics"]["nfe"] == {"euler": 5, "heun": 9, "dpmpp_2m": 5}[solver]
+
+
+@pytest.mark.parametrize("solver, variants", [("euler", 1), ("heun", 2), ("dpmpp_2m", 3)])
+def test_one_graph_per_variant_and_no_recompilation_across_runs(small, trace_only, solver, variants):
+    """Euler has one graph; Heun two (the last step to σ = 0 is Euler's); DPM-Solver++(2M) three
+    (first, middle, last). Two runs × two seeds, and a longer grid, add none."""
+    graphstep.STEPS.clear()  # a fresh code object: this test's graphs are its own
+    before = graphs()
+    testing.sample([f"solver={solver}", *CFG, "compile=step"], model=small, steps=4, num_samples=2)
+    assert graphs() - before == variants
+    for seed in (1, 2):
+        for steps in (4, 7):
+            testing.sample([f"solver={solver}", *CFG, "compile=step"], model=small, steps=steps, num_samples=2, seed=seed)
+    assert graphs() - before == variants, "a later run, seed or grid recompiled the step"
+
+
+def test_a_plugin_that_is_not_capturable_falls_back_and_is_listed(small, trace_only):
+    eager = testing.sample(["solver=lms", *CFG], model=small, steps=4, num_samples=2)
+    step = testing.sample(["solver=lms", *CFG, "compile=step"], model=small, steps=4, num_samples=2)
+    report = step.record["compile"]
+    assert report["captured"] == [] and report["fallback"] == {"lms": "not marked capturable"}
+    assert report["steps_captured"] == 0
+    assert (eager.latents - step.latents).abs().max().item() <= 1e-5 * eager.latents.abs().max().item()
+    assert step.record["metrics"]["nfe"] == eager.record["metrics"]["nfe"]
+    # a configuration of a capturable plugin that decides on the host says why
+    windowed = testing.sample(["guidance=[interval]", "cfg_scale=5.0", "compile=step"], model=small, steps=3, num_samples=1)
+    assert "window" in windowed.record["compile"]["fallback"]["interval"]
+
+
+def test_steps_the_graph_cannot_take_run_uncaptured_in_the_same_run(small, trace_only):
+    """Churn raises σ in before_step inside its window: those steps (and a multistep solver's next
+    one, whose history is off the grid) take the ordinary path; the others are captured."""
+    ov = ["solver=dpmpp_2m", *CFG, "callback=[churn,nan_guard]", "callback.churn.s_churn=2", "callback.churn.s_tmin=2",
+          "callback.churn.s_tmax=6"]
+    eager = testing.sample(ov, model=small, steps=8, num_samples=2)
+    step = testing.sample(ov + ["compile=step"], model=small, steps=8, num_samples=2)
+    report = step.record["compile"]
+    assert report["steps_captured"] > 0 and report["steps_uncaptured"] > 0
+    assert report["steps_captured"] + report["steps_uncaptured"] == 8
+    assert (eager.latents - step.latents).abs().max().item() <= 1e-5 * eager.latents.abs().max().item()
+
+
+class NaNDenoiser(SmallDenoiser):
+    """Sample 1 (odd rows, also in a CFG pair) turns NaN below σ = 2."""
+
+    def forward(self, x, sigma, ctx):
+        out = super().forward(x, sigma, ctx)
+        odd = (torch.arange(x.shape[0], device=x.device) % 2 == 1)[:, None, None, None]
+        return torch.where(odd & (sigma.reshape(-1, 1, 1, 1) < 2), torch.nan, out)
+
+
+def test_the_nan_guard_points_at_the_same_step_and_plugin(trace_only):
+    model = NaNDenoiser()
+    eager = testing.sample(["solver=heun", *CFG], model=model, steps=6, num_samples=2)
+    step = testing.sample(["solver=heun", *CFG, "compile=step"], model=model, steps=6, num_samples=2)
+    assert step.record["compile"]["steps_captured"] == 6
+    assert list(eager.failures) == [1] and step.failures == eager.failures, (eager.failures, step.failures)
+
+
+def test_the_captured_step_never_reads_the_device(small, trace_only, monkeypatch):
+    """The loop under compile=step: no .item()/float()/.cpu(), and no tensor made per step."""
+    def loop_counts(steps: int) -> collections.Counter:
+        inner, seen = engine.sample_batch, collections.Counter()
+
+        def watched(*args, **kwargs):
+            with counting_host_reads() as counts:
+                out = inner(*args, **kwargs)
+            seen.update(counts)
+            return out
+
+        monkeypatch.setattr(engine, "sample_batch", watched)
+        result = testing.sample(["solver=dpmpp_2m", *CFG, "compile=step"], model=small, steps=steps, num_samples=2)
+        monkeypatch.setattr(engine, "sample_batch", inner)
+        assert result.record["compile"]["steps_captured"] == steps
+        return seen
+
+    loop_counts(3)  # traced here: dynamo's own work is not the loop's
+    short, long = loop_counts(3), loop_counts(6)
+    reads = {k: v for k, v in long.items() if k != "torch.tensor"}
+    assert reads == {}, f"host reads in the sampling loop: {reads}"
+    assert short == long, f"per-step tensor creation: {short} (3 steps) vs {long} (6 steps)"
+
+
+def test_compile_takes_false_true_or_step_and_step_stays_out_of_the_run_key():
+    with pytest.raises(ConfigError, match="compile must be false, true .* or step"):
+        testing.sample(["compile=graph"], model="gaussian", steps=2, num_samples=1)
+    base = {"steps": 4, "seed": 0, "compile": False}
+    assert records.run_key(base, {}, {}) == records.run_key(dict(base, compile="step"), {}, {})
+
+
+@pytest.mark.slow
+def test_captured_step_matches_eager_inductor():
+    """The tiny SD pipeline's whole DPM-Solver++(2M) step with CFG under inductor (needs a C++
+    compiler; three variants, several minutes cold on a CPU) against the eager loop."""
+    ov = ["solver=dpmpp_2m", *CFG]
+    eager = testing.sample(ov, model="tiny_random", steps=4, num_samples=2)
+    graphstep.STEPS.clear()
+    before = graphs()
+    step = testing.sample(ov + ["compile=step"], model="tiny_random", steps=4, num_samples=2)
+    again = testing.sample(ov + ["compile=step"], model="tiny_random", steps=4, num_samples=2, seed=1)
+    assert step.record["compile"]["steps_captured"] == 4 and again.record["compile"]["steps_captured"] == 4
+    assert graphs() - before == 3
+    scale = eager.latents.abs().max().item()
+    assert (eager.latents - step.latents).abs().max().item() <= 1e-4 * scale
+    assert step.record["metrics"]["nfe"] == eager.record["metrics"]["nfe"]
