@@ -1,6 +1,6 @@
 """GPU benchmark of the engine (issue 10): one prepared script, every figure measured side by side.
 
-    PYTHONPATH=<wheels>:. python benchmarks/gpu_engine.py --out $OUT        # a GPU, ≈ 2.5 min
+    PYTHONPATH=<wheels>:. python benchmarks/gpu_engine.py --out $OUT        # a GPU, ≈ 6 min (4 compiles)
     python benchmarks/gpu_engine.py --smoke --out /tmp/gpu_engine_smoke        # CPU, tiny sizes, seconds
 
 Sections (each in its own try/except: a failure prints its traceback and the rest still runs):
@@ -22,6 +22,9 @@ Sections (each in its own try/except: a failure prints its traceback and the res
     compiled engine vs the diffusers eager loop and the eager engine (compile time reported apart);
     then heun (two evaluations per step), dpmpp_2m and unipc (history solvers) compiled vs eager,
     the difference of the final latents relative to their scale (fp16: stated tolerance 5e-2).
+    ``compile=step`` (the whole step in one graph, issue 26) against the floor: N × the compiled,
+    CUDA-graphed UNet call on the CFG pair, timed in the same interleaved rounds (target ≤ 1.05);
+    its first run compiles three step variants (first, middle, last) and is reported apart.
 
 Repetitions are interleaved (hand, engine, … per round) and medians are compared. ``--budget-s``
 caps the wall time: a section that would not fit is skipped with a printed note, and repetitions
@@ -319,14 +322,40 @@ def section_a(b: Bench, res: dict[str, Any], pipe: Any, engine: Engine) -> None:
 
 
 def section_b(b: Bench, res: dict[str, Any], pipe: Any, engine: Engine) -> None:
+    from framework.core import graphstep
     from framework.models import compiled
 
-    backend = compiled.BACKEND
-    compiled.BACKEND = b.args.compile_backend
+    backends = compiled.BACKEND, graphstep.BACKEND
+    compiled.BACKEND = graphstep.BACKEND = b.args.compile_backend
     try:
         _section_b(b, res, pipe, engine)
     finally:
-        compiled.BACKEND = backend
+        compiled.BACKEND, graphstep.BACKEND = backends
+
+
+def unet_floor(b: Bench, pipe: Any, engine: Engine, steps: int, mode: str) -> Callable[[], None]:
+    """``steps`` back-to-back calls of the compiled UNet (CUDA-graphed on CUDA: the CompiledNetwork
+    ``compile=true`` uses, called raw, without the engine's output copy) on the CFG pair of batch 1:
+    the floor of a compiled ``steps``-step CFG run."""
+    import torch
+
+    from framework.models import compiled
+
+    net = compiled.compile_network(pipe.unet, mode, b.device, pipe.unet.dtype)
+    adapter = engine.adapter
+    enc = adapter.encode_prompts(["a red circle", ""])
+    x = torch.randn(2, *adapter.latent_shape, device=b.device, dtype=pipe.unet.dtype)
+    t = torch.tensor(500.0, device=b.device)
+
+    def run() -> None:
+        for _ in range(steps):
+            if net.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            net.compiled(x, t, **enc, return_dict=False)
+
+    for _ in range(3):  # compile (shared with compile=true: same module, mode and shapes), warm up, record
+        run()
+    return run
 
 
 def _section_b(b: Bench, res: dict[str, Any], pipe: Any, engine: Engine) -> None:
@@ -349,10 +378,21 @@ def _section_b(b: Bench, res: dict[str, Any], pipe: Any, engine: Engine) -> None
     print(f"  first compiled run (compile included): {res['first_compiled_run_s']:.1f} s", flush=True)
     for _ in range(2):  # CUDA-graph trees warm up, then record
         engine(comp)
+    step = overrides(b, "dpmpp_2m", steps, 1, cfg, ["callback=[]", "compile=step"])
+    t0 = time.perf_counter()
+    first_step = engine(step)  # compiles the step's variants (first, middle, last step)
+    b.sync()
+    res["first_step_run_s"] = time.perf_counter() - t0
+    print(f"  first compile=step run (compile included): {res['first_step_run_s']:.1f} s", flush=True)
+    for _ in range(2):
+        engine(step)
+    floor = unet_floor(b, pipe, engine, steps, mode)
     t = b.interleaved({
         "hand_eager": lambda: hand(pipe, steps, x_vp, 1, cfg),
         "engine_eager": lambda: engine(eager),
         "engine_compiled": lambda: engine(comp),
+        "engine_step": lambda: engine(step),
+        "floor": floor,
     }, b.args.reps, reserve_s=b.args.reserve_s)
     again = engine(comp)
     res["main"] = {
@@ -368,6 +408,23 @@ def _section_b(b: Bench, res: dict[str, Any], pipe: Any, engine: Engine) -> None
     print(f"  dpmpp_2m batch 1: hand eager {m['hand_eager_ms']:.1f} ms  engine eager {m['engine_eager_ms']:.1f} ms  "
           f"engine compiled {m['engine_compiled_ms']:.1f} ms  ratio vs hand {m['ratio_compiled_vs_hand_eager']:.3f} "
           f"(target ≤ 0.40)  rel. diff vs eager {m['rel_diff_vs_eager']:.2g}", flush=True)
+    got = engine(step)
+    d = rel_diff(got.latents, base.latents)
+    res["step"] = {
+        "engine_step_ms": t["engine_step"] * 1e3, "floor_ms": t["floor"] * 1e3,
+        "floor": f"{steps} × the compiled UNet call on the CFG pair (batch 2), back to back",
+        "ratio_step_vs_floor": t["engine_step"] / t["floor"], "ratio_compiled_vs_floor": t["engine_compiled"] / t["floor"],
+        "ratio_step_vs_compiled": t["engine_step"] / t["engine_compiled"],
+        "rel_diff_vs_eager": d, "within_tolerance": d <= FP16_RTOL, "finite_fraction": finite_fraction(got.latents),
+        "rel_diff_first_vs_later": rel_diff(first_step.latents, got.latents),
+        "compile": got.record["compile"], "nfe": got.record["metrics"]["nfe"],
+    }
+    if b.device.type == "cuda":
+        res["step"]["cuda_syncs_per_run"], res["step"]["cuda_sync_sites"] = syncs_of(b, lambda: engine(step))
+    r = res["step"]
+    print(f"  compile=step {r['engine_step_ms']:.1f} ms  floor ({steps} × compiled UNet) {r['floor_ms']:.1f} ms  "
+          f"ratio {r['ratio_step_vs_floor']:.3f} (target ≤ 1.05; compile=true {r['ratio_compiled_vs_floor']:.3f})  "
+          f"captured {r['compile']['steps_captured']}/{steps} steps  rel. diff vs eager {d:.2g}", flush=True)
     res["compile_stats"] = compiled.stats()
     for solver in b.args.compile_solvers:
         if b.budget.left() < b.args.reserve_s:
@@ -434,7 +491,7 @@ def section_c(b: Bench, res: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="outputs/gpu_engine")
-    ap.add_argument("--budget-s", type=float, default=180.0, help="wall-time cap; sections that would overrun are skipped")
+    ap.add_argument("--budget-s", type=float, default=420.0, help="wall-time cap; sections that would overrun are skipped")
     ap.add_argument("--reserve-s", type=float, default=None, help="budget kept back while repeating (default: 15 s, 0 in smoke)")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny pipeline, few steps: checks the script in seconds")
     ap.add_argument("--sections", default="a,c,b", help="which sections, in this order (default a,c,b)")
@@ -487,7 +544,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return state["pipe"], state["engine"]
 
     # (need, cap): a section starts only with `need` s of budget left; its repetitions stop after `cap` s
-    need = {"a": (5, 60) if smoke else (40, 50), "b": (5, 60) if smoke else (100, 1e9), "c": (3, 60) if smoke else (15, 25)}
+    need = {"a": (5, 60) if smoke else (40, 50), "b": (5, 60) if smoke else (280, 1e9), "c": (3, 60) if smoke else (15, 25)}
     for key in args.sections:
         if key == "a":
             b.section("a", "eager engine vs hand-written diffusers loop", *need["a"], lambda r: section_a(b, r, *shared()))
@@ -519,6 +576,10 @@ def summary(b: Bench) -> None:
     if m:
         rows.append(("(b) compiled engine / hand eager, batch 1", f"{m['ratio_compiled_vs_hand_eager']:.3f}", "≤ 0.40",
                      f"{m['engine_compiled_ms']:.1f} / {m['hand_eager_ms']:.1f} ms, rel. diff {m['rel_diff_vs_eager']:.2g}"))
+    r = s.get("b", {}).get("step")
+    if r:
+        rows.append(("(b) compile=step / floor (N × compiled UNet)", f"{r['ratio_step_vs_floor']:.3f}", "≤ 1.05",
+                     f"{r['engine_step_ms']:.1f} / {r['floor_ms']:.1f} ms; compile=true / floor {r['ratio_compiled_vs_floor']:.3f}"))
     for solver in b.args.compile_solvers:
         r = s.get("b", {}).get(solver)
         if isinstance(r, dict) and "rel_diff_vs_eager" in r:

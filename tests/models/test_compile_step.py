@@ -159,3 +159,17 @@ def test_captured_step_matches_eager_inductor():
     scale = eager.latents.abs().max().item()
     assert (eager.latents - step.latents).abs().max().item() <= 1e-4 * scale
     assert step.record["metrics"]["nfe"] == eager.record["metrics"]["nfe"]
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_smoke_has_the_step_and_floor_rows(tmp_path):
+    """benchmarks/gpu_engine.py section (b) on the CPU (~25 s): the compile=step row against the
+    floor of N compiled UNet calls, every step captured, the same latents as eager."""
+    from tests.benchmark_scripts import load_benchmark
+
+    data = load_benchmark("gpu_engine").main(["--smoke", "--sections", "b", "--out", str(tmp_path)])
+    assert data["errors"] == {}
+    row = data["sections"]["b"]["step"]
+    assert row["compile"]["steps_captured"] == data["args"]["steps"] and row["compile"]["fallback"] == {}
+    assert row["floor_ms"] > 0 and row["ratio_step_vs_floor"] > 0 and row["within_tolerance"]
+    assert compiled.BACKEND == graphstep.BACKEND == "inductor"  # the smoke run's trace-only backends were put back
