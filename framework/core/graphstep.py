@@ -5,10 +5,10 @@ solver's arithmetic run eagerly between its calls. With ``compile=step`` one fun
 captured with ``torch.compile``: the model's input scaling and network on the ``[uncond; cond]``
 pair (:meth:`Model.denoise_tensor`), the guidance chain (the CFG combination), the solver's update
 with all its evaluations (Heun's second one included) and the NaN guard's device-side checks of
-each of them. σ values reach it as 0-d device tensors from a table made once per run (float64,
-so the scalar arithmetic rounds as the eager loop's Python floats do), so a run compiles once,
-not once per step; the host chooses among at most four variants (with or without a previous step,
-to σ = 0 or not) from the grid's Python floats, without reading the device.
+each of them. σ values reach it as 0-d device tensors from a table made once per run, so a run
+compiles once, not once per step. The plugins branch only on host facts (:class:`Facts`: to σ = 0,
+first step, a previous step or none), and dynamo guards on a fact only where a plugin reads it:
+Euler has one graph, Heun two, DPM-Solver++(2M) three, chosen without reading the device.
 
 What stays on the host, between two launches: ``before_step``/``after_step`` plugins (they see the
 state as usual; ``state.pred`` carries the guided denoised only), the NFE and call counts (the
@@ -18,7 +18,7 @@ network compiled alone, when its σ is ∞ (a flow model's first step), when a `
 plugin changed σ (churn), or when the previous step's σ values are not the grid's.
 
 **The contract.** A plugin whose hook runs inside the step (``predict``: the model adapter,
-``guidance``, ``momentum``, ``step``: the solver) opts in with a class attribute
+``guidance``, ``step``: the solver; momentum plugins are not captured) opts in with a class attribute
 ``capturable = True`` (or a property: ``True``, or a string saying why this configuration cannot
 be captured). It promises that the hook is tensor arithmetic of its inputs and of ``state.sigma``
 / ``state.sigma_next`` (0-d tensors inside the graph), that it branches only on host facts
@@ -241,9 +241,9 @@ class GraphState:
 def _body(cap: Capture, batch: Any, x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor,
           t: torch.Tensor | None, t_next: torch.Tensor | None, both: dict[str, torch.Tensor],
           facts: Facts):
-    """The step, traced: evaluation(s), guidance, momentum, the solver; the NaN checks as flags.
+    """The step, traced: the evaluation(s) with guidance, the solver; the NaN checks as flags.
     Returns x_next, the guided denoised of the first evaluation, the index of the first failing
-    check per sample (-1: none; None without checks) and the host facts: (checks, NFE, calls)."""
+    check per sample (-1: none; None without checks) and what the host counts: (checks, NFE)."""
     state = GraphState(cap.run, batch, x, sigma, sigma_next, facts)
     checks: list[tuple[str, str, bool]] = []  # (hook, plugin, evaluated at σ_next)
     flags: list[torch.Tensor] = []
