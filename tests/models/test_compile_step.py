@@ -17,20 +17,16 @@ from framework.core.errors import ConfigError
 from framework.models import compiled
 from framework.runs import records
 from tests.models.test_performance import SmallDenoiser, counting_host_reads
+from tests.models.test_performance import small  # noqa: F401  (the small conv denoiser, a module fixture)
+from tests.models.test_performance import trace_only as trace_network  # noqa: F401  (a fixture)
 
 SOLVERS = ["euler", "heun", "dpmpp_2m"]
 CFG = ["cfg_scale=5.0", "callback=[nan_guard]"]
 
 
-@pytest.fixture(scope="module")
-def small():
-    return SmallDenoiser()
-
-
 @pytest.fixture
-def trace_only(monkeypatch):
-    """torch.compile with the eager backend: dynamo traces and guards, no code generation."""
-    monkeypatch.setattr(compiled, "BACKEND", "eager")
+def trace_only(trace_network, monkeypatch):
+    """The network and the step traced with dynamo's eager backend: graphs and guards, no code."""
     monkeypatch.setattr(graphstep, "BACKEND", "eager")
 
 
@@ -116,17 +112,19 @@ def test_the_nan_guard_points_at_the_same_step_and_plugin(trace_only):
 def test_the_captured_step_never_reads_the_device(small, trace_only, monkeypatch):
     """The loop under compile=step: no .item()/float()/.cpu(), and no tensor made per step."""
     def loop_counts(steps: int) -> collections.Counter:
-        inner, seen = engine.sample_batch, collections.Counter()
+        seen: collections.Counter[str] = collections.Counter()
+        loop = engine.sample_batch
 
-        def watched(*args, **kwargs):
+        def counted_loop(*args, **kwargs):
             with counting_host_reads() as counts:
-                out = inner(*args, **kwargs)
-            seen.update(counts)
-            return out
+                try:
+                    return loop(*args, **kwargs)
+                finally:
+                    seen.update(counts)
 
-        monkeypatch.setattr(engine, "sample_batch", watched)
-        result = testing.sample(["solver=dpmpp_2m", *CFG, "compile=step"], model=small, steps=steps, num_samples=2)
-        monkeypatch.setattr(engine, "sample_batch", inner)
+        with monkeypatch.context() as patch:
+            patch.setattr(engine, "sample_batch", counted_loop)
+            result = testing.sample(["solver=dpmpp_2m", *CFG, "compile=step"], model=small, steps=steps, num_samples=2)
         assert result.record["compile"]["steps_captured"] == steps
         return seen
 
