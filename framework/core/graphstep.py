@@ -324,6 +324,16 @@ class CapturedSolver:
         return self._step(state=state, denoise=denoise)
 
 
+def _failure(e: Exception) -> str:
+    """One line on why a compile failed: dynamo's own debug line (the exception a plugin raised
+    while traced) or its first line, and the innermost place in the traced code outside this module."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    debug = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Developer debug context:")), None)
+    where = [line for line in lines if line.startswith('File "') and __file__ not in line]
+    text = f"{type(e).__name__}: {debug or (lines[0] if lines else '')}" + (f" ({where[-1]})" if where else "")
+    return text[:500]
+
+
 class GraphDenoiser(Denoiser):
     """The engine's ``denoise`` under ``compile=step``: the step's first evaluation runs the whole
     captured step (its x_next waits in ``taken`` for :class:`CapturedSolver`); any other
@@ -342,7 +352,7 @@ class GraphDenoiser(Denoiser):
             try:
                 return self._captured(st)
             except Exception as e:  # a promise a plugin could not keep: the rest of the run goes uncaptured
-                cap.broken = f"capture failed at step {st.index}: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+                cap.broken = f"capture failed at step {st.index}: {_failure(e)}"
                 report["fallback"]["step"], report["captured"] = cap.broken, []
                 warnings.warn(f"compile=step: {cap.broken}; the run continues with the network compiled alone")
         if first:

@@ -7,6 +7,8 @@ on the tiny SD pipeline (~2–4 min cold on a CPU)."""
 from __future__ import annotations
 
 import collections
+from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from framework import testing
 from framework.core import engine, graphstep
 from framework.core.errors import ConfigError
 from framework.models import compiled
+from framework.plugin import hookimpl
 from framework.runs import records
 from tests.models.test_performance import SmallDenoiser, counting_host_reads
 from tests.models.test_performance import small  # noqa: F401  (the small conv denoiser, a module fixture)
@@ -90,6 +93,28 @@ def test_steps_the_graph_cannot_take_run_uncaptured_in_the_same_run(small, trace
     assert report["steps_captured"] > 0 and report["steps_uncaptured"] > 0
     assert report["steps_captured"] + report["steps_uncaptured"] == 8
     assert (eager.latents - step.latents).abs().max().item() <= 1e-5 * eager.latents.abs().max().item()
+
+
+@dataclass
+class IndexEuler:
+    """Euler that claims to be capturable but reads state.index (a value per step)."""
+
+    capturable: ClassVar[bool] = True
+
+    @hookimpl
+    def step(self, state, denoise):
+        return state.pred.x + (state.sigma_next - state.sigma) * state.pred.derivative * (1 + 0 * state.index)
+
+
+def test_a_broken_promise_falls_back_with_a_warning_and_the_reason(small, trace_only):
+    bad = ["solver=euler", f"solver._target_={__name__}.IndexEuler", *CFG]
+    eager = testing.sample(bad, model=small, steps=3, num_samples=2)
+    with pytest.warns(UserWarning, match="compile=step: capture failed at step 0"):
+        step = testing.sample(bad + ["compile=step"], model=small, steps=3, num_samples=2)
+    report = step.record["compile"]
+    assert report["captured"] == [] and "state.index" in report["fallback"]["step"], report
+    assert report["steps_captured"] == 0 and report["steps_uncaptured"] == 3
+    assert (eager.latents - step.latents).abs().max().item() <= 1e-6 * eager.latents.abs().max().item()
 
 
 class NaNDenoiser(SmallDenoiser):
