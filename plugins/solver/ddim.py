@@ -15,6 +15,11 @@ class DDIM:
 
     eta: float = 0.0
 
+    @property
+    def capturable(self) -> bool | str:
+        """compile=step: η = 0 is tensor arithmetic of σ; η > 0 draws noise from per-sample generators."""
+        return True if self.eta == 0 else "η > 0 draws fresh noise every step"
+
     def __post_init__(self) -> None:
         if self.eta < 0:
             raise ConfigError(f"solver.eta must be ≥ 0, got {self.eta}")
@@ -22,6 +27,8 @@ class DDIM:
     @hookimpl
     def step(self, state, denoise):
         pred = state.pred
+        if self.eta == 0:  # the ODE: σ_down = σ_next, σ_up = 0
+            return pred.x + (state.sigma_next - state.sigma) * pred.derivative
         sigma_down, sigma_up = ancestral_split(state.sigma, state.sigma_next, self.eta)
         x = pred.x + (sigma_down - state.sigma) * pred.derivative
         if sigma_up > 0:

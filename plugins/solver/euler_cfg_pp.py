@@ -10,6 +10,7 @@ unconditional model has no unconditional pass (D_uncond = D): the step is Euler'
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from framework.plugin import ConfigError, UncondGuidance, hookimpl
 
@@ -29,6 +30,8 @@ class CFGPP:
 
 @dataclass
 class EulerCFGPP(CFGPP):
+    capturable: ClassVar[bool] = True  # compile=step: tensor arithmetic of σ and the CFG pair
+
     @hookimpl
     def step(self, state, denoise):
         pred = state.pred
