@@ -95,6 +95,7 @@ def test_steps_the_graph_cannot_take_run_uncaptured_in_the_same_run(small, trace
     assert report["steps_captured"] > 0 and report["steps_uncaptured"] > 0
     assert report["steps_captured"] + report["steps_uncaptured"] == 8
     assert (eager.latents - step.latents).abs().max().item() <= 1e-5 * eager.latents.abs().max().item()
+    assert step.record["metrics"]["nfe"] == eager.record["metrics"]["nfe"] == 8
 
 
 @dataclass
