@@ -55,10 +55,10 @@ def test_captured_step_matches_eager_with_cfg(small, trace_only, solver):
     assert step.record["metrics"]["nfe"] == (9 if solver == "heun" else 5)
 
 
-@pytest.mark.parametrize("solver, variants", [("euler", 1), ("heun", 2), ("dpmpp_2m", 3)])
+@pytest.mark.parametrize("solver, variants", [("euler", 1), ("heun", 2), ("dpmpp_2m", 3), ("ddim", 1), ("euler_cfg_pp", 1)])
 def test_one_graph_per_variant_and_no_recompilation_across_runs(small, trace_only, solver, variants):
-    """Euler has one graph; Heun two (the last step to σ = 0 is Euler's); DPM-Solver++(2M) three
-    (first, middle, last). Two runs × two seeds, and a longer grid, add none."""
+    """Euler (and DDIM at η = 0, Euler CFG++) has one graph; Heun two (the last step to σ = 0 is
+    Euler's); DPM-Solver++(2M) three (first, middle, last). Two seeds × two grids add none."""
     graphstep.STEPS.clear()  # a fresh code object: this test's graphs are its own
     before = graphs()
     testing.sample([f"solver={solver}", *CFG, "compile=step"], model=small, steps=4, num_samples=2)
