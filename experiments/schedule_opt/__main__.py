@@ -179,13 +179,14 @@ class Study:
         init = f"from_{init_from}" if init_from else str(self.cfg.ld3_init[self.model])
         if init.startswith("from_"):  # the file another method made for this solver (seed tag kept)
             init = str(self.folder / "schedules" / f"{solver}_{init[5:]}{tag}.json")
+        kwargs = dict(fine=int(self.cfg.fine[self.model]), teacher=str(self.cfg.teacher[self.model].solver),
+                      teacher_substeps=int(self.cfg.teacher[self.model].substeps),
+                      teacher_rtol=float(self.cfg.teacher[self.model].rtol), iterations=int(self.cfg.iterations),
+                      seconds=float(self.cfg.ld3_seconds[self.model]), init=init, trials=int(self.cfg.tpe_trials))
+        kwargs.update(spec)  # a method spec may set any of these (e.g. its own init or time cap)
         opts = Options(method=method, nfe=list(budgets), out=str(self.folder / "schedules" / f"{solver}_{label}{tag}.json"),
-                       fine=int(self.cfg.fine[self.model]), teacher=str(self.cfg.teacher[self.model].solver),
-                       teacher_substeps=int(self.cfg.teacher[self.model].substeps),
-                       teacher_rtol=float(self.cfg.teacher[self.model].rtol), iterations=int(self.cfg.iterations),
-                       seconds=float(self.cfg.ld3_seconds[self.model]), progress=False,
-                       init=init, trials=int(self.cfg.tpe_trials), calibration=Calibration(list(c.prompts), int(seed), int(c.num_samples[self.model])),
-                       **spec)
+                       progress=False, calibration=Calibration(list(c.prompts), int(seed), int(c.num_samples[self.model])),
+                       **kwargs)
         overrides = [f"model={self.model}", f"dtype={self.dtype}", *self.solver_args(solver), "device=cpu", *self.extra]
         if self.model in ("mixture", "gaussian"):
             overrides.append("guidance=[]")

@@ -67,6 +67,8 @@ from framework.core.state import Prediction, Schedule, Stash, StepRecord
 from framework.core.step import Denoiser, SamplerState
 
 METHODS = ("gits", "oss", "ays", "ld3", "tpe")
+FINALS = ("free", "sigma_min")
+OBJECTIVES = ("latent", "image", "image_grad")  # ld3 / tpe: the final error in latents, decoded images, or their gradients  # ``final``: where the last step to 0 starts (sigma_min: pinned there, a near-free step)
 CALIBRATION_PROMPTS = ("a red circle", "a green square", "a blue triangle", "a yellow diamond", "a purple circle",
                        "an orange square", "a white triangle", "a black diamond")
 
@@ -97,8 +99,10 @@ class Options:
     fd_step: float = 0.02  # ld3: central-difference step in log σ
     init: str = "gits"  # ld3's first grid: gits, oss, or a schedule file (its grid for the budget)
     trials: int = 60  # tpe: Optuna trials per budget
-    start: str | None = None  # σ_0 of every grid: the model's σ_max (default), a number, or `leading` (below)
+    start: str | None = None  # σ_0 of every grid: the model's σ_max (default), a number, `leading` or `leading:<steps>` (below)
     history: bool = False  # gits: the step's cost with the solver's history of the previous step (DP over pairs)
+    objective: str = "latent"  # ld3/tpe: RMSE of the final latents, of the decoded images, or of the images' finite differences (edges)
+    final: str = "free"  # the grid's last nonzero σ: free (any fine point), or sigma_min (the final step D at σ_min, as stock grids)
     resume: bool = True
     plot: bool = True
     progress: bool = True
@@ -111,12 +115,20 @@ class Options:
             raise ConfigError(f"nfe must be a list of budgets ≥ 1, e.g. nfe=[5,6,8,10], got {self.nfe}")
         if self.fine < 4:
             raise ConfigError(f"fine={self.fine}: the fine grid needs at least 4 points")
-        if self.start not in (None, "leading"):
+        if self.start is not None and str(self.start).startswith("leading:"):
+            k = str(self.start)[8:]
+            if not (k.isdigit() and int(k) >= 1):
+                raise ConfigError(f"start={self.start}: give leading:<steps ≥ 1>, e.g. start=leading:4")
+        elif self.start not in (None, "leading"):
             try:
                 if not float(self.start) > 0:
                     raise ValueError
             except ValueError:
-                raise ConfigError(f"start={self.start}: give σ_0 > 0, or start=leading") from None
+                raise ConfigError(f"start={self.start}: give σ_0 > 0, start=leading or start=leading:<steps>") from None
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"objective={self.objective}: choose from {', '.join(OBJECTIVES)}")
+        if self.final not in FINALS:
+            raise ConfigError(f"final={self.final}: choose from {', '.join(FINALS)}")
         if self.trials < 1:
             raise ConfigError(f"trials={self.trials}: tpe needs at least one trial")
         if self.teacher_substeps < 1 or self.calibration.num_samples < 1:
@@ -142,6 +154,27 @@ class Node:
 
 def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).pow(2).mean().sqrt())
+
+
+def final_loss(sampler: "Sampler", target: torch.Tensor, objective: str) -> Callable[[torch.Tensor], float]:
+    """The error of final latents x to ``target``: RMSE of the latents (``latent``), of the decoded
+    images in [0, 1] (``image``), or of the images' horizontal and vertical finite differences
+    (``image_grad``: an edge-sensitive error that a blurred sample pays for)."""
+    if objective == "latent":
+        return lambda x: rmse(x, target)
+    model = sampler.model
+    if not getattr(model, "has_decoder", False):
+        raise ConfigError(f"objective={objective} decodes the samples: this model has no decoder (use objective=latent)")
+
+    def feats(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            img = model.decode(x).double()
+        if objective == "image":
+            return img
+        return torch.cat([(img[..., 1:, :] - img[..., :-1, :]).flatten(1), (img[..., :, 1:] - img[..., :, :-1]).flatten(1)], 1)
+
+    ref = feats(target)
+    return lambda x: rmse(feats(x), ref)
 
 
 class Sampler:
@@ -318,8 +351,15 @@ def dp_path(cost: Callable[[int, int], float], last: int, steps: int) -> tuple[l
     return path[::-1], best[steps][last]
 
 
-def gits(sampler: Sampler, teacher: Teacher, steps: int) -> tuple[list[float], float]:
-    """GITS: exact least summed local truncation error over the fine points."""
+def check_pinned(steps: int, pinned: bool) -> None:
+    if pinned and steps < 2:
+        raise ConfigError("final=sigma_min needs at least 2 steps (σ_0 → σ_min → 0)")
+
+
+def gits(sampler: Sampler, teacher: Teacher, steps: int, pinned: bool = False) -> tuple[list[float], float]:
+    """GITS: exact least summed local truncation error over the fine points (``pinned``: the
+    path passes through σ_min, the last fine point before 0, and takes its final step from there)."""
+    check_pinned(steps, pinned)
     fine, last = teacher.fine, len(teacher.fine) - 1
     memo: dict[tuple[int, int], float] = {}
 
@@ -330,6 +370,9 @@ def gits(sampler: Sampler, teacher: Teacher, steps: int) -> tuple[list[float], f
             memo[(i, j)] = rmse(nxt.x, teacher.x[j])
         return memo[(i, j)]
 
+    if pinned:
+        path, obj = dp_path(cost, last - 1, steps - 1)
+        return [fine[p] for p in path] + [0.0], obj + cost(last - 1, last)
     path, obj = dp_path(cost, last, steps)
     return [fine[p] for p in path], obj
 
@@ -359,7 +402,7 @@ def history_costs(sampler: Sampler, teacher: Teacher, steps: int) -> tuple[Calla
     return first_cost, local
 
 
-def gits_history(sampler: Sampler, teacher: Teacher, steps: int) -> tuple[list[float], float]:
+def gits_history(sampler: Sampler, teacher: Teacher, steps: int, pinned: bool = False) -> tuple[list[float], float]:
     """GITS with a history-aware cost (``history=true``): the cost of the step i → j after the
     step p → i is the local error of a solver step from the teacher's x*_i that carries the
     history (and stash) of one real step p → i taken from x*_p — what a two-step method such as
@@ -367,21 +410,23 @@ def gits_history(sampler: Sampler, teacher: Teacher, steps: int) -> tuple[list[f
     dynamic programming over (previous, current) fine-point pairs (O(K · fine³) solver steps, the
     model evaluations shared with the teacher's)."""
     fine, last = teacher.fine, len(teacher.fine) - 1
+    check_pinned(steps, pinned)
     if steps == 1:
         return [fine[0], 0.0], rmse(sampler.step(_fine_node(teacher, 0), 0.0, 1).x, teacher.x[-1])
     first_cost, local = history_costs(sampler, teacher, steps)
     inf = math.inf
     best: dict[tuple[int, int], float] = {}
     back: list[dict[tuple[int, int], int]] = [{}]
-    for i in range(1, last - steps + 2):  # step 1: 0 → i
+    for i in ([last - 1] if pinned and steps == 2 else range(1, last - steps + 2)):  # step 1: 0 → i
         best[(0, i)] = first_cost(i)
     for k in range(2, steps + 1):
         new: dict[tuple[int, int], float] = {}
         bk: dict[tuple[int, int], int] = {}
         for (p, i), c in best.items():
-            targets = [last] if k == steps else range(i + 1, last - (steps - k) + 1)
+            targets = [last] if k == steps else ([last - 1] if pinned and k == steps - 1 else
+                                                 range(i + 1, last - (steps - k) + 1))
             for j in targets:
-                if j <= i or (j == last and k < steps):
+                if j <= i or (j == last and k < steps) or (pinned and j == last and i != last - 1):
                     continue
                 v = c + local(p, i, j)
                 if v < new.get((i, j), inf):
@@ -397,12 +442,13 @@ def gits_history(sampler: Sampler, teacher: Teacher, steps: int) -> tuple[list[f
     return [fine[q] for q in path[::-1]], obj
 
 
-def oss(sampler: Sampler, teacher: Teacher, steps: int) -> tuple[list[float], float]:
+def oss(sampler: Sampler, teacher: Teacher, steps: int, pinned: bool = False) -> tuple[list[float], float]:
     """OSS: the student's state carried along the best path to every (steps taken, fine point)."""
+    check_pinned(steps, pinned)
     fine, last = teacher.fine, len(teacher.fine) - 1
     layer: dict[int, Node] = {0: sampler.start(fine[0])}
     for k in range(1, steps + 1):
-        targets = [last] if k == steps else range(k, last - (steps - k) + 1)
+        targets = [last] if k == steps else ([last - 1] if pinned and k == steps - 1 else range(k, last - (steps - k) + 1))
         new: dict[int, tuple[float, Node]] = {}
         for j in targets:
             if j == last and k < steps:
@@ -463,11 +509,16 @@ def ays(sampler: Sampler, teacher: Teacher, steps: int, sweeps: int) -> tuple[li
 
 
 def ld3(sampler: Sampler, teacher: Teacher, steps: int, opts: Options, nfe: int) -> tuple[list[float], float, int]:
-    """LD3-style: Adam on the log-σ grid, derivative of the final error by central differences."""
+    """LD3-style: Adam on the log-σ grid, derivative of the final error by central differences
+    (``final=sigma_min``: the last nonzero σ stays at σ_min, the others are learned)."""
+    pinned = opts.final == "sigma_min"
+    check_pinned(steps, pinned)
     if opts.init == "gits":
-        start, _ = gits(sampler, teacher, steps)
+        start, _ = gits(sampler, teacher, steps, pinned)
     elif opts.init == "oss":
-        start, _ = oss(sampler, teacher, steps)
+        start, _ = oss(sampler, teacher, steps, pinned)
+    elif opts.init in ("leading", "karras", "exponential"):  # a stock grid of that many steps (points below the start kept)
+        start = leading_grid(sampler.model, steps) if opts.init == "leading" else stock_grid(opts.init, sampler.model, steps)
     else:
         from framework.runs.schedule_file import read_schedule_file
 
@@ -475,16 +526,17 @@ def ld3(sampler: Sampler, teacher: Teacher, steps: int, opts: Options, nfe: int)
         if g is None or g["steps"] != steps:
             raise ConfigError(f"init={opts.init} has no {steps}-step grid for NFE {nfe}")
         start = [float(v) for v in g["sigmas"]]
-    target = teacher.x[-1]
-    start = [teacher.fine[0]] + [v for v in start[1:-1] if v < teacher.fine[0]][:steps - 1] + [0.0]
-    if len(start) != steps + 1:
-        raise ConfigError(f"init={opts.init}: its {steps}-step grid does not fit below σ_0 = {teacher.fine[0]:g}")
-    top = teacher.fine[0]
-    lo, hi = math.log(sampler.sigma_min), math.log(top)
-    theta = np.array([math.log(s) for s in start[1:-1]])  # σ_1 … σ_{K−1} (σ_0 = the start, then 0)
+    loss_of = final_loss(sampler, teacher.x[-1], opts.objective)
+    top, tail = teacher.fine[0], ([sampler.sigma_min] if pinned else [])
+    free = steps - 1 - len(tail)  # the learned σ_1 … (σ_0 = the start; then σ_min if pinned, then 0)
+    inner = [v for v in start[1:-1] if v < top and not (pinned and v <= sampler.sigma_min * 1.01)][:free]
+    if len(inner) != free:
+        raise ConfigError(f"init={opts.init}: its {steps}-step grid does not fit below σ_0 = {top:g}")
+    lo, hi = math.log(sampler.sigma_min) + (0.01 if pinned else 0.0), math.log(top)
+    theta = np.array([math.log(s) for s in inner])
 
     def grid_of(t: np.ndarray) -> list[float]:
-        return [top] + [math.exp(v) for v in t] + [0.0]
+        return [top] + [math.exp(v) for v in t] + tail + [0.0]
 
     def project(t: np.ndarray) -> np.ndarray:
         t = np.clip(t, lo, hi - 1e-3)
@@ -496,17 +548,17 @@ def ld3(sampler: Sampler, teacher: Teacher, steps: int, opts: Options, nfe: int)
     def final_from(nodes: list[Node], k: int, value: float, t: np.ndarray) -> float:
         grid = grid_of(t)
         grid[k + 1] = math.exp(value)
-        return rmse(sampler.trajectory(grid, start=nodes[k])[-1].x, target)
+        return loss_of(sampler.trajectory(grid, start=nodes[k])[-1].x)
 
-    if steps < 2:
+    if free < 1:
         nodes = sampler.trajectory(grid_of(theta))
-        return grid_of(theta), rmse(nodes[-1].x, target), 0
+        return grid_of(theta), loss_of(nodes[-1].x), 0
     m, v = np.zeros_like(theta), np.zeros_like(theta)
     best_t, best = theta.copy(), math.inf
     t0, it = time.perf_counter(), 0
     for it in range(1, opts.iterations + 1):
         nodes = sampler.trajectory(grid_of(theta))
-        loss = rmse(nodes[-1].x, target)
+        loss = loss_of(nodes[-1].x)
         if loss < best:
             best, best_t = loss, theta.copy()
         if time.perf_counter() - t0 > opts.seconds:
@@ -515,7 +567,7 @@ def ld3(sampler: Sampler, teacher: Teacher, steps: int, opts: Options, nfe: int)
         h = opts.fd_step
         for k in range(len(theta)):
             up = min(theta[k] + h, (hi if k == 0 else theta[k - 1]) - 1e-4)
-            down = max(theta[k] - h, (lo - 0.5 if k == len(theta) - 1 else theta[k + 1]) + 1e-4)
+            down = max(theta[k] - h, ((lo if pinned else lo - 0.5) if k == len(theta) - 1 else theta[k + 1]) + 1e-4)
             f_up, f_down = final_from(nodes, k, up, theta), final_from(nodes, k, down, theta)
             grad[k] = (f_up - f_down) / (up - down)
         m = 0.9 * m + 0.1 * grad
@@ -523,41 +575,45 @@ def ld3(sampler: Sampler, teacher: Teacher, steps: int, opts: Options, nfe: int)
         step = opts.lr * (m / (1 - 0.9 ** it)) / (np.sqrt(v / (1 - 0.999 ** it)) + 1e-12)
         theta = project(theta - step)
     nodes = sampler.trajectory(grid_of(theta))
-    loss = rmse(nodes[-1].x, target)
+    loss = loss_of(nodes[-1].x)
     if loss < best:
         best, best_t = loss, theta.copy()
     return grid_of(best_t), best, it
 
 
-def tpe(sampler: Sampler, teacher: Teacher, steps: int, trials: int) -> tuple[list[float], float]:
-    """The Optuna baseline: TPE over the sorted interior log σ values, final RMSE to the teacher."""
+def tpe(sampler: Sampler, teacher: Teacher, steps: int, trials: int, pinned: bool = False,
+        objective: str = "latent") -> tuple[list[float], float]:
+    """The Optuna baseline: TPE over the sorted interior log σ values, final RMSE to the teacher
+    (``pinned``: the last nonzero σ fixed at σ_min)."""
+    check_pinned(steps, pinned)
     try:
         import optuna
     except ImportError:
         raise ConfigError("method=tpe needs optuna: pip install 'samplerlab[tune]'") from None
-    top = teacher.fine[0]
-    lo, hi = math.log(sampler.sigma_min), math.log(top)
-    target = teacher.x[-1]
+    top, tail = teacher.fine[0], ([sampler.sigma_min] if pinned else [])
+    lo, hi = math.log(sampler.sigma_min) + (0.01 if pinned else 0.0), math.log(top)
+    loss_of = final_loss(sampler, teacher.x[-1], objective)
+    free = steps - 1 - len(tail)
 
     def grid_of(values: Sequence[float]) -> list[float]:
         inner = sorted((min(max(v, lo), hi - 1e-3) for v in values), reverse=True)
         for k in range(1, len(inner)):  # strictly decreasing
             inner[k] = min(inner[k], inner[k - 1] - 1e-3)
-        return [top] + [math.exp(v) for v in inner] + [0.0]
+        return [top] + [math.exp(v) for v in inner] + tail + [0.0]
 
-    if steps < 2:
+    if free < 1:
         grid = grid_of([])
-        return grid, rmse(sampler.trajectory(grid)[-1].x, target)
+        return grid, loss_of(sampler.trajectory(grid)[-1].x)
 
     def objective(trial) -> float:
-        values = [trial.suggest_float(f"log_sigma_{k}", lo, hi) for k in range(1, steps)]
-        return rmse(sampler.trajectory(grid_of(values))[-1].x, target)
+        values = [trial.suggest_float(f"log_sigma_{k}", lo, hi) for k in range(1, free + 1)]
+        return loss_of(sampler.trajectory(grid_of(values))[-1].x)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=0))
     study.optimize(objective, n_trials=trials)
     best = study.best_params
-    return grid_of([best[f"log_sigma_{k}"] for k in range(1, steps)]), float(study.best_value)
+    return grid_of([best[f"log_sigma_{k}"] for k in range(1, free + 1)]), float(study.best_value)
 
 
 # --- the command --------------------------------------------------------------------------------
@@ -616,7 +672,11 @@ def optimize(opts: Options, overrides: Sequence[str], model: object | None = Non
     budgets = [int(n) for n in opts.nfe]
     steps_of = {n: sampler.steps_for_nfe(n) for n in budgets}  # refuses an unreachable budget before any work
     settings = {k: v for k, v in asdict(opts).items() if k in ("fine", "teacher", "teacher_substeps", "teacher_rtol",
-                                                                 "iterations", "seconds", "lr", "fd_step", "init", "trials", "history", "start")}
+                                                                 "iterations", "seconds", "lr", "fd_step", "init", "trials", "history", "start", "final",
+                                                                 "objective")}
+    for key, plain in (("final", "free"), ("objective", "latent")):  # keys only where set: older files still resume
+        if settings.get(key) == plain:
+            settings.pop(key)
     run_keys = {k: OmegaConf.to_container(cfg, resolve=True).get(k) for k in ("cfg_scale", "dtype", "guidance", "momentum")}
     head = {"model": {"name": model_name, "fingerprint": fingerprint, "sigma_min": sampler.sigma_min,
                       "sigma_max": sampler.sigma_max},
@@ -658,24 +718,26 @@ def optimize(opts: Options, overrides: Sequence[str], model: object | None = Non
                     teachers[key] = teacher
             teacher_start = (sigma0, sampler.vp_start)
         extra: dict[str, Any] = {}
+        pinned = opts.final == "sigma_min"
         if opts.method == "gits" and opts.history:
-            grid, obj = gits_history(sampler, teacher, k)
+            grid, obj = gits_history(sampler, teacher, k, pinned)
             name = "summed local truncation error with one step of the solver's history (RMS per step)"
         elif opts.method == "gits":
-            grid, obj = gits(sampler, teacher, k)
+            grid, obj = gits(sampler, teacher, k, pinned)
             name = "summed local truncation error (RMS per step, on the teacher trajectory)"
         elif opts.method == "oss":
-            grid, obj = oss(sampler, teacher, k)
+            grid, obj = oss(sampler, teacher, k, pinned)
             name = "final RMSE to the teacher (DP over the student's own states)"
         elif opts.method == "ays":
             grid, obj = ays(sampler, teacher, k, opts.iterations)
             name = "summed KLUB of the Euler steps"
         elif opts.method == "tpe":
-            grid, obj = tpe(sampler, teacher, k, opts.trials)
+            grid, obj = tpe(sampler, teacher, k, opts.trials, pinned, opts.objective)
             name = "final RMSE to the teacher (Optuna TPE)"
         else:
             grid, obj, its = ld3(sampler, teacher, k, opts, n)
-            name, extra = "final RMSE to the teacher", {"iterations": its}
+            name, extra = {"latent": "final RMSE to the teacher", "image": "RMSE of the decoded final images to the teacher's",
+                           "image_grad": "RMSE of the decoded final images' finite differences to the teacher's"}[opts.objective], {"iterations": its}
         final = rmse(sampler.trajectory(grid)[-1].x, teacher.x[-1])
         grids[str(n)] = {"nfe": n, "steps": k, "sigmas": [float(s) for s in grid], "init_noise": sampler.init_scale(grid[0]),
                          "objective": float(obj),
@@ -694,10 +756,14 @@ def start_of(opts: Options, sampler: Sampler, steps: int) -> tuple[float, bool]:
     """(σ_0, whether x_T = √(1+σ_0²)·ε) of a ``steps``-step grid: the model's σ_max with x_T = σ_max·ε
     (default), a given σ_0, or ``leading``: the σ_0 and start noise of diffusers' ``leading`` timestep
     spacing for that step count (``schedule=uniform schedule.spacing=leading``; a grid that starts
-    below σ_max, as the model's own scheduler does), so the optimiser may choose the same start."""
+    below σ_max, as the model's own scheduler does), so the optimiser may choose the same start;
+    ``leading:<K>``: the start of the ``leading`` grid of K steps whatever the budget's step count
+    (e.g. the later start of a shorter stock grid)."""
     if opts.start is None:
         return sampler.sigma_max, False
-    if opts.start != "leading":
+    if str(opts.start).startswith("leading:"):
+        steps = int(str(opts.start)[8:])
+    elif opts.start != "leading":
         return min(float(opts.start), sampler.sigma_max), False
     from framework.core.registry import instantiate
     from framework.entry.compose import compose
@@ -706,6 +772,15 @@ def start_of(opts: Options, sampler: Sampler, steps: int) -> tuple[float, bool]:
     sched = instantiate(node, "schedule=uniform").schedule(model=sampler.model, steps=steps)
     s0 = float(sched.sigmas[0])
     return s0, not math.isclose(float(sched.init_noise_scale), s0, rel_tol=1e-9)
+
+
+def leading_grid(model: object, steps: int) -> list[float]:
+    """diffusers' ``leading`` grid of ``steps`` steps (``schedule=uniform schedule.spacing=leading``)."""
+    from framework.core.registry import instantiate
+    from framework.entry.compose import compose
+
+    node = compose(["schedule=uniform", "schedule.spacing=leading"])[0].schedule
+    return [float(v) for v in instantiate(node, "schedule=uniform").schedule(model=model, steps=steps).sigmas]
 
 
 def stock_grid(name: str, model: object, steps: int) -> list[float]:

@@ -191,3 +191,82 @@ def test_start_below_sigma_max_is_the_grid_s_first_point_and_the_run_s_x_T(tmp_p
                  MIX + ["solver=euler"], log=lambda s: None)
     with pytest.raises(ConfigError, match="start="):
         Options(start="high").check()
+
+
+@pytest.mark.parametrize("method,history", [("gits", False), ("gits", True), ("oss", False), ("ld3", False)])
+def test_final_sigma_min_pins_the_last_step_at_sigma_min(method, history, tmp_path):
+    """final=sigma_min: every grid takes its last step to 0 from the model's σ_min (the stock grids'
+    near-free final step), its other points optimised; the NFE stays the budget's."""
+    opts = Options(method=method, history=history, nfe=[4], final="sigma_min", iterations=2, out=str(tmp_path / "p.json"),
+                   **SMALL)
+    content, path = optimize(opts, MIX + ["solver=dpmpp_2m"], log=lambda s: None)
+    g = content["grids"]["4"]
+    s_min = content["model"]["sigma_min"]
+    assert g["steps"] == 4 and g["nfe"] == 4 and g["sigmas"][-1] == 0.0
+    assert math.isclose(g["sigmas"][-2], s_min, rel_tol=1e-12) and g["sigmas"][-3] > s_min * 1.005
+    assert content["settings"]["final"] == "sigma_min"
+    res = run(MIX + ["solver=dpmpp_2m", "steps=4", "num_samples=1", "batch_size=1", "callback=[]", "schedule=optimized",
+                     f"schedule.file={path}"])
+    assert res.record["metrics"]["nfe"] == 4
+
+
+def test_pinned_gits_is_the_best_path_through_sigma_min():
+    """The pinned DP's value is the brute-force least summed cost over the paths through σ_min, and
+    never below the free DP's (it searches a subset)."""
+    from framework.tools.schedule_opt import Sampler, fine_grid, gits, make_teacher
+
+    s = Sampler(MIX + ["solver=euler", "seed=1000", "num_samples=4", "batch_size=4", "callback=[]"])
+    teacher = make_teacher(s, fine_grid(s.sigma_max, s.sigma_min, 7), "reference", 1, 1e-8)
+    free_grid, free = gits(s, teacher, 3)
+    grid, value = gits(s, teacher, 3, pinned=True)
+    fine, last = teacher.fine, len(teacher.fine) - 1
+
+    def cost(path):
+        return sum(schedule_opt.rmse(s.step(schedule_opt._fine_node(teacher, a), fine[b], 1 if b == last else 2).x,
+                                     teacher.x[b]) for a, b in zip(path, path[1:]))
+
+    brute = min((cost((0, m, last - 1, last)), (0, m, last - 1, last)) for m in range(1, last - 1))
+    assert grid == [fine[q] for q in brute[1]] and math.isclose(value, brute[0], rel_tol=1e-12)
+    assert value >= free - 1e-12 and grid[-2] == fine[-2]
+    with pytest.raises(ConfigError, match="at least 2 steps"):
+        gits(s, teacher, 1, pinned=True)
+
+
+def test_bad_final_is_one_line(capsys):
+    assert "final=" in one_line_error(capsys, ["final=zero", *MIX])
+
+
+def test_objective_and_leading_k_options_are_checked(capsys):
+    assert "objective=" in one_line_error(capsys, ["objective=fd", *MIX])
+    assert "leading:<steps" in one_line_error(capsys, ["start=leading:x", *MIX])
+    Options(start="leading:4", objective="image_grad").check()
+
+
+def test_image_objective_needs_a_decoder(tmp_path):
+    with pytest.raises(ConfigError, match="no decoder"):
+        optimize(Options(method="ld3", nfe=[3], objective="image", out=str(tmp_path / "i.json"), **SMALL),
+                 MIX + ["solver=euler"], log=lambda s: None)
+
+
+def test_final_loss_image_grad_sees_edges_not_offsets():
+    """The edge-sensitive error is 0 at the target and for a uniform offset of the decoded image
+    (finite differences cancel it), which the image RMSE charges in full (a stand-in decoder:
+    nearest upsampling of three latent channels)."""
+    import torch
+
+    class Model:
+        has_decoder = True
+
+        def decode(self, x):
+            return torch.nn.functional.interpolate(x[:, :3], scale_factor=4)
+
+    class S:
+        model = Model()
+
+    target = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    grad, image = schedule_opt.final_loss(S(), target, "image_grad"), schedule_opt.final_loss(S(), target, "image")
+    assert grad(target) < 1e-12 and image(target) < 1e-12
+    assert grad(target + 0.3) < 1e-12 and math.isclose(image(target + 0.3), 0.3, rel_tol=1e-9)
+    blurred = torch.nn.functional.avg_pool2d(target, 3, 1, 1, count_include_pad=False)
+    assert grad(blurred) > 0.1
+    assert math.isclose(schedule_opt.final_loss(S(), target, "latent")(blurred), schedule_opt.rmse(blurred, target))
