@@ -1,6 +1,6 @@
 """A few (method spec, solver) pairs of the study, on the study's protocol, without the whole study.
 
-    python -m experiments.schedule_opt.probe pairs=gitsh_l3/euler,gitsh_lead_pin/euler nfe=5,6 quality=true
+    python -m experiments.schedule_opt.probe pairs=gitsh_l3/euler,gitsh_lead_pin/euler nfe=5,6 quality=true [threads=1]
 
 Each pair is optimised from the study's calibration set (``Study.optimise``: the method specs and
 solver specs of config.yaml, the schedule file in the study's run folder, resumed), its grids run
@@ -57,6 +57,9 @@ def main(argv: list[str]) -> dict:
     pairs = [p.split("/") for p in args.pop("pairs").split(",")]
     budgets = [int(n) for n in args.pop("nfe", "5,6,8,10").split(",")]
     with_quality = args.pop("quality", "false") == "true"
+    import torch
+
+    torch.set_num_threads(int(args.pop("threads", "1")))  # on a shared 2-core machine, 2 threads starve each other
     out = Path(args.pop("out", str(DEFAULT_OUT)))
     cfg = Experiment.compose(HERE, [f"{k}={v}" for k, v in args.items()]).cfg
     record = json.loads(out.read_text()) if out.is_file() else {}

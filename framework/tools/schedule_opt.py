@@ -40,6 +40,12 @@ Methods (``method=``):
   the K − 1 interior log σ values in [log σ_min, log σ_max] (sorted, so the grid descends),
   ``trials`` trials, objective the final RMSE to the teacher on the calibration set.
 
+Options of the objective and the grid's ends (docs/optimisation.md): ``final=sigma_min`` pins the
+last step to 0 at σ_min (the stock grids' near-free final D) and optimises the rest;
+``objective=image`` / ``image_grad`` (ld3, tpe) measure the final error on the decoded images or on
+their finite differences (edges) instead of the latents; ``start=leading:<K>`` starts every grid
+where the model's own ``leading`` grid of K steps starts (x_T = √(1+σ_0²)·ε).
+
 NFE: the optimiser works in NFE budgets. NFE(steps) of the solver is measured on two probe grids
 (the engine's count, affine in steps for every fixed-step solver); a budget no step count meets
 exactly (Heun: 2·steps − 1 on a grid ending at 0, so no even NFE) is refused with one line.
@@ -530,6 +536,11 @@ def ld3(sampler: Sampler, teacher: Teacher, steps: int, opts: Options, nfe: int)
     top, tail = teacher.fine[0], ([sampler.sigma_min] if pinned else [])
     free = steps - 1 - len(tail)  # the learned σ_1 … (σ_0 = the start; then σ_min if pinned, then 0)
     inner = [v for v in start[1:-1] if v < top and not (pinned and v <= sampler.sigma_min * 1.01)][:free]
+    if len(inner) != free and opts.init in ("leading", "karras", "exponential") and len(start) == steps + 1:
+        # too few of the stock grid's points lie below this start: its shape, log σ mapped affinely onto
+        # [its last nonzero σ, σ_0] (the last point kept)
+        a, b = math.log(start[0]), math.log(start[-2])
+        inner = [math.exp(b + (math.log(v) - b) * (math.log(top) - b) / (a - b)) for v in start[1:-1]][:free]
     if len(inner) != free:
         raise ConfigError(f"init={opts.init}: its {steps}-step grid does not fit below σ_0 = {top:g}")
     lo, hi = math.log(sampler.sigma_min) + (0.01 if pinned else 0.0), math.log(top)

@@ -3,7 +3,8 @@
 
 The file holds one grid per NFE budget for one model, solver and method; the run's ``steps`` picks
 the grid with that many steps (``nfe`` names a budget instead; ``steps`` must then agree). The
-grid ends at 0 and starts at the model's σ_max (x_T = σ_max·ε). A file made for other weights
+grid ends at 0 and starts at the file's σ_0 (x_T = init_noise·ε: σ_max·ε by default, √(1+σ_0²)·ε for a
+grid optimised from a ``leading`` start). A file made for other weights
 (its model fingerprint differs from the run's) is an error by default: a grid tuned for one
 network, silently run on another, would be reported as "optimised" when it is not; set
 ``on_mismatch: warn`` to transfer a grid on purpose."""

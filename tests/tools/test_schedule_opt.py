@@ -270,3 +270,24 @@ def test_final_loss_image_grad_sees_edges_not_offsets():
     blurred = torch.nn.functional.avg_pool2d(target, 3, 1, 1, count_include_pad=False)
     assert grad(blurred) > 0.1
     assert math.isclose(schedule_opt.final_loss(S(), target, "latent")(blurred), schedule_opt.rmse(blurred, target))
+
+
+def test_ld3_from_a_stock_grid_keeps_its_points_or_maps_its_shape(tmp_path):
+    """init=karras: from σ_max the karras grid itself is the start (0 iterations leave it); from a
+    lower start with too few karras points below it, the grid's log σ is mapped affinely onto
+    [its last nonzero σ, σ_0] (first point σ_0, last nonzero point kept)."""
+    from framework.tools.schedule_opt import stock_grid
+
+    base = dict(SMALL, iterations=0, init="karras")
+    content, _ = optimize(Options(method="ld3", nfe=[4], out=str(tmp_path / "k.json"), **base), MIX + ["solver=euler"],
+                          log=lambda s: None)
+    g = content["grids"]["4"]["sigmas"]
+    model = schedule_opt.Sampler(MIX + ["solver=euler", "num_samples=1", "batch_size=1", "callback=[]"]).model
+    karras = stock_grid("karras", model, 4)
+    assert all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(g, karras))
+    content, _ = optimize(Options(method="ld3", nfe=[4], start="5.0", out=str(tmp_path / "m.json"), **base),
+                          MIX + ["solver=euler"], log=lambda s: None)
+    m = content["grids"]["4"]["sigmas"]
+    a, b = math.log(karras[0]), math.log(karras[-2])
+    want = [5.0] + [math.exp(b + (math.log(v) - b) * (math.log(5.0) - b) / (a - b)) for v in karras[1:-1]] + [0.0]
+    assert all(math.isclose(x, y, rel_tol=1e-9) for x, y in zip(m, want)) and math.isclose(m[-2], karras[-2], rel_tol=1e-9)
