@@ -8,7 +8,8 @@ on the held-out set against the reference from the same x_T and start (``Study.e
 reference per start, resumed from the study's run folder), and with ``quality=true`` each grid
 runs on 256 samples of the held-out prompts for each of the two quality seeds (FD and prompt
 accuracy, as the study's ``quality``). Results are merged into ``out`` (a JSON record, one entry
-per pair and budget; rerunning a pair replaces its entries) and printed as a markdown table.
+per pair and budget; rerunning a pair replaces its entries, keeping the quality of an unchanged grid
+when not measured again) and printed as a markdown table.
 """
 from __future__ import annotations
 
@@ -74,6 +75,9 @@ def main(argv: list[str]) -> dict:
                 t0 = time.perf_counter()
                 cell["quality"] = quality(s, cfg, solver, made["file"], len(c["sigmas"]) - 1, f"{n}_{solver}_{method}")
                 cell["quality_seconds"] = round(time.perf_counter() - t0, 1)
+            old = record.get(f"{method}/{solver}/{n}") or {}
+            if "quality" not in cell and old.get("quality") and old.get("sigmas") == cell.get("sigmas"):
+                cell["quality"], cell["quality_seconds"] = old["quality"], old.get("quality_seconds")  # same grid: kept
             record[f"{method}/{solver}/{n}"] = cell
             out.write_text(json.dumps(record, indent=1) + "\n")
             print(json.dumps({k: cell[k] for k in ("pair", "nfe", "error", "calibration_rmse_to_teacher")}), flush=True)
