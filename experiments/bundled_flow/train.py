@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -96,6 +97,16 @@ def sd3_condition(cache: dict[str, torch.Tensor], caps: torch.Tensor, device: to
     return compact_context(torch.cat([states, states], -1)), torch.cat([pooled, pooled], -1)
 
 
+def learning_rate(f: DictConfig, step: int) -> float:
+    """Linear warm-up to ``f.lr``; then constant, or (``lr_schedule: cosine``) a cosine decay to
+    ``f.lr_min`` at step ``f.steps``."""
+    lr = f.lr * min(1.0, (step + 1) / f.warmup)
+    if f.get("lr_schedule", "constant") == "cosine" and step >= f.warmup:
+        done = min(1.0, (step - f.warmup) / max(1, f.steps - f.warmup))
+        lr = f.lr_min + (f.lr - f.lr_min) * 0.5 * (1 + math.cos(math.pi * done))
+    return lr
+
+
 def train_flow(cfg: DictConfig, out: Path, device: torch.device):
     """Train (or resume) the transformer; saves the EMA weights to ``out/transformer``."""
     f = cfg.flow
@@ -125,7 +136,7 @@ def train_flow(cfg: DictConfig, out: Path, device: torch.device):
         xt = (1 - tb) * x0 + tb * noise
         ctx, pooled = sd3_condition(cache, caps, device)
         for g in opt.param_groups:
-            g["lr"] = f.lr * min(1.0, (step + 1) / f.warmup)
+            g["lr"] = learning_rate(f, step)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             v = model(hidden_states=xt, timestep=1000 * t, encoder_hidden_states=ctx,
                       pooled_projections=pooled).sample.float()
