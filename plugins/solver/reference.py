@@ -5,7 +5,12 @@ in log σ, dx/d log σ = x − D(x, σ), to tolerances ``rtol``/``atol`` (defaul
 up to O(σ²)); with ``final: denoise`` it returns D at the grid's last nonzero σ instead, the final
 step the fixed-step solvers take (for measuring their discretisation error alone). Every
 right-hand side is one NFE. The tolerance applies to the whole batch as one
-vector: samples of a batch share their steps (results are not bit-batch-invariant). Use float64."""
+vector: samples of a batch share their steps (results are not bit-batch-invariant). Use float64.
+
+From σ = ∞ (a flow model's t = 1, where the state is the unit noise ε) the step is integrated in the
+flow coordinates, where the ODE is regular: z = x/(1 + σ), t = σ/(1 + σ), dz/dt = (z − D)/t, from
+t = 1 (D(ε, ∞) there) to t₁ = σ₁/(1 + σ₁), and returned as x₁ = (1 + σ₁)·z₁ — not the first-order
+limit step the fixed-step solvers take there."""
 from __future__ import annotations
 
 import math
@@ -33,32 +38,50 @@ class Reference:
         if self.rtol <= 0 or self.atol <= 0 or self.sigma_floor <= 0:
             raise ConfigError("reference needs rtol, atol, sigma_floor > 0")
 
-    @hookimpl
-    def step(self, state: SamplerState, denoise) -> torch.Tensor:
+    def _solve(self, rhs, span: tuple[float, float], x0: torch.Tensor) -> torch.Tensor:
         from scipy.integrate import solve_ivp
 
+        sol = solve_ivp(rhs, span, x0.detach().double().cpu().reshape(-1).numpy(), method="DOP853",
+                        rtol=self.rtol, atol=self.atol)
+        if not sol.success:
+            raise RuntimeError(f"reference solver failed: {sol.message}")
+        return torch.from_numpy(sol.y[:, -1]).reshape(x0.shape).to(device=x0.device, dtype=x0.dtype)
+
+    def _end(self, state: SamplerState) -> float:
+        """The σ the integration ends at: the next grid σ, or ``sigma_floor`` on a step to 0."""
+        return state.sigma_next if state.sigma_next > 0 else min(self.sigma_floor, state.sigma)
+
+    def _finish(self, state: SamplerState, x: torch.Tensor, end: float) -> torch.Tensor:
+        return state.denoise(x, end).denoised if state.sigma_next == 0 else x
+
+    def _rhs(self, state: SamplerState, start: float, to_sigma, derivative):
+        """The right-hand side for solve_ivp: ``derivative(s, x, D)`` with x and σ from the
+        integration variable s (``to_sigma(s, y)`` → (x, σ)); the step's own evaluation is reused at its start."""
         x0 = state.pred.x
+
+        def rhs(s: float, y: np.ndarray) -> np.ndarray:
+            x, sigma = to_sigma(s, torch.from_numpy(y).reshape(x0.shape).to(device=x0.device, dtype=x0.dtype))
+            pred = state.pred if s == start and torch.equal(x, x0) else state.denoise(x, sigma)
+            return derivative(s, x, pred.denoised).double().cpu().reshape(-1).numpy()
+
+        return rhs
+
+    @hookimpl
+    def step(self, state: SamplerState, denoise) -> torch.Tensor:
         if state.sigma_next == 0 and self.final == "denoise":
             return state.pred.denoised
-        shape, dtype, device = x0.shape, x0.dtype, x0.device
-        end = state.sigma_next if state.sigma_next > 0 else min(self.sigma_floor, state.sigma)
-
-        start = math.log(state.sigma)
-
-        def rhs(log_sigma: float, y: np.ndarray) -> np.ndarray:
-            x = torch.from_numpy(y).reshape(shape).to(device=device, dtype=dtype)
-            at_start = log_sigma == start and torch.equal(x, x0)
-            pred = state.pred if at_start else denoise(x, math.exp(log_sigma))
-            return (x - pred.denoised).double().cpu().reshape(-1).numpy()
-
-        x = x0
+        end, x = self._end(state), state.pred.x
         if end < state.sigma:
-            y0 = x0.detach().double().cpu().reshape(-1).numpy()
-            sol = solve_ivp(rhs, (start, math.log(end)), y0, method="DOP853",
-                            rtol=self.rtol, atol=self.atol)
-            if not sol.success:
-                raise RuntimeError(f"reference solver failed: {sol.message}")
-            x = torch.from_numpy(sol.y[:, -1]).reshape(shape).to(device=device, dtype=dtype)
-        if state.sigma_next == 0:
-            return denoise(x, end).denoised
-        return x
+            start = math.log(state.sigma)
+            rhs = self._rhs(state, start, lambda s, x: (x, math.exp(s)), lambda s, x, d: x - d)
+            x = self._solve(rhs, (start, math.log(end)), x)
+        return self._finish(state, x, end)
+
+    def step_from_infinity(self, state: SamplerState) -> torch.Tensor:
+        if state.sigma_next == 0 and self.final == "denoise":
+            return state.pred.denoised
+        end = self._end(state)  # in t: z(1) = ε, x = z/(1 − t), σ = t/(1 − t); at t = 1 the evaluation at ∞
+        to_sigma = (lambda t, z: (z, math.inf) if t == 1.0 else (z / (1 - t), t / (1 - t)))
+        rhs = self._rhs(state, 1.0, to_sigma, lambda t, x, d: (x * (1 - t) - d) / t if t < 1.0 else x - d)
+        z = self._solve(rhs, (1.0, end / (1 + end)), state.pred.x)
+        return self._finish(state, z * (1 + end), end)
