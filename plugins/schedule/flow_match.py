@@ -8,7 +8,13 @@ whose end is shifted twice; Flux: ``sigmas = linspace(1, 1/N, N)`` shifted once)
 ``linspace`` choose one. ``model=sd3`` and ``model=flux`` select this schedule by default; every
 other schedule composes with the model's shift instead (docs/models.md). A flow model without a
 scheduler config (the analytic models' ``parametrization=flow``) gets FlowMatchEuler's defaults
-(shift 1)."""
+(shift 1).
+
+``ramp``: ``config`` keeps the scheduler config's ramp; ``karras``, ``exponential``, ``beta`` or
+``none`` replace it (diffusers' ``use_karras_sigmas`` / ``use_exponential_sigmas`` /
+``use_beta_sigmas`` on that config: the ramp in t between the shifted grid's ends, from t = 1). These
+are a flow model's Karras and exponential grids as its pipeline makes them; ``schedule=karras`` on a
+flow model is instead Karras's ρ = 7 ramp in σ between the model's σ_min and σ_max (~1,600 at t ≈ 0.9994)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,6 +22,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from framework.plugin import Choice, ConfigError, FlowModel, Schedule, flow_config, flow_match_sigmas, flow_sigma, hookimpl
+
+
+class Ramp(Choice):
+    config = "config"
+    none = "none"
+    karras = "karras"
+    exponential = "exponential"
+    beta = "beta"
+
+
+RAMPS = ("karras", "exponential", "beta")
 
 
 class Grid(Choice):
@@ -27,6 +44,7 @@ class Grid(Choice):
 @dataclass
 class FlowMatch:
     grid: Grid = Grid.auto
+    ramp: Ramp = Ramp.config
 
     @hookimpl
     def schedule(self, model, steps):
@@ -34,6 +52,8 @@ class FlowMatch:
             raise ConfigError(f"needs a flow model (model=sd3, flux, or parametrization=flow), not {type(model).__name__}: "
                               "use e.g. schedule=karras")
         config = getattr(model, "scheduler_config", None) or flow_config(None)
+        if self.ramp != "config":
+            config = {**config, **{f"use_{r}_sigmas": r == self.ramp for r in RAMPS}}
         grid = getattr(model, "flow_grid", "default") if self.grid == "auto" else str(self.grid)
         given = np.linspace(1.0, 1 / steps, steps) if grid == "linspace" else None
         t = flow_match_sigmas(config, steps, mu=getattr(model, "mu", None), sigmas=given)

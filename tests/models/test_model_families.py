@@ -156,6 +156,21 @@ def test_flow_match_sigmas_is_the_schedulers_grid(grid, flux_style):
         assert np.array_equal(ref.flow_match_sigmas(scheduler.config, steps, mu=mu, sigmas=sigmas), scheduler.sigmas.numpy())
 
 
+@pytest.mark.parametrize("ramp", ["karras", "exponential", "beta"])
+def test_flow_match_ramp_is_the_pipelines_use_sigmas_option(ramp, pipes):
+    """schedule=flow_match schedule.ramp=X is the model's scheduler with use_X_sigmas=True
+    (t = σ/(1 + σ) of the run's grid, float32 rounding)."""
+    from framework.entry.api import run
+
+    steps = 6
+    res = run(["model=tiny_sd3", "schedule=flow_match", f"schedule.ramp={ramp}", f"steps={steps}", "num_samples=1",
+               "save_images=false"])
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipes["sd3"].scheduler.config, **{f"use_{ramp}_sigmas": True})
+    scheduler.set_timesteps(steps)
+    t = [1.0 if math.isinf(s) else s / (1 + s) for s in res.record["sigmas"]]
+    assert t == pytest.approx(scheduler.sigmas.tolist(), rel=1e-6, abs=1e-7)
+
+
 def test_shifts_are_constant_factors_on_sigma():
     """In σ = t/(1 − t): the static shift multiplies σ by s, the exponential time shift by e^μ, the
     linear one by μ; SD3's default grid is nonetheless shifted twice at its end (t_min is shifted
