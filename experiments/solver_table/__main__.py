@@ -37,6 +37,9 @@ from framework.plugin import ConfigError
 HERE = Path(__file__).resolve().parent
 
 
+ANALYTIC = ("mixture", "gaussian")
+
+
 class WithoutExactSolution:
     """An analytic model with its per-run exact-solution metric switched off: the engine would
     integrate it again for every run, while the table needs one reference per grid."""
@@ -67,7 +70,7 @@ class Table:
         self.base = [f"model={model}", f"dtype={cfg.dtype[model]}", f"num_samples={n}", f"batch_size={n}",
                      "callback=[]", "save_images=false"]
         self.model_object = None
-        if model in ("mixture", "gaussian"):
+        if model in ANALYTIC:
             self.base.append("guidance=[]")
             node = compose([f"model={model}"])[0].model
             self.model_object = WithoutExactSolution(instantiate(node, f"model={model}"))
@@ -78,7 +81,10 @@ class Table:
         return run(self.base + extra, model=self.model_object, output_dir=self.folder / self.model / name)
 
     def schedule(self, name: str) -> list[str]:
-        return [f"schedule={name}", *self.cfg.schedule_overrides.get(name, [])]
+        """The overrides of a schedule column: ``schedule=<name>`` and its ``schedule_overrides``,
+        or those alone when they choose the schedule themselves (a named variant, e.g. flow_karras)."""
+        extra = list(self.cfg.schedule_overrides.get(name, []))
+        return extra if any(o.startswith("schedule=") for o in extra) else [f"schedule={name}", *extra]
 
     def nfe_of_steps(self, solver: str, schedule: str) -> tuple[float, float]:
         """(a, b) with NFE = a·steps + b, from two short runs (on ``probe_table``'s model when one is
@@ -273,7 +279,7 @@ def write(results: dict, cfg: DictConfig, out: Path) -> list[str]:
     for model, by_schedule in results.items():
         budgets = of_model(cfg, "nfe", model)[:2] if cfg.fast else of_model(cfg, "nfe", model)
         n = 2 if cfg.fast else cfg.num_samples[model]
-        lines += [f"### `model={model}` ({cfg.dtype[model]}, {n} samples{', CFG 5' if model == 'bundled' else ''})", ""]
+        lines += [f"### `model={model}` ({cfg.dtype[model]}, {n} samples{'' if model in ANALYTIC else ', CFG 5'})", ""]
         for schedule, rows in by_schedule.items():
             reasons = {cells["skipped"] for cells in rows.values() if isinstance(cells, dict)}
             if len(reasons) == 1 and all(isinstance(c, dict) for c in rows.values()):

@@ -9,8 +9,9 @@ vector: samples of a batch share their steps (results are not bit-batch-invarian
 
 From σ = ∞ (a flow model's t = 1, where the state is the unit noise ε) the step is integrated in the
 flow coordinates, where the ODE is regular: z = x/(1 + σ), t = σ/(1 + σ), dz/dt = (z − D)/t, from
-t = 1 (D(ε, ∞) there) to t₁ = σ₁/(1 + σ₁), and returned as x₁ = (1 + σ₁)·z₁ — not the first-order
-limit step the fixed-step solvers take there."""
+t = 1 (D(ε, ∞) there) down to σ = 1 (t = ½; or σ₁ if larger), then in log σ as above — not the
+first-order limit step the fixed-step solvers take there. (In t alone the end near t = 0 costs
+many steps: the path changes on the scale of t there.)"""
 from __future__ import annotations
 
 import math
@@ -80,8 +81,12 @@ class Reference:
     def step_from_infinity(self, state: SamplerState) -> torch.Tensor:
         if state.sigma_next == 0 and self.final == "denoise":
             return state.pred.denoised
-        end = self._end(state)  # in t: z(1) = ε, x = z/(1 − t), σ = t/(1 − t); at t = 1 the evaluation at ∞
+        end = self._end(state)
+        mid = max(end, 1.0)  # in t: z(1) = ε, x = z/(1 − t), σ = t/(1 − t); at t = 1 the evaluation at ∞
         to_sigma = (lambda t, z: (z, math.inf) if t == 1.0 else (z / (1 - t), t / (1 - t)))
         rhs = self._rhs(state, 1.0, to_sigma, lambda t, x, d: (x * (1 - t) - d) / t if t < 1.0 else x - d)
-        z = self._solve(rhs, (1.0, end / (1 + end)), state.pred.x)
-        return self._finish(state, z * (1 + end), end)
+        x = self._solve(rhs, (1.0, mid / (1 + mid)), state.pred.x) * (1 + mid)
+        if end < mid:
+            rhs = self._rhs(state, math.log(mid), lambda s, x: (x, math.exp(s)), lambda s, x, d: x - d)
+            x = self._solve(rhs, (math.log(mid), math.log(end)), x)
+        return self._finish(state, x, end)
