@@ -3,8 +3,8 @@
 On a folder written by the export stage (a small random transformer, so it runs without the shipped
 weights): it loads with StableDiffusion3Pipeline, its VAE is the VP model's byte for byte, its text
 encoders are the bundled CLIP tower with its projection, and samplerlab's engine equals the
-pipeline's own FlowMatchEuler loop (float64). On the shipped folder (framework/bundled/weights/flow,
-skipped while it is not shipped): the same, prompt following and ``model=bundled_flow``. And the
+pipeline's own FlowMatchEuler loop (float64). On the shipped folder (framework/bundled/weights/flow):
+the same, prompt following and ``model=bundled_flow``. And the
 training code's compact context is exact."""
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ FLOW_DIR = WEIGHTS_DIR / "flow"
 VAE_FILE = "diffusion_pytorch_model.safetensors"
 
 
-shipped = pytest.mark.skipif(not (FLOW_DIR / "model_index.json").exists(),
-                             reason="the flow model's weights are not shipped (see MODEL_CARD_flow.md)")
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +39,7 @@ def exported(tmp_path_factory):
     return export(cfg, out, out / "weights_flow")
 
 
-@pytest.fixture(scope="module", params=["exported", pytest.param("shipped", marks=shipped)])
+@pytest.fixture(scope="module", params=["exported", "shipped"])
 def folder(request):
     return request.getfixturevalue("exported") if request.param == "exported" else FLOW_DIR
 
@@ -143,7 +141,6 @@ def test_compact_context_is_the_full_context():
 
 # --- quality -----------------------------------------------------------------------------------
 
-@shipped
 def test_generation_follows_colour_and_shape_prompts():
     """A broken, swapped or untrained file fails this: chance is 1/8 (colour), 1/4 (shape) per
     image. 12 images, 12 Euler steps, CFG 5 (the card's setting)."""
@@ -188,7 +185,6 @@ def test_engine_matches_the_pipelines_flow_match_euler_loop(folder):
     assert res.record["metrics"]["nfe"] == 4
 
 
-@shipped
 def test_model_config_is_the_adapter():
     from framework.entry.api import run
 

@@ -20,8 +20,7 @@ def test_conf_composes_and_instantiates(group, name):
         instantiate(node, f"{group}={name}")
     except ModelNotFoundError:
         # real checkpoints are absent offline: the clear error is the expected outcome
-        # bundled_flow: until its weights are shipped (framework/bundled/MODEL_CARD_flow.md)
-        assert group == "model" and name in ("sd15", "sd21", "sdxl", "sd3", "flux", "bundled_flow")
+        assert group == "model" and name in ("sd15", "sd21", "sdxl", "sd3", "flux")
 
 
 def test_list_yaml_headers_name_their_package():
