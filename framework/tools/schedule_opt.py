@@ -73,8 +73,8 @@ from framework.core.state import Prediction, Schedule, Stash, StepRecord
 from framework.core.step import Denoiser, SamplerState
 
 METHODS = ("gits", "oss", "ays", "ld3", "tpe")
-FINALS = ("free", "sigma_min")
-OBJECTIVES = ("latent", "image", "image_grad")  # ld3 / tpe: the final error in latents, decoded images, or their gradients  # ``final``: where the last step to 0 starts (sigma_min: pinned there, a near-free step)
+FINALS = ("free", "sigma_min")  # ``final``: where the last step to 0 starts (sigma_min: pinned there, a near-free step)
+OBJECTIVES = ("latent", "image", "image_grad")  # ld3 / tpe: the final error in latents, decoded images, or their gradients
 CALIBRATION_PROMPTS = ("a red circle", "a green square", "a blue triangle", "a yellow diamond", "a purple circle",
                        "an orange square", "a white triangle", "a black diamond")
 
