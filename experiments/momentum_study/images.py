@@ -1,7 +1,9 @@
-"""The image half of the momentum study: momentum × beta × steps × CFG scale on the bundled model,
-scored by FID (bundled-CLIP features, plugins/metrics/fid.py) and CLIP score vs NFE.
+"""The image half of the momentum study: momentum × beta × steps × CFG scale on a bundled model
+(``model``: bundled, the VP UNet, or bundled_flow, the flow transformer), scored by FID
+(bundled-CLIP features, plugins/metrics/fid.py) and CLIP score vs NFE.
 
     python -m experiments.momentum_study --config-name bundled           # writes docs/momentum_bundled*
+    python -m experiments.momentum_study --config-name bundled model=bundled_flow   # docs/momentum_bundled_flow*
     python -m experiments.momentum_study --config-name bundled fast=true out=/tmp/x
 
 One process, one loop of framework.entry.api.run calls (torch on one thread: measured 5–8× faster than
@@ -28,14 +30,15 @@ from framework.entry.api import run
 from framework.plugin import grid, to_pil
 
 
-def model_version() -> dict[str, str]:
-    """The bundled model used: MODEL_CARD title, last commit of its weights, hash of the UNet file."""
-    from framework.bundled import PIPELINE_DIR
+def model_version(model: str = "bundled") -> dict[str, str]:
+    """The bundled model used: its card's title, last commit of the weights, hash of the network file."""
+    from framework.bundled import PIPELINE_DIR, WEIGHTS_DIR
 
     root = Path(PIPELINE_DIR).resolve().parents[1]
-    title = (root / "MODEL_CARD.md").read_text().splitlines()[0].lstrip("# ").strip()
-    unet = Path(PIPELINE_DIR) / "unet" / "diffusion_pytorch_model.safetensors"
-    digest = hashlib.sha256(unet.read_bytes()).hexdigest()[:12]
+    card, network = {"bundled": ("MODEL_CARD.md", Path(PIPELINE_DIR) / "unet"),
+                     "bundled_flow": ("MODEL_CARD_flow.md", Path(WEIGHTS_DIR) / "flow" / "transformer")}[model]
+    title = (root / card).read_text().splitlines()[0].lstrip("# ").strip()
+    digest = hashlib.sha256((network / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()[:12]
     try:
         sha = subprocess.run(["git", "log", "-1", "--format=%h", "--", str(root / "weights")], cwd=root,
                              capture_output=True, text=True, check=True).stdout.strip()
@@ -43,7 +46,12 @@ def model_version() -> dict[str, str]:
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         sha, dirty = "unknown", ""
-    return {"title": title, "weights_commit": sha + (" (modified since)" if dirty else ""), "unet_sha256": digest}
+    return {"title": title, "weights_commit": sha + (" (modified since)" if dirty else ""), "network_sha256": digest}
+
+
+def stem(cfg: DictConfig) -> str:
+    """The output files' stem: momentum_bundled (the VP model) or momentum_bundled_flow."""
+    return f"momentum_{cfg.get('model', 'bundled')}"
 
 
 def clipped_fraction(images: torch.Tensor) -> float:
@@ -78,9 +86,10 @@ def study(cfg: DictConfig, folder: Path) -> dict[str, Any]:
     if cfg.fast:
         methods = {k: methods[k] for k in list(methods)[:2]}
         steps, scales, n, ref = steps[:1], scales[:1], 4, 16
-    base = ["model=bundled", f"solver={cfg.solver}", f"num_samples={n}", f"batch_size={n}", "callback=[]",
+    model = cfg.get("model", "bundled")
+    base = [f"model={model}", f"solver={cfg.solver}", f"num_samples={n}", f"batch_size={n}", "callback=[]",
             "metrics=[fid,clip_score]", "save_images=false", f"metrics.fid.reference={ref}"]
-    results: dict[str, Any] = {"model": model_version(), "num_samples": n, "fid_reference": ref, "runs": []}
+    results: dict[str, Any] = {"model": model_version(model), "num_samples": n, "fid_reference": ref, "runs": []}
     t0 = time.perf_counter()
     first = next(iter(methods))
     jobs = []  # fewest steps first (where momentum matters): an interrupted study keeps whole columns
@@ -89,10 +98,11 @@ def study(cfg: DictConfig, folder: Path) -> dict[str, Any]:
             jobs += [(name, extra, c, s, cfg.seed) for name, extra in methods.items()]
             if cfg.floor_seed is not None:
                 jobs.append((first, methods[first], c, s, cfg.floor_seed))  # the seed-to-seed spread
-    for name, extra, c, s, seed in tqdm(jobs, desc="momentum study (bundled)"):
+    for name, extra, c, s, seed in tqdm(jobs, desc=f"momentum study ({model})"):
         res = run(base + list(extra) + [f"cfg_scale={c}", f"steps={s}", f"seed={seed}"],
                   output_dir=folder / "runs" / f"{name}_cfg{c}_{s}_seed{seed}")
         m = res.record["metrics"]
+        results["schedule"] = res.record["plugins"]["schedule"][0]
         results["runs"].append({"method": name, "cfg_scale": c, "steps": s, "seed": seed, "nfe": m["nfe"],
                                 "fid": m["fid"], "clip_score": m["clip_score"], "seconds": m["seconds"],
                                 "clipped": clipped_fraction(res.images)})
@@ -137,9 +147,10 @@ def write(results: dict[str, Any], cfg: DictConfig, out: Path) -> list[str]:
     get = {(r["method"], r["cfg_scale"], r["steps"]): r for r in runs}
     rr = results.get("real_vs_real_fid", [])
     mv = results["model"]
-    lines = [f"Bundled model `{mv['title']}` (weights commit {mv['weights_commit']}, UNet sha256 {mv['unet_sha256']}); "
+    lines = [f"Bundled model `{mv['title']}` (weights commit {mv['weights_commit']}, network sha256 "
+             f"{mv.get('network_sha256', mv.get('unet_sha256'))}); "
              f"{results['num_samples']} samples per configuration (seed {cfg.seed}, the 4 default prompts in turn), "
-             f"base `solver={cfg.solver}`, karras grid; NFE = steps (a CFG pair is one NFE). FID on bundled-CLIP "
+             f"base `solver={cfg.solver}`, {results.get('schedule', 'karras')} grid; NFE = steps (a CFG pair is one NFE). FID on bundled-CLIP "
              f"features against {results['fid_reference']} fresh real scenes (lower is better); CLIP score under "
              f"the bundled CLIP (higher is better); clipped = fraction of decoded pixel values at 0 or 1."
              + f" Sampling and scoring time {sum(r['seconds'] for r in results['runs']) / 60:.0f} min in all "
@@ -200,8 +211,8 @@ def write(results: dict[str, Any], cfg: DictConfig, out: Path) -> list[str]:
             legend.setdefault(lab, h)
     handles, labels = list(legend.values()), list(legend)
     axes[0][-1].legend(handles, labels, fontsize=7.5, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
-    save_figure(fig, out / "momentum_bundled.png", files)
-    save_text("\n".join(lines), out / "momentum_bundled_table.md", files)
+    save_figure(fig, out / f"{stem(cfg)}.png", files)
+    save_text("\n".join(lines), out / f"{stem(cfg)}_table.md", files)
     return files
 
 
@@ -217,7 +228,7 @@ def sample_grid(cfg: DictConfig, out: Path) -> list[str]:
         entries, n = entries[:2], 2
     rows, labels = [], []
     for label, extra in entries:
-        res = run(["model=bundled", f"solver={cfg.solver}", f"steps={g.steps}", f"num_samples={n}", f"batch_size={n}", "callback=[]", "save_images=false", f"seed={cfg.seed}"] + list(extra))
+        res = run([f"model={cfg.get('model', 'bundled')}", f"solver={cfg.solver}", f"steps={g.steps}", f"num_samples={n}", f"batch_size={n}", "callback=[]", "save_images=false", f"seed={cfg.seed}"] + list(extra))
         rows.append(res.images.float().cpu())
         labels.append(str(label))
     h = rows[0].shape[-2]
@@ -229,5 +240,5 @@ def sample_grid(cfg: DictConfig, out: Path) -> list[str]:
     for i, label in enumerate(labels):
         draw.text((6, i * 2 * h + h - 6), label, fill="black")
     files: list[str] = []
-    save_pil(canvas, out / "momentum_bundled_samples.png", files)
+    save_pil(canvas, out / f"{stem(cfg)}_samples.png", files)
     return files
