@@ -30,7 +30,7 @@ def test_momentum_study_bundled_fast(tmp_path):
     assert json.loads((tmp_path / "run" / "results.json").read_text())["runs"] == results["runs"]
     assert [(r["method"], r["seed"]) for r in results["runs"]] == [("euler", 0), ("heavy_ball_0.2", 0), ("euler", 1)]
     assert all(r["nfe"] == 5 and r["fid"] > 0 and 0 <= r["clipped"] <= 1 for r in results["runs"])
-    assert len(results["real_vs_real_fid"]) == 2 and results["model"]["unet_sha256"]
+    assert len(results["real_vs_real_fid"]) == 2 and results["model"]["network_sha256"]
     assert len(list((tmp_path / "run" / "runs").glob("*/record.json"))) == 3
     text = (tmp_path / "docs" / "momentum_bundled_table.md").read_text()
     assert "| heavy_ball_0.2 |" in text and "Real vs real" in text and "seed 1 vs seed 0" in text
