@@ -51,7 +51,7 @@ def model_version(model: str = "bundled") -> dict[str, str]:
 
 def stem(cfg: DictConfig) -> str:
     """The output files' stem: momentum_bundled (the VP model) or momentum_bundled_flow."""
-    return f"momentum_{cfg.get('model', 'bundled')}"
+    return f"momentum_{cfg.model}"
 
 
 def clipped_fraction(images: torch.Tensor) -> float:
@@ -86,7 +86,7 @@ def study(cfg: DictConfig, folder: Path) -> dict[str, Any]:
     if cfg.fast:
         methods = {k: methods[k] for k in list(methods)[:2]}
         steps, scales, n, ref = steps[:1], scales[:1], 4, 16
-    model = cfg.get("model", "bundled")
+    model = cfg.model
     base = [f"model={model}", f"solver={cfg.solver}", f"num_samples={n}", f"batch_size={n}", "callback=[]",
             "metrics=[fid,clip_score]", "save_images=false", f"metrics.fid.reference={ref}"]
     results: dict[str, Any] = {"model": model_version(model), "num_samples": n, "fid_reference": ref, "runs": []}
@@ -228,7 +228,7 @@ def sample_grid(cfg: DictConfig, out: Path) -> list[str]:
         entries, n = entries[:2], 2
     rows, labels = [], []
     for label, extra in entries:
-        res = run([f"model={cfg.get('model', 'bundled')}", f"solver={cfg.solver}", f"steps={g.steps}", f"num_samples={n}", f"batch_size={n}", "callback=[]", "save_images=false", f"seed={cfg.seed}"] + list(extra))
+        res = run([f"model={cfg.model}", f"solver={cfg.solver}", f"steps={g.steps}", f"num_samples={n}", f"batch_size={n}", "callback=[]", "save_images=false", f"seed={cfg.seed}"] + list(extra))
         rows.append(res.images.float().cpu())
         labels.append(str(label))
     h = rows[0].shape[-2]

@@ -9,9 +9,8 @@ vector: samples of a batch share their steps (results are not bit-batch-invarian
 
 From σ = ∞ (a flow model's t = 1, where the state is the unit noise ε) the step is integrated in the
 flow coordinates, where the ODE is regular: z = x/(1 + σ), t = σ/(1 + σ), dz/dt = (z − D)/t, from
-t = 1 (D(ε, ∞) there) down to σ = 1 (t = ½; or σ₁ if larger), then in log σ as above — not the
-first-order limit step the fixed-step solvers take there. (In t alone the end near t = 0 costs
-many steps: the path changes on the scale of t there.)"""
+t = 1 (D(ε, ∞) there) to t₁ = σ₁/(1 + σ₁), returned as x₁ = (1 + σ₁)·z₁ — not the first-order
+limit step the fixed-step solvers take there."""
 from __future__ import annotations
 
 import math
@@ -52,17 +51,17 @@ class Reference:
         """The σ the integration ends at: the next grid σ, or ``sigma_floor`` on a step to 0."""
         return state.sigma_next if state.sigma_next > 0 else min(self.sigma_floor, state.sigma)
 
-    def _finish(self, state: SamplerState, x: torch.Tensor, end: float) -> torch.Tensor:
-        return state.denoise(x, end).denoised if state.sigma_next == 0 else x
+    def _finish(self, state: SamplerState, denoise, x: torch.Tensor, end: float) -> torch.Tensor:
+        return denoise(x, end).denoised if state.sigma_next == 0 else x
 
-    def _rhs(self, state: SamplerState, start: float, to_sigma, derivative):
+    def _rhs(self, state: SamplerState, denoise, start: float, to_sigma, derivative):
         """The right-hand side for solve_ivp: ``derivative(s, x, D)`` with x and σ from the
         integration variable s (``to_sigma(s, y)`` → (x, σ)); the step's own evaluation is reused at its start."""
         x0 = state.pred.x
 
         def rhs(s: float, y: np.ndarray) -> np.ndarray:
             x, sigma = to_sigma(s, torch.from_numpy(y).reshape(x0.shape).to(device=x0.device, dtype=x0.dtype))
-            pred = state.pred if s == start and torch.equal(x, x0) else state.denoise(x, sigma)
+            pred = state.pred if s == start and torch.equal(x, x0) else denoise(x, sigma)
             return derivative(s, x, pred.denoised).double().cpu().reshape(-1).numpy()
 
         return rhs
@@ -74,19 +73,15 @@ class Reference:
         end, x = self._end(state), state.pred.x
         if end < state.sigma:
             start = math.log(state.sigma)
-            rhs = self._rhs(state, start, lambda s, x: (x, math.exp(s)), lambda s, x, d: x - d)
+            rhs = self._rhs(state, denoise, start, lambda s, x: (x, math.exp(s)), lambda s, x, d: x - d)
             x = self._solve(rhs, (start, math.log(end)), x)
-        return self._finish(state, x, end)
+        return self._finish(state, denoise, x, end)
 
     def step_from_infinity(self, state: SamplerState) -> torch.Tensor:
         if state.sigma_next == 0 and self.final == "denoise":
             return state.pred.denoised
-        end = self._end(state)
-        mid = max(end, 1.0)  # in t: z(1) = ε, x = z/(1 − t), σ = t/(1 − t); at t = 1 the evaluation at ∞
+        end = self._end(state)  # in t: z(1) = ε, x = z/(1 − t), σ = t/(1 − t); at t = 1 the evaluation at ∞
         to_sigma = (lambda t, z: (z, math.inf) if t == 1.0 else (z / (1 - t), t / (1 - t)))
-        rhs = self._rhs(state, 1.0, to_sigma, lambda t, x, d: (x * (1 - t) - d) / t if t < 1.0 else x - d)
-        x = self._solve(rhs, (1.0, mid / (1 + mid)), state.pred.x) * (1 + mid)
-        if end < mid:
-            rhs = self._rhs(state, math.log(mid), lambda s, x: (x, math.exp(s)), lambda s, x, d: x - d)
-            x = self._solve(rhs, (math.log(mid), math.log(end)), x)
-        return self._finish(state, x, end)
+        rhs = self._rhs(state, state.denoise, 1.0, to_sigma, lambda t, x, d: (x * (1 - t) - d) / t if t < 1.0 else x - d)
+        z = self._solve(rhs, (1.0, end / (1 + end)), state.pred.x)
+        return self._finish(state, state.denoise, z * (1 + end), end)
