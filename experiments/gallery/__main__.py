@@ -59,7 +59,7 @@ def embeddings_figure(model, prompts: list[str], path: Path, files: list[str]) -
     from plugins.conditioning.token_swap import TokenSwap
 
     plt = pyplot()
-    emb = TextEmbeddings.of(model)
+    emb = getattr(model, "text_l", None) or TextEmbeddings.of(model)  # a family's first CLIP (its states, not pooled)
     with torch.no_grad():
         hidden = emb.encode(prompts).float().cpu()
         labels = list(prompts)
@@ -71,7 +71,7 @@ def embeddings_figure(model, prompts: list[str], path: Path, files: list[str]) -
             else:
                 hidden = torch.cat([hidden, swapped])
                 labels.append(f"{prompts[0]} [token_swap red→blue]")
-    if hidden.ndim != 3:  # an encoder that returns pooled vectors (SD3's CLIP with projection): no per-token map
+    if hidden.ndim != 3:  # an encoder that returns pooled vectors only: no per-token map
         warnings.warn(f"gallery: the text encoder's output is {tuple(hidden.shape)}, not per token: no embedding figure",
                       stacklevel=1)
         return {"skipped": f"encoder output {tuple(hidden.shape)} is not per token"}

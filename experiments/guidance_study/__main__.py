@@ -1,7 +1,8 @@
-"""Guidance on the bundled model at equal seeds: what each loss guidance does to its loss, to the
+"""Guidance on a bundled model at equal seeds: what each loss guidance does to its loss, to the
 judge's prompt accuracy and to the cost (NFE); img2img closeness; inpainting's known region.
 
     python -m experiments.guidance_study                 # writes docs/guidance/ (table, grids)
+    python -m experiments.guidance_study model=bundled_flow   # docs/guidance/{grid,table,results}_bundled_flow.*
     python -m experiments.guidance_study fast=true out=/tmp/x
     python -m experiments.guidance_study --config-name defaults   # the loss plugins' defaults (defaults.py)
     python -m experiments.guidance_study --config-name inpaint    # inpainting's seams (seams.py)
@@ -25,7 +26,7 @@ from experiments.guidance_study import defaults, methods, seams
 from experiments.guidance_study import raw as raw_update
 from experiments.guidance_study.figures import image_rows
 from experiments.guidance_study.inputs import make_files
-from experiments.harness import Experiment, entry, save_text
+from experiments.harness import Experiment, entry, load_model, save_text
 from framework.entry.api import run
 
 HERE = Path(__file__).resolve().parent
@@ -75,18 +76,16 @@ def configs(files: Path, text: str) -> dict[str, list[str]]:
     }
 
 
-def baseline_losses(images: torch.Tensor, files: Path, text: str) -> dict[str, float]:
+def baseline_losses(model, images: torch.Tensor, files: Path, text: str) -> dict[str, float]:
     """Every loss plugin's mean loss on (unguided) images, as the record reports it for guided runs."""
     from types import SimpleNamespace
 
-    from framework.models.bundled import Bundled
     from plugins.guidance.clip_text import CLIPText
     from plugins.guidance.color_loss import ColorLoss
     from plugins.guidance.image_match import ImageMatch
     from plugins.guidance.palette import Palette
     from plugins.guidance.style import Style
 
-    model = Bundled()
     fake = SimpleNamespace(model=model, device=torch.device("cpu"), dtype=torch.float32)
     plugins = {"color_loss": ColorLoss(), "clip_text": CLIPText(text=text), "palette": Palette(),
                "image_match": ImageMatch(image=str(files / "reference.png")), "style": Style(image=str(files / "style.png"))}
@@ -97,11 +96,8 @@ def baseline_losses(images: torch.Tensor, files: Path, text: str) -> dict[str, f
     return out
 
 
-def vae_roundtrip_error(image: torch.Tensor, region: torch.Tensor) -> float:
+def vae_roundtrip_error(model, image: torch.Tensor, region: torch.Tensor) -> float:
     """Mean |decode(encode(image)) − image| over ``region``: the floor of any latent-space method."""
-    from framework.models.bundled import Bundled
-
-    model = Bundled()
     with torch.no_grad():
         back = model.decode(model.encode_images(image[None]))[0]
     return float((back - image).abs()[..., region].mean())
@@ -121,7 +117,8 @@ def study(cfg: DictConfig, folder: Path, out: Path) -> tuple[dict, dict]:
     n = 4 if cfg.fast else cfg.num_samples
     steps = 4 if cfg.fast else cfg.steps
     pics = make_files(out / "guidance")
-    base = ["model=bundled", f"steps={steps}", f"num_samples={n}", f"batch_size={n}", "seed=0",
+    model = load_model([f"model={cfg.model}"])  # the losses and the VAE round trip on the baseline's images
+    base = [f"model={cfg.model}", f"steps={steps}", f"num_samples={n}", f"batch_size={n}", "seed=0",
             f"prompts=[{','.join(cfg.prompts)}]", "metrics=[prompt_accuracy]", "save_images=false"]
     todo = configs(out / "guidance", cfg.clip_text)
     if cfg.fast:
@@ -145,9 +142,9 @@ def study(cfg: DictConfig, folder: Path, out: Path) -> tuple[dict, dict]:
             keep = pics["mask.png"][0] < 0.5
             row["known_region_mean_abs"] = float((img - pics["source.png"]).abs()[..., keep].mean())
             row["new_region_mean_abs"] = float((img - pics["source.png"]).abs()[..., ~keep].mean())
-            row["vae_floor_known_mean_abs"] = vae_roundtrip_error(pics["source.png"], keep)
+            row["vae_floor_known_mean_abs"] = vae_roundtrip_error(model, pics["source.png"], keep)
         if name == "cfg (baseline)":
-            row.update(baseline_losses(img, out / "guidance", cfg.clip_text))
+            row.update(baseline_losses(model, img, out / "guidance", cfg.clip_text))
         table[name] = row
         images[name] = img[:8]
     return table, images
@@ -157,14 +154,15 @@ def write(table: dict, images: dict, cfg: DictConfig, out: Path) -> list[str]:
     """``<out>/guidance/``: the grid of images, the table (markdown) and the results (JSON);
     returns the names of the files written."""
     folder, files = out / "guidance", []
-    image_rows(list(images.items()), folder / "grid.png", files)
+    tail = "" if cfg.model == "bundled" else f"_{cfg.model}"
+    image_rows(list(images.items()), folder / f"grid{tail}.png", files)
     cols = sorted({k for row in table.values() for k in row if k != "seconds"}, key=lambda k: (k not in ("nfe", "unet_calls"), k))
     lines = ["| configuration | " + " | ".join(cols) + " |", "| --- |" + " --- |" * len(cols)]
     for name, row in table.items():
         cells = [("" if row.get(c) is None else f"{row[c]:.4g}") for c in cols]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    save_text("\n".join(lines) + "\n", folder / "table.md", files)
-    save_text(json.dumps(table, indent=1), folder / "results.json", files)
+    save_text("\n".join(lines) + "\n", folder / f"table{tail}.md", files)
+    save_text(json.dumps(table, indent=1), folder / f"results{tail}.json", files)
     return files
 
 

@@ -1,11 +1,12 @@
-"""The CFG family and perturbation guidance on the bundled model, at matched NFE and equal seeds.
+"""The CFG family and perturbation guidance on a bundled model, at matched NFE and equal seeds.
 
     python -m experiments.guidance_study --config-name methods   # docs/guidance/methods.{md,json,png}
+    python -m experiments.guidance_study --config-name methods model=bundled_flow   # …/methods_bundled_flow.*
     python -m experiments.guidance_study --config-name methods fast=true out=/tmp/x runs=/tmp/x/runs
 
 Every configuration of ``methods.yaml`` (a guidance method at a CFG scale w and, where it has one,
-its own scale) is an ordinary samplerlab run (framework.entry.api.run) on the bundled model's
-default sampler (karras, Euler) with the step count that spends ``budget_pairs`` CFG pairs — the
+its own scale) is an ordinary samplerlab run (framework.entry.api.run) on the model's (``model``:
+bundled or bundled_flow) default sampler (Euler on karras, or on flow_match for the flow model) with the step count that spends ``budget_pairs`` CFG pairs — the
 papers' convention, the record's ``nfe_pairs`` = network inputs / 2: CFG 1 per step, CFG + a
 perturbed branch 1.5 — and the same prompts and noise seeds. Measured per configuration, on each of
 two disjoint sets (prompts = captions of fresh world scenes, noise seeds: both disjoint):
@@ -20,7 +21,8 @@ The difference between the two sets is each figure's noise floor. The real scene
 are the prompts give the ceiling (judge, CLIP score) and the target (saturation, contrast; the FD of
 ``samples`` real scenes is the FD floor at this sample count). A configuration's measures are kept
 in ``<runs>/rows/`` (with its images) and reused by a rerun with the same settings, so a study
-interrupted or extended (``only=[…]``) samples only what is missing.
+interrupted or extended (``only=[…]``) samples only what is missing. A method the model cannot run
+(a configuration error, e.g. the VP guide network for the flow transformer) is listed with the reason.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from tqdm import tqdm
 from experiments.guidance_study.figures import image_rows
 from experiments.harness import save_text
 from framework.entry.api import run
+from framework.plugin import ConfigError
 
 FIGURES = ("colour", "shape", "fd", "clip_score", "saturation", "contrast", "seconds_per_image")
 BETTER = {"colour": 1, "shape": 1, "fd": -1, "clip_score": 1}  # the figures with a better direction
@@ -60,7 +63,6 @@ def configurations(cfg: DictConfig) -> list[dict[str, Any]]:
     overrides, step count, the CFG pairs it should spend and the label of the CFG row it is compared with."""
     every = OmegaConf.to_container(cfg.methods, resolve=True)
     if cfg.only is not None and set(cfg.only) - set(every):
-        from framework.plugin import ConfigError
         raise ConfigError(f"only: no method {sorted(set(cfg.only) - set(every))}; choose from {', '.join(every)}")
     methods = {k: v for k, v in every.items() if cfg.only is None or k in set(cfg.only)}
 
@@ -164,7 +166,7 @@ def measure(conf: dict, spec: dict, prompts: list[str], cfg: DictConfig, folder:
     from safetensors.torch import load_file, save_file
 
     n = len(prompts)
-    overrides = ["model=bundled", f"steps={conf['steps']}", f"num_samples={n}", f"batch_size={min(n, cfg.batch_size)}",
+    overrides = [f"model={cfg.model}", f"steps={conf['steps']}", f"num_samples={n}", f"batch_size={min(n, cfg.batch_size)}",
                  f"seed={spec['seed']}", "prompts=[" + ",".join(prompts) + "]", "save_images=false",
                  "metrics=[prompt_accuracy,fid,clip_score]", f"metrics.fid.reference={cfg.fid_reference}",
                  f"metrics.fid.reference_seed={cfg.fid_reference_seed}", *conf["overrides"]]
@@ -197,8 +199,8 @@ def study(cfg: DictConfig, folder: Path) -> tuple[dict, list[tuple[str, torch.Te
     confs = configurations(cfg)
     sets = {name: {"name": name, **OmegaConf.to_container(spec)} for name, spec in cfg.sets.items()}
     n, k = int(cfg.samples), int(cfg.grid_prompts)
-    results: dict[str, Any] = {"samples_per_set": n, "budget_pairs": cfg.budget_pairs, "sets": {}, "real": {},
-                               "configurations": {}}
+    results: dict[str, Any] = {"model": cfg.model, "samples_per_set": n, "budget_pairs": cfg.budget_pairs, "sets": {},
+                               "real": {}, "configurations": {}, "cannot_run": {}}
     rows_for_grid: list[tuple[str, torch.Tensor]] = []
     pooled: dict[str, list[torch.Tensor]] = {c["label"]: [] for c in confs}
     prompts = {}
@@ -211,7 +213,13 @@ def study(cfg: DictConfig, folder: Path) -> tuple[dict, list[tuple[str, torch.Te
             rows_for_grid.append(("real scenes of the prompts", real[:k]))
     # configuration by configuration, both sets each: an interrupted study keeps whole rows
     for conf, (s, spec) in tqdm([(c, x) for c in confs for x in sets.items()], desc="configurations × sets"):
-        row, images = measure(conf, spec, prompts[s], cfg, folder)
+        if conf["label"] in results["cannot_run"]:
+            continue
+        try:
+            row, images = measure(conf, spec, prompts[s], cfg, folder)
+        except ConfigError as e:  # a method this model cannot run: say why, measure the others
+            results["cannot_run"][conf["label"]] = str(e)
+            continue
         entry = results["configurations"].setdefault(conf["label"], {
             **{x: conf[x] for x in ("method", "cfg_scale", "value", "steps", "pairs", "equal_steps", "refs")},
             "overrides": conf["overrides"], "sets": {}})
@@ -239,6 +247,8 @@ def summarise(results: dict, names: list[str]) -> None:
     NFE, and equal steps where the study has that row): better / worse when both sets' Δ exceed the
     effect floor in the same direction."""
     confs = results["configurations"]
+    for label in results.get("cannot_run", {}):  # a set it ran before the error is not a comparison
+        confs.pop(label, None)
     a, b = names[0], names[-1]
     for entry in confs.values():
         entry["mean"] = {f: statistics.fmean(entry["sets"][s][f] for s in names) for f in FIGURES}
@@ -312,10 +322,11 @@ def effects(results: dict) -> list[str]:
 def write(results: dict, rows: list[tuple[str, torch.Tensor]], out: Path) -> list[str]:
     """``<out>/guidance/methods.md`` (the tables), ``methods.json`` and ``methods.png`` (the grid)."""
     files: list[str] = []
-    folder = out / "guidance"
+    folder, model = out / "guidance", results.get("model", "bundled")
+    stem = "methods" if model == "bundled" else f"methods_{model}"
     floor, eff = results["noise_floor"], results["effect_floor"]
     n, sets = results["samples_per_set"], list(results["sets"])
-    head = [f"Bundled model, karras/Euler, {n} prompts per set × {len(sets)} disjoint sets ({'/'.join(sets)}: "
+    head = [f"`model={model}`, Euler on its default schedule, {n} prompts per set × {len(sets)} disjoint sets ({'/'.join(sets)}: "
             "captions of fresh world scenes and noise seeds both disjoint), matched budget "
             f"{results['budget_pairs']:g} CFG pairs (the record's nfe_pairs). Each cell: the mean over the sets "
             f"({sets[0]} − {sets[-1]}). Noise floor (median |{sets[0]} − {sets[-1]}| over the configurations): "
@@ -327,8 +338,10 @@ def write(results: dict, rows: list[tuple[str, torch.Tensor]], out: Path) -> lis
         f"methods, equal steps — per set ({'/'.join(sets)}, each at equal prompts and seeds). Effect noise floor (median "
         f"|Δ{sets[0]} − Δ{sets[-1]}| over the comparisons): " + ", ".join(f"{f} {eff[f]:.{DIGITS[f]}f}" for f in BETTER)
         + "; **better** / *worse*: both sets' Δ beyond it in the same direction.", ""] + effects(results)
-    save_text("\n".join(lines) + "\n", folder / "methods.md", files)
-    save_text(json.dumps(results, indent=1), folder / "methods.json", files)
-    image_rows(rows, folder / "methods.png", files, title=f"set {sets[0]}: the first {len(rows[0][1])} prompts, same seeds",
+    if results.get("cannot_run"):
+        lines += ["", "Not run on this model:", ""] + [f"- {k}: {v}" for k, v in results["cannot_run"].items()]
+    save_text("\n".join(lines) + "\n", folder / f"{stem}.md", files)
+    save_text(json.dumps(results, indent=1), folder / f"{stem}.json", files)
+    image_rows(rows, folder / f"{stem}.png", files, title=f"set {sets[0]}: the first {len(rows[0][1])} prompts, same seeds",
                tile=0.7)
     return files

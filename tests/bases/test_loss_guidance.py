@@ -359,14 +359,16 @@ def test_two_starting_points_are_refused_at_start_up(base, files, order, monkeyp
 
 
 @pytest.mark.slow  # ~15 s: four bundled runs and the judge/CLIP loads; the plugins' behaviour is tested above
-def test_guidance_study_fast(tmp_path):
+@pytest.mark.parametrize("model", ["bundled", "bundled_flow"])
+def test_guidance_study_fast(tmp_path, model):
     import experiments.guidance_study.__main__ as study_mod
 
-    table = study_mod.main(["fast=true", f"out={tmp_path / 'docs'}", f"runs={tmp_path / 'run'}"])["results"]
+    table = study_mod.main(["fast=true", f"model={model}", f"out={tmp_path / 'docs'}", f"runs={tmp_path / 'run'}"])["results"]
     assert len(table) == 4 and table["img2img strength 0.3"]["nfe"] == 1
     assert "guidance_loss_clip_text" in table["cfg (baseline)"]
-    assert (tmp_path / "docs" / "guidance" / "grid.png").stat().st_size > 1000
-    assert "| cfg (baseline) |" in (tmp_path / "docs" / "guidance" / "table.md").read_text()
+    tail = "" if model == "bundled" else f"_{model}"  # the VP model's files keep their names
+    assert (tmp_path / "docs" / "guidance" / f"grid{tail}.png").stat().st_size > 1000
+    assert "| cfg (baseline) |" in (tmp_path / "docs" / "guidance" / f"table{tail}.md").read_text()
 
 
 @pytest.mark.slow  # ~60 s: the defaults sweep and the seams study at their smallest

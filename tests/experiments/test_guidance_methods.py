@@ -96,3 +96,21 @@ def test_methods_study_fast(tmp_path, monkeypatch):
     again = main(argv)["results"]["configurations"]
     assert again["cfg w=5"]["sets"]["A"]["fd"] == confs["cfg w=5"]["sets"]["A"]["fd"]
     assert json.loads((tmp_path / "runs" / "record.json").read_text())["config_name"] == "methods"
+
+
+def test_methods_study_on_the_flow_model(tmp_path):
+    """model=bundled_flow: its own file names, and a method it cannot run (the VP guide network) is
+    listed with the reason while the others are measured (2 samples per set, 3 steps)."""
+    from experiments.guidance_study.__main__ import main
+
+    argv = ["--config-name", "methods", "model=bundled_flow", "samples=2", "budget_pairs=3", "batch_size=2",
+            "fid_reference=8", "grid_prompts=2", "only=[cfg,autoguidance_model]", "methods.cfg.cfg_scale=[5]",
+            "methods.autoguidance_model.cfg_scale=[2]", f"out={tmp_path / 'docs'}", f"runs={tmp_path / 'runs'}"]
+    record = main(argv)
+    res = record["results"]
+    assert res["model"] == "bundled_flow" and set(res["configurations"]) == {"cfg w=5"}
+    assert "same kind of network" in res["cannot_run"]["autoguidance_model w=2"]
+    assert set(record["files"]) == {"methods_bundled_flow.md", "methods_bundled_flow.json", "methods_bundled_flow.png"}
+    text = (tmp_path / "docs" / "guidance" / "methods_bundled_flow.md").read_text()
+    assert text.startswith("`model=bundled_flow`") and "- autoguidance_model w=2: guide" in text
+    assert json.loads(next((tmp_path / "runs" / "rows").glob("cfg_w_5_A.json")).read_text())["overrides"][0] == "model=bundled_flow"
