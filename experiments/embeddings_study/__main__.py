@@ -1,10 +1,11 @@
-"""Text-embedding edits on the bundled model, measured by the bundled judge (docs/embeddings.md).
+"""Text-embedding edits on a bundled model, measured by the bundled judge (docs/embeddings.md).
 
     python -m experiments.embeddings_study                   # writes docs/embeddings/{results.md,results.json,*.png}
+    python -m experiments.embeddings_study model=bundled_flow   # … docs/embeddings/bundled_flow/
     python -m experiments.embeddings_study fast=true out=/tmp/x
 
-Three studies, each made of ordinary samplerlab runs (framework.entry.api.run; the default sampler:
-euler on the karras grid, CFG 5, 20 steps) scored by the judge (framework.bundled.load_judge):
+Three studies, each made of ordinary samplerlab runs (framework.entry.api.run; the model's default
+sampler: euler on the karras grid (VP) or on flow_match (the flow model), CFG 5, 20 steps) scored by the judge (framework.bundled.load_judge):
 
 - **swap** — prompts "a red <shape>"; runs without and with ``conditioning=[token_swap]``
   (red → blue), and the prompts "a blue <shape>" for comparison: the judge's colour rates.
@@ -54,7 +55,7 @@ class Study:
         """One run (every prompt × samples_per_prompt seeds): images, judge rates, colour statistics."""
         n = len(prompts) * self.per_prompt
         quoted = ",".join(f"'{p}'" for p in prompts)
-        over = [f"prompts=[{quoted}]", f"num_samples={n}", f"batch_size={min(n, 32)}", f"steps={self.steps}",
+        over = [f"model={self.cfg.model}", f"prompts=[{quoted}]", f"num_samples={n}", f"batch_size={min(n, 32)}", f"steps={self.steps}",
                 f"seed={self.cfg.seed}", "save_images=false", *extra]
         t0 = time.perf_counter()
         res = run(over, output_dir=self.folder / "runs" / name)
@@ -99,7 +100,7 @@ class Study:
         its record goes to ``<runs>/<name>/train.json``."""
         from experiments.textual_inversion.__main__ import run as train
 
-        cfg = ti_config(self.cfg, fast=bool(self.cfg.fast), out=str(self.folder / name), **over)
+        cfg = ti_config(self.cfg, fast=bool(self.cfg.fast), out=str(self.folder / name), model=str(self.cfg.model), **over)
         summary = train(Experiment("textual_inversion", cfg))["results"]
         return Path(summary["file"]), summary
 
@@ -117,7 +118,7 @@ class Study:
             summary = json.loads(log.read_text())["results"] if log.exists() else {"file": str(path)}
         else:
             path, summary = self._train("ti_striped")
-        pipe = load_pipe("bundled")
+        pipe = load_pipe(str(self.cfg.model))
         emb = TextEmbeddings.of(pipe)
         init = emb.vector(str(ti.initializer_token)).detach()[None].repeat(int(ti.num_vectors), 1)
         init_path = save_embeddings(self.folder / "ti_initial.safetensors", {token: init})
@@ -216,7 +217,8 @@ def write(results: dict[str, Any], images: dict[str, torch.Tensor], cfg: DictCon
     figure(["ti_plain", "ti_learned", "ti_initial"], "textual_inversion.png")
     figure(["colour_plain", "colour_learned", "colour_word"], "ti_colour.png")
 
-    lines = [f"Bundled model, `solver=euler schedule=karras steps={results['settings']['steps']} cfg_scale=5`, seed "
+    model = results["settings"].get("model", "bundled")
+    lines = [f"`model={model}`, Euler on its default schedule, `steps={results['settings']['steps']} cfg_scale=5`, seed "
              f"{cfg.seed}; every prompt × {results['settings']['samples_per_prompt']} samples; n = images per row. "
              "Rates: the judge's colour head (red / blue / purple) and striped head.", ""]
     for study, rows in results.items():
@@ -255,13 +257,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg, folder = ex.cfg, Path(ex.cfg.runs)
     torch.set_num_threads(int(cfg.threads))
     study = Study(cfg, folder)
-    results: dict[str, Any] = {"settings": {"steps": study.steps, "samples_per_prompt": study.per_prompt, "shapes": study.shapes}}
+    results: dict[str, Any] = {"settings": {"model": str(cfg.model), "steps": study.steps, "samples_per_prompt": study.per_prompt, "shapes": study.shapes}}
     for name in cfg.studies:
         t0 = time.perf_counter()
         results[name] = getattr(study, name)()
         print(f"{name}: {time.perf_counter() - t0:.0f} s")
-    files = write(results, study.images, cfg, Path(cfg.out))
-    print((Path(cfg.out) / "results.md").read_text())
+    out = Path(cfg.out) if cfg.model == "bundled" else Path(cfg.out) / str(cfg.model)  # each model its own folder
+    files = write(results, study.images, cfg, out)
+    print((out / "results.md").read_text())
     return ex.record(folder / "record.json", results, files)
 
 

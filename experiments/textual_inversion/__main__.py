@@ -1,15 +1,19 @@
 """Textual inversion (Gal et al. 2022): learn a new token's embedding from a few images.
 
     python -m experiments.textual_inversion                      # the bundled model, the striped concept
+    python -m experiments.textual_inversion model=bundled_flow out=outputs/ti_flow
     python -m experiments.textual_inversion images=my_photos "placeholder_token='<my-toy>'" initializer_token=toy \\
         model=/path/to/sd15-folder steps=3000 lr=5e-4 device=cuda
     python -m experiments.textual_inversion fast=true out=/tmp/ti # smoke run (seconds)
 
 Only the new token's vectors are trained (the UNet, VAE, text encoder and the tokenizer are frozen
 and untouched): the denoising loss of the model's own parametrisation (ε or v) at uniformly drawn
-timesteps (``timesteps=[lo, hi]`` limits them: [300, 800] by default, where a texture such as the
-stripes is decided; null draws all, as the paper does), on the images' VAE latents (posterior
-means), with captions that contain the token.
+timesteps (``timesteps=[lo, hi]`` limits them; the default ``auto`` keeps σ ≈ 0.83–5.1, where a
+texture such as the stripes is decided: [300, 800] for the VP model; null draws all, as the paper does), on the images' VAE latents (posterior
+means), with captions that contain the token. For a flow-matching model (``model=bundled_flow``,
+an SD3 pipeline: both CLIP encoders get the token) the loss is the rectified-flow one,
+‖v(x_t, t) − (ε − x0)‖² at x_t = (1 − t)·x0 + t·ε, with ``timesteps`` in its units, 1000·t
+(``auto``: [454, 836], the same σ range).
 The token is placed in the input embeddings by :mod:`framework.bases.embeddings` (no tokenizer edit).
 Without ``images`` the bundled world draws ``num_images`` scenes whose main shape is *striped* —
 the concept the bundled model saw in training but never had a word for — captioned by the world
@@ -43,6 +47,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 def load_pipe(model: str) -> Any:
     from framework.models.diffusers_sd import load_pipeline
 
+    if model == "bundled_flow":
+        from framework.models.bundled_flow import BundledFlow
+
+        return BundledFlow().pipe
     if model == "bundled":
         from framework.bundled import PIPELINE_DIR
 
@@ -80,27 +88,48 @@ def folder_images(folder: Path, size: tuple[int, int], token: str, templates: li
     return torch.stack(images) / 127.5 - 1, captions
 
 
+def adapter_of(pipe: Any, device: torch.device | str = "cpu") -> Any:
+    """The samplerlab model over ``pipe`` (float32 on ``device``): its latents and, for a flow
+    pipeline, its conditioning and network call."""
+    from framework.models.diffusers_sd import StableDiffusion
+    from framework.models.sd3 import StableDiffusion3
+
+    adapter = StableDiffusion3(pipeline=pipe, use_t5=False) if hasattr(pipe, "transformer") else StableDiffusion(pipeline=pipe)
+    adapter.setup(torch.device(device), torch.float32)
+    return adapter
+
+
+def model_loss(pipe: Any, adapter: Any, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, prompts: list[str],
+               edits: list) -> torch.Tensor:
+    """The model's training objective at integer timesteps ``t``: the ε (or v) prediction's MSE for a
+    UNet pipeline; for a flow pipeline the velocity's, ‖v(x_t, 1000·t) − (ε − x0)‖², x_t = (1 − t)·x0 + t·ε."""
+    if hasattr(pipe, "transformer"):
+        tt = (t.float() / int(pipe.scheduler.config.num_train_timesteps)).view(-1, 1, 1, 1)
+        pred = adapter.network_velocity((1 - tt) * x0 + tt * noise, t.float(), adapter.encode_edited(prompts, edits))
+        return torch.nn.functional.mse_loss(pred, noise - x0)
+    a = pipe.scheduler.alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1)
+    eps = pipe.scheduler.config.get("prediction_type", "epsilon") == "epsilon"
+    target = noise if eps else a.sqrt() * noise - (1 - a).sqrt() * x0
+    hidden = TextEmbeddings.of(pipe).encode(prompts, edits)
+    pred = pipe.unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=hidden).sample
+    return torch.nn.functional.mse_loss(pred, target)
+
+
 @torch.no_grad()
 def denoising_loss(pipe: Any, captions: list[str], images: torch.Tensor, edits: list = (), seed: int = 0,
                    repeats: int = 4) -> float:
     """Mean denoising loss (the training objective) of ``images`` under ``captions``, at fixed
     noise and uniformly drawn timesteps (``repeats`` draws per image): lower means the captions
     explain the images better. Used to check a learned token on held-out images."""
-    emb = TextEmbeddings.of(pipe)
+    adapter = adapter_of(pipe, pipe.device)
     gen = torch.Generator().manual_seed(seed)
-    device = pipe.unet.device
-    x0 = pipe.vae.encode(images.to(device)).latent_dist.mean * float(pipe.vae.config.scaling_factor)
-    hidden = emb.encode(captions, edits)
-    alphas = pipe.scheduler.alphas_cumprod.to(device)
-    eps_target = pipe.scheduler.config.get("prediction_type", "epsilon") == "epsilon"
+    x0 = adapter.encode_images((images + 1) / 2)
+    n = int(pipe.scheduler.config.num_train_timesteps)
     total = 0.0
     for _ in range(repeats):
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        t = torch.randint(0, len(alphas), (len(x0),), generator=gen).to(device)
-        a = alphas[t].view(-1, 1, 1, 1)
-        target = noise if eps_target else a.sqrt() * noise - (1 - a).sqrt() * x0
-        pred = pipe.unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=hidden).sample
-        total += float(torch.nn.functional.mse_loss(pred, target))
+        noise = torch.randn(x0.shape, generator=gen).to(x0.device)
+        t = torch.randint(0, n, (len(x0),), generator=gen).to(x0.device)
+        total += float(model_loss(pipe, adapter, x0, noise, t, captions, list(edits)))
     return total / repeats
 
 
@@ -121,24 +150,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     pipe = load_pipe(str(cfg.model))
     pipe.to(device)
-    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
-        part.requires_grad_(False)
+    flow = hasattr(pipe, "transformer")  # an SD3 pipeline: the rectified-flow objective
+    for part in (pipe.transformer if flow else pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+        if part is not None:
+            part.requires_grad_(False)
     emb = TextEmbeddings.of(pipe)
     if token in pipe.tokenizer.get_vocab() or any(token in t for t in ("<|startoftext|>", "<|endoftext|>")):
         raise ConfigError(f"placeholder_token '{token}' is already a token of this tokenizer: choose a new one, e.g. '<my-concept>'")
 
-    from framework.models.diffusers_sd import StableDiffusion
-
-    size = pixel_size(StableDiffusion(pipeline=pipe))
+    adapter = adapter_of(pipe, device)
+    size = pixel_size(adapter)
     if cfg.images:
         images, captions = folder_images(Path(cfg.images), size, token, list(cfg.templates))
     else:
         images, captions = striped_scenes(n_images, 10_000 + int(cfg.seed), token)
     save_grid((images[:16] + 1) / 2, out / "train_images.png", nrow=8)
-    with torch.no_grad():
-        scale = float(pipe.vae.config.scaling_factor)
-        latents = torch.cat([pipe.vae.encode(images[i:i + 64].to(device)).latent_dist.mean * scale
-                             for i in range(0, len(images), 64)])
+    with torch.no_grad():  # the posterior means, scaled (and shifted) as the model's latents
+        latents = torch.cat([adapter.encode_images((images[i:i + 64] + 1) / 2) for i in range(0, len(images), 64)])
 
     ckpt_dir = out / "checkpoints"
     start = 0
@@ -150,12 +178,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         print(f"resuming from {path} (step {start})")
     vectors = torch.nn.Parameter(init)
     opt = torch.optim.AdamW([vectors], lr=float(cfg.lr), weight_decay=0.0)
-    sched = pipe.scheduler
-    alphas = sched.alphas_cumprod.to(device)
-    prediction = sched.config.get("prediction_type", "epsilon")
-    t_lo, t_hi = (int(v) for v in cfg.timesteps) if cfg.get("timesteps") else (0, len(alphas) - 1)
-    if not 0 <= t_lo <= t_hi < len(alphas):
-        raise ConfigError(f"timesteps={list(cfg.timesteps)}: give [lo, hi] with 0 ≤ lo ≤ hi ≤ {len(alphas) - 1}, or null for all")
+    n_train = int(pipe.scheduler.config.num_train_timesteps)
+    timesteps = cfg.get("timesteps")
+    if timesteps == "auto":  # σ ≈ 0.83–5.1, where the bundled models decide a texture such as the stripes
+        timesteps = [454, 836] if flow else [300, 800]
+    t_lo, t_hi = (int(v) for v in timesteps) if timesteps else (0, n_train - 1)
+    if not 0 <= t_lo <= t_hi < n_train:
+        raise ConfigError(f"timesteps={list(timesteps)}: give [lo, hi] with 0 ≤ lo ≤ hi ≤ {n_train - 1}, auto, or null for all")
     gen = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + start)
     losses: list[float] = []
     t0 = time.perf_counter()
@@ -165,12 +194,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=gen).to(device)
         t = torch.randint(t_lo, t_hi + 1, (batch,), generator=gen).to(device)
-        a = alphas[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        target = noise if prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
-        hidden = emb.encode([captions[i] for i in idx.tolist()], [LearnedTokens({token: vectors})])
-        pred = pipe.unet(noisy, t, encoder_hidden_states=hidden).sample
-        loss = torch.nn.functional.mse_loss(pred, target)
+        loss = model_loss(pipe, adapter, x0, noise, t, [captions[i] for i in idx.tolist()], [LearnedTokens({token: vectors})])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -46,6 +46,12 @@ last step to 0 at σ_min (the stock grids' near-free final D) and optimises the 
 their finite differences (edges) instead of the latents; ``start=leading:<K>`` starts every grid
 where the model's own ``leading`` grid of K steps starts (x_T = √(1+σ_0²)·ε).
 
+A model whose grids start at σ = ∞ (a flow model's t = 1: ``schedule=flow_match``, the bundled flow
+model) gets grids that start there too, x_T = ε: the fine grid is ∞ followed by ``fine`` − 1 points
+log-uniform from the model's finite σ_max to σ_min, every method's first step leaves ∞ by the
+solver's own limit step (the engine's), and the learned interior points stay below σ_max. AYS's
+KLUB has no term from ∞ and refuses such a model.
+
 NFE: the optimiser works in NFE budgets. NFE(steps) of the solver is measured on two probe grids
 (the engine's count, affine in steps for every fixed-step solver); a budget no step count meets
 exactly (Heun: 2·steps − 1 on a grid ending at 0, so no even NFE) is refused with one line.
@@ -196,8 +202,8 @@ class Sampler:
         cfg, choices = compose(list(overrides))
         self.cfg, self.choices = cfg, choices
         self.run = engine.open_run(cfg, choices, wrap_model, None if model is None else wrap_model(model))
-        if self.run.schedule is not None and self.run.schedule.from_infinity:
-            raise ConfigError("schedule optimisation needs a model whose grid starts at a finite σ_max")
+        # the run's own grid starts at σ = ∞ (a flow model's t = 1): so does every grid made here
+        self.from_infinity = self.run.schedule is not None and self.run.schedule.from_infinity
         self.model = self.run.model
         self.sigma_max, self.sigma_min = float(self.model.sigma_max), float(self.model.sigma_min)
         settings = read_settings(cfg)
@@ -210,7 +216,14 @@ class Sampler:
         self.vp_start = False  # x_T = √(1+σ_0²)·ε (diffusers' leading spacing) instead of σ_0·ε
 
     def init_scale(self, sigma: float) -> float:
+        if math.isinf(sigma):  # the state at σ = ∞ is the unit noise ε (the engine's convention)
+            return 1.0
         return math.sqrt(1.0 + sigma * sigma) if self.vp_start else sigma
+
+    @property
+    def top(self) -> float:
+        """Where every grid starts by default: ∞ for a model whose grid starts there, else σ_max."""
+        return math.inf if self.from_infinity else self.sigma_max
 
     def start(self, sigma: float | None = None) -> Node:
         s = self.sigma_max if sigma is None else sigma
@@ -232,7 +245,7 @@ class Sampler:
             state, den, batch = self._state(node, sched, list(node.history), node.stash)
             with torch.no_grad():
                 guided = pred = den.evaluate(node.x, node.sigma)
-                for name, fn in self.run.hooks.momentum:
+                for name, fn in self.run.hooks.momentum if math.isfinite(node.sigma) else ():  # as the engine
                     pred = call(name, "momentum", fn, state=state, pred=pred)
             self.nfe += batch.nfe
             node.pred = (guided, pred)
@@ -252,7 +265,12 @@ class Sampler:
         state.guided, state.pred, state.x = guided, pred, pred.x
         fn = step_fn or self.step_fn
         with torch.no_grad():
-            x_next = call(self.step_name, "step", fn, state=state, denoise=den)
+            if math.isinf(node.sigma):  # the solver's limit step from ∞, as the engine takes it
+                from framework.core.engine import from_infinity
+
+                x_next = call(self.step_name, "step_from_infinity", from_infinity(fn), state=state)
+            else:
+                x_next = call(self.step_name, "step", fn, state=state, denoise=den)
         self.nfe += batch.nfe
         rec = StepRecord(node.index, node.sigma, sigma_next, state.x, guided.denoised, pred.denoised, x_next)
         return Node(x_next, sigma_next, node.index + 1, node.path + (sigma_next,), node.history + [rec], batch.stash)
@@ -272,7 +290,8 @@ class Sampler:
             counts = []
             for k in (2, 3, 4):
                 before = self.nfe
-                self.trajectory(list(np.geomspace(self.sigma_max, self.sigma_min, k)) + [0.0])
+                probe = list(np.geomspace(self.sigma_max, self.sigma_min, k)) + [0.0]
+                self.trajectory(([math.inf] + probe[1:]) if self.from_infinity else probe)
                 counts.append(self.nfe - before)
             a, b = counts[1] - counts[0], counts[0] - 2 * (counts[1] - counts[0])
             if counts[2] - counts[1] != a or a < 1:
@@ -299,7 +318,10 @@ class Teacher:
     seconds: float = 0.0
 
 
-def fine_grid(sigma_max: float, sigma_min: float, n: int) -> list[float]:
+def fine_grid(sigma_max: float, sigma_min: float, n: int, top: float | None = None) -> list[float]:
+    """``n`` points log-uniform from σ_max to σ_min, then 0; with ``top`` = ∞: ∞, then n − 1 such points."""
+    if top is not None and math.isinf(top):
+        return [math.inf] + fine_grid(sigma_max, sigma_min, n - 1)
     g = np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
     g[0], g[-1] = sigma_max, sigma_min
     return [float(s) for s in g] + [0.0]
@@ -317,8 +339,8 @@ def teacher_solver(name: str, rtol: float) -> Callable:
 
 def make_teacher(sampler: Sampler, fine: list[float], solver: str, substeps: int, rtol: float) -> Teacher:
     grid: list[float] = []
-    for a, b in zip(fine[:-1], fine[1:]):
-        grid += [a] if b == 0 else [a] + [float(s) for s in np.exp(np.linspace(math.log(a), math.log(b), substeps + 1))[1:-1]]
+    for a, b in zip(fine[:-1], fine[1:]):  # from ∞ one step (reference: its own integration from t = 1)
+        grid += [a] if b == 0 or math.isinf(a) else [a] + [float(s) for s in np.exp(np.linspace(math.log(a), math.log(b), substeps + 1))[1:-1]]
     grid.append(0.0)
     before, t0 = sampler.nfe, time.perf_counter()
     nodes = sampler.trajectory(grid, teacher_solver(solver, rtol))
@@ -492,6 +514,9 @@ def klub_table(sampler: Sampler, teacher: Teacher) -> np.ndarray:
 def ays(sampler: Sampler, teacher: Teacher, steps: int, sweeps: int) -> tuple[list[float], float]:
     """AYS: coordinate descent of the summed KLUB over the interior points (σ_max, σ_min fixed)."""
     fine, n = teacher.fine, len(teacher.fine) - 1
+    if math.isinf(fine[0]):
+        raise ConfigError("method=ays: the KLUB has no term from σ = ∞, where this model's grids start "
+                          "(a flow model): use method=gits, oss, ld3 or tpe")
     if steps == 1:
         return [fine[0], 0.0], 0.0
     cache = sampler.__dict__.setdefault("_klub", {})
@@ -543,7 +568,7 @@ def ld3(sampler: Sampler, teacher: Teacher, steps: int, opts: Options, nfe: int)
         inner = [math.exp(b + (math.log(v) - b) * (math.log(top) - b) / (a - b)) for v in start[1:-1]][:free]
     if len(inner) != free:
         raise ConfigError(f"init={opts.init}: its {steps}-step grid does not fit below σ_0 = {top:g}")
-    lo, hi = math.log(sampler.sigma_min) + (0.01 if pinned else 0.0), math.log(top)
+    lo, hi = math.log(sampler.sigma_min) + (0.01 if pinned else 0.0), math.log(min(top, sampler.sigma_max))
     theta = np.array([math.log(s) for s in inner])
 
     def grid_of(t: np.ndarray) -> list[float]:
@@ -602,7 +627,7 @@ def tpe(sampler: Sampler, teacher: Teacher, steps: int, trials: int, pinned: boo
     except ImportError:
         raise ConfigError("method=tpe needs optuna: pip install 'samplerlab[tune]'") from None
     top, tail = teacher.fine[0], ([sampler.sigma_min] if pinned else [])
-    lo, hi = math.log(sampler.sigma_min) + (0.01 if pinned else 0.0), math.log(top)
+    lo, hi = math.log(sampler.sigma_min) + (0.01 if pinned else 0.0), math.log(min(top, sampler.sigma_max))
     loss_of = final_loss(sampler, teacher.x[-1], objective)
     free = steps - 1 - len(tail)
 
@@ -723,7 +748,7 @@ def optimize(opts: Options, overrides: Sequence[str], model: object | None = Non
                               [o for o in overrides if not o.lstrip("+~").startswith("solver")]], sort_keys=True, default=str)
             teacher = (teachers or {}).get(key)
             if teacher is None:
-                teacher = make_teacher(sampler, fine_grid(sigma0, sampler.sigma_min, opts.fine), opts.teacher,
+                teacher = make_teacher(sampler, fine_grid(min(sigma0, sampler.sigma_max), sampler.sigma_min, opts.fine, sigma0), opts.teacher,
                                        opts.teacher_substeps, opts.teacher_rtol)
                 if teachers is not None:
                     teachers[key] = teacher
@@ -771,7 +796,7 @@ def start_of(opts: Options, sampler: Sampler, steps: int) -> tuple[float, bool]:
     ``leading:<K>``: the start of the ``leading`` grid of K steps whatever the budget's step count
     (e.g. the later start of a shorter stock grid)."""
     if opts.start is None:
-        return sampler.sigma_max, False
+        return sampler.top, False
     if str(opts.start).startswith("leading:"):
         steps = int(str(opts.start)[8:])
     elif opts.start != "leading":
@@ -819,7 +844,8 @@ def plot_grids(content: dict[str, Any], model: object, path: Path) -> None:
                                   ("karras", stock_grid("karras", model, g["steps"]), dict(color="C0", marker=".")),
                                   ("ays", stock_grid("ays", model, g["steps"]), dict(color="C2", marker=".", linestyle="--"))):
             s = [v for v in sig if v > 0]
-            ax.semilogy(range(len(s)), s, label=label, **style)
+            first = int(math.isinf(s[0])) if s else 0  # a grid from σ = ∞: its finite points, at their step index
+            ax.semilogy(range(first, len(s)), s[first:], label=label, **style)
         ax.set_title(f"NFE {n} ({g['steps']} steps)", fontsize=9)
         ax.set_xlabel("step index i", fontsize=8)
         ax.grid(True, which="both", alpha=0.3)

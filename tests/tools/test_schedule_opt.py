@@ -8,6 +8,7 @@ import random
 import warnings
 
 import pytest
+import torch
 
 from framework.core.errors import ConfigError
 from framework.entry.api import run
@@ -291,3 +292,32 @@ def test_ld3_from_a_stock_grid_keeps_its_points_or_maps_its_shape(tmp_path):
     a, b = math.log(karras[0]), math.log(karras[-2])
     want = [5.0] + [math.exp(b + (math.log(v) - b) * (math.log(5.0) - b) / (a - b)) for v in karras[1:-1]] + [0.0]
     assert all(math.isclose(x, y, rel_tol=1e-9) for x, y in zip(m, want)) and math.isclose(m[-2], karras[-2], rel_tol=1e-9)
+
+
+FLOW = ["model=gaussian", "model.parametrization=flow", "schedule=custom", "schedule.sigmas=[inf,1.0,0.0]", "steps=2",
+        "dtype=float64", "guidance=[]", "device=cpu"]  # the flow twin, its grids from σ = ∞ (t = 1)
+
+
+@pytest.mark.parametrize("method", ["gits", "oss", "ld3"])
+def test_grids_of_a_model_that_starts_at_infinity_start_there(method, tmp_path):
+    """A model whose grid starts at σ = ∞ (a flow model's t = 1) gets grids from ∞ with x_T = ε
+    (init_noise 1); the file runs through schedule=optimized from the same x_T as the model's own
+    grid, and on a held-out seed beats ∞ followed by the karras points of the same NFE (Euler,
+    error to the exact solution). AYS's KLUB has no term from ∞: one line."""
+    content, path = optimize(Options(method=method, nfe=[3], out=str(tmp_path / "f.json"), iterations=5, **SMALL),
+                             FLOW + ["solver=euler"], log=lambda s: None)
+    g = content["grids"]["3"]
+    assert math.isinf(g["sigmas"][0]) and g["init_noise"] == 1.0 and len(g["sigmas"]) == 4
+    assert all(math.isfinite(s) for s in g["sigmas"][1:]) and g["sigmas"][1] <= content["model"]["sigma_max"]
+    base = FLOW[:2] + ["dtype=float64", "guidance=[]", "solver=euler", "steps=3", "seed=0", "num_samples=8",
+                       "batch_size=8", "callback=[]"]
+    opt = run(base + ["schedule=optimized", f"schedule.file={path}"])
+    karras = run(FLOW[:2] + ["schedule=karras", "steps=3", "dtype=float64"]).schedule.sigmas
+    stock = run(base + ["schedule=custom", "schedule.sigmas=[inf," + ",".join(map(str, karras[1:])) + "]"])
+    assert opt.schedule.from_infinity and torch.equal(opt.x_T, stock.x_T)  # the same draw, x_T = ε
+    e_opt, e_stock = (r.record["metrics"]["rmse_to_reference"] for r in (opt, stock))
+    print(method, e_opt, e_stock)
+    assert e_opt < 0.75 * e_stock and opt.record["metrics"]["nfe"] == stock.record["metrics"]["nfe"] == 3
+    with pytest.raises(ConfigError, match="KLUB has no term from σ = ∞"):
+        optimize(Options(method="ays", nfe=[3], out=str(tmp_path / "a.json"), **SMALL), FLOW + ["solver=euler"],
+                 log=lambda s: None)
