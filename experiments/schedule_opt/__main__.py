@@ -17,6 +17,11 @@ take on a grid ending [σ_min, 0]. A grid whose last nonzero σ is above σ_min 
 same target (it stops early, and pays for it). The error is the RMSE over all elements of all
 samples. Two calibration seeds (``calibration.seed``, ``second_seed``) give two grids per
 (method, solver, budget) in ``agreement``: their RMS difference in log σ.
+
+A model whose own grid starts at σ = ∞ (the bundled flow model, ``schedule=flow_match``: t = 1)
+has its reference from there (x_T = ε; DOP853 integrates in t from t = 1), its optimised grids
+start there too, and a stock grid that starts at a finite σ (karras, exponential: the model's
+σ_max) gets its own reference from its own x_T.
 """
 from __future__ import annotations
 
@@ -74,11 +79,13 @@ class Study:
         adapter = load_model([f"model={model}", "device=cpu"]) if self.object is None else None
         self.sigma_max = float((adapter or self.object).sigma_max)
         self.sigma_min = float((adapter or self.object).sigma_min)
+        if adapter is not None and own_grid_from_infinity(model, adapter):  # a flow model: the reference from t = 1
+            self.sigma_max = math.inf
         self.nfe_law: dict[str, tuple[float, float]] = {}
         self.teachers: dict = {} if teachers is None else teachers  # shared by the optimisers of one calibration set
         self.refs: dict[tuple[float, float], Any] = {}  # (σ_0, x_T scale) → the reference run from that start
         self.ref_seconds = 0.0
-        ref = self.reference(self.sigma_max, self.sigma_max)
+        ref = self.reference(self.sigma_max, self.sigma_max if math.isfinite(self.sigma_max) else 1.0)
         self.ref, self.x_T, self.ref_nfe = ref.latents, ref.x_T, ref.record["metrics"]["nfe"]
 
     def reference(self, sigma0: float, scale: float):
@@ -87,7 +94,7 @@ class Study:
         if key not in self.refs:
             r = self.cfg.reference[self.model]
             t0 = time.perf_counter()
-            name = "reference" if key == (self.sigma_max, self.sigma_max) else f"reference_{sigma0:.6g}"
+            name = "reference" if sigma0 == self.sigma_max else f"reference_{sigma0:.6g}"
             if r.get("solver", "dop853") == "dop853":
                 extra = reference_overrides(sigma0, self.sigma_min, float(r.rtol), float(r.atol), scale)
             else:  # a many-step solver on an exponential grid from σ_0 (checked against DOP853: docs/optimisation.md)
@@ -137,7 +144,8 @@ class Study:
 
     def stock(self, budgets: list[int], solvers=None, schedules=None) -> dict:
         out: dict = {}
-        cells = [(sv, sc) for sv in (solvers or self.cfg.stock_solvers) for sc in (schedules or self.cfg.stock_schedules)]
+        own = (self.cfg.get("stock_schedules_of") or {}).get(self.model) or self.cfg.stock_schedules
+        cells = [(sv, sc) for sv in (solvers or self.cfg.stock_solvers) for sc in (schedules or own)]
         for solver, schedule in tqdm(cells, desc=f"{self.model} stock"):
             extra = list(self.cfg.schedule_overrides.get(schedule, [f"schedule={schedule}"]))
             row: dict = {}
@@ -179,7 +187,7 @@ class Study:
         init = f"from_{init_from}" if init_from else str(self.cfg.ld3_init[self.model])
         if init.startswith("from_"):  # the file another method made for this solver (seed tag kept)
             init = str(self.folder / "schedules" / f"{solver}_{init[5:]}{tag}.json")
-        kwargs = dict(fine=int(self.cfg.fine[self.model]), teacher=str(self.cfg.teacher[self.model].solver),
+        kwargs = dict(fine=int(self.cfg.fine[self.model]), fine_top=(self.cfg.get("fine_top") or {}).get(self.model), teacher=str(self.cfg.teacher[self.model].solver),
                       teacher_substeps=int(self.cfg.teacher[self.model].substeps),
                       teacher_rtol=float(self.cfg.teacher[self.model].rtol), iterations=int(self.cfg.iterations),
                       seconds=float(self.cfg.ld3_seconds[self.model]), init=init, trials=int(self.cfg.tpe_trials))
@@ -203,9 +211,16 @@ class Study:
         return out
 
 
+def own_grid_from_infinity(model: str, adapter) -> bool:
+    """Whether the model's default schedule starts at σ = ∞ (a flow model's t = 1)."""
+    from framework.tools.schedule_opt import stock_grid
+
+    return math.isinf(stock_grid(compose([f"model={model}"])[1]["schedule"], adapter, 4)[0])
+
+
 def log_rms(a: list[float], b: list[float]) -> float | None:
-    """RMS difference of log σ over the nonzero points (None when the grids differ in length)."""
-    a, b = [s for s in a if s > 0], [s for s in b if s > 0]
+    """RMS difference of log σ over the finite nonzero points (None when the grids differ in length)."""
+    a, b = [s for s in a if 0 < s < math.inf], [s for s in b if 0 < s < math.inf]
     if len(a) != len(b):
         return None
     return float(np.sqrt(np.mean((np.log(a) - np.log(b)) ** 2)))
@@ -404,7 +419,8 @@ def write(results: dict, cfg: DictConfig, out: Path) -> list[str]:
                      "side re-chosen on the calibration set.)", ""] if res.get("kept_from") else []),
                   f"Reference: {res.get('reference_solver', 'DOP853')} σ {res['sigma_max']:g} → {res['sigma_min']:g}, then D; "
                   f"{res['reference_nfe']:g} NFE"
-                  + (f"; grids starting lower (leading spacing) each get their own from their σ_0 ({len(own) - 1} more: "
+                  + (f"; grids starting elsewhere (leading spacing; a finite σ_max when the model starts at ∞) each get "
+                     f"their own from their σ_0 ({len(own) - 1} more: "
                      + ", ".join(f"σ_0 {k}" for k in own if not math.isclose(float(k), res['sigma_max'], rel_tol=1e-5)) + ")"
                      if len(own) > 1 else "") + ".", "",
                   "**Best of each side** — RMSE to the reference on the held-out set (ratio = optimised / stock; "
@@ -520,19 +536,23 @@ def plot(model: str, res: dict, cfg: DictConfig, out: Path, files: list[str]) ->
         opt = res["optimised"][m][sv][n]["sigmas"]
         ssv, ssc = b["stock"]["sampler"].split(" + ")
         st = res["stock"][ssv][ssc][n]["sigmas"]
-        steps = len([s for s in opt if s > 0])
+        steps = len(opt) - 1
         series = [(f"{m} ({sv})", opt, dict(color="C3", marker="o", linewidth=2)),
                   (f"stock best: {ssc} ({ssv})", st, dict(color="k", marker="s", markersize=3)),
-                  ("karras", stock_grid("karras", adapter, steps), dict(color="C0", marker=".", linestyle=":")),
-                  ("ays", stock_grid("ays", adapter, steps), dict(color="C2", marker=".", linestyle="--"))]
-        for label, sig, style in series:
-            s = [v for v in sig if v > 0]
-            ax.semilogy(range(len(s)), s, label=label, **style)
+                  ("karras", stock_grid("karras", adapter, steps), dict(color="C0", marker=".", linestyle=":"))]
+        try:
+            series.append(("ays", stock_grid("ays", adapter, steps), dict(color="C2", marker=".", linestyle="--")))
+        except ConfigError:  # no AYS table for this model kind
+            pass
+        for label, sig, style in series:  # a grid from σ = ∞: its finite points at their step index
+            first = int(math.isinf(sig[0]))
+            s = [v for v in sig[first:] if v > 0]
+            ax.semilogy(range(first, first + len(s)), s, label=label, **style)
         ax.set_title(f"NFE {n}: ratio {b['ratio']:.2f}", fontsize=9)
         ax.set_xlabel("step index i", fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=6)
-    axes[0][0].set_ylabel("σ_i (final 0 not drawn)", fontsize=8)
+    axes[0][0].set_ylabel("σ_i (final 0 and a first ∞ not drawn)", fontsize=8)
     fig.suptitle(f"{model}: best optimised grid vs the best stock sampler's, karras and AYS", fontsize=9)
     fig.tight_layout()
     save_figure(fig, out / f"optimisation_{model}.png", files, dpi=90)

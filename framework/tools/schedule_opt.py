@@ -102,6 +102,7 @@ class Options:
     nfe: list[int] = field(default_factory=lambda: [5, 6, 8, 10])
     out: str | None = None  # default: schedules/<model>_<solver>_<method>.json
     fine: int = 32  # fine σ points (σ_max … σ_min) the DP / KLUB methods choose from
+    fine_top: float | None = None  # grids from ∞: the fine grid's largest finite σ (default σ_max; e.g. 100, t = 0.99)
     teacher: str = "unipc"  # the teacher's solver plugin (reference: DOP853)
     teacher_substeps: int = 4
     teacher_rtol: float = 1e-6  # teacher=reference only
@@ -127,6 +128,8 @@ class Options:
             raise ConfigError(f"nfe must be a list of budgets ≥ 1, e.g. nfe=[5,6,8,10], got {self.nfe}")
         if self.fine < 4:
             raise ConfigError(f"fine={self.fine}: the fine grid needs at least 4 points")
+        if self.fine_top is not None and not self.fine_top > 0:
+            raise ConfigError(f"fine_top={self.fine_top}: give the fine grid's largest finite σ, > σ_min")
         if self.start is not None and str(self.start).startswith("leading:"):
             k = str(self.start)[8:]
             if not (k.isdigit() and int(k) >= 1):
@@ -707,10 +710,10 @@ def optimize(opts: Options, overrides: Sequence[str], model: object | None = Non
     fingerprint = model_fingerprint(cfg.model) if model is None else "object:" + type(model).__name__
     budgets = [int(n) for n in opts.nfe]
     steps_of = {n: sampler.steps_for_nfe(n) for n in budgets}  # refuses an unreachable budget before any work
-    settings = {k: v for k, v in asdict(opts).items() if k in ("fine", "teacher", "teacher_substeps", "teacher_rtol",
+    settings = {k: v for k, v in asdict(opts).items() if k in ("fine", "fine_top", "teacher", "teacher_substeps", "teacher_rtol",
                                                                  "iterations", "seconds", "lr", "fd_step", "init", "trials", "history", "start", "final",
                                                                  "objective")}
-    for key, plain in (("final", "free"), ("objective", "latent")):  # keys only where set: older files still resume
+    for key, plain in (("final", "free"), ("objective", "latent"), ("fine_top", None)):  # keys only where set: older files still resume
         if settings.get(key) == plain:
             settings.pop(key)
     run_keys = {k: OmegaConf.to_container(cfg, resolve=True).get(k) for k in ("cfg_scale", "dtype", "guidance", "momentum")}
@@ -748,7 +751,10 @@ def optimize(opts: Options, overrides: Sequence[str], model: object | None = Non
                               [o for o in overrides if not o.lstrip("+~").startswith("solver")]], sort_keys=True, default=str)
             teacher = (teachers or {}).get(key)
             if teacher is None:
-                teacher = make_teacher(sampler, fine_grid(min(sigma0, sampler.sigma_max), sampler.sigma_min, opts.fine, sigma0), opts.teacher,
+                high = min(sigma0, sampler.sigma_max, opts.fine_top or math.inf) if math.isinf(sigma0) else min(sigma0, sampler.sigma_max)
+                if not high > sampler.sigma_min:
+                    raise ConfigError(f"fine_top={opts.fine_top}: the fine grid must start above σ_min = {sampler.sigma_min:g}")
+                teacher = make_teacher(sampler, fine_grid(high, sampler.sigma_min, opts.fine, sigma0), opts.teacher,
                                        opts.teacher_substeps, opts.teacher_rtol)
                 if teachers is not None:
                     teachers[key] = teacher
