@@ -321,3 +321,14 @@ def test_grids_of_a_model_that_starts_at_infinity_start_there(method, tmp_path):
     with pytest.raises(ConfigError, match="KLUB has no term from σ = ∞"):
         optimize(Options(method="ays", nfe=[3], out=str(tmp_path / "a.json"), **SMALL), FLOW + ["solver=euler"],
                  log=lambda s: None)
+
+
+def test_fine_top_caps_the_fine_grid_of_a_grid_from_infinity(tmp_path):
+    """fine_top: the largest finite fine σ of a grid from ∞ (the flow model's σ_max is 1598, t = 0.9994:
+    a log-uniform lattice from there wastes its points), so GITS picks its points at or below it."""
+    content, _ = optimize(Options(method="gits", nfe=[3], fine_top=4.0, out=str(tmp_path / "t.json"), **SMALL),
+                          FLOW + ["solver=euler"], log=lambda s: None)
+    sig = content["grids"]["3"]["sigmas"]
+    assert math.isinf(sig[0]) and max(sig[1:]) <= 4.0 * (1 + 1e-12) and content["settings"]["fine_top"] == 4.0
+    with pytest.raises(ConfigError, match="fine_top"):
+        Options(fine_top=-1.0).check()
