@@ -339,7 +339,8 @@ def write(results: dict, rows: list[tuple[str, torch.Tensor]], out: Path) -> lis
         f"|Δ{sets[0]} − Δ{sets[-1]}| over the comparisons): " + ", ".join(f"{f} {eff[f]:.{DIGITS[f]}f}" for f in BETTER)
         + "; **better** / *worse*: both sets' Δ beyond it in the same direction.", ""] + effects(results)
     if results.get("cannot_run"):
-        lines += ["", "Not run on this model:", ""] + [f"- {k}: {v}" for k, v in results["cannot_run"].items()]
+        root = str(Path.cwd().resolve()) + "/"  # the reasons name files: relative to the repository
+        lines += ["", "Not run on this model:", ""] + [f"- {k}: {v.replace(root, '')}" for k, v in results["cannot_run"].items()]
     save_text("\n".join(lines) + "\n", folder / f"{stem}.md", files)
     save_text(json.dumps(results, indent=1), folder / f"{stem}.json", files)
     image_rows(rows, folder / f"{stem}.png", files, title=f"set {sets[0]}: the first {len(rows[0][1])} prompts, same seeds",
