@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -357,6 +358,23 @@ def test_textual_inversion_fast_run_on_striped_scenes(tmp_path):
     again = train(ti_config(fast=True, out=str(out)))
     assert again["resumed_from"] == 4
     assert torch.equal(load_embeddings(out / "learned_embeds.safetensors")["<striped>"], learned["<striped>"])
+
+
+def test_textual_inversion_on_the_flow_model_trains_both_encoders_token(tmp_path):
+    """model=bundled_flow (an SD3 pipeline): the rectified-flow loss trains the token, and the file
+    it writes acts in a flow run through conditioning=[textual_inversion] (both CLIP encoders)."""
+    from experiments.textual_inversion.__main__ import load_pipe, train
+
+    out = tmp_path / "ti"
+    summary = train(ti_config(fast=True, model="bundled_flow", out=str(out)))
+    learned = load_embeddings(out / "learned_embeds.safetensors")["<striped>"]
+    assert learned.shape == (4, 128) and summary["steps"] == 4 and math.isfinite(summary["loss_last_20"])
+    assert not torch.equal(learned[0], TextEmbeddings.of(load_pipe("bundled_flow")).vector("shape"))
+    base = ["model=bundled_flow", "steps=2", "num_samples=1", "batch_size=1", "save_images=false",
+            "prompts=['a <striped> red circle']"]
+    use = ["conditioning=[textual_inversion]", f"conditioning.textual_inversion.path='{out / 'learned_embeds.safetensors'}'"]
+    with_token, as_text = run(base + use, output_dir=tmp_path / "a"), run(base, output_dir=tmp_path / "b")
+    assert (with_token.latents - as_text.latents).abs().max() > 1e-3  # the token's vectors, not its characters
 
 
 @pytest.mark.slow  # 1–3 min of CPU: 200 training steps and 256 bundled generations
