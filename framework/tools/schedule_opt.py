@@ -48,7 +48,7 @@ where the model's own ``leading`` grid of K steps starts (x_T = √(1+σ_0²)·�
 
 A model whose grids start at σ = ∞ (a flow model's t = 1: ``schedule=flow_match``, the bundled flow
 model) gets grids that start there too, x_T = ε: the fine grid is ∞ followed by ``fine`` − 1 points
-log-uniform from the model's finite σ_max to σ_min, every method's first step leaves ∞ by the
+log-uniform from ``fine_top`` (default: the model's finite σ_max) to σ_min, every method's first step leaves ∞ by the
 solver's own limit step (the engine's), and the learned interior points stay below σ_max. AYS's
 KLUB has no term from ∞ and refuses such a model.
 
