@@ -544,6 +544,8 @@ def plot(model: str, res: dict, cfg: DictConfig, out: Path, files: list[str]) ->
             series.append(("ays", stock_grid("ays", adapter, steps), dict(color="C2", marker=".", linestyle="--")))
         except ConfigError:  # no AYS table for this model kind
             pass
+        if math.isinf(opt[0]):  # a model whose grids start at ∞: σ-space karras/AYS from its finite σ_max are not its stock
+            series = series[:2]
         for label, sig, style in series:  # a grid from σ = ∞: its finite points at their step index
             first = int(math.isinf(sig[0]))
             s = [v for v in sig[first:] if v > 0]
@@ -553,7 +555,8 @@ def plot(model: str, res: dict, cfg: DictConfig, out: Path, files: list[str]) ->
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=6)
     axes[0][0].set_ylabel("σ_i (final 0 and a first ∞ not drawn)", fontsize=8)
-    fig.suptitle(f"{model}: best optimised grid vs the best stock sampler's, karras and AYS", fontsize=9)
+    others = "" if math.isinf(res["sigma_max"]) else ", karras and AYS"  # from ∞: the stock grids are the model's own
+    fig.suptitle(f"{model}: best optimised grid vs the best stock sampler's{others}", fontsize=9)
     fig.tight_layout()
     save_figure(fig, out / f"optimisation_{model}.png", files, dpi=90)
 
