@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from experiments.guidance_study import defaults, methods, seams
 from experiments.guidance_study import raw as raw_update
-from experiments.guidance_study.figures import image_rows
+from experiments.guidance_study.figures import file_stem, image_rows
 from experiments.guidance_study.inputs import make_files
 from experiments.harness import Experiment, entry, load_model, save_text
 from framework.entry.api import run
@@ -154,15 +154,14 @@ def write(table: dict, images: dict, cfg: DictConfig, out: Path) -> list[str]:
     """``<out>/guidance/``: the grid of images, the table (markdown) and the results (JSON);
     returns the names of the files written."""
     folder, files = out / "guidance", []
-    tail = "" if cfg.model == "bundled" else f"_{cfg.model}"
-    image_rows(list(images.items()), folder / f"grid{tail}.png", files)
+    image_rows(list(images.items()), folder / f"{file_stem('grid', cfg.model)}.png", files)
     cols = sorted({k for row in table.values() for k in row if k != "seconds"}, key=lambda k: (k not in ("nfe", "unet_calls"), k))
     lines = ["| configuration | " + " | ".join(cols) + " |", "| --- |" + " --- |" * len(cols)]
     for name, row in table.items():
         cells = [("" if row.get(c) is None else f"{row[c]:.4g}") for c in cols]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    save_text("\n".join(lines) + "\n", folder / f"table{tail}.md", files)
-    save_text(json.dumps(table, indent=1), folder / f"results{tail}.json", files)
+    save_text("\n".join(lines) + "\n", folder / f"{file_stem('table', cfg.model)}.md", files)
+    save_text(json.dumps(table, indent=1), folder / f"{file_stem('results', cfg.model)}.json", files)
     return files
 
 

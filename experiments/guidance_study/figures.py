@@ -37,3 +37,8 @@ def image_rows(rows: list[tuple[str, torch.Tensor]], path: Path, files: list[str
         fig.text(LABEL_IN / width, (top - tile / 2) / height, "\n".join(textwrap.wrap(label, 34)),
                  ha="right", va="center", fontsize=7.5)
     save_figure(fig, path, files)
+
+
+def file_stem(stem: str, model: str) -> str:
+    """A study file's stem: ``stem`` for the VP model (its files keep their names), ``stem_<model>`` else."""
+    return stem if model == "bundled" else f"{stem}_{model}"

@@ -36,7 +36,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from experiments.guidance_study.figures import image_rows
+from experiments.guidance_study.figures import file_stem, image_rows
 from experiments.harness import save_text
 from framework.entry.api import run
 from framework.plugin import ConfigError
@@ -323,7 +323,7 @@ def write(results: dict, rows: list[tuple[str, torch.Tensor]], out: Path) -> lis
     """``<out>/guidance/methods.md`` (the tables), ``methods.json`` and ``methods.png`` (the grid)."""
     files: list[str] = []
     folder, model = out / "guidance", results.get("model", "bundled")
-    stem = "methods" if model == "bundled" else f"methods_{model}"
+    stem = file_stem("methods", model)
     floor, eff = results["noise_floor"], results["effect_floor"]
     n, sets = results["samples_per_set"], list(results["sets"])
     head = [f"`model={model}`, Euler on its default schedule, {n} prompts per set × {len(sets)} disjoint sets ({'/'.join(sets)}: "

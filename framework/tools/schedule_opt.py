@@ -228,9 +228,8 @@ class Sampler:
         """Where every grid starts by default: ∞ for a model whose grid starts there, else σ_max."""
         return math.inf if self.from_infinity else self.sigma_max
 
-    def start(self, sigma: float | None = None) -> Node:
-        s = self.sigma_max if sigma is None else sigma
-        return Node(self.noise * self.init_scale(s), s, 0, (s,))
+    def start(self, sigma: float) -> Node:
+        return Node(self.noise * self.init_scale(sigma), sigma, 0, (sigma,))
 
     def _state(self, node: Node, schedule: Schedule, history: list[StepRecord], stash: Stash):
         batch = replace(self.batch, history=history, stash=stash, nfe=0)
@@ -751,7 +750,7 @@ def optimize(opts: Options, overrides: Sequence[str], model: object | None = Non
                               [o for o in overrides if not o.lstrip("+~").startswith("solver")]], sort_keys=True, default=str)
             teacher = (teachers or {}).get(key)
             if teacher is None:
-                high = min(sigma0, sampler.sigma_max, opts.fine_top or math.inf) if math.isinf(sigma0) else min(sigma0, sampler.sigma_max)
+                high = min(sampler.sigma_max, opts.fine_top or math.inf) if math.isinf(sigma0) else min(sigma0, sampler.sigma_max)
                 if not high > sampler.sigma_min:
                     raise ConfigError(f"fine_top={opts.fine_top}: the fine grid must start above σ_min = {sampler.sigma_min:g}")
                 teacher = make_teacher(sampler, fine_grid(high, sampler.sigma_min, opts.fine, sigma0), opts.teacher,
