@@ -25,7 +25,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, St
 from omegaconf import DictConfig
 from transformers import CLIPTokenizer
 
-from experiments.bundled_flow.model import text_encoder_with_projection
+from experiments.bundled_flow.model import text_encoder_with_projection, vp_pipeline
 from framework.bundled import CLIP_DIR, PIPELINE_DIR, WEIGHTS_DIR
 
 VAE_FILE = "diffusion_pytorch_model.safetensors"
@@ -52,8 +52,9 @@ def export_vae(target: Path, source: Path = PIPELINE_DIR / "vae") -> None:
 
 def export(cfg: DictConfig, out: Path, target: Path) -> Path:
     """Write the pipeline folder ``target`` (replacing it) from ``out/transformer`` and the VP model's parts."""
-    tokenizer = CLIPTokenizer.from_pretrained(PIPELINE_DIR / "tokenizer", model_max_length=int(cfg.flow.max_length))
-    encoder = text_encoder_with_projection(PIPELINE_DIR, CLIP_DIR)
+    vp = vp_pipeline(cfg)
+    tokenizer = CLIPTokenizer.from_pretrained(vp / "tokenizer", model_max_length=int(cfg.flow.max_length))
+    encoder = text_encoder_with_projection(vp, CLIP_DIR)
     pipe = StableDiffusion3Pipeline(
         transformer=SD3Transformer2DModel.from_pretrained(out / "transformer").to(torch.float16),
         scheduler=scheduler(cfg.flow.shift), vae=None,
@@ -64,10 +65,10 @@ def export(cfg: DictConfig, out: Path, target: Path) -> Path:
     index = json.loads((target / "model_index.json").read_text())
     index["vae"] = ["diffusers", "AutoencoderKL"]
     (target / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    export_vae(target / "vae")
+    export_vae(target / "vae", vp / "vae")
     for folder in (target / "tokenizer", target / "tokenizer_2"):  # the BPE source files, as the VP folder has them
         for name in ("vocab.json", "merges.txt"):
-            shutil.copy(PIPELINE_DIR / "tokenizer" / name, folder / name)
+            shutil.copy(vp / "tokenizer" / name, folder / name)
     size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
     print(f"export: {target} ({size / 1e6:.1f} MB)")
     return target

@@ -1,7 +1,7 @@
 """The parts of the bundled flow model: the tiny SD3 transformer, its text encoders, the teacher.
 
-- :func:`build_transformer` — diffusers' ``SD3Transformer2DModel`` on 8×8×4 latents (patch 2: 16
-  image tokens), joint attention width 256 (the two 128-wide CLIP states side by side, as SD3's
+- :func:`build_transformer` — diffusers' ``SD3Transformer2DModel`` on the VP pipeline's latents
+  (8×8×4 for the shipped VAE, patch 2: 16 image tokens; 16×16×4 for gpu_v3's: 64), joint attention width 256 (the two 128-wide CLIP states side by side, as SD3's
   pipeline concatenates them), pooled width 128 (two 64-wide CLIP projections), RMS q/k norm.
 - :func:`text_encoder_with_projection` — the bundled CLIP's text tower as a
   ``CLIPTextModelWithProjection``: the VP pipeline's (fp32) text encoder and the bundled CLIP's own
@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from experiments.bundled_model.common import initialised_with
+from framework.bundled import PIPELINE_DIR
 
 CLIP_WIDTH = 128          # hidden width of the bundled CLIP text tower
 POOLED_WIDTH = 64         # its projection (CLIP feature) width
@@ -36,12 +37,22 @@ JOINT_WIDTH = 2 * CLIP_WIDTH
 T5_ROWS = 256             # StableDiffusion3Pipeline's default max_sequence_length (zero rows without T5)
 
 
-def build_transformer(cfg: DictConfig) -> SD3Transformer2DModel:
-    """A fresh tiny SD3 transformer of the configured size (weights depend on ``cfg.seed`` alone)."""
+def vp_pipeline(cfg: DictConfig) -> Path:
+    """The VP pipeline folder whose VAE, tokenizer, text encoder and UNet (the teacher) the flow
+    model is built on: ``pipeline`` when set (e.g. a rebuilt VP model's), else the shipped one."""
+    return Path(cfg.get("pipeline") or PIPELINE_DIR)
+
+
+def build_transformer(cfg: DictConfig, latent_size: int = 8) -> SD3Transformer2DModel:
+    """A fresh tiny SD3 transformer of the configured size (weights depend on ``cfg.seed`` alone)
+    for ``latent_size``² latents (patch 2: (latent_size / 2)² image tokens)."""
     f = cfg.flow
+    if latent_size // 2 > f.pos_embed_max_size:
+        raise ValueError(f"flow.pos_embed_max_size={f.pos_embed_max_size} is smaller than the {latent_size // 2} patches "
+                         f"per side of {latent_size}² latents: set flow.pos_embed_max_size={latent_size // 2}")
     with initialised_with(cfg.seed):
         return SD3Transformer2DModel(
-            sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=f.layers,
+            sample_size=latent_size, patch_size=2, in_channels=4, out_channels=4, num_layers=f.layers,
             attention_head_dim=f.width // f.heads, num_attention_heads=f.heads,
             joint_attention_dim=JOINT_WIDTH, caption_projection_dim=f.width,
             pooled_projection_dim=2 * POOLED_WIDTH, pos_embed_max_size=f.pos_embed_max_size,

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from transformers import CLIPTokenizer
 
 from experiments.bundled_flow.model import (Teacher, build_transformer, compact_context, logit_normal_t,
-                                            text_encoder_with_projection, use_compact_context)
+                                            text_encoder_with_projection, use_compact_context, vp_pipeline)
 from experiments.bundled_model.common import (count_parameters, load_state, plan_scenes_parallel, save_state,
                                               stage_seed, step_with_ema, train_loop)
 from framework.bundled import CLIP_DIR, PIPELINE_DIR
@@ -42,11 +42,12 @@ def file_digest(path: Path) -> str:
 
 
 @torch.no_grad()
-def encode_captions(captions: list[str], max_length: int, batch: int = 256) -> dict[str, torch.Tensor]:
+def encode_captions(captions: list[str], max_length: int, batch: int = 256,
+                    pipeline: Path = PIPELINE_DIR) -> dict[str, torch.Tensor]:
     """SD3 states [n, max_length, 128] (penultimate layer), pooled [n, 64] (projected), and the VP
     teacher's states [n, 77, 128] (last layer), fp16; one tower (the VP pipeline's text encoder)."""
-    tok = CLIPTokenizer.from_pretrained(PIPELINE_DIR / "tokenizer")
-    enc = text_encoder_with_projection(PIPELINE_DIR, CLIP_DIR)
+    tok = CLIPTokenizer.from_pretrained(pipeline / "tokenizer")
+    enc = text_encoder_with_projection(pipeline, CLIP_DIR)
     sd3, pooled, vp = [], [], []
     for i in range(0, len(captions), batch):
         ids = tok(captions[i:i + batch], padding="max_length", max_length=77, truncation=True,
@@ -66,14 +67,15 @@ def build_cache(cfg: DictConfig, out: Path, device: torch.device) -> dict[str, t
     """The cached training set (``out/flow_cache.json`` and the safetensors file it names);
     rebuilt when the VAE's encoder input (its weights file), the text encoder, the size or the seed change."""
     path = out / "flow_cache.json"
-    stamp = [file_digest(PIPELINE_DIR / "vae" / "diffusion_pytorch_model.safetensors"),
-             file_digest(PIPELINE_DIR / "text_encoder" / "model.safetensors"),
+    vp = vp_pipeline(cfg)
+    stamp = [file_digest(vp / "vae" / "diffusion_pytorch_model.safetensors"),
+             file_digest(vp / "text_encoder" / "model.safetensors"),
              cfg.flow.n_train, cfg.seed, cfg.flow.max_length]
     loaded = load_state(path)
     if loaded is not None and loaded[1]["stamp"] == stamp:
         return loaded[0]
     plans = plan_scenes_parallel(cfg.flow.n_train, stage_seed(cfg.seed, "flow_set", 0), 1, **cfg.world)
-    vae = AutoencoderKL.from_pretrained(PIPELINE_DIR / "vae").to(device).eval()
+    vae = AutoencoderKL.from_pretrained(vp / "vae").to(device).eval()
     captions, latents = [], []
     for plan in tqdm(plans, desc="encode latents"):
         images = plan.draw(device).images
@@ -83,7 +85,7 @@ def build_cache(cfg: DictConfig, out: Path, device: torch.device) -> dict[str, t
     index = {c: i for i, c in enumerate(unique)}
     cache = {"latents": torch.cat(latents) * vae.config.scaling_factor,
              "caption_ids": torch.tensor([index[c] for c in captions]),
-             **encode_captions(unique, cfg.flow.max_length)}
+             **encode_captions(unique, cfg.flow.max_length, pipeline=vp)}
     save_state(path, cache, {"stamp": stamp}, hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:12])
     print(f"flow cache: {len(captions)} latents (std {cache['latents'].std():.3f}), {len(unique)} distinct captions")
     return cache
@@ -112,14 +114,14 @@ def train_flow(cfg: DictConfig, out: Path, device: torch.device):
     f = cfg.flow
     cache = build_cache(cfg, out, device)
     latents, cap_ids = cache["latents"].to(device), cache["caption_ids"]
-    model = build_transformer(cfg).to(device).train()
+    model = build_transformer(cfg, latents.shape[-1]).to(device).train()
     if f.get("init"):  # a warm start (the checkpoint of a resumed run still wins: train_loop loads it after)
         from diffusers import SD3Transformer2DModel
 
         model.load_state_dict(SD3Transformer2DModel.from_pretrained(f.init).state_dict())
     use_compact_context(model)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    teacher = Teacher(UNet2DConditionModel.from_pretrained(PIPELINE_DIR / "unet")).to(device)
+    teacher = Teacher(UNet2DConditionModel.from_pretrained(vp_pipeline(cfg) / "unet")).to(device)
     print(f"transformer: {count_parameters(model) / 1e6:.2f} M parameters")
     opt = torch.optim.AdamW(model.parameters(), lr=f.lr, weight_decay=0.01)
 

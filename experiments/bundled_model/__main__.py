@@ -1,7 +1,9 @@
 """Train the bundled default model: ``python -m experiments.bundled_model [overrides]``.
 
 Stages (``stages=[...]``, run in the given order): tokenizer, clip, judge, vae, unet, export,
-evaluate. Each training stage resumes from its checkpoint in ``out_dir`` and stops at its step
+evaluate; and, not in the default list, ``seed`` (copy the shipped parts named in ``seed_parts``
+into ``out_dir``, to rebuild the rest on them) and ``vae_pick`` (keep the best of the VAEs trained
+in the ``vae_candidates`` folders: gpu_v3.sh). Each training stage resumes from its checkpoint in ``out_dir`` and stops at its step
 count or its ``max_minutes``, so a CPU rebuild can be spread over several runs. ``fast=true`` is a
 seconds-long smoke run with tiny models; ``install=true`` exports into the shipped weights
 (framework/bundled/weights) and writes the sample grid next to the model card;
@@ -18,7 +20,7 @@ from omegaconf import DictConfig
 
 from experiments.harness import Experiment, entry, resolve_device, resolve_training, stage_results
 
-STAGES = ("tokenizer", "clip", "judge", "vae", "unet_cache", "unet", "export", "evaluate")
+STAGES = ("seed", "tokenizer", "clip", "judge", "vae", "vae_pick", "unet_cache", "unet", "export", "evaluate")
 HERE = Path(__file__).resolve().parent
 
 
@@ -31,12 +33,13 @@ def run(ex: Experiment) -> dict:
     """Run the configured stages; returns the record, also written to ``out_dir/record.json``
     (``results``: seconds and runs per stage, and the scores of the last ``evaluate``)."""
     from experiments.bundled_model.clip import train_clip
+    from experiments.bundled_model.common import seed_from_shipped
     from experiments.bundled_model.evaluate import evaluate
     from experiments.bundled_model.export import export, export_target
     from experiments.bundled_model.judge import train_judge
     from experiments.bundled_model.tokenizer import build_tokenizer
     from experiments.bundled_model.unet import build_cache, train_unet
-    from experiments.bundled_model.vae import train_vae
+    from experiments.bundled_model.vae import pick_vae, train_vae
 
     cfg = ex.cfg = resolve(ex.cfg)
     out = Path(cfg.out_dir)
@@ -48,10 +51,12 @@ def run(ex: Experiment) -> dict:
     grid = (target.parent if cfg.install else target) / "sample_grid.png"
     record_path = out / "record.json"
     actions = {
+        "seed": lambda: seed_from_shipped(out, list(cfg.seed_parts)),
         "tokenizer": lambda: build_tokenizer(out / "tokenizer"),
         "clip": lambda: train_clip(cfg, out, device),
         "judge": lambda: train_judge(cfg, out, device),
         "vae": lambda: train_vae(cfg, out, device),
+        "vae_pick": lambda: pick_vae(out, list(cfg.vae_candidates)),
         "unet_cache": lambda: build_cache(cfg, out, device),
         "unet": lambda: train_unet(cfg, out, device),
         "export": lambda: export(out, target, cfg.unet.name),

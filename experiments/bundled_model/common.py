@@ -25,6 +25,29 @@ from framework.bundled.world import ScenePlan, plan_scenes
 from framework.core.files import atomic_write_bytes, atomic_write_json
 
 
+SHIPPED_PARTS = ("tokenizer", "vae", "clip", "judge")
+
+
+def seed_from_shipped(out: Path, parts: tuple[str, ...] | list[str] = ("tokenizer", "vae", "clip")) -> None:
+    """Copy shipped parts into the training folder ``out`` (the layout the stages read), each unless
+    already there: ``tokenizer`` and ``vae`` from the pipeline, ``clip`` (its text tower is the
+    pipeline's text encoder), ``judge``. A rebuild that keeps them trains the rest on exactly the
+    shipped latent space or text conditioning, and is scored by the same judge and CLIP features."""
+    import shutil
+
+    from framework.bundled import CLIP_DIR, PIPELINE_DIR, WEIGHTS_DIR
+
+    sources = {"tokenizer": PIPELINE_DIR / "tokenizer", "vae": PIPELINE_DIR / "vae", "clip": CLIP_DIR,
+               "judge": WEIGHTS_DIR / "judge"}
+    unknown = set(parts) - set(sources)
+    if unknown:
+        raise ValueError(f"seed parts {sorted(unknown)}: choose from {', '.join(SHIPPED_PARTS)}")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in parts:
+        if not (out / name).is_dir():
+            shutil.copytree(sources[name], out / name)
+
+
 def stage_seed(seed: int, stage: str, step: int) -> int:
     """A deterministic seed for (run seed, stage, step): resumed runs redraw the same batches."""
     code = sum((i + 1) * ord(c) for i, c in enumerate(stage))

@@ -21,20 +21,11 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from experiments.bundled_model.common import seed_from_shipped
 from experiments.harness import Experiment, entry, resolve_device, resolve_training, stage_results
 
 HERE = Path(__file__).resolve().parent
 STAGES = ("seed", "unet", "export", "evaluate", "grid")
-
-
-def seed_from_shipped(out: Path) -> None:
-    """Copy the shipped tokenizer, VAE and CLIP into ``out`` (the layout stage ``unet`` reads)."""
-    from framework.bundled import CLIP_DIR, PIPELINE_DIR
-
-    for name, source in (("tokenizer", PIPELINE_DIR / "tokenizer"), ("vae", PIPELINE_DIR / "vae"),
-                         ("clip", CLIP_DIR)):
-        if not (out / name).is_dir():
-            shutil.copytree(source, out / name)
 
 
 def export_guide(out: Path, name: str, target: Path) -> Path:

@@ -1,4 +1,5 @@
-"""Stage ``unet``: a small UNet2DConditionModel on 8×8×4 latents, ε-prediction on SD's schedule.
+"""Stage ``unet``: a small UNet2DConditionModel on the VAE's latents (8×8×4 for the shipped 8×
+VAE), ε-prediction on SD's schedule.
 
 The latents (VAE posterior mean × scaling_factor) and the frozen text encoder's 77-token hidden
 states of a fixed training set are computed once and cached, so each step costs only the UNet.
@@ -27,13 +28,15 @@ SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_st
                 beta_end=0.012)
 
 
-def build_unet(cfg: DictConfig, cross_attention_dim: int) -> UNet2DConditionModel:
-    """A fresh UNet of the configured size (cross-attention on every level, as in SD)."""
+def build_unet(cfg: DictConfig, cross_attention_dim: int, latent_size: int = 8) -> UNet2DConditionModel:
+    """A fresh UNet of the configured size (cross-attention on every level, as in SD) for
+    ``latent_size``² latents (its ``sample_size``: the pipeline's default picture is that × the
+    VAE's factor)."""
     u = cfg.unet
     n = len(u.channels)
     with initialised_with(cfg.seed):
         return UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4,
+            sample_size=latent_size, in_channels=4, out_channels=4,
             down_block_types=("CrossAttnDownBlock2D",) * n, up_block_types=("CrossAttnUpBlock2D",) * n,
             block_out_channels=tuple(u.channels), layers_per_block=u.layers_per_block,
             cross_attention_dim=cross_attention_dim, attention_head_dim=u.heads,
@@ -108,7 +111,7 @@ def train_unet(cfg: DictConfig, out: Path, device: torch.device) -> UNet2DCondit
     latents, cap_ids = cache["latents"].to(device), cache["caption_ids"]
     table = cache["embeddings"].to(device)
     unet = (UNet2DConditionModel.from_pretrained(u.init) if u.init  # fine-tune a saved UNet
-            else build_unet(cfg, table.shape[-1])).to(device).train()
+            else build_unet(cfg, table.shape[-1], latents.shape[-1])).to(device).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     print(f"unet: {count_parameters(unet) / 1e6:.2f} M parameters")
     opt = torch.optim.AdamW(unet.parameters(), lr=u.lr, weight_decay=0.01)

@@ -170,3 +170,33 @@ def latent_scaling_factor(cfg: DictConfig, vae: AutoencoderKL, n: int = 1024) ->
     lat = torch.cat([vae.encode(images[i:i + 128].to(dev)).latent_dist.mean.cpu()
                      for i in range(0, n, 128)])
     return float(1.0 / lat.std())
+
+
+def pick_vae(out: Path, candidates: list[str]) -> Path:
+    """Stage ``vae_pick``: of the VAEs trained in the ``candidates`` folders (each a training folder
+    with ``vae/`` and ``vae_log.jsonl``, e.g. two layouts trained at once), copy into ``out/vae`` the
+    one whose last validation has the lowest 99.9th-percentile pixel error (issue 29's measure of
+    the few pixels far off; ties: the higher PSNR). The table of candidates goes to ``out/vae_pick.json``."""
+    import json
+
+    if not candidates:
+        raise ValueError("vae_pick needs vae_candidates=[folder,...]: training folders that each hold a vae/")
+    rows = []
+    for folder in map(Path, candidates):
+        evals = [r for r in map(json.loads, (folder / "vae_log.jsonl").read_text().splitlines()) if "eval_p999" in r] \
+            if (folder / "vae_log.jsonl").is_file() else []
+        if not (folder / "vae").is_dir() or not evals:
+            raise FileNotFoundError(f"vae_pick: {folder} has no trained vae/ with a validation in vae_log.jsonl "
+                                    "(train it first: stages=[vae] out_dir=<that folder>)")
+        last = evals[-1]
+        rows.append({"folder": str(folder), "step": last["step"], "psnr": last["eval_psnr"],
+                     "p999": last["eval_p999"], "stray": last["eval_stray"],
+                     "channels": json.loads((folder / "vae" / "config.json").read_text())["block_out_channels"]})
+    best = min(rows, key=lambda r: (r["p999"], -r["psnr"]))
+    for r in rows:
+        print(f"vae_pick: {'*' if r is best else ' '} {r['folder']}: channels {r['channels']}, step {r['step']}, "
+              f"PSNR {r['psnr']:.2f} dB, p99.9 error {r['p999']:.3f}, stray {100 * r['stray']:.3f} %")
+    shutil.rmtree(out / "vae", ignore_errors=True)
+    shutil.copytree(Path(best["folder"]) / "vae", out / "vae")
+    (out / "vae_pick.json").write_text(json.dumps({"chosen": best["folder"], "candidates": rows}, indent=2) + "\n")
+    return out / "vae"

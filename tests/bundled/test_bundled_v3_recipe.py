@@ -1,0 +1,82 @@
+"""Issue 29's rebuild recipe (experiments/bundled_model/gpu_v3.sh, gpu_v3.yaml): the stages it adds
+(seed, vae_pick), a UNet and a flow transformer sized by the VAE's latents, the flow model on a
+rebuilt VP pipeline (``pipeline=``)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+def _candidate(folder, channels, evals):
+    (folder / "vae").mkdir(parents=True)
+    (folder / "vae" / "config.json").write_text(json.dumps({"block_out_channels": channels}))
+    rows = [{"step": 1, "loss": 0.1}] + [{"step": 10 * (i + 1), **e} for i, e in enumerate(evals)]
+    (folder / "vae_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_vae_pick_keeps_the_lowest_p999_of_the_last_validation(tmp_path):
+    from experiments.bundled_model.vae import pick_vae
+
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    # a: best p99.9 earlier but not at its last validation; b: lowest last p99.9; c: ties b, lower PSNR
+    _candidate(a, [8, 16, 32], [{"eval_psnr": 30.0, "eval_p999": 0.10, "eval_stray": 0.0},
+                                {"eval_psnr": 31.0, "eval_p999": 0.40, "eval_stray": 0.0}])
+    _candidate(b, [16, 32, 64], [{"eval_psnr": 29.0, "eval_p999": 0.30, "eval_stray": 0.001}])
+    _candidate(c, [8, 16, 32, 64], [{"eval_psnr": 28.0, "eval_p999": 0.30, "eval_stray": 0.0}])
+    out = tmp_path / "run"
+    out.mkdir()
+    pick_vae(out, [str(a), str(c), str(b)])
+    assert json.loads((out / "vae" / "config.json").read_text())["block_out_channels"] == [16, 32, 64]
+    record = json.loads((out / "vae_pick.json").read_text())
+    assert record["chosen"] == str(b) and len(record["candidates"]) == 3
+    with pytest.raises(FileNotFoundError, match="stages=\\[vae\\]"):
+        pick_vae(out, [str(tmp_path / "missing")])
+    with pytest.raises(ValueError, match="vae_candidates"):
+        pick_vae(out, [])
+
+
+def test_seed_copies_the_named_shipped_parts_only(tmp_path):
+    from experiments.bundled_model.common import seed_from_shipped
+
+    seed_from_shipped(tmp_path, ["tokenizer", "judge"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["judge", "tokenizer"]
+    with pytest.raises(ValueError, match="choose from"):
+        seed_from_shipped(tmp_path, ["unet"])
+
+
+def test_networks_take_their_size_from_the_latents():
+    from omegaconf import OmegaConf
+
+    from experiments.bundled_flow.model import build_transformer
+    from experiments.bundled_model.unet import build_unet
+
+    cfg = OmegaConf.create({"seed": 0, "unet": {"channels": [16, 32], "layers_per_block": 1, "heads": 2, "norm_groups": 8},
+                            "flow": {"layers": 1, "width": 32, "heads": 2, "pos_embed_max_size": 4, "qk_norm": None}})
+    assert build_unet(cfg, 32, 16).config.sample_size == 16
+    assert build_transformer(cfg, 8).config.sample_size == 8
+    with pytest.raises(ValueError, match="flow.pos_embed_max_size=8"):
+        build_transformer(cfg, 16)  # 8 patches per side do not fit a 4-patch position table
+
+
+@pytest.mark.slow  # the v3 recipe's stages on the fast profile, then the flow model on its pipeline: ~1 minute
+def test_v3_recipe_on_the_fast_profile_makes_16px_latents_and_a_flow_model_on_them(tmp_path):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from experiments.bundled_flow.__main__ import main as flow_main
+    from experiments.bundled_model.__main__ import main
+
+    common = ["--config-name", "gpu_v3", "fast=true", "threads=0", "device=cpu", "workers=0",
+              "fast_profile.vae.channels=[8,8,8]"]
+    main(common + [f"out_dir={tmp_path / 'a'}", "stages=[vae]"])
+    main(common + [f"out_dir={tmp_path}", "stages=[seed,vae_pick,unet_cache,unet,export]",
+                   f"vae_candidates=[{tmp_path / 'a'}]"])
+    pipe_dir = tmp_path / "weights" / "pipeline"
+    assert UNet2DConditionModel.load_config(pipe_dir / "unet")["sample_size"] == 16
+    pipe = StableDiffusionPipeline.from_pretrained(pipe_dir)
+    image = pipe("a red circle", num_inference_steps=2, output_type="np").images[0]
+    assert image.shape == (64, 64, 3)
+    flow_main(["fast=true", "threads=0", f"pipeline={pipe_dir}", f"out_dir={tmp_path / 'flow'}",
+               "stages=[cache,flow,export]"])
+    config = json.loads((tmp_path / "flow" / "weights_flow" / "transformer" / "config.json").read_text())
+    assert config["sample_size"] == 16
