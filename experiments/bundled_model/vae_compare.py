@@ -10,6 +10,10 @@ fresh scenes; the judge on reconstructions of single-shape scenes (half striped)
 edge width, judge colour/shape and Fréchet distance of CLIP features (vs real) of the
 generations. Writes ``scores.json`` and ``side_by_side.png`` (the model card's 8 prompts, one row
 each, ``--seeds`` seeds per VAE side by side) to ``--out``.
+
+``--reconstructions-only``: VAEs of other latent spaces (a new encoder, another downsampling factor),
+whose latents the shipped UNet cannot make: reconstruction figures alone, and ``side_by_side.png``
+shows 8 fresh scenes (half striped) and each VAE's reconstructions of them.
 """
 from __future__ import annotations
 
@@ -57,7 +61,7 @@ def cached_latents(path: Path, make) -> torch.Tensor:
     return lat
 
 
-def score_vae(vae: AutoencoderKL, real, single, gen_latents: torch.Tensor, prompts_set, judge, clip,
+def score_vae(vae: AutoencoderKL, real, single, gen_latents: torch.Tensor | None, prompts_set, judge, clip,
               feats_real: torch.Tensor) -> dict[str, float]:
     s: dict[str, float] = {}
     ref = (real.images + 1) / 2
@@ -72,6 +76,8 @@ def score_vae(vae: AutoencoderKL, real, single, gen_latents: torch.Tensor, promp
     for k in pred:
         s[f"vae_judge_{k}"] = float((pred[k] == truth[k]).float().mean())
     s["vae_striped_recall"] = float(pred["striped"][truth["striped"] == 1].float().mean())
+    if gen_latents is None:  # --reconstructions-only
+        return s
     gen = decode(vae, gen_latents)
     m = marks.measure_prompts(gen, prompts_set.captions)
     s["gen_stray"], s["gen_stray_images"], s["gen_edge_width"] = float(m["stray_share"].mean()), m["stray_images"], \
@@ -95,6 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cfg", type=float, default=5.0)
     ap.add_argument("--seeds", type=int, default=3, help="seeds per prompt in side_by_side.png")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reconstructions-only", action="store_true",
+                    help="score reconstructions only (VAEs of another latent space than the shipped UNet's)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
@@ -105,13 +113,15 @@ def main(argv: list[str] | None = None) -> dict:
     prompts_set = sample_scenes(a.n_gen, EVAL_SEED + 2, omit_rate=0.3)  # as in evaluate
     seeds = list(range(EVAL_SEED, EVAL_SEED + a.n_gen))
     tag = f"{a.n_gen}_{a.steps}_{a.cfg:g}"
-    gen_latents = cached_latents(a.out / f"latents_{tag}.safetensors",
-                                 lambda: latents_for(pipe, prompts_set.captions, seeds, a.steps, a.cfg))
-    grid_prompts = [p for p in GRID_PROMPTS for _ in range(a.seeds)]
-    grid_latents = cached_latents(a.out / f"grid_latents_{a.seeds}_{a.steps}_{a.cfg:g}.safetensors",
-                                  lambda: latents_for(pipe, grid_prompts, list(range(a.seeds)) * len(GRID_PROMPTS),
-                                                      a.steps, a.cfg))
-    print(f"latents: {time.time() - t0:.0f} s", flush=True)
+    gen_latents = grid_latents = None
+    if not a.reconstructions_only:
+        gen_latents = cached_latents(a.out / f"latents_{tag}.safetensors",
+                                     lambda: latents_for(pipe, prompts_set.captions, seeds, a.steps, a.cfg))
+        grid_prompts = [p for p in GRID_PROMPTS for _ in range(a.seeds)]
+        grid_latents = cached_latents(a.out / f"grid_latents_{a.seeds}_{a.steps}_{a.cfg:g}.safetensors",
+                                      lambda: latents_for(pipe, grid_prompts, list(range(a.seeds)) * len(GRID_PROMPTS),
+                                                          a.steps, a.cfg))
+        print(f"latents: {time.time() - t0:.0f} s", flush=True)
     real = sample_scenes(a.n_real, EVAL_SEED, two_shape_rate=0.3, concept_rate=0.2)  # as in evaluate (world)
     single = sample_scenes(a.n_real, EVAL_SEED + 1, concept_rate=0.5)
     judge = load_judge()
@@ -121,16 +131,21 @@ def main(argv: list[str] | None = None) -> dict:
     real_m = marks.measure_scenes((real.images + 1) / 2, real.labels)
     scores["real"] = {"stray": float(real_m["stray_share"].mean()), "edge_width": real_m["edge_width"]}
     rows = {}
+    if a.reconstructions_only:
+        rows["real"] = ((single.images[:8] + 1) / 2)[None]
     for spec in a.vae:
         name, folder = spec.split("=", 1)
         vae = AutoencoderKL.from_pretrained(folder).eval()
-        rows[name] = decode(vae, grid_latents).reshape(len(GRID_PROMPTS), a.seeds, 3, 64, 64)
+        if grid_latents is None:
+            rows[name] = ((reconstruct(vae, single.images[:8]).clamp(-1, 1) + 1) / 2)[None]
+        else:
+            rows[name] = decode(vae, grid_latents).reshape(len(GRID_PROMPTS), a.seeds, 3, 64, 64)
         if name in a.grid_only:
             continue
         scores[name] = score_vae(vae, real, single, gen_latents, prompts_set, judge, clip, feats_real)
         print(name, json.dumps(scores[name]), f"{time.time() - t0:.0f} s", flush=True)
-    side = torch.cat(list(rows.values()), dim=1).flatten(0, 1)  # a row: each VAE's seeds in turn
-    save_grid(side, a.out / "side_by_side.png", nrow=a.seeds * len(rows), scale=2, pad=1)
+    side = torch.cat(list(rows.values()), dim=1).flatten(0, 1)  # a row: each VAE's seeds in turn (or: real, then each VAE)
+    save_grid(side, a.out / "side_by_side.png", nrow=8 if a.reconstructions_only else a.seeds * len(rows), scale=2, pad=1)
     (a.out / "scores.json").write_text(json.dumps(scores, indent=1))
     return scores
 

@@ -80,3 +80,20 @@ def test_v3_recipe_on_the_fast_profile_makes_16px_latents_and_a_flow_model_on_th
                "stages=[cache,flow,export]"])
     config = json.loads((tmp_path / "flow" / "weights_flow" / "transformer" / "config.json").read_text())
     assert config["sample_size"] == 16
+
+
+def test_vae_compare_scores_a_vae_of_another_latent_space_on_reconstructions(tmp_path):
+    from omegaconf import OmegaConf
+
+    from experiments.bundled_model.vae import build_vae
+    from experiments.bundled_model.vae_compare import main
+    from framework.bundled import PIPELINE_DIR
+
+    cfg = OmegaConf.create({"seed": 0, "vae": {"channels": [8, 8, 8], "layers_per_block": 1, "norm_groups": 4,
+                                               "mid_attention": False}})
+    build_vae(cfg).save_pretrained(tmp_path / "f4")  # 4× down: 16×16 latents the shipped UNet cannot make
+    scores = main(["--out", str(tmp_path / "cmp"), "--vae", f"v2={PIPELINE_DIR / 'vae'}", "--vae", f"f4={tmp_path / 'f4'}",
+                   "--reconstructions-only", "--n-real", "16", "--threads", "1"])
+    assert scores["v2"]["vae_psnr"] > scores["f4"]["vae_psnr"] + 10  # trained against untrained
+    assert "gen_stray" not in scores["f4"] and 0 <= scores["f4"]["vae_striped_recall"] <= 1
+    assert (tmp_path / "cmp" / "side_by_side.png").is_file()
