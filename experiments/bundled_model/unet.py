@@ -29,15 +29,20 @@ SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_st
 
 
 def build_unet(cfg: DictConfig, cross_attention_dim: int, latent_size: int = 8) -> UNet2DConditionModel:
-    """A fresh UNet of the configured size (cross-attention on every level, as in SD) for
+    """A fresh UNet of the configured size (cross-attention on the levels ``unet.cross_attention``
+    names, default every level as in SD 1.x; SDXL leaves its full-resolution level without) for
     ``latent_size``² latents (its ``sample_size``: the pipeline's default picture is that × the
     VAE's factor)."""
     u = cfg.unet
-    n = len(u.channels)
+    attend = list(u.get("cross_attention") or [True] * len(u.channels))
+    if len(attend) != len(u.channels):
+        raise ValueError(f"unet.cross_attention={attend}: give one true/false per level of unet.channels={list(u.channels)}")
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attend)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attend))
     with initialised_with(cfg.seed):
         return UNet2DConditionModel(
             sample_size=latent_size, in_channels=4, out_channels=4,
-            down_block_types=("CrossAttnDownBlock2D",) * n, up_block_types=("CrossAttnUpBlock2D",) * n,
+            down_block_types=down, up_block_types=up,
             block_out_channels=tuple(u.channels), layers_per_block=u.layers_per_block,
             cross_attention_dim=cross_attention_dim, attention_head_dim=u.heads,
             norm_num_groups=u.norm_groups)

@@ -54,6 +54,11 @@ def test_networks_take_their_size_from_the_latents():
     cfg = OmegaConf.create({"seed": 0, "unet": {"channels": [16, 32], "layers_per_block": 1, "heads": 2, "norm_groups": 8},
                             "flow": {"layers": 1, "width": 32, "heads": 2, "pos_embed_max_size": 4, "qk_norm": None}})
     assert build_unet(cfg, 32, 16).config.sample_size == 16
+    sdxl_like = OmegaConf.merge(cfg, {"unet": {"channels": [8, 16, 32], "cross_attention": [False, True, True]}})
+    assert list(build_unet(sdxl_like, 32, 16).config.down_block_types) == ["DownBlock2D", "CrossAttnDownBlock2D",
+                                                                             "CrossAttnDownBlock2D"]
+    with pytest.raises(ValueError, match="one true/false per level"):
+        build_unet(OmegaConf.merge(cfg, {"unet": {"cross_attention": [False, True, True]}}), 32, 16)
     assert build_transformer(cfg, 8).config.sample_size == 8
     with pytest.raises(ValueError, match="flow.pos_embed_max_size=8"):
         build_transformer(cfg, 16)  # 8 patches per side do not fit a 4-patch position table
