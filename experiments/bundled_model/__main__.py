@@ -2,7 +2,7 @@
 
 Stages (``stages=[...]``, run in the given order): tokenizer, clip, judge, vae, unet, export,
 evaluate; and, not in the default list, ``seed`` (copy the shipped parts named in ``seed_parts``
-into ``out_dir``, to rebuild the rest on them) and ``vae_pick`` (keep the best of the VAEs trained
+into ``out_dir``, and the VAE folder ``vae_from`` when set, to rebuild the rest on them) and ``vae_pick`` (keep the best of the VAEs trained
 in the ``vae_candidates`` folders: gpu_v3.sh). Each training stage resumes from its checkpoint in ``out_dir`` and stops at its step
 count or its ``max_minutes``, so a CPU rebuild can be spread over several runs. ``fast=true`` is a
 seconds-long smoke run with tiny models; ``install=true`` exports into the shipped weights
@@ -51,7 +51,7 @@ def run(ex: Experiment) -> dict:
     grid = (target.parent if cfg.install else target) / "sample_grid.png"
     record_path = out / "record.json"
     actions = {
-        "seed": lambda: seed_from_shipped(out, list(cfg.seed_parts)),
+        "seed": lambda: seed_from_shipped(out, list(cfg.seed_parts), cfg.vae_from),
         "tokenizer": lambda: build_tokenizer(out / "tokenizer"),
         "clip": lambda: train_clip(cfg, out, device),
         "judge": lambda: train_judge(cfg, out, device),

@@ -28,11 +28,13 @@ from framework.core.files import atomic_write_bytes, atomic_write_json
 SHIPPED_PARTS = ("tokenizer", "vae", "clip", "judge")
 
 
-def seed_from_shipped(out: Path, parts: tuple[str, ...] | list[str] = ("tokenizer", "vae", "clip")) -> None:
+def seed_from_shipped(out: Path, parts: tuple[str, ...] | list[str] = ("tokenizer", "vae", "clip"),
+                      vae_from: str | Path | None = None) -> None:
     """Copy shipped parts into the training folder ``out`` (the layout the stages read), each unless
     already there: ``tokenizer`` and ``vae`` from the pipeline, ``clip`` (its text tower is the
-    pipeline's text encoder), ``judge``. A rebuild that keeps them trains the rest on exactly the
-    shipped latent space or text conditioning, and is scored by the same judge and CLIP features."""
+    pipeline's text encoder), ``judge``; then the VAE folder ``vae_from`` as ``out/vae`` (replacing
+    one there), when given. A rebuild that keeps them trains the rest on exactly that latent space
+    or text conditioning, and is scored by the same judge and CLIP features."""
     import shutil
 
     from framework.bundled import CLIP_DIR, PIPELINE_DIR, WEIGHTS_DIR
@@ -46,6 +48,11 @@ def seed_from_shipped(out: Path, parts: tuple[str, ...] | list[str] = ("tokenize
     for name in parts:
         if not (out / name).is_dir():
             shutil.copytree(sources[name], out / name)
+    if vae_from:
+        if not (Path(vae_from) / "config.json").is_file():
+            raise FileNotFoundError(f"vae_from={vae_from}: not a diffusers AutoencoderKL folder (no config.json)")
+        shutil.rmtree(out / "vae", ignore_errors=True)
+        shutil.copytree(vae_from, out / "vae")
 
 
 def stage_seed(seed: int, stage: str, step: int) -> int:

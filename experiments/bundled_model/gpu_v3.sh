@@ -19,16 +19,14 @@ extra=("$@")
 mkdir -p "$out"
 run() { python -m experiments.bundled_model --config-name gpu_v3 "$@" "${extra[@]}"; }
 t0=$(date +%s)
-run out_dir="$out" 'stages=[seed]' || exit 1
 if [ "${TRAIN_VAE:-0}" = 1 ]; then
+  run out_dir="$out" 'stages=[seed]' || exit 1
   run out_dir="$out/vae_a" 'stages=[vae]' workers=4 >"$out/vae_a.out" 2>&1 &
   run out_dir="$out/vae_b" 'stages=[vae]' workers=4 'vae.channels=[64,128,128]' >"$out/vae_b.out" 2>&1 &
   wait
   run out_dir="$out" 'stages=[vae_pick]' "vae_candidates=[$out/vae_a,$out/vae_b]" || { tail -n 5 "$out"/vae_?.out; exit 1; }
 else
-  vae=${VAE:-experiments/bundled_model/v3_vae}
-  test -f "$vae/config.json" || { echo "no VAE folder at $vae (set VAE=<folder> or TRAIN_VAE=1)"; exit 1; }
-  rm -rf "$out/vae"; cp -r "$vae" "$out/vae"
+  run out_dir="$out" 'stages=[seed]' vae_from="${VAE:-experiments/bundled_model/v3_vae}" || exit 1
 fi
 echo "vae ready after $(( $(date +%s) - t0 )) s"
 run out_dir="$out" 'stages=[unet_cache]' workers=12 || exit 1
