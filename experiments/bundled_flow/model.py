@@ -1,8 +1,8 @@
 """The parts of the bundled flow model: the tiny SD3 transformer, its text encoders, the teacher.
 
 - :func:`build_transformer` — diffusers' ``SD3Transformer2DModel`` on the VP pipeline's latents
-  (8×8×4 for the shipped VAE, patch 2: 16 image tokens; 16×16×4 for gpu_v3's: 64), joint attention width 256 (the two 128-wide CLIP states side by side, as SD3's
-  pipeline concatenates them), pooled width 128 (two 64-wide CLIP projections), RMS q/k norm.
+  (8×8×4 for the shipped VAE, patch 2: 16 image tokens; 16×16×4 for gpu_v3's: 64), joint
+  attention width 256 (the two 128-wide CLIP states side by side, as SD3's pipeline concatenates them), pooled width 128 (two 64-wide CLIP projections), RMS q/k norm.
 - :func:`text_encoder_with_projection` — the bundled CLIP's text tower as a
   ``CLIPTextModelWithProjection``: the VP pipeline's (fp32) text encoder and the bundled CLIP's own
   trained ``text_projection`` (128 → 64), so ``text_embeds`` is the CLIP's text feature. SD3's

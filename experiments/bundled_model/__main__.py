@@ -2,9 +2,10 @@
 
 Stages (``stages=[...]``, run in the given order): tokenizer, clip, judge, vae, unet, export,
 evaluate; and, not in the default list, ``seed`` (copy the shipped parts named in ``seed_parts``
-into ``out_dir``, and the VAE folder ``vae_from`` when set, to rebuild the rest on them) and ``vae_pick`` (keep the best of the VAEs trained
-in the ``vae_candidates`` folders: gpu_v3.sh). Each training stage resumes from its checkpoint in ``out_dir`` and stops at its step
-count or its ``max_minutes``, so a CPU rebuild can be spread over several runs. ``fast=true`` is a
+into ``out_dir``, and the VAE folder ``vae_from`` when set, to rebuild the rest on them) and
+``vae_pick`` (keep the best of the VAEs trained in the ``vae_candidates`` folders: gpu_v3.sh).
+Each training stage resumes from its checkpoint in ``out_dir`` and stops at its step count or its
+``max_minutes``, so a CPU rebuild can be spread over several runs. ``fast=true`` is a
 seconds-long smoke run with tiny models; ``install=true`` exports into the shipped weights
 (framework/bundled/weights) and writes the sample grid next to the model card;
 ``--config-name gpu`` is the GPU recipe (gpu.yaml).

@@ -25,9 +25,6 @@ from framework.bundled.world import ScenePlan, plan_scenes
 from framework.core.files import atomic_write_bytes, atomic_write_json
 
 
-SHIPPED_PARTS = ("tokenizer", "vae", "clip", "judge")
-
-
 def seed_from_shipped(out: Path, parts: tuple[str, ...] | list[str] = ("tokenizer", "vae", "clip"),
                       vae_from: str | Path | None = None) -> None:
     """Copy shipped parts into the training folder ``out`` (the layout the stages read), each unless
@@ -43,7 +40,7 @@ def seed_from_shipped(out: Path, parts: tuple[str, ...] | list[str] = ("tokenize
                "judge": WEIGHTS_DIR / "judge"}
     unknown = set(parts) - set(sources)
     if unknown:
-        raise ValueError(f"seed parts {sorted(unknown)}: choose from {', '.join(SHIPPED_PARTS)}")
+        raise ValueError(f"seed parts {sorted(unknown)}: choose from {', '.join(sources)}")
     out.mkdir(parents=True, exist_ok=True)
     for name in parts:
         if not (out / name).is_dir():
