@@ -7,6 +7,7 @@
 # quarter of the UNet's size) at once on its latents. The pipeline goes to OUT/weights, the guide to
 # OUT/guide/weights_guide.
 #   bash experiments/bundled_model/gpu_v3.sh [OUT_DIR [overrides for every stage, e.g. fast=true]]
+# (PYTHON=python3 where `python` is not the interpreter with torch.)
 # Then, on any machine:
 #   python -m experiments.bundled_model --config-name gpu_v3 out_dir=OUT_DIR 'stages=[evaluate]'
 #   (and 'stages=[export,evaluate]' install=true to ship it; the guide: python -m experiments.bundled_model.guide
@@ -17,7 +18,7 @@ out=${1:-outputs/bundled_model_v3}
 shift || true
 extra=("$@")
 mkdir -p "$out"
-run() { python -m experiments.bundled_model --config-name gpu_v3 "$@" "${extra[@]}"; }
+run() { "${PYTHON:-python}" -m experiments.bundled_model --config-name gpu_v3 "$@" "${extra[@]}"; }
 t0=$(date +%s)
 if [ "${TRAIN_VAE:-0}" = 1 ]; then
   run out_dir="$out" 'stages=[seed]' || exit 1
@@ -33,7 +34,7 @@ run out_dir="$out" 'stages=[unet_cache]' workers=12 || exit 1
 mkdir -p "$out/guide"
 for part in tokenizer vae clip; do rm -rf "$out/guide/$part"; cp -r "$out/$part" "$out/guide/$part"; done
 run out_dir="$out" 'stages=[unet,export]' >"$out/unet.out" 2>&1 &
-python -m experiments.bundled_model.guide out_dir="$out/guide" 'stages=[unet,export]' threads=0 \
+"${PYTHON:-python}" -m experiments.bundled_model.guide out_dir="$out/guide" 'stages=[unet,export]' threads=0 \
     'unet.channels=[16,32,64]' 'unet.cross_attention=[false,true,true]' unet.norm_groups=8 "${extra[@]}" \
     >"$out/guide.out" 2>&1 &
 wait
