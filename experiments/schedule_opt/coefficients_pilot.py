@@ -63,7 +63,7 @@ def teacher_states(s: Sampler, grid: list[float], sub: int = 25) -> list[torch.T
 
 def denoised(s: Sampler, x: torch.Tensor, i: int, grid: list[float]) -> torch.Tensor:
     """The guided D at (x, grid[i]) as step i of ``grid`` (differentiable in x)."""
-    state, den, _ = s._state(Node(x, grid[i], i, tuple(grid[: i + 1])), Schedule(tuple(grid), None, grid[0]), [], Stash())
+    _, den, _ = s._state(Node(x, grid[i], i, tuple(grid[: i + 1])), Schedule(tuple(grid), None, grid[0]), [], Stash())
     return den.evaluate(x, grid[i]).denoised
 
 
