@@ -132,3 +132,24 @@ def test_vae_compare_scores_a_vae_of_another_latent_space_on_reconstructions(tmp
     assert scores["v2"]["vae_psnr"] > scores["f4"]["vae_psnr"] + 10  # trained against untrained
     assert "gen_stray" not in scores["f4"] and 0 <= scores["f4"]["vae_striped_recall"] <= 1
     assert (tmp_path / "cmp" / "side_by_side.png").is_file()
+
+
+def test_side_by_side_draws_each_pipeline_on_the_same_prompts_and_seeds(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from experiments.bundled_model.side_by_side import main
+    from framework.bundled import PIPELINE_DIR
+
+    out = main(["--out", str(tmp_path / "sbs.png"), "--pipeline", f"a={PIPELINE_DIR}", "--pipeline", f"b={PIPELINE_DIR}",
+                "--seeds", "1", "--steps", "2", "--threads", "1"])
+    img = np.asarray(Image.open(out))
+    block = 2 * (64 + 2)  # one seed of 64 px with a 1-px border, drawn 2×
+    assert img.shape == (2 * (8 * 65 + 1), 2 * block + 12, 3)  # 8 prompts; two pipelines and a 6-px gap (2×)
+    left, gap, right = img[:, :block], img[:, block:block + 12], img[:, block + 12:]
+    assert (gap == 255).all()
+    assert np.abs(left.astype(int) - right.astype(int)).max() <= 1  # one pipeline, the same seeds: the same images
+    assert left.std() > 10  # pictures, not blank
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path / "x.png"), "--pipeline", str(PIPELINE_DIR)])
+    assert exc.value.code == 2
