@@ -8,8 +8,9 @@ conditioning and schedule; then a smaller UNet (``guide.yaml``: channels 32/64) 
 small budget and is saved in fp16 as a diffusers UNet folder — ``framework/bundled/weights/guide/unet``
 with ``install=true``, else ``<out_dir>/weights_guide/unet``. Rerunning resumes from the checkpoint.
 Stages ``evaluate`` (judge accuracy and FD of CFG, autoguidance_model and the guide alone:
-``<out_dir>/guide_eval.json``) and ``grid`` (a picture grid) are not in the default stages
-(docs/autoguidance.md has their figures).
+``<out_dir>/guide_eval.json``) and ``grid`` (a picture grid: ``<out_dir>/grid.png``, never into the
+weights folder, whose fingerprint keys every run) are not in the default stages (docs/autoguidance.md
+has their figures).
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ def run(ex: Experiment) -> dict:
     actions = {"seed": lambda: seed_from_shipped(out), "unet": lambda: train_unet(cfg, out, device),
                "export": lambda: export_guide(out, cfg.unet.name, target),
                "evaluate": lambda: evaluate_guide(cfg, out, target),
-               "grid": lambda: guide_grid(cfg, out, target, (target.parent if cfg.install else out) / "grid.png")}
+               "grid": lambda: guide_grid(cfg, out, target, out / "grid.png")}
     record: dict = {}
     for stage in cfg.stages:
         t0 = time.time()
