@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -64,8 +65,11 @@ def plan(jobs: dict, only: list[str]) -> list[str]:
 
 def uncommitted_weights() -> str:
     """``git status`` lines of framework/bundled/weights (empty when committed or not a git checkout)."""
-    res = subprocess.run(["git", "status", "--porcelain", "framework/bundled/weights"], cwd=ROOT,
-                         capture_output=True, text=True)
+    try:
+        res = subprocess.run(["git", "status", "--porcelain", "framework/bundled/weights"], cwd=ROOT,
+                             capture_output=True, text=True)
+    except OSError:  # no git
+        return ""
     return res.stdout.strip() if res.returncode == 0 else ""
 
 
@@ -80,37 +84,41 @@ def run_jobs(jobs: dict, pending: list[str], done: set[str], root: Path, paralle
     finished: dict[str, float] = {}
     print(f"{len(pending)} jobs, ≈{sum(jobs[n].get('minutes', 0) for n in pending)} one-thread minutes, "
           f"{parallel} at a time; logs in {root}", flush=True)
-    while pending or running:
-        for name, (proc, t0) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            del running[name]
-            seconds = round(time.time() - t0, 1)
-            if proc.returncode == 0:
-                done.add(name)
-                finished[name] = seconds
-                atomic_write_json(root / f"{name}.done.json", {"command": proc.args, "seconds": seconds})
-                note = f"\n    then: {jobs[name]['then']}".replace("{runs}", str(root / name)) if jobs[name].get("then") else ""
-                print(f"{time.strftime('%H:%M')} done {name} in {seconds / 60:.1f} min "
-                      f"({len(finished)} of {len(finished) + len(pending) + len(running)}){note}", flush=True)
-            else:
+    try:
+        while pending or running:
+            for name, (proc, t0) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[name]
+                seconds = round(time.time() - t0, 1)
+                if proc.returncode == 0:
+                    done.add(name)
+                    finished[name] = seconds
+                    atomic_write_json(root / f"{name}.done.json", {"command": proc.args, "seconds": seconds})
+                    note = f"\n    then: {jobs[name]['then']}".replace("{runs}", str(root / name)) if jobs[name].get("then") else ""
+                    print(f"{time.strftime('%H:%M')} done {name} in {seconds / 60:.1f} min "
+                          f"({len(finished)} of {len(finished) + len(pending) + len(running)}){note}", flush=True)
+                else:
+                    failed.append(name)
+                    print(f"{time.strftime('%H:%M')} FAILED {name} (exit {proc.returncode}): see {root / name}.log", flush=True)
+            for name in [n for n in pending if any(need in failed for need in jobs[n].get("needs") or [])]:
+                pending.remove(name)
                 failed.append(name)
-                print(f"{time.strftime('%H:%M')} FAILED {name} (exit {proc.returncode}): see {root / name}.log", flush=True)
-        for name in [n for n in pending if any(need in failed for need in jobs[n].get("needs") or [])]:
-            pending.remove(name)
-            failed.append(name)
-            print(f"held back {name}: a job it needs failed", flush=True)
-        for name in [n for n in pending if all(need in done for need in jobs[n].get("needs") or [])]:
-            if len(running) >= parallel:
-                break
-            pending.remove(name)
-            command = jobs[name]["run"].replace("{runs}", str(root / name)).replace("{root}", str(root))
-            print(f"{time.strftime('%H:%M')} start {name} (≈{jobs[name].get('minutes', '?')} min)", flush=True)
-            with open(root / f"{name}.log", "w") as log:
-                running[name] = (subprocess.Popen(command, shell=True, cwd=ROOT, env=env, stdout=log,
-                                                  stderr=subprocess.STDOUT), time.time())
-        if running:
-            time.sleep(1)
+                print(f"held back {name}: a job it needs failed", flush=True)
+            for name in [n for n in pending if all(need in done for need in jobs[n].get("needs") or [])]:
+                if len(running) >= parallel:
+                    break
+                pending.remove(name)
+                command = jobs[name]["run"].replace("{runs}", str(root / name)).replace("{root}", str(root))
+                print(f"{time.strftime('%H:%M')} start {name} (≈{jobs[name].get('minutes', '?')} min)", flush=True)
+                with open(root / f"{name}.log", "w") as log:
+                    running[name] = (subprocess.Popen(command, shell=True, cwd=ROOT, env=env, stdout=log,
+                                                      stderr=subprocess.STDOUT, start_new_session=True), time.time())
+            if running:
+                time.sleep(1)
+    finally:  # interrupted (Ctrl-C, kill): no job left running unwatched; it resumes on the next call
+        for proc, _ in running.values():
+            os.killpg(proc.pid, signal.SIGTERM)  # the job's shell and what it started
     return finished, failed
 
 
@@ -139,6 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     if dirty:
         raise ConfigError(f"the weights are not committed ({dirty.splitlines()[0]} …): commit them first, so that "
                           "every figure names the weights it was made from")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill` stops the running jobs too
     finished, failed = run_jobs(jobs, pending, done, root, cfg.parallel)
     results = {"finished_seconds": finished, "failed": failed}
     ex.record(root / "record.json", results)

@@ -59,3 +59,32 @@ def test_list_shows_what_a_rerun_would_do(tmp_path, capsys):
     assert main(["list=true", f"runs={tmp_path}", "only=[gallery]"])["pending"] == ["gallery"]  # only= runs it again
     with pytest.raises(ConfigError, match="neither done nor in only="):
         main([f"runs={tmp_path}", "only=[guidance]"])  # its need guidance_defaults is not done
+
+
+def test_an_interrupted_run_stops_its_jobs_and_marks_nothing(tmp_path, monkeypatch):
+    import os
+    import time
+
+    import experiments.regenerate.__main__ as regen
+
+    def interrupt(_seconds):
+        while not (tmp_path / "pid").is_file() or not (tmp_path / "pid").read_text().strip():
+            time.monotonic()  # the job has started its child
+        raise KeyboardInterrupt
+
+    jobs = {"slow": {"run": "sleep 30 & echo $! > {root}/pid; wait"}}  # a shell with a child, as `a && b` jobs are
+    monkeypatch.setattr(regen.time, "sleep", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_jobs(jobs, ["slow"], set(), tmp_path, parallel=1)
+    monkeypatch.undo()
+    child = int((tmp_path / "pid").read_text())
+    for _ in range(100):  # the orphaned child is reaped by init once killed
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(child, 9)
+        pytest.fail("the job's child outlived the interrupted run")
+    assert not (tmp_path / "slow.done.json").exists()
