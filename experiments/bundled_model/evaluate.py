@@ -142,7 +142,7 @@ def evaluate(cfg: DictConfig, weights: Path, grid_path: Path) -> dict[str, float
     scores["gen_colour"] = float((got["colour"] == want["colour"]).float().mean())
     scores["gen_shape"] = float((got["shape"] == want["shape"]).float().mean())
     scores["gen_striped"] = float(got["striped"].float().mean())  # the world draws 20 % striped
-    m = marks.measure_prompts((gen.clamp(-1, 1) + 1) / 2, prompts_set.captions)
+    m = marks.measure_prompts((gen.clamp(-1, 1) + 1) / 2, prompts_set.captions, striped=got["striped"])
     scores["gen_stray"], scores["gen_stray_images"] = float(m["stray_share"].mean()), m["stray_images"]
     scores["gen_edge_width"] = m["edge_width"]
     uncond = generate(pipe, [""] * e.n_generate, seeds, e.steps, 1.0, e.batch_size)

@@ -79,10 +79,11 @@ def score_vae(vae: AutoencoderKL, real, single, gen_latents: torch.Tensor | None
     if gen_latents is None:  # --reconstructions-only
         return s
     gen = decode(vae, gen_latents)
-    m = marks.measure_prompts(gen, prompts_set.captions)
+    got = judge.predict(gen * 2 - 1)
+    m = marks.measure_prompts(gen, prompts_set.captions, striped=got["striped"])
     s["gen_stray"], s["gen_stray_images"], s["gen_edge_width"] = float(m["stray_share"].mean()), m["stray_images"], \
         m["edge_width"]
-    want, got = label_indices(prompts_set.labels), judge.predict(gen * 2 - 1)
+    want = label_indices(prompts_set.labels)
     s["gen_colour"] = float((got["colour"] == want["colour"]).float().mean())
     s["gen_shape"] = float((got["shape"] == want["shape"]).float().mean())
     s["fd_clip_generated"] = frechet(clip_features(clip, gen * 2 - 1), feats_real)

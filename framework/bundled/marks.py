@@ -25,7 +25,8 @@ anti-aliasing) measure about 0.5; a blurred edge more.
 
 Palettes: :func:`scene_palette` (from a scene's exact labels; a striped shape adds its bands and
 their blends, so that stripes painted soft count against the stripes, not as marks) or :func:`prompt_palette` (the colour
-words of a prompt, plus the picture's border colour as its background).
+words of a prompt, plus the picture's border colour as its background, plus the shape colours' stripe
+bands for a picture the judge calls striped).
 """
 from __future__ import annotations
 
@@ -47,15 +48,21 @@ def stripe_colour(colour: str) -> tuple[float, float, float]:
     return tuple(0.3 * c for c in RGB[colour])  # type: ignore[return-value]
 
 
+def stripe_bands(colour: str) -> list[tuple[float, float, float]]:
+    """A striped shape's colours besides ``colour``: its dark band and their blends at 1/4, 1/2 and
+    3/4 (a softened texture is no stray mark)."""
+    dark = stripe_colour(colour)
+    return [tuple(a + t * (b - a) for a, b in zip(RGB[colour], dark)) for t in (0.25, 0.5, 0.75, 1.0)]
+
+
 def scene_palette(label: SceneLabel) -> torch.Tensor:
     """The nominal colours [k, 3] of a scene: background, each shape, and for a striped shape its
-    bands and their blends at 1/4, 1/2 and 3/4 (a softened texture is no stray mark)."""
+    :func:`stripe_bands`."""
     cols = [RGB[label.background]]
     for obj in label.objects:
         cols.append(RGB[obj.colour])
         if obj.striped:
-            dark = stripe_colour(obj.colour)
-            cols += [tuple(a + t * (b - a) for a, b in zip(RGB[obj.colour], dark)) for t in (0.25, 0.5, 0.75, 1.0)]
+            cols += stripe_bands(obj.colour)
     return torch.tensor(cols, dtype=torch.float32)
 
 
@@ -66,16 +73,21 @@ def border_colour(image: torch.Tensor, width: int = 2) -> torch.Tensor:
     return image[:, ring].median(dim=1).values
 
 
-def prompt_palette(prompt: str, image: torch.Tensor) -> torch.Tensor:
+def prompt_palette(prompt: str, image: torch.Tensor, striped: bool = False) -> torch.Tensor:
     """The colours [k, 3] a picture of ``prompt`` may show: every world colour word of the prompt
-    (shapes and a named background) and the picture's border colour (its background, unless it is
-    within ``FAR`` of a named colour: two near-equal entries would split the background in two)."""
+    (shapes and a named background), the picture's border colour (its background, unless it is
+    within ``FAR`` of a named colour: two near-equal entries would split the background in two) and,
+    when the picture is ``striped`` (the world's concept, which captions never name: the bundled
+    judge's striped head tells), the :func:`stripe_bands` of each shape colour."""
     words = prompt.lower().replace(",", " ").split()
     named = torch.tensor([RGB[w] for w in dict.fromkeys(words) if w in BACKGROUNDS], dtype=torch.float32).reshape(-1, 3)
     border = border_colour(image.float().cpu())[None]
-    if len(named) and torch.cdist(border, named).min() <= FAR:  # the named background: once, not twice
+    if not (len(named) and torch.cdist(border, named).min() <= FAR):  # the named background: once, not twice
+        named = torch.cat([named, border])
+    if not striped:
         return named
-    return torch.cat([named, border])
+    shapes = dict.fromkeys(w for w, nxt in zip(words, words[1:] + [""]) if w in RGB and nxt != "background")
+    return torch.cat([named, *(torch.tensor(stripe_bands(c)) for c in shapes)])
 
 
 def _refine(image: torch.Tensor, palette: torch.Tensor, far: float) -> torch.Tensor:
@@ -153,9 +165,12 @@ def measure_scenes(images: torch.Tensor, labels: list[SceneLabel], **kw) -> dict
     return measure(images, [scene_palette(lab) for lab in labels], **kw)
 
 
-def measure_prompts(images: torch.Tensor, prompts: list[str], **kw) -> dict[str, torch.Tensor | float]:
-    """:func:`measure` with palettes from prompts (generations): named colours + border colour."""
-    return measure(images, [prompt_palette(p, im) for p, im in zip(prompts, images)], **kw)
+def measure_prompts(images: torch.Tensor, prompts: list[str], striped=None, **kw) -> dict[str, torch.Tensor | float]:
+    """:func:`measure` with palettes from prompts (generations): named colours + border colour, and
+    the stripe bands of the pictures flagged in ``striped`` (one bool per image, e.g. the judge's
+    striped head; None: none)."""
+    flags = [False] * len(prompts) if striped is None else [bool(f) for f in striped]
+    return measure(images, [prompt_palette(p, im, f) for p, im, f in zip(prompts, images, flags)], **kw)
 
 
 def error_quantile(rec: torch.Tensor, ref: torch.Tensor, q: float = 0.999) -> float:
@@ -167,4 +182,4 @@ def error_quantile(rec: torch.Tensor, ref: torch.Tensor, q: float = 0.999) -> fl
 
 
 __all__ = ["BAND", "FAR", "border_colour", "error_quantile", "measure", "measure_prompts", "measure_scenes",
-           "prompt_palette", "scene_palette", "stray_mask", "stripe_colour"]
+           "prompt_palette", "scene_palette", "stray_mask", "stripe_bands", "stripe_colour"]

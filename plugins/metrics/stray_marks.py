@@ -1,7 +1,8 @@
 """Stray marks and edge sharpness of pictures of the bundled world (issue 29; the measure is
 ``framework.bundled.marks``): the share of pixels whose colour is farther than ``far`` from every
-colour the prompt names and from the picture's background (its border colour), outside a
-``band``-pixel band around edges between those colours; and the 10–90 % rise width of the edges.
+colour the prompt names and from the picture's background (its border colour) — and, in a picture
+the bundled judge calls striped, from those colours' stripe bands — outside a ``band``-pixel band
+around edges between those colours; and the 10–90 % rise width of the edges.
 
 Reports ``stray_marks_share`` (mean over samples of the per-image share), ``stray_marks_images``
 (share of samples with any stray pixel), ``stray_marks_max`` (worst image), ``stray_marks_edge_width``
@@ -11,14 +12,19 @@ shapes; an unnamed background is read off the border)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-from framework.plugin import ConfigError, hookimpl, marks
+import torch
+
+from framework.plugin import ConfigError, bundled, hookimpl, marks
 
 
 @dataclass
 class _Tally:
-    """A run's per-image shares and edge counts (in the run's stash)."""
+    """A run's judge (its striped head says which pictures may show stripe bands), per-image shares
+    and edge counts (in the run's stash)."""
 
+    judge: Any
     shares: list[float] = field(default_factory=list)
     ramp: float = 0.0
     steps: float = 0.0
@@ -30,7 +36,7 @@ class StrayMarks:
     band: int = marks.BAND
 
     def tally(self, run) -> _Tally:
-        return run.stash.get(self, _Tally)
+        return run.stash.get(self, lambda: _Tally(bundled.load_judge()))
 
     @hookimpl
     def configure(self, run):
@@ -46,8 +52,11 @@ class StrayMarks:
     def batch_end(self, run, batch, latents, images):
         prompts = list(batch.cond.prompts) if batch.cond is not None else []
         prompts += [""] * (len(images) - len(prompts))
-        m = marks.measure_prompts(images.detach().float().cpu(), prompts, far=self.far, band=int(self.band))
+        images = images.detach().float().cpu()
         tally = self.tally(run)
+        with torch.no_grad():
+            striped = tally.judge.predict(images * 2 - 1)["striped"]
+        m = marks.measure_prompts(images, prompts, striped=striped, far=self.far, band=int(self.band))
         tally.shares += [float(s) for s in m["stray_share"]]
         tally.ramp += m["ramp_pixels"]
         tally.steps += m["boundary_steps"]

@@ -103,3 +103,21 @@ def test_stray_marks_rejects_bad_thresholds():
         StrayMarks(band=1.5).configure(run)
     with pytest.raises(ConfigError, match="no decoder"):
         StrayMarks().configure(SimpleNamespace(model=SimpleNamespace(has_decoder=False), stash=Stash()))
+
+
+def test_stripe_bands_count_in_pictures_flagged_striped_only():
+    from framework.bundled import load_judge
+
+    scenes = sample_scenes(16, 7, concept_rate=1.0, two_shape_rate=0.0)  # striped shapes; captions never say so
+    images = (scenes.images + 1) / 2
+    assert all("striped" not in c for c in scenes.captions)
+    plain = marks.measure_prompts(images, scenes.captions)["stray_share"]
+    assert float(plain.mean()) > 0.002  # the dark bands, unflagged, are off the prompt's colours
+    flags = load_judge().predict(scenes.images)["striped"]
+    assert int(flags.sum()) >= 15
+    flagged = marks.measure_prompts(images, scenes.captions, striped=flags)["stray_share"]
+    assert float(flagged[flags == 1].max()) < 1e-9
+    # the bands are the shape colours' only: a named background's are not added
+    img = torch.tensor(RGB["white"])[:, None, None].expand(3, 64, 64).clone()
+    img[:, 20:40, 20:40] = torch.tensor(RGB["red"])[:, None, None]
+    assert marks.prompt_palette("a red square on a white background", img, striped=True).shape == (2 + 4, 3)
