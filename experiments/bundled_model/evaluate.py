@@ -36,6 +36,23 @@ GRID_PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow d
                 "a white triangle on a black background", "a red circle above a blue square"]
 
 
+def grid_prompts(n_seeds: int) -> tuple[list[str], list[int]]:
+    """The sample grid's prompts and seeds: each of GRID_PROMPTS with seeds 0 … n_seeds − 1 (a row per prompt)."""
+    return [p for p in GRID_PROMPTS for _ in range(n_seeds)], list(range(n_seeds)) * len(GRID_PROMPTS)
+
+
+def load_pipeline(folder: Path | str, scheduler: str = "euler") -> StableDiffusionPipeline:
+    """A bundled-format pipeline folder, quiet, with diffusers' EulerDiscreteScheduler (the issues'
+    setting; the shipped scheduler config stays DDIM's) or, with ``scheduler="pipeline"``, its own."""
+    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    if scheduler == "euler":
+        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    elif scheduler != "pipeline":
+        raise ValueError(f"evaluate.scheduler={scheduler!r}: choose euler or pipeline")
+    return pipe
+
+
 @torch.no_grad()
 def clip_features(clip: CLIPModel, images: torch.Tensor) -> torch.Tensor:
     """L2-normalised CLIP image embeddings of images in [-1, 1]."""
@@ -108,12 +125,7 @@ def reconstruction_marks(vae, images: torch.Tensor, labels: list) -> dict[str, f
 def evaluate(cfg: DictConfig, weights: Path, grid_path: Path) -> dict[str, float]:
     """All scores of the exported weights under ``weights``; writes the sample grid."""
     e = cfg.evaluate
-    pipe = StableDiffusionPipeline.from_pretrained(weights / "pipeline", local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    if e.scheduler == "euler":  # the issue's setting (the shipped scheduler config stays DDIM's)
-        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    elif e.scheduler != "pipeline":
-        raise ValueError(f"evaluate.scheduler={e.scheduler!r}: choose euler or pipeline")
+    pipe = load_pipeline(weights / "pipeline", e.scheduler)
     clip, tok = load_clip(weights / "clip")
     clip = clip.float()
     judge = load_judge(weights / "judge")
@@ -152,8 +164,7 @@ def evaluate(cfg: DictConfig, weights: Path, grid_path: Path) -> dict[str, float
     scores["fd_clip_unconditional"] = frechet(clip_features(clip, uncond), feats_real)
 
     n_seeds = 6 if not cfg.fast else 1
-    grid_prompts = [p for p in GRID_PROMPTS for _ in range(n_seeds)]
-    grid = generate(pipe, grid_prompts, list(range(n_seeds)) * len(GRID_PROMPTS), e.steps,
+    grid = generate(pipe, *grid_prompts(n_seeds), e.steps,
                     e.guidance_scale, e.batch_size)
     save_grid((grid + 1) / 2, grid_path, nrow=n_seeds, scale=2, pad=0)  # a row per prompt
     scores["settings"] = dict(steps=e.steps, guidance_scale=e.guidance_scale,

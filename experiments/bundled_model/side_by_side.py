@@ -13,20 +13,16 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
-from experiments.bundled_model.evaluate import GRID_PROMPTS, generate
+from experiments.bundled_model.evaluate import GRID_PROMPTS, generate, grid_prompts, load_pipeline
 from experiments.harness import save_pil
 from framework.plugin import grid, to_pil
 
 
 def pipeline_images(folder: str, seeds: int, steps: int, cfg: float) -> torch.Tensor:
     """[prompts, seeds, 3, H, W] in [0, 1] for GRID_PROMPTS from the pipeline folder."""
-    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    prompts = [p for p in GRID_PROMPTS for _ in range(seeds)]
-    images = generate(pipe, prompts, list(range(seeds)) * len(GRID_PROMPTS), steps, cfg, batch=len(prompts))
+    prompts, seed_list = grid_prompts(seeds)
+    images = generate(load_pipeline(folder), prompts, seed_list, steps, cfg, batch=len(prompts))
     return ((images.clamp(-1, 1) + 1) / 2).reshape(len(GRID_PROMPTS), seeds, *images.shape[1:])
 
 

@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline
+from diffusers import AutoencoderKL, StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
 
-from experiments.bundled_model.evaluate import EVAL_SEED, GRID_PROMPTS, clip_features, frechet
+from experiments.bundled_model.evaluate import EVAL_SEED, GRID_PROMPTS, clip_features, frechet, grid_prompts, load_pipeline
 from experiments.bundled_model.vae import reconstruct
 from experiments.harness import psnr, save_grid
 from framework.bundled import PIPELINE_DIR, load_clip, load_judge, marks
@@ -108,9 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    pipe = StableDiffusionPipeline.from_pretrained(PIPELINE_DIR, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe = load_pipeline(PIPELINE_DIR)
     prompts_set = sample_scenes(a.n_gen, EVAL_SEED + 2, omit_rate=0.3)  # as in evaluate
     seeds = list(range(EVAL_SEED, EVAL_SEED + a.n_gen))
     tag = f"{a.n_gen}_{a.steps}_{a.cfg:g}"
@@ -118,10 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not a.reconstructions_only:
         gen_latents = cached_latents(a.out / f"latents_{tag}.safetensors",
                                      lambda: latents_for(pipe, prompts_set.captions, seeds, a.steps, a.cfg))
-        grid_prompts = [p for p in GRID_PROMPTS for _ in range(a.seeds)]
         grid_latents = cached_latents(a.out / f"grid_latents_{a.seeds}_{a.steps}_{a.cfg:g}.safetensors",
-                                      lambda: latents_for(pipe, grid_prompts, list(range(a.seeds)) * len(GRID_PROMPTS),
-                                                          a.steps, a.cfg))
+                                      lambda: latents_for(pipe, *grid_prompts(a.seeds), a.steps, a.cfg))
         print(f"latents: {time.time() - t0:.0f} s", flush=True)
     real = sample_scenes(a.n_real, EVAL_SEED, two_shape_rate=0.3, concept_rate=0.2)  # as in evaluate (world)
     single = sample_scenes(a.n_real, EVAL_SEED + 1, concept_rate=0.5)

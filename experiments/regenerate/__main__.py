@@ -73,6 +73,11 @@ def uncommitted_weights() -> str:
     return res.stdout.strip() if res.returncode == 0 else ""
 
 
+def fill(text: str, root: Path, name: str) -> str:
+    """A job's command or note with ``{runs}`` (its own folder) and ``{root}`` (the regeneration's) filled in."""
+    return text.replace("{runs}", str(root / name)).replace("{root}", str(root))
+
+
 def run_jobs(jobs: dict, pending: list[str], done: set[str], root: Path, parallel: int) -> tuple[dict, list]:
     """Run ``pending`` (start-priority order), ``parallel`` at a time, each once its needs are in
     ``done``; returns ({job: seconds} of those that exited 0, [those that failed or were held back])."""
@@ -95,7 +100,7 @@ def run_jobs(jobs: dict, pending: list[str], done: set[str], root: Path, paralle
                     done.add(name)
                     finished[name] = seconds
                     atomic_write_json(root / f"{name}.done.json", {"command": proc.args, "seconds": seconds})
-                    note = f"\n    then: {jobs[name]['then']}".replace("{runs}", str(root / name)) if jobs[name].get("then") else ""
+                    note = f"\n    then: {fill(jobs[name]['then'], root, name)}" if jobs[name].get("then") else ""
                     print(f"{time.strftime('%H:%M')} done {name} in {seconds / 60:.1f} min "
                           f"({len(finished)} of {len(finished) + len(pending) + len(running)}){note}", flush=True)
                 else:
@@ -109,7 +114,7 @@ def run_jobs(jobs: dict, pending: list[str], done: set[str], root: Path, paralle
                 if len(running) >= parallel:
                     break
                 pending.remove(name)
-                command = jobs[name]["run"].replace("{runs}", str(root / name)).replace("{root}", str(root))
+                command = fill(jobs[name]["run"], root, name)
                 print(f"{time.strftime('%H:%M')} start {name} (≈{jobs[name].get('minutes', '?')} min)", flush=True)
                 with open(root / f"{name}.log", "w") as log:
                     running[name] = (subprocess.Popen(command, shell=True, cwd=ROOT, env=env, stdout=log,
