@@ -1,7 +1,7 @@
 """The parts of the bundled flow model: the tiny SD3 transformer, its text encoders, the teacher.
 
 - :func:`build_transformer` — diffusers' ``SD3Transformer2DModel`` on the VP pipeline's latents
-  (8×8×4 for the shipped VAE, patch 2: 16 image tokens; 16×16×4 for gpu_v3's: 64), joint
+  (16×16×4 for the shipped v3 VAE, patch 2: 64 image tokens; 8×8×4 for v2's: 16), joint
   attention width 256 (the two 128-wide CLIP states side by side, as SD3's pipeline concatenates them), pooled width 128 (two 64-wide CLIP projections), RMS q/k norm.
 - :func:`text_encoder_with_projection` — the bundled CLIP's text tower as a
   ``CLIPTextModelWithProjection``: the VP pipeline's (fp32) text encoder and the bundled CLIP's own
@@ -43,9 +43,9 @@ def vp_pipeline(cfg: DictConfig) -> Path:
     return Path(cfg.get("pipeline") or PIPELINE_DIR)
 
 
-def build_transformer(cfg: DictConfig, latent_size: int = 8) -> SD3Transformer2DModel:
+def build_transformer(cfg: DictConfig, latent_size: int = 16) -> SD3Transformer2DModel:
     """A fresh tiny SD3 transformer of the configured size (weights depend on ``cfg.seed`` alone)
-    for ``latent_size``² latents (patch 2: (latent_size / 2)² image tokens)."""
+    for ``latent_size``² latents (patch 2: (latent_size / 2)² image tokens; 16: the shipped v3 VAE's)."""
     f = cfg.flow
     if latent_size // 2 > f.pos_embed_max_size:
         raise ValueError(f"flow.pos_embed_max_size={f.pos_embed_max_size} is smaller than the {latent_size // 2} patches "

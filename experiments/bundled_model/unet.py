@@ -1,5 +1,5 @@
-"""Stage ``unet``: a small UNet2DConditionModel on the VAE's latents (8×8×4 for the shipped 8×
-VAE), ε-prediction on SD's schedule.
+"""Stage ``unet``: a small UNet2DConditionModel on the VAE's latents (16×16×4 for the shipped v3
+VAE, 4× down; 8×8×4 for v2's 8× VAE), ε-prediction on SD's schedule.
 
 The latents (VAE posterior mean × scaling_factor) and the frozen text encoder's 77-token hidden
 states of a fixed training set are computed once and cached, so each step costs only the UNet.

@@ -1,4 +1,5 @@
-"""Stage ``vae``: a light AutoencoderKL (4 latent channels, 8× down: 64×64 → 8×8×4).
+"""Stage ``vae``: a light AutoencoderKL (4 latent channels; n blocks downsample 2^(n−1)×: the shipped
+v3's 3 blocks 64×64 → 16×16×4, v2's 4 blocks → 8×8×4).
 
 Loss: L1 + MSE on pixels plus a tiny KL term (optionally: ``outlier_weight`` × the mean of each
 image's worst ``outlier_frac`` pixel errors, against edges and stray marks; ``latent_noise``:

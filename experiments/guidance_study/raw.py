@@ -3,10 +3,10 @@
     python -m experiments.guidance_study --config-name raw     # docs/guidance/raw_update.{png,json}
 
 The deep dive moves the latents by x ← x − scale·σ²·∇ₓloss every 5 steps, scale 200, where loss is a
-mean over the decoded picture's pixels. ∇ₓ of a mean over N pixels shrinks like 1/N per latent
-element, so the same scale moves a 64-px picture's 8×8 latents (the bundled model) 64× further than a
-512-px picture's 64×64 latents (Stable Diffusion, where the deep dive tuned it). Each guided step
-here is noted by :class:`TracedColorLoss` (the correction's RMS over σ, and the RMS of the predicted
+mean over the decoded picture's pixels. ∇ₓ of a mean over N pixels is of the order k²/N per latent
+element (k²: the pixels each latent element paints), so the same scale moves a 64-px picture's 16×16
+latents (the bundled v3 model, k = 4) 16× further than a 512-px Stable Diffusion picture's 64×64
+latents (k = 8), where the deep dive tuned it. Each guided step is noted by :class:`TracedColorLoss` (the correction's RMS over σ, and the RMS of the predicted
 x0 latents after it); the figure shows those per step and per picture size, and the predicted x0
 (the ``preview`` callback) step by step for one sample.
 """
@@ -134,6 +134,6 @@ def write(results: dict, strips: dict, cfg: DictConfig, out: Path) -> list[str]:
     sig = next(iter(strips.values()))[1]
     image_rows(rows, folder / "raw_update_steps.png", files, tile=0.55,
                title=f"predicted x0 after each step's guidance, sample 0 of \"{cfg.prompt}\" (σ {sig[0]:.1f} → {sig[-1]:.2f}); "
-                     f"the model was trained at 64 px: at {cfg.sizes[1]} px it repeats the object, guided or not")
+                     f"the model was trained at 64 px (larger sizes run outside its training)")
     save_text(json.dumps(results, indent=1), folder / "raw_update.json", files)
     return files

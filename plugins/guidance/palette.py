@@ -32,10 +32,10 @@ def parse_colour(text: str) -> tuple[float, float, float]:
 @dataclass
 class Palette(LossGuidance):
     colours: list[str] = field(default_factory=lambda: ["blue", "white"])
-    scale: float = 0.2
+    scale: float = 0.5
     normalize: bool = True
-    every: int = 1
-    sigma_hi: float | None = 2.0
+    every: int = 2
+    sigma_hi: float | None = 5.0
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -24,7 +24,7 @@ from framework.plugin import JudgeFeatures, LossGuidance, gram, load_image, pixe
 class Style(LossGuidance):
     input_files: ClassVar[tuple[str, ...]] = ("image",)  # read by content into the run key
     image: str = ""
-    scale: float = 0.3
+    scale: float = 0.2
     normalize: bool = True
     every: int = 5
 

@@ -88,7 +88,7 @@ def test_pipeline_loads_in_fp32_and_makes_64px_images(pipe):
     assert pipe.text_encoder_3 is None and pipe.tokenizer_3 is None
     assert {pipe.transformer.dtype, pipe.vae.dtype, pipe.text_encoder.dtype, pipe.text_encoder_2.dtype} == {torch.float32}
     t = pipe.transformer.config
-    assert (t.patch_size, t.sample_size, t.in_channels, t.out_channels) == (2, 8, 4, 4)
+    assert (t.patch_size, t.sample_size, t.in_channels, t.out_channels) == (2, 16, 4, 4)  # the v3 VAE's 16×16 latents
     assert pipe.vae.config.shift_factor == 0.0
     out = pipe("a red circle", num_inference_steps=2, guidance_scale=5.0, output_type="pt",
                generator=torch.Generator().manual_seed(0))
