@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from framework.bundled import CLIP_DIR, JUDGE_DIR, PIPELINE_DIR, WEIGHTS_DIR, load_clip, load_judge
+from framework.bundled import CLIP_DIR, JUDGE_DIR, PIPELINE_DIR, WEIGHTS_DIR, load_clip, load_judge, marks
 from framework.bundled.world import (CONCEPT, COLOURS, RGB, SHAPES, caption_for, caption_words,
                                      label_indices, sample_scenes)
 
@@ -117,7 +117,8 @@ def test_judge_is_accurate_on_fresh_scenes(judge):
 
 def test_generation_follows_colour_and_shape_prompts(pipe, judge):
     """A broken, swapped or untrained file fails this: chance is 1/8 (colour), 1/4 (shape) per
-    image; v1 gets 12/12 and 12/12."""
+    image; v1 gets 12/12 and 12/12. And issue 29's stray-mark bar (0.2 % of pixels) on the same images
+    (v2 on 256 prompts: 0.23 %; stripes the judge sees are no marks)."""
     colours = ["red", "blue", "green", "yellow"]
     prompts = [f"a large {c} {s}" for c, s in zip(colours, SHAPES) for _ in range(3)]
     gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
@@ -126,8 +127,10 @@ def test_generation_follows_colour_and_shape_prompts(pipe, judge):
     got = judge.predict(out)
     colour = (got["colour"] == torch.tensor([COLOURS.index(p.split()[2]) for p in prompts]))
     shape = (got["shape"] == torch.tensor([SHAPES.index(p.split()[3]) for p in prompts]))
-    assert colour.sum() >= 10, f"judge found the prompted colour in {int(colour.sum())}/12 images"
-    assert shape.sum() >= 8, f"judge found the prompted shape in {int(shape.sum())}/12 images"
+    assert colour.sum() >= 11, f"judge found the prompted colour in {int(colour.sum())}/12 images"
+    assert shape.sum() >= 11, f"judge found the prompted shape in {int(shape.sum())}/12 images"
+    stray = float(marks.measure_prompts((out + 1) / 2, prompts, striped=got["striped"])["stray_share"].mean())
+    assert stray < 0.002, f"stray marks on {stray:.4%} of the pixels"
 
 
 # --- training code -----------------------------------------------------------------------------
