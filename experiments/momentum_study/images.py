@@ -15,6 +15,7 @@ against the same 256-scene reference) and the baseline at a second seed.
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -90,6 +91,7 @@ def study(cfg: DictConfig, folder: Path) -> dict[str, Any]:
     base = [f"model={model}", f"solver={cfg.solver}", f"num_samples={n}", f"batch_size={n}", "callback=[]",
             "metrics=[fid,clip_score]", "save_images=false", f"metrics.fid.reference={ref}"]
     results: dict[str, Any] = {"model": model_version(model), "num_samples": n, "fid_reference": ref, "runs": []}
+    earlier = _earlier_runs(folder / "results.json", results)
     t0 = time.perf_counter()
     first = next(iter(methods))
     jobs = []  # fewest steps first (where momentum matters): an interrupted study keeps whole columns
@@ -99,6 +101,9 @@ def study(cfg: DictConfig, folder: Path) -> dict[str, Any]:
             if cfg.floor_seed is not None:
                 jobs.append((first, methods[first], c, s, cfg.floor_seed))  # the seed-to-seed spread
     for name, extra, c, s, seed in tqdm(jobs, desc=f"momentum study ({model})"):
+        if (name, c, s, seed) in earlier:  # measured by an interrupted invocation with the same settings
+            results["runs"].append(earlier[name, c, s, seed])
+            continue
         res = run(base + list(extra) + [f"cfg_scale={c}", f"steps={s}", f"seed={seed}"],
                   output_dir=folder / "runs" / f"{name}_cfg{c}_{s}_seed{seed}")
         m = res.record["metrics"]
@@ -113,6 +118,20 @@ def study(cfg: DictConfig, folder: Path) -> dict[str, Any]:
     results["seconds"] = time.perf_counter() - t0
     atomic_write_json(folder / "results.json", results)
     return results
+
+
+def _earlier_runs(path: Path, results: dict[str, Any]) -> dict[tuple, dict[str, Any]]:
+    """The rows an interrupted study with the same model weights and sample counts wrote to ``path``,
+    by (method, CFG scale, steps, seed). Its run folders keep only latents (save_images=false), so
+    the decoded-image measures (``clipped``) could not be recomputed from them on resume."""
+    if not path.is_file():
+        return {}
+    old = json.loads(path.read_text())
+    if any(old.get(k) != results[k] for k in ("model", "num_samples", "fid_reference")):
+        return {}
+    if "schedule" in old:
+        results["schedule"] = old["schedule"]
+    return {(r["method"], r["cfg_scale"], r["steps"], r["seed"]): r for r in old.get("runs", [])}
 
 
 def as_list(value: Any) -> list[str]:

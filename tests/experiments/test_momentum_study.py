@@ -71,3 +71,19 @@ def test_bundled_tables_from_results(tmp_path):
     assert "| ghvb2_0.5 | 0.300 | — |" in text and "| euler | 0.400 | 0.350 |" in text
     assert "FID 0.250 ± 0.071" in text and "|ΔFID| mean 0.060, max 0.060; |ΔCLIP score| mean 0.00" in text
     assert (tmp_path / "momentum_bundled.png").stat().st_size > 1000
+
+
+def test_interrupted_study_rows_are_reused(tmp_path):
+    """A rerun takes the rows an interrupted study wrote (same weights and sample counts), keyed by
+    (method, CFG scale, steps, seed); rows measured on other weights or counts are not reused."""
+    from experiments.momentum_study import images
+
+    model = {"title": "v", "weights_commit": "abc", "network_sha256": "0"}
+    row = dict(method="euler", cfg_scale=5.0, steps=5, seed=0, nfe=5.0, fid=0.4, clip_score=40.0, seconds=6.0, clipped=0.01)
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"model": model, "num_samples": 64, "fid_reference": 256, "runs": [row], "schedule": "karras"}))
+    fresh = {"model": model, "num_samples": 64, "fid_reference": 256, "runs": []}
+    assert images._earlier_runs(path, fresh) == {("euler", 5.0, 5, 0): row} and fresh["schedule"] == "karras"
+    for other in ({"num_samples": 32}, {"model": dict(model, network_sha256="1")}):
+        assert images._earlier_runs(path, dict(fresh, **other)) == {}
+    assert images._earlier_runs(tmp_path / "absent.json", fresh) == {}
