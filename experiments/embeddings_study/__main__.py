@@ -28,7 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.harness import Experiment, entry, save_grid, save_png, save_text
-from framework.bundled.world import COLOURS
+from framework.bundled.world import COLOURS, SHAPES
 from framework.entry.api import run
 
 HERE = Path(__file__).resolve().parent
@@ -64,7 +64,11 @@ class Study:
         pred = self.judge.predict(images * 2 - 1)
         colours = [COLOURS[i] for i in pred["colour"].tolist()]
         obj_r, obj_b = object_means(images)
+        asked = [named(prompts[k % len(prompts)]) for k in range(n)]  # sample k's prompt (the engine's rule)
         return {
+            "asked": {part: (None if any(a[i] is None for a in asked) else
+                             sum(heads[int(pred[part][k])] == asked[k][i] for k in range(n)) / n)
+                      for i, (part, heads) in enumerate((("colour", COLOURS), ("shape", SHAPES)))},
             "n": n, "seconds": time.perf_counter() - t0,
             "rate": {c: colours.count(c) / n for c in ("red", "blue", "purple")},
             "striped": float(pred["striped"].float().mean()),
@@ -187,6 +191,12 @@ def object_means(images: torch.Tensor, threshold: float = 0.25) -> tuple[float, 
     return float(images[:, 0][mask].mean()), float(images[:, 2][mask].mean())
 
 
+def named(prompt: str) -> tuple[str | None, str | None]:
+    """The colour and the shape a prompt asks for (its first world colour and shape words; None: none)."""
+    words = prompt.replace(",", " ").split()
+    return (next((w for w in words if w in COLOURS), None), next((w for w in words if w in SHAPES), None))
+
+
 def pool(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """Sample-weighted means of several runs' statistics."""
     n = sum(p["n"] for p in parts)
@@ -194,7 +204,15 @@ def pool(parts: list[dict[str, Any]]) -> dict[str, Any]:
     for k in ("striped", "image_mean_R", "image_mean_B", "object_mean_R", "object_mean_B"):
         out[k] = sum(p[k] * p["n"] for p in parts) / n
     out["rate"] = {c: sum(p["rate"][c] * p["n"] for p in parts) / n for c in parts[0]["rate"]}
+    out["asked"] = {k: None if any(p.get("asked", {}).get(k) is None for p in parts) else
+                    sum(p["asked"][k] * p["n"] for p in parts) / n for k in ("colour", "shape")}
     return out
+
+
+def as_asked(row: dict[str, Any]) -> str:
+    """'97% / 91%' from a row's judge accuracies against the prompts (— where not measured)."""
+    asked = row.get("asked") or {}
+    return " / ".join("—" if asked.get(k) is None else f"{asked[k]:.0%}" for k in ("colour", "shape"))
 
 
 def write(results: dict[str, Any], images: dict[str, torch.Tensor], cfg: DictConfig, out: Path) -> list[str]:
@@ -220,17 +238,18 @@ def write(results: dict[str, Any], images: dict[str, torch.Tensor], cfg: DictCon
     model = results["settings"].get("model", "bundled")
     lines = [f"`model={model}`, Euler on its default schedule, `steps={results['settings']['steps']} cfg_scale=5`, seed "
              f"{cfg.seed}; every prompt × {results['settings']['samples_per_prompt']} samples; n = images per row. "
-             "Rates: the judge's colour head (red / blue / purple) and striped head.", ""]
+             "Rates: the judge's colour head (red / blue / purple) and striped head; as asked: the judge's colour and "
+             "shape equal to the prompt's colour and shape words (— where a prompt names none).", ""]
     for study, rows in results.items():
         if study == "settings":
             continue
-        lines += [f"### {study}", "", "| run | n | red | blue | purple | striped | object R | object B | image R | image B |",
-                  "| --- |" + " --- |" * 9]
+        lines += [f"### {study}", "", "| run | n | red | blue | purple | striped | colour / shape as asked | object R | object B | image R | image B |",
+                  "| --- |" + " --- |" * 10]
         for name, r in rows.items():
             if name in ("training", "ceiling"):
                 continue
             lines.append(f"| {name} | {r['n']} | {r['rate']['red']:.0%} | {r['rate']['blue']:.0%} | {r['rate']['purple']:.0%} | "
-                         f"{r['striped']:.0%} | {r['object_mean_R']:.3f} | {r['object_mean_B']:.3f} | "
+                         f"{r['striped']:.0%} | {as_asked(r)} | {r['object_mean_R']:.3f} | {r['object_mean_B']:.3f} | "
                          f"{r['image_mean_R']:.3f} | {r['image_mean_B']:.3f} |")
         if "ceiling" in rows:
             c = rows["ceiling"]

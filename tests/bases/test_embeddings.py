@@ -436,3 +436,6 @@ def test_embeddings_study_fast_run(tmp_path):
     swapped, blue = results["swap"]["prompt red, swap red→blue"], results["swap"]["prompt blue"]
     assert swapped["rate"] == blue["rate"] and swapped["image_mean_B"] == pytest.approx(blue["image_mean_B"], abs=1e-5)
     assert (tmp_path / "docs" / "swap.png").exists() and "swap red→blue" in (tmp_path / "docs" / "results.md").read_text()
+    # accuracy against the prompt's own words: for "a blue …" the colour part is the judge's blue rate
+    assert blue["asked"]["colour"] == pytest.approx(blue["rate"]["blue"]) and 0 <= blue["asked"]["shape"] <= 1
+    assert "colour / shape as asked" in (tmp_path / "docs" / "results.md").read_text()
