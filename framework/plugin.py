@@ -52,13 +52,14 @@ from framework.metrics.distribution import RealVsGenerated
 from framework.models.flow import FlowModel
 from framework.metrics.frechet import frechet_distance, moments
 from framework.runs.images import grid, png_bytes, to_pil
+from framework.runs.progress import Throttle
 
 __all__ = [
     "AB", "VPTime", "deis_tab_weights", "ipndm_v_coefficients", "multistep_update", "recent_derivatives",
     "Ancestral", "ApplyTo", "BH", "Batch", "Choice", "Conditioning", "ConfigError", "EditPlugin", "INIT_NOISE_MODES",
     "InitNoise", "JudgeFeatures", "LossGuidance", "ModelNotFoundError", "MomentumPlugin", "NonFinite",
     "NumericalError", "PluginError", "Prediction", "RealVsGenerated", "Result", "Run", "SamplerState",
-    "SamplerlabError", "Schedule", "SolverType", "StepRecord", "TextEmbeddings", "UncondGuidance",
+    "SamplerlabError", "Schedule", "SolverType", "StepRecord", "TextEmbeddings", "Throttle", "UncondGuidance",
     "ancestral_split", "apply_prompt_weights", "atomic_write_bytes", "atomic_write_json", "bundled",
     "calculate_shift", "check_init_noise", "describe", "finish", "flow_config", "flow_match_sigmas", "flow_sigma",
     "flow_time", "FlowModel", "fixed_adams_bashforth", "frechet_distance", "geometric_mean",

@@ -25,6 +25,23 @@ INTERVAL = 10.0
 
 
 @dataclass
+class Throttle:
+    """Progress lines from work with no steps to count (an adaptive solver's one long step): at most
+    one every :data:`INTERVAL` seconds, to stderr and the ``samplerlab`` logger."""
+
+    last: float = field(default_factory=time.monotonic)
+
+    def maybe(self, text) -> None:
+        """Report ``text()`` (called only when a line is due)."""
+        now = time.monotonic()
+        if now - self.last >= INTERVAL:
+            self.last = now
+            line = text()
+            LOG.info(line)
+            print(f"samplerlab: {line}", file=sys.stderr, flush=True)
+
+
+@dataclass
 class _Count:
     """One run's progress: what is done, of how much, since when."""
 

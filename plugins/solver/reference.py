@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from framework.plugin import Choice, ConfigError, SamplerState, hookimpl
+from framework.plugin import Choice, ConfigError, SamplerState, Throttle, hookimpl
 
 
 class Final(Choice):
@@ -54,12 +54,18 @@ class Reference:
     def _finish(self, state: SamplerState, denoise, x: torch.Tensor, end: float) -> torch.Tensor:
         return denoise(x, end).denoised if state.sigma_next == 0 else x
 
-    def _rhs(self, state: SamplerState, denoise, start: float, to_sigma, derivative):
+    def _rhs(self, state: SamplerState, denoise, start: float, to_sigma, derivative, stop: float):
         """The right-hand side for solve_ivp: ``derivative(s, x, D)`` with x and σ from the
-        integration variable s (``to_sigma(s, y)`` → (x, σ)); the step's own evaluation is reused at its start."""
+        integration variable s (``to_sigma(s, y)`` → (x, σ)); the step's own evaluation is reused at its start.
+        A long integration reports how far it got (throttled lines: ``Throttle``)."""
         x0 = state.pred.x
+        nfe, reached, clock = [0], [0.0], Throttle()
 
         def rhs(s: float, y: np.ndarray) -> np.ndarray:
+            nfe[0] += 1
+            reached[0] = max(reached[0], (s - start) / (stop - start))
+            clock.maybe(lambda: f"reference: step from σ {state.sigma:.4g} to {state.sigma_next:.4g}, "
+                                f"{reached[0]:.0%} of the way (in the integration variable), {nfe[0]} NFE")
             x, sigma = to_sigma(s, torch.from_numpy(y).reshape(x0.shape).to(device=x0.device, dtype=x0.dtype))
             pred = state.pred if s == start and torch.equal(x, x0) else denoise(x, sigma)
             return derivative(s, x, pred.denoised).double().cpu().reshape(-1).numpy()
@@ -73,7 +79,7 @@ class Reference:
         end, x = self._end(state), state.pred.x
         if end < state.sigma:
             start = math.log(state.sigma)
-            rhs = self._rhs(state, denoise, start, lambda s, x: (x, math.exp(s)), lambda s, x, d: x - d)
+            rhs = self._rhs(state, denoise, start, lambda s, x: (x, math.exp(s)), lambda s, x, d: x - d, math.log(end))
             x = self._solve(rhs, (start, math.log(end)), x)
         return self._finish(state, denoise, x, end)
 
@@ -82,6 +88,7 @@ class Reference:
             return state.pred.denoised
         end = self._end(state)  # in t: z(1) = ε, x = z/(1 − t), σ = t/(1 − t); at t = 1 the evaluation at ∞
         to_sigma = (lambda t, z: (z, math.inf) if t == 1.0 else (z / (1 - t), t / (1 - t)))
-        rhs = self._rhs(state, state.denoise, 1.0, to_sigma, lambda t, x, d: (x * (1 - t) - d) / t if t < 1.0 else x - d)
+        rhs = self._rhs(state, state.denoise, 1.0, to_sigma, lambda t, x, d: (x * (1 - t) - d) / t if t < 1.0 else x - d,
+                        end / (1 + end))
         z = self._solve(rhs, (1.0, end / (1 + end)), state.pred.x)
         return self._finish(state, state.denoise, z * (1 + end), end)

@@ -174,9 +174,15 @@ def test_ipndm_v_order_2_is_lms_order_2_and_unipc_without_corrector_is_dpmpp_2m(
     assert torch.allclose(a, run(base + ["solver=dpmpp_2m"]).latents, rtol=0, atol=1e-12)
 
 
-def test_reference_solver_matches_exact_gaussian_solution():
+def test_reference_solver_matches_exact_gaussian_solution(monkeypatch, capsys):
+    import framework.runs.progress as progress
+
+    monkeypatch.setattr(progress, "INTERVAL", 0.0)  # every right-hand side due a progress line
     res = run(GAUSS + ["solver=reference", "num_samples=2", "batch_size=2", "steps=2"])
     assert res.record["metrics"]["rmse_to_reference"] < 1e-8
+    # its one long adaptive step says how far it got (the engine's progress counts steps only)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "samplerlab: reference: step from σ" in ln]
+    assert lines and "of the way" in lines[-1] and lines[-1].endswith(" NFE"), lines[-3:]
 
 
 def test_dpm_adaptive_tolerance_controls_error():
