@@ -65,10 +65,10 @@ class Study:
         colours = [COLOURS[i] for i in pred["colour"].tolist()]
         obj_r, obj_b = object_means(images)
         asked = [named(prompts[k % len(prompts)]) for k in range(n)]  # sample k's prompt (the engine's rule)
+        judged = list(zip(colours, [SHAPES[i] for i in pred["shape"].tolist()]))
         return {
-            "asked": {part: (None if any(a[i] is None for a in asked) else
-                             sum(heads[int(pred[part][k])] == asked[k][i] for k in range(n)) / n)
-                      for i, (part, heads) in enumerate((("colour", COLOURS), ("shape", SHAPES)))},
+            "asked": {part: None if any(a[i] is None for a in asked) else
+                      sum(j[i] == a[i] for j, a in zip(judged, asked)) / n for i, part in enumerate(("colour", "shape"))},
             "n": n, "seconds": time.perf_counter() - t0,
             "rate": {c: colours.count(c) / n for c in ("red", "blue", "purple")},
             "striped": float(pred["striped"].float().mean()),

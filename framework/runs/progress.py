@@ -26,19 +26,20 @@ INTERVAL = 10.0
 
 @dataclass
 class Throttle:
-    """Progress lines from work with no steps to count (an adaptive solver's one long step): at most
-    one every :data:`INTERVAL` seconds, to stderr and the ``samplerlab`` logger."""
+    """Progress lines at most one every :data:`INTERVAL` seconds, to the ``samplerlab`` logger and
+    stderr: the sampling progress below, and work with no steps to count (an adaptive solver's one long step)."""
 
     last: float = field(default_factory=time.monotonic)
 
-    def maybe(self, text) -> None:
-        """Report ``text()`` (called only when a line is due)."""
+    def maybe(self, text, echo: bool = True) -> None:
+        """Report ``text()`` (called only when a line is due); ``echo=False``: to the logger only."""
         now = time.monotonic()
         if now - self.last >= INTERVAL:
             self.last = now
             line = text()
             LOG.info(line)
-            print(f"samplerlab: {line}", file=sys.stderr, flush=True)
+            if echo:
+                print(f"samplerlab: {line}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -52,18 +53,18 @@ class _Count:
     samples: int = 0  # samples finished
     step: int = 0  # steps done in the current batch
     start: float = field(default_factory=time.monotonic)
-    last: float = field(default_factory=time.monotonic)  # when the last line was written
+    clock: Throttle = field(default_factory=Throttle)  # when the last line was written
 
-    def line(self, now: float) -> str:
+    def line(self) -> str:
         done = (self.batch * self.steps_per_batch + self.step) / max(1, self.batches * self.steps_per_batch)
-        elapsed = now - self.start
+        elapsed = time.monotonic() - self.start
         where = f"batch {self.batch + 1} of {self.batches}" if self.batch < self.batches else \
             f"{self.batches} of {self.batches} batches done"
         if self.step:
             where += f" (step {self.step} of {self.steps_per_batch})"
         rate = f", {self.samples / elapsed:.3g} images/s" if self.samples and elapsed > 0 else ""
         eta = f", ETA {timedelta(seconds=round(elapsed * (1 - done) / done))}" if done > 0 else ""
-        return f"samplerlab: sampling: {where}{rate}{eta}"
+        return f"sampling: {where}{rate}{eta}"
 
 
 class Progress:
@@ -81,14 +82,7 @@ class Progress:
         return run.stash.get(self, make)
 
     def _maybe_report(self, count: _Count) -> None:
-        now = time.monotonic()
-        if now - count.last < INTERVAL:
-            return
-        count.last = now
-        text = count.line(now)
-        LOG.info(text.removeprefix("samplerlab: "))
-        if count.bar is None:
-            print(text, file=sys.stderr, flush=True)
+        count.clock.maybe(count.line, echo=count.bar is None)
 
     @hookimpl
     def run_start(self, run):

@@ -59,15 +59,16 @@ class Reference:
         integration variable s (``to_sigma(s, y)`` → (x, σ)); the step's own evaluation is reused at its start.
         A long integration reports how far it got (throttled lines: ``Throttle``)."""
         x0 = state.pred.x
-        nfe, reached, clock = [0], [0.0], Throttle()
+        nfe, reached, clock = 0, 0.0, Throttle()
 
         def rhs(s: float, y: np.ndarray) -> np.ndarray:
+            nonlocal nfe, reached
             x, sigma = to_sigma(s, torch.from_numpy(y).reshape(x0.shape).to(device=x0.device, dtype=x0.dtype))
             pred = state.pred if s == start and torch.equal(x, x0) else denoise(x, sigma)
-            nfe[0] += pred is not state.pred
-            reached[0] = max(reached[0], (s - start) / (stop - start))
+            nfe += pred is not state.pred
+            reached = max(reached, (s - start) / (stop - start))
             clock.maybe(lambda: f"reference: step from σ {state.sigma:.4g} to {state.sigma_next:.4g}, "
-                                f"{reached[0]:.0%} of the way (in the integration variable), {nfe[0]} NFE")
+                                f"{reached:.0%} of the way (in the integration variable), {nfe} NFE")
             return derivative(s, x, pred.denoised).double().cpu().reshape(-1).numpy()
 
         return rhs
