@@ -20,6 +20,7 @@ sampler: euler on the karras grid (VP) or on flow_match (the flow model), CFG 5,
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,7 @@ class Study:
     def textual_inversion(self) -> dict[str, Any]:
         """The striped concept: judge rates, the VAE's ceiling, held-out denoising loss."""
         from experiments.bundled_model.vae import reconstruct
-        from experiments.textual_inversion.__main__ import denoising_loss, load_pipe, striped_scenes
+        from experiments.textual_inversion.__main__ import denoising_loss, load_pipe, striped_scenes, with_token
         from framework.bases.embeddings import LearnedTokens, TextEmbeddings, load_embeddings, save_embeddings
 
         ti = ti_config(self.cfg)
@@ -128,20 +129,21 @@ class Study:
         init_path = save_embeddings(self.folder / "ti_initial.safetensors", {token: init})
         colours = ["red", "green", "blue", "yellow"]
         plain = [f"a {c} {s}" for c in colours for s in self.shapes]
-        with_token = [f"a {token} {c} {s}" for c in colours for s in self.shapes]
+        place = str(ti.get("token_place", "colour"))
+        prompts = [with_token(c, s, token, place) for c in colours for s in self.shapes]
         use = ["conditioning=[textual_inversion]", f"conditioning.textual_inversion.path='{path}'"]
         use0 = ["conditioning=[textual_inversion]", f"conditioning.textual_inversion.path='{init_path}'"]
         results: dict[str, Any] = {
             "without token": self.generate("ti_plain", plain),
-            "with learned token": self.generate("ti_learned", with_token, use),
-            "with untrained token (initializer vector)": self.generate("ti_initial", with_token, use0),
+            "with learned token": self.generate("ti_learned", prompts, use),
+            "with untrained token (initializer vector)": self.generate("ti_initial", prompts, use0),
         }
         # what the model can show at all: the judge on real striped scenes and on their VAE round trip
         n = 8 if self.cfg.fast else 64
-        images, captions = striped_scenes(n, 20_000 + int(self.cfg.seed), token)
+        images, captions = striped_scenes(n, 20_000 + int(self.cfg.seed), token, place)
         rec = reconstruct(pipe.vae, images).clamp(-1, 1)
         learned = load_embeddings(path, token=token)
-        no_token = [c.replace(f"{token} ", "") for c in captions]
+        no_token = [re.sub(rf"\s*{re.escape(token)}", "", c) for c in captions]
         results["ceiling"] = {
             "n": n,
             "judge striped, real scenes": float(self.judge.predict(images)["striped"].float().mean()),

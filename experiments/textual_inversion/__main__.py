@@ -58,14 +58,27 @@ def load_pipe(model: str) -> Any:
     return load_pipeline(model)
 
 
-def striped_scenes(n: int, seed: int, token: str) -> tuple[torch.Tensor, list[str]]:
-    """``n`` bundled-world scenes with a striped main shape ([-1, 1]) and captions naming ``token``."""
+TOKEN_PLACES = ("colour", "shape")
+
+
+def striped_scenes(n: int, seed: int, token: str, place: str = "colour") -> tuple[torch.Tensor, list[str]]:
+    """``n`` bundled-world scenes with a striped main shape ([-1, 1]) and captions naming ``token``:
+    before the colour word ("a small <striped> red circle", ``place=colour``) or after the shape word
+    ("a small red circle <striped>", ``place=shape``)."""
     from framework.bundled.world import sample_scenes
 
+    if place not in TOKEN_PLACES:
+        raise ConfigError(f"token_place={place}: choose colour (before the colour word) or shape (after the shape word)")
     scenes = sample_scenes(n, seed, concept_rate=1.0, two_shape_rate=0.0, omit_rate=0.3)
-    captions = [re.sub(rf"\b{lab.main.colour}\b", f"{token} {lab.main.colour}", cap, count=1)
+    captions = [re.sub(rf"\b{lab.main.colour}\b", f"{token} {lab.main.colour}", cap, count=1) if place == "colour"
+                else re.sub(rf"\b{lab.main.shape}\b", f"{lab.main.shape} {token}", cap, count=1)
                 for cap, lab in zip(scenes.captions, scenes.labels)]
     return scenes.images, captions
+
+
+def with_token(colour: str, shape: str, token: str, place: str = "colour") -> str:
+    """The prompt 'a <colour> <shape>' with ``token`` where :func:`striped_scenes` puts it."""
+    return f"a {token} {colour} {shape}" if place == "colour" else f"a {colour} {shape} {token}"
 
 
 def folder_images(folder: Path, size: tuple[int, int], token: str, templates: list[str]) -> tuple[torch.Tensor, list[str]]:
@@ -163,7 +176,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.images:
         images, captions = folder_images(Path(cfg.images), size, token, list(cfg.templates))
     else:
-        images, captions = striped_scenes(n_images, 10_000 + int(cfg.seed), token)
+        images, captions = striped_scenes(n_images, 10_000 + int(cfg.seed), token, str(cfg.get("token_place", "colour")))
     save_grid((images[:16] + 1) / 2, out / "train_images.png", nrow=8)
     with torch.no_grad():  # the posterior means, scaled (and shifted) as the model's latents
         latents = torch.cat([adapter.encode_images((images[i:i + 64] + 1) / 2) for i in range(0, len(images), 64)])

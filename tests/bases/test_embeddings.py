@@ -343,6 +343,25 @@ def ti_config(**over):
     return OmegaConf.merge(Experiment.compose(TI_DIR, []).cfg, over)
 
 
+def test_striped_scene_captions_place_the_token_before_the_colour_or_after_the_shape():
+    """token_place=colour: "a <striped> red circle …"; shape: "a red circle <striped> …" (the causal text
+    tower then leaves the caption's colour and shape rows as they were); the prompts follow the captions."""
+    from experiments.textual_inversion.__main__ import striped_scenes, with_token
+    from framework.bundled.world import COLOURS, SHAPES
+    from framework.plugin import ConfigError
+
+    _, before = striped_scenes(6, 3, "<s>")
+    images, after = striped_scenes(6, 3, "<s>", "shape")
+    assert images.shape[0] == 6 and all(c.count("<s>") == 1 for c in before + after)
+    for b, a in zip(before, after):
+        assert b.replace("<s> ", "") == a.replace(" <s>", "")  # the same caption, the token moved
+        assert any(f"<s> {c}" in b for c in COLOURS) and any(f"{s} <s>" in a for s in SHAPES)
+    assert with_token("red", "circle", "<s>") == "a <s> red circle"
+    assert with_token("red", "circle", "<s>", "shape") == "a red circle <s>"
+    with pytest.raises(ConfigError, match="token_place"):
+        striped_scenes(2, 0, "<s>", "end")
+
+
 @pytest.mark.slow  # loads the bundled model and draws scenes (~15 s of CPU); the tiny-folder test below covers training
 def test_textual_inversion_fast_run_on_striped_scenes(tmp_path):
     from experiments.textual_inversion.__main__ import load_pipe, train
