@@ -1,6 +1,7 @@
 """A few (method spec, solver) pairs of the study, on the study's protocol, without the whole study.
 
     python -m experiments.schedule_opt.probe pairs=gitsh_l3/euler,gitsh_lead_pin/euler nfe=5,6 quality=true [threads=1]
+    python -m experiments.schedule_opt.probe model=bundled_flow pairs=ld3_long/unipc nfe=8 runs=<the flow study's runs>
 
 Each pair is optimised from the study's calibration set (``Study.optimise``: the method specs and
 solver specs of config.yaml, the schedule file in the study's run folder, resumed), its grids run
@@ -42,13 +43,14 @@ def quality(s: Study, cfg, solver: str, file: str, steps: int, tag: str) -> dict
 def table(record: dict) -> str:
     lines = ["| pair | NFE | σ_0 | held-out RMSE | calibration RMSE | FD (seeds) | colour % | shape % | grid |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for key, c in sorted(record.items(), key=lambda kv: (kv[1]["pair"], int(kv[1]["nfe"]))):
+    for key, c in sorted(record.items(), key=lambda kv: (kv[1].get("model", "bundled"), kv[1]["pair"], int(kv[1]["nfe"]))):
         q = c.get("quality") or {}
         fd = " / ".join(f"{v['fid']:.3f}" for v in q.values()) or "—"
         col = " / ".join(f"{100 * v['prompt_accuracy_colour']:.1f}" for v in q.values()) or "—"
         shp = " / ".join(f"{100 * v['prompt_accuracy_shape']:.1f}" for v in q.values()) or "—"
         grid = ", ".join(f"{v:.3g}" for v in c["sigmas"])
-        lines.append(f"| {c['pair']} | {c['nfe']} | {c['sigmas'][0]:.3g} | {c['error']:.3g} | "
+        pair = c["pair"] if c.get("model", "bundled") == "bundled" else f"{c['model']}: {c['pair']}"
+        lines.append(f"| {pair} | {int(c['nfe'])} | {c['sigmas'][0]:.3g} | {c['error']:.3g} | "
                      f"{c['calibration_rmse_to_teacher']:.3g} | {fd} | {col} | {shp} | {grid} |")
     return "\n".join(lines)
 
@@ -58,27 +60,29 @@ def main(argv: list[str]) -> dict:
     pairs = [p.split("/") for p in args.pop("pairs").split(",")]
     budgets = [int(n) for n in args.pop("nfe", "5,6,8,10").split(",")]
     with_quality = args.pop("quality", "false") == "true"
+    model = args.pop("model", "bundled")
     import torch
 
     torch.set_num_threads(int(args.pop("threads", "1")))  # on a shared 2-core machine, 2 threads starve each other
     out = Path(args.pop("out", str(DEFAULT_OUT)))
     cfg = Experiment.compose(HERE, [f"{k}={v}" for k, v in args.items()]).cfg
     record = json.loads(out.read_text()) if out.is_file() else {}
-    s = Study(cfg, "bundled", Path(cfg.runs))
+    s = Study(cfg, model, Path(cfg.runs))
     for method, solver in pairs:
         made = s.optimise(method, solver, budgets, int(cfg.calibration.seed), "")
         for n, c in s.evaluate_file(solver, made).items():
             if int(n) not in budgets:
                 continue
-            cell = {"pair": f"{method}/{solver}", "nfe": int(n), **c}
+            cell = {"pair": f"{method}/{solver}", "model": model, "nfe": int(n), **c}
             if with_quality:
                 t0 = time.perf_counter()
                 cell["quality"] = quality(s, cfg, solver, made["file"], len(c["sigmas"]) - 1, f"{n}_{solver}_{method}")
                 cell["quality_seconds"] = round(time.perf_counter() - t0, 1)
-            old = record.get(f"{method}/{solver}/{n}") or {}
+            key = f"{method}/{solver}/{n}" if model == "bundled" else f"{model}/{method}/{solver}/{n}"
+            old = record.get(key) or {}
             if "quality" not in cell and old.get("quality") and old.get("sigmas") == cell.get("sigmas"):
                 cell["quality"], cell["quality_seconds"] = old["quality"], old.get("quality_seconds")  # same grid: kept
-            record[f"{method}/{solver}/{n}"] = cell
+            record[key] = cell
             out.write_text(json.dumps(record, indent=1) + "\n")
             print(json.dumps({k: cell[k] for k in ("pair", "nfe", "error", "calibration_rmse_to_teacher")}), flush=True)
     print(table(record))

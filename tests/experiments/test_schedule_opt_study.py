@@ -52,3 +52,16 @@ def test_study_on_a_tiny_plan(tmp_path):
     # the docs again from the record, without sampling: the same table
     study_mod.main(argv + [f"from_results={tmp_path / 'runs' / 'record.json'}", f"out={tmp_path / 'again'}"])
     assert (tmp_path / "again" / "optimisation_table.md").read_text() == text
+
+
+def test_probe_table_names_the_model_of_non_default_records():
+    """A probe record mixes the VP model's pairs (keys without a model, as before) and other models'
+    (model/method/solver/nfe): the table sorts by model and names the other model."""
+    from experiments.schedule_opt.probe import table
+
+    cell = {"error": 0.4, "calibration_rmse_to_teacher": 0.25, "sigmas": [float("inf"), 10.0, 1.0, 0.0]}
+    record = {"bundled_flow/ld3/euler/8": {"pair": "ld3/euler", "model": "bundled_flow", "nfe": 8.0, **cell},
+              "oss/unipc/5": {"pair": "oss/unipc", "nfe": 5, **cell, "sigmas": [5.13, 1.0, 0.0]}}
+    rows = table(record).splitlines()[2:]
+    assert rows[0].startswith("| oss/unipc | 5 | 5.13 |")
+    assert rows[1].startswith("| bundled_flow: ld3/euler | 8 | inf | 0.4 | 0.25 |")
