@@ -31,6 +31,21 @@ def test_best_optimised_is_chosen_on_the_calibration_set():
     assert study_mod.best_cells(res, [5], select="heldout")["5"]["optimised"]["sampler"] == "unipc + oss"
 
 
+def test_per_sample_split_of_the_best_pair():
+    """Where both cells keep their per-sample errors: the ratio of the medians and the samples the optimised
+    grid wins — here one flipped sample gives the stock sampler its large RMSE, the typical sample is worse."""
+    stock = [0.1, 0.1, 0.1, 2.0]
+    opt = [0.2, 0.2, 0.05, 0.3]
+    rms = lambda v: math.sqrt(sum(x * x for x in v) / len(v))
+    res = {"stock": {"euler": {"karras": {"5": {"error": rms(stock), "nfe": 5, "sample_errors": stock}}}},
+           "optimised": {"oss": {"euler": {"5": {"error": rms(opt), "nfe": 5, "sample_errors": opt}}}}}
+    b = study_mod.best_cells(res, [5])["5"]
+    assert b["ratio"] < 0.25  # the RMSE's verdict
+    assert math.isclose(b["per_sample"]["median_ratio"], 2.0) and b["per_sample"]["better"] == 2 and b["per_sample"]["n"] == 4
+    del res["stock"]["euler"]["karras"]["5"]["sample_errors"]  # an older record: no split
+    assert "per_sample" not in study_mod.best_cells(res, [5])["5"]
+
+
 @pytest.mark.slow
 def test_study_on_a_tiny_plan(tmp_path):
     argv = ["models=[mixture]", "nfe=[4,5]", "plan={mixture: {gits: [euler, heun]}}", "agreement={mixture: [gits/euler]}",
