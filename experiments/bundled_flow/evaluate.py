@@ -37,8 +37,10 @@ def flow_model(folder: Path):
 
 
 @torch.no_grad()
-def generate(model, prompts: list[str], seed: int, steps: int, guidance: float, batch: int) -> torch.Tensor:
-    """Images in [-1, 1] through the engine: sample k has the noise of (seed, k) and prompt k."""
+def generate(model, prompts: list[str], seed: int, steps: int, guidance: float, batch: int,
+             extra: tuple[str, ...] = ()) -> torch.Tensor:
+    """Images in [-1, 1] through the engine: sample k has the noise of (seed, k) and prompt k
+    (``extra``: more overrides, e.g. a conditioning plugin)."""
     from framework.entry.api import run
 
     def quote(p: str) -> str:
@@ -50,7 +52,7 @@ def generate(model, prompts: list[str], seed: int, steps: int, guidance: float, 
         guide = ["guidance=[cfg]", f"cfg_scale={guidance}"] if guidance != 1.0 else ["guidance=[]"]
         res = run(["solver=euler", "schedule=flow_match", f"steps={steps}", f"seed={seed + i}",
                    f"num_samples={len(chunk)}", f"batch_size={len(chunk)}", "save_images=false",
-                   f"prompts=[{','.join(quote(p) for p in chunk)}]", *guide], model=model)
+                   f"prompts=[{','.join(quote(p) for p in chunk)}]", *guide, *extra], model=model)
         out.append(res.images.float() * 2 - 1)
     return torch.cat(out)
 

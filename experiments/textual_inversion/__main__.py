@@ -19,6 +19,12 @@ Without ``images`` the bundled world draws ``num_images`` scenes whose main shap
 the concept the bundled model saw in training but never had a word for — captioned by the world
 with the token before the colour ("a small <striped> red circle on the left").
 
+``train_kv=true`` is Custom Diffusion (Kumari et al. 2023): the key/value projections that read the
+text (:func:`text_kv_layers`) train too, at ``lr_kv``, with prior preservation on bundled-world scenes
+without the concept (their own captions, weight ``prior_weight``); the adapted model is written whole
+to ``<out>/pipeline`` (a pipeline folder: run it with ``model=sd3 model.path=… model.use_t5=false``
+and the token), and the key/values are checkpointed beside the token's vectors.
+
 Writes ``<out>/learned_embeds.safetensors`` (diffusers format: ``pipe.load_textual_inversion``
 reads it, and so does ``conditioning=[textual_inversion]``), checkpoints every
 ``checkpoint_every`` steps in ``<out>/checkpoints`` (a rerun resumes from the last one; the
@@ -67,13 +73,17 @@ def striped_scenes(n: int, seed: int, token: str, place: str = "colour") -> tupl
     ("a small red circle <striped>", ``place=shape``)."""
     from framework.bundled.world import sample_scenes
 
+    scenes = sample_scenes(n, seed, concept_rate=1.0, two_shape_rate=0.0, omit_rate=0.3)
+    return scenes.images, [place_token(cap, lab, token, place) for cap, lab in zip(scenes.captions, scenes.labels)]
+
+
+def place_token(caption: str, label: Any, token: str, place: str = "colour") -> str:
+    """A world caption with ``token`` before its main shape's colour word or after its shape word."""
     if place not in TOKEN_PLACES:
         raise ConfigError(f"token_place={place}: choose colour (before the colour word) or shape (after the shape word)")
-    scenes = sample_scenes(n, seed, concept_rate=1.0, two_shape_rate=0.0, omit_rate=0.3)
-    captions = [re.sub(rf"\b{lab.main.colour}\b", f"{token} {lab.main.colour}", cap, count=1) if place == "colour"
-                else re.sub(rf"\b{lab.main.shape}\b", f"{lab.main.shape} {token}", cap, count=1)
-                for cap, lab in zip(scenes.captions, scenes.labels)]
-    return scenes.images, captions
+    if place == "colour":
+        return re.sub(rf"\b{label.main.colour}\b", f"{token} {label.main.colour}", caption, count=1)
+    return re.sub(rf"\b{label.main.shape}\b", f"{label.main.shape} {token}", caption, count=1)
 
 
 def with_token(colour: str, shape: str, token: str, place: str = "colour") -> str:
@@ -146,6 +156,21 @@ def denoising_loss(pipe: Any, captions: list[str], images: torch.Tensor, edits: 
     return total / repeats
 
 
+def text_kv_layers(pipe: Any) -> dict[str, torch.nn.Linear]:
+    """The key/value projections that read the text, by name in the network: a UNet's cross-attention
+    (``attn2.to_k``/``to_v``), an SD3 transformer's context stream (``attn.add_k_proj``/``add_v_proj``)."""
+    net = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
+    ends = ("attn.add_k_proj", "attn.add_v_proj") if hasattr(pipe, "transformer") else ("attn2.to_k", "attn2.to_v")
+    layers = {n: m for n, m in net.named_modules() if n.endswith(ends) and isinstance(m, torch.nn.Linear)}
+    if not layers:
+        raise ConfigError(f"train_kv=true: {type(net).__name__} has no text key/value projections ({', '.join(ends)})")
+    return layers
+
+
+def kv_state(layers: dict[str, torch.nn.Linear]) -> dict[str, torch.Tensor]:
+    return {f"{n}.{k}": v.detach().contiguous() for n, m in layers.items() for k, v in m.state_dict().items()}
+
+
 def latest_checkpoint(folder: Path) -> tuple[int, Path] | None:
     found = [(int(m.group(1)), p) for p in folder.glob("learned_embeds-*.safetensors")
              if (m := re.fullmatch(r"learned_embeds-(\d+)\.safetensors", p.name))]
@@ -178,8 +203,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     else:
         images, captions = striped_scenes(n_images, 10_000 + int(cfg.seed), token, str(cfg.get("token_place", "colour")))
     save_grid((images[:16] + 1) / 2, out / "train_images.png", nrow=8)
-    with torch.no_grad():  # the posterior means, scaled (and shifted) as the model's latents
-        latents = torch.cat([adapter.encode_images((images[i:i + 64] + 1) / 2) for i in range(0, len(images), 64)])
+
+    def encode(x: torch.Tensor) -> torch.Tensor:  # the posterior means, scaled (and shifted) as the model's latents
+        with torch.no_grad():
+            return torch.cat([adapter.encode_images((x[i:i + 64] + 1) / 2) for i in range(0, len(x), 64)])
+
+    latents = encode(images)
+    kv = text_kv_layers(pipe) if cfg.get("train_kv") else {}
+    prior_latents, prior_captions, prior_weight = None, [], float(cfg.get("prior_weight", 0.0))
+    if kv and not cfg.images and int(cfg.prior_images) > 0 and prior_weight > 0:  # the world without the concept
+        from framework.bundled.world import sample_scenes
+
+        prior = sample_scenes(4 if cfg.fast else int(cfg.prior_images), 20_000 + int(cfg.seed), concept_rate=0.0,
+                              two_shape_rate=0.0, omit_rate=0.3)
+        prior_latents, prior_captions = encode(prior.images), prior.captions
 
     ckpt_dir = out / "checkpoints"
     start = 0
@@ -189,8 +226,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         start, path = last
         init = load_embeddings(path, token=token)[token].to(init)
         print(f"resuming from {path} (step {start})")
+    if kv and last is not None and (ckpt_dir / f"kv-{start}.safetensors").exists():
+        from safetensors.torch import load_file
+
+        state = load_file(str(ckpt_dir / f"kv-{start}.safetensors"))
+        for n, m in kv.items():
+            m.load_state_dict({k: state[f"{n}.{k}"].to(device) for k in m.state_dict()})
     vectors = torch.nn.Parameter(init)
-    opt = torch.optim.AdamW([vectors], lr=float(cfg.lr), weight_decay=0.0)
+    groups = [{"params": [vectors], "lr": float(cfg.lr)}]
+    if kv:
+        for m in kv.values():
+            m.requires_grad_(True)
+        groups.append({"params": [p for m in kv.values() for p in m.parameters()], "lr": float(cfg.lr_kv)})
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
     n_train = int(pipe.scheduler.config.num_train_timesteps)
     timesteps = cfg.get("timesteps")
     if timesteps == "auto":  # σ ≈ 0.83–5.1, where the bundled models decide a texture such as the stripes
@@ -207,7 +255,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=gen).to(device)
         t = torch.randint(t_lo, t_hi + 1, (batch,), generator=gen).to(device)
-        loss = model_loss(pipe, adapter, x0, noise, t, [captions[i] for i in idx.tolist()], [LearnedTokens({token: vectors})])
+        edits = [LearnedTokens({token: vectors})]
+        loss = model_loss(pipe, adapter, x0, noise, t, [captions[i] for i in idx.tolist()], edits)
+        if prior_latents is not None:  # prior preservation: the world without the concept, its own captions
+            j = torch.randint(len(prior_latents), (batch,), generator=gen)
+            noise = torch.randn(x0.shape, generator=gen).to(device)
+            t = torch.randint(t_lo, t_hi + 1, (batch,), generator=gen).to(device)
+            loss = loss + prior_weight * model_loss(pipe, adapter, prior_latents[j], noise, t,
+                                                    [prior_captions[i] for i in j.tolist()], edits)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -216,13 +271,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         done = step + 1
         if done % int(cfg.checkpoint_every) == 0 or done == steps:
             save_embeddings(ckpt_dir / f"learned_embeds-{done}.safetensors", {token: vectors})
+            if kv:
+                from safetensors.torch import save_file
+
+                save_file(kv_state(kv), str(ckpt_dir / f"kv-{done}.safetensors"))
     seconds = time.perf_counter() - t0
     final = save_embeddings(out / "learned_embeds.safetensors", {token: vectors})
+    if kv:  # the adapted model, whole (the text key/values changed): a pipeline folder any samplerlab run loads
+        for m in kv.values():
+            m.requires_grad_(False)
+        pipe.save_pretrained(str(out / "pipeline"))
     summary = {
         "token": token, "initializer_token": str(cfg.initializer_token), "num_vectors": int(cfg.num_vectors),
         "steps": steps, "resumed_from": start,
         "batch_size": batch, "lr": float(cfg.lr), "num_images": len(images), "seconds": seconds,
         "threads": int(cfg.threads), "device": str(device), "file": str(final),
+        "train_kv": bool(kv), "kv_parameters": sum(p.numel() for m in kv.values() for p in m.parameters()),
+        "pipeline": str(out / "pipeline") if kv else None, "prior_images": 0 if prior_latents is None else len(prior_latents),
         "loss_first_20": sum(losses[:20]) / max(1, len(losses[:20])), "loss_last_20": sum(losses[-20:]) / max(1, len(losses[-20:])),
         "nearest_tokens": emb.nearest(vectors[0], 5), "captions": captions[:4],
     }

@@ -396,6 +396,35 @@ def test_textual_inversion_on_the_flow_model_trains_both_encoders_token(tmp_path
     assert (with_token.latents - as_text.latents).abs().max() > 1e-3  # the token's vectors, not its characters
 
 
+def test_custom_diffusion_trains_only_the_text_key_values_and_the_token(tmp_path):
+    """train_kv=true on the flow model (Custom Diffusion): the written pipeline differs from the
+    shipped one in the context stream's add_k_proj/add_v_proj only, resumes from its checkpoints,
+    and runs through the engine as model=sd3 with the token (experiments.bundled_flow.asked)."""
+    from safetensors.torch import load_file
+
+    from experiments.textual_inversion.__main__ import load_pipe, text_kv_layers, train
+    from framework.bundled import WEIGHTS_DIR
+
+    out = tmp_path / "cd"
+    summary = train(ti_config(fast=True, model="bundled_flow", out=str(out), train_kv=True, token_place="shape"))
+    blocks = len(load_pipe("bundled_flow").transformer.transformer_blocks)
+    assert summary["train_kv"] and summary["prior_images"] == 4 and summary["kv_parameters"] == blocks * 2 * (128 * 128 + 128)
+    folder = out / "pipeline" / "transformer"
+    new = load_file(str(next(folder.glob("*.safetensors"))))
+    old = load_file(str(next((WEIGHTS_DIR / "flow" / "transformer").glob("*.safetensors"))))
+    assert set(new) == set(old)
+    changed = {k for k in old if not torch.allclose(new[k].float(), old[k].float(), atol=1e-6)}
+    assert changed and all(".attn.add_k_proj." in k or ".attn.add_v_proj." in k for k in changed), sorted(changed)[:4]
+    assert train(ti_config(fast=True, model="bundled_flow", out=str(out), train_kv=True))["resumed_from"] == 4
+    unet_kv = text_kv_layers(load_pipe("bundled"))  # a UNet's cross-attention key/values
+    assert unet_kv and all(n.endswith(("attn2.to_k", "attn2.to_v")) for n in unet_kv)
+    from experiments.bundled_flow.asked import main as asked
+
+    res = asked([f"token={out / 'learned_embeds.safetensors'}", f"pipeline={out / 'pipeline'}", "n=2"])
+    assert res["example_prompt"].count("<striped>") == 1 and 0 <= res["asked"]["striped"] <= 1
+    assert math.isfinite(res["plain"]["fd_clip"])
+
+
 @pytest.mark.slow  # 1–3 min of CPU: 200 training steps and 256 bundled generations
 def test_textual_inversion_learns_the_striped_concept(tmp_path):
     """Issue 7's acceptance on the shipped model, with the experiment's defaults (training seed 0):
