@@ -26,13 +26,17 @@ def rms(e: torch.Tensor) -> float:
     return float(e.pow(2).mean().sqrt())
 
 
-def main(argv: list[str]) -> dict:
-    n = int(argv[0])
+def arguments(argv: list[str], default_out: str):
+    """``N [threads] [runs] [out]`` → (N, the study's config, runs, out); sets the torch threads."""
     torch.set_num_threads(int(argv[1]) if len(argv) > 1 else 1)
     cfg = Experiment.compose(HERE, []).cfg
-    runs = Path(argv[2]) if len(argv) > 2 else Path(cfg.runs)
-    out = Path(argv[3]) if len(argv) > 3 else Path("outputs/schedule_opt_heldout128")
+    out = Path(argv[3]) if len(argv) > 3 else Path(default_out)
     out.mkdir(parents=True, exist_ok=True)
+    return int(argv[0]), cfg, Path(argv[2]) if len(argv) > 2 else Path(cfg.runs), out
+
+
+def main(argv: list[str]) -> dict:
+    n, cfg, runs, out = arguments(argv, "outputs/schedule_opt_heldout128")
     base = [o if not o.startswith("batch_size") else "batch_size=32"
             for o in base_overrides("bundled_flow", "float32", list(cfg.heldout.prompts), 0, n)]
     t0 = time.perf_counter()

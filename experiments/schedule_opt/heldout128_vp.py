@@ -1,0 +1,59 @@
+"""Does the VP study's ratio hold on more samples? A one-off check (docs/optimisation.md, "Euler's own grid from σ_max").
+
+    python -m experiments.schedule_opt.heldout128_vp N [threads] [runs] [out]
+
+On N held-out samples (seed 0: the study's 32 first) of the bundled VP model, each sampler against the study's
+reference from its own start (UniPC(3), 100 exponential steps; ``Study`` makes one per start): per NFE the stock best
+of the study (Euler + leading at 5, Euler + karras at 6 and 8, DPM-Solver++(2M) + karras at 10), the study's chosen
+grid, and LD3 for Euler from σ_max (the schedule files in ``runs``, the study's run folder). Prints and writes
+``<out>/result_<N>.json``: RMSEs, ratios to the stock best (on the first 32 and on the rest), the ratio of the median
+per-sample errors and the samples each grid wins."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from experiments.schedule_opt.__main__ import Study
+from experiments.schedule_opt.heldout128_flow import arguments, rms
+
+STOCK = {5: ("euler", ["schedule=uniform", "schedule.spacing=leading"]), 6: ("euler", ["schedule=karras"]),
+         8: ("euler", ["schedule=karras"]), 10: ("dpmpp_2m", ["schedule=karras"])}
+GRIDS = {"ld3/euler": "euler_ld3.json", "gitsh_lead/euler": "euler_gitsh_lead.json", "ld3_lead/unipc": "unipc_ld3_lead.json",
+         "oss_lead/unipc": "unipc_oss_lead.json"}
+
+
+def main(argv: list[str]) -> dict:
+    n, cfg, runs, out = arguments(argv, "outputs/schedule_opt_heldout_vp")
+    s = Study(cfg, "bundled", out, n=n)
+    res: dict = {}
+    for nfe, (solver, sched) in STOCK.items():
+        cells = {"stock": s.error([f"solver={solver}", *sched, f"steps={nfe}"], f"stock_{solver}_{nfe}")}
+        for name, file in GRIDS.items():
+            path = runs / "bundled" / "schedules" / file
+            grids = json.loads(path.read_text())["grids"]
+            if str(nfe) in grids:
+                cells[name] = s.error([*s.solver_args(name.split("/")[1]), "schedule=optimized", f"schedule.file={path}",
+                                       f"steps={grids[str(nfe)]['steps']}"], f"{name.replace('/', '_')}_{nfe}")
+        a = torch.tensor(cells["stock"]["sample_errors"])
+        row = {"stock": rms(a)}
+        for name, c in cells.items():
+            if name == "stock" or "sample_errors" not in c:
+                continue
+            b = torch.tensor(c["sample_errors"])
+            row[name] = {"rmse": rms(b), "ratio": rms(b) / rms(a), "ratio_first32": rms(b[:32]) / rms(a[:32]),
+                         "ratio_rest": rms(b[32:]) / rms(a[32:]) if n > 32 else None,
+                         "median_ratio": float(b.median() / a.median()), "better": int((b < a).sum()), "n": n}
+        res[nfe] = row
+        print(nfe, json.dumps(row), flush=True)
+    (out / f"result_{n}.json").write_text(json.dumps(res, indent=1) + "\n")
+    return res
+
+
+if __name__ == "__main__":
+    from framework.entry.quiet import quiet_libraries
+
+    with quiet_libraries():
+        main(sys.argv[1:])
