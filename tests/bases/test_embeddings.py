@@ -403,7 +403,7 @@ def test_custom_diffusion_trains_only_the_text_key_values_and_the_token(tmp_path
     from safetensors.torch import load_file
 
     from experiments.textual_inversion.__main__ import load_pipe, text_kv_layers, train
-    from framework.bundled import WEIGHTS_DIR
+    from framework.bundled import PIPELINE_DIR, WEIGHTS_DIR
 
     out = tmp_path / "cd"
     summary = train(ti_config(fast=True, model="bundled_flow", out=str(out), train_kv=True, token_place="shape"))
@@ -416,8 +416,13 @@ def test_custom_diffusion_trains_only_the_text_key_values_and_the_token(tmp_path
     changed = {k for k in old if not torch.allclose(new[k].float(), old[k].float(), atol=1e-6)}
     assert changed and all(".attn.add_k_proj." in k or ".attn.add_v_proj." in k for k in changed), sorted(changed)[:4]
     assert train(ti_config(fast=True, model="bundled_flow", out=str(out), train_kv=True))["resumed_from"] == 4
-    unet_kv = text_kv_layers(load_pipe("bundled"))  # a UNet's cross-attention key/values
+    unet_kv = text_kv_layers(load_pipe("bundled"))  # a UNet's: its cross-attention key/values, and only those change
     assert unet_kv and all(n.endswith(("attn2.to_k", "attn2.to_v")) for n in unet_kv)
+    train(ti_config(fast=True, out=str(tmp_path / "vp"), train_kv=True))
+    new, old = (load_file(str(next(d.glob("*.safetensors")))) for d in (tmp_path / "vp" / "pipeline" / "unet",
+                                                                              PIPELINE_DIR / "unet"))
+    changed = {k for k in old if not torch.allclose(new[k].float(), old[k].float(), atol=1e-6)}
+    assert changed and all(".attn2.to_k." in k or ".attn2.to_v." in k for k in changed), sorted(changed)[:4]
     from experiments.bundled_flow.asked import main as asked
 
     res = asked([f"token={out / 'learned_embeds.safetensors'}", f"pipeline={out / 'pipeline'}", "n=2"])
