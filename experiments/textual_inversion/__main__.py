@@ -71,10 +71,15 @@ def striped_scenes(n: int, seed: int, token: str, place: str = "colour") -> tupl
     """``n`` bundled-world scenes with a striped main shape ([-1, 1]) and captions naming ``token``:
     before the colour word ("a small <striped> red circle", ``place=colour``) or after the shape word
     ("a small red circle <striped>", ``place=shape``)."""
+    scenes = single_shape_scenes(n, seed, concept_rate=1.0)
+    return scenes.images, [place_token(cap, lab, token, place) for cap, lab in zip(scenes.captions, scenes.labels)]
+
+
+def single_shape_scenes(n: int, seed: int, concept_rate: float) -> Any:
+    """Bundled-world scenes of one shape each, a share ``concept_rate`` of them striped, some caption words omitted."""
     from framework.bundled.world import sample_scenes
 
-    scenes = sample_scenes(n, seed, concept_rate=1.0, two_shape_rate=0.0, omit_rate=0.3)
-    return scenes.images, [place_token(cap, lab, token, place) for cap, lab in zip(scenes.captions, scenes.labels)]
+    return sample_scenes(n, seed, concept_rate=concept_rate, two_shape_rate=0.0, omit_rate=0.3)
 
 
 def place_token(caption: str, label: Any, token: str, place: str = "colour") -> str:
@@ -212,10 +217,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     kv = text_kv_layers(pipe) if cfg.get("train_kv") else {}
     prior_latents, prior_captions, prior_weight = None, [], float(cfg.get("prior_weight", 0.0))
     if kv and not cfg.images and int(cfg.prior_images) > 0 and prior_weight > 0:  # the world without the concept
-        from framework.bundled.world import sample_scenes
-
-        prior = sample_scenes(4 if cfg.fast else int(cfg.prior_images), 20_000 + int(cfg.seed), concept_rate=0.0,
-                              two_shape_rate=0.0, omit_rate=0.3)
+        prior = single_shape_scenes(4 if cfg.fast else int(cfg.prior_images), 20_000 + int(cfg.seed), concept_rate=0.0)
         prior_latents, prior_captions = encode(prior.images), prior.captions
 
     ckpt_dir = out / "checkpoints"
