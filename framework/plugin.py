@@ -39,7 +39,8 @@ from framework.core.step import SamplerState
 from framework.maths.exponential import phi, phis
 from framework.maths.flow import calculate_shift, flow_config, flow_match_sigmas
 from framework.maths.multistep import (
-    AB, VPTime, deis_tab_weights, fixed_adams_bashforth, ipndm_v_coefficients, multistep_update, recent_derivatives,
+    AB, VPTime, deis_tab_weights, euler_as_linear, fixed_adams_bashforth, ipndm_v_coefficients, linear_update, multistep_update,
+    recent_derivatives,
 )
 from framework.maths.sde import er_sde_integrals, noise_factor, ou_extend, stochastic_adams_weights
 from framework.maths.schedules import check_init_noise, finish
@@ -55,7 +56,8 @@ from framework.runs.images import grid, png_bytes, to_pil
 from framework.runs.progress import Throttle
 
 __all__ = [
-    "AB", "VPTime", "deis_tab_weights", "ipndm_v_coefficients", "multistep_update", "recent_derivatives",
+    "AB", "VPTime", "deis_tab_weights", "euler_as_linear", "ipndm_v_coefficients", "linear_update", "multistep_update",
+    "recent_derivatives",
     "Ancestral", "ApplyTo", "BH", "Batch", "Choice", "Conditioning", "ConfigError", "EditPlugin", "INIT_NOISE_MODES",
     "InitNoise", "JudgeFeatures", "LossGuidance", "ModelNotFoundError", "MomentumPlugin", "NonFinite",
     "NumericalError", "PluginError", "Prediction", "RealVsGenerated", "Result", "Run", "SamplerState",

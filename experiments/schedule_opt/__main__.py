@@ -187,8 +187,9 @@ class Study:
         if not budgets:
             raise ConfigError(f"solver={solver} meets none of the budgets exactly")
         init = f"from_{init_from}" if init_from else str(self.cfg.ld3_init[self.model])
-        if init.startswith("from_"):  # the file another method made for this solver (seed tag kept)
-            init = str(self.folder / "schedules" / f"{solver}_{init[5:]}{tag}.json")
+        if init.startswith("from_"):  # the file another method made for this solver, or for `method/solver` (seed tag kept)
+            other, _, of = init[5:].partition("/")
+            init = str(self.folder / "schedules" / f"{of or solver}_{other}{tag}.json")
         kwargs = dict(fine=int(self.cfg.fine[self.model]), fine_top=(self.cfg.get("fine_top") or {}).get(self.model), teacher=str(self.cfg.teacher[self.model].solver),
                       teacher_substeps=int(self.cfg.teacher[self.model].substeps),
                       teacher_rtol=float(self.cfg.teacher[self.model].rtol), iterations=int(self.cfg.iterations),

@@ -167,3 +167,30 @@ def deis_tab_weights(
     tau = np.linspace(t_nodes[0], t_next, RIEMANN_POINTS)
     kernel = time.sigma_rate(tau) * (t_next - t_nodes[0]) / RIEMANN_POINTS
     return [float((kernel * lagrange_basis(tau, t_nodes, j)).sum()) for j in range(len(nodes))]
+
+
+def euler_as_linear(sigmas: Sequence[float]) -> tuple[list[float], list[list[float]]]:
+    """Euler (DDIM) on ``sigmas`` written as a linear multistep sampler in x_T and the denoiser
+    outputs: x_{j+1} = e_j·x_T + Σ_{k≤j} b_jk·D_k (``solver=learned`` without coefficients; the start
+    of ``method=learned``). A first σ of ∞ is the limit step x₁ = σ₁·x_T + D₀ from x_T = ε."""
+    e: list[float] = []
+    b: list[list[float]] = []
+    ce, cb = 1.0, []  # the current state's coefficients
+    for a, s in zip(sigmas, sigmas[1:]):
+        if math.isinf(a):
+            ce, cb = s * ce, [1.0]
+        else:
+            r = s / a
+            ce, cb = r * ce, [r * v for v in cb] + [1.0 - r]
+        e.append(ce)
+        b.append(list(cb))
+    return e, b
+
+
+def linear_update(x_T: torch.Tensor, ds: Sequence[torch.Tensor], e: float | torch.Tensor,
+                  b: Sequence[float | torch.Tensor]) -> torch.Tensor:
+    """e·x_T + Σ_k b_k·D_k (the state after step len(ds) − 1 of a linear multistep sampler)."""
+    x = e * x_T
+    for w, d in zip(b, ds):
+        x = x + w * d
+    return x

@@ -35,6 +35,13 @@ Methods (``method=``):
   so autograd cannot see the grid: the derivative is a central difference (±``fd_step`` in log σ)
   through the real sampler, reusing the unchanged prefix of the trajectory. Stops after
   ``iterations`` steps or ``seconds`` per budget; the best grid seen is kept.
+- ``learned`` — the solver's *coefficients* on a fixed grid (S4S, Frankel et al. 2025; bespoke
+  solvers, Shaul et al. 2024): with ``solver=learned`` every state is a linear combination of x_T and
+  the denoiser outputs so far, x_{j+1} = e_j·x_T + Σ_{k≤j} b_jk·D_k (Euler's to begin with), on the
+  grid of ``init`` (GITS, OSS, a stock grid, or a schedule file such as an LD3 grid); the
+  coefficients are fitted by Adam (step ``coef_lr``) on the final RMSE to the teacher, by autograd
+  through the model, ``iterations`` steps or ``seconds`` per budget, the best kept. The file holds
+  the grid and its coefficients; ``solver=learned schedule=optimized schedule.file=…`` runs them.
 - ``tpe`` — the Optuna baseline (as ``conf/hydra/sweeper/tune_points.yaml``, which tunes the
   interior points of a 3-step grid by TPE against one metric): Optuna's TPE sampler (seed 0) over
   the K − 1 interior log σ values in [log σ_min, log σ_max] (sorted, so the grid descends),
@@ -77,8 +84,9 @@ import torch
 from framework.core.errors import ConfigError, SamplerlabError, call
 from framework.core.state import Prediction, Schedule, Stash, StepRecord
 from framework.core.step import Denoiser, SamplerState
+from framework.maths.multistep import euler_as_linear, linear_update
 
-METHODS = ("gits", "oss", "ays", "ld3", "tpe")
+METHODS = ("gits", "oss", "ays", "ld3", "learned", "tpe")
 FINALS = ("free", "sigma_min")  # ``final``: where the last step to 0 starts (sigma_min: pinned there, a near-free step)
 OBJECTIVES = ("latent", "image", "image_grad")  # ld3 / tpe: the final error in latents, decoded images, or their gradients
 CALIBRATION_PROMPTS = ("a red circle", "a green square", "a blue triangle", "a yellow diamond", "a purple circle",
@@ -109,6 +117,7 @@ class Options:
     iterations: int = 20  # ays sweeps / ld3 Adam steps
     seconds: float = 300.0  # ld3: time cap per budget
     lr: float = 0.05  # ld3: Adam's step in log σ
+    coef_lr: float = 0.003  # learned: Adam's step on the coefficients
     fd_step: float = 0.02  # ld3: central-difference step in log σ
     init: str = "gits"  # ld3's first grid: gits, oss, or a schedule file (its grid for the budget)
     trials: int = 60  # tpe: Optuna trials per budget
@@ -146,6 +155,8 @@ class Options:
             raise ConfigError(f"final={self.final}: choose from {', '.join(FINALS)}")
         if self.trials < 1:
             raise ConfigError(f"trials={self.trials}: tpe needs at least one trial")
+        if self.method == "learned" and (self.objective != "latent" or self.final != "free"):
+            raise ConfigError("method=learned fits the final latent error on its init grid: drop objective= and final=")
         if self.teacher_substeps < 1 or self.calibration.num_samples < 1:
             raise ConfigError("teacher_substeps and calibration.num_samples must be ≥ 1")
 
@@ -252,6 +263,14 @@ class Sampler:
             self.nfe += batch.nfe
             node.pred = (guided, pred)
         return node.pred
+
+    def denoised(self, x: torch.Tensor, i: int, grid: Sequence[float]) -> torch.Tensor:
+        """The guided D at (x, grid[i]) as step i of ``grid``, differentiable in x (no momentum)."""
+        node = Node(x, grid[i], i, tuple(grid[: i + 1]))
+        _, den, batch = self._state(node, Schedule(tuple(grid), None, grid[0]), [], Stash())
+        out = den.evaluate(x, grid[i]).denoised
+        self.nfe += batch.nfe
+        return out
 
     def step(self, node: Node, sigma_next: float, total: int, step_fn: Callable | None = None) -> Node:
         """One step of the solver from ``node`` to ``sigma_next`` as step ``node.index`` of a
@@ -541,11 +560,10 @@ def ays(sampler: Sampler, teacher: Teacher, steps: int, sweeps: int) -> tuple[li
     return [fine[i] for i in idx] + [0.0], obj
 
 
-def ld3(sampler: Sampler, teacher: Teacher, steps: int, opts: Options, nfe: int) -> tuple[list[float], float, int]:
-    """LD3-style: Adam on the log-σ grid, derivative of the final error by central differences
-    (``final=sigma_min``: the last nonzero σ stays at σ_min, the others are learned)."""
+def initial_inner(sampler: Sampler, teacher: Teacher, steps: int, opts: Options, nfe: int) -> list[float]:
+    """The interior points of ``init``'s grid for the budget (below σ_0 = the teacher's top; without the
+    pinned σ_min): the start of ``ld3`` and ``learned``."""
     pinned = opts.final == "sigma_min"
-    check_pinned(steps, pinned)
     if opts.init == "gits":
         start, _ = gits(sampler, teacher, steps, pinned)
     elif opts.init == "oss":
@@ -559,7 +577,6 @@ def ld3(sampler: Sampler, teacher: Teacher, steps: int, opts: Options, nfe: int)
         if g is None or g["steps"] != steps:
             raise ConfigError(f"init={opts.init} has no {steps}-step grid for NFE {nfe}")
         start = [float(v) for v in g["sigmas"]]
-    loss_of = final_loss(sampler, teacher.x[-1], opts.objective)
     top, tail = teacher.fine[0], ([sampler.sigma_min] if pinned else [])
     free = steps - 1 - len(tail)  # the learned σ_1 … (σ_0 = the start; then σ_min if pinned, then 0)
     inner = [v for v in start[1:-1] if v < top and not (pinned and v <= sampler.sigma_min * 1.01)][:free]
@@ -570,6 +587,18 @@ def ld3(sampler: Sampler, teacher: Teacher, steps: int, opts: Options, nfe: int)
         inner = [math.exp(b + (math.log(v) - b) * (math.log(top) - b) / (a - b)) for v in start[1:-1]][:free]
     if len(inner) != free:
         raise ConfigError(f"init={opts.init}: its {steps}-step grid does not fit below σ_0 = {top:g}")
+    return inner
+
+
+def ld3(sampler: Sampler, teacher: Teacher, steps: int, opts: Options, nfe: int) -> tuple[list[float], float, int]:
+    """LD3-style: Adam on the log-σ grid, derivative of the final error by central differences
+    (``final=sigma_min``: the last nonzero σ stays at σ_min, the others are learned)."""
+    pinned = opts.final == "sigma_min"
+    check_pinned(steps, pinned)
+    inner = initial_inner(sampler, teacher, steps, opts, nfe)
+    loss_of = final_loss(sampler, teacher.x[-1], opts.objective)
+    top, tail = teacher.fine[0], ([sampler.sigma_min] if pinned else [])
+    free = len(inner)
     lo, hi = math.log(sampler.sigma_min) + (0.01 if pinned else 0.0), math.log(min(top, sampler.sigma_max))
     theta = np.array([math.log(s) for s in inner])
 
@@ -617,6 +646,42 @@ def ld3(sampler: Sampler, teacher: Teacher, steps: int, opts: Options, nfe: int)
     if loss < best:
         best, best_t = loss, theta.copy()
     return grid_of(best_t), best, it
+
+
+def learned(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
+            nfe: int) -> tuple[list[float], float, int, dict[str, list]]:
+    """``solver=learned``'s coefficients on ``init``'s grid: Adam on the final RMSE to the teacher,
+    autograd through the model; (grid, best RMSE, iterations, {"e": …, "b": …})."""
+    if sampler.run.hooks.momentum:
+        raise ConfigError("method=learned fits through the guided denoiser only: drop the momentum plugins")
+    grid = [teacher.fine[0]] + initial_inner(sampler, teacher, steps, opts, nfe) + [0.0]
+    e0, b0 = euler_as_linear(grid)
+    e = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in e0]
+    b = [[torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in row] for row in b0]
+    x_T, target = sampler.start(grid[0]).x, teacher.x[-1]
+
+    def final(grad: bool) -> torch.Tensor:
+        with torch.set_grad_enabled(grad):
+            x, ds = x_T, []
+            for j in range(steps):
+                ds.append(sampler.denoised(x, j, grid))
+                x = linear_update(x_T, ds, e[j].to(x_T.dtype), [v.to(x_T.dtype) for v in b[j]])
+        return (x - target).pow(2).mean()
+
+    opt = torch.optim.Adam(e + [v for row in b for v in row], lr=opts.coef_lr)
+    best, kept = math.inf, (e0, b0)
+    t0, it = time.perf_counter(), 0
+    for it in range(1, opts.iterations + 1):
+        opt.zero_grad()
+        loss = final(True)
+        value = float(loss.detach().sqrt())
+        if value < best:
+            best, kept = value, ([float(v.detach()) for v in e], [[float(v.detach()) for v in row] for row in b])
+        if time.perf_counter() - t0 > opts.seconds or it == opts.iterations:
+            break
+        loss.backward()
+        opt.step()
+    return grid, best, it, {"e": kept[0], "b": kept[1]}
 
 
 def tpe(sampler: Sampler, teacher: Teacher, steps: int, trials: int, pinned: bool = False,
@@ -704,6 +769,9 @@ def optimize(opts: Options, overrides: Sequence[str], model: object | None = Non
     model_name, solver = choices.get("model", "custom"), choices.get("solver", "")
     if cfg.get("solver") is None:
         raise ConfigError("schedule optimisation needs a solver plugin (a solver that owns its grid has none to optimise)")
+    if (opts.method == "learned") != (solver == "learned"):
+        raise ConfigError("method=learned fits solver=learned's coefficients (and solver=learned has nothing else to "
+                          "optimise): use them together")
     text = model_name not in ("gaussian", "mixture") and model is None
     sampler = Sampler(list(overrides) + calibration_overrides(opts, text), model)
     fingerprint = model_fingerprint(cfg.model) if model is None else "object:" + type(model).__name__
@@ -711,8 +779,8 @@ def optimize(opts: Options, overrides: Sequence[str], model: object | None = Non
     steps_of = {n: sampler.steps_for_nfe(n) for n in budgets}  # refuses an unreachable budget before any work
     settings = {k: v for k, v in asdict(opts).items() if k in ("fine", "fine_top", "teacher", "teacher_substeps", "teacher_rtol",
                                                                  "iterations", "seconds", "lr", "fd_step", "init", "trials", "history", "start", "final",
-                                                                 "objective")}
-    for key, plain in (("final", "free"), ("objective", "latent"), ("fine_top", None)):  # keys only where set: older files still resume
+                                                                 "objective", "coef_lr")}
+    for key, plain in (("final", "free"), ("objective", "latent"), ("fine_top", None), ("coef_lr", 0.003)):  # keys only where set: older files still resume
         if settings.get(key) == plain:
             settings.pop(key)
     run_keys = {k: OmegaConf.to_container(cfg, resolve=True).get(k) for k in ("cfg_scale", "dtype", "guidance", "momentum")}
@@ -775,11 +843,14 @@ def optimize(opts: Options, overrides: Sequence[str], model: object | None = Non
         elif opts.method == "tpe":
             grid, obj = tpe(sampler, teacher, k, opts.trials, pinned, opts.objective)
             name = "final RMSE to the teacher (Optuna TPE)"
+        elif opts.method == "learned":
+            grid, obj, its, coefficients = learned(sampler, teacher, k, opts, n)
+            name, extra = "final RMSE to the teacher (learned coefficients)", {"iterations": its, "coefficients": coefficients}
         else:
             grid, obj, its = ld3(sampler, teacher, k, opts, n)
             name, extra = {"latent": "final RMSE to the teacher", "image": "RMSE of the decoded final images to the teacher's",
                            "image_grad": "RMSE of the decoded final images' finite differences to the teacher's"}[opts.objective], {"iterations": its}
-        final = rmse(sampler.trajectory(grid)[-1].x, teacher.x[-1])
+        final = obj if opts.method == "learned" else rmse(sampler.trajectory(grid)[-1].x, teacher.x[-1])
         grids[str(n)] = {"nfe": n, "steps": k, "sigmas": [float(s) for s in grid], "init_noise": sampler.init_scale(grid[0]),
                          "objective": float(obj),
                          "objective_name": name, "calibration_rmse_to_teacher": final,

@@ -30,6 +30,7 @@ KARRAS: list[str] = []
 ORDERS: dict[str, tuple[list[str], float, list[str]]] = {
     "euler": (["solver=euler"], 1, KARRAS),
     "ddim": (["solver=ddim"], 1, KARRAS),
+    "learned": (["solver=learned"], 1, KARRAS),  # without a file: Euler's coefficients (fitted ones: tests/tools)
     "heun": (["solver=heun"], 2, KARRAS),
     "dpm_2": (["solver=dpm_2"], 2, KARRAS),
     "lms": (["solver=lms"], 4, HIGH),

@@ -332,3 +332,67 @@ def test_fine_top_caps_the_fine_grid_of_a_grid_from_infinity(tmp_path):
     assert math.isinf(sig[0]) and max(sig[1:]) <= 4.0 * (1 + 1e-12) and content["settings"]["fine_top"] == 4.0
     with pytest.raises(ConfigError, match="fine_top"):
         Options(fine_top=-1.0).check()
+
+
+def test_euler_as_linear_is_euler_from_a_finite_start_and_from_infinity():
+    """Euler's steps written as x_{j+1} = e_j·x_T + Σ b_jk·D_k (solver=learned's form) give Euler's
+    states to rounding, with arbitrary D's; from ∞ the limit step x₁ = D₀ + σ₁·ε."""
+    from framework.maths.multistep import euler_as_linear, linear_update
+
+    g = torch.Generator().manual_seed(0)
+    for sig in ([14.6, 5.0, 1.7, 0.4, 0.0], [math.inf, 30.0, 4.0, 0.5, 0.0]):
+        x_T = torch.randn(3, 4, generator=g, dtype=torch.float64)
+        ds = [torch.randn(3, 4, generator=g, dtype=torch.float64) for _ in sig[:-1]]
+        e, b = euler_as_linear(sig)
+        x = x_T
+        for j, (a, s) in enumerate(zip(sig, sig[1:])):
+            x = ds[j] + s * x if math.isinf(a) else x + (s - a) * (x - ds[j]) / a
+            assert torch.allclose(linear_update(x_T, ds[: j + 1], e[j], b[j]), x, rtol=0, atol=1e-12)
+
+
+def test_learned_solver_without_a_file_is_euler():
+    base = MIX + ["steps=5", "num_samples=4", "batch_size=4", "callback=[]", "schedule=karras"]
+    a, b = run(base + ["solver=euler"]), run(base + ["solver=learned"])
+    assert b.record["metrics"]["nfe"] == a.record["metrics"]["nfe"] == 5
+    assert torch.allclose(a.latents, b.latents, rtol=0, atol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def learned_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("learned") / "learned.json"
+    opts = Options(method="learned", nfe=[4], init="karras", iterations=40, coef_lr=0.01, out=str(path),
+                   **{**SMALL, "calibration": Calibration(seed=1000, num_samples=16)})
+    return optimize(opts, MIX + ["solver=learned"], log=lambda s: None)
+
+
+def test_learned_coefficients_beat_euler_on_their_grid_and_the_run_reproduces_the_fit(learned_file):
+    """Held-out seed 0 (calibration 1000): the fitted coefficients on karras's 4-step grid against Euler
+    on the same grid, both 4 NFE, error to the exact solution; on the calibration seed the run gives
+    the tool's calibration RMSE (teacher: DOP853 at rtol 1e-8)."""
+    content, path = learned_file
+    g = content["grids"]["4"]
+    assert g["steps"] == 4 and set(g["coefficients"]) == {"e", "b"} and [len(r) for r in g["coefficients"]["b"]] == [1, 2, 3, 4]
+    base = MIX + ["steps=4", "callback=[]", "schedule=optimized", f"schedule.file={path}"]
+    held = ["seed=0", "num_samples=16", "batch_size=16"]
+    euler = run(base + held + ["solver=euler"]).record["metrics"]
+    fitted = run(base + held + ["solver=learned"]).record["metrics"]
+    assert fitted["nfe"] == euler["nfe"] == 4
+    print("learned", fitted["rmse_to_reference"], "euler", euler["rmse_to_reference"])
+    assert fitted["rmse_to_reference"] < 0.7 * euler["rmse_to_reference"], (fitted, euler)
+    cal = run(base + ["seed=1000", "num_samples=16", "batch_size=16", "solver=learned"]).record["metrics"]
+    assert math.isclose(cal["rmse_to_reference"], g["calibration_rmse_to_teacher"], rel_tol=1e-3, abs_tol=1e-6)
+
+
+def test_learned_solver_and_method_refuse_what_does_not_fit(learned_file, tmp_path, mixture_files):
+    _, path = learned_file
+    base = MIX + ["num_samples=2", "batch_size=2", "callback=[]", "solver=learned", f"solver.file={path}"]
+    with pytest.raises(ConfigError, match="fitted on its 4-step grid"):  # (the file's grid is karras's)
+        run(base + ["schedule=exponential", "steps=4"])
+    with pytest.raises(ConfigError, match="not steps=5"):
+        run(base + ["schedule=karras", "steps=5"])
+    with pytest.raises(ConfigError, match="holds no coefficients"):
+        run(MIX + ["num_samples=2", "callback=[]", "solver=learned", "schedule=optimized",
+                   f"schedule.file={mixture_files['gits'][1]}", "steps=4"])
+    for method, solver in (("learned", "euler"), ("gits", "learned")):
+        with pytest.raises(ConfigError, match="use them together"):
+            optimize(Options(method=method, nfe=[4], out=str(tmp_path / "x.json"), **SMALL), MIX + [f"solver={solver}"])

@@ -1,0 +1,154 @@
+"""Pilot for issue 24: a learned linear multistep sampler on a learned grid, fitted on a large calibration set.
+
+    python -m experiments.schedule_opt.learned_pilot NFE [iters] [n_cal] [n_held] [grid] [fd] [lr]
+
+The sampler takes NFE evaluations of the guided denoiser D_j = D(x_j, s_j) at σ-inputs s_0 = σ_max > s_1 > … and
+builds each state from x_T and every evaluation so far,
+
+    x_{j+1} = e_j · x_T + Σ_{k ≤ j} b_jk · D_k        (x_T = σ_max·ε; the last state is the sample)
+
+— Euler, DDIM and DPM-Solver++(2M) on any grid are special cases (S4S / bespoke-solver style: coefficients and
+steps learned together). Starting point: Euler on ``grid`` (a key of the study's record, ``ld3/euler`` by default,
+or ``karras``). The coefficients are fitted by Adam on the final calibration RMSE to the reference, through the
+model (autograd in x); with ``fd`` > 0 the σ-inputs s_1 … s_{K−1} too, by central differences of that step in log σ.
+Calibration: the study's 24 calibration prompts, seed 1000, ``n_cal`` samples; held-out: its 8 held-out prompts,
+seed 0, ``n_held`` samples (the first 32 are the study's); both against the study's reference (UniPC order 3, 100
+exponential steps from σ_max, then D at σ_min). Prints the held-out RMSE, the ratio of the median per-sample errors
+and wins against Euler on the same grid and against the stock best of ``heldout128_vp.json``."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+
+import torch
+
+from experiments.schedule_opt.coefficients_pilot import denoised
+from framework.tools.schedule_opt import Sampler, stock_grid
+
+
+def sampler(prompts: list[str], seed: int, n: int, solver: list[str]) -> Sampler:
+    quoted = ",".join("'" + p + "'" for p in prompts)
+    return Sampler(["model=bundled", *solver, f"seed={seed}", f"num_samples={n}", f"batch_size={n}", "save_images=false",
+                    "callback=[]", f"prompts=[{quoted}]"])
+
+
+def reference(s: Sampler) -> torch.Tensor:
+    grid = [float(v) for v in stock_grid("exponential", s.model, 100)]
+    return s.trajectory(grid)[-1].x
+
+
+def euler_coefficients(grid: list[float]) -> tuple[list[float], list[list[float]]]:
+    """Euler on ``grid`` (ending at 0) written as x_{j+1} = e_j x_T + Σ b_jk D_k."""
+    e, b = [], []
+    ce, cb = 1.0, []  # the current state's coefficients
+    for j in range(len(grid) - 1):
+        r = grid[j + 1] / grid[j]
+        ce, cb = r * ce, [r * v for v in cb] + [1 - r]
+        e.append(ce)
+        b.append(list(cb))
+    return e, b
+
+
+def roll(s: Sampler, sig: list[float], e, b, grad: bool) -> torch.Tensor:
+    x_t = s.start(sig[0]).x
+    grid = list(sig) + [0.0]
+    x, ds = x_t, []
+    with torch.set_grad_enabled(grad):
+        for j in range(len(sig)):
+            ds.append(denoised(s, x, j, grid))
+            x = e[j] * x_t + sum(b[j][k] * ds[k] for k in range(j + 1))
+    return x
+
+
+def per_sample(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    return (x.double() - ref.double()).pow(2).flatten(1).mean(1).sqrt()
+
+
+def rms(v: torch.Tensor) -> float:
+    return float(v.pow(2).mean().sqrt())
+
+
+def main(argv: list[str]) -> dict:
+    from omegaconf import OmegaConf
+
+    torch.set_num_threads(1)
+    nfe = int(argv[0])
+    iters = int(argv[1]) if len(argv) > 1 else 40
+    n_cal = int(argv[2]) if len(argv) > 2 else 96
+    n_held = int(argv[3]) if len(argv) > 3 else 128
+    start = argv[4] if len(argv) > 4 else "ld3/euler"
+    fd = float(argv[5]) if len(argv) > 5 else 0.0
+    lr = float(argv[6]) if len(argv) > 6 else 0.003
+    study = OmegaConf.load("experiments/schedule_opt/config.yaml")
+    t0 = time.time()
+    ref_solver = ["solver=unipc", "solver.order=3"]
+    cal = sampler(list(study.calibration.prompts), int(study.calibration.seed), n_cal, ref_solver)
+    held = sampler(list(study.heldout.prompts), int(study.heldout.seed), n_held, ref_solver)
+    rc, rh = reference(cal), reference(held)
+    print(f"references {time.time() - t0:.0f} s", flush=True)
+    if start == "karras":
+        grid = [float(v) for v in stock_grid("karras", cal.model, nfe)]
+    else:
+        rec = json.loads(open("experiments/schedule_opt/results.json").read())["results"]["bundled"]
+        grid = [float(v) for v in rec["grids"][start][str(nfe)]]
+    assert grid[-1] == 0 and len(grid) == nfe + 1 and math.isclose(grid[0], cal.sigma_max, rel_tol=1e-6), grid
+    sig = grid[:-1]
+    e0, b0 = euler_coefficients(grid)
+    base = per_sample(roll(held, sig, e0, b0, False), rh)
+    stock = json.loads(open("experiments/schedule_opt/heldout128_vp.json").read()).get(str(nfe), {})
+    stock_rmse = stock.get("best_stock_here_rmse")
+    print(f"NFE {nfe}, grid {[round(v, 4) for v in grid]}: Euler on it, held-out {rms(base):.4f}"
+          f" (stock best on 128: {stock.get('best_stock_here')} {stock_rmse})", flush=True)
+    e = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in e0]
+    b = [[torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in row] for row in b0]
+    logs = [math.log(v) for v in sig]
+    opt = torch.optim.Adam(e + [v for row in b for v in row], lr=lr)
+    best = (math.inf, None)
+    history = []
+    for it in range(iters):
+        opt.zero_grad()
+        cur = [math.exp(v) for v in logs]
+        loss = (roll(cal, cur, [v.float() for v in e], [[v.float() for v in r] for r in b], True) - rc).pow(2).mean()
+        loss.backward()
+        cal_rmse = float(loss.detach().sqrt())
+        if cal_rmse < best[0]:  # the parameters this loss belongs to
+            best = (cal_rmse, ([float(v) for v in e], [[float(v) for v in r] for r in b], list(logs)))
+        opt.step()
+        if fd > 0:  # the σ-inputs by central differences (s_0 = σ_max fixed), a plain gradient step in log σ
+            with torch.no_grad():
+                ef, bf = [v.float() for v in e], [[v.float() for v in r] for r in b]
+                g = []
+                for j in range(1, nfe):
+                    vals = []
+                    for d in (fd, -fd):
+                        trial = list(logs)
+                        trial[j] += d
+                        if not all(trial[k] > trial[k + 1] for k in range(nfe - 1)):
+                            vals.append(math.inf)
+                            continue
+                        vals.append(float((roll(cal, [math.exp(v) for v in trial], ef, bf, False) - rc).pow(2).mean()))
+                    g.append(0.0 if math.inf in vals else (vals[0] - vals[1]) / (2 * fd))
+                for j, gj in enumerate(g, 1):
+                    logs[j] -= 0.05 * gj / (max(abs(v) for v in g) + 1e-12)
+        history.append(cal_rmse)
+        if it % 5 == 4 or it == iters - 1:
+            print(f"  iter {it + 1}: calibration {cal_rmse:.4f} ({time.time() - t0:.0f} s)", flush=True)
+    be, bb, bl = best[1]
+    got = per_sample(roll(held, [math.exp(v) for v in bl], be, bb, False), rh)
+    res = {"nfe": nfe, "start": start, "fd": fd, "iters": iters, "n_cal": n_cal, "n_held": n_held,
+           "euler_on_grid": rms(base), "learned": rms(got), "ratio_to_euler_on_grid": rms(got) / rms(base),
+           "median_ratio_to_euler_on_grid": float(got.median() / base.median()), "better_than_euler_on_grid": int((got < base).sum()),
+           "first32": rms(got[:32]), "calibration": best[0], "sigmas": [math.exp(v) for v in bl] + [0.0],
+           "stock_best_128": stock_rmse, "ratio_to_stock_best_128": rms(got) / stock_rmse if stock_rmse else None,
+           "coefficients": {"e": be, "b": bb}, "seconds": round(time.time() - t0)}
+    print(json.dumps({k: v for k, v in res.items() if k != "coefficients"}), flush=True)
+    return res
+
+
+if __name__ == "__main__":
+    from framework.entry.quiet import quiet_libraries
+
+    with quiet_libraries():
+        main(sys.argv[1:])

@@ -1,0 +1,63 @@
+"""A learned linear multistep sampler: each state is a fixed linear combination of the start noise
+and every denoiser output so far,
+
+    x_{j+1} = e_j·x_T + Σ_{k≤j} b_jk·D_k,   D_k = D(x_k, σ_k),
+
+with coefficients fitted for *one* model, grid and CFG scale by ``samplerlab-optimize-schedule
+method=learned`` (Adam on the final calibration error through the model, after S4S, Frankel et al.
+2025, and the bespoke solvers of Shaul et al. 2024; docs/optimisation.md). Euler, DDIM and
+DPM-Solver++(2M) on any grid are special cases; without a file the coefficients are Euler's, so the
+tool's grid methods (GITS, OSS, LD3) give the starting grid. ``file`` defaults to the run's
+``schedule.file``: ``solver=learned schedule=optimized schedule.file=F steps=K`` reads both the grid
+and its coefficients from F. The run's grid must be the one the coefficients were fitted on (a clear
+error otherwise). NFE 1 per step; D_k is the direction after momentum, as Euler's."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from framework.plugin import ConfigError, euler_as_linear, hookimpl, linear_update, read_schedule_file
+
+
+@dataclass
+class Learned:
+    file: str = ""
+    input_files: ClassVar[tuple[str, ...]] = ("file",)  # read by content into the run key
+
+    def __post_init__(self) -> None:
+        self._by_steps: dict[int, tuple[tuple[float, ...], list[float], list[list[float]]]] = {}
+        if self.file:
+            for key, g in read_schedule_file(self.file)["grids"].items():
+                c = g.get("coefficients")
+                if c is not None:
+                    self._by_steps[int(g["steps"])] = (tuple(float(s) for s in g["sigmas"]), c["e"], c["b"])
+            if not self._by_steps:
+                raise ConfigError(f"solver=learned: {self.file} holds no coefficients: make it with "
+                                  "samplerlab-optimize-schedule method=learned solver=learned")
+
+    def coefficients(self, sigmas: tuple[float, ...]) -> tuple[list[float], list[list[float]]]:
+        if not self.file:
+            return euler_as_linear(sigmas)
+        steps = len(sigmas) - 1
+        if steps not in self._by_steps:
+            have = ", ".join(map(str, sorted(self._by_steps)))
+            raise ConfigError(f"solver=learned: {self.file} has coefficients for steps={have}, not steps={steps}")
+        grid, e, b = self._by_steps[steps]
+        if not all(math.isclose(a, c, rel_tol=1e-6) or (math.isinf(a) and math.isinf(c)) for a, c in zip(grid, sigmas)):
+            raise ConfigError(f"solver=learned: the coefficients of {self.file} were fitted on its {steps}-step grid; "
+                              f"run them on it: schedule=optimized schedule.file={self.file}")
+        return e, b
+
+    @hookimpl
+    def step(self, state, denoise) -> torch.Tensor:
+        j = len(state.history)
+        e, b = self.coefficients(state.schedule.sigmas)
+        x_T = state.history[0].x if state.history else state.x
+        ds = [r.direction for r in state.history] + [state.pred.denoised]
+        return linear_update(x_T, ds, e[j], b[j])
+
+    def step_from_infinity(self, state) -> torch.Tensor:  # x₁ = e₀·ε + b₀₀·D₀ (Euler's limit step without a file)
+        return self.step(state, None)
