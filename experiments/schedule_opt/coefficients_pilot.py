@@ -27,8 +27,7 @@ import time
 import numpy as np
 import torch
 
-from framework.core.state import Schedule, Stash
-from framework.tools.schedule_opt import Node, Sampler, leading_grid, rmse, stock_grid, teacher_solver
+from framework.tools.schedule_opt import Sampler, leading_grid, rmse, stock_grid, teacher_solver
 
 
 def make_sampler(model: str, prompts: list[str], seed: int) -> Sampler:
@@ -61,19 +60,13 @@ def teacher_states(s: Sampler, grid: list[float], sub: int = 25) -> list[torch.T
     return [at[g] for g in grid]
 
 
-def denoised(s: Sampler, x: torch.Tensor, i: int, grid: list[float]) -> torch.Tensor:
-    """The guided D at (x, grid[i]) as step i of ``grid`` (differentiable in x)."""
-    _, den, _ = s._state(Node(x, grid[i], i, tuple(grid[: i + 1])), Schedule(tuple(grid), None, grid[0]), [], Stash())
-    return den.evaluate(x, grid[i]).denoised
-
-
 def greedy(s: Sampler, grid: list[float], targets: list[torch.Tensor] | None, coefs: list | None = None):
     """Fit (``targets`` given) or apply the per-step least-squares coefficients; (final x, coefficients)."""
     x_t = x = s.start(grid[0]).x
     ds, fitted = [], []
     for i in range(len(grid) - 1):
         with torch.no_grad():
-            ds.append(denoised(s, x, i, grid))
+            ds.append(s.denoised(x, i, grid))
         basis = torch.stack([x_t] + ds, -1).double().reshape(-1, len(ds) + 1)
         c = torch.linalg.lstsq(basis, targets[i + 1].double().reshape(-1, 1)).solution[:, 0] if targets else coefs[i]
         fitted.append(c)
@@ -86,7 +79,7 @@ def roll(s: Sampler, grid: list[float], a: list, b: list, grad: bool = True) -> 
     ds = []
     with torch.set_grad_enabled(grad):
         for i in range(len(grid) - 1):
-            ds.append(denoised(s, x, i, grid))
+            ds.append(s.denoised(x, i, grid))
             x = a[i] * x + sum(b[i][j] * ds[j] for j in range(i + 1))
     return x
 

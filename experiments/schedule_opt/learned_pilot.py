@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from experiments.schedule_opt.coefficients_pilot import denoised
+from framework.maths.multistep import euler_as_linear, linear_update
 from framework.tools.schedule_opt import Sampler, stock_grid
 
 
@@ -39,26 +39,14 @@ def reference(s: Sampler) -> torch.Tensor:
     return s.trajectory(grid)[-1].x
 
 
-def euler_coefficients(grid: list[float]) -> tuple[list[float], list[list[float]]]:
-    """Euler on ``grid`` (ending at 0) written as x_{j+1} = e_j x_T + Σ b_jk D_k."""
-    e, b = [], []
-    ce, cb = 1.0, []  # the current state's coefficients
-    for j in range(len(grid) - 1):
-        r = grid[j + 1] / grid[j]
-        ce, cb = r * ce, [r * v for v in cb] + [1 - r]
-        e.append(ce)
-        b.append(list(cb))
-    return e, b
-
-
 def roll(s: Sampler, sig: list[float], e, b, grad: bool) -> torch.Tensor:
     x_t = s.start(sig[0]).x
     grid = list(sig) + [0.0]
     x, ds = x_t, []
     with torch.set_grad_enabled(grad):
         for j in range(len(sig)):
-            ds.append(denoised(s, x, j, grid))
-            x = e[j] * x_t + sum(b[j][k] * ds[k] for k in range(j + 1))
+            ds.append(s.denoised(x, j, grid))
+            x = linear_update(x_t, ds, e[j], b[j])
     return x
 
 
@@ -95,7 +83,7 @@ def main(argv: list[str]) -> dict:
         grid = [float(v) for v in rec["grids"][start][str(nfe)]]
     assert grid[-1] == 0 and len(grid) == nfe + 1 and math.isclose(grid[0], cal.sigma_max, rel_tol=1e-6), grid
     sig = grid[:-1]
-    e0, b0 = euler_coefficients(grid)
+    e0, b0 = euler_as_linear(grid)
     base = per_sample(roll(held, sig, e0, b0, False), rh)
     stock = json.loads(open("experiments/schedule_opt/heldout128_vp.json").read()).get(str(nfe), {})
     stock_rmse = stock.get("best_stock_here_rmse")
