@@ -14,12 +14,18 @@ error otherwise). NFE 1 per step; D_k is the direction after momentum, as Euler'
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
 from framework.plugin import ConfigError, euler_as_linear, hookimpl, linear_update, read_schedule_file
+
+
+@dataclass
+class _Memory:
+    x_T: torch.Tensor | None = None
+    ds: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -53,11 +59,13 @@ class Learned:
 
     @hookimpl
     def step(self, state, denoise) -> torch.Tensor:
-        j = len(state.history)
+        mem = state.stash.get(self, _Memory)  # x_T and every D so far (the history leaves out a step from ∞)
+        if mem.x_T is None:
+            mem.x_T = state.x
+        mem.ds.append(state.pred.denoised)
+        j = len(mem.ds) - 1
         e, b = self.coefficients(state.schedule.sigmas)
-        x_T = state.history[0].x if state.history else state.x
-        ds = [r.direction for r in state.history] + [state.pred.denoised]
-        return linear_update(x_T, ds, e[j], b[j])
+        return linear_update(mem.x_T, mem.ds, e[j], b[j])
 
     def step_from_infinity(self, state) -> torch.Tensor:  # x₁ = e₀·ε + b₀₀·D₀ (Euler's limit step without a file)
         return self.step(state, None)

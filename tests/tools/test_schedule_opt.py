@@ -396,3 +396,22 @@ def test_learned_solver_and_method_refuse_what_does_not_fit(learned_file, tmp_pa
     for method, solver in (("learned", "euler"), ("gits", "learned")):
         with pytest.raises(ConfigError, match="use them together"):
             optimize(Options(method=method, nfe=[4], out=str(tmp_path / "x.json"), **SMALL), MIX + [f"solver={solver}"])
+
+
+def test_learned_coefficients_from_infinity(tmp_path):
+    """A model whose grid starts at σ = ∞: without a file solver=learned takes Euler's limit step (equal to
+    Euler's run to rounding); fitted from ∞ (x_T = ε) on the OSS grid, its coefficients beat Euler on that
+    grid on a held-out seed (error to the exact solution)."""
+    content, path = optimize(Options(method="learned", init="oss", nfe=[3], iterations=30, coef_lr=0.01,
+                                     out=str(tmp_path / "l.json"), **SMALL), FLOW + ["solver=learned"], log=lambda s: None)
+    g = content["grids"]["3"]
+    assert math.isinf(g["sigmas"][0]) and g["init_noise"] == 1.0
+    base = FLOW[:2] + ["dtype=float64", "guidance=[]", "steps=3", "seed=0", "num_samples=8", "batch_size=8", "callback=[]",
+                       "schedule=optimized", f"schedule.file={path}"]
+    euler = run(base + ["solver=euler"])
+    plain = run(base + ["solver=learned", "solver.file=''"])
+    fitted = run(base + ["solver=learned"])
+    assert torch.allclose(plain.latents, euler.latents, rtol=0, atol=1e-12)
+    e_fit, e_euler = (r.record["metrics"]["rmse_to_reference"] for r in (fitted, euler))
+    print("from inf: learned", e_fit, "euler", e_euler)
+    assert e_fit < 0.9 * e_euler
