@@ -37,9 +37,10 @@ Methods (``method=``):
   ``iterations`` steps or ``seconds`` per budget; the best grid seen is kept.
 - ``learned`` — the solver's *coefficients* on a fixed grid (S4S, Frankel et al. 2025; bespoke
   solvers, Shaul et al. 2024): with ``solver=learned`` every state is a linear combination of x_T and
-  the denoiser outputs so far, x_{j+1} = e_j·x_T + Σ_{k≤j} b_jk·D_k (Euler's to begin with), on the
+  the denoiser outputs so far, x_{j+1} = e_j·x_T + Σ_{k≤j} b_jk·D_k, on the
   grid of ``init`` (GITS, OSS, a stock grid, or a schedule file such as an LD3 grid); the
-  coefficients are fitted by Adam (step ``coef_lr``) on the final RMSE to the teacher, by autograd
+  coefficients (Euler's, or with ``coef_init=<solver>`` that deterministic multistep solver's on the grid,
+  recovered by least squares) are fitted by Adam (step ``coef_lr``) on the final RMSE to the teacher, by autograd
   through the model, ``iterations`` steps or ``seconds`` per budget, the best kept. The file holds
   the grid and its coefficients; ``solver=learned schedule=optimized schedule.file=…`` runs them.
 - ``tpe`` — the Optuna baseline (as ``conf/hydra/sweeper/tune_points.yaml``, which tunes the
@@ -118,6 +119,7 @@ class Options:
     seconds: float = 300.0  # ld3: time cap per budget
     lr: float = 0.05  # ld3: Adam's step in log σ
     coef_lr: float = 0.003  # learned: Adam's step on the coefficients
+    coef_init: str = "euler"  # learned: the first coefficients: Euler's, or those of this solver on the grid (least squares)
     fd_step: float = 0.02  # ld3: central-difference step in log σ
     init: str = "gits"  # ld3's first grid: gits, oss, or a schedule file (its grid for the budget)
     trials: int = 60  # tpe: Optuna trials per budget
@@ -648,6 +650,27 @@ def ld3(sampler: Sampler, teacher: Teacher, steps: int, opts: Options, nfe: int)
     return grid_of(best_t), best, it
 
 
+def solver_as_linear(sampler: Sampler, name: str, grid: list[float]) -> tuple[list[float], list[list[float]]]:
+    """The coefficients e_j, b_jk of solver plugin ``name`` (its defaults) on ``grid``, as ``solver=learned``
+    writes a state: recovered by least squares from its own run on the calibration batch (exact for the
+    deterministic multistep solvers, whose states are linear in x_T and the D's; refused otherwise)."""
+    nodes = sampler.trajectory(grid, step_fn=teacher_solver(name, 1e-6))
+    x_T = nodes[0].x.double().flatten()
+    ds = [n.pred[0].denoised.double().flatten() for n in nodes[:-1]]
+    e, b = [], []
+    for j in range(len(grid) - 1):
+        basis = torch.stack([x_T] + ds[: j + 1], 1)
+        target = nodes[j + 1].x.double().flatten()
+        c = torch.linalg.lstsq(basis, target[:, None]).solution[:, 0]
+        residual = float((basis @ c - target).norm() / target.norm())
+        if residual > 1e-4:
+            raise ConfigError(f"coef_init={name}: its step {j} is not a fixed linear combination of x_T and the "
+                              f"denoiser outputs (relative residual {residual:.1e}); use coef_init=euler")
+        e.append(float(c[0]))
+        b.append([float(v) for v in c[1:]])
+    return e, b
+
+
 def learned(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
             nfe: int) -> tuple[list[float], float, int, dict[str, list]]:
     """``solver=learned``'s coefficients on ``init``'s grid: Adam on the final RMSE to the teacher,
@@ -655,7 +678,7 @@ def learned(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
     if sampler.run.hooks.momentum:
         raise ConfigError("method=learned fits through the guided denoiser only: drop the momentum plugins")
     grid = [teacher.fine[0]] + initial_inner(sampler, teacher, steps, opts, nfe) + [0.0]
-    e0, b0 = euler_as_linear(grid)
+    e0, b0 = euler_as_linear(grid) if opts.coef_init == "euler" else solver_as_linear(sampler, opts.coef_init, grid)
     e = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in e0]
     b = [[torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in row] for row in b0]
     x_T, target = sampler.start(grid[0]).x, teacher.x[-1]
@@ -779,8 +802,8 @@ def optimize(opts: Options, overrides: Sequence[str], model: object | None = Non
     steps_of = {n: sampler.steps_for_nfe(n) for n in budgets}  # refuses an unreachable budget before any work
     settings = {k: v for k, v in asdict(opts).items() if k in ("fine", "fine_top", "teacher", "teacher_substeps", "teacher_rtol",
                                                                  "iterations", "seconds", "lr", "fd_step", "init", "trials", "history", "start", "final",
-                                                                 "objective", "coef_lr")}
-    for key, plain in (("final", "free"), ("objective", "latent"), ("fine_top", None), ("coef_lr", 0.003)):  # keys only where set: older files still resume
+                                                                 "objective", "coef_lr", "coef_init")}
+    for key, plain in (("final", "free"), ("objective", "latent"), ("fine_top", None), ("coef_lr", 0.003), ("coef_init", "euler")):  # keys only where set: older files still resume
         if settings.get(key) == plain:
             settings.pop(key)
     run_keys = {k: OmegaConf.to_container(cfg, resolve=True).get(k) for k in ("cfg_scale", "dtype", "guidance", "momentum")}

@@ -415,3 +415,17 @@ def test_learned_coefficients_from_infinity(tmp_path):
     e_fit, e_euler = (r.record["metrics"]["rmse_to_reference"] for r in (fitted, euler))
     print("from inf: learned", e_fit, "euler", e_euler)
     assert e_fit < 0.9 * e_euler
+
+
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "unipc"])
+def test_learned_coefficients_can_start_from_a_multistep_solver(solver, tmp_path):
+    """coef_init=<solver>: its coefficients on the grid, recovered by least squares, reproduce that solver's
+    run (the first Adam step is the start itself, kept with iterations=1); a stochastic solver is refused."""
+    content, path = optimize(Options(method="learned", init="karras", coef_init=solver, nfe=[5], iterations=1,
+                                     out=str(tmp_path / "l.json"), **SMALL), MIX + ["solver=learned"], log=lambda s: None)
+    base = MIX + ["steps=5", "seed=0", "num_samples=4", "batch_size=4", "callback=[]", "schedule=optimized", f"schedule.file={path}"]
+    a, b = run(base + [f"solver={solver}"]), run(base + ["solver=learned"])
+    assert torch.allclose(a.latents, b.latents, rtol=0, atol=1e-9 * float(a.latents.abs().max()))
+    with pytest.raises(ConfigError, match="not a fixed linear combination"):
+        optimize(Options(method="learned", init="karras", coef_init="euler_ancestral", nfe=[5], iterations=1,
+                         out=str(tmp_path / "s.json"), **SMALL), MIX + ["solver=learned"], log=lambda s: None)
