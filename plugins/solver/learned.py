@@ -24,7 +24,10 @@ from framework.plugin import ConfigError, euler_as_linear, hookimpl, linear_upda
 
 @dataclass
 class _Memory:
+    """One batch's x_T, coefficients (checked once, at its first step) and every D so far."""
     x_T: torch.Tensor | None = None
+    e: list[float] = field(default_factory=list)
+    b: list[list[float]] = field(default_factory=list)
     ds: list[torch.Tensor] = field(default_factory=list)
 
 
@@ -36,7 +39,7 @@ class Learned:
     def __post_init__(self) -> None:
         self._by_steps: dict[int, tuple[tuple[float, ...], list[float], list[list[float]]]] = {}
         if self.file:
-            for key, g in read_schedule_file(self.file)["grids"].items():
+            for g in read_schedule_file(self.file)["grids"].values():
                 c = g.get("coefficients")
                 if c is not None:
                     self._by_steps[int(g["steps"])] = (tuple(float(s) for s in g["sigmas"]), c["e"], c["b"])
@@ -59,13 +62,13 @@ class Learned:
 
     @hookimpl
     def step(self, state, denoise) -> torch.Tensor:
-        mem = state.stash.get(self, _Memory)  # x_T and every D so far (the history leaves out a step from ∞)
+        mem = state.stash.get(self, _Memory)  # kept here: the engine's history leaves out a step from ∞
         if mem.x_T is None:
             mem.x_T = state.x
+            mem.e, mem.b = self.coefficients(state.schedule.sigmas)
         mem.ds.append(state.pred.denoised)
         j = len(mem.ds) - 1
-        e, b = self.coefficients(state.schedule.sigmas)
-        return linear_update(mem.x_T, mem.ds, e[j], b[j])
+        return linear_update(mem.x_T, mem.ds, mem.e[j], mem.b[j])
 
     def step_from_infinity(self, state) -> torch.Tensor:  # x₁ = e₀·ε + b₀₀·D₀ (Euler's limit step without a file)
         return self.step(state, None)
