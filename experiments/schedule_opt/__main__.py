@@ -66,7 +66,8 @@ class Study:
     def __init__(self, cfg: DictConfig, model: str, folder: Path, extra: list[str] | None = None, tag: str = "",
                  teachers: dict | None = None, n: int | None = None):
         self.cfg, self.model, self.folder = cfg, model, folder / (model + tag)
-        self.extra = list(extra or [])
+        device = str(cfg.get("device") or "cpu")  # every run, reference and optimiser (x_T is drawn on the CPU either way)
+        self.extra = ([] if device == "cpu" else [f"device={device}"]) + list(extra or [])
         self.n = int(cfg.heldout.num_samples[model]) if n is None else int(n)
         self.dtype = str(cfg.dtype[model])
         self.base = base_overrides(model, self.dtype, list(cfg.heldout.prompts), int(cfg.heldout.seed), self.n) + self.extra
@@ -86,7 +87,7 @@ class Study:
         self.refs: dict[tuple[float, float], Any] = {}  # (σ_0, x_T scale) → the reference run from that start
         self.ref_seconds = 0.0
         ref = self.reference(self.sigma_max, self.sigma_max if math.isfinite(self.sigma_max) else 1.0)
-        self.ref, self.x_T, self.ref_nfe = ref.latents, ref.x_T, ref.record["metrics"]["nfe"]
+        self.ref, self.x_T, self.ref_nfe = ref.latents.cpu(), ref.x_T.cpu(), ref.record["metrics"]["nfe"]
 
     def reference(self, sigma0: float, scale: float):
         """DOP853 from (σ_0, x_T = scale·ε) to σ_min, then D (one per start; cached)."""
@@ -119,15 +120,16 @@ class Study:
     def error(self, extra: list[str], name: str) -> dict[str, Any]:
         res = self.run(extra, name)
         target, x_T = self.ref, self.x_T
+        latents, res_x_T = res.latents.cpu(), res.x_T.cpu()  # a run read back from its folder is on the CPU, a fresh one on the device
         sig0 = float(res.schedule.sigmas[0])
         if not math.isclose(sig0, self.sigma_max, rel_tol=1e-6):  # a grid that starts lower (leading spacing)
             ref = self.reference(sig0, float(res.schedule.init_noise_scale))
-            target, x_T = ref.latents, ref.x_T
+            target, x_T = ref.latents.cpu(), ref.x_T.cpu()
         # the same noise times σ_max; a schedule computing σ_max as exp(log σ_max) may differ in the last bit
-        if res.x_T.shape != x_T.shape or not torch.allclose(res.x_T, x_T, rtol=1e-6, atol=0):
+        if res_x_T.shape != x_T.shape or not torch.allclose(res_x_T, x_T, rtol=1e-6, atol=0):
             return {"skipped": "does not start from the reference's x_T"}
-        per = (res.latents.double() - target.double()).pow(2).flatten(1).mean(1).sqrt()
-        out = {"nfe": res.record["metrics"]["nfe"], "error": rmse(res.latents, target), "sigmas": list(res.schedule.sigmas),
+        per = (latents.double() - target.double()).pow(2).flatten(1).mean(1).sqrt()
+        out = {"nfe": res.record["metrics"]["nfe"], "error": rmse(latents, target), "sigmas": list(res.schedule.sigmas),
                "sample_errors": [round(float(e), 6) for e in per]}
         if sig0 != self.sigma_max and not math.isclose(sig0, self.sigma_max, rel_tol=1e-6):
             out["own_reference"] = sig0

@@ -2,6 +2,10 @@
 
     python -m experiments.schedule_opt.probe pairs=gitsh_l3/euler,gitsh_lead_pin/euler nfe=5,6 quality=true [threads=1]
     python -m experiments.schedule_opt.probe model=bundled_flow pairs=ld3_long/unipc nfe=8 runs=<the flow study's runs>
+    python -m experiments.schedule_opt.probe pairs=oss/euler stock=euler,unipc stock_schedules=flow_match device=cuda
+
+``stock=<solvers>`` (``stock_schedules=<schedules>``, default the model's own list) runs those stock
+samplers on the same held-out set first (entries ``stock/<solver>/<schedule>/<n>``); ``pairs=`` may then be empty.
 
 Each pair is optimised from the study's calibration set (``Study.optimise``: the method specs and
 solver specs of config.yaml, the schedule file in the study's run folder, resumed), its grids run
@@ -48,16 +52,20 @@ def table(record: dict) -> str:
         fd = " / ".join(f"{v['fid']:.3f}" for v in q.values()) or "—"
         col = " / ".join(f"{100 * v['prompt_accuracy_colour']:.1f}" for v in q.values()) or "—"
         shp = " / ".join(f"{100 * v['prompt_accuracy_shape']:.1f}" for v in q.values()) or "—"
+        if "error" not in c:
+            continue
         grid = ", ".join(f"{v:.3g}" for v in c["sigmas"])
         pair = c["pair"] if c.get("model", "bundled") == "bundled" else f"{c['model']}: {c['pair']}"
-        lines.append(f"| {pair} | {int(c['nfe'])} | {c['sigmas'][0]:.3g} | {c['error']:.3g} | "
-                     f"{c['calibration_rmse_to_teacher']:.3g} | {fd} | {col} | {shp} | {grid} |")
+        cal = f"{c['calibration_rmse_to_teacher']:.3g}" if "calibration_rmse_to_teacher" in c else "—"
+        lines.append(f"| {pair} | {int(c['nfe'])} | {c['sigmas'][0]:.3g} | {c['error']:.3g} | {cal} | {fd} | {col} | {shp} | {grid} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str]) -> dict:
     args = dict(a.split("=", 1) for a in argv)
-    pairs = [p.split("/") for p in args.pop("pairs").split(",")]
+    pairs = [p.split("/") for p in args.pop("pairs", "").split(",") if p]
+    stock = [v for v in args.pop("stock", "").split(",") if v]
+    stock_schedules = [v for v in args.pop("stock_schedules", "").split(",") if v] or None
     budgets = [int(n) for n in args.pop("nfe", "5,6,8,10").split(",")]
     with_quality = args.pop("quality", "false") == "true"
     model = args.pop("model", "bundled")
@@ -68,6 +76,13 @@ def main(argv: list[str]) -> dict:
     cfg = Experiment.compose(HERE, [f"{k}={v}" for k, v in args.items()]).cfg
     record = json.loads(out.read_text()) if out.is_file() else {}
     s = Study(cfg, model, Path(cfg.runs))
+    if stock:
+        for solver, by in s.stock(budgets, stock, stock_schedules).items():
+            for schedule, row in by.items():
+                for n, c in row.items() if "skipped" not in row else ():
+                    record[f"{model}/stock/{solver}/{schedule}/{n}"] = {"pair": f"stock {solver} + {schedule}", "model": model,
+                                                                          "nfe": int(n), **c}
+        out.write_text(json.dumps(record, indent=1) + "\n")
     for method, solver in pairs:
         made = s.optimise(method, solver, budgets, int(cfg.calibration.seed), "")
         for n, c in s.evaluate_file(solver, made).items():

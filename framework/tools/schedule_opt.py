@@ -655,12 +655,12 @@ def solver_as_linear(sampler: Sampler, name: str, grid: list[float]) -> tuple[li
     writes a state: recovered by least squares from its own run on the calibration batch (exact for the
     deterministic multistep solvers, whose states are linear in x_T and the D's; refused otherwise)."""
     nodes = sampler.trajectory(grid, step_fn=teacher_solver(name, 1e-6))
-    x_T = nodes[0].x.double().flatten()
-    ds = [n.pred[0].denoised.double().flatten() for n in nodes[:-1]]
+    x_T = nodes[0].x.double().flatten().cpu()
+    ds = [n.pred[0].denoised.double().flatten().cpu() for n in nodes[:-1]]
     e, b = [], []
     for j in range(len(grid) - 1):
         basis = torch.stack([x_T] + ds[: j + 1], 1)
-        target = nodes[j + 1].x.double().flatten()
+        target = nodes[j + 1].x.double().flatten().cpu()
         c = torch.linalg.lstsq(basis, target[:, None]).solution[:, 0]
         residual = float((basis @ c - target).norm() / target.norm())
         if residual > 1e-4:
@@ -688,7 +688,7 @@ def learned(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
             x, ds = x_T, []
             for j in range(steps):
                 ds.append(sampler.denoised(x, j, grid))
-                x = linear_update(x_T, ds, e[j].to(x_T.dtype), [v.to(x_T.dtype) for v in b[j]])
+                x = linear_update(x_T, ds, e[j].to(x_T), [v.to(x_T) for v in b[j]])  # x_T's dtype and device
         return (x - target).pow(2).mean()
 
     opt = torch.optim.Adam(e + [v for row in b for v in row], lr=opts.coef_lr)

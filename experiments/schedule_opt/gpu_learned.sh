@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Issue 24 on a GPU: learned solver coefficients (solver=learned, method=learned) from the study's grids, VP and flow,
+# NFE 5, 6, 8, on 128 held-out and 96 calibration samples, with the stock samplers on the same references.
+#
+#   bash experiments/schedule_opt/gpu_learned.sh OUT [seconds]     # on a machine with CUDA; ~9 min on one H200
+#
+# Stages run in order of priority until the deadline (default 540 s); each writes its probe record (OUT/flow.json,
+# OUT/vp.json: experiments.schedule_opt.probe's format) and its log as it goes, and the schedule files (the grids and
+# coefficients) are packed into OUT/schedules.tgz after every stage, so a run cut short keeps what it finished.
+set -u
+out=${1:?usage: gpu_learned.sh OUT [seconds]}
+deadline=$((SECONDS + ${2:-540}))
+runs=${RUNS:-/tmp/gpu_learned_runs}
+read -r -a extra <<< "${EXTRA:-}"   # more probe overrides for every stage (a CPU smoke run: EXTRA="device=cpu …")
+mkdir -p "$out" "$runs"
+export PYTHONUNBUFFERED=1
+python -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))" | tee "$out/log.txt"
+flow=(model=bundled_flow heldout.num_samples.bundled_flow=128 calibration.num_samples.bundled_flow=96 nfe=5,6,8 out="$out/flow.json")
+vp=(model=bundled nfe=5,6,8 out="$out/vp.json")
+
+stage() {  # name, cap in seconds, probe arguments
+    local name=$1 cap=$2 left=$((deadline - SECONDS)); shift 2
+    ((left < cap)) && cap=$left
+    ((cap < 20)) && { echo "== $name: skipped (deadline)" | tee -a "$out/log.txt"; return; }
+    echo "== $name (cap $cap s, at $SECONDS s)" | tee -a "$out/log.txt"
+    timeout "$cap" python -m experiments.schedule_opt.probe device=cuda runs="$runs" "$@" "${extra[@]}" 2>&1 \
+        | grep --line-buffered -v "it/s]" | tee -a "$out/log.txt"
+    tar czf "$out/schedules.tgz" --exclude='*.pt' --exclude='*.safetensors' --exclude='*.png' -C "$runs" . 2>/dev/null
+}
+
+# the fits first; FD and prompt accuracy of the learned samplers afterwards (the fits and runs are read back)
+stage flow_base 150 "${flow[@]}" stock=euler,unipc,dpmpp_2m pairs=oss/euler,oss/unipc
+stage flow_learned_euler 100 "${flow[@]}" pairs=learned_oe/learned
+stage vp_base 90 "${vp[@]}" stock=euler,unipc,dpmpp_2m stock_schedules=karras,leading pairs=gitsh_lead/unipc,gitsh_lead/euler
+stage vp_learned 190 "${vp[@]}" pairs=learned_gle/learned,learned_glu/learned
+stage flow_learned_unipc 100 "${flow[@]}" pairs=learned_ou/learned
+stage vp_quality 60 "${vp[@]}" pairs=learned_gle/learned,learned_glu/learned quality=true
+stage flow_quality 60 "${flow[@]}" pairs=learned_oe/learned,learned_ou/learned quality=true
+stage vp_ld3 200 "${vp[@]}" pairs=oss_lead/unipc,ld3_lead/unipc,learned_lu/learned quality=true
+echo "== done at $SECONDS s" | tee -a "$out/log.txt"
