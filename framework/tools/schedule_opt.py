@@ -562,6 +562,17 @@ def ays(sampler: Sampler, teacher: Teacher, steps: int, sweeps: int) -> tuple[li
     return [fine[i] for i in idx] + [0.0], obj
 
 
+def same_head(old: dict, head: dict) -> bool:
+    """Whether a schedule file was made with these settings (its grids can be resumed): equal keys, the model's
+    σ range to float32 rounding (a GPU computes it from the same weights to within the last bits)."""
+    def close(a, b) -> bool:
+        return isinstance(a, float) and isinstance(b, float) and math.isclose(a, b, rel_tol=1e-6)
+
+    m, n = old.get("model") or {}, head["model"]
+    return (all(old.get(k) == v for k, v in head.items() if k != "model") and m.keys() == n.keys()
+            and all(m[k] == v or close(m[k], v) for k, v in n.items()))
+
+
 def initial_inner(sampler: Sampler, teacher: Teacher, steps: int, opts: Options, nfe: int) -> list[float]:
     """The interior points of ``init``'s grid for the budget (below σ_0 = the teacher's top; without the
     pinned σ_min): the start of ``ld3`` and ``learned``."""
@@ -812,7 +823,8 @@ def optimize(opts: Options, overrides: Sequence[str], model: object | None = Non
             "solver": solver, "solver_config": OmegaConf.to_container(cfg.solver, resolve=True), "method": opts.method,
             "calibration": asdict(opts.calibration) if text else {"seed": opts.calibration.seed,
                                                                    "num_samples": opts.calibration.num_samples},
-            "settings": settings, "run": run_keys, "overrides": list(overrides)}
+            "settings": settings, "run": run_keys,
+            "overrides": [o for o in overrides if not o.lstrip("+~").startswith("device=")]}  # a fit resumes on any device
     out = Path(opts.out) if opts.out else Path("schedules") / f"{model_name}_{solver}_{opts.method}.json"
     grids: dict[str, Any] = {}
     if opts.resume and out.is_file():
@@ -821,7 +833,7 @@ def optimize(opts: Options, overrides: Sequence[str], model: object | None = Non
         except ConfigError as e:
             say(f"samplerlab-optimize-schedule: {e}; starting afresh")
             old = None
-        if old is not None and all(old.get(k) == v for k, v in head.items()):
+        if old is not None and same_head(old, head):
             grids = {k: g for k, g in old["grids"].items() if int(k) in budgets}
             if grids:
                 say(f"samplerlab-optimize-schedule: resuming {out}: NFE {', '.join(sorted(grids, key=int))} already done")
@@ -877,7 +889,8 @@ def optimize(opts: Options, overrides: Sequence[str], model: object | None = Non
         grids[str(n)] = {"nfe": n, "steps": k, "sigmas": [float(s) for s in grid], "init_noise": sampler.init_scale(grid[0]),
                          "objective": float(obj),
                          "objective_name": name, "calibration_rmse_to_teacher": final,
-                         "seconds": round(time.perf_counter() - t0, 2), "optimiser_nfe": sampler.nfe - nfe0, **extra}
+                         "seconds": round(time.perf_counter() - t0, 2), "device": str(sampler.run.device),  # where the seconds were spent
+                         "optimiser_nfe": sampler.nfe - nfe0, **extra}
         content = {**head, "teacher_nfe": teacher.nfe, "teacher_seconds": teacher.seconds, "grids": dict(sorted(grids.items(), key=lambda kv: int(kv[0])))}
         write_schedule_file(out, content)
     content = read_schedule_file(out) if out.is_file() else {**head, "grids": grids}

@@ -84,6 +84,22 @@ def test_rerun_resumes_from_the_file(mixture_files):
     assert again["grids"] == content["grids"] and any("resuming" in s for s in said)
 
 
+@pytest.mark.parametrize("rel,resumes", [(3e-9, True), (1e-3, False)])
+def test_a_file_made_on_another_device_resumes(mixture_files, tmp_path, rel, resumes):
+    """The model's σ range may differ in the last bits on a GPU, and the device is not part of the settings:
+    such a file resumes; a σ range that differs beyond float32 rounding does not."""
+    content, path = mixture_files["gits"]
+    other = dict(read_schedule_file(path))
+    other["model"] = {**other["model"], "sigma_min": other["model"]["sigma_min"] * (1 + rel)}
+    other.pop("checksum", None)
+    moved = tmp_path / "gpu.json"
+    write_schedule_file(moved, other)
+    said = []
+    overrides = [o for o in MIX if not o.startswith("device=")] + ["solver=euler", "device=cpu"]
+    optimize(Options(method="gits", nfe=[4], out=str(moved), **SMALL), overrides, log=said.append)
+    assert any("resuming" in s for s in said) is resumes
+
+
 def one_line_error(capsys, argv) -> str:
     assert schedule_opt.main(argv) == 2
     err = capsys.readouterr().err.strip()
