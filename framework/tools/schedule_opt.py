@@ -119,7 +119,7 @@ class Options:
     seconds: float = 300.0  # ld3: time cap per budget
     lr: float = 0.05  # ld3: Adam's step in log σ
     coef_lr: float = 0.003  # learned: Adam's step on the coefficients
-    coef_init: str = "euler"  # learned: the first coefficients: Euler's, or those of this solver on the grid (least squares)
+    coef_init: str = "euler"  # learned: the first coefficients: Euler's, this solver's on the grid (least squares), or `init`: the init file's
     fd_step: float = 0.02  # ld3: central-difference step in log σ
     init: str = "gits"  # ld3's first grid: gits, oss, or a schedule file (its grid for the budget)
     trials: int = 60  # tpe: Optuna trials per budget
@@ -689,7 +689,20 @@ def learned(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
     if sampler.run.hooks.momentum:
         raise ConfigError("method=learned fits through the guided denoiser only: drop the momentum plugins")
     grid = [teacher.fine[0]] + initial_inner(sampler, teacher, steps, opts, nfe) + [0.0]
-    e0, b0 = euler_as_linear(grid) if opts.coef_init == "euler" else solver_as_linear(sampler, opts.coef_init, grid)
+    if opts.coef_init == "init":  # the coefficients the init file holds for this budget (a fit continued)
+        from framework.runs.schedule_file import read_schedule_file
+
+        if opts.init in ("gits", "oss", "leading", "karras", "exponential"):
+            raise ConfigError(f"coef_init=init continues the coefficients of a schedule file: give init=<file>, not init={opts.init}")
+        c = read_schedule_file(opts.init)["grids"][str(nfe)].get("coefficients")  # the grid itself came from there
+        if c is None or len(c["e"]) != steps:
+            raise ConfigError(f"coef_init=init: {opts.init} holds no {steps}-step coefficients for NFE {nfe} "
+                              "(make it with method=learned solver=learned)")
+        e0, b0 = [float(v) for v in c["e"]], [[float(v) for v in row] for row in c["b"]]
+    elif opts.coef_init == "euler":
+        e0, b0 = euler_as_linear(grid)
+    else:
+        e0, b0 = solver_as_linear(sampler, opts.coef_init, grid)
     e = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in e0]
     b = [[torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in row] for row in b0]
     x_T, target = sampler.start(grid[0]).x, teacher.x[-1]

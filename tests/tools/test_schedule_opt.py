@@ -445,3 +445,25 @@ def test_learned_coefficients_can_start_from_a_multistep_solver(solver, tmp_path
     with pytest.raises(ConfigError, match="not a fixed linear combination"):
         optimize(Options(method="learned", init="karras", coef_init="euler_ancestral", nfe=[5], iterations=1,
                          out=str(tmp_path / "s.json"), **SMALL), MIX + ["solver=learned"], log=lambda s: None)
+
+
+def test_learned_fit_continues_from_a_files_coefficients(learned_file, tmp_path):
+    """coef_init=init: the init file's coefficients are the start (iterations=1 keeps them: the same calibration
+    RMSE, the same coefficients); more steps never end worse (the best is kept); init must be such a file."""
+    content, path = learned_file
+    g = content["grids"]["4"]
+    opts = dict(method="learned", init=str(path), coef_init="init", nfe=[4], coef_lr=0.01,
+                **{**SMALL, "calibration": Calibration(seed=1000, num_samples=16)})
+    same, _ = optimize(Options(iterations=1, out=str(tmp_path / "a.json"), **opts), MIX + ["solver=learned"], log=lambda s: None)
+    a = same["grids"]["4"]
+    assert a["sigmas"] == g["sigmas"] and a["coefficients"] == g["coefficients"]
+    assert math.isclose(a["calibration_rmse_to_teacher"], g["calibration_rmse_to_teacher"], rel_tol=1e-9)
+    more, _ = optimize(Options(iterations=10, out=str(tmp_path / "b.json"), **opts), MIX + ["solver=learned"], log=lambda s: None)
+    assert more["grids"]["4"]["calibration_rmse_to_teacher"] <= g["calibration_rmse_to_teacher"] * (1 + 1e-9)
+    with pytest.raises(ConfigError, match="give init=<file>"):
+        optimize(Options(**{**opts, "init": "karras"}, iterations=1, out=str(tmp_path / "c.json")), MIX + ["solver=learned"])
+    with pytest.raises(ConfigError, match="holds no 4-step coefficients"):  # a grid file without coefficients
+        plain = tmp_path / "plain.json"
+        write_schedule_file(plain, {k: v for k, v in read_schedule_file(path).items() if k != "checksum"}
+                            | {"grids": {"4": {k: v for k, v in g.items() if k != "coefficients"}}})
+        optimize(Options(**{**opts, "init": str(plain)}, iterations=1, out=str(tmp_path / "d.json")), MIX + ["solver=learned"])
