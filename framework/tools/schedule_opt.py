@@ -89,7 +89,9 @@ from framework.maths.multistep import euler_as_linear, linear_update
 
 METHODS = ("gits", "oss", "ays", "ld3", "learned", "tpe")
 FINALS = ("free", "sigma_min")  # ``final``: where the last step to 0 starts (sigma_min: pinned there, a near-free step)
-OBJECTIVES = ("latent", "image", "image_grad")  # ld3 / tpe: the final error in latents, decoded images, or their gradients
+OBJECTIVES = ("latent", "image", "image_grad")  # ld3 / tpe / learned: the final error in latents, decoded images, or their gradients
+OBJECTIVE_NAMES = {"latent": "final RMSE to the teacher", "image": "RMSE of the decoded final images to the teacher's",
+                   "image_grad": "RMSE of the decoded final images' finite differences to the teacher's"}
 CALIBRATION_PROMPTS = ("a red circle", "a green square", "a blue triangle", "a yellow diamond", "a purple circle",
                        "an orange square", "a white triangle", "a black diamond")
 
@@ -157,8 +159,8 @@ class Options:
             raise ConfigError(f"final={self.final}: choose from {', '.join(FINALS)}")
         if self.trials < 1:
             raise ConfigError(f"trials={self.trials}: tpe needs at least one trial")
-        if self.method == "learned" and (self.objective != "latent" or self.final != "free"):
-            raise ConfigError("method=learned fits the final latent error on its init grid: drop objective= and final=")
+        if self.method == "learned" and self.final != "free":
+            raise ConfigError("method=learned fits the coefficients on its init grid as it is: drop final=")
         if self.teacher_substeps < 1 or self.calibration.num_samples < 1:
             raise ConfigError("teacher_substeps and calibration.num_samples must be ≥ 1")
 
@@ -190,19 +192,24 @@ def final_loss(sampler: "Sampler", target: torch.Tensor, objective: str) -> Call
     (``image_grad``: an edge-sensitive error that a blurred sample pays for)."""
     if objective == "latent":
         return lambda x: rmse(x, target)
-    model = sampler.model
-    if not getattr(model, "has_decoder", False):
-        raise ConfigError(f"objective={objective} decodes the samples: this model has no decoder (use objective=latent)")
-
     def feats(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            img = model.decode(x).double()
-        if objective == "image":
-            return img
-        return torch.cat([(img[..., 1:, :] - img[..., :-1, :]).flatten(1), (img[..., :, 1:] - img[..., :, :-1]).flatten(1)], 1)
+            return image_features(sampler, x, objective)
 
     ref = feats(target)
     return lambda x: rmse(feats(x), ref)
+
+
+def image_features(sampler: "Sampler", x: torch.Tensor, objective: str) -> torch.Tensor:
+    """What ``objective`` compares of final latents x (not ``latent``): the decoded images in [0, 1]
+    (``image``), or their horizontal and vertical finite differences (``image_grad``); differentiable."""
+    model = sampler.model
+    if not getattr(model, "has_decoder", False):
+        raise ConfigError(f"objective={objective} decodes the samples: this model has no decoder (use objective=latent)")
+    img = model.decode(x).double()
+    if objective == "image":
+        return img
+    return torch.cat([(img[..., 1:, :] - img[..., :-1, :]).flatten(1), (img[..., :, 1:] - img[..., :, :-1]).flatten(1)], 1)
 
 
 class Sampler:
@@ -683,9 +690,10 @@ def solver_as_linear(sampler: Sampler, name: str, grid: list[float]) -> tuple[li
 
 
 def learned(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
-            nfe: int) -> tuple[list[float], float, int, dict[str, list]]:
-    """``solver=learned``'s coefficients on ``init``'s grid: Adam on the final RMSE to the teacher,
-    autograd through the model; (grid, best RMSE, iterations, {"e": …, "b": …})."""
+            nfe: int) -> tuple[list[float], float, int, dict[str, list], float]:
+    """``solver=learned``'s coefficients on ``init``'s grid: Adam on the final error to the teacher
+    (``objective``: of the latents, the decoded images or their edges), autograd through the model (and
+    the decoder); (grid, best objective, iterations, {"e": …, "b": …}, their final latent RMSE)."""
     if sampler.run.hooks.momentum:
         raise ConfigError("method=learned fits through the guided denoiser only: drop the momentum plugins")
     grid = [teacher.fine[0]] + initial_inner(sampler, teacher, steps, opts, nfe) + [0.0]
@@ -706,29 +714,34 @@ def learned(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
     e = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in e0]
     b = [[torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in row] for row in b0]
     x_T, target = sampler.start(grid[0]).x, teacher.x[-1]
+    latent = opts.objective == "latent"
+    with torch.no_grad():
+        ref = target if latent else image_features(sampler, target, opts.objective)
 
-    def final(grad: bool) -> torch.Tensor:
-        with torch.set_grad_enabled(grad):
-            x, ds = x_T, []
-            for j in range(steps):
-                ds.append(sampler.denoised(x, j, grid))
-                x = linear_update(x_T, ds, e[j].to(x_T), [v.to(x_T) for v in b[j]])  # x_T's dtype and device
-        return (x - target).pow(2).mean()
+    def final() -> tuple[torch.Tensor, torch.Tensor]:
+        """(the objective's mean square, the final latents)"""
+        x, ds = x_T, []
+        for j in range(steps):
+            ds.append(sampler.denoised(x, j, grid))
+            x = linear_update(x_T, ds, e[j].to(x_T), [v.to(x_T) for v in b[j]])  # x_T's dtype and device
+        out = x if latent else image_features(sampler, x, opts.objective)
+        return (out.double() - ref.double()).pow(2).mean(), x.detach()
 
     opt = torch.optim.Adam(e + [v for row in b for v in row], lr=opts.coef_lr)
-    best, kept = math.inf, (e0, b0)
+    best, kept, kept_rmse = math.inf, (e0, b0), math.inf
     t0, it = time.perf_counter(), 0
     for it in range(1, opts.iterations + 1):
         opt.zero_grad()
-        loss = final(True)
+        loss, x = final()
         value = float(loss.detach().sqrt())
         if value < best:
-            best, kept = value, ([float(v.detach()) for v in e], [[float(v.detach()) for v in row] for row in b])
+            best, kept_rmse = value, rmse(x, target)
+            kept = ([float(v.detach()) for v in e], [[float(v.detach()) for v in row] for row in b])
         if time.perf_counter() - t0 > opts.seconds or it == opts.iterations:
             break
         loss.backward()
         opt.step()
-    return grid, best, it, {"e": kept[0], "b": kept[1]}
+    return grid, best, it, {"e": kept[0], "b": kept[1]}, kept_rmse
 
 
 def tpe(sampler: Sampler, teacher: Teacher, steps: int, trials: int, pinned: bool = False,
@@ -892,13 +905,12 @@ def optimize(opts: Options, overrides: Sequence[str], model: object | None = Non
             grid, obj = tpe(sampler, teacher, k, opts.trials, pinned, opts.objective)
             name = "final RMSE to the teacher (Optuna TPE)"
         elif opts.method == "learned":
-            grid, obj, its, coefficients = learned(sampler, teacher, k, opts, n)
-            name, extra = "final RMSE to the teacher (learned coefficients)", {"iterations": its, "coefficients": coefficients}
+            grid, obj, its, coefficients, latent_rmse = learned(sampler, teacher, k, opts, n)
+            name, extra = OBJECTIVE_NAMES[opts.objective] + " (learned coefficients)", {"iterations": its, "coefficients": coefficients}
         else:
             grid, obj, its = ld3(sampler, teacher, k, opts, n)
-            name, extra = {"latent": "final RMSE to the teacher", "image": "RMSE of the decoded final images to the teacher's",
-                           "image_grad": "RMSE of the decoded final images' finite differences to the teacher's"}[opts.objective], {"iterations": its}
-        final = obj if opts.method == "learned" else rmse(sampler.trajectory(grid)[-1].x, teacher.x[-1])
+            name, extra = OBJECTIVE_NAMES[opts.objective], {"iterations": its}
+        final = latent_rmse if opts.method == "learned" else rmse(sampler.trajectory(grid)[-1].x, teacher.x[-1])
         grids[str(n)] = {"nfe": n, "steps": k, "sigmas": [float(s) for s in grid], "init_noise": sampler.init_scale(grid[0]),
                          "objective": float(obj),
                          "objective_name": name, "calibration_rmse_to_teacher": final,

@@ -467,3 +467,28 @@ def test_learned_fit_continues_from_a_files_coefficients(learned_file, tmp_path)
         write_schedule_file(plain, {k: v for k, v in read_schedule_file(path).items() if k != "checksum"}
                             | {"grids": {"4": {k: v for k, v in g.items() if k != "coefficients"}}})
         optimize(Options(**{**opts, "init": str(plain)}, iterations=1, out=str(tmp_path / "d.json")), MIX + ["solver=learned"])
+
+
+def test_learned_coefficients_on_an_image_objective(tiny_overrides, tmp_path):
+    """objective=image_grad for method=learned (autograd through the decoder too): the file names the objective,
+    its calibration RMSE stays the latent RMSE to the teacher (one Adam step keeps Euler's coefficients: equal to
+    Euler's own on the same grid, as ld3 with no steps measures it), and more steps never end worse on the objective;
+    a model without a decoder is refused."""
+    base = dict(nfe=[3], init="karras", fine=8, teacher="unipc", teacher_substeps=2, progress=False, plot=False,
+                calibration=Calibration(seed=1000, num_samples=2))
+    run_keys = tiny_overrides + ["dtype=float32", "device=cpu"]
+    one, _ = optimize(Options(method="learned", objective="image_grad", iterations=1, out=str(tmp_path / "a.json"), **base),
+                      run_keys + ["solver=learned"], log=lambda s: None)
+    more, _ = optimize(Options(method="learned", objective="image_grad", iterations=4, coef_lr=0.01, out=str(tmp_path / "b.json"),
+                               **base), run_keys + ["solver=learned"], log=lambda s: None)
+    euler, _ = optimize(Options(method="ld3", iterations=0, out=str(tmp_path / "e.json"), **base), run_keys + ["solver=euler"],
+                        log=lambda s: None)
+    a, b, e = one["grids"]["3"], more["grids"]["3"], euler["grids"]["3"]
+    assert "finite differences" in a["objective_name"] and "learned" in a["objective_name"]
+    assert a["sigmas"] == e["sigmas"]
+    assert math.isclose(a["calibration_rmse_to_teacher"], e["calibration_rmse_to_teacher"], rel_tol=1e-5)
+    assert not math.isclose(a["objective"], a["calibration_rmse_to_teacher"], rel_tol=1e-3)  # a different measure
+    assert b["objective"] <= a["objective"] * (1 + 1e-9)
+    with pytest.raises(ConfigError, match="no decoder"):
+        optimize(Options(method="learned", objective="image", nfe=[3], iterations=1, out=str(tmp_path / "g.json"), init="karras",
+                         **{k: v for k, v in SMALL.items()}), MIX + ["solver=learned"], log=lambda s: None)
