@@ -2,11 +2,16 @@
 # Issue 24 on a GPU: learned solver coefficients (solver=learned, method=learned) from the study's grids, VP and flow,
 # NFE 5, 6, 8, on 128 held-out and 96 calibration samples, with the stock samplers on the same references.
 #
-#   bash experiments/schedule_opt/gpu_learned.sh OUT [seconds]     # on a machine with CUDA; ~9 min on one H200
+#   bash experiments/schedule_opt/gpu_learned.sh OUT [seconds]     # on a machine with CUDA; ~15 min on one H200
 #
 # Stages run in order of priority until the deadline (default 540 s); each writes its probe record (OUT/flow.json,
 # OUT/vp.json: experiments.schedule_opt.probe's format) and its log as it goes, and the schedule files (the grids and
 # coefficients) are packed into OUT/schedules.tgz after every stage, so a run cut short keeps what it finished.
+# A rerun with the same RUNS folder resumes (fits, references and runs are read back), so the stages after the
+# deadline can follow in a second call. 2026-12-04, one H200: the first 540-s call finished flow_base (58 s), vp_base
+# (43 s) and learned_gle; the older caps (100 / 190 s) cut the other fits (30 s per budget each) before their
+# evaluation; two short calls on the warm machine evaluated them and ran the quality stages; vp_ld3 was not reached
+# (records: experiments/schedule_opt/learned_h200/). The caps below are sized from that run.
 set -u
 out=${1:?usage: gpu_learned.sh OUT [seconds]}
 deadline=$((SECONDS + ${2:-540}))
@@ -30,10 +35,10 @@ stage() {  # name, cap in seconds, probe arguments
 
 # the fits first; FD and prompt accuracy of the learned samplers afterwards (the fits and runs are read back)
 stage flow_base 150 "${flow[@]}" stock=euler,unipc,dpmpp_2m pairs=oss/euler,oss/unipc
-stage flow_learned_euler 100 "${flow[@]}" pairs=learned_oe/learned
+stage flow_learned_euler 140 "${flow[@]}" pairs=learned_oe/learned
 stage vp_base 90 "${vp[@]}" stock=euler,unipc,dpmpp_2m stock_schedules=karras,leading pairs=gitsh_lead/unipc,gitsh_lead/euler
-stage vp_learned 190 "${vp[@]}" pairs=learned_gle/learned,learned_glu/learned
-stage flow_learned_unipc 100 "${flow[@]}" pairs=learned_ou/learned
+stage vp_learned 260 "${vp[@]}" pairs=learned_gle/learned,learned_glu/learned
+stage flow_learned_unipc 140 "${flow[@]}" pairs=learned_ou/learned
 stage vp_quality 60 "${vp[@]}" pairs=learned_gle/learned,learned_glu/learned quality=true
 stage flow_quality 60 "${flow[@]}" pairs=learned_oe/learned,learned_ou/learned quality=true
 stage vp_ld3 200 "${vp[@]}" pairs=oss_lead/unipc,ld3_lead/unipc,learned_lu/learned quality=true

@@ -39,9 +39,10 @@ Methods (``method=``):
   solvers, Shaul et al. 2024): with ``solver=learned`` every state is a linear combination of x_T and
   the denoiser outputs so far, x_{j+1} = e_j·x_T + Σ_{k≤j} b_jk·D_k, on the
   grid of ``init`` (GITS, OSS, a stock grid, or a schedule file such as an LD3 grid); the
-  coefficients (Euler's, or with ``coef_init=<solver>`` that deterministic multistep solver's on the grid,
-  recovered by least squares) are fitted by Adam (step ``coef_lr``) on the final RMSE to the teacher, by autograd
-  through the model, ``iterations`` steps or ``seconds`` per budget, the best kept. The file holds
+  coefficients (Euler's; with ``coef_init=<solver>`` that deterministic multistep solver's on the grid,
+  recovered by least squares; with ``coef_init=init`` those of the ``init`` file) are fitted by Adam (step
+  ``coef_lr``) on the final error to the teacher (``objective``: of the latents, or of the decoded images or
+  their edges), by autograd through the model, ``iterations`` steps or ``seconds`` per budget, the best kept. The file holds
   the grid and its coefficients; ``solver=learned schedule=optimized schedule.file=…`` runs them.
 - ``tpe`` — the Optuna baseline (as ``conf/hydra/sweeper/tune_points.yaml``, which tunes the
   interior points of a 3-step grid by TPE against one metric): Optuna's TPE sampler (seed 0) over
