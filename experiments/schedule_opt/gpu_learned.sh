@@ -11,7 +11,7 @@
 # deadline can follow in a second call. 2026-12-04, one H200: the first 540-s call finished flow_base (58 s), vp_base
 # (43 s) and learned_gle; the older caps (100 / 190 s) cut the other fits (30 s per budget each) before their
 # evaluation; two short calls on the warm machine evaluated them and ran the quality stages; vp_ld3 was not reached
-# (records: experiments/schedule_opt/learned_h200/). The caps below are sized from that run.
+# (records: experiments/schedule_opt/learned_fits/). The caps below are sized from that run.
 set -u
 out=${1:?usage: gpu_learned.sh OUT [seconds]}
 deadline=$((SECONDS + ${2:-540}))
