@@ -130,7 +130,9 @@ def test_the_guide_uses_the_models_arithmetic(guides):
     with torch.no_grad():
         mine = guide.denoise(state, x, 1.7)
         theirs = model.denoise_batch(x, 1.7, None, tensors)
-    assert rel(mine, theirs) <= 1e-7
+    # float32 rounding only: two copies of the weights may take different kernel paths (3.2e-7 measured on a loaded
+    # 2-core machine); σ 1.71 instead of 1.7 moves D by 2.4e-2
+    assert rel(mine, theirs) <= 2e-6
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,7 +161,7 @@ def test_the_main_network_as_its_own_guide_changes_nothing(guides, scale):
 def test_a_pipeline_folder_is_the_same_guide_as_its_network_folder(guides):
     by_unet = guided(guides / "unet1")
     by_pipe = guided(guides / "pipe1")
-    assert rel(by_pipe.latents, by_unet.latents) <= 1e-7
+    assert rel(by_pipe.latents, by_unet.latents) <= 2e-6  # the same weights from two folders: float32 rounding only
 
 
 def test_the_record_counts_the_guides_inputs_and_the_window_skips_them(guides):
