@@ -861,9 +861,14 @@ def optimize(opts: Options, overrides: Sequence[str], model: object | None = Non
             say(f"samplerlab-optimize-schedule: {e}; starting afresh")
             old = None
         if old is not None and same_head(old, head):
-            grids = {k: g for k, g in old["grids"].items() if int(k) in budgets}
-            if grids:
-                say(f"samplerlab-optimize-schedule: resuming {out}: NFE {', '.join(sorted(grids, key=int))} already done")
+            grids = dict(old["grids"])  # other budgets stay in the file
+            done = sorted((k for k in grids if int(k) in budgets), key=int)
+            if done:
+                say(f"samplerlab-optimize-schedule: resuming {out}: NFE {', '.join(done)} already done")
+        elif old is not None:  # made with other settings: kept beside, not overwritten
+            kept = out.with_name(f"{out.stem}.replaced-{str(old.get('checksum', 'old'))[:8]}{out.suffix}")
+            out.replace(kept)
+            say(f"samplerlab-optimize-schedule: {out} was made with other settings: moved to {kept}")
     todo = [n for n in budgets if str(n) not in grids]
     teacher, teacher_start = None, None
     t_all = time.perf_counter()

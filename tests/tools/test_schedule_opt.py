@@ -84,6 +84,21 @@ def test_rerun_resumes_from_the_file(mixture_files):
     assert again["grids"] == content["grids"] and any("resuming" in s for s in said)
 
 
+def test_another_budget_or_other_settings_lose_nothing(mixture_files, tmp_path):
+    """A rerun for another budget adds it to the file (the earlier budget stays); a rerun with other settings
+    moves the earlier file aside instead of overwriting it."""
+    content, path = mixture_files["gits"]
+    copy = tmp_path / "g.json"
+    copy.write_bytes(path.read_bytes())
+    both, _ = optimize(Options(method="gits", nfe=[3], out=str(copy), **SMALL), MIX + ["solver=euler"], log=lambda s: None)
+    assert set(both["grids"]) == {"3", "4"} and both["grids"]["4"] == content["grids"]["4"]
+    said = []
+    optimize(Options(method="gits", nfe=[3], out=str(copy), **{**SMALL, "fine": 10}), MIX + ["solver=euler"], log=said.append)
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith("g.replaced-")]
+    assert len(moved) == 1 and set(read_schedule_file(moved[0])["grids"]) == {"3", "4"}
+    assert set(read_schedule_file(copy)["grids"]) == {"3"} and any("moved to" in s for s in said)
+
+
 @pytest.mark.parametrize("rel,resumes", [(3e-9, True), (1e-3, False)])
 def test_a_file_made_on_another_device_resumes(mixture_files, tmp_path, rel, resumes):
     """The model's σ range may differ in the last bits on a GPU, and the device is not part of the settings:
