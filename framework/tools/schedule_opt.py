@@ -89,6 +89,7 @@ from framework.core.step import Denoiser, SamplerState
 from framework.maths.multistep import euler_as_linear, linear_update
 
 METHODS = ("gits", "oss", "ays", "ld3", "learned", "tpe")
+STOCK_INITS = ("leading", "karras", "exponential")  # ``init``: a stock grid of the budget's step count (else gits, oss or a file)
 FINALS = ("free", "sigma_min")  # ``final``: where the last step to 0 starts (sigma_min: pinned there, a near-free step)
 OBJECTIVES = ("latent", "image", "image_grad")  # ld3 / tpe / learned: the final error in latents, decoded images, or their gradients
 OBJECTIVE_NAMES = {"latent": "final RMSE to the teacher", "image": "RMSE of the decoded final images to the teacher's",
@@ -589,7 +590,7 @@ def initial_inner(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
         start, _ = gits(sampler, teacher, steps, pinned)
     elif opts.init == "oss":
         start, _ = oss(sampler, teacher, steps, pinned)
-    elif opts.init in ("leading", "karras", "exponential"):  # a stock grid of that many steps (points below the start kept)
+    elif opts.init in STOCK_INITS:  # a stock grid of that many steps (points below the start kept)
         start = leading_grid(sampler.model, steps) if opts.init == "leading" else stock_grid(opts.init, sampler.model, steps)
     else:
         from framework.runs.schedule_file import read_schedule_file
@@ -601,7 +602,7 @@ def initial_inner(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
     top, tail = teacher.fine[0], ([sampler.sigma_min] if pinned else [])
     free = steps - 1 - len(tail)  # the learned σ_1 … (σ_0 = the start; then σ_min if pinned, then 0)
     inner = [v for v in start[1:-1] if v < top and not (pinned and v <= sampler.sigma_min * 1.01)][:free]
-    if len(inner) != free and opts.init in ("leading", "karras", "exponential") and len(start) == steps + 1:
+    if len(inner) != free and opts.init in STOCK_INITS and len(start) == steps + 1:
         # too few of the stock grid's points lie below this start: its shape, log σ mapped affinely onto
         # [its last nonzero σ, σ_0] (the last point kept)
         a, b = math.log(start[0]), math.log(start[-2])
@@ -701,7 +702,7 @@ def learned(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
     if opts.coef_init == "init":  # the coefficients the init file holds for this budget (a fit continued)
         from framework.runs.schedule_file import read_schedule_file
 
-        if opts.init in ("gits", "oss", "leading", "karras", "exponential"):
+        if opts.init in ("gits", "oss", *STOCK_INITS):
             raise ConfigError(f"coef_init=init continues the coefficients of a schedule file: give init=<file>, not init={opts.init}")
         c = read_schedule_file(opts.init)["grids"][str(nfe)].get("coefficients")  # the grid itself came from there
         if c is None or len(c["e"]) != steps:
@@ -894,6 +895,7 @@ def optimize(opts: Options, overrides: Sequence[str], model: object | None = Non
                     teachers[key] = teacher
             teacher_start = (sigma0, sampler.vp_start)
         extra: dict[str, Any] = {}
+        latent_rmse = None  # learned: its coefficients' final latent RMSE (the solver's own run would be Euler's)
         pinned = opts.final == "sigma_min"
         if opts.method == "gits" and opts.history:
             grid, obj = gits_history(sampler, teacher, k, pinned)
@@ -916,7 +918,7 @@ def optimize(opts: Options, overrides: Sequence[str], model: object | None = Non
         else:
             grid, obj, its = ld3(sampler, teacher, k, opts, n)
             name, extra = OBJECTIVE_NAMES[opts.objective], {"iterations": its}
-        final = latent_rmse if opts.method == "learned" else rmse(sampler.trajectory(grid)[-1].x, teacher.x[-1])
+        final = latent_rmse if latent_rmse is not None else rmse(sampler.trajectory(grid)[-1].x, teacher.x[-1])
         grids[str(n)] = {"nfe": n, "steps": k, "sigmas": [float(s) for s in grid], "init_noise": sampler.init_scale(grid[0]),
                          "objective": float(obj),
                          "objective_name": name, "calibration_rmse_to_teacher": final,
