@@ -33,13 +33,21 @@ stage() {  # name, cap in seconds, probe arguments
     tar czf "$out/schedules.tgz" --exclude='*.pt' --exclude='*.safetensors' --exclude='*.png' -C "$runs" . 2>/dev/null
 }
 
-# the fits first; FD and prompt accuracy of the learned samplers afterwards (the fits and runs are read back)
-stage flow_base 150 "${flow[@]}" stock=euler,unipc,dpmpp_2m pairs=oss/euler,oss/unipc
-stage flow_learned_euler 140 "${flow[@]}" pairs=learned_oe/learned
-stage vp_base 90 "${vp[@]}" stock=euler,unipc,dpmpp_2m stock_schedules=karras,leading pairs=gitsh_lead/unipc,gitsh_lead/euler
-stage vp_learned 260 "${vp[@]}" pairs=learned_gle/learned,learned_glu/learned
-stage flow_learned_unipc 140 "${flow[@]}" pairs=learned_ou/learned
-stage vp_quality 60 "${vp[@]}" pairs=learned_gle/learned,learned_glu/learned quality=true
-stage flow_quality 60 "${flow[@]}" pairs=learned_oe/learned,learned_ou/learned quality=true
-stage vp_ld3 200 "${vp[@]}" pairs=oss_lead/unipc,ld3_lead/unipc,learned_lu/learned quality=true
+# 2026-12-04, second H200 session: consistent coefficients (each step exact on a constant denoiser) from σ_max / ∞
+# grids, the free fit beside them; PLAN=19 reruns the first session's stages
+if [[ ${PLAN:-20} == 19 ]]; then
+    stage flow_base 150 "${flow[@]}" stock=euler,unipc,dpmpp_2m pairs=oss/euler,oss/unipc
+    stage flow_learned_euler 140 "${flow[@]}" pairs=learned_oe/learned
+    stage vp_base 90 "${vp[@]}" stock=euler,unipc,dpmpp_2m stock_schedules=karras,leading pairs=gitsh_lead/unipc,gitsh_lead/euler
+    stage vp_learned 260 "${vp[@]}" pairs=learned_gle/learned,learned_glu/learned
+    stage flow_learned_unipc 140 "${flow[@]}" pairs=learned_ou/learned
+    stage vp_quality 60 "${vp[@]}" pairs=learned_gle/learned,learned_glu/learned quality=true
+    stage flow_quality 60 "${flow[@]}" pairs=learned_oe/learned,learned_ou/learned quality=true
+    stage vp_ld3 200 "${vp[@]}" pairs=oss_lead/unipc,ld3_lead/unipc,learned_lu/learned quality=true
+else
+    stage vp_grids 150 "${vp[@]}" stock=euler stock_schedules=karras pairs=oss/euler,ld3/euler
+    stage vp_consistent 200 "${vp[@]}" pairs=learned_ld3e_c/learned quality=true
+    stage flow_consistent 220 "${flow[@]}" stock=euler pairs=oss/euler,learned_oe_c/learned quality=true
+    stage vp_free 200 "${vp[@]}" pairs=learned_ld3e_f/learned quality=true
+fi
 echo "== done at $SECONDS s" | tee -a "$out/log.txt"

@@ -42,7 +42,9 @@ Methods (``method=``):
   coefficients (Euler's; with ``coef_init=<solver>`` that deterministic multistep solver's on the grid,
   recovered by least squares; with ``coef_init=init`` those of the ``init`` file) are fitted by Adam (step
   ``coef_lr``) on the final error to the teacher (``objective``: of the latents, or of the decoded images or
-  their edges), by autograd through the model, ``iterations`` steps or ``seconds`` per budget, the best kept. The file holds
+  their edges), by autograd through the model, ``iterations`` steps or ``seconds`` per budget, the best kept. With
+  ``consistent=true`` every step stays exact on a constant denoiser (Σ_k b_jk = 1 − e_j, and e = 0 at the last step): the
+  free fit shrinks the sample toward 0 (its last row sums to ≈ 0.9), which the RMSE rewards and the pictures pay for. The file holds
   the grid and its coefficients; ``solver=learned schedule=optimized schedule.file=…`` runs them.
 - ``tpe`` — the Optuna baseline (as ``conf/hydra/sweeper/tune_points.yaml``, which tunes the
   interior points of a 3-step grid by TPE against one metric): Optuna's TPE sampler (seed 0) over
@@ -124,6 +126,7 @@ class Options:
     lr: float = 0.05  # ld3: Adam's step in log σ
     coef_lr: float = 0.003  # learned: Adam's step on the coefficients
     coef_init: str = "euler"  # learned: the first coefficients: Euler's, this solver's on the grid (least squares), or `init`: the init file's
+    consistent: bool = False  # learned: every step exact on a denoiser that returns a constant (no shrinkage toward 0)
     fd_step: float = 0.02  # ld3: central-difference step in log σ
     init: str = "gits"  # ld3's first grid: gits, oss, or a schedule file (its grid for the budget)
     trials: int = 60  # tpe: Optuna trials per budget
@@ -161,6 +164,8 @@ class Options:
             raise ConfigError(f"final={self.final}: choose from {', '.join(FINALS)}")
         if self.trials < 1:
             raise ConfigError(f"trials={self.trials}: tpe needs at least one trial")
+        if self.consistent and self.method != "learned":
+            raise ConfigError("consistent=true constrains method=learned's coefficients: drop it for method=" + self.method)
         if self.method == "learned" and self.final != "free":
             raise ConfigError("method=learned fits the coefficients on its init grid as it is: drop final=")
         if self.teacher_substeps < 1 or self.calibration.num_samples < 1:
@@ -715,6 +720,22 @@ def learned(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
         e0, b0 = solver_as_linear(sampler, opts.coef_init, grid)
     e = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in e0]
     b = [[torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in row] for row in b0]
+    finite = not math.isinf(grid[0])
+
+    def coefs(j: int) -> tuple[Any, list[Any]]:
+        """Step j's (e_j, b_j) as run: with ``consistent``, the newest D's weight makes the step exact on a
+        constant denoiser D ≡ c (x_{j+1} = e_j·x_T + (1 − e_j)·c from a finite σ_0, e_j·x_T + c from ∞) and the
+        last step leaves no x_T (e = 0): no shrinkage of the sample toward 0."""
+        if not opts.consistent:
+            return e[j], b[j]
+        ej = 0.0 if j == steps - 1 else e[j]
+        return ej, b[j][:-1] + [(1.0 - ej if finite else 1.0) - sum(b[j][:-1], 0.0)]
+
+    def as_float(v: Any) -> float:
+        return float(v.detach()) if torch.is_tensor(v) else float(v)
+
+    free = ([v for j in range(steps - 1) for v in [e[j], *b[j][:-1]]] + b[-1][:-1] if opts.consistent
+            else e + [v for row in b for v in row])
     x_T, target = sampler.start(grid[0]).x, teacher.x[-1]
     latent = opts.objective == "latent"
     with torch.no_grad():
@@ -725,11 +746,12 @@ def learned(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
         x, ds = x_T, []
         for j in range(steps):
             ds.append(sampler.denoised(x, j, grid))
-            x = linear_update(x_T, ds, e[j].to(x_T), [v.to(x_T) for v in b[j]])  # x_T's dtype and device
+            ej, bj = coefs(j)
+            x = linear_update(x_T, ds, torch.as_tensor(ej).to(x_T), [torch.as_tensor(v).to(x_T) for v in bj])  # x_T's dtype and device
         out = x if latent else image_features(sampler, x, opts.objective)
         return (out.double() - ref.double()).pow(2).mean(), x.detach()
 
-    opt = torch.optim.Adam(e + [v for row in b for v in row], lr=opts.coef_lr)
+    opt = torch.optim.Adam(free, lr=opts.coef_lr)
     best, kept, kept_rmse = math.inf, (e0, b0), math.inf
     t0, it = time.perf_counter(), 0
     for it in range(1, opts.iterations + 1):
@@ -738,7 +760,8 @@ def learned(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
         value = float(loss.detach().sqrt())
         if value < best:
             best, kept_rmse = value, rmse(x, target)
-            kept = ([float(v.detach()) for v in e], [[float(v.detach()) for v in row] for row in b])
+            rows = [coefs(j) for j in range(steps)]
+            kept = ([as_float(ej) for ej, _ in rows], [[as_float(v) for v in bj] for _, bj in rows])
         if time.perf_counter() - t0 > opts.seconds or it == opts.iterations:
             break
         loss.backward()
@@ -841,8 +864,9 @@ def optimize(opts: Options, overrides: Sequence[str], model: object | None = Non
     steps_of = {n: sampler.steps_for_nfe(n) for n in budgets}  # refuses an unreachable budget before any work
     settings = {k: v for k, v in asdict(opts).items() if k in ("fine", "fine_top", "teacher", "teacher_substeps", "teacher_rtol",
                                                                  "iterations", "seconds", "lr", "fd_step", "init", "trials", "history", "start", "final",
-                                                                 "objective", "coef_lr", "coef_init")}
-    for key, plain in (("final", "free"), ("objective", "latent"), ("fine_top", None), ("coef_lr", 0.003), ("coef_init", "euler")):  # keys only where set: older files still resume
+                                                                 "objective", "coef_lr", "coef_init", "consistent")}
+    for key, plain in (("final", "free"), ("objective", "latent"), ("fine_top", None), ("coef_lr", 0.003), ("coef_init", "euler"),
+                       ("consistent", False)):  # keys only where set: older files still resume
         if settings.get(key) == plain:
             settings.pop(key)
     run_keys = {k: OmegaConf.to_container(cfg, resolve=True).get(k) for k in ("cfg_scale", "dtype", "guidance", "momentum")}

@@ -448,6 +448,30 @@ def test_learned_coefficients_from_infinity(tmp_path):
     assert e_fit < 0.9 * e_euler
 
 
+@pytest.mark.parametrize("flow", [False, True])
+def test_consistent_learned_coefficients_are_exact_on_a_constant_denoiser(flow, tmp_path):
+    """consistent=true: every fitted step keeps Σ_k b_jk = 1 − e_j (from ∞: 1), the last leaves no x_T (e = 0), so
+    a denoiser that returns a constant gives that constant; the fit still beats Euler on its grid (held-out seed 0,
+    error to the exact solution). Without it the fit is free (the held-out figures are printed)."""
+    base_cfg = (FLOW + ["solver=learned"]) if flow else (MIX + ["solver=learned"])
+    common = dict(method="learned", init="oss" if flow else "karras", nfe=[3 if flow else 4], iterations=30, coef_lr=0.01, **SMALL)
+    content, path = optimize(Options(consistent=True, out=str(tmp_path / "c.json"), **common), base_cfg, log=lambda s: None)
+    g = next(iter(content["grids"].values()))
+    assert content["settings"]["consistent"] is True
+    e, b = g["coefficients"]["e"], g["coefficients"]["b"]
+    assert e[-1] == 0.0
+    for ej, row in zip(e, b):
+        assert math.isclose(sum(row), 1.0 if flow else 1.0 - ej, rel_tol=0, abs_tol=1e-12), (ej, row)
+    steps = g["steps"]
+    run_base = (FLOW[:2] + ["dtype=float64", "guidance=[]"] if flow else MIX) + [
+        f"steps={steps}", "seed=0", "num_samples=8", "batch_size=8", "callback=[]", "schedule=optimized", f"schedule.file={path}"]
+    euler, fitted = (run(run_base + [s]).record["metrics"]["rmse_to_reference"] for s in ("solver=euler", "solver=learned"))
+    print("consistent", "flow" if flow else "vp", fitted, "euler", euler)
+    assert fitted < 0.9 * euler
+    with pytest.raises(ConfigError, match="consistent=true constrains method=learned"):
+        optimize(Options(method="gits", consistent=True, nfe=[4], out=str(tmp_path / "g.json"), **SMALL), MIX + ["solver=euler"])
+
+
 @pytest.mark.parametrize("solver", ["dpmpp_2m", "unipc"])
 def test_learned_coefficients_can_start_from_a_multistep_solver(solver, tmp_path):
     """coef_init=<solver>: its coefficients on the grid, recovered by least squares, reproduce that solver's
