@@ -43,8 +43,8 @@ Methods (``method=``):
   recovered by least squares; with ``coef_init=init`` those of the ``init`` file) are fitted by Adam (step
   ``coef_lr``) on the final error to the teacher (``objective``: of the latents, or of the decoded images or
   their edges), by autograd through the model, ``iterations`` steps or ``seconds`` per budget, the best kept. With
-  ``consistent=true`` every step stays exact on a constant denoiser (Σ_k b_jk = 1 − e_j, and e = 0 at the last step): the
-  free fit shrinks the sample toward 0 (its last row sums to ≈ 0.9), which the RMSE rewards and the pictures pay for. The file holds
+  ``consistent=true`` every step stays exact on a constant denoiser (Σ_k b_jk = 1 − e_j, and e = 0 at the last step): a
+  free fit shrinks the sample toward 0 (its last row sums to ≈ 0.9), which the RMSE rewards. The file holds
   the grid and its coefficients; ``solver=learned schedule=optimized schedule.file=…`` runs them.
 - ``tpe`` — the Optuna baseline (as ``conf/hydra/sweeper/tune_points.yaml``, which tunes the
   interior points of a 3-step grid by TPE against one metric): Optuna's TPE sampler (seed 0) over
@@ -751,18 +751,19 @@ def learned(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
         out = x if latent else image_features(sampler, x, opts.objective)
         return (out.double() - ref.double()).pow(2).mean(), x.detach()
 
-    opt = torch.optim.Adam(free, lr=opts.coef_lr)
+    opt = torch.optim.Adam(free, lr=opts.coef_lr) if free else None  # (one consistent step has nothing free)
     best, kept, kept_rmse = math.inf, (e0, b0), math.inf
     t0, it = time.perf_counter(), 0
     for it in range(1, opts.iterations + 1):
-        opt.zero_grad()
+        if opt is not None:
+            opt.zero_grad()
         loss, x = final()
         value = float(loss.detach().sqrt())
         if value < best:
             best, kept_rmse = value, rmse(x, target)
             rows = [coefs(j) for j in range(steps)]
             kept = ([as_float(ej) for ej, _ in rows], [[as_float(v) for v in bj] for _, bj in rows])
-        if time.perf_counter() - t0 > opts.seconds or it == opts.iterations:
+        if time.perf_counter() - t0 > opts.seconds or it == opts.iterations or opt is None:
             break
         loss.backward()
         opt.step()

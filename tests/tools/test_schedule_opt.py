@@ -468,6 +468,9 @@ def test_consistent_learned_coefficients_are_exact_on_a_constant_denoiser(flow, 
     euler, fitted = (run(run_base + [s]).record["metrics"]["rmse_to_reference"] for s in ("solver=euler", "solver=learned"))
     print("consistent", "flow" if flow else "vp", fitted, "euler", euler)
     assert fitted < 0.9 * euler
+    if not flow:  # one consistent step has nothing free: x₁ = D₀
+        one, _ = optimize(Options(**{**common, "nfe": [1]}, consistent=True, out=str(tmp_path / "one.json")), base_cfg, log=lambda s: None)
+        assert one["grids"]["1"]["coefficients"] == {"e": [0.0], "b": [[1.0]]}
     with pytest.raises(ConfigError, match="consistent=true constrains method=learned"):
         optimize(Options(method="gits", consistent=True, nfe=[4], out=str(tmp_path / "g.json"), **SMALL), MIX + ["solver=euler"])
 
