@@ -127,6 +127,8 @@ class Options:
     coef_lr: float = 0.003  # learned: Adam's step on the coefficients
     coef_init: str = "euler"  # learned: the first coefficients: Euler's, this solver's on the grid (least squares), or `init`: the init file's
     consistent: bool = False  # learned: every step exact on a denoiser that returns a constant (no shrinkage toward 0)
+    validation: float = 0.0  # learned: the share of calibration prompts held back; the coefficients best on them are kept
+    patience: int = 20  # learned with validation: stop after this many Adam steps without a gain on the held-back prompts
     fd_step: float = 0.02  # ld3: central-difference step in log σ
     init: str = "gits"  # ld3's first grid: gits, oss, or a schedule file (its grid for the budget)
     trials: int = 60  # tpe: Optuna trials per budget
@@ -164,8 +166,11 @@ class Options:
             raise ConfigError(f"final={self.final}: choose from {', '.join(FINALS)}")
         if self.trials < 1:
             raise ConfigError(f"trials={self.trials}: tpe needs at least one trial")
-        if self.consistent and self.method != "learned":
-            raise ConfigError("consistent=true constrains method=learned's coefficients: drop it for method=" + self.method)
+        if not 0.0 <= self.validation < 1.0 or self.patience < 1:
+            raise ConfigError(f"validation={self.validation}, patience={self.patience}: give 0 ≤ validation < 1 "
+                              "(the share of calibration prompts held back, e.g. 0.25) and patience ≥ 1")
+        if (self.consistent or self.validation) and self.method != "learned":
+            raise ConfigError("consistent= and validation= are method=learned's: drop them for method=" + self.method)
         if self.method == "learned" and self.final != "free":
             raise ConfigError("method=learned fits the coefficients on its init grid as it is: drop final=")
         if self.teacher_substeps < 1 or self.calibration.num_samples < 1:
@@ -239,6 +244,7 @@ class Sampler:
         settings = read_settings(cfg)
         with torch.no_grad():  # the prompts' encoding too: nothing here is differentiated
             self.batch = engine.new_batch(self.run, list(settings.indices()))
+            self.groups = [k % len(settings.prompts) if settings.prompts else 0 for k in settings.indices()]  # each sample's prompt
             self.noise = self.batch.noise.draw()
         assert self.run.hooks is not None
         self.step_name, self.step_fn = self.run.hooks.step
@@ -697,10 +703,11 @@ def solver_as_linear(sampler: Sampler, name: str, grid: list[float]) -> tuple[li
 
 
 def learned(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
-            nfe: int) -> tuple[list[float], float, int, dict[str, list], float]:
+            nfe: int) -> tuple[list[float], float, float, dict[str, Any]]:
     """``solver=learned``'s coefficients on ``init``'s grid: Adam on the final error to the teacher
     (``objective``: of the latents, the decoded images or their edges), autograd through the model (and
-    the decoder); (grid, best objective, iterations, {"e": …, "b": …}, their final latent RMSE)."""
+    the decoder); (grid, the kept coefficients' objective and final latent RMSE on all calibration samples,
+    the grid's extra keys: iterations, {"e": …, "b": …}, with ``validation`` the held-back prompts' RMSE)."""
     if sampler.run.hooks.momentum:
         raise ConfigError("method=learned fits through the guided denoiser only: drop the momentum plugins")
     grid = [teacher.fine[0]] + initial_inner(sampler, teacher, steps, opts, nfe) + [0.0]
@@ -741,33 +748,57 @@ def learned(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
     with torch.no_grad():
         ref = target if latent else image_features(sampler, target, opts.objective)
 
-    def final() -> tuple[torch.Tensor, torch.Tensor]:
-        """(the objective's mean square, the final latents)"""
+    held = validation_mask(sampler.groups, opts.validation).to(x_T.device) if opts.validation else None
+
+    def final() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(the objective's mean square per sample, the final latents, the mean square the fit descends)"""
         x, ds = x_T, []
         for j in range(steps):
             ds.append(sampler.denoised(x, j, grid))
             ej, bj = coefs(j)
             x = linear_update(x_T, ds, torch.as_tensor(ej).to(x_T), [torch.as_tensor(v).to(x_T) for v in bj])  # x_T's dtype and device
         out = x if latent else image_features(sampler, x, opts.objective)
-        return (out.double() - ref.double()).pow(2).mean(), x.detach()
+        per = (out.double() - ref.double()).pow(2).flatten(1).mean(1)
+        return per.detach(), x.detach(), (per.mean() if held is None else per[~held].mean())
 
     opt = torch.optim.Adam(free, lr=opts.coef_lr) if free else None  # (one consistent step has nothing free)
-    best, kept, kept_rmse = math.inf, (e0, b0), math.inf
+    best, kept, kept_rmse, kept_it, kept_val, score = math.inf, (e0, b0), math.inf, 0, None, math.inf
     t0, it = time.perf_counter(), 0
     for it in range(1, opts.iterations + 1):
         if opt is not None:
             opt.zero_grad()
-        loss, x = final()
-        value = float(loss.detach().sqrt())
-        if value < best:
-            best, kept_rmse = value, rmse(x, target)
+        per, x, loss = final()
+        val = None if held is None else float(per[held].mean().sqrt())  # the held-back prompts decide what is kept
+        value = float(per.mean().sqrt())
+        if (value if val is None else val) < score:
+            score = value if val is None else val
+            best, kept_rmse, kept_it, kept_val = value, rmse(x, target), it, val
             rows = [coefs(j) for j in range(steps)]
             kept = ([as_float(ej) for ej, _ in rows], [[as_float(v) for v in bj] for _, bj in rows])
-        if time.perf_counter() - t0 > opts.seconds or it == opts.iterations or opt is None:
+        if (time.perf_counter() - t0 > opts.seconds or it == opts.iterations or opt is None
+                or (held is not None and it - kept_it >= opts.patience)):
             break
         loss.backward()
         opt.step()
-    return grid, best, it, {"e": kept[0], "b": kept[1]}, kept_rmse
+    extra = {"iterations": it, "coefficients": {"e": kept[0], "b": kept[1]}}
+    if held is not None:
+        extra.update(kept_iteration=kept_it, validation_rmse=kept_val, validation_samples=int(held.sum()))
+    return grid, best, kept_rmse, extra
+
+
+def validation_mask(groups: Sequence[int], share: float) -> torch.Tensor:
+    """The calibration samples held back from ``method=learned``'s gradient (True): those of the last
+    ``share`` of the prompts (of the samples, where all share one prompt), so the kept coefficients are the
+    ones that carry over to prompts the fit did not see."""
+    ids = sorted(set(groups))
+    if len(ids) < 2:
+        groups, ids = list(range(len(groups))), list(range(len(groups)))
+    k = max(1, round(share * len(ids)))
+    if k >= len(ids):
+        raise ConfigError(f"validation={share}: it holds back all {len(ids)} calibration prompts (samples); "
+                          "give a share that leaves some to fit, e.g. validation=0.25")
+    back = set(ids[-k:])
+    return torch.tensor([g in back for g in groups])
 
 
 def tpe(sampler: Sampler, teacher: Teacher, steps: int, trials: int, pinned: bool = False,
@@ -865,9 +896,11 @@ def optimize(opts: Options, overrides: Sequence[str], model: object | None = Non
     steps_of = {n: sampler.steps_for_nfe(n) for n in budgets}  # refuses an unreachable budget before any work
     settings = {k: v for k, v in asdict(opts).items() if k in ("fine", "fine_top", "teacher", "teacher_substeps", "teacher_rtol",
                                                                  "iterations", "seconds", "lr", "fd_step", "init", "trials", "history", "start", "final",
-                                                                 "objective", "coef_lr", "coef_init", "consistent")}
+                                                                 "objective", "coef_lr", "coef_init", "consistent", "validation", "patience")}
+    if not opts.validation:
+        settings.pop("patience")
     for key, plain in (("final", "free"), ("objective", "latent"), ("fine_top", None), ("coef_lr", 0.003), ("coef_init", "euler"),
-                       ("consistent", False)):  # keys only where set: older files still resume
+                       ("consistent", False), ("validation", 0.0)):  # keys only where set: older files still resume
         if settings.get(key) == plain:
             settings.pop(key)
     run_keys = {k: OmegaConf.to_container(cfg, resolve=True).get(k) for k in ("cfg_scale", "dtype", "guidance", "momentum")}
@@ -938,8 +971,8 @@ def optimize(opts: Options, overrides: Sequence[str], model: object | None = Non
             grid, obj = tpe(sampler, teacher, k, opts.trials, pinned, opts.objective)
             name = "final RMSE to the teacher (Optuna TPE)"
         elif opts.method == "learned":
-            grid, obj, its, coefficients, latent_rmse = learned(sampler, teacher, k, opts, n)
-            name, extra = OBJECTIVE_NAMES[opts.objective] + " (learned coefficients)", {"iterations": its, "coefficients": coefficients}
+            grid, obj, latent_rmse, extra = learned(sampler, teacher, k, opts, n)
+            name = OBJECTIVE_NAMES[opts.objective] + " (learned coefficients)"
         else:
             grid, obj, its = ld3(sampler, teacher, k, opts, n)
             name, extra = OBJECTIVE_NAMES[opts.objective], {"iterations": its}

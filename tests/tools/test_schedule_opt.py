@@ -471,8 +471,36 @@ def test_consistent_learned_coefficients_are_exact_on_a_constant_denoiser(flow, 
     if not flow:  # one consistent step has nothing free: x₁ = D₀
         one, _ = optimize(Options(**{**common, "nfe": [1]}, consistent=True, out=str(tmp_path / "one.json")), base_cfg, log=lambda s: None)
         assert one["grids"]["1"]["coefficients"] == {"e": [0.0], "b": [[1.0]]}
-    with pytest.raises(ConfigError, match="consistent=true constrains method=learned"):
+    with pytest.raises(ConfigError, match="consistent= and validation= are method=learned"):
         optimize(Options(method="gits", consistent=True, nfe=[4], out=str(tmp_path / "g.json"), **SMALL), MIX + ["solver=euler"])
+
+
+def test_validation_holds_back_whole_prompts():
+    from framework.tools.schedule_opt import validation_mask
+
+    assert validation_mask([0, 1, 2, 0, 1, 2], 1 / 3).tolist() == [False, False, True, False, False, True]
+    assert validation_mask([0, 0, 0, 0], 0.25).tolist() == [False, False, False, True]  # one prompt: by sample
+    with pytest.raises(ConfigError, match="holds back all 2"):
+        validation_mask([0, 1, 0, 1], 0.9)
+    with pytest.raises(ConfigError, match="0 ≤ validation < 1"):
+        Options(method="learned", validation=1.5).check()
+
+
+def test_learned_fit_keeps_the_coefficients_best_on_the_held_back_samples(tmp_path):
+    """validation=0.25 on 8 calibration samples: 2 are held back from the gradient, the kept step is the one best
+    on them, and the fit stops `patience` steps after it; the coefficients still beat Euler on a held-out seed."""
+    small = {**SMALL, "calibration": Calibration(seed=1000, num_samples=8)}
+    content, path = optimize(Options(method="learned", init="karras", nfe=[4], iterations=60, coef_lr=0.01, validation=0.25,
+                                     patience=15, out=str(tmp_path / "v.json"), **small), MIX + ["solver=learned"], log=lambda s: None)
+    g = content["grids"]["4"]
+    assert content["settings"]["validation"] == 0.25 and content["settings"]["patience"] == 15
+    assert g["validation_samples"] == 2 and 1 <= g["kept_iteration"] <= g["iterations"] <= 60
+    assert g["iterations"] == 60 or g["iterations"] - g["kept_iteration"] == 15
+    assert 0 < g["validation_rmse"] < 1
+    base = MIX + ["steps=4", "seed=0", "num_samples=8", "batch_size=8", "callback=[]", "schedule=optimized", f"schedule.file={path}"]
+    euler, fitted = (run(base + [s]).record["metrics"]["rmse_to_reference"] for s in ("solver=euler", "solver=learned"))
+    print("validation: learned", fitted, "euler", euler, "kept", g["kept_iteration"], "of", g["iterations"])
+    assert fitted < 0.7 * euler
 
 
 @pytest.mark.parametrize("solver", ["dpmpp_2m", "unipc"])
