@@ -44,7 +44,9 @@ Methods (``method=``):
   ``coef_lr``) on the final error to the teacher (``objective``: of the latents, or of the decoded images or
   their edges), by autograd through the model, ``iterations`` steps or ``seconds`` per budget, the best kept. With
   ``consistent=true`` every step stays exact on a constant denoiser (Σ_k b_jk = 1 − e_j, and e = 0 at the last step): a
-  free fit shrinks the sample toward 0 (its last row sums to ≈ 0.9), which the RMSE rewards. The file holds
+  free fit shrinks the sample toward 0 (its last row sums to ≈ 0.9), which the RMSE rewards. With ``validation=<share>``
+  that share of the calibration prompts is held back from the gradient: the coefficients best on them are kept, and
+  the fit stops ``patience`` steps after the last gain there (the fit otherwise overfits the calibration set). The file holds
   the grid and its coefficients; ``solver=learned schedule=optimized schedule.file=…`` runs them.
 - ``tpe`` — the Optuna baseline (as ``conf/hydra/sweeper/tune_points.yaml``, which tunes the
   interior points of a 3-step grid by TPE against one metric): Optuna's TPE sampler (seed 0) over
