@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from experiments.harness import Experiment, entry, instantiate, pyplot, save_figure, save_text
-from experiments.schedule_opt.common import base_overrides, reference_overrides
+from experiments.schedule_opt.common import base_overrides, ratio_interval, reference_overrides
 from framework.entry.api import run
 from framework.entry.compose import compose
 from framework.plugin import ConfigError
@@ -254,7 +254,8 @@ def best_cells(results: dict, budgets: list[int], select: str = "calibration") -
             a, b = s[3].get("sample_errors"), chosen[0].get("sample_errors")
             if a and b and len(a) == len(b):  # the same x_T per sample: a few samples that flip mode can carry the RMSE
                 out[n]["per_sample"] = {"median_ratio": float(np.median(b) / np.median(a)),
-                                        "better": int(sum(y < x for x, y in zip(a, b))), "n": len(a)}
+                                        "better": int(sum(y < x for x, y in zip(a, b))), "n": len(a),
+                                        "ratio_interval": ratio_interval(a, b)}
     return out
 
 
@@ -447,11 +448,13 @@ def write(results: dict, cfg: DictConfig, out: Path) -> list[str]:
                              f"{o['sampler']} | {fmt(o['error'])} | {o['ratio']:.2f} |")
         split = [(n, res["best"][n]["per_sample"]) for n in budgets if (res["best"].get(n) or {}).get("per_sample")]
         if split:
-            lines += ["", "**Per sample** (the same two samplers; each sample's RMSE to its reference): the ratio of the median "
-                      "per-sample errors, and on how many samples the optimised one is better — where a few samples that "
-                      "land in another mode carry the RMSE, these differ from its ratio", "",
-                      "| NFE | ratio of the medians | optimised better on |", "| --- | --- | --- |"]
-            lines += [f"| {n} | {p['median_ratio']:.2f} | {p['better']} / {p['n']} |" for n, p in split]
+            lines += ["", "**Per sample** (the same two samplers; each sample's RMSE to its reference): the ratio's 90 % "
+                      "interval (a paired bootstrap over the held-out samples), the ratio of the median per-sample errors, "
+                      "and on how many samples the optimised one is better — where a few samples that land in another mode "
+                      "carry the RMSE, these differ from its ratio", "",
+                      "| NFE | ratio, 90 % interval | ratio of the medians | optimised better on |", "| --- | --- | --- | --- |"]
+            lines += [f"| {n} | {'–'.join(f'{v:.2f}' for v in p['ratio_interval']) if 'ratio_interval' in p else '—'} | "
+                      f"{p['median_ratio']:.2f} | {p['better']} / {p['n']} |" for n, p in split]
         lines += ["", "**Stock samplers** (the run with the most steps that fit; its NFE in brackets when below)", "",
                   "| solver + schedule | " + " | ".join(budgets) + " |", "| --- |" + " --- |" * len(budgets)]
         for solver, by in res["stock"].items():
@@ -584,6 +587,9 @@ def main(argv: list[str] | None = None) -> dict:
         import json
 
         results = json.loads(Path(cfg.from_results).read_text())["results"]
+        for res in results.values():  # the choice again (the same), with what best_cells reports now
+            chosen_on = next(iter((res.get("best") or {}).values()), {}).get("selected_on", cfg.select)
+            res["best"] = best_cells(res, [int(n) for n in cfg.nfe], str(chosen_on))
     else:
         results = study(cfg, Path(cfg.runs))
         keep = cfg.get("keep_results")

@@ -42,6 +42,8 @@ def test_per_sample_split_of_the_best_pair():
     b = study_mod.best_cells(res, [5])["5"]
     assert b["ratio"] < 0.25  # the RMSE's verdict
     assert math.isclose(b["per_sample"]["median_ratio"], 2.0) and b["per_sample"]["better"] == 2 and b["per_sample"]["n"] == 4
+    lo, hi = b["per_sample"]["ratio_interval"]
+    assert lo <= b["ratio"] <= hi and hi > 2 * lo  # one sample carries the RMSE: the ratio is barely known
     del res["stock"]["euler"]["karras"]["5"]["sample_errors"]  # an older record: no split
     assert "per_sample" not in study_mod.best_cells(res, [5])["5"]
 
@@ -80,3 +82,17 @@ def test_probe_table_names_the_model_of_non_default_records():
     rows = table(record).splitlines()[2:]
     assert rows[0].startswith("| oss/unipc | 5 | 5.13 |")
     assert rows[1].startswith("| bundled_flow: ld3/euler | 8 | inf | 0.4 | 0.25 |")
+
+
+def test_ratio_interval_is_a_paired_bootstrap():
+    from experiments.schedule_opt.common import ratio_interval
+
+    rng = __import__("random").Random(0)
+    stock = [rng.uniform(0.1, 0.3) for _ in range(64)]
+    assert ratio_interval(stock, [0.5 * v for v in stock]) == pytest.approx([0.5, 0.5], abs=1e-12)  # paired: no spread
+    noisy = [v * rng.uniform(0.3, 1.1) for v in stock]
+    lo, hi = ratio_interval(stock, noisy)
+    point = math.sqrt(sum(v * v for v in noisy) / sum(v * v for v in stock))
+    assert lo < point < hi < 1.0 and ratio_interval(stock, noisy) == [lo, hi]  # seeded: the same interval again
+    with pytest.raises(ValueError, match="same held-out samples"):
+        ratio_interval(stock, noisy[:-1])
