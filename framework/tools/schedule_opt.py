@@ -586,12 +586,18 @@ def ays(sampler: Sampler, teacher: Teacher, steps: int, sweeps: int) -> tuple[li
 
 def same_head(old: dict, head: dict) -> bool:
     """Whether a schedule file was made with these settings (its grids can be resumed): equal keys, the model's
-    σ range to float32 rounding (a GPU computes it from the same weights to within the last bits)."""
+    σ range to float32 rounding (a GPU computes it from the same weights to within the last bits), and an ``init``
+    schedule file named by its file name (a study's folder resumes where it is copied, e.g. from a GPU machine)."""
     def close(a, b) -> bool:
         return isinstance(a, float) and isinstance(b, float) and math.isclose(a, b, rel_tol=1e-6)
 
+    def settings(h: dict) -> dict:
+        init = str((h.get("settings") or {}).get("init", ""))
+        return {**h.get("settings", {}), "init": Path(init).name} if init.endswith(".json") else h.get("settings")
+
     m, n = old.get("model") or {}, head["model"]
-    return (all(old.get(k) == v for k, v in head.items() if k != "model") and m.keys() == n.keys()
+    return (all(old.get(k) == v for k, v in head.items() if k not in ("model", "settings"))
+            and settings(old) == settings(head) and m.keys() == n.keys()
             and all(m[k] == v or close(m[k], v) for k, v in n.items()))
 
 

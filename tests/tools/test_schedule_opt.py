@@ -539,6 +539,25 @@ def test_learned_fit_continues_from_a_files_coefficients(learned_file, tmp_path)
         optimize(Options(**{**opts, "init": str(plain)}, iterations=1, out=str(tmp_path / "d.json")), MIX + ["solver=learned"])
 
 
+def test_a_copied_folder_resumes_a_fit_made_from_a_file_in_it(learned_file, tmp_path):
+    """The init file is named by its file name: a study's folder copied elsewhere (from a GPU machine, say) resumes
+    the fits made from its files instead of moving them aside and fitting again."""
+    import shutil
+
+    _, path = learned_file
+    (tmp_path / "a").mkdir()
+    shutil.copy(path, tmp_path / "a" / "init.json")
+    opts = dict(method="learned", coef_init="init", nfe=[4], iterations=2, coef_lr=0.01, **SMALL)
+    first, _ = optimize(Options(init=str(tmp_path / "a" / "init.json"), out=str(tmp_path / "a" / "fit.json"), **opts),
+                        MIX + ["solver=learned"], log=lambda s: None)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    said: list[str] = []
+    again, _ = optimize(Options(init=str(tmp_path / "b" / "init.json"), out=str(tmp_path / "b" / "fit.json"), **opts),
+                        MIX + ["solver=learned"], log=said.append)
+    assert any("resuming" in s for s in said) and again["grids"] == first["grids"]
+    assert not list((tmp_path / "b").glob("*.replaced-*"))
+
+
 def test_learned_coefficients_on_an_image_objective(tiny_overrides, tmp_path):
     """objective=image_grad for method=learned (autograd through the decoder too): the file names the objective,
     its calibration RMSE stays the latent RMSE to the teacher (one Adam step keeps Euler's coefficients: equal to
