@@ -2,7 +2,7 @@
 # Issue 24 on a GPU: learned solver coefficients (solver=learned, method=learned) from the study's grids, VP and flow,
 # NFE 5, 6, 8, on 128 held-out and 96 calibration samples, with the stock samplers on the same references.
 #
-#   bash experiments/schedule_opt/gpu_learned.sh OUT [seconds]     # on a machine with CUDA; ~15 min on one H200
+#   [PLAN=19|20] bash experiments/schedule_opt/gpu_learned.sh OUT [seconds]     # on a machine with CUDA; ~15 min on one H200
 #
 # Stages run in order of priority until the deadline (default 540 s); each writes its probe record (OUT/flow.json,
 # OUT/vp.json: experiments.schedule_opt.probe's format) and its log as it goes, and the schedule files (the grids and
@@ -34,7 +34,8 @@ stage() {  # name, cap in seconds, probe arguments
 }
 
 # 2026-12-04, second H200 session: consistent coefficients (each step exact on a constant denoiser) from σ_max / ∞
-# grids, the free fit beside them; PLAN=19 reruns the first session's stages
+# grids, the free fit beside them (one 555-s call: vp_grids 80 s, vp_consistent 183 s, flow_consistent 200 s; vp_free
+# fitted NFE 5 and was cut; a short call on the warm machine ran it at NFE 6); PLAN=19 reruns the first session's stages
 if [[ ${PLAN:-20} == 19 ]]; then
     stage flow_base 150 "${flow[@]}" stock=euler,unipc,dpmpp_2m pairs=oss/euler,oss/unipc
     stage flow_learned_euler 140 "${flow[@]}" pairs=learned_oe/learned
