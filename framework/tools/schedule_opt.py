@@ -776,11 +776,11 @@ def learned(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
         if opt is not None:
             opt.zero_grad()
         per, x, loss = final()
-        val = None if held is None else float(per[held].mean().sqrt())  # the held-back prompts decide what is kept
         value = float(per.mean().sqrt())
-        if (value if val is None else val) < score:
-            score = value if val is None else val
-            best, kept_rmse, kept_it, kept_val = value, rmse(x, target), it, val
+        val = None if held is None else float(per[held].mean().sqrt())  # the held-back prompts decide what is kept
+        judged = value if val is None else val
+        if judged < score:
+            score, best, kept_rmse, kept_it, kept_val = judged, value, rmse(x, target), it, val
             rows = [coefs(j) for j in range(steps)]
             kept = ([as_float(ej) for ej, _ in rows], [[as_float(v) for v in bj] for _, bj in rows])
         if (time.perf_counter() - t0 > opts.seconds or it == opts.iterations or opt is None
