@@ -40,7 +40,8 @@ Methods (``method=``):
   the denoiser outputs so far, x_{j+1} = e_j·x_T + Σ_{k≤j} b_jk·D_k, on the
   grid of ``init`` (GITS, OSS, a stock grid, or a schedule file such as an LD3 grid); the
   coefficients (Euler's; with ``coef_init=<solver>`` that deterministic multistep solver's on the grid,
-  recovered by least squares; with ``coef_init=init`` those of the ``init`` file) are fitted by Adam (step
+  recovered by least squares; with ``coef_init=init`` those of the ``init`` file; with ``coef_init=greedy`` fitted
+  step by step by least squares to the teacher's states at the grid points, closed form) are fitted by Adam (step
   ``coef_lr``) on the final error to the teacher (``objective``: of the latents, or of the decoded images or
   their edges), by autograd through the model, ``iterations`` steps or ``seconds`` per budget, the best kept. With
   ``consistent=true`` every step stays exact on a constant denoiser (Σ_k b_jk = 1 − e_j, and e = 0 at the last step): a
@@ -127,7 +128,7 @@ class Options:
     seconds: float = 300.0  # ld3: time cap per budget
     lr: float = 0.05  # ld3: Adam's step in log σ
     coef_lr: float = 0.003  # learned: Adam's step on the coefficients
-    coef_init: str = "euler"  # learned: the first coefficients: Euler's, this solver's on the grid (least squares), or `init`: the init file's
+    coef_init: str = "euler"  # learned: the first coefficients: Euler's, this solver's on the grid (least squares), `greedy` (step by step to the teacher's states), or `init`: the init file's
     consistent: bool = False  # learned: every step exact on a denoiser that returns a constant (no shrinkage toward 0)
     validation: float = 0.0  # learned: the share of calibration prompts held back; the coefficients best on them are kept
     patience: int = 20  # learned with validation: stop after this many Adam steps without a gain on the held-back prompts
@@ -710,6 +711,68 @@ def solver_as_linear(sampler: Sampler, name: str, grid: list[float]) -> tuple[li
     return e, b
 
 
+def teacher_states(sampler: Sampler, teacher: Teacher, grid: list[float], opts: Options) -> list[torch.Tensor]:
+    """The teacher's states at ``grid``'s interior points, then its final target: the teacher solver rerun on
+    its fine grid merged with those points (the same substeps per interval)."""
+    inner = [float(s) for s in grid[1:-1]]
+    if grid[0] != teacher.fine[0] or any(s < sampler.sigma_min for s in inner):
+        raise ConfigError(f"the grid {[round(s, 4) for s in grid]} does not lie on the teacher's range "
+                          f"{teacher.fine[0]:g} … {sampler.sigma_min:g}")
+    pts = list(teacher.fine[:-1])
+    for s in inner:  # a fine point within rounding of a grid point becomes it (no zero-length teacher step)
+        near = [k for k, f in enumerate(pts) if math.isfinite(f) and abs(math.log(s / f)) < 1e-6]
+        if near:
+            pts[near[0]] = s
+        else:
+            pts.append(s)
+    fine = sorted(set(pts), reverse=True) + [0.0]
+    t = make_teacher(sampler, fine, opts.teacher, opts.teacher_substeps, opts.teacher_rtol)
+    at = dict(zip(fine, t.x))
+    return [at[s] for s in inner] + [t.x[-1]]
+
+
+def greedy_coefficients(sampler: Sampler, teacher: Teacher, grid: list[float],
+                        opts: Options) -> tuple[list[float], list[list[float]]]:
+    """``coef_init=greedy``: step by step, the coefficients whose state is nearest (least squares over the
+    calibration samples) to the teacher's at the next grid point, given the student's own past states; with
+    ``consistent`` inside that family (the newest D's weight implied), the last step onto the teacher's target.
+    Closed form, one evaluation per step after the teacher: seconds where Adam takes minutes."""
+    steps, finite = len(grid) - 1, not math.isinf(grid[0])
+    targets = teacher_states(sampler, teacher, grid, opts)
+    with torch.no_grad():
+        x_T = sampler.start(grid[0]).x
+        x, ds, e, b = x_T, [], [], []
+        for j in range(steps):
+            ds.append(sampler.denoised(x, j, grid))
+            d = ds[-1].double()
+            if opts.consistent:  # x_{j+1} − D_j = e_j·(x_T − D_j) + Σ_{k<j} b_jk·(D_k − D_j) (from ∞: e_j·x_T)
+                cols = ([] if j == steps - 1 else [x_T.double() - d if finite else x_T.double()]) + [v.double() - d for v in ds[:-1]]
+                y = targets[j].double() - d
+            else:
+                cols, y = [x_T.double()] + [v.double() for v in ds], targets[j].double()
+            c = least_squares(cols, y)
+            if opts.consistent:
+                ej = 0.0 if j == steps - 1 else c[0]
+                head = c[(0 if j == steps - 1 else 1):]
+                row = head + [(1.0 - ej if finite else 1.0) - sum(head)]
+            else:
+                ej, row = c[0], c[1:]
+            e.append(ej)
+            b.append(row)
+            x = linear_update(x_T, ds, torch.tensor(ej).to(x_T), [torch.tensor(v).to(x_T) for v in row])
+    return e, b
+
+
+def least_squares(cols: list[torch.Tensor], y: torch.Tensor) -> list[float]:
+    """argmin_c ‖Σ c_k·cols_k − y‖² over every element, the least-norm one where the columns are dependent (as on a
+    Gaussian, where every D is a multiple of x_T): the normal equations in float64, solved on the CPU by SVD."""
+    if not cols:
+        return []
+    a = torch.stack([v.flatten() for v in cols])
+    gram, rhs = (a @ a.T).cpu(), (a @ y.flatten()).cpu()
+    return [float(v) for v in torch.linalg.lstsq(gram, rhs[:, None], rcond=1e-12, driver="gelsd").solution[:, 0]]
+
+
 def learned(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
             nfe: int) -> tuple[list[float], float, float, dict[str, Any]]:
     """``solver=learned``'s coefficients on ``init``'s grid: Adam on the final error to the teacher
@@ -731,6 +794,8 @@ def learned(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
         e0, b0 = [float(v) for v in c["e"]], [[float(v) for v in row] for row in c["b"]]
     elif opts.coef_init == "euler":
         e0, b0 = euler_as_linear(grid)
+    elif opts.coef_init == "greedy":
+        e0, b0 = greedy_coefficients(sampler, teacher, grid, opts)
     else:
         e0, b0 = solver_as_linear(sampler, opts.coef_init, grid)
     e = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in e0]
