@@ -735,10 +735,12 @@ def greedy_coefficients(sampler: Sampler, teacher: Teacher, grid: list[float],
                         opts: Options) -> tuple[list[float], list[list[float]]]:
     """``coef_init=greedy``: step by step, the coefficients whose state is nearest (least squares over the
     calibration samples) to the teacher's at the next grid point, given the student's own past states; with
-    ``consistent`` inside that family (the newest D's weight implied), the last step onto the teacher's target.
-    Closed form, one evaluation per step after the teacher: seconds where Adam takes minutes."""
+    ``consistent`` inside that family (the newest D's weight implied), the last step onto the teacher's target;
+    with ``validation`` on the samples not held back only. Closed form, one evaluation per step after the teacher:
+    seconds where Adam takes minutes."""
     steps, finite = len(grid) - 1, not math.isinf(grid[0])
     targets = teacher_states(sampler, teacher, grid, opts)
+    seen = slice(None) if not opts.validation else ~validation_mask(sampler.groups, opts.validation).to(targets[0].device)
     with torch.no_grad():
         x_T = sampler.start(grid[0]).x
         x, ds, e, b = x_T, [], [], []
@@ -750,7 +752,7 @@ def greedy_coefficients(sampler: Sampler, teacher: Teacher, grid: list[float],
                 y = targets[j].double() - d
             else:
                 cols, y = [x_T.double()] + [v.double() for v in ds], targets[j].double()
-            c = least_squares(cols, y)
+            c = least_squares([v[seen] for v in cols], y[seen])
             if opts.consistent:
                 ej = 0.0 if j == steps - 1 else c[0]
                 head = c[(0 if j == steps - 1 else 1):]
