@@ -2,7 +2,7 @@
 # Issue 24 on a GPU: learned solver coefficients (solver=learned, method=learned) from the study's grids, VP and flow,
 # NFE 5, 6, 8, on 128 held-out and 96 calibration samples, with the stock samplers on the same references.
 #
-#   [PLAN=19|20] bash experiments/schedule_opt/gpu_learned.sh OUT [seconds]     # on a machine with CUDA; ~15 min on one H200
+#   [PLAN=19|20|21] bash experiments/schedule_opt/gpu_learned.sh OUT [seconds]     # on a machine with CUDA; ~15 min on one H200
 #
 # Stages run in order of priority until the deadline (default 540 s); each writes its probe record (OUT/flow.json,
 # OUT/vp.json: experiments.schedule_opt.probe's format) and its log as it goes, and the schedule files (the grids and
@@ -45,10 +45,19 @@ if [[ ${PLAN:-20} == 19 ]]; then
     stage vp_quality 60 "${vp[@]}" pairs=learned_gle/learned,learned_glu/learned quality=true
     stage flow_quality 60 "${flow[@]}" pairs=learned_oe/learned,learned_ou/learned quality=true
     stage vp_ld3 200 "${vp[@]}" pairs=oss_lead/unipc,ld3_lead/unipc,learned_lu/learned quality=true
-else
+elif [[ ${PLAN:-21} == 20 ]]; then
     stage vp_grids 150 "${vp[@]}" stock=euler stock_schedules=karras pairs=oss/euler,ld3/euler
     stage vp_consistent 200 "${vp[@]}" pairs=learned_ld3e_c/learned quality=true
     stage flow_consistent 220 "${flow[@]}" stock=euler pairs=oss/euler,learned_oe_c/learned quality=true
     stage vp_free 200 "${vp[@]}" pairs=learned_ld3e_f/learned quality=true
+else
+    # 2026-12-04, planned after the CPU's session 21 (greedy coefficients, coef_init=greedy): the flow model on 512
+    # held-out samples (DOP853 from ∞: ~90 minutes on two CPU cores) with greedy and Adam fits on OSS's Euler grids, NFE
+    # 5, 6, 8, 10; then VP with four times the calibration samples (does Adam's overfitting go, and Adam from greedy?)
+    flow512=(model=bundled_flow heldout.num_samples.bundled_flow=512 calibration.num_samples.bundled_flow=96 nfe=5,6,8,10 out="$out/flow512.json")
+    vp384=(model=bundled heldout.num_samples.bundled=512 calibration.num_samples.bundled=384 nfe=5,6,8,10 runs="$runs/cal384" out="$out/vp384.json")
+    stage flow512 300 "${flow512[@]}" stock=euler,unipc,dpmpp_2m pairs=oss/euler,learned_oe_g/learned,learned_oe_c/learned
+    stage vp384 240 "${vp384[@]}" stock=euler,dpmpp_2m,unipc stock_schedules=karras,leading pairs=oss/euler,learned_oe_g/learned,learned_ld3e_c/learned
+    stage flow512_quality 60 "${flow512[@]}" pairs=learned_oe_g/learned quality=true
 fi
 echo "== done at $SECONDS s" | tee -a "$out/log.txt"
