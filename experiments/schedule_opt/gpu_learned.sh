@@ -36,7 +36,7 @@ stage() {  # name, cap in seconds, probe arguments
 # 2026-12-04, second H200 session: consistent coefficients (each step exact on a constant denoiser) from σ_max / ∞
 # grids, the free fit beside them (one 555-s call: vp_grids 80 s, vp_consistent 183 s, flow_consistent 200 s; vp_free
 # fitted NFE 5 and was cut; a short call on the warm machine ran it at NFE 6); PLAN=19 reruns the first session's stages
-if [[ ${PLAN:-20} == 19 ]]; then
+if [[ ${PLAN:-21} == 19 ]]; then
     stage flow_base 150 "${flow[@]}" stock=euler,unipc,dpmpp_2m pairs=oss/euler,oss/unipc
     stage flow_learned_euler 140 "${flow[@]}" pairs=learned_oe/learned
     stage vp_base 90 "${vp[@]}" stock=euler,unipc,dpmpp_2m stock_schedules=karras,leading pairs=gitsh_lead/unipc,gitsh_lead/euler
@@ -51,13 +51,12 @@ elif [[ ${PLAN:-21} == 20 ]]; then
     stage flow_consistent 220 "${flow[@]}" stock=euler pairs=oss/euler,learned_oe_c/learned quality=true
     stage vp_free 200 "${vp[@]}" pairs=learned_ld3e_f/learned quality=true
 else
-    # 2026-12-04, planned after the CPU's session 21 (greedy coefficients, coef_init=greedy): the flow model on 512
-    # held-out samples (DOP853 from ∞: ~90 minutes on two CPU cores) with greedy and Adam fits on OSS's Euler grids, NFE
-    # 5, 6, 8, 10; then VP with four times the calibration samples (does Adam's overfitting go, and Adam from greedy?)
+    # planned after the CPU's session 21 (2026-12-04; greedy coefficients, coef_init=greedy): the flow model on 512
+    # held-out samples (its DOP853 reference from ∞, 975 NFE, ran at ~11 NFE a minute for 128 samples on two CPU cores:
+    # hours for 512; 16 s for 128 on the H200) — the stock set, OSS's Euler grids,
+    # greedy and Adam (consistent) coefficients on them, NFE 5, 6, 8, 10 — then the pictures of the greedy fits
     flow512=(model=bundled_flow heldout.num_samples.bundled_flow=512 calibration.num_samples.bundled_flow=96 nfe=5,6,8,10 out="$out/flow512.json")
-    vp384=(model=bundled heldout.num_samples.bundled=512 calibration.num_samples.bundled=384 nfe=5,6,8,10 runs="$runs/cal384" out="$out/vp384.json")
-    stage flow512 300 "${flow512[@]}" stock=euler,unipc,dpmpp_2m pairs=oss/euler,learned_oe_g/learned,learned_oe_c/learned
-    stage vp384 240 "${vp384[@]}" stock=euler,dpmpp_2m,unipc stock_schedules=karras,leading pairs=oss/euler,learned_oe_g/learned,learned_ld3e_c/learned
-    stage flow512_quality 60 "${flow512[@]}" pairs=learned_oe_g/learned quality=true
+    stage flow512 360 "${flow512[@]}" stock=euler,unipc,dpmpp_2m pairs=oss/euler,learned_oe_g/learned,learned_oe_c/learned
+    stage flow512_quality 90 "${flow512[@]}" pairs=oss/euler,learned_oe_g/learned,learned_oe_c/learned quality=true
 fi
 echo "== done at $SECONDS s" | tee -a "$out/log.txt"
