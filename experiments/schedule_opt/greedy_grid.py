@@ -1,0 +1,101 @@
+"""Pilot for issue 24: a grid chosen *for* greedy coefficients (``coef_init=greedy``), by coordinate descent over
+the points of a fine teacher trajectory.
+
+    python -m experiments.schedule_opt.greedy_grid NFE INIT OUT [fine] [sweeps]
+
+The study's VP calibration set (24 prompts, seed 1000, 96 samples, CFG 5) and a UniPC teacher on ``fine`` points
+log-uniform from σ_max to σ_min (3 substeps each, default 40 points). A grid is a choice of fine points from σ_max;
+its cost is the final calibration RMSE of the consistent greedy coefficients fitted on it to the teacher's states at
+those points — one pass of K model evaluations, no teacher rerun, so hundreds of grids cost minutes on the CPU.
+Starting from INIT's grid for NFE (a schedule file; each point moved to its nearest fine point), each interior
+point in turn moves by up to two fine points while the cost falls, for at most ``sweeps`` sweeps. OUT is a schedule
+file (a copy of INIT with this budget's grid replaced) for ``init=OUT coef_init=greedy`` (spec ``learned_cd_g``).
+Not part of the tool: its figures are in docs/optimisation.md.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from experiments.schedule_opt.__main__ import HERE
+from experiments.schedule_opt.common import base_overrides
+from framework.maths.multistep import linear_update
+from framework.runs.schedule_file import read_schedule_file, write_schedule_file
+from framework.tools.schedule_opt import Sampler, fine_grid, least_squares, make_teacher, rmse
+
+
+def main(nfe: int, init: str, out: str, n_fine: int = 40, sweeps: int = 4) -> None:
+    cfg = OmegaConf.load(HERE / "config.yaml")
+    cal = cfg.calibration
+    s = Sampler(base_overrides("bundled", "float32", list(cal.prompts), int(cal.seed), int(cal.num_samples.bundled))
+                + ["solver=euler"])
+    t0 = time.perf_counter()
+    fine = fine_grid(s.sigma_max, s.sigma_min, n_fine)
+    teacher = make_teacher(s, fine, "unipc", 3, 1e-5)
+    print(f"teacher: {teacher.nfe} NFE, {time.perf_counter() - t0:.0f} s", flush=True)
+    x_T = s.start(fine[0]).x
+    memo: dict[tuple[int, ...], float] = {}
+
+    def cost(idx: tuple[int, ...]) -> float:
+        if idx not in memo:
+            grid, k = [fine[i] for i in idx] + [0.0], len(idx)
+            x, ds = x_T, []
+            with torch.no_grad():
+                for j in range(k):
+                    ds.append(s.denoised(x, j, grid))
+                    d, last = ds[-1].double(), j == k - 1
+                    target = teacher.x[-1] if last else teacher.x[idx[j + 1]]
+                    cols = ([] if last else [x_T.double() - d]) + [v.double() - d for v in ds[:-1]]
+                    c = least_squares(cols, target.double() - d)
+                    ej = 0.0 if last else c[0]
+                    head = c[(0 if last else 1):]
+                    x = linear_update(x_T, ds, torch.tensor(ej).to(x_T),
+                                      [torch.tensor(v).to(x_T) for v in head + [1.0 - ej - sum(head)]])
+            memo[idx] = rmse(x, teacher.x[-1])
+        return memo[idx]
+
+    content = read_schedule_file(init)
+    start = [float(v) for v in content["grids"][str(nfe)]["sigmas"][:-1]]
+    logs = [math.log(f) for f in fine[:-1]]
+    idx = tuple(min(range(len(logs)), key=lambda i: abs(logs[i] - math.log(v))) for v in start)
+    idx = (0,) + tuple(sorted(set(idx[1:]) - {0}))
+    if len(idx) != len(start):
+        raise SystemExit(f"{init}: its NFE {nfe} grid does not fit {n_fine} fine points one per point")
+    best = cost(idx)
+    print(f"start {[round(fine[i], 3) for i in idx]}: {best:.4f}", flush=True)
+    for sweep in range(sweeps):
+        moved = False
+        for p in range(1, len(idx)):
+            for delta in (-2, -1, 1, 2):
+                cand = list(idx)
+                cand[p] += delta
+                lo, hi = cand[p - 1], cand[p + 1] if p + 1 < len(cand) else len(logs)
+                if not lo < cand[p] < hi:
+                    continue
+                value = cost(tuple(cand))
+                if value < best - 1e-6:
+                    best, idx, moved = value, tuple(cand), True
+        print(f"sweep {sweep + 1}: {[round(fine[i], 3) for i in idx]}: {best:.4f} ({len(memo)} grids, "
+              f"{time.perf_counter() - t0:.0f} s)", flush=True)
+        if not moved:
+            break
+    new = copy.deepcopy(content)
+    for key in ("format", "version", "checksum"):
+        new.pop(key, None)
+    g = new["grids"][str(nfe)]
+    g.update(sigmas=[fine[i] for i in idx] + [0.0], objective=best, calibration_rmse_to_teacher=best,
+             objective_name="final RMSE of greedy coefficients to a 40-point teacher", seconds=round(time.perf_counter() - t0, 1))
+    new["method"] = "greedy_grid (experiments/schedule_opt/greedy_grid.py)"
+    write_schedule_file(Path(out), new)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    a = sys.argv[1:]
+    main(int(a[0]), a[1], a[2], *(int(v) for v in a[3:5]))
