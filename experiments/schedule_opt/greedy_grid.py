@@ -20,14 +20,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
 from experiments.schedule_opt.__main__ import HERE
 from experiments.schedule_opt.common import base_overrides
-from framework.maths.multistep import linear_update
 from framework.runs.schedule_file import read_schedule_file, write_schedule_file
-from framework.tools.schedule_opt import Sampler, fine_grid, least_squares, make_teacher, rmse
+from framework.tools.schedule_opt import Sampler, fine_grid, greedy_fit, make_teacher, rmse
 
 
 def main(nfe: int, init: str, out: str, n_fine: int = 40, sweeps: int = 4) -> None:
@@ -39,25 +37,12 @@ def main(nfe: int, init: str, out: str, n_fine: int = 40, sweeps: int = 4) -> No
     fine = fine_grid(s.sigma_max, s.sigma_min, n_fine)
     teacher = make_teacher(s, fine, "unipc", 3, 1e-5)
     print(f"teacher: {teacher.nfe} NFE, {time.perf_counter() - t0:.0f} s", flush=True)
-    x_T = s.start(fine[0]).x
     memo: dict[tuple[int, ...], float] = {}
 
     def cost(idx: tuple[int, ...]) -> float:
         if idx not in memo:
-            grid, k = [fine[i] for i in idx] + [0.0], len(idx)
-            x, ds = x_T, []
-            with torch.no_grad():
-                for j in range(k):
-                    ds.append(s.denoised(x, j, grid))
-                    d, last = ds[-1].double(), j == k - 1
-                    target = teacher.x[-1] if last else teacher.x[idx[j + 1]]
-                    cols = ([] if last else [x_T.double() - d]) + [v.double() - d for v in ds[:-1]]
-                    c = least_squares(cols, target.double() - d)
-                    ej = 0.0 if last else c[0]
-                    head = c[(0 if last else 1):]
-                    x = linear_update(x_T, ds, torch.tensor(ej).to(x_T),
-                                      [torch.tensor(v).to(x_T) for v in head + [1.0 - ej - sum(head)]])
-            memo[idx] = rmse(x, teacher.x[-1])
+            targets = [teacher.x[i] for i in idx[1:]] + [teacher.x[-1]]
+            memo[idx] = rmse(greedy_fit(s, [fine[i] for i in idx] + [0.0], targets, consistent=True)[2], teacher.x[-1])
         return memo[idx]
 
     content = read_schedule_file(init)

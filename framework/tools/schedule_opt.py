@@ -733,36 +733,44 @@ def teacher_states(sampler: Sampler, teacher: Teacher, grid: list[float], opts: 
 
 def greedy_coefficients(sampler: Sampler, teacher: Teacher, grid: list[float],
                         opts: Options) -> tuple[list[float], list[list[float]]]:
-    """``coef_init=greedy``: step by step, the coefficients whose state is nearest (least squares over the
-    calibration samples) to the teacher's at the next grid point, given the student's own past states; with
-    ``consistent`` inside that family (the newest D's weight implied), the last step onto the teacher's target;
-    with ``validation`` on the samples not held back only. Closed form, one evaluation per step after the teacher:
-    seconds where Adam takes minutes."""
-    steps, finite = len(grid) - 1, not math.isinf(grid[0])
+    """``coef_init=greedy``: ``greedy_fit`` to the teacher's states at the grid's points (the teacher rerun on
+    them), with ``validation`` on the samples not held back only."""
     targets = teacher_states(sampler, teacher, grid, opts)
-    seen = slice(None) if not opts.validation else ~validation_mask(sampler.groups, opts.validation).to(targets[0].device)
+    seen = None if not opts.validation else ~validation_mask(sampler.groups, opts.validation).to(targets[0].device)
+    e, b, _ = greedy_fit(sampler, grid, targets, opts.consistent, seen)
+    return e, b
+
+
+def greedy_fit(sampler: Sampler, grid: list[float], targets: list[torch.Tensor], consistent: bool,
+               seen: torch.Tensor | None = None) -> tuple[list[float], list[list[float]], torch.Tensor]:
+    """Step by step, the coefficients whose state is nearest (least squares over the samples ``seen``, default all)
+    to ``targets[j]`` at grid point j + 1 (the last: the final sample), given the student's own past states; with
+    ``consistent`` inside that family (the newest D's weight implied). Closed form, one evaluation per step:
+    (e, b, the final state)."""
+    steps, finite = len(grid) - 1, not math.isinf(grid[0])
+    rows = slice(None) if seen is None else seen
     with torch.no_grad():
         x_T = sampler.start(grid[0]).x
         x, ds, e, b = x_T, [], [], []
         for j in range(steps):
             ds.append(sampler.denoised(x, j, grid))
-            d = ds[-1].double()
-            if opts.consistent:  # x_{j+1} − D_j = e_j·(x_T − D_j) + Σ_{k<j} b_jk·(D_k − D_j) (from ∞: e_j·x_T)
-                cols = ([] if j == steps - 1 else [x_T.double() - d if finite else x_T.double()]) + [v.double() - d for v in ds[:-1]]
+            d, last = ds[-1].double(), j == steps - 1
+            if consistent:  # x_{j+1} − D_j = e_j·(x_T − D_j) + Σ_{k<j} b_jk·(D_k − D_j) (from ∞: e_j·x_T)
+                cols = ([] if last else [x_T.double() - d if finite else x_T.double()]) + [v.double() - d for v in ds[:-1]]
                 y = targets[j].double() - d
             else:
                 cols, y = [x_T.double()] + [v.double() for v in ds], targets[j].double()
-            c = least_squares([v[seen] for v in cols], y[seen])
-            if opts.consistent:
-                ej = 0.0 if j == steps - 1 else c[0]
-                head = c[(0 if j == steps - 1 else 1):]
+            c = least_squares([v[rows] for v in cols], y[rows])
+            if consistent:
+                ej = 0.0 if last else c[0]
+                head = c[(0 if last else 1):]
                 row = head + [(1.0 - ej if finite else 1.0) - sum(head)]
             else:
                 ej, row = c[0], c[1:]
             e.append(ej)
             b.append(row)
             x = linear_update(x_T, ds, torch.tensor(ej).to(x_T), [torch.tensor(v).to(x_T) for v in row])
-    return e, b
+    return e, b, x
 
 
 def least_squares(cols: list[torch.Tensor], y: torch.Tensor) -> list[float]:
