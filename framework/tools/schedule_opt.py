@@ -761,16 +761,20 @@ def greedy_fit(sampler: Sampler, grid: list[float], targets: list[torch.Tensor],
             else:
                 cols, y = [x_T.double()] + [v.double() for v in ds], targets[j].double()
             c = least_squares([v[rows] for v in cols], y[rows])
-            if consistent:
-                ej = 0.0 if last else c[0]
-                head = c[(0 if last else 1):]
-                row = head + [(1.0 - ej if finite else 1.0) - sum(head)]
-            else:
-                ej, row = c[0], c[1:]
+            free = 0 if last else 1  # (a consistent last step has no e_j column)
+            ej, row = consistent_step(c[0] if free else 0.0, c[free:], last, finite) if consistent else (c[0], c[1:])
             e.append(ej)
             b.append(row)
             x = linear_update(x_T, ds, torch.tensor(ej).to(x_T), [torch.tensor(v).to(x_T) for v in row])
     return e, b, x
+
+
+def consistent_step(ej: Any, head: list[Any], last: bool, finite: bool) -> tuple[Any, list[Any]]:
+    """A consistent step's (e_j, b_j) from its free part: the last step leaves no x_T (e = 0) and the newest D's
+    weight makes Σ_k b_jk = 1 − e_j (from ∞: 1), so a denoiser that returns a constant gives that constant
+    (floats, or tensors that stay differentiable)."""
+    ej = 0.0 if last else ej
+    return ej, list(head) + [(1.0 - ej if finite else 1.0) - sum(head, 0.0)]
 
 
 def least_squares(cols: list[torch.Tensor], y: torch.Tensor) -> list[float]:
@@ -813,13 +817,8 @@ def learned(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
     finite = not math.isinf(grid[0])
 
     def coefs(j: int) -> tuple[Any, list[Any]]:
-        """Step j's (e_j, b_j) as run: with ``consistent``, the newest D's weight makes the step exact on a
-        constant denoiser D ≡ c (x_{j+1} = e_j·x_T + (1 − e_j)·c from a finite σ_0, e_j·x_T + c from ∞) and the
-        last step leaves no x_T (e = 0): no shrinkage of the sample toward 0."""
-        if not opts.consistent:
-            return e[j], b[j]
-        ej = 0.0 if j == steps - 1 else e[j]
-        return ej, b[j][:-1] + [(1.0 - ej if finite else 1.0) - sum(b[j][:-1], 0.0)]
+        """Step j's (e_j, b_j) as run (with ``consistent``: ``consistent_step``, no shrinkage toward 0)."""
+        return consistent_step(e[j], b[j][:-1], j == steps - 1, finite) if opts.consistent else (e[j], b[j])
 
     def as_float(v: Any) -> float:
         return float(v.detach()) if torch.is_tensor(v) else float(v)
