@@ -185,6 +185,7 @@ class Study:
         spec = dict((self.cfg.get("method_specs") or {}).get(method) or {"method": method})
         label, method = method, spec.pop("method")
         init_from = spec.pop("init_from", None)  # ld3: the file of this method spec (default: ld3_init)
+        samples = int(spec.pop("samples", c.num_samples[self.model]))  # a spec's own calibration size
         budgets = self.reachable(solver, budgets)
         if not budgets:
             raise ConfigError(f"solver={solver} meets none of the budgets exactly")
@@ -198,7 +199,7 @@ class Study:
                       seconds=float(self.cfg.ld3_seconds[self.model]), init=init, trials=int(self.cfg.tpe_trials))
         kwargs.update(spec)  # a method spec may set any of these (e.g. its own init or time cap)
         opts = Options(method=method, nfe=list(budgets), out=str(self.folder / "schedules" / f"{solver}_{label}{tag}.json"),
-                       progress=False, calibration=Calibration(list(c.prompts), int(seed), int(c.num_samples[self.model])),
+                       progress=False, calibration=Calibration(list(c.prompts), int(seed), samples),
                        **kwargs)
         overrides = [f"model={self.model}", f"dtype={self.dtype}", *self.solver_args(solver), "device=cpu", *self.extra]
         if self.model in ("mixture", "gaussian"):

@@ -1,9 +1,9 @@
 """Pilot for issue 24: a grid chosen *for* greedy coefficients (``coef_init=greedy``), by coordinate descent over
 the points of a fine teacher trajectory.
 
-    python -m experiments.schedule_opt.greedy_grid NFE INIT OUT [fine] [sweeps]
+    python -m experiments.schedule_opt.greedy_grid NFE INIT OUT [fine] [sweeps] [samples]
 
-The study's VP calibration set (24 prompts, seed 1000, 96 samples, CFG 5) and a UniPC teacher on ``fine`` points
+The study's VP calibration set (24 prompts, seed 1000, ``samples`` of them, default the study's 96; CFG 5) and a UniPC teacher on ``fine`` points
 log-uniform from σ_max to σ_min (3 substeps each, default 40 points). A grid is a choice of fine points from σ_max;
 its cost is the final calibration RMSE of the consistent greedy coefficients fitted on it to the teacher's states at
 those points — one pass of K model evaluations, no teacher rerun, so hundreds of grids cost minutes on the CPU.
@@ -28,10 +28,10 @@ from framework.runs.schedule_file import read_schedule_file, write_schedule_file
 from framework.tools.schedule_opt import Sampler, fine_grid, greedy_fit, make_teacher, rmse
 
 
-def main(nfe: int, init: str, out: str, n_fine: int = 40, sweeps: int = 4) -> None:
+def main(nfe: int, init: str, out: str, n_fine: int = 40, sweeps: int = 4, samples: int | None = None) -> None:
     cfg = OmegaConf.load(HERE / "config.yaml")
     cal = cfg.calibration
-    s = Sampler(base_overrides("bundled", "float32", list(cal.prompts), int(cal.seed), int(cal.num_samples.bundled))
+    s = Sampler(base_overrides("bundled", "float32", list(cal.prompts), int(cal.seed), samples or int(cal.num_samples.bundled))
                 + ["solver=euler"])
     t0 = time.perf_counter()
     fine = fine_grid(s.sigma_max, s.sigma_min, n_fine)
@@ -75,12 +75,13 @@ def main(nfe: int, init: str, out: str, n_fine: int = 40, sweeps: int = 4) -> No
         new.pop(key, None)
     g = new["grids"][str(nfe)]
     g.update(sigmas=[fine[i] for i in idx] + [0.0], objective=best, calibration_rmse_to_teacher=best,
-             objective_name="final RMSE of greedy coefficients to a 40-point teacher", seconds=round(time.perf_counter() - t0, 1))
+             objective_name=f"final RMSE of greedy coefficients to a {n_fine}-point teacher", seconds=round(time.perf_counter() - t0, 1))
     new["method"] = "greedy_grid (experiments/schedule_opt/greedy_grid.py)"
+    new["calibration"] = {**new.get("calibration", {}), "num_samples": samples or int(cal.num_samples.bundled)}
     write_schedule_file(Path(out), new)
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
     a = sys.argv[1:]
-    main(int(a[0]), a[1], a[2], *(int(v) for v in a[3:5]))
+    main(int(a[0]), a[1], a[2], *(int(v) for v in a[3:6]))

@@ -96,3 +96,14 @@ def test_ratio_interval_is_a_paired_bootstrap():
     assert lo < point < hi < 1.0 and ratio_interval(stock, noisy) == [lo, hi]  # seeded: the same interval again
     with pytest.raises(ValueError, match="same held-out samples"):
         ratio_interval(stock, noisy[:-1])
+
+
+def test_a_method_spec_may_set_its_own_calibration_size(tmp_path):
+    from experiments.harness import Experiment
+    from experiments.schedule_opt.__main__ import HERE, Study
+
+    cfg = Experiment.compose(HERE, ["fine.mixture=10", "calibration.num_samples.mixture=4", f"runs={tmp_path}",
+                                    "+method_specs.gits_six={method: gits, samples: 6}"]).cfg
+    s = Study(cfg, "mixture", tmp_path)
+    assert s.optimise("gits_six", "euler", [4], 1000, "")["content"]["calibration"]["num_samples"] == 6
+    assert s.optimise("gits", "euler", [4], 1000, "")["content"]["calibration"]["num_samples"] == 4
