@@ -3,8 +3,8 @@ the points of a fine teacher trajectory.
 
     python -m experiments.schedule_opt.greedy_grid NFE INIT OUT [fine] [sweeps] [samples]
 
-The study's VP calibration set (24 prompts, seed 1000, ``samples`` of them, default the study's 96; CFG 5) and a UniPC teacher on ``fine`` points
-log-uniform from σ_max to σ_min (3 substeps each, default 40 points). A grid is a choice of fine points from σ_max;
+The study's VP calibration set (24 prompts, seed 1000, ``samples`` of them, default the study's 96; CFG 5) and a
+UniPC teacher on ``fine`` points log-uniform from σ_max to σ_min (3 substeps each, default 40 points). A grid is a choice of fine points from σ_max;
 its cost is the final calibration RMSE of the consistent greedy coefficients fitted on it to the teacher's states at
 those points — one pass of K model evaluations, no teacher rerun, so hundreds of grids cost minutes on the CPU.
 Starting from INIT's grid for NFE (a schedule file; each point moved to its nearest fine point), each interior
