@@ -11,7 +11,6 @@ the split fit on GRIDFILE's NFE grid. Not part of the tool: its figures are in d
 """
 from __future__ import annotations
 
-import math
 import sys
 import time
 from types import SimpleNamespace
@@ -22,9 +21,8 @@ from safetensors.torch import load_file
 
 from experiments.schedule_opt.__main__ import HERE
 from experiments.schedule_opt.common import base_overrides
-from framework.core.state import Schedule, Stash
 from framework.runs.schedule_file import read_schedule_file
-from framework.tools.schedule_opt import (Node, Sampler, consistent_step, fine_grid, greedy_fit, least_squares,
+from framework.tools.schedule_opt import (Sampler, consistent_step, fine_grid, greedy_fit, least_squares,
                                           linear_update, make_teacher, rmse, teacher_states)
 
 REFERENCE = "outputs/h512/bundled/reference/batches/000000.safetensors"
@@ -32,9 +30,7 @@ REFERENCE = "outputs/h512/bundled/reference/batches/000000.safetensors"
 
 def evaluate(s: Sampler, x: torch.Tensor, i: int, grid: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """(guided D, Δ = D_c − D_u) at (x, grid[i])."""
-    _, den, batch = s._state(Node(x, grid[i], i, tuple(grid[: i + 1])), Schedule(tuple(grid), None, grid[0]), [], Stash())
-    p = den.evaluate(x, grid[i])
-    s.nfe += batch.nfe
+    p = s.prediction(x, i, grid)
     return p.denoised, p.cond_denoised - p.uncond_denoised
 
 
@@ -93,12 +89,7 @@ def main(nfe: int, gridfile: str, n_held: int = 128) -> None:
     h = Sampler(base_overrides("bundled", "float32", list(cfg.heldout.prompts), int(cfg.heldout.seed), n_held) + ["solver=euler"])
     if not torch.allclose(h.start(grid[0]).x, ref["x_T"][:n_held], rtol=1e-6):
         raise SystemExit("the held-out x_T differs from the reference's")
-    with torch.no_grad():
-        x, ds = h.start(grid[0]).x, []
-        for j in range(nfe):
-            ds.append(h.denoised(x, j, grid))
-            x = linear_update(h.start(grid[0]).x, ds, e[j], b[j])
-    plain = rmse(x, ref["latents"][:n_held])
+    plain = rmse(run_split(h, grid, [(ej, row, []) for ej, row in zip(e, b)]), ref["latents"][:n_held])
     split = rmse(run_split(h, grid, coefs), ref["latents"][:n_held])
     print(f"held-out ({n_held}) RMSE to the reference: plain {plain:.4f}, split {split:.4f} ({time.perf_counter() - t0:.0f} s)")
 

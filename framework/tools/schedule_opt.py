@@ -289,13 +289,17 @@ class Sampler:
             node.pred = (guided, pred)
         return node.pred
 
-    def denoised(self, x: torch.Tensor, i: int, grid: Sequence[float]) -> torch.Tensor:
-        """The guided D at (x, grid[i]) as step i of ``grid``, differentiable in x (no momentum)."""
+    def prediction(self, x: torch.Tensor, i: int, grid: Sequence[float]) -> Prediction:
+        """The guided evaluation at (x, grid[i]) as step i of ``grid``, differentiable in x (no momentum)."""
         node = Node(x, grid[i], i, tuple(grid[: i + 1]))
         _, den, batch = self._state(node, Schedule(tuple(grid), None, grid[0]), [], Stash())
-        out = den.evaluate(x, grid[i]).denoised
+        out = den.evaluate(x, grid[i])
         self.nfe += batch.nfe
         return out
+
+    def denoised(self, x: torch.Tensor, i: int, grid: Sequence[float]) -> torch.Tensor:
+        """The guided D at (x, grid[i]) as step i of ``grid``, differentiable in x (no momentum)."""
+        return self.prediction(x, i, grid).denoised
 
     def step(self, node: Node, sigma_next: float, total: int, step_fn: Callable | None = None) -> Node:
         """One step of the solver from ``node`` to ``sigma_next`` as step ``node.index`` of a
