@@ -42,7 +42,7 @@ def main(nfe: int, init: str, out: str, n_fine: int = 40, sweeps: int = 4, sampl
     def cost(idx: tuple[int, ...]) -> float:
         if idx not in memo:
             targets = [teacher.x[i] for i in idx[1:]] + [teacher.x[-1]]
-            memo[idx] = rmse(greedy_fit(s, [fine[i] for i in idx] + [0.0], targets, consistent=True)[2], teacher.x[-1])
+            memo[idx] = rmse(greedy_fit(s, [fine[i] for i in idx] + [0.0], targets, consistent=True)[-1], teacher.x[-1])
         return memo[idx]
 
     content = read_schedule_file(init)

@@ -188,9 +188,11 @@ def euler_as_linear(sigmas: Sequence[float]) -> tuple[list[float], list[list[flo
 
 
 def linear_update(x_T: torch.Tensor, ds: Sequence[torch.Tensor], e: float | torch.Tensor,
-                  b: Sequence[float | torch.Tensor]) -> torch.Tensor:
-    """e·x_T + Σ_k b_k·D_k (the state after step len(ds) − 1 of a linear multistep sampler)."""
+                  b: Sequence[float | torch.Tensor], deltas: Sequence[torch.Tensor] = (),
+                  g: Sequence[float | torch.Tensor] = ()) -> torch.Tensor:
+    """e·x_T + Σ_k b_k·D_k (+ Σ_k g_k·Δ_k, the guidance differences Δ_k = D_cond − D_uncond, where given): the
+    state after step len(ds) − 1 of a linear multistep sampler."""
     x = e * x_T
-    for w, d in zip(b, ds):
+    for w, d in [*zip(b, ds), *zip(g, deltas)]:
         x = x + w * d
     return x

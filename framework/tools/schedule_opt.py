@@ -45,7 +45,9 @@ Methods (``method=``):
   ``coef_lr``) on the final error to the teacher (``objective``: of the latents, or of the decoded images or
   their edges), by autograd through the model, ``iterations`` steps or ``seconds`` per budget, the best kept. With
   ``consistent=true`` every step stays exact on a constant denoiser (Σ_k b_jk = 1 − e_j, and e = 0 at the last step): a
-  free fit shrinks the sample toward 0 (its last row sums to ≈ 0.9), which the RMSE rewards. With ``validation=<share>``
+  free fit shrinks the sample toward 0 (its last row sums to ≈ 0.9), which the RMSE rewards. With ``guidance_terms=true``
+  each step also weighs every guidance difference so far, + Σ_k g_jk·(D_cond,k − D_uncond,k), with free g_jk (a guidance
+  weight per step and past output; zero on a constant denoiser, so consistency holds). With ``validation=<share>``
   that share of the calibration prompts is held back from the gradient: the coefficients best on them are kept, and
   the fit stops ``patience`` steps after the last gain there (the fit otherwise overfits the calibration set). The file holds
   the grid and its coefficients; ``solver=learned schedule=optimized schedule.file=…`` runs them.
@@ -130,6 +132,7 @@ class Options:
     coef_lr: float = 0.003  # learned: Adam's step on the coefficients
     coef_init: str = "euler"  # learned: the first coefficients: Euler's, this solver's on the grid (least squares), `greedy` (step by step to the teacher's states), or `init`: the init file's
     consistent: bool = False  # learned: every step exact on a denoiser that returns a constant (no shrinkage toward 0)
+    guidance_terms: bool = False  # learned: also a free weight on every guidance difference Δ_k = D_cond − D_uncond so far
     validation: float = 0.0  # learned: the share of calibration prompts held back; the coefficients best on them are kept
     patience: int = 20  # learned with validation: stop after this many Adam steps without a gain on the held-back prompts
     fd_step: float = 0.02  # ld3: central-difference step in log σ
@@ -172,8 +175,9 @@ class Options:
         if not 0.0 <= self.validation < 1.0 or self.patience < 1:
             raise ConfigError(f"validation={self.validation}, patience={self.patience}: give 0 ≤ validation < 1 "
                               "(the share of calibration prompts held back, e.g. 0.25) and patience ≥ 1")
-        if (self.consistent or self.validation) and self.method != "learned":
-            raise ConfigError("consistent= and validation= are method=learned's: drop them for method=" + self.method)
+        if (self.consistent or self.validation or self.guidance_terms) and self.method != "learned":
+            raise ConfigError("consistent=, guidance_terms= and validation= are method=learned's: drop them for method="
+                              + self.method)
         if self.method == "learned" and self.final != "free":
             raise ConfigError("method=learned fits the coefficients on its init grid as it is: drop final=")
         if self.teacher_substeps < 1 or self.calibration.num_samples < 1:
@@ -300,6 +304,17 @@ class Sampler:
     def denoised(self, x: torch.Tensor, i: int, grid: Sequence[float]) -> torch.Tensor:
         """The guided D at (x, grid[i]) as step i of ``grid``, differentiable in x (no momentum)."""
         return self.prediction(x, i, grid).denoised
+
+    def denoised_and_delta(self, x: torch.Tensor, i: int, grid: Sequence[float],
+                           terms: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The guided D and, with ``terms``, the guidance difference Δ = D_cond − D_uncond at (x, grid[i])."""
+        p = self.prediction(x, i, grid)
+        if not terms:
+            return p.denoised, None
+        if p.cond_denoised is None or p.uncond_denoised is None:
+            raise ConfigError("guidance_terms=true weighs D_cond − D_uncond, and this run has no classifier-free "
+                              "guidance (an unconditional model, or guidance=[]): drop guidance_terms")
+        return p.denoised, p.cond_denoised - p.uncond_denoised
 
     def step(self, node: Node, sigma_next: float, total: int, step_fn: Callable | None = None) -> Node:
         """One step of the solver from ``node`` to ``sigma_next`` as step ``node.index`` of a
@@ -736,41 +751,48 @@ def teacher_states(sampler: Sampler, teacher: Teacher, grid: list[float], opts: 
 
 
 def greedy_coefficients(sampler: Sampler, teacher: Teacher, grid: list[float],
-                        opts: Options) -> tuple[list[float], list[list[float]]]:
+                        opts: Options) -> tuple[list[float], list[list[float]], list[list[float]]]:
     """``coef_init=greedy``: ``greedy_fit`` to the teacher's states at the grid's points (the teacher rerun on
     them), with ``validation`` on the samples not held back only."""
     targets = teacher_states(sampler, teacher, grid, opts)
     seen = None if not opts.validation else ~validation_mask(sampler.groups, opts.validation).to(targets[0].device)
-    e, b, _ = greedy_fit(sampler, grid, targets, opts.consistent, seen)
-    return e, b
+    e, b, g, _ = greedy_fit(sampler, grid, targets, opts.consistent, seen, opts.guidance_terms)
+    return e, b, g
 
 
 def greedy_fit(sampler: Sampler, grid: list[float], targets: list[torch.Tensor], consistent: bool,
-               seen: torch.Tensor | None = None) -> tuple[list[float], list[list[float]], torch.Tensor]:
+               seen: torch.Tensor | None = None,
+               terms: bool = False) -> tuple[list[float], list[list[float]], list[list[float]], torch.Tensor]:
     """Step by step, the coefficients whose state is nearest (least squares over the samples ``seen``, default all)
     to ``targets[j]`` at grid point j + 1 (the last: the final sample), given the student's own past states; with
-    ``consistent`` inside that family (the newest D's weight implied). Closed form, one evaluation per step:
-    (e, b, the final state)."""
+    ``consistent`` inside that family (the newest D's weight implied), with ``terms`` a free weight on every guidance
+    difference Δ_k so far besides. Closed form, one evaluation per step: (e, b, g (rows of [] without terms), the
+    final state)."""
     steps, finite = len(grid) - 1, not math.isinf(grid[0])
     rows = slice(None) if seen is None else seen
     with torch.no_grad():
         x_T = sampler.start(grid[0]).x
-        x, ds, e, b = x_T, [], [], []
+        x, ds, deltas, e, b, g = x_T, [], [], [], [], []
         for j in range(steps):
-            ds.append(sampler.denoised(x, j, grid))
-            d, last = ds[-1].double(), j == steps - 1
+            d_j, delta = sampler.denoised_and_delta(x, j, grid, terms)
+            ds.append(d_j)
+            deltas += [] if delta is None else [delta]
+            d, last = d_j.double(), j == steps - 1
             if consistent:  # x_{j+1} − D_j = e_j·(x_T − D_j) + Σ_{k<j} b_jk·(D_k − D_j) (from ∞: e_j·x_T)
                 cols = ([] if last else [x_T.double() - d if finite else x_T.double()]) + [v.double() - d for v in ds[:-1]]
                 y = targets[j].double() - d
             else:
                 cols, y = [x_T.double()] + [v.double() for v in ds], targets[j].double()
-            c = least_squares([v[rows] for v in cols], y[rows])
+            c = least_squares([v[rows] for v in cols + [v.double() for v in deltas]], y[rows])
+            c, gj = c[: len(cols)], c[len(cols):]  # (Δ = 0 on a constant denoiser: its weights are free)
             free = 0 if last else 1  # (a consistent last step has no e_j column)
             ej, row = consistent_step(c[0] if free else 0.0, c[free:], last, finite) if consistent else (c[0], c[1:])
             e.append(ej)
             b.append(row)
-            x = linear_update(x_T, ds, torch.tensor(ej).to(x_T), [torch.tensor(v).to(x_T) for v in row])
-    return e, b, x
+            g.append(gj)
+            x = linear_update(x_T, ds, torch.tensor(ej).to(x_T), [torch.tensor(v).to(x_T) for v in row],
+                              deltas, [torch.tensor(v).to(x_T) for v in gj])
+    return e, b, g, x
 
 
 def consistent_step(ej: Any, head: list[Any], last: bool, finite: bool) -> tuple[Any, list[Any]]:
@@ -796,10 +818,11 @@ def learned(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
     """``solver=learned``'s coefficients on ``init``'s grid: Adam on the final error to the teacher
     (``objective``: of the latents, the decoded images or their edges), autograd through the model (and
     the decoder); (grid, the kept coefficients' objective and final latent RMSE on all calibration samples,
-    the grid's extra keys: iterations, {"e": …, "b": …}, with ``validation`` the held-back prompts' RMSE)."""
+    the grid's extra keys: iterations, {"e": …, "b": …, with ``guidance_terms`` "g": …}, with ``validation`` the held-back prompts' RMSE)."""
     if sampler.run.hooks.momentum:
         raise ConfigError("method=learned fits through the guided denoiser only: drop the momentum plugins")
     grid = [teacher.fine[0]] + initial_inner(sampler, teacher, steps, opts, nfe) + [0.0]
+    terms, g0 = opts.guidance_terms, []  # (g0: the guidance terms' first weights, where they come from the start)
     if opts.coef_init == "init":  # the coefficients the init file holds for this budget (a fit continued)
         from framework.runs.schedule_file import read_schedule_file
 
@@ -809,15 +832,21 @@ def learned(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
         if c is None or len(c["e"]) != steps:
             raise ConfigError(f"coef_init=init: {opts.init} holds no {steps}-step coefficients for NFE {nfe} "
                               "(make it with method=learned solver=learned)")
+        if "g" in c and not opts.guidance_terms:
+            raise ConfigError(f"coef_init=init: {opts.init} weighs the guidance differences: continue it with guidance_terms=true")
         e0, b0 = [float(v) for v in c["e"]], [[float(v) for v in row] for row in c["b"]]
+        g0 = [[float(v) for v in row] for row in c.get("g", [])]
     elif opts.coef_init == "euler":
         e0, b0 = euler_as_linear(grid)
     elif opts.coef_init == "greedy":
-        e0, b0 = greedy_coefficients(sampler, teacher, grid, opts)
+        e0, b0, g0 = greedy_coefficients(sampler, teacher, grid, opts)
     else:
         e0, b0 = solver_as_linear(sampler, opts.coef_init, grid)
+    if terms and not g0:  # no guidance terms to start from: none
+        g0 = [[0.0] * (j + 1) for j in range(steps)]
     e = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in e0]
     b = [[torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in row] for row in b0]
+    g = [[torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in row] for row in g0] if terms else []
     finite = not math.isinf(grid[0])
 
     def coefs(j: int) -> tuple[Any, list[Any]]:
@@ -828,7 +857,7 @@ def learned(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
         return float(v.detach()) if torch.is_tensor(v) else float(v)
 
     free = ([v for j in range(steps - 1) for v in [e[j], *b[j][:-1]]] + b[-1][:-1] if opts.consistent
-            else e + [v for row in b for v in row])
+            else e + [v for row in b for v in row]) + [v for row in g for v in row]
     x_T, target = sampler.start(grid[0]).x, teacher.x[-1]
     latent = opts.objective == "latent"
     with torch.no_grad():
@@ -838,17 +867,20 @@ def learned(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
 
     def final() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(the objective's mean square per sample, the final latents, the mean square the fit descends)"""
-        x, ds = x_T, []
+        x, ds, deltas = x_T, [], []
         for j in range(steps):
-            ds.append(sampler.denoised(x, j, grid))
+            d_j, delta = sampler.denoised_and_delta(x, j, grid, terms)
+            ds.append(d_j)
+            deltas += [] if delta is None else [delta]
             ej, bj = coefs(j)
-            x = linear_update(x_T, ds, torch.as_tensor(ej).to(x_T), [torch.as_tensor(v).to(x_T) for v in bj])  # x_T's dtype and device
+            x = linear_update(x_T, ds, torch.as_tensor(ej).to(x_T), [torch.as_tensor(v).to(x_T) for v in bj],  # x_T's dtype and device
+                              deltas, [v.to(x_T) for v in g[j]] if terms else ())
         out = x if latent else image_features(sampler, x, opts.objective)
         per = (out.double() - ref.double()).pow(2).flatten(1).mean(1)
         return per.detach(), x.detach(), (per.mean() if held is None else per[~held].mean())
 
     opt = torch.optim.Adam(free, lr=opts.coef_lr) if free else None  # (one consistent step has nothing free)
-    best, kept, kept_rmse, kept_it, kept_val, score = math.inf, (e0, b0), math.inf, 0, None, math.inf
+    best, kept, kept_rmse, kept_it, kept_val, score = math.inf, (e0, b0, g0), math.inf, 0, None, math.inf
     t0, it = time.perf_counter(), 0
     for it in range(1, opts.iterations + 1):
         if opt is not None:
@@ -860,13 +892,14 @@ def learned(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
         if judged < score:
             score, best, kept_rmse, kept_it, kept_val = judged, value, rmse(x, target), it, val
             rows = [coefs(j) for j in range(steps)]
-            kept = ([as_float(ej) for ej, _ in rows], [[as_float(v) for v in bj] for _, bj in rows])
+            kept = ([as_float(ej) for ej, _ in rows], [[as_float(v) for v in bj] for _, bj in rows],
+                    [[as_float(v) for v in row] for row in g])
         if (time.perf_counter() - t0 > opts.seconds or it == opts.iterations or opt is None
                 or (held is not None and it - kept_it >= opts.patience)):
             break
         loss.backward()
         opt.step()
-    extra = {"iterations": it, "coefficients": {"e": kept[0], "b": kept[1]}}
+    extra = {"iterations": it, "coefficients": {"e": kept[0], "b": kept[1], **({"g": kept[2]} if terms else {})}}
     if held is not None:
         extra.update(kept_iteration=kept_it, validation_rmse=kept_val, validation_samples=int(held.sum()))
     return grid, best, kept_rmse, extra
@@ -982,11 +1015,12 @@ def optimize(opts: Options, overrides: Sequence[str], model: object | None = Non
     steps_of = {n: sampler.steps_for_nfe(n) for n in budgets}  # refuses an unreachable budget before any work
     settings = {k: v for k, v in asdict(opts).items() if k in ("fine", "fine_top", "teacher", "teacher_substeps", "teacher_rtol",
                                                                  "iterations", "seconds", "lr", "fd_step", "init", "trials", "history", "start", "final",
-                                                                 "objective", "coef_lr", "coef_init", "consistent", "validation", "patience")}
+                                                                 "objective", "coef_lr", "coef_init", "consistent", "guidance_terms", "validation",
+                                                                 "patience")}
     if not opts.validation:
         settings.pop("patience")
     for key, plain in (("final", "free"), ("objective", "latent"), ("fine_top", None), ("coef_lr", 0.003), ("coef_init", "euler"),
-                       ("consistent", False), ("validation", 0.0)):  # keys only where set: older files still resume
+                       ("consistent", False), ("guidance_terms", False), ("validation", 0.0)):  # keys only where set: older files still resume
         if settings.get(key) == plain:
             settings.pop(key)
     run_keys = {k: OmegaConf.to_container(cfg, resolve=True).get(k) for k in ("cfg_scale", "dtype", "guidance", "momentum")}

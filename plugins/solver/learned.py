@@ -4,7 +4,8 @@ and every denoiser output so far,
     x_{j+1} = e_j·x_T + Σ_{k≤j} b_jk·D_k,   D_k = D(x_k, σ_k),
 
 with coefficients fitted for *one* model, grid and CFG scale by ``samplerlab-optimize-schedule
-method=learned`` (Adam on the final calibration error through the model, after S4S, Frankel et al.
+method=learned`` (with ``guidance_terms=true`` also + Σ_{k≤j} g_jk·Δ_k, the guidance differences
+Δ_k = D_cond,k − D_uncond,k: in effect a guidance weight per step and past output) (Adam on the final calibration error through the model, after S4S, Frankel et al.
 2025, and the bespoke solvers of Shaul et al. 2024; docs/optimisation.md). Euler, DDIM and
 DPM-Solver++(2M) on any grid are special cases; without a file the coefficients are Euler's, so the
 tool's grid methods (GITS, OSS, LD3) give the starting grid. ``file`` defaults to the run's
@@ -28,7 +29,9 @@ class _Memory:
     x_T: torch.Tensor | None = None
     e: list[float] = field(default_factory=list)
     b: list[list[float]] = field(default_factory=list)
+    g: list[list[float]] = field(default_factory=list)  # the guidance differences' weights (none: [])
     ds: list[torch.Tensor] = field(default_factory=list)
+    deltas: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -37,38 +40,45 @@ class Learned:
     input_files: ClassVar[tuple[str, ...]] = ("file",)  # read by content into the run key
 
     def __post_init__(self) -> None:
-        self._by_steps: dict[int, tuple[tuple[float, ...], list[float], list[list[float]]]] = {}
+        self._by_steps: dict[int, tuple[tuple[float, ...], list[float], list[list[float]], list[list[float]]]] = {}
         if self.file:
             for g in read_schedule_file(self.file)["grids"].values():
                 c = g.get("coefficients")
                 if c is not None:
-                    self._by_steps[int(g["steps"])] = (tuple(float(s) for s in g["sigmas"]), c["e"], c["b"])
+                    self._by_steps[int(g["steps"])] = (tuple(float(s) for s in g["sigmas"]), c["e"], c["b"], c.get("g", []))
             if not self._by_steps:
                 raise ConfigError(f"solver=learned: {self.file} holds no coefficients: make it with "
                                   "samplerlab-optimize-schedule method=learned solver=learned")
 
-    def coefficients(self, sigmas: tuple[float, ...]) -> tuple[list[float], list[list[float]]]:
+    def coefficients(self, sigmas: tuple[float, ...]) -> tuple[list[float], list[list[float]], list[list[float]]]:
+        """(e, b, g) for the run's grid; g = [] where the file weighs no guidance differences."""
         if not self.file:
-            return euler_as_linear(sigmas)
+            return (*euler_as_linear(sigmas), [])
         steps = len(sigmas) - 1
         if steps not in self._by_steps:
             have = ", ".join(map(str, sorted(self._by_steps)))
             raise ConfigError(f"solver=learned: {self.file} has coefficients for steps={have}, not steps={steps}")
-        grid, e, b = self._by_steps[steps]
+        grid, e, b, g = self._by_steps[steps]
         if not all(math.isclose(a, c, rel_tol=1e-6) or (math.isinf(a) and math.isinf(c)) for a, c in zip(grid, sigmas)):
             raise ConfigError(f"solver=learned: the coefficients of {self.file} were fitted on its {steps}-step grid; "
                               f"run them on it: schedule=optimized schedule.file={self.file}")
-        return e, b
+        return e, b, g
 
     @hookimpl
     def step(self, state, denoise) -> torch.Tensor:
         mem = state.stash.get(self, _Memory)  # kept here: the engine's history leaves out a step from ∞
         if mem.x_T is None:
             mem.x_T = state.x
-            mem.e, mem.b = self.coefficients(state.schedule.sigmas)
+            mem.e, mem.b, mem.g = self.coefficients(state.schedule.sigmas)
         mem.ds.append(state.pred.denoised)
         j = len(mem.ds) - 1
-        return linear_update(mem.x_T, mem.ds, mem.e[j], mem.b[j])
+        if mem.g:
+            guided = state.guided
+            if guided is None or guided.cond_denoised is None or guided.uncond_denoised is None:
+                raise ConfigError(f"solver=learned: {self.file} weighs the guidance difference D_cond − D_uncond, which "
+                                  "this run has not (no classifier-free guidance): run it with the CFG it was fitted at")
+            mem.deltas.append(guided.cond_denoised - guided.uncond_denoised)
+        return linear_update(mem.x_T, mem.ds, mem.e[j], mem.b[j], mem.deltas, mem.g[j] if mem.g else ())
 
     def step_from_infinity(self, state) -> torch.Tensor:  # x₁ = e₀·ε + b₀₀·D₀ (Euler's limit step without a file)
         return self.step(state, None)

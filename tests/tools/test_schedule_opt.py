@@ -471,7 +471,7 @@ def test_consistent_learned_coefficients_are_exact_on_a_constant_denoiser(flow, 
     if not flow:  # one consistent step has nothing free: x₁ = D₀
         one, _ = optimize(Options(**{**common, "nfe": [1]}, consistent=True, out=str(tmp_path / "one.json")), base_cfg, log=lambda s: None)
         assert one["grids"]["1"]["coefficients"] == {"e": [0.0], "b": [[1.0]]}
-    with pytest.raises(ConfigError, match="consistent= and validation= are method=learned"):
+    with pytest.raises(ConfigError, match="consistent=, guidance_terms= and validation= are method=learned"):
         optimize(Options(method="gits", consistent=True, nfe=[4], out=str(tmp_path / "g.json"), **SMALL), MIX + ["solver=euler"])
 
 
@@ -622,3 +622,41 @@ def test_learned_coefficients_on_an_image_objective(tiny_overrides, tmp_path):
     with pytest.raises(ConfigError, match="no decoder"):
         optimize(Options(method="learned", objective="image", nfe=[3], iterations=1, out=str(tmp_path / "g.json"), init="karras",
                          **{k: v for k, v in SMALL.items()}), MIX + ["solver=learned"], log=lambda s: None)
+
+
+def test_learned_guidance_terms(tiny_overrides, tmp_path):
+    """guidance_terms=true: each step also weighs every guidance difference Δ_k = D_cond − D_uncond so far. The greedy
+    fit with them (the plain fit's columns and more) ends nearer the teacher on its calibration samples, and Adam keeps
+    no worse; in solver=learned, weights g = c·b at CFG scale w are the plain coefficients at w + c (CFG is linear in D:
+    float32, 1e-4); a fit or a run without CFG refuses them, and a plain fit does not continue a file that has them."""
+    base = dict(method="learned", nfe=[3], init="karras", coef_init="greedy", consistent=True, fine=8, teacher="unipc",
+                teacher_substeps=2, progress=False, plot=False, calibration=Calibration(seed=1000, num_samples=4))
+    keys = tiny_overrides + ["dtype=float32", "device=cpu", "solver=learned"]
+    plain, plain_path = optimize(Options(iterations=1, out=str(tmp_path / "p.json"), **base), keys, log=lambda s: None)
+    terms, path = optimize(Options(iterations=1, guidance_terms=True, out=str(tmp_path / "t.json"), **base), keys, log=lambda s: None)
+    more, _ = optimize(Options(iterations=3, coef_lr=0.01, guidance_terms=True, out=str(tmp_path / "a.json"), **base), keys,
+                       log=lambda s: None)
+    p, t, a = (c["grids"]["3"] for c in (plain, terms, more))
+    print("guidance terms: plain", p["calibration_rmse_to_teacher"], "terms", t["calibration_rmse_to_teacher"],
+          "adam", a["calibration_rmse_to_teacher"])
+    assert [len(row) for row in t["coefficients"]["g"]] == [1, 2, 3] and "g" not in p["coefficients"]
+    assert t["calibration_rmse_to_teacher"] < p["calibration_rmse_to_teacher"]
+    assert a["calibration_rmse_to_teacher"] <= t["calibration_rmse_to_teacher"] * (1 + 1e-9)
+
+    shifted = read_schedule_file(plain_path)
+    c = shifted["grids"]["3"]["coefficients"]
+    c["g"] = [[0.75 * v for v in row] for row in c["b"]]
+    write_schedule_file(tmp_path / "s.json", shifted)
+    sample = keys + ["steps=3", "schedule=optimized", "num_samples=2", "save_images=false", "callback=[]"]
+    at_w = run(sample + [f"schedule.file={tmp_path / 's.json'}", "cfg_scale=5.0"]).latents
+    at_w_c = run(sample + [f"schedule.file={plain_path}", "cfg_scale=5.75"]).latents
+    assert (at_w - at_w_c).abs().max() <= 1e-4 * at_w.abs().max(), (at_w - at_w_c).abs().max()
+    with pytest.raises(ConfigError, match="no classifier-free guidance"):
+        run(sample + [f"schedule.file={path}", "guidance=[]"])
+    with pytest.raises(ConfigError, match="guidance_terms=true weighs"):
+        optimize(Options(**{**base, "init": "karras"}, guidance_terms=True, out=str(tmp_path / "m.json")),
+                 MIX + ["solver=learned"], log=lambda s: None)
+    with pytest.raises(ConfigError, match="continue it with guidance_terms=true"):
+        optimize(Options(**{**base, "init": str(path), "coef_init": "init"}, out=str(tmp_path / "c.json")), keys, log=lambda s: None)
+    with pytest.raises(ConfigError, match="guidance_terms= and validation= are method=learned"):
+        Options(method="gits", guidance_terms=True).check()
