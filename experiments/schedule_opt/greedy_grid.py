@@ -1,7 +1,7 @@
 """Pilot for issue 24: a grid chosen *for* greedy coefficients (``coef_init=greedy``), by coordinate descent over
 the points of a fine teacher trajectory.
 
-    python -m experiments.schedule_opt.greedy_grid NFE INIT OUT [fine] [sweeps] [samples]
+    python -m experiments.schedule_opt.greedy_grid NFE INIT OUT [fine] [sweeps] [samples] [terms]
 
 The study's VP calibration set (24 prompts, seed 1000, ``samples`` of them, default the study's 96; CFG 5) and a
 UniPC teacher on ``fine`` points log-uniform from σ_max to σ_min (3 substeps each, default 40 points). A grid is a choice of fine points from σ_max;
@@ -9,7 +9,8 @@ its cost is the final calibration RMSE of the consistent greedy coefficients fit
 those points — one pass of K model evaluations, no teacher rerun, so hundreds of grids cost minutes on the CPU.
 Starting from INIT's grid for NFE (a schedule file; each point moved to its nearest fine point), each interior
 point in turn moves by up to two fine points while the cost falls, for at most ``sweeps`` sweeps. OUT is a schedule
-file (a copy of INIT with this budget's grid replaced) for ``init=OUT coef_init=greedy`` (spec ``learned_cd_g``).
+file (a copy of INIT with this budget's grid replaced) for ``init=OUT coef_init=greedy`` (spec ``learned_cd_g``); with
+``terms`` = 1 the coefficients weigh the guidance differences too (``guidance_terms=true``, spec ``learned_cdt_g``).
 Not part of the tool: its figures are in docs/optimisation.md.
 """
 from __future__ import annotations
@@ -28,7 +29,8 @@ from framework.runs.schedule_file import read_schedule_file, write_schedule_file
 from framework.tools.schedule_opt import Sampler, fine_grid, greedy_fit, make_teacher, rmse
 
 
-def main(nfe: int, init: str, out: str, n_fine: int = 40, sweeps: int = 4, samples: int | None = None) -> None:
+def main(nfe: int, init: str, out: str, n_fine: int = 40, sweeps: int = 4, samples: int | None = None,
+         terms: int = 0) -> None:
     cfg = OmegaConf.load(HERE / "config.yaml")
     cal = cfg.calibration
     s = Sampler(base_overrides("bundled", "float32", list(cal.prompts), int(cal.seed), samples or int(cal.num_samples.bundled))
@@ -42,7 +44,7 @@ def main(nfe: int, init: str, out: str, n_fine: int = 40, sweeps: int = 4, sampl
     def cost(idx: tuple[int, ...]) -> float:
         if idx not in memo:
             targets = [teacher.x[i] for i in idx[1:]] + [teacher.x[-1]]
-            memo[idx] = rmse(greedy_fit(s, [fine[i] for i in idx] + [0.0], targets, consistent=True)[-1], teacher.x[-1])
+            memo[idx] = rmse(greedy_fit(s, [fine[i] for i in idx] + [0.0], targets, True, terms=bool(terms))[-1], teacher.x[-1])
         return memo[idx]
 
     content = read_schedule_file(init)
@@ -75,7 +77,7 @@ def main(nfe: int, init: str, out: str, n_fine: int = 40, sweeps: int = 4, sampl
         new.pop(key, None)
     g = new["grids"][str(nfe)]
     g.update(sigmas=[fine[i] for i in idx] + [0.0], objective=best, calibration_rmse_to_teacher=best,
-             objective_name=f"final RMSE of greedy coefficients to a {n_fine}-point teacher", seconds=round(time.perf_counter() - t0, 1))
+             objective_name=f"final RMSE of greedy coefficients{' with guidance terms' if terms else ''} to a {n_fine}-point teacher", seconds=round(time.perf_counter() - t0, 1))
     new["method"] = "greedy_grid (experiments/schedule_opt/greedy_grid.py)"
     new["calibration"] = {**new.get("calibration", {}), "num_samples": samples or int(cal.num_samples.bundled)}
     write_schedule_file(Path(out), new)
@@ -84,4 +86,4 @@ def main(nfe: int, init: str, out: str, n_fine: int = 40, sweeps: int = 4, sampl
 
 if __name__ == "__main__":
     a = sys.argv[1:]
-    main(int(a[0]), a[1], a[2], *(int(v) for v in a[3:6]))
+    main(int(a[0]), a[1], a[2], *(int(v) for v in a[3:7]))
