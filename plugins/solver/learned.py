@@ -4,9 +4,10 @@ and every denoiser output so far,
     x_{j+1} = e_j·x_T + Σ_{k≤j} b_jk·D_k,   D_k = D(x_k, σ_k),
 
 with coefficients fitted for *one* model, grid and CFG scale by ``samplerlab-optimize-schedule
-method=learned`` (with ``guidance_terms=true`` also + Σ_{k≤j} g_jk·Δ_k, the guidance differences
-Δ_k = D_cond,k − D_uncond,k: in effect a guidance weight per step and past output) (Adam on the final calibration error through the model, after S4S, Frankel et al.
-2025, and the bespoke solvers of Shaul et al. 2024; docs/optimisation.md). Euler, DDIM and
+method=learned`` (Adam on the final calibration error through the model, after S4S, Frankel et al.
+2025, and the bespoke solvers of Shaul et al. 2024; docs/optimisation.md); a file fitted with
+``guidance_terms=true`` adds Σ_{k≤j} g_jk·Δ_k, the guidance differences Δ_k = D_cond,k − D_uncond,k
+(in effect a guidance weight per step and past output). Euler, DDIM and
 DPM-Solver++(2M) on any grid are special cases; without a file the coefficients are Euler's, so the
 tool's grid methods (GITS, OSS, LD3) give the starting grid. ``file`` defaults to the run's
 ``schedule.file``: ``solver=learned schedule=optimized schedule.file=F steps=K`` reads both the grid
