@@ -660,3 +660,25 @@ def test_learned_guidance_terms(tiny_overrides, tmp_path):
         optimize(Options(**{**base, "init": str(path), "coef_init": "init"}, out=str(tmp_path / "c.json")), keys, log=lambda s: None)
     with pytest.raises(ConfigError, match="guidance_terms= and validation= are method=learned"):
         Options(method="gits", guidance_terms=True).check()
+
+
+def test_learned_guidance_terms_from_infinity(tmp_path):
+    """The same on a flow model whose grid starts at σ = ∞ (tiny SD3, the solver's limit step first): the greedy fit
+    with guidance terms runs, and its file's weights g = c·b at CFG w are the plain coefficients at w + c (1e-4)."""
+    keys = ["model=tiny_sd3", "dtype=float32", "device=cpu", "solver=learned"]
+    content, path = optimize(Options(method="learned", nfe=[3], init="oss", coef_init="greedy", consistent=True, guidance_terms=True,
+                                     iterations=1, fine=8, teacher="unipc", teacher_substeps=2, progress=False, plot=False,
+                                     calibration=Calibration(seed=1000, num_samples=2), out=str(tmp_path / "t.json")),
+                             keys, log=lambda s: None)
+    g = content["grids"]["3"]
+    assert math.isinf(g["sigmas"][0]) and [len(row) for row in g["coefficients"]["g"]] == [1, 2, 3]
+    plain, shifted = read_schedule_file(path), read_schedule_file(path)
+    del plain["grids"]["3"]["coefficients"]["g"]
+    c = shifted["grids"]["3"]["coefficients"]
+    c["g"] = [[0.5 * v for v in row] for row in c["b"]]
+    write_schedule_file(tmp_path / "p.json", plain)
+    write_schedule_file(tmp_path / "s.json", shifted)
+    sample = keys + ["steps=3", "schedule=optimized", "num_samples=2", "save_images=false", "callback=[]"]
+    at_w = run(sample + [f"schedule.file={tmp_path / 's.json'}", "cfg_scale=5.0"]).latents
+    at_w_c = run(sample + [f"schedule.file={tmp_path / 'p.json'}", "cfg_scale=5.5"]).latents
+    assert (at_w - at_w_c).abs().max() <= 1e-4 * at_w.abs().max(), (at_w - at_w_c).abs().max()
