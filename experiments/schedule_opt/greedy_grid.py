@@ -33,7 +33,8 @@ def main(nfe: int, init: str, out: str, n_fine: int = 40, sweeps: int = 4, sampl
          terms: int = 0) -> None:
     cfg = OmegaConf.load(HERE / "config.yaml")
     cal = cfg.calibration
-    s = Sampler(base_overrides("bundled", "float32", list(cal.prompts), int(cal.seed), samples or int(cal.num_samples.bundled))
+    samples = samples or int(cal.num_samples.bundled)
+    s = Sampler(base_overrides("bundled", "float32", list(cal.prompts), int(cal.seed), samples)
                 + ["solver=euler"])
     t0 = time.perf_counter()
     fine = fine_grid(s.sigma_max, s.sigma_min, n_fine)
@@ -79,7 +80,7 @@ def main(nfe: int, init: str, out: str, n_fine: int = 40, sweeps: int = 4, sampl
     g.update(sigmas=[fine[i] for i in idx] + [0.0], objective=best, calibration_rmse_to_teacher=best,
              objective_name=f"final RMSE of greedy coefficients{' with guidance terms' if terms else ''} to a {n_fine}-point teacher", seconds=round(time.perf_counter() - t0, 1))
     new["method"] = "greedy_grid (experiments/schedule_opt/greedy_grid.py)"
-    new["calibration"] = {**new.get("calibration", {}), "num_samples": samples or int(cal.num_samples.bundled)}
+    new["calibration"] = {**new.get("calibration", {}), "num_samples": samples}
     write_schedule_file(Path(out), new)
     print(f"wrote {out}")
 

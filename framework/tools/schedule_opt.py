@@ -832,7 +832,7 @@ def learned(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
         if c is None or len(c["e"]) != steps:
             raise ConfigError(f"coef_init=init: {opts.init} holds no {steps}-step coefficients for NFE {nfe} "
                               "(make it with method=learned solver=learned)")
-        if "g" in c and not opts.guidance_terms:
+        if "g" in c and not terms:
             raise ConfigError(f"coef_init=init: {opts.init} weighs the guidance differences: continue it with guidance_terms=true")
         e0, b0 = [float(v) for v in c["e"]], [[float(v) for v in row] for row in c["b"]]
         g0 = [[float(v) for v in row] for row in c.get("g", [])]
