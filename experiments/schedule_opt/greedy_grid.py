@@ -1,7 +1,7 @@
 """Pilot for issue 24: a grid chosen *for* greedy coefficients (``coef_init=greedy``), by coordinate descent over
 the points of a fine teacher trajectory.
 
-    python -m experiments.schedule_opt.greedy_grid NFE INIT OUT [fine] [sweeps] [samples] [terms]
+    python -m experiments.schedule_opt.greedy_grid NFE INIT OUT [fine] [sweeps] [samples] [terms] [start] [last]
 
 The study's VP calibration set (24 prompts, seed 1000, ``samples`` of them, default the study's 96; CFG 5) and a
 UniPC teacher on ``fine`` points log-uniform from σ_max to σ_min (3 substeps each, default 40 points). A grid is a choice of fine points from σ_max;
@@ -11,6 +11,9 @@ Starting from INIT's grid for NFE (a schedule file; each point moved to its near
 point in turn moves by up to two fine points while the cost falls, for at most ``sweeps`` sweeps. OUT is a schedule
 file (a copy of INIT with this budget's grid replaced) for ``init=OUT coef_init=greedy`` (spec ``learned_cd_g``); with
 ``terms`` = 1 the coefficients weigh the guidance differences too (``guidance_terms=true``, spec ``learned_cdt_g``).
+``start`` (the tool's ``start``: a σ_0, ``leading`` or ``leading:K``) moves σ_0 and the teacher there; INIT's grid,
+where it starts elsewhere, is mapped there (its log σ affinely onto [its last nonzero σ, σ_0]). ``last`` caps the last
+nonzero σ (the final jump's start; a jump from σ ≈ 0.5 costs shape accuracy that the RMSE does not see).
 Not part of the tool: its figures are in docs/optimisation.md.
 """
 from __future__ import annotations
@@ -26,34 +29,43 @@ from omegaconf import OmegaConf
 from experiments.schedule_opt.__main__ import HERE
 from experiments.schedule_opt.common import base_overrides
 from framework.runs.schedule_file import read_schedule_file, write_schedule_file
-from framework.tools.schedule_opt import Sampler, fine_grid, greedy_fit, make_teacher, rmse
+from framework.tools.schedule_opt import Options, Sampler, fine_grid, greedy_fit, make_teacher, rmse, start_of
 
 
 def main(nfe: int, init: str, out: str, n_fine: int = 40, sweeps: int = 4, samples: int | None = None,
-         terms: int = 0) -> None:
+         terms: int = 0, start: str | None = None, last: float = math.inf) -> None:
     cfg = OmegaConf.load(HERE / "config.yaml")
     cal = cfg.calibration
     samples = samples or int(cal.num_samples.bundled)
     s = Sampler(base_overrides("bundled", "float32", list(cal.prompts), int(cal.seed), samples)
                 + ["solver=euler"])
+    sigma0, s.vp_start = start_of(Options(start=start), s, nfe)
     t0 = time.perf_counter()
-    fine = fine_grid(s.sigma_max, s.sigma_min, n_fine)
+    fine = fine_grid(sigma0, s.sigma_min, n_fine)
     teacher = make_teacher(s, fine, "unipc", 3, 1e-5)
     print(f"teacher: {teacher.nfe} NFE, {time.perf_counter() - t0:.0f} s", flush=True)
     memo: dict[tuple[int, ...], float] = {}
 
     def cost(idx: tuple[int, ...]) -> float:
+        if fine[idx[-1]] > last:
+            return math.inf
         if idx not in memo:
             targets = [teacher.x[i] for i in idx[1:]] + [teacher.x[-1]]
             memo[idx] = rmse(greedy_fit(s, [fine[i] for i in idx] + [0.0], targets, True, terms=bool(terms))[-1], teacher.x[-1])
         return memo[idx]
 
     content = read_schedule_file(init)
-    start = [float(v) for v in content["grids"][str(nfe)]["sigmas"][:-1]]
+    first = [float(v) for v in content["grids"][str(nfe)]["sigmas"][:-1]]
+    if not math.isclose(first[0], sigma0, rel_tol=1e-6):  # INIT starts elsewhere: its shape, mapped
+        a, b = math.log(first[0]), math.log(first[-1])
+        first = [math.exp(b + (math.log(v) - b) * (math.log(sigma0) - b) / (a - b)) for v in first]
     logs = [math.log(f) for f in fine[:-1]]
-    idx = tuple(min(range(len(logs)), key=lambda i: abs(logs[i] - math.log(v))) for v in start)
+    idx = tuple(min(range(len(logs)), key=lambda i: abs(logs[i] - math.log(v))) for v in first)
     idx = (0,) + tuple(sorted(set(idx[1:]) - {0}))
-    if len(idx) != len(start):
+    if fine[idx[-1]] > last:  # the last point moved down to the cap, the others kept below it
+        cap = min(i for i in range(len(logs)) if fine[i] <= last)
+        idx = tuple(i if i < cap else cap - (len(idx) - 1 - p) for p, i in enumerate(idx[:-1])) + (cap,)
+    if len(idx) != len(first):
         raise SystemExit(f"{init}: its NFE {nfe} grid does not fit {n_fine} fine points one per point")
     best = cost(idx)
     print(f"start {[round(fine[i], 3) for i in idx]}: {best:.4f}", flush=True)
@@ -77,7 +89,7 @@ def main(nfe: int, init: str, out: str, n_fine: int = 40, sweeps: int = 4, sampl
     for key in ("format", "version", "checksum"):
         new.pop(key, None)
     g = new["grids"][str(nfe)]
-    g.update(sigmas=[fine[i] for i in idx] + [0.0], objective=best, calibration_rmse_to_teacher=best,
+    g.update(sigmas=[fine[i] for i in idx] + [0.0], init_noise=s.init_scale(sigma0), objective=best, calibration_rmse_to_teacher=best,
              objective_name=f"final RMSE of greedy coefficients{' with guidance terms' if terms else ''} to a {n_fine}-point teacher", seconds=round(time.perf_counter() - t0, 1))
     new["method"] = "greedy_grid (experiments/schedule_opt/greedy_grid.py)"
     new["calibration"] = {**new.get("calibration", {}), "num_samples": samples}
@@ -87,4 +99,4 @@ def main(nfe: int, init: str, out: str, n_fine: int = 40, sweeps: int = 4, sampl
 
 if __name__ == "__main__":
     a = sys.argv[1:]
-    main(int(a[0]), a[1], a[2], *(int(v) for v in a[3:7]))
+    main(int(a[0]), a[1], a[2], *(int(v) for v in a[3:7]), *a[7:8], *(float(v) for v in a[8:9]))
