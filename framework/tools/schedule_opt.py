@@ -49,7 +49,10 @@ Methods (``method=``):
   each step also weighs every guidance difference so far, + Σ_k g_jk·(D_cond,k − D_uncond,k), with free g_jk (a guidance
   weight per step and past output; zero on a constant denoiser, so consistency holds). With ``validation=<share>``
   that share of the calibration prompts is held back from the gradient: the coefficients best on them are kept, and
-  the fit stops ``patience`` steps after the last gain there (the fit otherwise overfits the calibration set). The file holds
+  the fit stops ``patience`` steps after the last gain there (the fit otherwise overfits the calibration set). With
+  ``coef_init=greedy grid_search=<sweeps>`` the grid itself is chosen first, for the greedy coefficients: its points
+  move over the fine teacher's points (coordinate descent, the teacher's states as targets: one pass of K evaluations
+  per grid tried), ``last_sigma`` capping the last nonzero σ. The file holds
   the grid and its coefficients; ``solver=learned schedule=optimized schedule.file=…`` runs them.
 - ``tpe`` — the Optuna baseline (as ``conf/hydra/sweeper/tune_points.yaml``, which tunes the
   interior points of a 3-step grid by TPE against one metric): Optuna's TPE sampler (seed 0) over
@@ -134,6 +137,8 @@ class Options:
     consistent: bool = False  # learned: every step exact on a denoiser that returns a constant (no shrinkage toward 0)
     guidance_terms: bool = False  # learned: also a free weight on every guidance difference Δ_k = D_cond − D_uncond so far
     validation: float = 0.0  # learned: the share of calibration prompts held back; the coefficients best on them are kept
+    grid_search: int = 0  # learned, coef_init=greedy: sweeps moving the init grid's points over the fine points to its greedy coefficients' least error
+    last_sigma: float | None = None  # grid_search: the largest last nonzero σ it may choose (where the final jump starts)
     patience: int = 20  # learned with validation: stop after this many Adam steps without a gain on the held-back prompts
     fd_step: float = 0.02  # ld3: central-difference step in log σ
     init: str = "gits"  # ld3's first grid: gits, oss, or a schedule file (its grid for the budget)
@@ -178,6 +183,12 @@ class Options:
         if (self.consistent or self.validation or self.guidance_terms) and self.method != "learned":
             raise ConfigError("consistent=, guidance_terms= and validation= are method=learned's: drop them for method="
                               + self.method)
+        if self.grid_search < 0 or (self.grid_search and (self.method != "learned" or self.coef_init != "greedy")):
+            raise ConfigError(f"grid_search={self.grid_search}: the sweeps of a grid search for greedy coefficients, a count "
+                              "≥ 0 with method=learned coef_init=greedy")
+        if self.last_sigma is not None and not (self.grid_search and self.last_sigma > 0):
+            raise ConfigError(f"last_sigma={self.last_sigma} caps the grid search's last nonzero σ: give it > 0 with "
+                              "grid_search=<sweeps>")
         if self.method == "learned" and self.final != "free":
             raise ConfigError("method=learned fits the coefficients on its init grid as it is: drop final=")
         if self.teacher_substeps < 1 or self.calibration.num_samples < 1:
@@ -737,6 +748,8 @@ def teacher_states(sampler: Sampler, teacher: Teacher, grid: list[float], opts: 
     if grid[0] != teacher.fine[0] or any(s < sampler.sigma_min for s in inner):
         raise ConfigError(f"the grid {[round(s, 4) for s in grid]} does not lie on the teacher's range "
                           f"{teacher.fine[0]:g} … {sampler.sigma_min:g}")
+    if all(s in teacher.fine for s in inner):  # the grid lies on the fine points: the teacher's own states
+        return [teacher.x[teacher.fine.index(s)] for s in inner] + [teacher.x[-1]]
     pts = list(teacher.fine[:-1])
     for s in inner:  # a fine point within rounding of a grid point becomes it (no zero-length teacher step)
         near = [k for k, f in enumerate(pts) if math.isfinite(f) and abs(math.log(s / f)) < 1e-6]
@@ -758,6 +771,53 @@ def greedy_coefficients(sampler: Sampler, teacher: Teacher, grid: list[float],
     seen = None if not opts.validation else ~validation_mask(sampler.groups, opts.validation).to(targets[0].device)
     e, b, g, _ = greedy_fit(sampler, grid, targets, opts.consistent, seen, opts.guidance_terms)
     return e, b, g
+
+
+def greedy_grid_search(sampler: Sampler, teacher: Teacher, grid: list[float], opts: Options) -> tuple[list[float], dict[str, Any]]:
+    """``grid_search``: the grid's points moved to fine points (the nearest; ``last_sigma`` caps the last), then by
+    coordinate descent, each interior point in turn by up to two fine points while the final calibration RMSE of the
+    greedy coefficients on the grid falls, for at most ``grid_search`` sweeps. A grid costs one pass of its K model
+    evaluations (the teacher's states at the fine points are the targets), so a sweep tries ~4·K grids in K² evaluations.
+    (The grid, {"sweeps", "grids" tried, "rmse" of the start and of the end}.)"""
+    fine, cap = teacher.fine[:-1], opts.last_sigma if opts.last_sigma is not None else math.inf
+    seen = None if not opts.validation else ~validation_mask(sampler.groups, opts.validation).to(teacher.x[-1].device)
+    memo: dict[tuple[int, ...], float] = {}
+
+    def cost(idx: tuple[int, ...]) -> float:
+        if fine[idx[-1]] > cap:
+            return math.inf
+        if idx not in memo:
+            pts = [fine[i] for i in idx] + [0.0]
+            x = greedy_fit(sampler, pts, [teacher.x[i] for i in idx[1:]] + [teacher.x[-1]], opts.consistent, seen,
+                           opts.guidance_terms)[-1]
+            memo[idx] = rmse(x if seen is None else x[seen], teacher.x[-1] if seen is None else teacher.x[-1][seen])
+        return memo[idx]
+
+    logs = [math.log(f) if math.isfinite(f) else math.inf for f in fine]
+    near = sorted({min(range(1, len(fine)), key=lambda i: abs(logs[i] - math.log(v))) for v in grid[1:-1]})
+    if len(near) != len(grid) - 2:
+        raise ConfigError(f"grid_search: the init grid has more points than the {opts.fine} fine points hold apart: raise fine")
+    if fine[near[-1]] > cap:  # the last point down to the cap, the others kept above it
+        low = next((i for i in range(1, len(fine)) if fine[i] <= cap), None)
+        if low is None or low < len(near):
+            raise ConfigError(f"last_sigma={cap:g}: too few fine points lie below it for {len(near)} points")
+        near = [min(i, low - (len(near) - 1 - p)) for p, i in enumerate(near[:-1])] + [low]
+    idx = (0, *near)
+    first = best = cost(idx)
+    sweeps = 0
+    for sweeps in range(1, opts.grid_search + 1):
+        moved = False
+        for p in range(1, len(idx)):
+            for step in (-2, -1, 1, 2):
+                cand = list(idx)
+                cand[p] += step
+                if cand[p - 1] < cand[p] < (cand[p + 1] if p + 1 < len(cand) else len(fine)):
+                    value = cost(tuple(cand))
+                    if value < best - 1e-9:
+                        best, idx, moved = value, tuple(cand), True
+        if not moved:
+            break
+    return [fine[i] for i in idx] + [0.0], {"sweeps": sweeps, "grids": len(memo), "rmse_start": first, "rmse": best}
 
 
 def greedy_fit(sampler: Sampler, grid: list[float], targets: list[torch.Tensor], consistent: bool,
@@ -822,7 +882,7 @@ def learned(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
     if sampler.run.hooks.momentum:
         raise ConfigError("method=learned fits through the guided denoiser only: drop the momentum plugins")
     grid = [teacher.fine[0]] + initial_inner(sampler, teacher, steps, opts, nfe) + [0.0]
-    terms, g0 = opts.guidance_terms, []  # (g0: the guidance terms' first weights, where they come from the start)
+    terms, g0, searched = opts.guidance_terms, [], None  # (g0: the guidance terms' first weights, where they come from the start)
     if opts.coef_init == "init":  # the coefficients the init file holds for this budget (a fit continued)
         from framework.runs.schedule_file import read_schedule_file
 
@@ -839,6 +899,8 @@ def learned(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
     elif opts.coef_init == "euler":
         e0, b0 = euler_as_linear(grid)
     elif opts.coef_init == "greedy":
+        if opts.grid_search:
+            grid, searched = greedy_grid_search(sampler, teacher, grid, opts)
         e0, b0, g0 = greedy_coefficients(sampler, teacher, grid, opts)
     else:
         e0, b0 = solver_as_linear(sampler, opts.coef_init, grid)
@@ -900,6 +962,8 @@ def learned(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
         loss.backward()
         opt.step()
     extra = {"iterations": it, "coefficients": {"e": kept[0], "b": kept[1], **({"g": kept[2]} if terms else {})}}
+    if searched is not None:
+        extra["grid_search"] = searched
     if held is not None:
         extra.update(kept_iteration=kept_it, validation_rmse=kept_val, validation_samples=int(held.sum()))
     return grid, best, kept_rmse, extra
@@ -1016,11 +1080,12 @@ def optimize(opts: Options, overrides: Sequence[str], model: object | None = Non
     settings = {k: v for k, v in asdict(opts).items() if k in ("fine", "fine_top", "teacher", "teacher_substeps", "teacher_rtol",
                                                                  "iterations", "seconds", "lr", "fd_step", "init", "trials", "history", "start", "final",
                                                                  "objective", "coef_lr", "coef_init", "consistent", "guidance_terms", "validation",
-                                                                 "patience")}
+                                                                 "patience", "grid_search", "last_sigma")}
     if not opts.validation:
         settings.pop("patience")
     for key, plain in (("final", "free"), ("objective", "latent"), ("fine_top", None), ("coef_lr", 0.003), ("coef_init", "euler"),
-                       ("consistent", False), ("guidance_terms", False), ("validation", 0.0)):  # keys only where set: older files still resume
+                       ("consistent", False), ("guidance_terms", False), ("validation", 0.0), ("grid_search", 0),
+                       ("last_sigma", None)):  # keys only where set: older files still resume
         if settings.get(key) == plain:
             settings.pop(key)
     run_keys = {k: OmegaConf.to_container(cfg, resolve=True).get(k) for k in ("cfg_scale", "dtype", "guidance", "momentum")}

@@ -6,6 +6,7 @@ import json
 import math
 import random
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -660,6 +661,36 @@ def test_learned_guidance_terms(tiny_overrides, tmp_path):
         optimize(Options(**{**base, "init": str(path), "coef_init": "init"}, out=str(tmp_path / "c.json")), keys, log=lambda s: None)
     with pytest.raises(ConfigError, match="guidance_terms= and validation= are method=learned"):
         Options(method="gits", guidance_terms=True).check()
+
+
+def test_learned_grid_search(tiny_overrides, tmp_path):
+    """grid_search=<sweeps> (coef_init=greedy): the grid moves over the fine points to its greedy coefficients' least
+    calibration error. The search never ends worse than it starts, its grid lies on the fine points with the last
+    nonzero σ under last_sigma, and the file's coefficients are the greedy fit on that grid (their error is the
+    search's last cost, 1e-9 relative: the teacher's states at the fine points are the same targets); bad input is one line."""
+    fine = 10
+    opts = Options(method="learned", nfe=[4], init="karras", coef_init="greedy", consistent=True, guidance_terms=True,
+                   iterations=1, fine=fine, teacher="unipc", teacher_substeps=2, grid_search=3, last_sigma=1.0,
+                   progress=False, plot=False, calibration=Calibration(seed=1000, num_samples=4), out=str(tmp_path / "g.json"))
+    content, _ = optimize(opts, tiny_overrides + ["dtype=float32", "device=cpu", "solver=learned"], log=lambda s: None)
+    g = content["grids"]["4"]
+    found = g["grid_search"]
+    print("grid search:", found, g["sigmas"])
+    points = schedule_opt.fine_grid(content["model"]["sigma_max"], content["model"]["sigma_min"], fine)
+    assert all(any(math.isclose(v, f, rel_tol=1e-9) for f in points) for v in g["sigmas"])
+    assert 0 < g["sigmas"][-2] <= 1.0 and found["sweeps"] >= 1 and found["grids"] >= 2
+    assert found["rmse"] <= found["rmse_start"]
+    assert math.isclose(g["calibration_rmse_to_teacher"], found["rmse"], rel_tol=1e-9)
+    high = read_schedule_file(tmp_path / "g.json")  # an init grid whose last point lies above the cap: moved under it
+    high["grids"]["4"]["sigmas"] = [points[0], points[2], points[4], points[6], 0.0]
+    write_schedule_file(tmp_path / "high.json", high)
+    capped, _ = optimize(replace(opts, init=str(tmp_path / "high.json"), last_sigma=points[7] * 1.001, out=str(tmp_path / "c.json")),
+                         tiny_overrides + ["dtype=float32", "device=cpu", "solver=learned"], log=lambda s: None)
+    assert capped["grids"]["4"]["sigmas"][-2] <= points[7] * 1.001, capped["grids"]["4"]["sigmas"]
+    with pytest.raises(ConfigError, match="grid_search=2: the sweeps"):
+        Options(method="learned", grid_search=2).check()  # coef_init=euler
+    with pytest.raises(ConfigError, match="last_sigma=0.5 caps"):
+        Options(method="learned", coef_init="greedy", last_sigma=0.5).check()
 
 
 def test_learned_guidance_terms_from_infinity(tmp_path):
