@@ -8,13 +8,15 @@ UniPC teacher on ``fine`` points log-uniform from σ_max to σ_min (3 substeps e
 its cost is the final calibration RMSE of the consistent greedy coefficients fitted on it to the teacher's states at
 those points — one pass of K model evaluations, no teacher rerun, so hundreds of grids cost minutes on the CPU.
 Starting from INIT's grid for NFE (a schedule file; each point moved to its nearest fine point), each interior
-point in turn moves by up to two fine points while the cost falls, for at most ``sweeps`` sweeps. OUT is a schedule
+point in turn moves by up to two fine points while the cost falls, for at most ``sweeps`` sweeps — the tool's
+search (``method=learned coef_init=greedy grid_search=<sweeps>``, ``greedy_grid_search``), here with the pilot's
+teacher and written as a grid file of its own. OUT is a schedule
 file (a copy of INIT with this budget's grid replaced) for ``init=OUT coef_init=greedy`` (spec ``learned_cd_g``); with
 ``terms`` = 1 the coefficients weigh the guidance differences too (``guidance_terms=true``, spec ``learned_cdt_g``).
 ``start`` (the tool's ``start``: a σ_0, ``leading`` or ``leading:K``) moves σ_0 and the teacher there; INIT's grid,
 where it starts elsewhere, is mapped there (its log σ affinely onto [its last nonzero σ, σ_0]). ``last`` caps the last
 nonzero σ (the final jump's start; a jump from σ ≈ 0.5 costs shape accuracy that the RMSE does not see).
-Not part of the tool: its figures are in docs/optimisation.md.
+Its figures are in docs/optimisation.md.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from omegaconf import OmegaConf
 from experiments.schedule_opt.__main__ import HERE
 from experiments.schedule_opt.common import base_overrides
 from framework.runs.schedule_file import read_schedule_file, write_schedule_file
-from framework.tools.schedule_opt import Options, Sampler, fine_grid, greedy_fit, make_teacher, rmse, start_of
+from framework.tools.schedule_opt import Options, Sampler, fine_grid, greedy_grid_search, make_teacher, start_of
 
 
 def main(nfe: int, init: str, out: str, n_fine: int = 40, sweeps: int = 4, samples: int | None = None,
@@ -44,52 +46,22 @@ def main(nfe: int, init: str, out: str, n_fine: int = 40, sweeps: int = 4, sampl
     fine = fine_grid(sigma0, s.sigma_min, n_fine)
     teacher = make_teacher(s, fine, "unipc", 3, 1e-5)
     print(f"teacher: {teacher.nfe} NFE, {time.perf_counter() - t0:.0f} s", flush=True)
-    memo: dict[tuple[int, ...], float] = {}
-
-    def cost(idx: tuple[int, ...]) -> float:
-        if fine[idx[-1]] > last:
-            return math.inf
-        if idx not in memo:
-            targets = [teacher.x[i] for i in idx[1:]] + [teacher.x[-1]]
-            memo[idx] = rmse(greedy_fit(s, [fine[i] for i in idx] + [0.0], targets, True, terms=bool(terms))[-1], teacher.x[-1])
-        return memo[idx]
-
     content = read_schedule_file(init)
-    first = [float(v) for v in content["grids"][str(nfe)]["sigmas"][:-1]]
+    first = [float(v) for v in content["grids"][str(nfe)]["sigmas"]]
     if not math.isclose(first[0], sigma0, rel_tol=1e-6):  # INIT starts elsewhere: its shape, mapped
-        a, b = math.log(first[0]), math.log(first[-1])
-        first = [math.exp(b + (math.log(v) - b) * (math.log(sigma0) - b) / (a - b)) for v in first]
-    logs = [math.log(f) for f in fine[:-1]]
-    idx = tuple(min(range(len(logs)), key=lambda i: abs(logs[i] - math.log(v))) for v in first)
-    idx = (0,) + tuple(sorted(set(idx[1:]) - {0}))
-    if fine[idx[-1]] > last:  # the last point moved down to the cap, the others kept below it
-        cap = min(i for i in range(len(logs)) if fine[i] <= last)
-        idx = tuple(i if i < cap else cap - (len(idx) - 1 - p) for p, i in enumerate(idx[:-1])) + (cap,)
-    if len(idx) != len(first):
-        raise SystemExit(f"{init}: its NFE {nfe} grid does not fit {n_fine} fine points one per point")
-    best = cost(idx)
-    print(f"start {[round(fine[i], 3) for i in idx]}: {best:.4f}", flush=True)
-    for sweep in range(sweeps):
-        moved = False
-        for p in range(1, len(idx)):
-            for delta in (-2, -1, 1, 2):
-                cand = list(idx)
-                cand[p] += delta
-                lo, hi = cand[p - 1], cand[p + 1] if p + 1 < len(cand) else len(logs)
-                if not lo < cand[p] < hi:
-                    continue
-                value = cost(tuple(cand))
-                if value < best - 1e-6:
-                    best, idx, moved = value, tuple(cand), True
-        print(f"sweep {sweep + 1}: {[round(fine[i], 3) for i in idx]}: {best:.4f} ({len(memo)} grids, "
-              f"{time.perf_counter() - t0:.0f} s)", flush=True)
-        if not moved:
-            break
+        a, b = math.log(first[0]), math.log(first[-2])
+        first = [math.exp(b + (math.log(v) - b) * (math.log(sigma0) - b) / (a - b)) for v in first[:-1]] + [0.0]
+    opts = Options(method="learned", coef_init="greedy", consistent=True, guidance_terms=bool(terms), fine=n_fine,
+                   grid_search=sweeps, last_sigma=None if math.isinf(last) else last)
+    grid, found = greedy_grid_search(s, teacher, [sigma0] + first[1:], opts)
+    best = found["rmse"]
+    print(f"{found['sweeps']} sweeps, {found['grids']} grids: {found['rmse_start']:.4f} → {best:.4f}, "
+          f"{[round(v, 3) for v in grid]} ({time.perf_counter() - t0:.0f} s)", flush=True)
     new = copy.deepcopy(content)
     for key in ("format", "version", "checksum"):
         new.pop(key, None)
     g = new["grids"][str(nfe)]
-    g.update(sigmas=[fine[i] for i in idx] + [0.0], init_noise=s.init_scale(sigma0), objective=best, calibration_rmse_to_teacher=best,
+    g.update(sigmas=grid, init_noise=s.init_scale(sigma0), objective=best, calibration_rmse_to_teacher=best,
              objective_name=f"final RMSE of greedy coefficients{' with guidance terms' if terms else ''} to a {n_fine}-point teacher", seconds=round(time.perf_counter() - t0, 1))
     new["method"] = "greedy_grid (experiments/schedule_opt/greedy_grid.py)"
     new["calibration"] = {**new.get("calibration", {}), "num_samples": samples}

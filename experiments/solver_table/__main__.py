@@ -268,6 +268,41 @@ def optimised_rows(cfg: DictConfig, model: str, budgets: list) -> list[str]:
     return lines + [""]
 
 
+def verdict_rows(cfg: DictConfig, model: str, budgets: list) -> list[str]:
+    """Issue 24's verdicts (``verdicts``: a probe record of experiments.schedule_opt.probe and the pair chosen per
+    budget — the best optimised sampler whose FD and prompt accuracy were kept, docs/optimisation.md) beside the
+    record's best stock sampler at that budget, with the ratio's 90 % interval (paired bootstrap over the samples)."""
+    from experiments.schedule_opt.common import ratio_interval
+
+    v = (cfg.get("verdicts") or {}).get(model)
+    if not v or not Path(v.record).is_file():
+        return []
+    rec = json.loads(Path(v.record).read_text())
+    cells = {}
+    for b in budgets:
+        pair = v.pairs.get(int(b))
+        opt = rec.get(f"{pair}/{int(b)}") if pair else None
+        stock = [(k, e) for k, e in rec.items() if k.startswith(f"{model}/stock/") and int(e["nfe"]) == int(b)]
+        if opt is None or not stock:
+            continue
+        key, best = min(stock, key=lambda ke: ke[1]["error"])
+        spec, solver = pair.split("/")
+        cells[f"{b:g}"] = (spec if solver == "learned" else f"{solver} + {spec}", opt, " + ".join(key.split("/")[2:4]), best,
+                           ratio_interval(best["sample_errors"], opt["sample_errors"]))
+    if not cells:
+        return []
+    n = len(next(iter(cells.values()))[1]["sample_errors"])
+    lines = [f"**Verdicts on {n} held-out samples** ([optimisation.md](optimisation.md), `{v.record}`): the best "
+             "optimised sampler whose FD and prompt accuracy stay within the stock best's noise floor, beside the best "
+             "stock sampler of that record (each against the reference from its own start)", "",
+             "| sampler | " + " | ".join(cells) + " |", "| --- |" + " --- |" * len(cells),
+             "| optimised (pictures kept) | " + " | ".join(f"{c[1]['error']:.2e} ({c[0]})" for c in cells.values()) + " |",
+             "| best stock | " + " | ".join(f"{c[3]['error']:.2e} ({c[2]})" for c in cells.values()) + " |",
+             "| ratio (90 % interval) | " + " | ".join(f"{c[1]['error'] / c[3]['error']:.2f} ({c[4][0]:.2f}–{c[4][1]:.2f})"
+                                                       for c in cells.values()) + " |"]
+    return lines + [""]
+
+
 def write(results: dict, cfg: DictConfig, out: Path) -> list[str]:
     """docs/solver_table.md and a plot per model; returns the names of the files written."""
     files: list[str] = []
@@ -305,6 +340,7 @@ def write(results: dict, cfg: DictConfig, out: Path) -> list[str]:
                 lines += ["", f"Reference solutions: {len(refs)} distinct, {min(refs):g}–{max(refs):g} NFE each."]
             lines.append("")
         lines += optimised_rows(cfg, model, budgets)
+        lines += verdict_rows(cfg, model, budgets)
         plot(model, by_schedule, list(cfg.solvers), stochastic, budgets, out, files, new=set(cfg.get("new") or []),
              new_label=cfg.get("new_label") or "new")
         lines += [f"![error vs NFE on {model}](solver_table_{model}.png)", ""]

@@ -803,9 +803,14 @@ def greedy_grid_search(sampler: Sampler, teacher: Teacher, grid: list[float], op
             raise ConfigError(f"last_sigma={cap:g}: too few fine points lie below it for {len(near)} points")
         near = [min(i, low - (len(near) - 1 - p)) for p, i in enumerate(near[:-1])] + [low]
     idx = (0, *near)
+    from tqdm import tqdm
+
     first = best = cost(idx)
     sweeps = 0
-    for sweeps in range(1, opts.grid_search + 1):
+    bar = tqdm(range(1, opts.grid_search + 1), desc="grid search", unit="sweep", leave=False, disable=not opts.progress,
+               file=sys.stderr)
+    for sweeps in bar:
+        bar.set_postfix_str(f"RMSE {best:.4f}, {len(memo)} grids")
         moved = False
         for p in range(1, len(idx)):
             for step in (-2, -1, 1, 2):
