@@ -44,3 +44,23 @@ def test_reference_final_denoise_matches_fixed_step_convention(tmp_path):
     x_min = g.exact_solution(res.x_T, 10.0, 0.05)
     expected = g(x_min, torch.tensor(0.05, dtype=torch.float64))
     assert torch.allclose(res.latents, expected, atol=1e-8, rtol=0)
+
+
+def test_verdict_rows(tmp_path):
+    """The verdict rows (``verdicts``: a probe record and the pair per budget): the record's best stock sampler at the
+    budget, the pair's pooled RMSE over it, and its interval; a budget without its pair is left out."""
+    from omegaconf import OmegaConf
+
+    def entry(errors, nfe):
+        return {"nfe": float(nfe), "error": (sum(e * e for e in errors) / len(errors)) ** 0.5, "sample_errors": errors}
+
+    record = {"m/stock/euler/karras/6": entry([0.4, 0.4, 0.4, 0.4], 6), "m/stock/euler/leading/6": entry([0.2, 0.2, 0.2, 0.2], 6),
+              "spec/learned/6": entry([0.1, 0.1, 0.1, 0.1], 6), "m/stock/euler/karras/8": entry([0.1] * 4, 8)}
+    path = tmp_path / "rec.json"
+    path.write_text(json.dumps(record))
+    cfg = OmegaConf.create({"verdicts": {"m": {"record": str(path), "pairs": {6: "spec/learned"}}}})
+    lines = table_mod.verdict_rows(cfg, "m", [6, 8])
+    text = "\n".join(lines)
+    assert "| sampler | 6 |" in text and "(spec)" in text and "(euler + leading)" in text
+    assert "| ratio (90 % interval) | 0.50 (0.50–0.50) |" in text
+    assert table_mod.verdict_rows(OmegaConf.create({}), "m", [6]) == []
