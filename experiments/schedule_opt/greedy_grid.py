@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 from experiments.schedule_opt.__main__ import HERE
 from experiments.schedule_opt.common import base_overrides
 from framework.runs.schedule_file import read_schedule_file, write_schedule_file
-from framework.tools.schedule_opt import Options, Sampler, fine_grid, greedy_grid_search, make_teacher, start_of
+from framework.tools.schedule_opt import Options, Sampler, fine_grid, greedy_grid_search, make_teacher, moved_to, start_of
 
 
 def main(nfe: int, init: str, out: str, n_fine: int = 40, sweeps: int = 4, samples: int | None = None,
@@ -49,8 +49,7 @@ def main(nfe: int, init: str, out: str, n_fine: int = 40, sweeps: int = 4, sampl
     content = read_schedule_file(init)
     first = [float(v) for v in content["grids"][str(nfe)]["sigmas"]]
     if not math.isclose(first[0], sigma0, rel_tol=1e-6):  # INIT starts elsewhere: its shape, mapped
-        a, b = math.log(first[0]), math.log(first[-2])
-        first = [math.exp(b + (math.log(v) - b) * (math.log(sigma0) - b) / (a - b)) for v in first[:-1]] + [0.0]
+        first = moved_to(first, sigma0)
     opts = Options(method="learned", coef_init="greedy", consistent=True, guidance_terms=bool(terms), fine=n_fine,
                    grid_search=sweeps, last_sigma=None if math.isinf(last) else last)
     grid, found = greedy_grid_search(s, teacher, [sigma0] + first[1:], opts)

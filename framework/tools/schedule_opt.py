@@ -632,6 +632,13 @@ def same_head(old: dict, head: dict) -> bool:
             and all(m[k] == v or close(m[k], v) for k, v in n.items()))
 
 
+def moved_to(grid: list[float], top: float) -> list[float]:
+    """A grid (descending, ending at 0) started at ``top`` instead: its log σ mapped affinely onto [its last nonzero σ,
+    ``top``] (the last nonzero point and the 0 kept)."""
+    a, b = math.log(grid[0]), math.log(grid[-2])
+    return [math.exp(b + (math.log(v) - b) * (math.log(top) - b) / (a - b)) for v in grid[:-1]] + [0.0]
+
+
 def initial_inner(sampler: Sampler, teacher: Teacher, steps: int, opts: Options, nfe: int) -> list[float]:
     """The interior points of ``init``'s grid for the budget (below σ_0 = the teacher's top; without the
     pinned σ_min): the start of ``ld3`` and ``learned``."""
@@ -653,10 +660,7 @@ def initial_inner(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
     free = steps - 1 - len(tail)  # the learned σ_1 … (σ_0 = the start; then σ_min if pinned, then 0)
     inner = [v for v in start[1:-1] if v < top and not (pinned and v <= sampler.sigma_min * 1.01)][:free]
     if len(inner) != free and opts.init in STOCK_INITS and len(start) == steps + 1:
-        # too few of the stock grid's points lie below this start: its shape, log σ mapped affinely onto
-        # [its last nonzero σ, σ_0] (the last point kept)
-        a, b = math.log(start[0]), math.log(start[-2])
-        inner = [math.exp(b + (math.log(v) - b) * (math.log(top) - b) / (a - b)) for v in start[1:-1]][:free]
+        inner = moved_to(start, top)[1:-1][:free]  # too few of the stock grid's points lie below this start: its shape
     if len(inner) != free:
         raise ConfigError(f"init={opts.init}: its {steps}-step grid does not fit below σ_0 = {top:g}")
     return inner
