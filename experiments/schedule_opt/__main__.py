@@ -70,7 +70,8 @@ class Study:
         self.extra = ([] if device == "cpu" else [f"device={device}"]) + list(extra or [])
         self.n = int(cfg.heldout.num_samples[model]) if n is None else int(n)
         self.dtype = str(cfg.dtype[model])
-        self.base = base_overrides(model, self.dtype, list(cfg.heldout.prompts), int(cfg.heldout.seed), self.n) + self.extra
+        self.base = base_overrides(model, self.dtype, list(cfg.heldout.prompts), int(cfg.heldout.seed), self.n,
+                                   cfg.heldout.get("batch_size")) + self.extra
         self.object = None
         node = compose([f"model={model}"])[0].model
         if model in ("mixture", "gaussian"):
@@ -86,8 +87,15 @@ class Study:
         self.teachers: dict = {} if teachers is None else teachers  # shared by the optimisers of one calibration set
         self.refs: dict[tuple[float, float], Any] = {}  # (σ_0, x_T scale) → the reference run from that start
         self.ref_seconds = 0.0
-        ref = self.reference(self.sigma_max, self.sigma_max if math.isfinite(self.sigma_max) else 1.0)
-        self.ref, self.x_T, self.ref_nfe = ref.latents.cpu(), ref.x_T.cpu(), ref.record["metrics"]["nfe"]
+
+    @property
+    def main_reference(self):
+        """The reference from the model's own start (computed when first needed: optimisers run without it)."""
+        return self.reference(self.sigma_max, self.sigma_max if math.isfinite(self.sigma_max) else 1.0)
+
+    @property
+    def ref_nfe(self) -> float:
+        return self.main_reference.record["metrics"]["nfe"]
 
     def reference(self, sigma0: float, scale: float):
         """DOP853 from (σ_0, x_T = scale·ε) to σ_min, then D (one per start; cached)."""
@@ -98,6 +106,8 @@ class Study:
             name = "reference" if sigma0 == self.sigma_max else f"reference_{sigma0:.6g}"
             if r.get("solver", "dop853") == "dop853":
                 extra = reference_overrides(sigma0, self.sigma_min, float(r.rtol), float(r.atol), scale)
+            elif math.isinf(sigma0):  # from t = 1: a many-step solver on the model's own grid (``overrides`` name it)
+                extra = [*r.overrides, f"steps={int(r.steps)}"]
             else:  # a many-step solver on an exponential grid from σ_0 (checked against DOP853: docs/optimisation.md)
                 vp = not math.isclose(scale, sigma0, rel_tol=1e-6)
                 if vp and not math.isclose(scale, math.sqrt(1 + sigma0 ** 2), rel_tol=1e-5):
@@ -119,7 +129,7 @@ class Study:
 
     def error(self, extra: list[str], name: str) -> dict[str, Any]:
         res = self.run(extra, name)
-        target, x_T = self.ref, self.x_T
+        target, x_T = self.main_reference.latents.cpu(), self.main_reference.x_T.cpu()
         latents, res_x_T = res.latents.cpu(), res.x_T.cpu()  # a run read back from its folder is on the CPU, a fresh one on the device
         sig0 = float(res.schedule.sigmas[0])
         if not math.isclose(sig0, self.sigma_max, rel_tol=1e-6):  # a grid that starts lower (leading spacing)
@@ -344,7 +354,7 @@ def study(cfg: DictConfig, folder: Path) -> dict:
         r = cfg.reference[model]
         res: dict[str, Any] = {"reference_nfe": s.ref_nfe,
                                "reference_solver": "DOP853" if r.get("solver", "dop853") == "dop853" else
-                               f"{' '.join(r.overrides)}, {r.steps} exponential steps", "sigma_max": s.sigma_max, "sigma_min": s.sigma_min,
+                               f"{' '.join(r.overrides)}, {r.steps} {'steps' if math.isinf(s.sigma_max) else 'exponential steps'}", "sigma_max": s.sigma_max, "sigma_min": s.sigma_min,
                                "heldout_samples": s.n, "calibration_samples": int(cfg.calibration.num_samples[model]),
                                "calibration_prompts": len(cfg.calibration.prompts)}
         t1 = time.perf_counter()

@@ -10,9 +10,10 @@ def quoted(items) -> str:
     return "[" + ",".join("'" + str(s).replace("'", "\\'") + "'" for s in items) + "]"
 
 
-def base_overrides(model: str, dtype: str, prompts, seed: int, n: int) -> list[str]:
-    """A held-out (or calibration) set of ``n`` samples as samplerlab overrides, one batch."""
-    out = [f"model={model}", f"dtype={dtype}", f"num_samples={n}", f"batch_size={n}", f"seed={seed}",
+def base_overrides(model: str, dtype: str, prompts, seed: int, n: int, batch: int | None = None) -> list[str]:
+    """A held-out (or calibration) set of ``n`` samples as samplerlab overrides, one batch (or batches of ``batch``:
+    the same x_T, each sample's noise is its own)."""
+    out = [f"model={model}", f"dtype={dtype}", f"num_samples={n}", f"batch_size={batch or n}", f"seed={seed}",
            "callback=[]", "save_images=false", "device=cpu"]
     if model in ("mixture", "gaussian"):
         out.append("guidance=[]")

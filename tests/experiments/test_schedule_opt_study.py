@@ -107,3 +107,35 @@ def test_a_method_spec_may_set_its_own_calibration_size(tmp_path):
     s = Study(cfg, "mixture", tmp_path)
     assert s.optimise("gits_six", "euler", [4], 1000, "")["content"]["calibration"]["num_samples"] == 6
     assert s.optimise("gits", "euler", [4], 1000, "")["content"]["calibration"]["num_samples"] == 4
+
+
+
+def test_a_flow_models_reference_may_be_a_many_step_solver_from_t_1(tmp_path):
+    """From σ = ∞ the reference is the configured solver on the model's own grid (there is no exponential grid from
+    there), and grids from ∞ are measured against it from the same x_T."""
+    import json
+    import math
+
+    from experiments.harness import Experiment
+    from experiments.schedule_opt.__main__ import HERE, Study
+
+    cfg = Experiment.compose(HERE, ["heldout.num_samples.bundled_flow=2", "heldout.batch_size=1", f"runs={tmp_path}",
+                                    "reference.bundled_flow.steps=6"]).cfg
+    s = Study(cfg, "bundled_flow", tmp_path)
+    assert math.isinf(s.sigma_max) and s.ref_nfe == 6
+    conf = json.loads((tmp_path / "bundled_flow" / "reference" / "record.json").read_text())["config"]
+    assert conf["solver"]["_target_"].endswith("UniPC") and conf["schedule"]["_target_"].endswith("FlowMatch")
+    same = s.error(["solver=unipc", "schedule=flow_match", "steps=6"], "unipc6")  # the reference's own sampler
+    assert math.isinf(same["sigmas"][0]) and "own_reference" not in same and same["error"] < 1e-5
+    other = s.error(["solver=euler", "schedule=flow_match", "steps=6"], "euler6")
+    assert math.isinf(other["sigmas"][0]) and other["error"] > 1e-3
+    # batches of one (heldout.batch_size) draw the x_T of one batch of two
+    import torch
+
+    from experiments.schedule_opt.common import base_overrides
+    from framework.entry.api import run
+
+    one = run(base_overrides("bundled_flow", "float32", list(cfg.heldout.prompts), int(cfg.heldout.seed), 2)
+              + ["solver=unipc", "schedule=flow_match", "steps=6"], output_dir=tmp_path / "one_batch")
+    assert torch.equal(one.x_T.cpu(), s.main_reference.x_T.cpu())
+    assert torch.allclose(one.latents.cpu(), s.main_reference.latents.cpu(), atol=1e-4)
