@@ -86,6 +86,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -780,12 +781,14 @@ def greedy_coefficients(sampler: Sampler, teacher: Teacher, grid: list[float],
 def greedy_grid_search(sampler: Sampler, teacher: Teacher, grid: list[float], opts: Options) -> tuple[list[float], dict[str, Any]]:
     """``grid_search``: the grid's points moved to fine points (the nearest; ``last_sigma`` caps the last), then by
     coordinate descent, each interior point in turn by up to two fine points while the final calibration RMSE of the
-    greedy coefficients on the grid falls, for at most ``grid_search`` sweeps. A grid costs one pass of its K model
-    evaluations (the teacher's states at the fine points are the targets), so a sweep tries ~4·K grids in K² evaluations.
+    greedy coefficients on the grid falls, for at most ``grid_search`` sweeps. A grid costs the model evaluations from
+    its moved point on (the teacher's states at the fine points are the targets; the head before it is kept), so a
+    sweep tries ~4·K grids in about 2·K² evaluations.
     (The grid, {"sweeps", "grids" tried, "rmse" of the start and of the end}.)"""
     fine, cap = teacher.fine[:-1], opts.last_sigma if opts.last_sigma is not None else math.inf
     seen = None if not opts.validation else ~validation_mask(sampler.groups, opts.validation).to(teacher.x[-1].device)
     memo: dict[tuple[int, ...], float] = {}
+    heads: dict = {}  # greedy_fit's model evaluations by the grid's head: a moved point evaluates from there on
 
     def cost(idx: tuple[int, ...]) -> float:
         if fine[idx[-1]] > cap:
@@ -793,7 +796,7 @@ def greedy_grid_search(sampler: Sampler, teacher: Teacher, grid: list[float], op
         if idx not in memo:
             pts = [fine[i] for i in idx] + [0.0]
             x = greedy_fit(sampler, pts, [teacher.x[i] for i in idx[1:]] + [teacher.x[-1]], opts.consistent, seen,
-                           opts.guidance_terms)[-1]
+                           opts.guidance_terms, heads)[-1]
             memo[idx] = rmse(x if seen is None else x[seen], teacher.x[-1] if seen is None else teacher.x[-1][seen])
         return memo[idx]
 
@@ -830,20 +833,27 @@ def greedy_grid_search(sampler: Sampler, teacher: Teacher, grid: list[float], op
 
 
 def greedy_fit(sampler: Sampler, grid: list[float], targets: list[torch.Tensor], consistent: bool,
-               seen: torch.Tensor | None = None,
-               terms: bool = False) -> tuple[list[float], list[list[float]], list[list[float]], torch.Tensor]:
+               seen: torch.Tensor | None = None, terms: bool = False,
+               cache: dict | None = None) -> tuple[list[float], list[list[float]], list[list[float]], torch.Tensor]:
     """Step by step, the coefficients whose state is nearest (least squares over the samples ``seen``, default all)
     to ``targets[j]`` at grid point j + 1 (the last: the final sample), given the student's own past states; with
     ``consistent`` inside that family (the newest D's weight implied), with ``terms`` a free weight on every guidance
     difference Δ_k so far besides. Closed form, one evaluation per step: (e, b, g (rows of [] without terms), the
-    final state)."""
+    final state). ``cache`` (a dict the caller keeps, for targets that follow from the grid's points) holds each
+    evaluation by the grid's points up to it — the state there is the fit's on them — so a grid that shares a head
+    with one fitted before evaluates the model from its first new point on (the same numbers)."""
     steps, finite = len(grid) - 1, not math.isinf(grid[0])
     rows = slice(None) if seen is None else seen
     with torch.no_grad():
         x_T = sampler.start(grid[0]).x
         x, ds, deltas, e, b, g = x_T, [], [], [], [], []
         for j in range(steps):
-            d_j, delta = sampler.denoised_and_delta(x, j, grid, terms)
+            hit = None if cache is None else cache.get(tuple(grid[: j + 1]))
+            if hit is None:
+                hit = sampler.denoised_and_delta(x, j, grid, terms)
+                if cache is not None:
+                    cache[tuple(grid[: j + 1])] = hit
+            d_j, delta = hit
             ds.append(d_j)
             deltas += [] if delta is None else [delta]
             d, last = d_j.double(), j == steps - 1
@@ -956,7 +966,8 @@ def learned(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
     for it in range(1, opts.iterations + 1):
         if opt is not None:
             opt.zero_grad()
-        per, x, loss = final()
+        with torch.no_grad() if it == opts.iterations or opt is None else nullcontext():  # no step follows: no graph
+            per, x, loss = final()
         value = float(per.mean().sqrt())
         val = None if held is None else float(per[held].mean().sqrt())  # the held-back prompts decide what is kept
         judged = value if val is None else val

@@ -693,6 +693,32 @@ def test_learned_grid_search(tiny_overrides, tmp_path):
         Options(method="learned", coef_init="greedy", last_sigma=0.5).check()
 
 
+def test_greedy_fit_resumes_from_a_shared_head(tiny_overrides):
+    """greedy_fit's cache: a grid whose head was fitted before starts after it — the same coefficients and final
+    state as a fit from scratch (1e-12), with only the evaluations from the first differing point on."""
+    s = schedule_opt.Sampler(tiny_overrides + ["dtype=float32", "device=cpu", "solver=learned", "seed=1000", "num_samples=2",
+                                               "batch_size=2", "callback=[]"])
+    torch.manual_seed(0)
+    shape = s.start(s.sigma_max).x.shape
+    targets = {v: torch.randn(shape) * v for v in (8.0, 4.0, 3.0, 2.0, 1.0, 0.5)}
+    targets[0.0] = torch.randn(shape) * 0.5
+    head, other = [s.sigma_max, 8.0, 4.0, 2.0, 1.0, 0.0], [s.sigma_max, 8.0, 4.0, 3.0, 0.5, 0.0]
+    cache: dict = {}
+    schedule_opt.greedy_fit(s, head, [targets[v] for v in head[1:]], True, None, True, cache)
+    n0 = s.nfe
+    cached = schedule_opt.greedy_fit(s, other, [targets[v] for v in other[1:]], True, None, True, cache)
+    n1 = s.nfe
+    fresh = schedule_opt.greedy_fit(s, other, [targets[v] for v in other[1:]], True, None, True)
+    assert (n1 - n0) * 5 == (s.nfe - n1) * 2  # 2 of the 5 evaluations: those at [σ_max, 8, 4] kept
+    for a, b in zip(cached[:3], fresh[:3]):
+        assert all(math.isclose(u, v, rel_tol=1e-12, abs_tol=1e-12) for u, v in zip(flatten(a), flatten(b)))
+    assert torch.allclose(cached[3], fresh[3], rtol=0, atol=1e-12)
+
+
+def flatten(rows) -> list[float]:
+    return [float(v) for row in rows for v in (row if isinstance(row, list) else [row])]
+
+
 def test_learned_guidance_terms_from_infinity(tmp_path):
     """The same on a flow model whose grid starts at σ = ∞ (tiny SD3, the solver's limit step first): the greedy fit
     with guidance terms runs, and its file's weights g = c·b at CFG w are the plain coefficients at w + c (1e-4)."""
