@@ -301,6 +301,7 @@ class Sampler:
                 guided = pred = den.evaluate(node.x, node.sigma)
                 for name, fn in self.run.hooks.momentum if math.isfinite(node.sigma) else ():  # as the engine
                     pred = call(name, "momentum", fn, state=state, pred=pred)
+            den.state = None  # (the cycle, as in prediction)
             self.nfe += batch.nfe
             node.pred = (guided, pred)
         return node.pred
@@ -310,6 +311,7 @@ class Sampler:
         node = Node(x, grid[i], i, tuple(grid[: i + 1]))
         _, den, batch = self._state(node, Schedule(tuple(grid), None, grid[0]), [], Stash())
         out = den.evaluate(x, grid[i])
+        den.state = None  # the state ↔ denoiser cycle freed now, not at the next full collection (GBs on a big batch)
         self.nfe += batch.nfe
         return out
 
@@ -348,6 +350,7 @@ class Sampler:
                 x_next = call(self.step_name, "step_from_infinity", from_infinity(fn), state=state)
             else:
                 x_next = call(self.step_name, "step", fn, state=state, denoise=den)
+        den.state = None  # (the cycle, as in prediction)
         self.nfe += batch.nfe
         rec = StepRecord(node.index, node.sigma, sigma_next, state.x, guided.denoised, pred.denoised, x_next)
         return Node(x_next, sigma_next, node.index + 1, node.path + (sigma_next,), node.history + [rec], batch.stash)
