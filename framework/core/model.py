@@ -256,3 +256,8 @@ class _Stacked:
             self.parts = parts
             self.both = {k: torch.cat(p) for k, p in zip(dicts[-1], parts)}
         return self.both
+
+    def __deepcopy__(self, memo: dict) -> "_Stacked":
+        """Itself: a cache of its inputs' concatenation, which a copied stash (a trajectory branched, as the schedule
+        optimisers do at every node) may share — a copy would only hold the encoding again (GBs on a long teacher)."""
+        return self

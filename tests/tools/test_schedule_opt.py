@@ -715,6 +715,20 @@ def test_greedy_fit_resumes_from_a_shared_head(tiny_overrides):
     assert torch.allclose(cached[3], fresh[3], rtol=0, atol=1e-12)
 
 
+def test_branched_stashes_share_the_prompts_encoding(tiny_overrides):
+    """Each node of a trajectory holds its own copy of the plugins' stash (the optimisers branch from any node), but
+    the batch's stacked conditioning is one object for all of them: a copy per node had run a flow teacher (160
+    nodes, 96 samples) out of 23 GB."""
+    from framework.core.model import _Stacked
+
+    s = schedule_opt.Sampler(tiny_overrides + ["dtype=float32", "device=cpu", "solver=unipc", "seed=1000", "num_samples=2",
+                                               "batch_size=2", "callback=[]"])
+    nodes = s.trajectory([s.sigma_max, 5.0, 2.0, 1.0, 0.0])
+    held = [[v for v in n.stash._data.values() if isinstance(v, _Stacked)] for n in nodes[1:]]
+    assert all(len(h) == 1 and h[0] is held[0][0] for h in held) and held[0][0].both
+    assert nodes[1].stash is not nodes[2].stash
+
+
 def flatten(rows) -> list[float]:
     return [float(v) for row in rows for v in (row if isinstance(row, list) else [row])]
 
