@@ -281,7 +281,7 @@ def verdict_rows(cfg: DictConfig, model: str, budgets: list) -> list[str]:
     cells = {}
     for b in budgets:
         pair = v.pairs.get(int(b))
-        opt = rec.get(f"{pair}/{int(b)}") if pair else None
+        opt = (rec.get(f"{pair}/{int(b)}") or rec.get(f"{model}/{pair}/{int(b)}")) if pair else None  # (the probe's keys)
         stock = [(k, e) for k, e in rec.items() if k.startswith(f"{model}/stock/") and int(e["nfe"]) == int(b)]
         if opt is None or not stock:
             continue

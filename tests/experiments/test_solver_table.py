@@ -64,3 +64,7 @@ def test_verdict_rows(tmp_path):
     assert "| sampler | 6 |" in text and "(spec)" in text and "(euler + leading)" in text
     assert "| ratio (90 % interval) | 0.50 (0.50–0.50) |" in text
     assert table_mod.verdict_rows(OmegaConf.create({}), "m", [6]) == []
+    record["m/spec/learned/8"] = entry([0.05] * 4, 8)  # the probe names a model other than the VP one in its keys
+    path.write_text(json.dumps(record))
+    cfg.verdicts.m.pairs[8] = "spec/learned"
+    assert "| ratio (90 % interval) | 0.50 (0.50–0.50) | 0.50 (0.50–0.50) |" in "\n".join(table_mod.verdict_rows(cfg, "m", [6, 8]))
