@@ -22,6 +22,12 @@ def base_overrides(model: str, dtype: str, prompts, seed: int, n: int, batch: in
     return out
 
 
+def pair_key(model: str, pair: str, nfe: int) -> str:
+    """A (method spec, solver) pair's entry in a probe record (experiments.schedule_opt.probe): the VP model's
+    unprefixed, as its first records were."""
+    return f"{pair}/{int(nfe)}" if model == "bundled" else f"{model}/{pair}/{int(nfe)}"
+
+
 def reference_overrides(sigma_max: float, sigma_min: float, rtol: float, atol: float,
                         init_noise: float | None = None) -> list[str]:
     """``solver=reference`` from σ_max (x_T = σ_max·ε, or ``init_noise``·ε) to σ_min, then D there:

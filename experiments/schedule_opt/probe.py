@@ -25,7 +25,7 @@ from pathlib import Path
 
 from experiments.harness import Experiment
 from experiments.schedule_opt.__main__ import HERE, Study
-from experiments.schedule_opt.common import base_overrides
+from experiments.schedule_opt.common import base_overrides, pair_key
 from framework.entry.api import run
 
 DEFAULT_OUT = HERE / "probe.json"
@@ -93,7 +93,7 @@ def main(argv: list[str]) -> dict:
                 t0 = time.perf_counter()
                 cell["quality"] = quality(s, cfg, solver, made["file"], len(c["sigmas"]) - 1, f"{n}_{solver}_{method}")
                 cell["quality_seconds"] = round(time.perf_counter() - t0, 1)
-            key = f"{method}/{solver}/{n}" if model == "bundled" else f"{model}/{method}/{solver}/{n}"
+            key = pair_key(model, f"{method}/{solver}", n)
             old = record.get(key) or {}
             if "quality" not in cell and old.get("quality") and old.get("sigmas") == cell.get("sigmas"):
                 cell["quality"], cell["quality_seconds"] = old["quality"], old.get("quality_seconds")  # same grid: kept

@@ -272,7 +272,7 @@ def verdict_rows(cfg: DictConfig, model: str, budgets: list) -> list[str]:
     """Issue 24's verdicts (``verdicts``: a probe record of experiments.schedule_opt.probe and the pair chosen per
     budget — the best optimised sampler whose FD and prompt accuracy were kept, docs/optimisation.md) beside the
     record's best stock sampler at that budget, with the ratio's 90 % interval (paired bootstrap over the samples)."""
-    from experiments.schedule_opt.common import ratio_interval
+    from experiments.schedule_opt.common import pair_key, ratio_interval
 
     v = (cfg.get("verdicts") or {}).get(model)
     if not v or not Path(v.record).is_file():
@@ -281,7 +281,7 @@ def verdict_rows(cfg: DictConfig, model: str, budgets: list) -> list[str]:
     cells = {}
     for b in budgets:
         pair = v.pairs.get(int(b))
-        opt = (rec.get(f"{pair}/{int(b)}") or rec.get(f"{model}/{pair}/{int(b)}")) if pair else None  # (the probe's keys)
+        opt = rec.get(pair_key(model, pair, b)) if pair else None
         stock = [(k, e) for k, e in rec.items() if k.startswith(f"{model}/stock/") and int(e["nfe"]) == int(b)]
         if opt is None or not stock:
             continue

@@ -55,7 +55,7 @@ def test_verdict_rows(tmp_path):
         return {"nfe": float(nfe), "error": (sum(e * e for e in errors) / len(errors)) ** 0.5, "sample_errors": errors}
 
     record = {"m/stock/euler/karras/6": entry([0.4, 0.4, 0.4, 0.4], 6), "m/stock/euler/leading/6": entry([0.2, 0.2, 0.2, 0.2], 6),
-              "spec/learned/6": entry([0.1, 0.1, 0.1, 0.1], 6), "m/stock/euler/karras/8": entry([0.1] * 4, 8)}
+              "m/spec/learned/6": entry([0.1, 0.1, 0.1, 0.1], 6), "m/stock/euler/karras/8": entry([0.1] * 4, 8)}
     path = tmp_path / "rec.json"
     path.write_text(json.dumps(record))
     cfg = OmegaConf.create({"verdicts": {"m": {"record": str(path), "pairs": {6: "spec/learned"}}}})
@@ -64,7 +64,7 @@ def test_verdict_rows(tmp_path):
     assert "| sampler | 6 |" in text and "(spec)" in text and "(euler + leading)" in text
     assert "| ratio (90 % interval) | 0.50 (0.50–0.50) |" in text
     assert table_mod.verdict_rows(OmegaConf.create({}), "m", [6]) == []
-    record["m/spec/learned/8"] = entry([0.05] * 4, 8)  # the probe names a model other than the VP one in its keys
+    record["m/spec/learned/8"] = entry([0.05] * 4, 8)
     path.write_text(json.dumps(record))
     cfg.verdicts.m.pairs[8] = "spec/learned"
     assert "| ratio (90 % interval) | 0.50 (0.50–0.50) | 0.50 (0.50–0.50) |" in "\n".join(table_mod.verdict_rows(cfg, "m", [6, 8]))
