@@ -100,7 +100,7 @@ from framework.core.step import Denoiser, SamplerState
 from framework.maths.multistep import euler_as_linear, linear_update
 
 METHODS = ("gits", "oss", "ays", "ld3", "learned", "tpe")
-STOCK_INITS = ("leading", "karras", "exponential")  # ``init``: a stock grid of the budget's step count (else gits, oss or a file)
+STOCK_INITS = ("leading", "karras", "exponential", "flow_match")  # ``init``: a stock grid of the budget's step count (else gits, oss or a file)
 FINALS = ("free", "sigma_min")  # ``final``: where the last step to 0 starts (sigma_min: pinned there, a near-free step)
 OBJECTIVES = ("latent", "image", "image_grad")  # ld3 / tpe / learned: the final error in latents, decoded images, or their gradients
 OBJECTIVE_NAMES = {"latent": "final RMSE to the teacher", "image": "RMSE of the decoded final images to the teacher's",

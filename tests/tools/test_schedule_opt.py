@@ -753,3 +753,16 @@ def test_learned_guidance_terms_from_infinity(tmp_path):
     at_w = run(sample + [f"schedule.file={tmp_path / 's.json'}", "cfg_scale=5.0"]).latents
     at_w_c = run(sample + [f"schedule.file={tmp_path / 'p.json'}", "cfg_scale=5.5"]).latents
     assert (at_w - at_w_c).abs().max() <= 1e-4 * at_w.abs().max(), (at_w - at_w_c).abs().max()
+
+
+def test_a_flow_models_own_grid_is_a_start(tmp_path):
+    """init=flow_match: the model's own flow-matching grid (from σ = ∞) is the start; 0 iterations leave it."""
+    from framework.tools.schedule_opt import stock_grid
+
+    content, _ = optimize(Options(method="ld3", nfe=[4], iterations=0, init="flow_match", out=str(tmp_path / "f.json"),
+                                  **SMALL), FLOW + ["solver=euler"], log=lambda s: None)
+    model = schedule_opt.Sampler(FLOW + ["solver=euler", "num_samples=1", "batch_size=1", "callback=[]"]).model
+    want = stock_grid("flow_match", model, 4)
+    g = content["grids"]["4"]["sigmas"]
+    assert math.isinf(g[0]) and math.isinf(want[0]) and len(g) == len(want) == 5
+    assert all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(g[1:], want[1:])), (g, want)
