@@ -137,6 +137,7 @@ class Options:
     coef_init: str = "euler"  # learned: the first coefficients: Euler's, this solver's on the grid (least squares), `greedy` (step by step to the teacher's states), or `init`: the init file's
     consistent: bool = False  # learned: every step exact on a denoiser that returns a constant (no shrinkage toward 0)
     guidance_terms: bool = False  # learned: also a free weight on every guidance difference Δ_k = D_cond − D_uncond so far
+    sample_power: float = 2.0  # learned: the fits and the grid search minimise Σ_i ‖error_i‖^p over the calibration samples: 2 the pooled RMSE, 1 every sample alike (a far one — a mode flip — weighs less)
     validation: float = 0.0  # learned: the share of calibration prompts held back; the coefficients best on them are kept
     grid_search: int = 0  # learned, coef_init=greedy: sweeps moving the init grid's points over the fine points to its greedy coefficients' least error
     last_sigma: float | None = None  # grid_search: the largest last nonzero σ it may choose (where the final jump starts)
@@ -181,9 +182,11 @@ class Options:
         if not 0.0 <= self.validation < 1.0 or self.patience < 1:
             raise ConfigError(f"validation={self.validation}, patience={self.patience}: give 0 ≤ validation < 1 "
                               "(the share of calibration prompts held back, e.g. 0.25) and patience ≥ 1")
-        if (self.consistent or self.validation or self.guidance_terms) and self.method != "learned":
-            raise ConfigError("consistent=, guidance_terms= and validation= are method=learned's: drop them for method="
-                              + self.method)
+        if (self.consistent or self.validation or self.guidance_terms or self.sample_power != 2) and self.method != "learned":
+            raise ConfigError("consistent=, guidance_terms=, sample_power= and validation= are method=learned's: drop them "
+                              "for method=" + self.method)
+        if not 1 <= self.sample_power <= 2:
+            raise ConfigError(f"sample_power={self.sample_power}: give 1 ≤ p ≤ 2 (2: the pooled RMSE, 1: the mean per-sample RMSE)")
         if self.grid_search < 0 or (self.grid_search and (self.method != "learned" or self.coef_init != "greedy")):
             raise ConfigError(f"grid_search={self.grid_search}: the sweeps of a grid search for greedy coefficients, a count "
                               "≥ 0 with method=learned coef_init=greedy")
@@ -211,6 +214,16 @@ class Node:
     history: list[StepRecord] = field(default_factory=list)
     stash: Stash = field(default_factory=Stash)
     pred: tuple[Prediction, Prediction] | None = None
+
+
+def per_sample_rmse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.double() - b.double()).pow(2).flatten(1).mean(1).sqrt()
+
+
+def fit_error(a: torch.Tensor, b: torch.Tensor, power: float) -> float:
+    """What the learned fits descend: the power mean (mean_i e_i^p)^(1/p) of the per-sample RMSEs e_i — p = 2 the RMSE
+    over every element, p = 1 their mean (a sample far off, one that flips mode, then weighs by its error, not its square)."""
+    return rmse(a, b) if power == 2 else float(per_sample_rmse(a, b).pow(power).mean() ** (1 / power))
 
 
 def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -777,17 +790,17 @@ def greedy_coefficients(sampler: Sampler, teacher: Teacher, grid: list[float],
     them), with ``validation`` on the samples not held back only."""
     targets = teacher_states(sampler, teacher, grid, opts)
     seen = None if not opts.validation else ~validation_mask(sampler.groups, opts.validation).to(targets[0].device)
-    e, b, g, _ = greedy_fit(sampler, grid, targets, opts.consistent, seen, opts.guidance_terms)
+    e, b, g, _ = greedy_fit(sampler, grid, targets, opts.consistent, seen, opts.guidance_terms, power=opts.sample_power)
     return e, b, g
 
 
 def greedy_grid_search(sampler: Sampler, teacher: Teacher, grid: list[float], opts: Options) -> tuple[list[float], dict[str, Any]]:
     """``grid_search``: the grid's points moved to fine points (the nearest; ``last_sigma`` caps the last), then by
-    coordinate descent, each interior point in turn by up to two fine points while the final calibration RMSE of the
+    coordinate descent, each interior point in turn by up to two fine points while the final calibration error (``fit_error``) of the
     greedy coefficients on the grid falls, for at most ``grid_search`` sweeps. A grid costs the model evaluations from
     its moved point on (the teacher's states at the fine points are the targets; the head before it is kept), so a
     sweep tries ~4·K grids in about 2·K² evaluations.
-    (The grid, {"sweeps", "grids" tried, "rmse" of the start and of the end}.)"""
+    (The grid, {"sweeps", "grids" tried, "rmse" — the error searched — of the start and of the end}.)"""
     fine, cap = teacher.fine[:-1], opts.last_sigma if opts.last_sigma is not None else math.inf
     seen = None if not opts.validation else ~validation_mask(sampler.groups, opts.validation).to(teacher.x[-1].device)
     memo: dict[tuple[int, ...], float] = {}
@@ -799,8 +812,9 @@ def greedy_grid_search(sampler: Sampler, teacher: Teacher, grid: list[float], op
         if idx not in memo:
             pts = [fine[i] for i in idx] + [0.0]
             x = greedy_fit(sampler, pts, [teacher.x[i] for i in idx[1:]] + [teacher.x[-1]], opts.consistent, seen,
-                           opts.guidance_terms, heads)[-1]
-            memo[idx] = rmse(x if seen is None else x[seen], teacher.x[-1] if seen is None else teacher.x[-1][seen])
+                           opts.guidance_terms, heads, opts.sample_power)[-1]
+            memo[idx] = fit_error(x if seen is None else x[seen], teacher.x[-1] if seen is None else teacher.x[-1][seen],
+                                  opts.sample_power)
         return memo[idx]
 
     logs = [math.log(f) if math.isfinite(f) else math.inf for f in fine]
@@ -837,11 +851,11 @@ def greedy_grid_search(sampler: Sampler, teacher: Teacher, grid: list[float], op
 
 def greedy_fit(sampler: Sampler, grid: list[float], targets: list[torch.Tensor], consistent: bool,
                seen: torch.Tensor | None = None, terms: bool = False,
-               cache: dict | None = None) -> tuple[list[float], list[list[float]], list[list[float]], torch.Tensor]:
+               cache: dict | None = None, power: float = 2.0) -> tuple[list[float], list[list[float]], list[list[float]], torch.Tensor]:
     """Step by step, the coefficients whose state is nearest (least squares over the samples ``seen``, default all)
     to ``targets[j]`` at grid point j + 1 (the last: the final sample), given the student's own past states; with
     ``consistent`` inside that family (the newest D's weight implied), with ``terms`` a free weight on every guidance
-    difference Δ_k so far besides. Closed form, one evaluation per step: (e, b, g (rows of [] without terms), the
+    difference Δ_k so far besides; with ``power`` p < 2 the least Σ_i ‖residual_i‖^p over the samples instead. Closed form, one evaluation per step: (e, b, g (rows of [] without terms), the
     final state). ``cache`` (a dict the caller keeps, for targets that follow from the grid's points) holds each
     evaluation by the grid's points up to it — the state there is the fit's on them — so a grid that shares a head
     with one fitted before evaluates the model from its first new point on (the same numbers)."""
@@ -865,7 +879,7 @@ def greedy_fit(sampler: Sampler, grid: list[float], targets: list[torch.Tensor],
                 y = targets[j].double() - d
             else:
                 cols, y = [x_T.double()] + [v.double() for v in ds], targets[j].double()
-            c = least_squares([v[rows] for v in cols + [v.double() for v in deltas]], y[rows])
+            c = least_squares([v[rows] for v in cols + [v.double() for v in deltas]], y[rows], power)
             c, gj = c[: len(cols)], c[len(cols):]  # (Δ = 0 on a constant denoiser: its weights are free)
             free = 0 if last else 1  # (a consistent last step has no e_j column)
             ej, row = consistent_step(c[0] if free else 0.0, c[free:], last, finite) if consistent else (c[0], c[1:])
@@ -885,14 +899,33 @@ def consistent_step(ej: Any, head: list[Any], last: bool, finite: bool) -> tuple
     return ej, list(head) + [(1.0 - ej if finite else 1.0) - sum(head, 0.0)]
 
 
-def least_squares(cols: list[torch.Tensor], y: torch.Tensor) -> list[float]:
+def least_squares(cols: list[torch.Tensor], y: torch.Tensor, power: float = 2.0, sweeps: int = 50) -> list[float]:
     """argmin_c ‖Σ c_k·cols_k − y‖² over every element, the least-norm one where the columns are dependent (as on a
-    Gaussian, where every D is a multiple of x_T): the normal equations in float64, solved on the CPU by SVD."""
+    Gaussian, where every D is a multiple of x_T): the normal equations in float64, solved on the CPU by SVD. With
+    ``power`` p < 2, argmin_c Σ_i ‖r_i‖^p over the samples i (dim 0) instead, by iteratively reweighted least squares
+    (weights ‖r_i‖^(p−2) from each sample's own Gram matrix, so a sweep costs no pass over the data; at most ``sweeps``)."""
     if not cols:
         return []
-    a = torch.stack([v.flatten() for v in cols])
-    gram, rhs = (a @ a.T).cpu(), (a @ y.flatten()).cpu()
-    return [float(v) for v in torch.linalg.lstsq(gram, rhs[:, None], rcond=1e-12, driver="gelsd").solution[:, 0]]
+    a = torch.stack([v.flatten(1) for v in cols])  # (columns, samples, elements)
+    yf = y.flatten(1)
+    grams, rhss = torch.einsum("knd,lnd->nkl", a, a).cpu(), torch.einsum("knd,nd->nk", a, yf).cpu()
+
+    def solve(w: torch.Tensor) -> torch.Tensor:
+        gram, rhs = torch.einsum("n,nkl->kl", w, grams), w @ rhss
+        return torch.linalg.lstsq(gram, rhs[:, None], rcond=1e-12, driver="gelsd").solution[:, 0]
+
+    c = solve(torch.ones(len(grams), dtype=grams.dtype))
+    if power != 2:
+        yy, kept, least = yf.pow(2).sum(1).cpu(), c, math.inf
+        for _ in range(sweeps):
+            norms = (torch.einsum("k,nkl,l->n", c, grams, c) - 2 * rhss @ c + yy).clamp_min(0).sqrt()
+            total = float(norms.pow(power).sum())
+            if not total < least * (1 - 1e-9):  # (a sweep never raises it but by rounding)
+                break
+            kept, least = c, total
+            c = solve(norms.clamp_min(1e-6 * float(norms.median()) + 1e-30).pow(power - 2))
+        c = kept
+    return [float(v) for v in c]
 
 
 def learned(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
@@ -950,7 +983,7 @@ def learned(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
     held = validation_mask(sampler.groups, opts.validation).to(x_T.device) if opts.validation else None
 
     def final() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(the objective's mean square per sample, the final latents, the mean square the fit descends)"""
+        """(the objective's mean square per sample, the final latents, what the fit descends)"""
         x, ds, deltas = x_T, [], []
         for j in range(steps):
             d_j, delta = sampler.denoised_and_delta(x, j, grid, terms)
@@ -961,7 +994,8 @@ def learned(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
                               deltas, [v.to(x_T) for v in g[j]] if terms else ())
         out = x if latent else image_features(sampler, x, opts.objective)
         per = (out.double() - ref.double()).pow(2).flatten(1).mean(1)
-        return per.detach(), x.detach(), (per.mean() if held is None else per[~held].mean())
+        fit = per.pow(opts.sample_power / 2)  # (Σ_i e_i^p, as ``fit_error``)
+        return per.detach(), x.detach(), (fit.mean() if held is None else fit[~held].mean())
 
     opt = torch.optim.Adam(free, lr=opts.coef_lr) if free else None  # (one consistent step has nothing free)
     best, kept, kept_rmse, kept_it, kept_val, score = math.inf, (e0, b0, g0), math.inf, 0, None, math.inf
@@ -973,7 +1007,7 @@ def learned(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
             per, x, loss = final()
         value = float(per.mean().sqrt())
         val = None if held is None else float(per[held].mean().sqrt())  # the held-back prompts decide what is kept
-        judged = value if val is None else val
+        judged = float(per.pow(opts.sample_power / 2).mean() ** (1 / opts.sample_power)) if val is None else val
         if judged < score:
             score, best, kept_rmse, kept_it, kept_val = judged, value, rmse(x, target), it, val
             rows = [coefs(j) for j in range(steps)]
@@ -1103,12 +1137,12 @@ def optimize(opts: Options, overrides: Sequence[str], model: object | None = Non
     settings = {k: v for k, v in asdict(opts).items() if k in ("fine", "fine_top", "teacher", "teacher_substeps", "teacher_rtol",
                                                                  "iterations", "seconds", "lr", "fd_step", "init", "trials", "history", "start", "final",
                                                                  "objective", "coef_lr", "coef_init", "consistent", "guidance_terms", "validation",
-                                                                 "patience", "grid_search", "last_sigma")}
+                                                                 "patience", "grid_search", "last_sigma", "sample_power")}
     if not opts.validation:
         settings.pop("patience")
     for key, plain in (("final", "free"), ("objective", "latent"), ("fine_top", None), ("coef_lr", 0.003), ("coef_init", "euler"),
                        ("consistent", False), ("guidance_terms", False), ("validation", 0.0), ("grid_search", 0),
-                       ("last_sigma", None)):  # keys only where set: older files still resume
+                       ("last_sigma", None), ("sample_power", 2.0)):  # keys only where set: older files still resume
         if settings.get(key) == plain:
             settings.pop(key)
     run_keys = {k: OmegaConf.to_container(cfg, resolve=True).get(k) for k in ("cfg_scale", "dtype", "guidance", "momentum")}

@@ -472,7 +472,7 @@ def test_consistent_learned_coefficients_are_exact_on_a_constant_denoiser(flow, 
     if not flow:  # one consistent step has nothing free: x₁ = D₀
         one, _ = optimize(Options(**{**common, "nfe": [1]}, consistent=True, out=str(tmp_path / "one.json")), base_cfg, log=lambda s: None)
         assert one["grids"]["1"]["coefficients"] == {"e": [0.0], "b": [[1.0]]}
-    with pytest.raises(ConfigError, match="consistent=, guidance_terms= and validation= are method=learned"):
+    with pytest.raises(ConfigError, match="consistent=, guidance_terms=, sample_power= and validation= are method=learned"):
         optimize(Options(method="gits", consistent=True, nfe=[4], out=str(tmp_path / "g.json"), **SMALL), MIX + ["solver=euler"])
 
 
@@ -659,7 +659,7 @@ def test_learned_guidance_terms(tiny_overrides, tmp_path):
                  MIX + ["solver=learned"], log=lambda s: None)
     with pytest.raises(ConfigError, match="continue it with guidance_terms=true"):
         optimize(Options(**{**base, "init": str(path), "coef_init": "init"}, out=str(tmp_path / "c.json")), keys, log=lambda s: None)
-    with pytest.raises(ConfigError, match="guidance_terms= and validation= are method=learned"):
+    with pytest.raises(ConfigError, match="sample_power= and validation= are method=learned"):
         Options(method="gits", guidance_terms=True).check()
 
 
@@ -691,6 +691,34 @@ def test_learned_grid_search(tiny_overrides, tmp_path):
         Options(method="learned", grid_search=2).check()  # coef_init=euler
     with pytest.raises(ConfigError, match="last_sigma=0.5 caps"):
         Options(method="learned", coef_init="greedy", last_sigma=0.5).check()
+
+
+def test_least_squares_with_power_1_is_not_pulled_by_one_far_sample():
+    """``least_squares``: p = 2, the least squares over every element (torch.linalg.lstsq on the flattened data,
+    1e-9); p = 1, the least sum of per-sample residual norms — 15 samples that follow y = 2·u + 3·v (noise 1e-3) and
+    one far off: the p = 2 fit is pulled by it (> 0.3 away), the p = 1 one recovers (2, 3) within 0.01 and its sum of
+    norms is the smaller; p = 1.5 lies between them and has the least Σ‖r_i‖^1.5 of the three."""
+    g = torch.Generator().manual_seed(0)
+    u, v = torch.randn(16, 4, 8, generator=g, dtype=torch.float64), torch.randn(16, 4, 8, generator=g, dtype=torch.float64)
+    y = 2 * u + 3 * v + 1e-3 * torch.randn(16, 4, 8, generator=g, dtype=torch.float64)
+    y[5] = -8 * u[5] + 20 * torch.randn(4, 8, generator=g, dtype=torch.float64)
+    plain, robust = schedule_opt.least_squares([u, v], y), schedule_opt.least_squares([u, v], y, power=1)
+    mid = schedule_opt.least_squares([u, v], y, power=1.5)
+    direct = torch.linalg.lstsq(torch.stack([u.flatten(), v.flatten()], 1), y.flatten()[:, None]).solution[:, 0]
+    assert all(math.isclose(a, float(b), rel_tol=1e-9) for a, b in zip(plain, direct))
+    assert abs(plain[0] - 2) + abs(plain[1] - 3) > 0.3, plain
+    assert abs(robust[0] - 2) < 0.01 and abs(robust[1] - 3) < 0.01, robust
+
+    def norms(c, p=1.0):
+        return float((c[0] * u + c[1] * v - y).flatten(1).norm(dim=1).pow(p).sum())
+
+    assert norms(robust) < norms(plain)
+    assert norms(mid, 1.5) < min(norms(robust, 1.5), norms(plain, 1.5))
+    assert abs(robust[0] - 2) < abs(mid[0] - 2) < abs(plain[0] - 2)
+    with pytest.raises(ConfigError, match="sample_power= and validation= are method=learned's"):
+        Options(method="gits", sample_power=1).check()
+    with pytest.raises(ConfigError, match="sample_power=3: give 1 ≤ p ≤ 2"):
+        Options(method="learned", sample_power=3).check()
 
 
 def test_greedy_fit_resumes_from_a_shared_head(tiny_overrides):
