@@ -659,6 +659,10 @@ def test_learned_guidance_terms(tiny_overrides, tmp_path):
                  MIX + ["solver=learned"], log=lambda s: None)
     with pytest.raises(ConfigError, match="continue it with guidance_terms=true"):
         optimize(Options(**{**base, "init": str(path), "coef_init": "init"}, out=str(tmp_path / "c.json")), keys, log=lambda s: None)
+    damaged = tmp_path / "damaged.json"
+    damaged.write_text(path.read_text().replace('"sigmas": [', '"sigmas": [1.5e-3, ', 1))
+    with pytest.raises(ConfigError, match="damaged"):  # an init file is read before any model evaluation
+        optimize(Options(**{**base, "init": str(damaged)}, out=str(tmp_path / "d.json")), keys, log=lambda s: None)
     with pytest.raises(ConfigError, match="sample_power= and validation= are method=learned"):
         Options(method="gits", guidance_terms=True).check()
 
