@@ -1129,7 +1129,7 @@ def optimize(opts: Options, overrides: Sequence[str], model: object | None = Non
     if (opts.method == "learned") != (solver == "learned"):
         raise ConfigError("method=learned fits solver=learned's coefficients (and solver=learned has nothing else to "
                           "optimise): use them together")
-    if opts.init not in ("gits", "oss", *STOCK_INITS):
+    if opts.method in ("ld3", "learned") and opts.init not in ("gits", "oss", *STOCK_INITS):
         read_schedule_file(opts.init)  # a missing or damaged init file: refused before the teacher's minutes
     text = model_name not in ("gaussian", "mixture") and model is None
     sampler = Sampler(list(overrides) + calibration_overrides(opts, text), model)
