@@ -659,6 +659,11 @@ def test_learned_guidance_terms(tiny_overrides, tmp_path):
                  MIX + ["solver=learned"], log=lambda s: None)
     with pytest.raises(ConfigError, match="continue it with guidance_terms=true"):
         optimize(Options(**{**base, "init": str(path), "coef_init": "init"}, out=str(tmp_path / "c.json")), keys, log=lambda s: None)
+    per_sample, _ = optimize(Options(iterations=1, guidance_terms=True, sample_power=1.0, out=str(tmp_path / "r.json"), **base),
+                             keys, log=lambda s: None)  # sample_power: kept in the file's settings, and the fit is another
+    assert per_sample["settings"]["sample_power"] == 1.0 and "sample_power" not in terms["settings"]
+    assert max(abs(u - v) for u, v in zip(flatten(per_sample["grids"]["3"]["coefficients"]["b"]),
+                                          flatten(t["coefficients"]["b"]))) > 1e-6
     damaged = tmp_path / "damaged.json"
     damaged.write_text(path.read_text().replace('"sigmas": [', '"sigmas": [1.5e-3, ', 1))
     with pytest.raises(ConfigError, match="damaged"):  # an init file is read before any model evaluation
