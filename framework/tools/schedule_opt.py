@@ -216,14 +216,15 @@ class Node:
     pred: tuple[Prediction, Prediction] | None = None
 
 
-def per_sample_rmse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a.double() - b.double()).pow(2).flatten(1).mean(1).sqrt()
+def power_mean(ms: torch.Tensor, power: float) -> float:
+    """What the learned fits descend, from each sample's mean square error ms_i: the power mean (mean_i e_i^p)^(1/p) of
+    the per-sample RMSEs e_i = √ms_i — p = 2 the RMSE over every element, p = 1 their mean (a sample far off, one that
+    flips mode, then weighs by its error, not its square)."""
+    return float(ms.mean().sqrt()) if power == 2 else float(ms.pow(power / 2).mean() ** (1 / power))
 
 
 def fit_error(a: torch.Tensor, b: torch.Tensor, power: float) -> float:
-    """What the learned fits descend: the power mean (mean_i e_i^p)^(1/p) of the per-sample RMSEs e_i — p = 2 the RMSE
-    over every element, p = 1 their mean (a sample far off, one that flips mode, then weighs by its error, not its square)."""
-    return rmse(a, b) if power == 2 else float(per_sample_rmse(a, b).pow(power).mean() ** (1 / power))
+    return power_mean((a.double() - b.double()).pow(2).flatten(1).mean(1), power)
 
 
 def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -994,7 +995,7 @@ def learned(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
                               deltas, [v.to(x_T) for v in g[j]] if terms else ())
         out = x if latent else image_features(sampler, x, opts.objective)
         per = (out.double() - ref.double()).pow(2).flatten(1).mean(1)
-        fit = per.pow(opts.sample_power / 2)  # (Σ_i e_i^p, as ``fit_error``)
+        fit = per.pow(opts.sample_power / 2)  # (Σ_i e_i^p, as ``power_mean``)
         return per.detach(), x.detach(), (fit.mean() if held is None else fit[~held].mean())
 
     opt = torch.optim.Adam(free, lr=opts.coef_lr) if free else None  # (one consistent step has nothing free)
@@ -1007,7 +1008,7 @@ def learned(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
             per, x, loss = final()
         value = float(per.mean().sqrt())
         val = None if held is None else float(per[held].mean().sqrt())  # the held-back prompts decide what is kept
-        judged = float(per.pow(opts.sample_power / 2).mean() ** (1 / opts.sample_power)) if val is None else val
+        judged = power_mean(per, opts.sample_power) if val is None else val
         if judged < score:
             score, best, kept_rmse, kept_it, kept_val = judged, value, rmse(x, target), it, val
             rows = [coefs(j) for j in range(steps)]
