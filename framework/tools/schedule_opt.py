@@ -50,6 +50,8 @@ Methods (``method=``):
   weight per step and past output; zero on a constant denoiser, so consistency holds). With ``validation=<share>``
   that share of the calibration prompts is held back from the gradient: the coefficients best on them are kept, and
   the fit stops ``patience`` steps after the last gain there (the fit otherwise overfits the calibration set). With
+  ``learn_grid=true`` Adam moves the grid's interior points with the coefficients (central differences in log σ, as
+  ``ld3``: a point only says where its D is evaluated). With
   ``coef_init=greedy grid_search=<sweeps>`` the grid itself is chosen first, for the greedy coefficients: its points
   move over the fine teacher's points (coordinate descent, the teacher's states as targets: one pass of K evaluations
   per grid tried), ``last_sigma`` capping the last nonzero σ. The file holds
@@ -74,6 +76,9 @@ KLUB has no term from ∞ and refuses such a model.
 NFE: the optimiser works in NFE budgets. NFE(steps) of the solver is measured on two probe grids
 (the engine's count, affine in steps for every fixed-step solver); a budget no step count meets
 exactly (Heun: 2·steps − 1 on a grid ending at 0, so no even NFE) is refused with one line.
+
+Per budget: ``per_nfe.<nfe>.<option>=…`` gives one budget its own options (a set of recipes in one call);
+budgets whose teacher options agree share one teacher.
 
 Resumable: the schedule file is rewritten after every finished budget; a rerun with the same
 model weights, solver, method, calibration set and settings skips the budgets already in it.
@@ -105,6 +110,7 @@ FINALS = ("free", "sigma_min")  # ``final``: where the last step to 0 starts (si
 OBJECTIVES = ("latent", "image", "image_grad")  # ld3 / tpe / learned: the final error in latents, decoded images, or their gradients
 OBJECTIVE_NAMES = {"latent": "final RMSE to the teacher", "image": "RMSE of the decoded final images to the teacher's",
                    "image_grad": "RMSE of the decoded final images' finite differences to the teacher's"}
+PER_NFE_SHARED = ("method", "nfe", "out", "per_nfe", "resume", "plot", "progress", "calibration")  # one per file or call
 CALIBRATION_PROMPTS = ("a red circle", "a green square", "a blue triangle", "a yellow diamond", "a purple circle",
                        "an orange square", "a white triangle", "a black diamond")
 
@@ -139,6 +145,7 @@ class Options:
     guidance_terms: bool = False  # learned: also a free weight on every guidance difference Δ_k = D_cond − D_uncond so far
     sample_power: float = 2.0  # learned: the fits and the grid search minimise Σ_i ‖error_i‖^p over the calibration samples: 2 the pooled RMSE, 1 every sample alike (a far one — a mode flip — weighs less)
     validation: float = 0.0  # learned: the share of calibration prompts held back; the coefficients best on them are kept
+    learn_grid: bool = False  # learned: Adam moves the grid's interior points too (log σ, step lr, central differences of fd_step), as ld3
     grid_search: int = 0  # learned, coef_init=greedy: sweeps moving the init grid's points over the fine points to its greedy coefficients' least error
     last_sigma: float | None = None  # grid_search: the largest last nonzero σ it may choose (where the final jump starts)
     patience: int = 20  # learned with validation: stop after this many Adam steps without a gain on the held-back prompts
@@ -149,10 +156,32 @@ class Options:
     history: bool = False  # gits: the step's cost with the solver's history of the previous step (DP over pairs)
     objective: str = "latent"  # ld3/tpe: RMSE of the final latents, of the decoded images, or of the images' finite differences (edges)
     final: str = "free"  # the grid's last nonzero σ: free (any fine point), or sigma_min (the final step D at σ_min, as stock grids)
+    per_nfe: dict[str, Any] = field(default_factory=dict)  # a budget's own options, e.g. per_nfe.10.grid_search=0: one call, one teacher
     resume: bool = True
     plot: bool = True
     progress: bool = True
     calibration: Calibration = field(default_factory=Calibration)
+
+    def for_budget(self, nfe: int) -> Options:
+        """These options with budget ``nfe``'s own (``per_nfe.<nfe>``) in their place, type-checked as the command line's."""
+        own = self.per_nfe.get(str(nfe)) or {}
+        if not own:
+            return self
+        from omegaconf import OmegaConf
+        from omegaconf.errors import OmegaConfBaseException
+
+        bad = [k for k in own if k not in Options.__dataclass_fields__ or k in PER_NFE_SHARED]
+        if bad:
+            raise ConfigError(f"per_nfe.{nfe}.{bad[0]}: a budget may set the method's options, not "
+                              f"{', '.join(PER_NFE_SHARED)} (shared by the file)" if bad[0] in PER_NFE_SHARED
+                              else f"per_nfe.{nfe}.{bad[0]}: no such option")
+        try:
+            merged = OmegaConf.merge(OmegaConf.structured(replace(self, per_nfe={})), own)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"per_nfe.{nfe}: {str(e).strip().splitlines()[0]}") from None
+        out = OmegaConf.to_object(merged)
+        assert isinstance(out, Options)
+        return out
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -182,9 +211,10 @@ class Options:
         if not 0.0 <= self.validation < 1.0 or self.patience < 1:
             raise ConfigError(f"validation={self.validation}, patience={self.patience}: give 0 ≤ validation < 1 "
                               "(the share of calibration prompts held back, e.g. 0.25) and patience ≥ 1")
-        if (self.consistent or self.validation or self.guidance_terms or self.sample_power != 2) and self.method != "learned":
-            raise ConfigError("consistent=, guidance_terms=, sample_power= and validation= are method=learned's: drop them "
-                              "for method=" + self.method)
+        if (self.consistent or self.validation or self.guidance_terms or self.sample_power != 2
+                or self.learn_grid) and self.method != "learned":
+            raise ConfigError("consistent=, guidance_terms=, sample_power=, learn_grid= and validation= are method=learned's: "
+                              "drop them for method=" + self.method)
         if not 1 <= self.sample_power <= 2:
             raise ConfigError(f"sample_power={self.sample_power}: give 1 ≤ p ≤ 2 (2: the pooled RMSE, 1: the mean per-sample RMSE)")
         if self.grid_search < 0 or (self.grid_search and (self.method != "learned" or self.coef_init != "greedy")):
@@ -197,6 +227,14 @@ class Options:
             raise ConfigError("method=learned fits the coefficients on its init grid as it is: drop final=")
         if self.teacher_substeps < 1 or self.calibration.num_samples < 1:
             raise ConfigError("teacher_substeps and calibration.num_samples must be ≥ 1")
+        self.per_nfe = {str(k): dict(v or {}) for k, v in (self.per_nfe or {}).items()}  # (YAML: int keys)
+        for k in self.per_nfe:
+            if k not in {str(int(n)) for n in self.nfe}:
+                raise ConfigError(f"per_nfe.{k}: not a budget of nfe={list(self.nfe)}")
+            try:
+                self.for_budget(int(k)).check()
+            except ConfigError as e:
+                raise ConfigError(f"per_nfe.{k}: {e}" if not str(e).startswith("per_nfe.") else str(e)) from None
 
 
 # --- the sampler, one step at a time --------------------------------------------------------------
@@ -640,9 +678,13 @@ def same_head(old: dict, head: dict) -> bool:
     def close(a, b) -> bool:
         return isinstance(a, float) and isinstance(b, float) and math.isclose(a, b, rel_tol=1e-6)
 
+    def named(s: dict) -> dict:
+        init = str(s.get("init", ""))
+        return {**s, "init": Path(init).name} if init.endswith(".json") else s
+
     def settings(h: dict) -> dict:
-        init = str((h.get("settings") or {}).get("init", ""))
-        return {**h.get("settings", {}), "init": Path(init).name} if init.endswith(".json") else h.get("settings")
+        s = named(h.get("settings") or {})
+        return {**s, "per_nfe": {k: named(v) for k, v in s["per_nfe"].items()}} if "per_nfe" in s else s
 
     m, n = old.get("model") or {}, head["model"]
     return (all(old.get(k) == v for k, v in head.items() if k not in ("model", "settings"))
@@ -983,42 +1025,87 @@ def learned(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
 
     held = validation_mask(sampler.groups, opts.validation).to(x_T.device) if opts.validation else None
 
-    def final() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(the objective's mean square per sample, the final latents, what the fit descends)"""
-        x, ds, deltas = x_T, [], []
-        for j in range(steps):
-            d_j, delta = sampler.denoised_and_delta(x, j, grid, terms)
+    def walk(pts: list[float], j0: int = 0, head: tuple | None = None, trace: list | None = None) -> torch.Tensor:
+        """The final latents on the grid ``pts`` from step ``j0`` on (``head``: the state there and the evaluations
+        before it); ``trace`` collects each step's (state, evaluations before it), detached."""
+        x, ds, deltas = head if head is not None else (x_T, [], [])
+        ds, deltas = list(ds), list(deltas)
+        for j in range(j0, steps):
+            if trace is not None:
+                trace.append((x.detach(), [v.detach() for v in ds], [v.detach() for v in deltas]))
+            d_j, delta = sampler.denoised_and_delta(x, j, pts, terms)
             ds.append(d_j)
             deltas += [] if delta is None else [delta]
             ej, bj = coefs(j)
             x = linear_update(x_T, ds, torch.as_tensor(ej).to(x_T), [torch.as_tensor(v).to(x_T) for v in bj],  # x_T's dtype and device
                               deltas, [v.to(x_T) for v in g[j]] if terms else ())
+        return x
+
+    def per_sample(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the objective's mean square per sample, what the fit descends)"""
         out = x if latent else image_features(sampler, x, opts.objective)
         per = (out.double() - ref.double()).pow(2).flatten(1).mean(1)
         fit = per.pow(opts.sample_power / 2)  # (Σ_i e_i^p, as ``power_mean``)
-        return per.detach(), x.detach(), (fit.mean() if held is None else fit[~held].mean())
+        return per, (fit.mean() if held is None else fit[~held].mean())
+
+    def final(trace: list | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(the objective's mean square per sample, the final latents, what the fit descends)"""
+        x = walk(grid, trace=trace)
+        per, loss = per_sample(x)
+        return per.detach(), x.detach(), loss
+
+    # learn_grid: σ_j only says where D_j is evaluated (the coefficients carry the steps), so moving it re-evaluates
+    # from step j on; Adam on the interior log σ as ld3 (central differences), kept below the grid's start and σ_max
+    hi = math.log(min(grid[0], sampler.sigma_max)) - 1e-3
+    theta = np.array([math.log(v) for v in grid[1:-1]])
+    gm, gv = np.zeros_like(theta), np.zeros_like(theta)
+
+    def grid_gradient(trace: list) -> np.ndarray:
+        grad = np.zeros_like(theta)
+        with torch.no_grad():
+            for k in range(len(theta)):  # grid point k + 1, evaluated at step k + 1
+                up = min(theta[k] + opts.fd_step, (hi if k == 0 else theta[k - 1]) - 1e-4)
+                down = max(theta[k] - opts.fd_step, (math.log(sampler.sigma_min) if k == len(theta) - 1 else theta[k + 1]) + 1e-4)
+                f = []
+                for v in (up, down):
+                    pts = list(grid)
+                    pts[k + 1] = math.exp(v)
+                    f.append(float(per_sample(walk(pts, k + 1, trace[k + 1]))[1]))
+                grad[k] = (f[0] - f[1]) / (up - down)
+        return grad
 
     opt = torch.optim.Adam(free, lr=opts.coef_lr) if free else None  # (one consistent step has nothing free)
     best, kept, kept_rmse, kept_it, kept_val, score = math.inf, (e0, b0, g0), math.inf, 0, None, math.inf
     t0, it = time.perf_counter(), 0
+    kept_grid, trace = list(grid), [] if opts.learn_grid and len(theta) else None
     for it in range(1, opts.iterations + 1):
         if opt is not None:
             opt.zero_grad()
+        if trace is not None:
+            trace.clear()
         with torch.no_grad() if it == opts.iterations or opt is None else nullcontext():  # no step follows: no graph
-            per, x, loss = final()
+            per, x, loss = final(trace)
         value = float(per.mean().sqrt())
         val = None if held is None else float(per[held].mean().sqrt())  # the held-back prompts decide what is kept
         judged = power_mean(per, opts.sample_power) if val is None else val
         if judged < score:
-            score, best, kept_rmse, kept_it, kept_val = judged, value, rmse(x, target), it, val
+            score, best, kept_rmse, kept_it, kept_val, kept_grid = judged, value, rmse(x, target), it, val, list(grid)
             rows = [coefs(j) for j in range(steps)]
             kept = ([as_float(ej) for ej, _ in rows], [[as_float(v) for v in bj] for _, bj in rows],
                     [[as_float(v) for v in row] for row in g])
         if (time.perf_counter() - t0 > opts.seconds or it == opts.iterations or opt is None
                 or (held is not None and it - kept_it >= opts.patience)):
             break
+        if trace is not None:  # the grid's step, from the derivative at the coefficients the loss was made with
+            grad = grid_gradient(trace)
+            gm, gv = 0.9 * gm + 0.1 * grad, 0.999 * gv + 0.001 * grad ** 2
+            theta = theta - opts.lr * (gm / (1 - 0.9 ** it)) / (np.sqrt(gv / (1 - 0.999 ** it)) + 1e-12)
+            for k in range(len(theta)):  # strictly decreasing, 1 % apart, within (σ_min, the start)
+                theta[k] = min(max(theta[k], math.log(sampler.sigma_min)), (hi if k == 0 else theta[k - 1]) - 0.01)
+            grid = [grid[0], *(math.exp(v) for v in theta), 0.0]
         loss.backward()
         opt.step()
+    grid = kept_grid
     extra = {"iterations": it, "coefficients": {"e": kept[0], "b": kept[1], **({"g": kept[2]} if terms else {})}}
     if searched is not None:
         extra["grid_search"] = searched
@@ -1130,8 +1217,10 @@ def optimize(opts: Options, overrides: Sequence[str], model: object | None = Non
     if (opts.method == "learned") != (solver == "learned"):
         raise ConfigError("method=learned fits solver=learned's coefficients (and solver=learned has nothing else to "
                           "optimise): use them together")
-    if opts.method in ("ld3", "learned") and opts.init not in ("gits", "oss", *STOCK_INITS):
-        read_schedule_file(opts.init)  # a missing or damaged init file: refused before the teacher's minutes
+    own = {int(n): opts.for_budget(int(n)) for n in opts.nfe}  # each budget's options (``per_nfe``)
+    for o in {o.init for o in own.values()} if opts.method in ("ld3", "learned") else ():
+        if o not in ("gits", "oss", *STOCK_INITS):
+            read_schedule_file(o)  # a missing or damaged init file: refused before the teacher's minutes
     text = model_name not in ("gaussian", "mixture") and model is None
     sampler = Sampler(list(overrides) + calibration_overrides(opts, text), model)
     fingerprint = model_fingerprint(cfg.model) if model is None else "object:" + type(model).__name__
@@ -1140,12 +1229,13 @@ def optimize(opts: Options, overrides: Sequence[str], model: object | None = Non
     settings = {k: v for k, v in asdict(opts).items() if k in ("fine", "fine_top", "teacher", "teacher_substeps", "teacher_rtol",
                                                                  "iterations", "seconds", "lr", "fd_step", "init", "trials", "history", "start", "final",
                                                                  "objective", "coef_lr", "coef_init", "consistent", "guidance_terms", "validation",
-                                                                 "patience", "grid_search", "last_sigma", "sample_power")}
+                                                                 "patience", "grid_search", "last_sigma", "sample_power",
+                                                                 "learn_grid", "per_nfe")}
     if not opts.validation:
         settings.pop("patience")
     for key, plain in (("final", "free"), ("objective", "latent"), ("fine_top", None), ("coef_lr", 0.003), ("coef_init", "euler"),
                        ("consistent", False), ("guidance_terms", False), ("validation", 0.0), ("grid_search", 0),
-                       ("last_sigma", None), ("sample_power", 2.0)):  # keys only where set: older files still resume
+                       ("last_sigma", None), ("sample_power", 2.0), ("learn_grid", False), ("per_nfe", {})):  # keys only where set: older files still resume
         if settings.get(key) == plain:
             settings.pop(key)
     run_keys = {k: OmegaConf.to_container(cfg, resolve=True).get(k) for k in ("cfg_scale", "dtype", "guidance", "momentum")}
@@ -1174,29 +1264,28 @@ def optimize(opts: Options, overrides: Sequence[str], model: object | None = Non
             out.replace(kept)
             say(f"samplerlab-optimize-schedule: {out} was made with other settings: moved to {kept}")
     todo = [n for n in budgets if str(n) not in grids]
-    teacher, teacher_start = None, None
     t_all = time.perf_counter()
     bar = tqdm(todo, desc=f"{opts.method} {solver} on {model_name}", unit="budget", disable=not opts.progress,
                file=sys.stderr)
+    made: dict[str, Teacher] = {}  # this call's teachers by their key (a budget's own fine grid or teacher makes its own)
     for n in bar:
         bar.set_postfix_str(f"NFE {n}")
         t0, nfe0 = time.perf_counter(), sampler.nfe
-        k = steps_of[n]
+        k, opts = steps_of[n], own[n]
         sigma0, sampler.vp_start = start_of(opts, sampler, k)
-        if teacher is None or teacher_start != (sigma0, sampler.vp_start):
-            key = json.dumps([head["model"], head["calibration"], run_keys, settings["fine"], settings["teacher"],
-                              settings["teacher_substeps"], settings["teacher_rtol"], sigma0, sampler.vp_start,
-                              [o for o in overrides if not o.lstrip("+~").startswith("solver")]], sort_keys=True, default=str)
-            teacher = (teachers or {}).get(key)
-            if teacher is None:
-                high = min(sampler.sigma_max, opts.fine_top or math.inf) if math.isinf(sigma0) else min(sigma0, sampler.sigma_max)
-                if not high > sampler.sigma_min:
-                    raise ConfigError(f"fine_top={opts.fine_top}: the fine grid must start above σ_min = {sampler.sigma_min:g}")
-                teacher = make_teacher(sampler, fine_grid(high, sampler.sigma_min, opts.fine, sigma0), opts.teacher,
-                                       opts.teacher_substeps, opts.teacher_rtol)
-                if teachers is not None:
-                    teachers[key] = teacher
-            teacher_start = (sigma0, sampler.vp_start)
+        key = json.dumps([head["model"], head["calibration"], run_keys, opts.fine, opts.fine_top, opts.teacher,
+                          opts.teacher_substeps, opts.teacher_rtol, sigma0, sampler.vp_start,
+                          [o for o in overrides if not o.lstrip("+~").startswith("solver")]], sort_keys=True, default=str)
+        teacher = made.get(key) or (teachers or {}).get(key)
+        if teacher is None:
+            high = min(sampler.sigma_max, opts.fine_top or math.inf) if math.isinf(sigma0) else min(sigma0, sampler.sigma_max)
+            if not high > sampler.sigma_min:
+                raise ConfigError(f"fine_top={opts.fine_top}: the fine grid must start above σ_min = {sampler.sigma_min:g}")
+            teacher = make_teacher(sampler, fine_grid(high, sampler.sigma_min, opts.fine, sigma0), opts.teacher,
+                                   opts.teacher_substeps, opts.teacher_rtol)
+            if teachers is not None:
+                teachers[key] = teacher
+        made[key] = teacher
         extra: dict[str, Any] = {}
         latent_rmse = None  # learned: its coefficients' final latent RMSE (the solver's own run would be Euler's)
         pinned = opts.final == "sigma_min"
@@ -1227,7 +1316,8 @@ def optimize(opts: Options, overrides: Sequence[str], model: object | None = Non
                          "objective_name": name, "calibration_rmse_to_teacher": final,
                          "seconds": round(time.perf_counter() - t0, 2), "device": str(sampler.run.device),  # where the seconds were spent
                          "optimiser_nfe": sampler.nfe - nfe0, **extra}
-        content = {**head, "teacher_nfe": teacher.nfe, "teacher_seconds": teacher.seconds, "grids": dict(sorted(grids.items(), key=lambda kv: int(kv[0])))}
+        content = {**head, "teacher_nfe": sum(t.nfe for t in made.values()),
+                   "teacher_seconds": sum(t.seconds for t in made.values()), "grids": dict(sorted(grids.items(), key=lambda kv: int(kv[0])))}
         write_schedule_file(out, content)
     content = read_schedule_file(out) if out.is_file() else {**head, "grids": grids}
     content["seconds_this_call"] = round(time.perf_counter() - t_all, 2)
