@@ -159,6 +159,15 @@ def test_per_nfe_options_in_one_call_share_its_teacher(tmp_path):
     assert len(own["grids"]["6"]["sigmas"]) == 7
 
 
+def test_per_nfe_on_the_command_line(capsys, tmp_path):
+    out = tmp_path / "c.json"
+    assert schedule_opt.main(["method=gits", "solver=euler", "nfe=[3,4]", "per_nfe.4.history=true", f"out={out}", *MIX,
+                              "fine=10", "teacher=reference", "teacher_substeps=1", "progress=false", "plot=false",
+                              "calibration.num_samples=2"]) == 0
+    content = read_schedule_file(out)
+    assert content["settings"]["per_nfe"] == {"4": {"history": True}} and set(content["grids"]) == {"3", "4"}
+
+
 def test_bad_per_nfe_options_are_one_line(capsys, tmp_path):
     base = ["method=gits", "solver=euler", "nfe=[4,6]", f"out={tmp_path / 'p.json'}", *MIX, "progress=false", "plot=false"]
     assert "per_nfe.5: not a budget of nfe=[4, 6]" in one_line_error(capsys, base + ["per_nfe.5.history=true"])
