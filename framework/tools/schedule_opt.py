@@ -726,6 +726,14 @@ def initial_inner(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
     return inner
 
 
+def adam_bar(opts: Options, what: str):
+    """The Adam steps of one budget, a progress bar (off with ``progress=false``; the ``seconds`` cap may end it early)."""
+    from tqdm import tqdm
+
+    return tqdm(range(1, opts.iterations + 1), desc=what, unit="step", leave=False, disable=not opts.progress or
+                opts.iterations < 2, file=sys.stderr)
+
+
 def ld3(sampler: Sampler, teacher: Teacher, steps: int, opts: Options, nfe: int) -> tuple[list[float], float, int]:
     """LD3-style: Adam on the log-σ grid, derivative of the final error by central differences
     (``final=sigma_min``: the last nonzero σ stays at σ_min, the others are learned)."""
@@ -759,11 +767,13 @@ def ld3(sampler: Sampler, teacher: Teacher, steps: int, opts: Options, nfe: int)
     m, v = np.zeros_like(theta), np.zeros_like(theta)
     best_t, best = theta.copy(), math.inf
     t0, it = time.perf_counter(), 0
-    for it in range(1, opts.iterations + 1):
+    bar = adam_bar(opts, "ld3")
+    for it in bar:
         nodes = sampler.trajectory(grid_of(theta))
         loss = loss_of(nodes[-1].x)
         if loss < best:
             best, best_t = loss, theta.copy()
+        bar.set_postfix_str(f"error {loss:.4f}, best {best:.4f}")
         if time.perf_counter() - t0 > opts.seconds:
             break
         grad = np.zeros_like(theta)
@@ -777,6 +787,7 @@ def ld3(sampler: Sampler, teacher: Teacher, steps: int, opts: Options, nfe: int)
         v = 0.999 * v + 0.001 * grad ** 2
         step = opts.lr * (m / (1 - 0.9 ** it)) / (np.sqrt(v / (1 - 0.999 ** it)) + 1e-12)
         theta = project(theta - step)
+    bar.close()
     nodes = sampler.trajectory(grid_of(theta))
     loss = loss_of(nodes[-1].x)
     if loss < best:
@@ -1078,7 +1089,8 @@ def learned(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
     best, kept, kept_rmse, kept_it, kept_val, score = math.inf, (e0, b0, g0), math.inf, 0, None, math.inf
     t0, it = time.perf_counter(), 0
     kept_grid, trace = list(grid), [] if opts.learn_grid and len(theta) else None
-    for it in range(1, opts.iterations + 1):
+    bar = adam_bar(opts, "learned" + (" + grid" if trace is not None else ""))
+    for it in bar:
         if opt is not None:
             opt.zero_grad()
         if trace is not None:
@@ -1088,6 +1100,7 @@ def learned(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
         value = float(per.mean().sqrt())
         val = None if held is None else float(per[held].mean().sqrt())  # the held-back prompts decide what is kept
         judged = power_mean(per, opts.sample_power) if val is None else val
+        bar.set_postfix_str(f"RMSE {value:.4f}" + ("" if val is None else f", held back {val:.4f}"))
         if judged < score:
             score, best, kept_rmse, kept_it, kept_val, kept_grid = judged, value, rmse(x, target), it, val, list(grid)
             rows = [coefs(j) for j in range(steps)]
@@ -1105,6 +1118,7 @@ def learned(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
             grid = [grid[0], *(math.exp(v) for v in theta), 0.0]
         loss.backward()
         opt.step()
+    bar.close()
     grid = kept_grid
     extra = {"iterations": it, "coefficients": {"e": kept[0], "b": kept[1], **({"g": kept[2]} if terms else {})}}
     if searched is not None:
