@@ -139,3 +139,25 @@ def test_a_flow_models_reference_may_be_a_many_step_solver_from_t_1(tmp_path):
               + ["solver=unipc", "schedule=flow_match", "steps=6"], output_dir=tmp_path / "one_batch")
     assert torch.equal(one.x_T.cpu(), s.main_reference.x_T.cpu())
     assert torch.allclose(one.latents.cpu(), s.main_reference.latents.cpu(), atol=1e-4)
+
+
+def test_cfg_probe_runs_a_file_at_other_scales(tmp_path):
+    """experiments.schedule_opt.cfg_probe: a schedule file made at CFG 5 runs at other scales, each against its own
+    reference and stock samplers; the ratio is the file's error over the best stock sampler's."""
+    import json
+    import math
+
+    from experiments.schedule_opt import cfg_probe
+    from experiments.schedule_opt.__main__ import HERE
+
+    file = HERE / "learned_fits" / "bundled_flow_learned_fset.json"
+    out = tmp_path / "r.json"
+    rec = cfg_probe.main(["model=bundled_flow", "solver=learned", "scales=3,7.5", "n=2", f"file={file}", "stock=euler",
+                          "stock_schedules=flow_match", f"runs={tmp_path}", f"out={out}", "reference.bundled_flow.steps=6"])
+    assert set(rec) == {f"bundled_flow/cfg{s}/bundled_flow_learned_fset/{n}" for s in ("3", "7.5") for n in (6, 8, 10)}
+    for v in rec.values():
+        assert v["stock_best"] == "euler + flow_match" and v["heldout_samples"] == 2
+        assert math.isclose(v["ratio"], v["error"] / v["stock_error"], rel_tol=1e-12)
+    a, b = rec["bundled_flow/cfg3/bundled_flow_learned_fset/6"], rec["bundled_flow/cfg7.5/bundled_flow_learned_fset/6"]
+    assert abs(a["error"] - b["error"]) > 1e-4  # each scale its own runs and reference
+    assert json.loads(out.read_text()) == rec
