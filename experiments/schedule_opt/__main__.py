@@ -242,27 +242,39 @@ def log_rms(a: list[float], b: list[float]) -> float | None:
     return float(np.sqrt(np.mean((np.log(a) - np.log(b)) ** 2)))
 
 
+def stock_cells(stock: dict, n: str) -> dict[str, dict]:
+    """The cells of budget ``n`` that ran in a ``Study.stock`` table, by "solver + schedule"."""
+    return {f"{sv} + {sc}": c for sv, by in stock.items() for sc, row in by.items()
+            if isinstance(row, dict) and isinstance(c := row.get(n), dict) and "error" in c}
+
+
+def best_stock(stock: dict, n: str) -> tuple[float, str, dict] | None:
+    """The stock sampler with the least held-out RMSE at budget ``n``: (error, "solver + schedule", its cell), None
+    where none ran."""
+    cells = stock_cells(stock, n)
+    name = min(cells, key=lambda k: cells[k]["error"], default=None)
+    return None if name is None else (cells[name]["error"], name, cells[name])
+
+
 def best_cells(results: dict, budgets: list[int], select: str = "calibration") -> dict:
     """Per budget: the best stock (solver, schedule) by held-out RMSE; the optimised (method,
     solver) chosen on the calibration set (``select=calibration``: least calibration RMSE to the
     teacher, where recorded) and the held-out best of them (``oracle``), and their ratios."""
     out = {}
     for n in map(str, budgets):
-        stock = [(c["error"], f"{sv} + {sc}", c["nfe"], c) for sv, by in results["stock"].items() for sc, row in by.items()
-                 if isinstance(row, dict) and isinstance(c := row.get(n), dict) and "error" in c]
+        s = best_stock(results["stock"], n)
         cells = [(c, f"{sv} + {m}") for m, by in results["optimised"].items() for sv, row in by.items()
                  if isinstance(c := row.get(n), dict) and "error" in c]
-        if stock and cells:
-            s = min(stock, key=lambda t: t[0])
+        if s and cells:
             oracle = min(cells, key=lambda t: t[0]["error"])
             chosen = oracle
             if select == "calibration" and all("calibration_rmse_to_teacher" in c for c, _ in cells):
                 chosen = min(cells, key=lambda t: t[0]["calibration_rmse_to_teacher"])
-            out[n] = {"stock": {"sampler": s[1], "error": s[0], "nfe": s[2]},
+            out[n] = {"stock": {"sampler": s[1], "error": s[0], "nfe": s[2]["nfe"]},
                       "optimised": {"sampler": chosen[1], "error": chosen[0]["error"], "nfe": chosen[0]["nfe"]},
                       "ratio": chosen[0]["error"] / s[0], "selected_on": select,
                       "oracle": {"sampler": oracle[1], "error": oracle[0]["error"], "ratio": oracle[0]["error"] / s[0]}}
-            a, b = s[3].get("sample_errors"), chosen[0].get("sample_errors")
+            a, b = s[2].get("sample_errors"), chosen[0].get("sample_errors")
             if a and b and len(a) == len(b):  # the same x_T per sample: a few samples that flip mode can carry the RMSE
                 out[n]["per_sample"] = {"median_ratio": float(np.median(b) / np.median(a)),
                                         "better": int(sum(y < x for x, y in zip(a, b))), "n": len(a),
@@ -336,10 +348,8 @@ def cfg_transfer(cfg: DictConfig, s: Study, res: dict, folder: Path, budgets: li
             cells[n] = cell
         stock_best = {}
         for n in map(str, budgets):
-            c = [(c["error"], f"{sv} + {sc}") for sv, by in stock.items() for sc, row in by.items()
-                 if isinstance(row, dict) and isinstance(c := row.get(n), dict) and "error" in c]
-            if c:
-                stock_best[n] = {"sampler": min(c)[1], "error": min(c)[0]}
+            if b := best_stock(stock, n):
+                stock_best[n] = {"sampler": b[1], "error": b[0]}
         out[str(scale)] = {"grids": cells, "stock_best": stock_best, "stock": stock, "heldout_samples": t.n,
                            "reference_nfe": t.ref_nfe, "seconds": round(time.perf_counter() - t0, 1)}
     return out

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from experiments.harness import Experiment
-from experiments.schedule_opt.__main__ import HERE, Study
+from experiments.schedule_opt.__main__ import HERE, Study, best_stock, stock_cells
 from experiments.schedule_opt.common import ratio_interval
 from framework.runs.schedule_file import read_schedule_file
 
@@ -44,17 +44,15 @@ def main(argv: list[str]) -> dict:
         rows = s.stock(budgets, stock, stock_schedules)
         mine = s.evaluate_file(solver, made)
         for b in map(str, budgets):
-            cands = [(c["error"], f"{sv} + {sc}", c) for sv, by in rows.items() for sc, row in by.items()
-                     if isinstance(row, dict) and isinstance(c := row.get(b), dict) and "error" in c]
-            if not cands or "error" not in mine.get(b, {}):
+            top = best_stock(rows, b)
+            if top is None or "error" not in mine.get(b, {}):
                 continue
-            err, name, best = min(cands, key=lambda t: t[0])
-            cell = mine[b]
+            (err, name, best), cell = top, mine[b]
             record[f"{model}/cfg{scale:g}/{Path(file).stem}/{b}"] = {
                 "model": model, "cfg_scale": scale, "nfe": int(b), "file": file, "error": cell["error"],
                 "stock_best": name, "stock_error": err, "ratio": cell["error"] / err,
                 "ratio_interval": ratio_interval(best["sample_errors"], cell["sample_errors"]),
-                "stock": {nm: e for e, nm, _ in cands}, "heldout_samples": s.n, "reference_nfe": s.ref_nfe,
+                "stock": {k: c["error"] for k, c in stock_cells(rows, b).items()}, "heldout_samples": s.n, "reference_nfe": s.ref_nfe,
                 "sample_errors": cell["sample_errors"], "stock_sample_errors": best["sample_errors"]}
         print(f"cfg {scale:g}: {time.perf_counter() - t0:.0f} s", flush=True)
         out.write_text(json.dumps(record, indent=1) + "\n")

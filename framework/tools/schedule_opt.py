@@ -734,6 +734,20 @@ def adam_bar(opts: Options, what: str):
                 opts.iterations < 2, file=sys.stderr)
 
 
+def adam_step(grad: np.ndarray, m: np.ndarray, v: np.ndarray, it: int, lr: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Adam's step (β = 0.9, 0.999) on a log-σ grid from its derivative: (the step to subtract, m, v)."""
+    m, v = 0.9 * m + 0.1 * grad, 0.999 * v + 0.001 * grad ** 2
+    return lr * (m / (1 - 0.9 ** it)) / (np.sqrt(v / (1 - 0.999 ** it)) + 1e-12), m, v
+
+
+def descending(t: np.ndarray, lo: float, top: float) -> np.ndarray:
+    """Interior log σ kept in [lo, top] and strictly decreasing, 1 % apart (the first 1 % below ``top``)."""
+    t = np.clip(t, lo, top)
+    for k in range(len(t)):
+        t[k] = min(t[k], (top if k == 0 else t[k - 1]) - 0.01)
+    return t
+
+
 def ld3(sampler: Sampler, teacher: Teacher, steps: int, opts: Options, nfe: int) -> tuple[list[float], float, int]:
     """LD3-style: Adam on the log-σ grid, derivative of the final error by central differences
     (``final=sigma_min``: the last nonzero σ stays at σ_min, the others are learned)."""
@@ -748,13 +762,6 @@ def ld3(sampler: Sampler, teacher: Teacher, steps: int, opts: Options, nfe: int)
 
     def grid_of(t: np.ndarray) -> list[float]:
         return [top] + [math.exp(v) for v in t] + tail + [0.0]
-
-    def project(t: np.ndarray) -> np.ndarray:
-        t = np.clip(t, lo, hi - 1e-3)
-        for k in range(len(t)):  # strictly decreasing, 1 % apart at least
-            ceiling = (hi if k == 0 else t[k - 1]) - 0.01
-            t[k] = min(t[k], ceiling)
-        return t
 
     def final_from(nodes: list[Node], k: int, value: float, t: np.ndarray) -> float:
         grid = grid_of(t)
@@ -783,10 +790,8 @@ def ld3(sampler: Sampler, teacher: Teacher, steps: int, opts: Options, nfe: int)
             down = max(theta[k] - h, ((lo if pinned else lo - 0.5) if k == len(theta) - 1 else theta[k + 1]) + 1e-4)
             f_up, f_down = final_from(nodes, k, up, theta), final_from(nodes, k, down, theta)
             grad[k] = (f_up - f_down) / (up - down)
-        m = 0.9 * m + 0.1 * grad
-        v = 0.999 * v + 0.001 * grad ** 2
-        step = opts.lr * (m / (1 - 0.9 ** it)) / (np.sqrt(v / (1 - 0.999 ** it)) + 1e-12)
-        theta = project(theta - step)
+        step, m, v = adam_step(grad, m, v, it, opts.lr)
+        theta = descending(theta - step, lo, hi)
     bar.close()
     nodes = sampler.trajectory(grid_of(theta))
     loss = loss_of(nodes[-1].x)
@@ -1110,11 +1115,8 @@ def learned(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
                 or (held is not None and it - kept_it >= opts.patience)):
             break
         if trace is not None:  # the grid's step, from the derivative at the coefficients the loss was made with
-            grad = grid_gradient(trace)
-            gm, gv = 0.9 * gm + 0.1 * grad, 0.999 * gv + 0.001 * grad ** 2
-            theta = theta - opts.lr * (gm / (1 - 0.9 ** it)) / (np.sqrt(gv / (1 - 0.999 ** it)) + 1e-12)
-            for k in range(len(theta)):  # strictly decreasing, 1 % apart, within (σ_min, the start)
-                theta[k] = min(max(theta[k], math.log(sampler.sigma_min)), (hi if k == 0 else theta[k - 1]) - 0.01)
+            step, gm, gv = adam_step(grid_gradient(trace), gm, gv, it, opts.lr)
+            theta = descending(theta - step, math.log(sampler.sigma_min), hi)  # within (σ_min, the start)
             grid = [grid[0], *(math.exp(v) for v in theta), 0.0]
         loss.backward()
         opt.step()
