@@ -132,16 +132,19 @@ class Study:
         target, x_T = self.main_reference.latents.cpu(), self.main_reference.x_T.cpu()
         latents, res_x_T = res.latents.cpu(), res.x_T.cpu()  # a run read back from its folder is on the CPU, a fresh one on the device
         sig0 = float(res.schedule.sigmas[0])
-        if not math.isclose(sig0, self.sigma_max, rel_tol=1e-6):  # a grid that starts lower (leading spacing)
+        own = not math.isinf(self.sigma_max) and not math.isclose(sig0, self.sigma_max, rel_tol=1e-6)
+        if own:  # a grid that starts lower (leading spacing)
             ref = self.reference(sig0, float(res.schedule.init_noise_scale))
             target, x_T = ref.latents.cpu(), ref.x_T.cpu()
+        elif math.isinf(self.sigma_max) and math.isfinite(sig0):  # a model from t = 1, a grid whose first evaluation is finite (learned's first_sigma):
+            res_x_T = res_x_T / float(res.schedule.init_noise_scale)  # x_T = σ·ε, judged against the solution from ε at t = 1
         # the same noise times σ_max; a schedule computing σ_max as exp(log σ_max) may differ in the last bit
         if res_x_T.shape != x_T.shape or not torch.allclose(res_x_T, x_T, rtol=1e-6, atol=0):
             return {"skipped": "does not start from the reference's x_T"}
         per = (latents.double() - target.double()).pow(2).flatten(1).mean(1).sqrt()
         out = {"nfe": res.record["metrics"]["nfe"], "error": rmse(latents, target), "sigmas": list(res.schedule.sigmas),
                "sample_errors": [round(float(e), 6) for e in per]}
-        if sig0 != self.sigma_max and not math.isclose(sig0, self.sigma_max, rel_tol=1e-6):
+        if own:
             out["own_reference"] = sig0
         return out
 

@@ -54,7 +54,12 @@ Methods (``method=``):
   ``ld3``: a point only says where its D is evaluated). With
   ``coef_init=greedy grid_search=<sweeps>`` the grid itself is chosen first, for the greedy coefficients: its points
   move over the fine teacher's points (coordinate descent, the teacher's states as targets: one pass of K evaluations
-  per grid tried), ``last_sigma`` capping the last nonzero σ. The file holds
+  per grid tried), ``last_sigma`` capping the last nonzero σ. On a grid from ∞ (a flow model's t = 1)
+  ``first_sigma=<σ>`` evaluates the first D at that finite σ on σ·x_T instead of at ∞ on x_T (there the
+  network sees pure noise and returns about its prompt's mean, whatever x_T; at a finite σ its first output already
+  depends on x_T), while the teacher, the target and the coefficients' x_T stay those from ∞; with ``learn_grid`` that
+  point moves too. Its file's grid then starts at that σ with x_T = σ·ε (``init_noise``), which the engine runs as
+  it is. The file holds
   the grid and its coefficients; ``solver=learned schedule=optimized schedule.file=…`` runs them.
 - ``tpe`` — the Optuna baseline (as ``conf/hydra/sweeper/tune_points.yaml``, which tunes the
   interior points of a 3-step grid by TPE against one metric): Optuna's TPE sampler (seed 0) over
@@ -146,6 +151,7 @@ class Options:
     sample_power: float = 2.0  # learned: the fits and the grid search minimise Σ_i ‖error_i‖^p over the calibration samples: 2 the pooled RMSE, 1 every sample alike (a far one — a mode flip — weighs less)
     validation: float = 0.0  # learned: the share of calibration prompts held back; the coefficients best on them are kept
     learn_grid: bool = False  # learned: Adam moves the grid's interior points too (log σ, step lr, central differences of fd_step), as ld3
+    first_sigma: float | None = None  # learned, grids from ∞: the first D evaluated at this finite σ on σ·x_T (teacher and target from ∞)
     grid_search: int = 0  # learned, coef_init=greedy: sweeps moving the init grid's points over the fine points to its greedy coefficients' least error
     last_sigma: float | None = None  # grid_search: the largest last nonzero σ it may choose (where the final jump starts)
     patience: int = 20  # learned with validation: stop after this many Adam steps without a gain on the held-back prompts
@@ -212,9 +218,14 @@ class Options:
             raise ConfigError(f"validation={self.validation}, patience={self.patience}: give 0 ≤ validation < 1 "
                               "(the share of calibration prompts held back, e.g. 0.25) and patience ≥ 1")
         if (self.consistent or self.validation or self.guidance_terms or self.sample_power != 2
-                or self.learn_grid) and self.method != "learned":
-            raise ConfigError("consistent=, guidance_terms=, sample_power=, learn_grid= and validation= are method=learned's: "
-                              "drop them for method=" + self.method)
+                or self.learn_grid or self.first_sigma is not None) and self.method != "learned":
+            raise ConfigError("consistent=, guidance_terms=, sample_power=, learn_grid=, first_sigma= and validation= are "
+                              "method=learned's: drop them for method=" + self.method)
+        if self.first_sigma is not None and not (self.first_sigma > 0 and math.isfinite(self.first_sigma)):
+            raise ConfigError(f"first_sigma={self.first_sigma}: give the first evaluation's finite σ > 0 (e.g. 30)")
+        if self.first_sigma is not None and self.start is not None:
+            raise ConfigError("first_sigma= moves the first evaluation of a grid from ∞ and start= starts the grid (and its "
+                              "teacher) elsewhere: give one of them")
         if not 1 <= self.sample_power <= 2:
             raise ConfigError(f"sample_power={self.sample_power}: give 1 ≤ p ≤ 2 (2: the pooled RMSE, 1: the mean per-sample RMSE)")
         if self.grid_search < 0 or (self.grid_search and (self.method != "learned" or self.coef_init != "greedy")):
@@ -321,6 +332,7 @@ class Sampler:
         self.step_name, self.step_fn = self.run.hooks.step
         self.nfe = 0
         self.vp_start = False  # x_T = √(1+σ_0²)·ε (diffusers' leading spacing) instead of σ_0·ε
+        self.first_sigma: float | None = None  # a grid from ∞ evaluates its first D at this σ on σ·x_T (learned's first_sigma)
 
     def init_scale(self, sigma: float) -> float:
         if math.isinf(sigma):  # the state at σ = ∞ is the unit noise ε (the engine's convention)
@@ -359,7 +371,10 @@ class Sampler:
         return node.pred
 
     def prediction(self, x: torch.Tensor, i: int, grid: Sequence[float]) -> Prediction:
-        """The guided evaluation at (x, grid[i]) as step i of ``grid``, differentiable in x (no momentum)."""
+        """The guided evaluation at (x, grid[i]) as step i of ``grid``, differentiable in x (no momentum); a grid from ∞
+        with ``first_sigma`` set evaluates its step 0 at (first_sigma·x, first_sigma)."""
+        if i == 0 and self.first_sigma is not None and math.isinf(grid[0]):
+            x, grid = x * self.first_sigma, [self.first_sigma, *grid[1:]]
         node = Node(x, grid[i], i, tuple(grid[: i + 1]))
         _, den, batch = self._state(node, Schedule(tuple(grid), None, grid[0]), [], Stash())
         out = den.evaluate(x, grid[i])
@@ -861,12 +876,13 @@ def greedy_grid_search(sampler: Sampler, teacher: Teacher, grid: list[float], op
     sweep tries ~4·K grids in about 2·K² evaluations.
     (The grid, {"sweeps", "grids" tried, "rmse" — the error searched — of the start and of the end}.)"""
     fine, cap = teacher.fine[:-1], opts.last_sigma if opts.last_sigma is not None else math.inf
+    below = sampler.first_sigma if sampler.first_sigma is not None and math.isinf(grid[0]) else math.inf  # σ_1 < first_sigma
     seen = None if not opts.validation else ~validation_mask(sampler.groups, opts.validation).to(teacher.x[-1].device)
     memo: dict[tuple[int, ...], float] = {}
     heads: dict = {}  # greedy_fit's model evaluations by the grid's head: a moved point evaluates from there on
 
     def cost(idx: tuple[int, ...]) -> float:
-        if fine[idx[-1]] > cap:
+        if fine[idx[-1]] > cap or fine[idx[1]] >= below:
             return math.inf
         if idx not in memo:
             pts = [fine[i] for i in idx] + [0.0]
@@ -996,19 +1012,25 @@ def learned(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
     if sampler.run.hooks.momentum:
         raise ConfigError("method=learned fits through the guided denoiser only: drop the momentum plugins")
     grid = [teacher.fine[0]] + initial_inner(sampler, teacher, steps, opts, nfe) + [0.0]
+    first = sampler.first_sigma if math.isinf(grid[0]) else None  # (the grid search keeps σ_1 below it)
+    if first is not None and not max(grid[1], sampler.sigma_min) < first <= sampler.sigma_max:
+        raise ConfigError(f"first_sigma={first:g}: the first evaluation lies above the grid's next point σ_1 = "
+                          f"{max(grid[1], sampler.sigma_min):.4g} and at most σ_max = {sampler.sigma_max:.4g}: give a σ there")
     terms, g0, searched = opts.guidance_terms, [], None  # (g0: the guidance terms' first weights, where they come from the start)
     if opts.coef_init == "init":  # the coefficients the init file holds for this budget (a fit continued)
         from framework.runs.schedule_file import read_schedule_file
 
         if opts.init in ("gits", "oss", *STOCK_INITS):
             raise ConfigError(f"coef_init=init continues the coefficients of a schedule file: give init=<file>, not init={opts.init}")
-        c = read_schedule_file(opts.init)["grids"][str(nfe)].get("coefficients")  # the grid itself came from there
+        g_init = read_schedule_file(opts.init)["grids"][str(nfe)]
+        c = g_init.get("coefficients")  # the grid itself came from there
         if c is None or len(c["e"]) != steps:
             raise ConfigError(f"coef_init=init: {opts.init} holds no {steps}-step coefficients for NFE {nfe} "
                               "(make it with method=learned solver=learned)")
         if "g" in c and not terms:
             raise ConfigError(f"coef_init=init: {opts.init} weighs the guidance differences: continue it with guidance_terms=true")
-        e0, b0 = [float(v) for v in c["e"]], [[float(v) for v in row] for row in c["b"]]
+        scale = float(g_init.get("init_noise", 1.0)) / sampler.init_scale(grid[0])  # its x_T in this fit's (a first_sigma file's: σ·ε)
+        e0, b0 = [float(v) * scale for v in c["e"]], [[float(v) for v in row] for row in c["b"]]
         g0 = [[float(v) for v in row] for row in c.get("g", [])]
     elif opts.coef_init == "euler":
         e0, b0 = euler_as_linear(grid)
@@ -1072,21 +1094,27 @@ def learned(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
 
     # learn_grid: σ_j only says where D_j is evaluated (the coefficients carry the steps), so moving it re-evaluates
     # from step j on; Adam on the interior log σ as ld3 (central differences), kept below the grid's start and σ_max
+    # (with first_sigma: theta[0] is the first evaluation's σ, the grid's points follow)
+    lead = 0 if first is None else 1
     hi = math.log(min(grid[0], sampler.sigma_max)) - 1e-3
-    theta = np.array([math.log(v) for v in grid[1:-1]])
+    theta = np.array([math.log(v) for v in ([first] if lead else []) + grid[1:-1]])
     gm, gv = np.zeros_like(theta), np.zeros_like(theta)
 
     def grid_gradient(trace: list) -> np.ndarray:
-        grad = np.zeros_like(theta)
+        grad, saved = np.zeros_like(theta), sampler.first_sigma
         with torch.no_grad():
-            for k in range(len(theta)):  # grid point k + 1, evaluated at step k + 1
+            for k in range(len(theta)):  # grid point k + 1 − lead (0: the first evaluation's σ), evaluated at that step
                 up = min(theta[k] + opts.fd_step, (hi if k == 0 else theta[k - 1]) - 1e-4)
                 down = max(theta[k] - opts.fd_step, (math.log(sampler.sigma_min) if k == len(theta) - 1 else theta[k + 1]) + 1e-4)
-                f = []
+                j, f = k + 1 - lead, []
                 for v in (up, down):
                     pts = list(grid)
-                    pts[k + 1] = math.exp(v)
-                    f.append(float(per_sample(walk(pts, k + 1, trace[k + 1]))[1]))
+                    if j:
+                        pts[j] = math.exp(v)
+                    else:
+                        sampler.first_sigma = math.exp(v)
+                    f.append(float(per_sample(walk(pts, j, trace[j] if j else None))[1]))
+                sampler.first_sigma = saved
                 grad[k] = (f[0] - f[1]) / (up - down)
         return grad
 
@@ -1094,6 +1122,7 @@ def learned(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
     best, kept, kept_rmse, kept_it, kept_val, score = math.inf, (e0, b0, g0), math.inf, 0, None, math.inf
     t0, it = time.perf_counter(), 0
     kept_grid, trace = list(grid), [] if opts.learn_grid and len(theta) else None
+    kept_first = first
     bar = adam_bar(opts, "learned" + (" + grid" if trace is not None else ""))
     for it in bar:
         if opt is not None:
@@ -1108,20 +1137,28 @@ def learned(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
         bar.set_postfix_str(f"RMSE {value:.4f}" + ("" if val is None else f", held back {val:.4f}"))
         if judged < score:
             score, best, kept_rmse, kept_it, kept_val, kept_grid = judged, value, rmse(x, target), it, val, list(grid)
+            kept_first = sampler.first_sigma if lead else None
             rows = [coefs(j) for j in range(steps)]
             kept = ([as_float(ej) for ej, _ in rows], [[as_float(v) for v in bj] for _, bj in rows],
                     [[as_float(v) for v in row] for row in g])
-        if (time.perf_counter() - t0 > opts.seconds or it == opts.iterations or opt is None
+        if (time.perf_counter() - t0 > opts.seconds or it == opts.iterations or (opt is None and trace is None)
                 or (held is not None and it - kept_it >= opts.patience)):
             break
         if trace is not None:  # the grid's step, from the derivative at the coefficients the loss was made with
             step, gm, gv = adam_step(grid_gradient(trace), gm, gv, it, opts.lr)
             theta = descending(theta - step, math.log(sampler.sigma_min), hi)  # within (σ_min, the start)
-            grid = [grid[0], *(math.exp(v) for v in theta), 0.0]
-        loss.backward()
-        opt.step()
+            grid = [grid[0], *(math.exp(v) for v in theta[lead:]), 0.0]
+            if lead:
+                sampler.first_sigma = math.exp(theta[0])
+        if opt is not None:
+            loss.backward()
+            opt.step()
     bar.close()
     grid = kept_grid
+    if lead:  # the file's grid starts at the first evaluation, x_T = σ·ε there (init_noise): e on that x_T
+        sampler.first_sigma = kept_first
+        grid[0] = kept_first
+        kept = ([v / kept_first for v in kept[0]], kept[1], kept[2])
     extra = {"iterations": it, "coefficients": {"e": kept[0], "b": kept[1], **({"g": kept[2]} if terms else {})}}
     if searched is not None:
         extra["grid_search"] = searched
@@ -1246,12 +1283,12 @@ def optimize(opts: Options, overrides: Sequence[str], model: object | None = Non
                                                                  "iterations", "seconds", "lr", "fd_step", "init", "trials", "history", "start", "final",
                                                                  "objective", "coef_lr", "coef_init", "consistent", "guidance_terms", "validation",
                                                                  "patience", "grid_search", "last_sigma", "sample_power",
-                                                                 "learn_grid", "per_nfe")}
+                                                                 "learn_grid", "first_sigma", "per_nfe")}
     if not opts.validation:
         settings.pop("patience")
     for key, plain in (("final", "free"), ("objective", "latent"), ("fine_top", None), ("coef_lr", 0.003), ("coef_init", "euler"),
                        ("consistent", False), ("guidance_terms", False), ("validation", 0.0), ("grid_search", 0),
-                       ("last_sigma", None), ("sample_power", 2.0), ("learn_grid", False), ("per_nfe", {})):  # keys only where set: older files still resume
+                       ("last_sigma", None), ("sample_power", 2.0), ("learn_grid", False), ("first_sigma", None), ("per_nfe", {})):  # keys only where set: older files still resume
         if settings.get(key) == plain:
             settings.pop(key)
     run_keys = {k: OmegaConf.to_container(cfg, resolve=True).get(k) for k in ("cfg_scale", "dtype", "guidance", "momentum")}
@@ -1289,6 +1326,11 @@ def optimize(opts: Options, overrides: Sequence[str], model: object | None = Non
         t0, nfe0 = time.perf_counter(), sampler.nfe
         k, opts = steps_of[n], own[n]
         sigma0, sampler.vp_start = start_of(opts, sampler, k)
+        if opts.first_sigma is not None and not math.isinf(sigma0):
+            raise ConfigError(f"first_sigma={opts.first_sigma:g} moves the first evaluation of a grid from σ = ∞ (a flow "
+                              f"model's t = 1); this model's grids start at σ_max = {sigma0:g}: drop first_sigma (start= "
+                              "starts a grid lower)")
+        sampler.first_sigma = opts.first_sigma
         key = json.dumps([head["model"], head["calibration"], run_keys, opts.fine, opts.fine_top, opts.teacher,
                           opts.teacher_substeps, opts.teacher_rtol, sigma0, sampler.vp_start,
                           [o for o in overrides if not o.lstrip("+~").startswith("solver")]], sort_keys=True, default=str)

@@ -12,7 +12,9 @@ DPM-Solver++(2M) on any grid are special cases; without a file the coefficients 
 tool's grid methods (GITS, OSS, LD3) give the starting grid. ``file`` defaults to the run's
 ``schedule.file``: ``solver=learned schedule=optimized schedule.file=F steps=K`` reads both the grid
 and its coefficients from F. The run's grid must be the one the coefficients were fitted on (a clear
-error otherwise). NFE 1 per step; D_k is the direction after momentum, as Euler's."""
+error otherwise). A flow model's file fitted with ``first_sigma`` starts its grid at that finite σ with
+x_T = σ·ε (its ``init_noise``; the fit's target stays the solution from ε at t = 1), and e_j weighs that x_T.
+NFE 1 per step; D_k is the direction after momentum, as Euler's."""
 from __future__ import annotations
 
 import math

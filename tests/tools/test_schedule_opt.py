@@ -493,6 +493,48 @@ def test_learned_coefficients_from_infinity(tmp_path):
     assert e_fit < 0.9 * e_euler
 
 
+@pytest.mark.parametrize("first", [1.0, 3.0])
+def test_first_sigma_evaluates_a_grid_from_infinity_first_at_a_finite_sigma(first, tmp_path):
+    """first_sigma: at σ = ∞ the flow twin's D(ε, ∞) is the data mean 0 whatever ε, so the consistent one-step sampler
+    (x = D₀) returns 0; with its first evaluation at σ = F on F·ε it returns D(F·ε, F) = F/(1 + F²)·ε. The exact solution
+    from ∞ is ε (N(0, 1) data), so on any seed the error ratio to the fit from ∞ is exactly 1 − F/(1 + F²). The file's
+    grid starts at F with x_T = F·ε (the same draw), and the engine runs it as fitted."""
+    common = dict(method="learned", init="oss", nfe=[1], iterations=2, consistent=True, **SMALL)
+    _, p_inf = optimize(Options(out=str(tmp_path / "inf.json"), **common), FLOW + ["solver=learned"], log=lambda s: None)
+    content, p_first = optimize(Options(first_sigma=first, out=str(tmp_path / "f.json"), **common), FLOW + ["solver=learned"],
+                                log=lambda s: None)
+    g = content["grids"]["1"]
+    assert g["sigmas"] == [first, 0.0] and g["init_noise"] == first and content["settings"]["first_sigma"] == first
+    base = FLOW[:2] + ["dtype=float64", "guidance=[]", "steps=1", "seed=0", "num_samples=8", "batch_size=8", "callback=[]",
+                       "solver=learned", "schedule=optimized"]
+    a, b = (run(base + [f"schedule.file={p}"]) for p in (p_inf, p_first))
+    assert torch.allclose(b.x_T, first * a.x_T, rtol=1e-12, atol=0)  # x_T = F·ε
+    eps = a.x_T
+    e_inf, e_first = (float((r.latents - eps).pow(2).mean().sqrt()) for r in (a, b))
+    assert math.isclose(e_first / e_inf, 1 - first / (1 + first ** 2), rel_tol=1e-9), (e_first, e_inf)
+
+
+def test_first_sigma_moves_with_learn_grid_and_refuses_bad_input(tmp_path):
+    """learn_grid moves the first evaluation too: from F = 4 toward F = 1, where the one-step sampler above errs least
+    (1 − F/(1 + F²)); first_sigma on a grid that does not start at ∞, on another method, beside start=, or not
+    above the grid's next point: one clear error each."""
+    content, _ = optimize(Options(method="learned", init="oss", nfe=[1], iterations=40, consistent=True, first_sigma=4.0,
+                                  learn_grid=True, lr=0.1, out=str(tmp_path / "g.json"), **SMALL),
+                          FLOW + ["solver=learned"], log=lambda s: None)
+    f = content["grids"]["1"]["sigmas"][0]
+    assert 0.5 < f < 2.0 and content["grids"]["1"]["init_noise"] == f, f
+    with pytest.raises(ConfigError, match="first_sigma.*σ = ∞"):
+        optimize(Options(method="learned", init="karras", nfe=[2], iterations=1, first_sigma=3.0, out=str(tmp_path / "m.json"),
+                         **SMALL), MIX + ["solver=learned"], log=lambda s: None)
+    with pytest.raises(ConfigError, match="above the grid's next point"):
+        optimize(Options(method="learned", init="oss", nfe=[3], iterations=1, first_sigma=1e-3, out=str(tmp_path / "n.json"),
+                         **SMALL), FLOW + ["solver=learned"], log=lambda s: None)
+    for bad in (dict(method="gits", first_sigma=3.0), dict(method="learned", first_sigma=3.0, start="5.0"),
+                dict(method="learned", first_sigma=-1.0)):
+        with pytest.raises(ConfigError, match="first_sigma"):
+            Options(**bad).check()
+
+
 @pytest.mark.parametrize("flow", [False, True])
 def test_consistent_learned_coefficients_are_exact_on_a_constant_denoiser(flow, tmp_path):
     """consistent=true: every fitted step keeps Σ_k b_jk = 1 − e_j (from ∞: 1), the last leaves no x_T (e = 0), so
@@ -516,7 +558,7 @@ def test_consistent_learned_coefficients_are_exact_on_a_constant_denoiser(flow, 
     if not flow:  # one consistent step has nothing free: x₁ = D₀
         one, _ = optimize(Options(**{**common, "nfe": [1]}, consistent=True, out=str(tmp_path / "one.json")), base_cfg, log=lambda s: None)
         assert one["grids"]["1"]["coefficients"] == {"e": [0.0], "b": [[1.0]]}
-    with pytest.raises(ConfigError, match="consistent=, guidance_terms=, sample_power=, learn_grid= and validation= are method=learned"):
+    with pytest.raises(ConfigError, match="consistent=, guidance_terms=, sample_power=, learn_grid=, first_sigma= and validation= are method=learned"):
         optimize(Options(method="gits", consistent=True, nfe=[4], out=str(tmp_path / "g.json"), **SMALL), MIX + ["solver=euler"])
 
 
@@ -733,7 +775,7 @@ def test_learned_guidance_terms(tiny_overrides, tmp_path):
     damaged.write_text(path.read_text().replace('"sigmas": [', '"sigmas": [1.5e-3, ', 1))
     with pytest.raises(ConfigError, match="damaged"):  # an init file is read before any model evaluation
         optimize(Options(**{**base, "init": str(damaged)}, out=str(tmp_path / "d.json")), keys, log=lambda s: None)
-    with pytest.raises(ConfigError, match="learn_grid= and validation= are method=learned"):
+    with pytest.raises(ConfigError, match="learn_grid=, first_sigma= and validation= are method=learned"):
         Options(method="gits", guidance_terms=True).check()
 
 
@@ -789,7 +831,7 @@ def test_least_squares_with_power_1_is_not_pulled_by_one_far_sample():
     assert norms(robust) < norms(plain)
     assert norms(mid, 1.5) < min(norms(robust, 1.5), norms(plain, 1.5))
     assert abs(robust[0] - 2) < abs(mid[0] - 2) < abs(plain[0] - 2)
-    with pytest.raises(ConfigError, match="learn_grid= and validation= are method=learned's"):
+    with pytest.raises(ConfigError, match="learn_grid=, first_sigma= and validation= are method=learned's"):
         Options(method="gits", sample_power=1).check()
     with pytest.raises(ConfigError, match="sample_power=3: give 1 ≤ p ≤ 2"):
         Options(method="learned", sample_power=3).check()
