@@ -129,6 +129,19 @@ def test_a_flow_models_reference_may_be_a_many_step_solver_from_t_1(tmp_path):
     assert math.isinf(same["sigmas"][0]) and "own_reference" not in same and same["error"] < 1e-5
     other = s.error(["solver=euler", "schedule=flow_match", "steps=6"], "euler6")
     assert math.isinf(other["sigmas"][0]) and other["error"] > 1e-3
+    # a learned grid whose first evaluation is finite (first_sigma: x_T = 30·ε there) is judged against the same
+    # reference from t = 1, not one of its own
+    from framework.runs.schedule_file import read_schedule_file, write_schedule_file
+
+    content = dict(read_schedule_file(HERE / "learned_fits" / "bundled_flow_learned_fset.json"))
+    g = dict(content["grids"]["6"])
+    c = g["coefficients"]
+    g.update(sigmas=[30.0, *g["sigmas"][1:]], init_noise=30.0, coefficients={**c, "e": [v / 30.0 for v in c["e"]]})
+    content["grids"] = {"6": g}
+    write_schedule_file(file := tmp_path / "first30.json", content)
+    first = s.error(["solver=learned", "schedule=optimized", f"schedule.file={file}", "steps=6"], "first30")
+    assert first["sigmas"][0] == 30.0 and "own_reference" not in first and "skipped" not in first and first["error"] > 1e-3
+    assert len(s.refs) == 1
     # batches of one (heldout.batch_size) draw the x_T of one batch of two
     import torch
 
