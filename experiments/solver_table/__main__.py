@@ -294,7 +294,8 @@ def verdict_rows(cfg: DictConfig, model: str, budgets: list) -> list[str]:
     n = len(next(iter(cells.values()))[1]["sample_errors"])
     lines = [f"**Verdicts on {n} held-out samples** ([optimisation.md](optimisation.md), `{v.record}`): the best "
              "optimised sampler whose FD and prompt accuracy stay within the stock best's noise floor, beside the best "
-             "stock sampler of that record (each against the reference from its own start)", "",
+             "stock sampler of that record (each against the reference from its own start; on a flow model every sampler "
+             "against the one from t = 1, x_T = ε)", "",
              "| sampler | " + " | ".join(cells) + " |", "| --- |" + " --- |" * len(cells),
              "| optimised (pictures kept) | " + " | ".join(f"{c[1]['error']:.2e} ({c[0]})" for c in cells.values()) + " |",
              "| best stock | " + " | ".join(f"{c[3]['error']:.2e} ({c[2]})" for c in cells.values()) + " |",
