@@ -179,3 +179,26 @@ def test_cfg_probe_runs_a_file_at_other_scales(tmp_path):
     a, b = rec["bundled_flow/cfg3/bundled_flow_learned_fset/6"], rec["bundled_flow/cfg7.5/bundled_flow_learned_fset/6"]
     assert abs(a["error"] - b["error"]) > 1e-4  # each scale its own runs and reference
     assert json.loads(out.read_text()) == rec
+
+
+def test_first_sigma_scan_matches_the_tool(tmp_path):
+    """The scan's greedy fit with the first evaluation at σ 30 is the tool's (method=learned coef_init=greedy
+    first_sigma=30 on the same grid, calibration set and teacher): the same calibration RMSE."""
+    import math
+
+    from experiments.schedule_opt import first_sigma_scan
+    from experiments.schedule_opt.__main__ import HERE
+    from framework.tools.schedule_opt import Calibration, Options, optimize
+
+    file = HERE / "learned_fits" / "bundled_flow_learned_ftr.json"
+    rec = first_sigma_scan.main([f"file={file}", "nfe=5", "sigmas=inf,30", "samples=2", "fine=6", "threads=1",
+                                 f"out={tmp_path / 'scan.json'}"])
+    assert set(rec["first_sigma"]) == {"inf", "30"} and (tmp_path / "scan.json").is_file()
+    from experiments.harness import Experiment
+
+    cal = Experiment.compose(HERE, []).cfg.calibration
+    content, _ = optimize(Options(method="learned", nfe=[5], init=str(file), coef_init="greedy", consistent=True, guidance_terms=True,
+                                  iterations=1, fine=6, fine_top=100.0, teacher_substeps=2, first_sigma=30.0, progress=False, plot=False,
+                                  out=str(tmp_path / "f.json"), calibration=Calibration(list(cal.prompts), int(cal.seed), 2)),
+                          ["model=bundled_flow", "dtype=float32", "solver=learned"], log=lambda s: None)
+    assert math.isclose(content["grids"]["5"]["calibration_rmse_to_teacher"], rec["first_sigma"]["30"]["rmse"], rel_tol=1e-6)
