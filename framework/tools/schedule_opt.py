@@ -1029,7 +1029,7 @@ def learned(sampler: Sampler, teacher: Teacher, steps: int, opts: Options,
                               "(make it with method=learned solver=learned)")
         if "g" in c and not terms:
             raise ConfigError(f"coef_init=init: {opts.init} weighs the guidance differences: continue it with guidance_terms=true")
-        scale = float(g_init.get("init_noise", 1.0)) / sampler.init_scale(grid[0])  # its x_T in this fit's (a first_sigma file's: σ·ε)
+        scale = float(g_init.get("init_noise", sampler.init_scale(grid[0]))) / sampler.init_scale(grid[0])  # its x_T in this fit's (a first_sigma file's: σ·ε)
         e0, b0 = [float(v) * scale for v in c["e"]], [[float(v) for v in row] for row in c["b"]]
         g0 = [[float(v) for v in row] for row in c.get("g", [])]
     elif opts.coef_init == "euler":

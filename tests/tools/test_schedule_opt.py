@@ -523,6 +523,16 @@ def test_first_sigma_moves_with_learn_grid_and_refuses_bad_input(tmp_path):
                           FLOW + ["solver=learned"], log=lambda s: None)
     f = content["grids"]["1"]["sigmas"][0]
     assert 0.5 < f < 2.0 and content["grids"]["1"]["init_noise"] == f, f
+    # a first_sigma file continued (coef_init=init): its e weigh x_T = F·ε, the fit's x_T is ε — the same sampler back
+    common = dict(method="learned", nfe=[3], consistent=True, coef_lr=0.01, first_sigma=3.0, **SMALL)
+    a, pa = optimize(Options(init="oss", iterations=10, out=str(tmp_path / "a.json"), **common), FLOW + ["solver=learned"],
+                     log=lambda s: None)
+    b, _ = optimize(Options(init=str(pa), coef_init="init", iterations=1, out=str(tmp_path / "b.json"), **common),
+                    FLOW + ["solver=learned"], log=lambda s: None)
+    ga, gb = a["grids"]["3"], b["grids"]["3"]
+    assert gb["sigmas"] == ga["sigmas"] and ga["sigmas"][0] == 3.0
+    assert math.isclose(gb["calibration_rmse_to_teacher"], ga["calibration_rmse_to_teacher"], rel_tol=1e-9)
+    assert all(math.isclose(x, y, rel_tol=1e-9) for x, y in zip(gb["coefficients"]["e"], ga["coefficients"]["e"]))
     with pytest.raises(ConfigError, match="first_sigma.*σ = ∞"):
         optimize(Options(method="learned", init="karras", nfe=[2], iterations=1, first_sigma=3.0, out=str(tmp_path / "m.json"),
                          **SMALL), MIX + ["solver=learned"], log=lambda s: None)
