@@ -186,6 +186,7 @@ def test_first_sigma_scan_matches_the_tool(tmp_path):
     first_sigma=30 on the same grid, calibration set and teacher): the same calibration RMSE."""
     import math
 
+    from experiments.harness import Experiment
     from experiments.schedule_opt import first_sigma_scan
     from experiments.schedule_opt.__main__ import HERE
     from framework.tools.schedule_opt import Calibration, Options, optimize
@@ -194,8 +195,6 @@ def test_first_sigma_scan_matches_the_tool(tmp_path):
     rec = first_sigma_scan.main([f"file={file}", "nfe=5", "sigmas=inf,30", "samples=2", "fine=6", "threads=1",
                                  f"out={tmp_path / 'scan.json'}"])
     assert set(rec["first_sigma"]) == {"inf", "30"} and (tmp_path / "scan.json").is_file()
-    from experiments.harness import Experiment
-
     cal = Experiment.compose(HERE, []).cfg.calibration
     content, _ = optimize(Options(method="learned", nfe=[5], init=str(file), coef_init="greedy", consistent=True, guidance_terms=True,
                                   iterations=1, fine=6, fine_top=100.0, teacher_substeps=2, first_sigma=30.0, progress=False, plot=False,
